@@ -1,0 +1,772 @@
+"""The object model: Kubernetes-shaped kinds plus corral's own network records.
+
+Every model forbids unknown fields, so a typo in a user's YAML is an error that
+names the field instead of a silently ignored setting. Field names are the
+Kubernetes camelCase ones (`targetPort`, `clusterIP`); Python code uses the
+snake_case attribute names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from corral.api.quantity import QuantityError, parse_quantity
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+def _dns1123_label(v: str) -> str:
+    if len(v) > 63 or not _DNS1123_LABEL.match(v):
+        raise ValueError(
+            f"{v!r} must be a DNS label: at most 63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit")
+    return v
+
+
+def _dns1123_subdomain(v: str) -> str:
+    if len(v) > 253 or not _DNS1123_SUBDOMAIN.match(v):
+        raise ValueError(
+            f"{v!r} must be a DNS subdomain: lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit")
+    return v
+
+
+def _dns1035_label(v: str) -> str:
+    if len(v) > 63 or not _DNS1035_LABEL.match(v):
+        raise ValueError(
+            f"{v!r} must be a DNS-1035 label: at most 63 lowercase letters, digits or '-', "
+            "starting with a letter and ending with a letter or digit")
+    return v
+
+
+def _labels(v: dict[str, str]) -> dict[str, str]:
+    for key, value in v.items():
+        prefix, _, name = key.rpartition("/")
+        if prefix:
+            _dns1123_subdomain(prefix)
+        if len(name) > 63 or not _LABEL_NAME.match(name):
+            raise ValueError(f"label key {key!r} is not valid (at most 63 of [A-Za-z0-9-_.])")
+        if len(value) > 63 or not _LABEL_VALUE.match(value):
+            raise ValueError(f"label value {value!r} for {key!r} is not valid")
+    return v
+
+
+def _quantity(v: str | int | float) -> str | int | float:
+    try:
+        parse_quantity(v)
+    except QuantityError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v!r} is not an IP address") from None
+
+
+def _cidr(v: str) -> str:
+    try:
+        return str(ipaddress.ip_network(v, strict=True))
+    except ValueError as e:
+        raise ValueError(f"{v!r} is not a CIDR network ({e})") from None
+
+
+DNSLabel = Annotated[str, AfterValidator(_dns1123_label)]
+DNSSubdomain = Annotated[str, AfterValidator(_dns1123_subdomain)]
+DNS1035Label = Annotated[str, AfterValidator(_dns1035_label)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Quantity = Annotated[str | int | float, AfterValidator(_quantity)]
+IPAddress = Annotated[str, AfterValidator(_ip)]
+CIDR = Annotated[str, AfterValidator(_cidr)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Protocol = Literal["TCP", "UDP", "SCTP"]
+
+
+class Model(BaseModel):
+    """Strict base: unknown fields are errors; camelCase on the wire."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=False,
+    )
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------- metadata
+
+
+class OwnerReference(Model):
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+    controller: bool | None = None
+    block_owner_deletion: bool | None = None
+
+
+class ObjectMeta(Model):
+    name: str | None = None
+    generate_name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    creation_timestamp: str | None = None
+    deletion_timestamp: str | None = None
+    deletion_grace_period_seconds: int | None = None
+    labels: Labels = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    owner_references: list[OwnerReference] = Field(default_factory=list)
+    finalizers: list[str] = Field(default_factory=list)
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: str | None) -> str | None:
+        return None if v is None else _dns1123_label(v)
+
+
+class TypedObject(Model):
+    """An object with apiVersion/kind/metadata, stored under one etcd key."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("v1",)
+    KIND: ClassVar[str] = ""
+    PLURAL: ClassVar[str] = ""
+    NAMESPACED: ClassVar[bool] = True
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ()
+    NAME_RULE: ClassVar[Any] = staticmethod(_dns1123_subdomain)
+
+    api_version: str = "v1"
+    kind: str = ""
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+    @model_validator(mode="after")
+    def _check_type(self) -> TypedObject:
+        cls = type(self)
+        if not self.kind:
+            self.kind = cls.KIND
+        if self.kind != cls.KIND:
+            raise ValueError(f"kind must be {cls.KIND!r}, not {self.kind!r}")
+        if self.api_version not in cls.API_VERSIONS:
+            raise ValueError(
+                f"apiVersion {self.api_version!r} is not served for {cls.KIND}; "
+                f"use {' or '.join(cls.API_VERSIONS)}")
+        if self.metadata.name is not None:
+            cls.NAME_RULE(self.metadata.name)
+        if cls.NAMESPACED:
+            if self.metadata.namespace is None:
+                self.metadata.namespace = "default"
+        elif self.metadata.namespace is not None:
+            raise ValueError(f"{cls.KIND} is not namespaced; remove metadata.namespace")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name or ""
+
+    @property
+    def namespace(self) -> str | None:
+        return self.metadata.namespace
+
+    @property
+    def key_name(self) -> str:
+        """`namespace/name` for namespaced kinds, `name` otherwise."""
+        if self.NAMESPACED:
+            return f"{self.metadata.namespace}/{self.metadata.name}"
+        return self.name
+
+
+# ---------------------------------------------------------------- pods
+
+
+class EnvVar(Model):
+    name: str
+    value: str = ""
+
+
+class ContainerPort(Model):
+    name: Annotated[str, Field(max_length=15, pattern=_IANA_SVC_NAME.pattern)] | None = None
+    container_port: Port
+    protocol: Protocol = "TCP"
+    host_port: Port | None = None
+    host_ip: IPAddress | None = Field(default=None, alias="hostIP")
+
+
+class ResourceRequirements(Model):
+    requests: dict[Literal["cpu", "memory", "pods", "ephemeral-storage"], Quantity] = Field(
+        default_factory=dict)
+    limits: dict[Literal["cpu", "memory", "pods", "ephemeral-storage"], Quantity] = Field(
+        default_factory=dict)
+
+
+class ExecAction(Model):
+    command: list[str] = Field(min_length=1)
+
+
+class TCPSocketAction(Model):
+    port: Port | str
+    host: str | None = None
+
+
+class HTTPHeader(Model):
+    name: str
+    value: str
+
+
+class HTTPGetAction(Model):
+    path: str = "/"
+    port: Port | str
+    host: str | None = None
+    scheme: Literal["HTTP", "HTTPS"] = "HTTP"
+    http_headers: list[HTTPHeader] = Field(default_factory=list)
+
+
+class Probe(Model):
+    exec: ExecAction | None = None
+    tcp_socket: TCPSocketAction | None = None
+    http_get: HTTPGetAction | None = None
+    initial_delay_seconds: int = Field(default=0, ge=0)
+    period_seconds: int = Field(default=10, ge=1)
+    timeout_seconds: int = Field(default=1, ge=1)
+    success_threshold: int = Field(default=1, ge=1)
+    failure_threshold: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_handler(self) -> Probe:
+        n = sum(x is not None for x in (self.exec, self.tcp_socket, self.http_get))
+        if n != 1:
+            raise ValueError("a probe needs exactly one of exec, tcpSocket or httpGet")
+        return self
+
+
+class Container(Model):
+    name: DNSLabel
+    image: str | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: list[str] = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    working_dir: str | None = None
+    env: list[EnvVar] = Field(default_factory=list)
+    ports: list[ContainerPort] = Field(default_factory=list)
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    readiness_probe: Probe | None = None
+    liveness_probe: Probe | None = None
+    startup_probe: Probe | None = None
+
+
+class Toleration(Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class PodSpec(Model):
+    containers: list[Container] = Field(min_length=1)
+    restart_policy: Literal["Always", "OnFailure", "Never"] = "Always"
+    node_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    termination_grace_period_seconds: int = Field(default=30, ge=0)
+    hostname: DNSLabel | None = None
+    subdomain: DNSLabel | None = None
+    dns_policy: Literal["ClusterFirst", "Default", "None", "ClusterFirstWithHostNet"] = (
+        "ClusterFirst")
+    scheduler_name: str | None = None
+    priority: int | None = None
+
+    @field_validator("containers")
+    @classmethod
+    def _unique_names(cls, v: list[Container]) -> list[Container]:
+        seen: set[str] = set()
+        for c in v:
+            if c.name in seen:
+                raise ValueError(f"container name {c.name!r} is used twice")
+            seen.add(c.name)
+        return v
+
+
+class PodCondition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = None
+
+
+class ContainerStatus(Model):
+    name: str
+    ready: bool = False
+    started: bool | None = None
+    restart_count: int = 0
+    state: dict[str, Any] = Field(default_factory=dict)
+    last_state: dict[str, Any] = Field(default_factory=dict)
+
+
+class PodIP(Model):
+    ip: IPAddress
+
+
+class PodStatus(Model):
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Unknown"] = "Pending"
+    reason: str | None = None
+    message: str | None = None
+    host_ip: IPAddress | None = Field(default=None, alias="hostIP")
+    pod_ip: IPAddress | None = Field(default=None, alias="podIP")
+    pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
+    start_time: str | None = None
+    conditions: list[PodCondition] = Field(default_factory=list)
+    container_statuses: list[ContainerStatus] = Field(default_factory=list)
+
+    def condition(self, type_: str) -> PodCondition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class Pod(TypedObject):
+    KIND: ClassVar[str] = "Pod"
+    PLURAL: ClassVar[str] = "pods"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("po", "pod")
+
+    spec: PodSpec
+    status: PodStatus = Field(default_factory=PodStatus)
+
+    @property
+    def ready(self) -> bool:
+        c = self.status.condition("Ready")
+        return c is not None and c.status == "True"
+
+
+class PodTemplateSpec(Model):
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: PodSpec
+
+
+# ---------------------------------------------------------------- services
+
+
+class ServicePort(Model):
+    name: DNSLabel | None = None
+    protocol: Protocol = "TCP"
+    app_protocol: str | None = None
+    port: Port
+    target_port: Port | str | None = None
+    node_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+
+    @field_validator("target_port")
+    @classmethod
+    def _named(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, str) and (len(v) > 15 or not _IANA_SVC_NAME.match(v)):
+            raise ValueError(f"{v!r} is neither a port number nor a valid port name")
+        return v
+
+
+class ClientIPConfig(Model):
+    timeout_seconds: int = Field(default=10800, ge=1, le=86400)
+
+
+class SessionAffinityConfig(Model):
+    client_ip: ClientIPConfig = Field(default_factory=ClientIPConfig, alias="clientIP")
+
+
+class ServiceSpec(Model):
+    type: Literal["ClusterIP", "NodePort", "ExternalName", "LoadBalancer"] = "ClusterIP"
+    selector: dict[str, str] | None = None
+    ports: list[ServicePort] = Field(default_factory=list)
+    cluster_ip: str | None = Field(default=None, alias="clusterIP")
+    cluster_ips: list[str] = Field(default_factory=list, alias="clusterIPs")
+    external_name: str | None = None
+    external_ips: list[IPAddress] = Field(default_factory=list, alias="externalIPs")
+    session_affinity: Literal["None", "ClientIP"] = "None"
+    session_affinity_config: SessionAffinityConfig | None = None
+    publish_not_ready_addresses: bool = False
+    external_traffic_policy: Literal["Cluster", "Local"] | None = None
+    internal_traffic_policy: Literal["Cluster", "Local"] | None = None
+    ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list)
+    ip_family_policy: Literal["SingleStack", "PreferDualStack", "RequireDualStack"] | None = None
+
+    @field_validator("cluster_ip")
+    @classmethod
+    def _cluster_ip(cls, v: str | None) -> str | None:
+        if v in (None, "", "None"):
+            return v
+        return _ip(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceSpec:
+        if self.type == "ExternalName":
+            if not self.external_name:
+                raise ValueError("spec.externalName is required when type is ExternalName")
+            _dns1123_subdomain(self.external_name.rstrip("."))
+            return self
+        if self.external_name:
+            raise ValueError("spec.externalName is only allowed when type is ExternalName")
+        headless = self.cluster_ip == "None"
+        if not self.ports and not headless:
+            raise ValueError("spec.ports must list at least one port (only headless "
+                             "services, clusterIP: None, may have none)")
+        if headless and self.type != "ClusterIP":
+            raise ValueError("clusterIP: None (headless) needs type ClusterIP")
+        names = [p.name for p in self.ports]
+        if len(self.ports) > 1 and (None in names or len(set(names)) != len(names)):
+            raise ValueError("when a service has several ports, each needs a unique name")
+        seen: set[tuple[int, str]] = set()
+        for p in self.ports:
+            if (p.port, p.protocol) in seen:
+                raise ValueError(f"port {p.port}/{p.protocol} is listed twice")
+            seen.add((p.port, p.protocol))
+            if p.node_port is not None and self.type not in ("NodePort", "LoadBalancer"):
+                raise ValueError("nodePort may only be set when type is NodePort or LoadBalancer")
+        if self.session_affinity == "ClientIP" and self.session_affinity_config is None:
+            self.session_affinity_config = SessionAffinityConfig()
+        if self.session_affinity == "None" and self.session_affinity_config is not None:
+            raise ValueError("sessionAffinityConfig needs sessionAffinity: ClientIP")
+        return self
+
+    @property
+    def headless(self) -> bool:
+        return self.cluster_ip == "None"
+
+
+class LoadBalancerStatus(Model):
+    ingress: list[dict[str, str]] = Field(default_factory=list)
+
+
+class ServiceStatus(Model):
+    load_balancer: LoadBalancerStatus = Field(default_factory=LoadBalancerStatus)
+
+
+class Service(TypedObject):
+    KIND: ClassVar[str] = "Service"
+    PLURAL: ClassVar[str] = "services"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("svc", "service")
+    NAME_RULE: ClassVar[Any] = staticmethod(_dns1035_label)
+
+    spec: ServiceSpec
+    status: ServiceStatus = Field(default_factory=ServiceStatus)
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+class ObjectReference(Model):
+    kind: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    uid: str | None = None
+
+
+class EndpointAddress(Model):
+    ip: IPAddress
+    hostname: DNSLabel | None = None
+    node_name: str | None = None
+    target_ref: ObjectReference | None = None
+
+
+class EndpointPort(Model):
+    name: str | None = None
+    port: Port
+    protocol: Protocol = "TCP"
+    app_protocol: str | None = None
+
+
+class EndpointSubset(Model):
+    addresses: list[EndpointAddress] = Field(default_factory=list)
+    not_ready_addresses: list[EndpointAddress] = Field(default_factory=list)
+    ports: list[EndpointPort] = Field(default_factory=list)
+
+
+class Endpoints(TypedObject):
+    """The v1 Endpoints shape: ready addresses and not-ready ones per subset."""
+
+    KIND: ClassVar[str] = "Endpoints"
+    PLURAL: ClassVar[str] = "endpoints"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ep", "endpoint")
+
+    subsets: list[EndpointSubset] = Field(default_factory=list)
+
+
+class EndpointConditions(Model):
+    ready: bool | None = None
+    serving: bool | None = None
+    terminating: bool | None = None
+
+
+class Endpoint(Model):
+    addresses: list[IPAddress] = Field(min_length=1)
+    conditions: EndpointConditions = Field(default_factory=EndpointConditions)
+    hostname: DNSLabel | None = None
+    node_name: str | None = None
+    target_ref: ObjectReference | None = None
+
+
+class EndpointSlice(TypedObject):
+    """discovery.k8s.io/v1 shape: each endpoint carries ready/serving/terminating."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("discovery.k8s.io/v1",)
+    KIND: ClassVar[str] = "EndpointSlice"
+    PLURAL: ClassVar[str] = "endpointslices"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("endpointslice",)
+
+    api_version: str = "discovery.k8s.io/v1"
+    address_type: Literal["IPv4", "IPv6", "FQDN"] = "IPv4"
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    ports: list[EndpointPort] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- nodes
+
+
+class Taint(Model):
+    key: str
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+class NodeSpec(Model):
+    pod_cidr: CIDR | None = Field(default=None, alias="podCIDR")
+    pod_cidrs: list[CIDR] = Field(default_factory=list, alias="podCIDRs")
+    taints: list[Taint] = Field(default_factory=list)
+    unschedulable: bool = False
+    provider_id: str | None = Field(default=None, alias="providerID")
+
+
+class NodeAddress(Model):
+    type: Literal["InternalIP", "ExternalIP", "Hostname", "InternalDNS", "ExternalDNS"]
+    address: str
+
+
+class NodeCondition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_heartbeat_time: str | None = None
+    last_transition_time: str | None = None
+
+
+class NodeStatus(Model):
+    addresses: list[NodeAddress] = Field(default_factory=list)
+    capacity: dict[str, Quantity] = Field(default_factory=dict)
+    allocatable: dict[str, Quantity] = Field(default_factory=dict)
+    conditions: list[NodeCondition] = Field(default_factory=list)
+
+    def address(self, type_: str = "InternalIP") -> str | None:
+        return next((a.address for a in self.addresses if a.type == type_), None)
+
+    def condition(self, type_: str) -> NodeCondition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class Node(TypedObject):
+    KIND: ClassVar[str] = "Node"
+    PLURAL: ClassVar[str] = "nodes"
+    NAMESPACED: ClassVar[bool] = False
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("no", "node")
+
+    spec: NodeSpec = Field(default_factory=NodeSpec)
+    status: NodeStatus = Field(default_factory=NodeStatus)
+
+    @property
+    def ready(self) -> bool:
+        c = self.status.condition("Ready")
+        return c is not None and c.status == "True"
+
+
+# ---------------------------------------------------------------- controllers
+
+
+class ReplicationControllerSpec(Model):
+    replicas: int = Field(default=1, ge=0)
+    min_ready_seconds: int = Field(default=0, ge=0)
+    selector: dict[str, str] | None = None
+    template: PodTemplateSpec
+
+    @model_validator(mode="after")
+    def _selector(self) -> ReplicationControllerSpec:
+        labels = self.template.metadata.labels
+        if self.selector is None:
+            if not labels:
+                raise ValueError("spec.template.metadata.labels is required "
+                                 "(the selector defaults to them)")
+            self.selector = dict(labels)
+        if not self.selector:
+            raise ValueError("spec.selector must not be empty")
+        for k, v in self.selector.items():
+            if labels.get(k) != v:
+                raise ValueError(
+                    f"spec.selector {k}={v} does not match spec.template.metadata.labels; "
+                    "the controller would never see its own pods")
+        return self
+
+
+class ReplicationControllerStatus(Model):
+    replicas: int = 0
+    ready_replicas: int = 0
+    available_replicas: int = 0
+    observed_generation: int | None = None
+
+
+class ReplicationController(TypedObject):
+    KIND: ClassVar[str] = "ReplicationController"
+    PLURAL: ClassVar[str] = "replicationcontrollers"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("rc", "replicationcontroller")
+
+    spec: ReplicationControllerSpec
+    status: ReplicationControllerStatus = Field(default_factory=ReplicationControllerStatus)
+
+
+class LabelSelectorRequirement(Model):
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+
+class LabelSelector(Model):
+    match_labels: dict[str, str] = Field(default_factory=dict)
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list)
+
+
+class DeploymentSpec(Model):
+    replicas: int = Field(default=1, ge=0)
+    selector: LabelSelector
+    template: PodTemplateSpec
+    min_ready_seconds: int = Field(default=0, ge=0)
+    strategy: dict[str, Any] | None = None
+    revision_history_limit: int | None = None
+
+    @model_validator(mode="after")
+    def _selector(self) -> DeploymentSpec:
+        if not self.selector.match_labels and not self.selector.match_expressions:
+            raise ValueError("spec.selector must not be empty")
+        labels = self.template.metadata.labels
+        for k, v in self.selector.match_labels.items():
+            if labels.get(k) != v:
+                raise ValueError(f"spec.selector.matchLabels {k}={v} does not match "
+                                 "spec.template.metadata.labels")
+        return self
+
+
+class Deployment(TypedObject):
+    """apps/v1 Deployment, kept by the replication controller as an alias."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("apps/v1",)
+    KIND: ClassVar[str] = "Deployment"
+    PLURAL: ClassVar[str] = "deployments"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("deploy", "deployment")
+
+    api_version: str = "apps/v1"
+    spec: DeploymentSpec
+    status: ReplicationControllerStatus = Field(default_factory=ReplicationControllerStatus)
+
+
+# ---------------------------------------------------------------- network records
+
+
+class BackendConfig(Model):
+    type: Literal["vxlan"] = "vxlan"
+    vni: int = Field(default=1, ge=1, le=16777215, alias="vni")
+    port: Port = 4789
+    direct_routing: bool = False
+    mtu: int | None = Field(default=None, ge=576, le=9000, alias="mtu")
+
+
+class NetworkSpec(Model):
+    network: CIDR = "10.244.0.0/16"
+    subnet_len: int = Field(default=24, ge=8, le=30)
+    subnet_min: IPAddress | None = None
+    subnet_max: IPAddress | None = None
+    service_cidr: CIDR = Field(default="10.96.0.0/12", alias="serviceCIDR")
+    cluster_dns: IPAddress = Field(default="10.96.0.10", alias="clusterDNS")
+    cluster_domain: DNSSubdomain = "cluster.local"
+    ip_masq: bool = True
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NetworkSpec:
+        net = ipaddress.ip_network(self.network)
+        svc = ipaddress.ip_network(self.service_cidr)
+        if net.version != 4:
+            raise ValueError("spec.network: only IPv4 networks are supported")
+        if net.overlaps(svc):
+            raise ValueError(f"spec.network {net} overlaps spec.serviceCIDR {svc}; "
+                             "pods and service VIPs need separate ranges")
+        if self.subnet_len <= net.prefixlen:
+            raise ValueError(f"spec.subnetLen {self.subnet_len} must be longer than the "
+                             f"network's prefix /{net.prefixlen}, or there is one subnet at most")
+        if self.subnet_len - net.prefixlen < 1:
+            raise ValueError("spec.subnetLen leaves room for fewer than 2 node subnets")
+        if ipaddress.ip_address(self.cluster_dns) not in svc:
+            raise ValueError(f"spec.clusterDNS {self.cluster_dns} is outside "
+                             f"spec.serviceCIDR {svc}")
+        for f in ("subnet_min", "subnet_max"):
+            v = getattr(self, f)
+            if v is not None and ipaddress.ip_address(v) not in net:
+                raise ValueError(f"spec.{to_camel(f)} {v} is outside spec.network {net}")
+        return self
+
+
+class NetworkConfig(TypedObject):
+    """The cluster's network configuration (one object, name `cluster`)."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("corral.dev/v1",)
+    KIND: ClassVar[str] = "NetworkConfig"
+    PLURAL: ClassVar[str] = "networkconfigs"
+    NAMESPACED: ClassVar[bool] = False
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("network", "networkconfig")
+
+    api_version: str = "corral.dev/v1"
+    spec: NetworkSpec = Field(default_factory=NetworkSpec)
+
+
+class SubnetLease(Model):
+    """A node's claim on one subnet; its etcd key carries an etcd lease (TTL)."""
+
+    subnet: CIDR
+    node_name: str
+    public_ip: IPAddress = Field(alias="publicIP")
+    backend_type: Literal["vxlan"] = "vxlan"
+    vtep_mac: str | None = Field(default=None, alias="vtepMAC")
+    renewed_at: str | None = None
+
+
+class IPAllocation(Model):
+    """One IP handed to one (containerID, ifname) attachment."""
+
+    ip: IPAddress
+    pool: str
+    container_id: str = Field(alias="containerID")
+    ifname: str
+    node_name: str | None = None
+    pod_namespace: str | None = None
+    pod_name: str | None = None
+    created_at: str | None = None
+
+
+KINDS: tuple[type[TypedObject], ...] = (
+    Node, Pod, Service, Endpoints, EndpointSlice, ReplicationController, Deployment,
+    NetworkConfig,
+)

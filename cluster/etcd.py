@@ -1,0 +1,111 @@
+"""Run a local etcd (Debian's etcd-server) for `corral up` and for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from corral.cluster.procs import ProcRecord, stop
+
+ETCD_BINARY = "etcd"
+
+
+class EtcdError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalEtcd:
+    """One etcd member with its data under `data_dir`.
+
+    `listen_hosts` are the addresses it serves clients on: loopback for the
+    host, plus the host's underlay address so node namespaces reach it.
+    """
+
+    data_dir: str
+    client_port: int = 0
+    peer_port: int = 0
+    listen_hosts: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    name: str = "corral"
+    log_path: str | None = None
+    record: ProcRecord | None = None
+
+    @property
+    def client_urls(self) -> list[str]:
+        return [f"http://{h}:{self.client_port}" for h in self.listen_hosts]
+
+    @property
+    def url(self) -> str:
+        return self.client_urls[0]
+
+    def start(self, timeout: float = 20.0) -> None:
+        if shutil.which(ETCD_BINARY) is None:
+            raise EtcdError("etcd is not installed (Debian package etcd-server); run `make up`")
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        if not self.client_port:
+            self.client_port = free_port()
+        if not self.peer_port:
+            self.peer_port = free_port()
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            ETCD_BINARY,
+            "--name", self.name,
+            "--data-dir", self.data_dir,
+            "--listen-client-urls", ",".join(self.client_urls),
+            "--advertise-client-urls", ",".join(self.client_urls),
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster-state", "new",
+            "--heartbeat-interval", "10",
+            "--election-timeout", "100",
+            "--log-level", "warn",
+        ]
+        self.log_path = self.log_path or os.path.join(self.data_dir, "..", f"{self.name}-etcd.log")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            logf.close()
+        self.record = ProcRecord.of(proc.pid, "etcd", log=self.log_path)
+        self.wait_healthy(timeout, proc)
+
+    def wait_healthy(self, timeout: float, proc: subprocess.Popen | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise EtcdError(f"etcd exited with {proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        return
+            except (urllib.error.URLError, OSError) as e:
+                last = str(e)
+            time.sleep(0.05)
+        raise EtcdError(f"etcd at {self.url} not healthy after {timeout:.0f}s ({last})")
+
+    def stop(self) -> None:
+        if self.record is not None:
+            stop(self.record)
+            self.record = None
+
+    def remove_data(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.data_dir)

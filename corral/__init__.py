@@ -1,0 +1,3 @@
+"""corral: pod networking for container clusters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Idempotent set-up for corral on Debian 12 (run as root): installs the Debian
+# packages corral needs, then a venv with corral and its Python dependencies.
+# Every step checks before it acts, so a second run does nothing and is quick.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CORRAL_VENV:-$ROOT/.venv}"
+
+# Debian packages, grouped by the part of corral that needs them.
+PKGS=(
+  # foundation: netns/veth/bridge, etcd, debugging tools
+  iproute2 iptables conntrack etcd-server etcd-client tcpdump iputils-ping
+  dnsutils util-linux procps psmisc curl ca-certificates
+  # python venv built on Debian's interpreter (BCC's bindings are built for it)
+  python3 python3-venv python3-dev gcc make git
+  # CNI: reference plugins and the libcni client the tests build
+  containernetworking-plugins golang-go golang-github-appc-cni-dev
+  # overlay benchmarks
+  iperf3
+)
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+  echo "bootstrap: corral manages network namespaces and must run as root" >&2
+  exit 1
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Package scripts must not start daemons (etcd) on this machine: corral starts its own.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; made_policy=1
+  fi
+  trap '[[ $made_policy == 1 ]] && rm -f "$policy"' EXIT
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=/usr/bin/python3
+stamp="$VENV/.corral-stamp"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [[ ! -x $VENV/bin/python ]]; then
+  log "creating venv at $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+  log "installing corral and its Python dependencies into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  echo "$want" >"$stamp"
+fi
+log "ready ($VENV)"
