@@ -541,7 +541,8 @@ class Store:
             start_revision = await self.revision() + 1
         async for ev in self.watch_prefix_raw(prefix, start_revision, known):
             if ev.type == "DELETED":
-                yield WatchEvent("DELETED", ev.key.removeprefix(prefix), ev.revision)
+                # Always `ns/name` (or `name`), whether or not the watch is namespaced.
+                yield WatchEvent("DELETED", ev.key.removeprefix(kind_prefix(kind)), ev.revision)
             else:
                 try:
                     obj = self.decode(kind, ev)

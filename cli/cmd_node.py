@@ -1,0 +1,59 @@
+"""`corral node`: run the node agent (overlay, CNI server, pod runtime)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+from typing import Any
+
+from corral.api.store import Store
+from corral.cli.common import CLIError, etcd_endpoints
+from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
+from corral.runtime.context import NodeContext, NodePaths
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("node", help="run the node agent on this machine (a daemon)")
+    p.add_argument("--name", default=None,
+                   help="node name (default: this machine's hostname)")
+    p.add_argument("--underlay-iface", default=None,
+                   help="interface carrying node-to-node traffic (default: the default "
+                        "route's)")
+    p.add_argument("--components", default=",".join(COMPONENTS),
+                   help=f"which parts to run, comma-separated (default: {','.join(COMPONENTS)})")
+    p.add_argument("--state-dir", default="/var/lib/corral/node",
+                   help="where the node keeps what must survive restarts")
+    p.add_argument("--run-dir", default="/run/corral")
+    p.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
+    p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
+    p.add_argument("--cni-cache-dir", default="/var/lib/cni")
+    p.set_defaults(func=cmd_node, daemon=True)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise CLIError("corral node manages network interfaces and must run as root")
+    name = args.name or os.uname().nodename
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 63:
+        raise CLIError(f"--name {name!r}: a node name must be a DNS name (lowercase letters, "
+                       "digits, '-' and '.')")
+    comps = [c.strip() for c in args.components.split(",") if c.strip()]
+    unknown = [c for c in comps if c not in COMPONENTS]
+    if unknown:
+        raise CLIError(f"--components: unknown {', '.join(unknown)}; choose from "
+                       f"{', '.join(COMPONENTS)}")
+    ctx = NodeContext(
+        node_name=name,
+        store=Store(etcd_endpoints(args)),
+        paths=NodePaths(run_dir=args.run_dir, cni_conf_dir=args.cni_conf_dir,
+                        cni_bin_dir=args.cni_bin_dir, cni_cache_dir=args.cni_cache_dir,
+                        state_dir=args.state_dir),
+        underlay_iface=args.underlay_iface,
+    )
+    try:
+        asyncio.run(serve(ctx, comps))
+    except NodeSetupError as e:
+        raise CLIError(str(e)) from None
+    return 0

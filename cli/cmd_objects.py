@@ -1,0 +1,258 @@
+"""`corral apply`, `corral get`, `corral delete`: objects in etcd, kubectl-style."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from corral.api.manifest import ManifestError, load_file, resolve_kind
+from corral.api.objects import (
+    Deployment,
+    Endpoints,
+    EndpointSlice,
+    Pod,
+    ReplicationController,
+    Service,
+    TypedObject,
+)
+from corral.api.store import Store, now_iso
+from corral.cli.common import CLIError, run, store_from_args
+from corral.cli.output import render
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("apply", help="create or update objects from YAML/JSON manifests")
+    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
+                   help="manifest file, directory of manifests, or - for stdin (repeatable)")
+    p.add_argument("-n", "--namespace", help="namespace for objects that name none")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("get", help="list objects: nodes, pods, services, endpoints, ...")
+    p.add_argument("kind", metavar="KIND", help="nodes|pods|services|endpoints|rc|...")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-o", "--output", choices=["wide", "json", "yaml", "name"])
+    p.add_argument("-l", "--selector", help="label selector, e.g. app=web,tier!=db")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("delete", help="delete objects by kind and name, or from manifests")
+    p.add_argument("kind", nargs="?", metavar="KIND")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("-f", "--filename", action="append", metavar="FILE")
+    p.add_argument("-n", "--namespace", default=None)
+    p.add_argument("--grace-period", type=int, default=None,
+                   help="seconds pods get to stop (default: the pod's own)")
+    p.add_argument("--force", action="store_true",
+                   help="remove pods from etcd at once, without waiting for their node")
+    p.add_argument("--ignore-not-found", action="store_true")
+    p.set_defaults(func=cmd_delete)
+
+
+# ---------------------------------------------------------------- apply
+
+
+def _manifest_paths(items: list[str]) -> list[str]:
+    paths = []
+    for item in items:
+        if item != "-" and os.path.isdir(item):
+            for name in sorted(os.listdir(item)):
+                if name.endswith((".yaml", ".yml", ".json")):
+                    paths.append(os.path.join(item, name))
+        else:
+            paths.append(item)
+    return paths
+
+
+def _load_all(files: list[str], namespace: str | None) -> list[TypedObject]:
+    objs: list[TypedObject] = []
+    errors = []
+    for path in _manifest_paths(files):
+        try:
+            objs.extend(load_file(path))
+        except ManifestError as e:
+            errors.append(str(e))
+    if errors:
+        raise CLIError("nothing was applied:\n" + "\n".join(errors))
+    if namespace:
+        for o in objs:
+            if type(o).NAMESPACED and o.metadata.namespace in (None, "default"):
+                o.metadata.namespace = namespace
+    return objs
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    # Validate every document before changing anything: a bad file applies nothing.
+    objs = _load_all(args.filename, args.namespace)
+
+    async def go() -> None:
+        async with store_from_args(args) as store:
+            for obj in objs:
+                before = await store.get(type(obj), obj.name, obj.namespace)
+                await store.put(obj)
+                verb = "created" if before is None else (
+                    "unchanged" if _same(before, obj) else "configured")
+                print(f"{type(obj).KIND.lower()}/{obj.name} {verb}")
+
+    run(go)
+    return 0
+
+
+def _same(a: TypedObject, b: TypedObject) -> bool:
+    da, db = a.dump(), b.dump()
+    for d in (da, db):
+        d.get("metadata", {}).pop("resourceVersion", None)
+        d.get("metadata", {}).pop("generation", None)
+    return da == db
+
+
+# ---------------------------------------------------------------- get
+
+
+def parse_selector(text: str | None) -> list[tuple[str, str, str]]:
+    """`a=b,c!=d,e` -> [(key, op, value)] with op one of =, !=, exists."""
+    if not text:
+        return []
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "!=" in part:
+            k, v = part.split("!=", 1)
+            out.append((k.strip(), "!=", v.strip()))
+        elif "==" in part or "=" in part:
+            k, v = part.replace("==", "=").split("=", 1)
+            out.append((k.strip(), "=", v.strip()))
+        else:
+            out.append((part, "exists", ""))
+    return out
+
+
+def selector_matches(sel: list[tuple[str, str, str]], labels: dict[str, str]) -> bool:
+    for k, op, v in sel:
+        if op == "=" and labels.get(k) != v:
+            return False
+        if op == "!=" and labels.get(k) == v:
+            return False
+        if op == "exists" and k not in labels:
+            return False
+    return True
+
+
+def _kind(word: str) -> type[TypedObject]:
+    try:
+        return resolve_kind(word)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    kind = _kind(args.kind)
+    ns = None if args.all_namespaces else (args.namespace or "default")
+    sel = parse_selector(args.selector)
+
+    async def go() -> list[TypedObject]:
+        async with store_from_args(args) as store:
+            if args.names:
+                found = []
+                for name in args.names:
+                    o = await store.get(kind, name, ns)
+                    if o is None:
+                        where = f" in namespace {ns!r}" if kind.NAMESPACED else ""
+                        raise CLIError(f"{kind.PLURAL} {name!r} not found{where}")
+                    found.append(o)
+                return found
+            objs, _ = await store.list(kind, ns if kind.NAMESPACED else None)
+            return [o for o in objs if selector_matches(sel, o.metadata.labels)]
+
+    objs = run(go)
+    if not objs and args.output not in ("json", "yaml"):
+        where = f" in {ns} namespace" if kind.NAMESPACED and ns else ""
+        print(f"No resources found{where}.", file=sys.stderr)
+        return 0
+    print(render(kind, objs, args.output, all_namespaces=args.all_namespaces))
+    return 0
+
+
+# ---------------------------------------------------------------- delete
+
+
+async def delete_object(store: Store, kind: type[TypedObject], name: str, ns: str | None,
+                        grace: int | None = None, force: bool = False) -> bool:
+    """Delete one object the way its controllers expect. False if it did not exist.
+
+    A pod bound to a node is only marked (deletionTimestamp): its node stops the
+    containers within the grace period, releases its IP and then removes it.
+    Controllers' pods go with them; a service takes its endpoints along.
+    """
+    obj = await store.get(kind, name, ns)
+    if obj is None:
+        return False
+    if kind is Pod:
+        return await _delete_pod(store, obj, grace, force)  # type: ignore[arg-type]
+    if kind in (ReplicationController, Deployment):
+        await store.delete(kind, name, ns)
+        pods, _ = await store.list(Pod, ns)
+        for p in pods:
+            if any(r.uid == obj.metadata.uid for r in p.metadata.owner_references):
+                await _delete_pod(store, p, grace, force)
+        return True
+    await store.delete(kind, name, ns)
+    if kind is Service:
+        await store.delete(Endpoints, name, ns)
+        await store.delete(EndpointSlice, name, ns)
+    return True
+
+
+async def _delete_pod(store: Store, pod: Pod, grace: int | None, force: bool) -> bool:
+    if force or not pod.spec.node_name:
+        await store.delete(Pod, pod.name, pod.namespace)
+        return True
+
+    def mark(p: Pod) -> Pod | None:
+        if p.metadata.deletion_timestamp:
+            return None
+        p.metadata.deletion_timestamp = now_iso()
+        p.metadata.deletion_grace_period_seconds = (
+            grace if grace is not None else p.spec.termination_grace_period_seconds)
+        return p
+
+    from corral.api.store import NotFound
+
+    try:
+        await store.modify(Pod, pod.name, pod.namespace, mark)
+    except NotFound:
+        return False
+    return True
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    targets: list[tuple[type[TypedObject], str, str | None]] = []
+    if args.filename:
+        if args.kind:
+            raise CLIError("give either KIND NAME... or -f FILE, not both")
+        for o in _load_all(args.filename, args.namespace):
+            targets.append((type(o), o.name, o.namespace))
+    else:
+        if not args.kind or not args.names:
+            raise CLIError("delete needs KIND and at least one NAME (e.g. `corral delete "
+                           "pod web`), or -f FILE")
+        kind = _kind(args.kind)
+        ns = (args.namespace or "default") if kind.NAMESPACED else None
+        targets = [(kind, n, ns) for n in args.names]
+
+    async def go() -> int:
+        missing = 0
+        async with store_from_args(args) as store:
+            for kind, name, ns in targets:
+                if await delete_object(store, kind, name, ns, args.grace_period, args.force):
+                    print(f"{kind.KIND.lower()}/{name} deleted")
+                elif not args.ignore_not_found:
+                    where = f" in namespace {ns!r}" if ns else ""
+                    print(f"error: {kind.PLURAL} {name!r} not found{where}", file=sys.stderr)
+                    missing += 1
+        return 1 if missing else 0
+
+    return run(go)

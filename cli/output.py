@@ -1,0 +1,173 @@
+"""Rendering objects for `corral get`: kubectl-style tables, JSON and YAML."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import yaml
+
+from corral.api.objects import (
+    Deployment,
+    Endpoints,
+    EndpointSlice,
+    Node,
+    Pod,
+    ReplicationController,
+    Service,
+    TypedObject,
+)
+
+
+def age(ts: str | None, now: datetime | None = None) -> str:
+    if not ts:
+        return "<unknown>"
+    try:
+        t = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return "<unknown>"
+    s = int(((now or datetime.now(UTC)) - t).total_seconds())
+    if s < 0:
+        s = 0
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        for i, c in enumerate(r):
+            widths[i] = max(widths[i], len(c))
+    lines = ["   ".join(h.ljust(widths[i]) for i, h in enumerate(headers)).rstrip()]
+    for r in rows:
+        lines.append("   ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    return "\n".join(lines)
+
+
+def _node_row(n: Node, wide: bool) -> list[str]:
+    status = "Ready" if n.ready else "NotReady"
+    if n.spec.unschedulable:
+        status += ",SchedulingDisabled"
+    row = [n.name, status, age(n.metadata.creation_timestamp)]
+    if wide:
+        row += [n.status.address("InternalIP") or "<none>", n.spec.pod_cidr or "<none>"]
+    return row
+
+
+def pod_status(p: Pod) -> str:
+    if p.metadata.deletion_timestamp:
+        return "Terminating"
+    for cs in p.status.container_statuses:
+        waiting = cs.state.get("waiting") or {}
+        if waiting.get("reason"):
+            return str(waiting["reason"])
+        term = cs.state.get("terminated") or {}
+        if term.get("reason") and p.status.phase != "Running":
+            return str(term["reason"])
+    return p.status.reason or p.status.phase
+
+
+def _pod_row(p: Pod, wide: bool) -> list[str]:
+    total = len(p.spec.containers)
+    ready = sum(1 for cs in p.status.container_statuses if cs.ready)
+    restarts = sum(cs.restart_count for cs in p.status.container_statuses)
+    row = [p.name, f"{ready}/{total}", pod_status(p), str(restarts),
+           age(p.metadata.creation_timestamp)]
+    if wide:
+        row += [p.status.pod_ip or "<none>", p.spec.node_name or "<none>"]
+    return row
+
+
+def _svc_ports(s: Service) -> str:
+    out = []
+    for p in s.spec.ports:
+        base = f"{p.port}:{p.node_port}" if p.node_port else str(p.port)
+        out.append(f"{base}/{p.protocol}")
+    return ",".join(out) or "<none>"
+
+
+def _svc_row(s: Service, wide: bool) -> list[str]:
+    cip = s.spec.cluster_ip or ("<none>" if s.spec.type == "ExternalName" else "<pending>")
+    ext = s.spec.external_name if s.spec.type == "ExternalName" else (
+        ",".join(s.spec.external_ips) or "<none>")
+    row = [s.name, s.spec.type, cip, ext or "<none>", _svc_ports(s),
+           age(s.metadata.creation_timestamp)]
+    if wide:
+        sel = s.spec.selector
+        row.append(",".join(f"{k}={v}" for k, v in sorted(sel.items())) if sel else "<none>")
+    return row
+
+
+def _ep_row(e: Endpoints, wide: bool) -> list[str]:
+    addrs = []
+    for sub in e.subsets:
+        for a in sub.addresses:
+            for p in sub.ports or [None]:
+                addrs.append(f"{a.ip}:{p.port}" if p else a.ip)
+    shown = ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more..." if len(addrs) > 3 else "")
+    return [e.name, shown or "<none>", age(e.metadata.creation_timestamp)]
+
+
+def _slice_row(e: EndpointSlice, wide: bool) -> list[str]:
+    ports = ",".join(str(p.port) for p in e.ports) or "<unset>"
+    addrs = [a for ep in e.endpoints for a in ep.addresses]
+    return [e.name, e.address_type, ports, ",".join(addrs) or "<unset>",
+            age(e.metadata.creation_timestamp)]
+
+
+def _rc_row(r: ReplicationController | Deployment, wide: bool) -> list[str]:
+    return [r.name, str(r.spec.replicas), str(r.status.replicas), str(r.status.ready_replicas),
+            age(r.metadata.creation_timestamp)]
+
+
+def _generic_row(o: TypedObject, wide: bool) -> list[str]:
+    return [o.name, age(o.metadata.creation_timestamp)]
+
+
+COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], list[str]]]] = {
+    Node: (["NAME", "STATUS", "AGE"], ["INTERNAL-IP", "POD-CIDR"], _node_row),  # type: ignore[dict-item]
+    Pod: (["NAME", "READY", "STATUS", "RESTARTS", "AGE"], ["IP", "NODE"], _pod_row),  # type: ignore[dict-item]
+    Service: (["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"], ["SELECTOR"],
+              _svc_row),  # type: ignore[dict-item]
+    Endpoints: (["NAME", "ENDPOINTS", "AGE"], [], _ep_row),  # type: ignore[dict-item]
+    EndpointSlice: (["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _slice_row),  # type: ignore[dict-item]
+    ReplicationController: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
+    Deployment: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
+}
+
+
+def prune(value: object) -> object:
+    """Drop empty maps and lists, as kubectl's output does."""
+    if isinstance(value, dict):
+        out = {k: prune(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in ({}, [], None)}
+    if isinstance(value, list):
+        return [prune(v) for v in value]
+    return value
+
+
+def render(kind: type[TypedObject], objs: list[TypedObject], fmt: str | None,
+           all_namespaces: bool = False) -> str:
+    if fmt in ("json", "yaml"):
+        docs = [prune(o.dump()) for o in objs]
+        data = docs[0] if len(docs) == 1 else {"apiVersion": "v1", "kind": "List",
+                                                "items": docs}
+        if fmt == "json":
+            return json.dumps(data, indent=2)
+        return yaml.safe_dump(data, sort_keys=False).rstrip()
+    if fmt == "name":
+        return "\n".join(f"{kind.PLURAL}/{o.name}" for o in objs)
+    wide = fmt == "wide"
+    headers, extra, row = COLUMNS.get(kind, (["NAME", "AGE"], [], _generic_row))
+    headers = headers + (extra if wide else [])
+    rows = [row(o, wide) for o in objs]
+    if all_namespaces and kind.NAMESPACED:
+        headers = ["NAMESPACE", *headers]
+        rows = [[o.namespace or "", *r] for o, r in zip(objs, rows, strict=True)]
+    return table(headers, rows)
