@@ -1,0 +1,139 @@
+"""`corral apply/get/delete` as a user runs them: real processes, real etcd."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+APP = textwrap.dedent("""
+    apiVersion: v1
+    kind: Service
+    metadata: {name: web, labels: {app: web}}
+    spec:
+      selector: {app: web}
+      sessionAffinity: ClientIP
+      ports: [{name: http, port: 80, targetPort: http}]
+    ---
+    apiVersion: v1
+    kind: ReplicationController
+    metadata: {name: web}
+    spec:
+      replicas: 3
+      template:
+        metadata: {labels: {app: web}}
+        spec:
+          containers:
+          - name: web
+            command: [python3, -m, http.server, "8080"]
+            ports: [{name: http, containerPort: 8080}]
+    """)
+
+
+@pytest.fixture
+def corral(etcd, store, tmp_path: Path):
+    """Run the real `corral` command against the test etcd; returns CompletedProcess."""
+    env = dict(os.environ, CORRAL_ETCD=etcd.url, CORRAL_STATE_DIR=str(tmp_path / "state"))
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "corral", *args], env=env, input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    return run
+
+
+def test_apply_get_delete_roundtrip(corral, tmp_path: Path) -> None:
+    f = tmp_path / "app.yaml"
+    f.write_text(APP)
+    r = corral("apply", "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["service/web created", "replicationcontroller/web created"]
+
+    r = corral("apply", "-f", str(f))
+    assert r.stdout.splitlines() == ["service/web unchanged",
+                                     "replicationcontroller/web unchanged"]
+
+    r = corral("get", "services")
+    assert r.returncode == 0
+    header, row = r.stdout.splitlines()
+    assert header.split() == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]
+    assert row.split()[:2] == ["web", "ClusterIP"]
+
+    r = corral("get", "svc", "web", "-o", "json")
+    svc = json.loads(r.stdout)
+    assert svc["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] == 10800
+
+    r = corral("get", "rc", "-o", "yaml")
+    rc = yaml.safe_load(r.stdout)
+    assert rc["spec"]["replicas"] == 3 and rc["spec"]["selector"] == {"app": "web"}
+
+    f.write_text(APP.replace("replicas: 3", "replicas: 5"))
+    r = corral("apply", "-f", str(f))
+    assert "replicationcontroller/web configured" in r.stdout
+
+    r = corral("delete", "service", "web")
+    assert r.returncode == 0 and "service/web deleted" in r.stdout
+    r = corral("get", "svc", "web")
+    assert r.returncode == 1 and "not found" in r.stderr
+    r = corral("delete", "svc", "web")
+    assert r.returncode == 1 and "not found" in r.stderr
+    r = corral("delete", "svc", "web", "--ignore-not-found")
+    assert r.returncode == 0
+
+
+def test_apply_from_stdin_and_namespace_flag(corral) -> None:
+    r = corral("apply", "-n", "shop", "-f", "-", stdin=APP)
+    assert r.returncode == 0, r.stderr
+    assert corral("get", "svc").stderr.startswith("No resources found")
+    r = corral("get", "svc", "-n", "shop", "-o", "name")
+    assert r.stdout.strip() == "services/web"
+    r = corral("get", "rc", "-A")
+    assert r.stdout.splitlines()[1].split()[:2] == ["shop", "web"]
+
+
+def test_bad_manifest_applies_nothing(corral, tmp_path: Path) -> None:
+    f = tmp_path / "mixed.yaml"
+    # The first document is fine; the second is not: neither may be stored.
+    f.write_text(APP + textwrap.dedent("""
+        ---
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: broken}
+        spec:
+          containers: [{name: c, resources: {limits: {memory: plenty}}}]
+        """))
+    r = corral("apply", "-f", str(f))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "spec.containers[0].resources.limits.memory" in r.stderr
+    assert corral("get", "svc").stderr.startswith("No resources found")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["get", "widgets"], "unknown resource type 'widgets'"),
+    (["get", "pods", "-o", "xml"], "invalid choice: 'xml'"),
+    (["apply", "-f", "/nonexistent/app.yaml"], "cannot read /nonexistent/app.yaml"),
+    (["delete", "pod"], "delete needs KIND and at least one NAME"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_user_mistakes_get_a_clear_error(corral, args: list[str], words: str) -> None:
+    r = corral(*args)
+    assert r.returncode != 0
+    assert words in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
+    env = dict(os.environ, CORRAL_ETCD="http://127.0.0.1:1",
+               CORRAL_STATE_DIR=str(tmp_path / "state"))
+    r = subprocess.run([sys.executable, "-m", "corral", "get", "pods"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "cannot reach etcd at http://127.0.0.1:1" in r.stderr
+    assert "corral up" in r.stderr and "Traceback" not in r.stderr
