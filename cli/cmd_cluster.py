@@ -1,0 +1,120 @@
+"""`corral up`, `down`, `status`, `node-exec`: the local multi-node cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Any
+
+from corral.cli.common import CLIError
+from corral.cluster import local
+from corral.cluster.state import DEFAULT_NAME
+
+
+def _name_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default=os.environ.get("CORRAL_CLUSTER") or DEFAULT_NAME,
+                   help=f"cluster name (default: $CORRAL_CLUSTER, else {DEFAULT_NAME})")
+    p.add_argument("--state-dir", default=None,
+                   help="where the cluster's state lives (default: /var/lib/corral/<name>, "
+                        "root overridden by $CORRAL_STATE_DIR)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("up", help="start (or converge) a local multi-node cluster")
+    p.add_argument("--nodes", type=int, default=None,
+                   help=f"number of nodes, 1-{local.MAX_NODES} (default: {local.DEFAULT_NODES}, "
+                        "or the running cluster's)")
+    p.add_argument("--etcd", metavar="URL[,URL...]", default=argparse.SUPPRESS,
+                   help="use this etcd instead of starting a local one")
+    p.add_argument("--underlay-cidr", default=None,
+                   help=f"addresses of the nodes' network (default: {local.DEFAULT_UNDERLAY})")
+    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                   help="wait this long for every node to be Ready (default: 60; 0: do not wait)")
+    _name_options(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop and remove a local cluster and everything it made")
+    _name_options(p)
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("status", help="health of a local cluster: etcd, nodes, daemons")
+    _name_options(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("node-exec", help="run a command on a node of the local cluster",
+                       usage="corral node-exec [--name CLUSTER] NODE -- COMMAND [ARGS...]")
+    _name_options(p)
+    p.add_argument("node", metavar="NODE", help="node name (e.g. node-1) or number")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND")
+    p.set_defaults(func=cmd_node_exec)
+
+
+def _urls(raw: str | None) -> list[str] | None:
+    if raw is None:
+        return None
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise CLIError("--etcd is empty; give URLs like http://127.0.0.1:2379")
+    return urls
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        raise CLIError("--wait must be 0 or more seconds")
+    opts = local.UpOptions(name=args.name, nodes=args.nodes,
+                           etcd=_urls(getattr(args, "etcd", None)),
+                           underlay_cidr=args.underlay_cidr, state_dir=args.state_dir,
+                           wait=args.wait)
+    try:
+        s = local.up(opts)
+    except local.ClusterError as e:
+        raise CLIError(str(e)) from None
+    print(local.summary(s))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        found = local.down(args.name, args.state_dir)
+    except local.ClusterError as e:
+        raise CLIError(str(e)) from None
+    print(f"Cluster {args.name!r} removed." if found else f"No cluster {args.name!r} to remove.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        h = local.status(args.name, args.state_dir)
+    except local.ClusterError as e:
+        raise CLIError(str(e)) from None
+    mark = {True: "ok", False: "DOWN"}
+    etcd = mark[h.etcd_ok] + ("" if h.etcd_ok else f" ({h.etcd_error})")
+    relay = "" if h.relay is None else f", relay into the nodes {mark[h.relay]}"
+    print(f"cluster {h.name}: etcd {','.join(h.etcd_urls)} {etcd}{relay}")
+    print(f"{'NODE':<20} {'IP':<15} {'NETNS':<6} {'HOLDER':<7} {'READY':<8} DAEMONS")
+    for n in h.nodes:
+        ds = " ".join(f"{k}={mark[v]}" for k, v in sorted(n.daemons.items())) or "-"
+        print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} "
+              f"{n.ready:<8} {ds}")
+    if not h.ok:
+        print("Something is down; `corral up"
+              f"{'' if h.name == DEFAULT_NAME else ' --name ' + h.name}` restarts what is "
+              "missing, logs are in the state dir's logs/.", file=sys.stderr)
+    return 0 if h.ok else 1
+
+
+def cmd_node_exec(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    try:
+        local.require_root()
+        argv = local.node_exec_argv(args.name, args.node, cmd, args.state_dir)
+    except local.ClusterError as e:
+        raise CLIError(str(e)) from None
+    try:
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 130

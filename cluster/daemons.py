@@ -1,0 +1,83 @@
+"""The daemons `corral up` starts: one table, so a new capability joins by adding a row.
+
+Each row is a `corral` subcommand, run as `corral --etcd URLS <args>` with the
+etcd URLs as seen from inside the node. `{node}`, `{cluster}` and `{node_state}`
+(a per-node directory that survives restarts) are filled in. A row whose
+`module` is not importable yet is skipped, so the table can name daemons that
+are still being written.
+
+NODE_DAEMONS run once per node, inside the node (its network and mount
+namespaces); CLUSTER_DAEMONS run once, on node-1 (like a control-plane node).
+Logs go to <state>/logs/<daemon>-<node>.log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from corral.cluster import nodes
+from corral.cluster.procs import ProcRecord
+from corral.cluster.state import ClusterState, NodeState
+
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str
+    args: tuple[str, ...]
+    module: str  # importable once the subcommand exists
+
+    def available(self) -> bool:
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except (ImportError, ValueError):
+            return False
+
+
+NODE_DAEMONS: list[Daemon] = [
+    Daemon("node", ("node", "--name", "{node}", "--state-dir", "{node_state}"),
+           "corral.cli.cmd_node"),
+]
+CLUSTER_DAEMONS: list[Daemon] = [
+    Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control"),
+    Daemon("controllers", ("controllers",), "corral.cli.cmd_control"),
+]
+
+
+def wanted(state: ClusterState) -> list[tuple[Daemon, NodeState]]:
+    """Every (daemon, node) pair that should be running."""
+    out = [(d, n) for n in state.nodes for d in NODE_DAEMONS if d.available()]
+    if state.nodes:
+        out += [(d, state.nodes[0]) for d in CLUSTER_DAEMONS if d.available()]
+    return out
+
+
+def role(d: Daemon) -> str:
+    return f"daemon:{d.name}"
+
+
+def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
+    if node.holder is None:
+        raise RuntimeError(f"{node.name} has no holder process to start {d.name} in")
+    node_state = os.path.join(state.node_dir(node.name), "state")
+    os.makedirs(node_state, exist_ok=True)
+    values = {"node": node.name, "cluster": state.name, "node_state": node_state}
+    argv = [sys.executable, "-m", "corral", "--etcd", ",".join(state.etcd_node_urls),
+            *(a.format(**values) for a in d.args)]
+    os.makedirs(state.logs_dir, exist_ok=True)
+    log = os.path.join(state.logs_dir, f"{d.name}-{node.name}.log")
+    env = dict(os.environ, CORRAL_CLUSTER=state.name, CORRAL_NODE=node.name,
+               PYTHONUNBUFFERED="1")
+    env.pop("CORRAL_ETCD", None)
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            nodes.exec_argv(node.holder.pid, argv, cwd="/"), stdin=subprocess.DEVNULL,
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    return ProcRecord.of(proc.pid, role(d), node=node.name, log=log)
+
+
+def find(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord | None:
+    return next((r for r in state.daemons if r.role == role(d) and r.node == node.name), None)
