@@ -30,6 +30,9 @@ def register(sub: Any) -> None:
     p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
     p.add_argument("--cni-cache-dir", default="/var/lib/cni")
     p.set_defaults(func=cmd_node, daemon=True)
+    from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
+
+    add_node_remove(p)
 
 
 def cmd_node(args: argparse.Namespace) -> int:

@@ -1,0 +1,468 @@
+"""The overlay node component: lease a subnet, program VXLAN, keep both in step with etcd.
+
+`OverlayAgent(ctx)` follows the node component contract (start/run/stop, see
+docs/internals.md). It can also run on its own:
+
+    python -m corral.overlay.agent --node node-1 --etcd http://10.0.0.1:2379
+
+`--netns NAME` makes it program another network namespace than the one it runs
+in (the etcd connection stays in its own); tests use that to drive several
+simulated nodes from the host namespace without giving them a path to etcd.
+
+Options read from `ctx.options`: `netns`, `resync_interval` (s, default 10),
+`lease_ttl` (s, default 30; renewed every third of it), `ip_forward` (default
+True: turn on IPv4 forwarding in the node namespace, which pod traffic needs),
+`kernel_events` (default True: a full pass as soon as netlink reports damage,
+not only every resync period).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from corral.api.objects import (
+    NetworkConfig,
+    NetworkSpec,
+    Node,
+    NodeAddress,
+    NodeSpec,
+    NodeStatus,
+    SubnetLease,
+)
+from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
+from corral.cluster import netns
+from corral.overlay import config, lease, masq
+from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
+from corral.runtime.context import NodeContext, NodePaths
+
+log = logging.getLogger("corral.overlay.agent")
+
+STATE_FILE = "overlay.json"
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    """Write `data` so readers see the old file or the new one, never half of one."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class OverlayAgent:
+    """One node's overlay: its subnet lease, its VXLAN device and the entries for every peer."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.store = ctx.store
+        opts = ctx.options
+        self.namespace: str | None = opts.get("netns") or None  # type: ignore[assignment]
+        self.resync_interval = float(opts.get("resync_interval", 10))  # type: ignore[arg-type]
+        self.lease_ttl = int(opts.get("lease_ttl", lease.DEFAULT_TTL))  # type: ignore[arg-type]
+        self.ip_forward = bool(opts.get("ip_forward", True))
+        self.kernel_events = bool(opts.get("kernel_events", True))
+        self._monitor: EventMonitor | None = None
+        self.kernel = Kernel(self.namespace)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="corral-overlay-netlink")
+        self._dirty = asyncio.Event()
+        self._check_lease = asyncio.Event()
+        self._peers: dict[str, SubnetLease] = {}
+        # lease key -> (entry before the first unapplied change, entry now)
+        self._changed: dict[str, tuple[Remote | None, Remote | None]] = {}
+        self._full_needed = False
+        self._known: dict[str, int] = {}
+        self._watch_rev = 0
+        self.spec = NetworkSpec()
+        self.leaser: lease.SubnetLeaser | None = None
+        self.underlay: Underlay | None = None
+        self.lease: lease.Lease | None = None
+        self.vtep_mac = ""
+        self.reconciles = 0
+
+    # ------------------------------------------------------------ helpers
+
+    async def _k(self, fn: Any, *args: Any) -> Any:
+        """Run a blocking netlink call on the agent's one netlink thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(fn, *args))
+
+    @property
+    def device(self) -> str:
+        return config.device_name(self.spec.backend.vni)
+
+    @property
+    def subnet(self) -> str:
+        assert self.lease is not None
+        return self.lease.subnet
+
+    @property
+    def mtu(self) -> int:
+        assert self.underlay is not None
+        return self.spec.backend.mtu or self.underlay.mtu - config.VXLAN_OVERHEAD
+
+    def _state_path(self) -> str:
+        return os.path.join(self.ctx.paths.state_dir, STATE_FILE)
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            with open(self._state_path()) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        write_json_atomic(self._state_path(), {
+            "subnet": self.lease.subnet if self.lease else None, "vtepMAC": self.vtep_mac})
+
+    # ------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        cfg = await config.load(self.store)
+        self.spec = cfg.spec
+        if self.spec.backend.type != "vxlan":
+            raise config.ConfigError(f"backend {self.spec.backend.type!r} is not supported")
+        self.underlay = await self._k(self.kernel.find_underlay, self.ctx.underlay_iface,
+                                      self.ctx.underlay_ip)
+        config.check_underlay(self.spec, [self.underlay.ip])
+        if self.mtu > self.underlay.mtu - config.VXLAN_OVERHEAD:
+            log.warning("backend.mtu %d is larger than the underlay allows (%d - %d): large "
+                        "packets will be fragmented or dropped", self.mtu, self.underlay.mtu,
+                        config.VXLAN_OVERHEAD)
+        state = self._load_state()
+        self.vtep_mac = (state.get("vtepMAC") or await self._k(self.kernel.device_mac, self.device)
+                         or random_mac())
+        self._save_state()
+        self.leaser = lease.SubnetLeaser(self.store, self.ctx.node_name, self.underlay.ip,
+                                         self.vtep_mac, self.spec, ttl=self.lease_ttl)
+        await self._adopt(await self.leaser.acquire(preferred=state.get("subnet")),
+                          previous=state.get("subnet"))
+        await self._apply_host_settings()
+        kvs, rev = await self.store.list_raw(SUBNETS_PREFIX)
+        self._known = {kv.key: kv.mod_revision for kv in kvs}
+        self._peers = {kv.key: rec for kv in kvs if (rec := lease.decode(kv.value)) is not None}
+        self._watch_rev = rev + 1
+        await self.reconcile()
+        if self.kernel_events:
+            loop = asyncio.get_running_loop()
+            self._monitor = EventMonitor(
+                self.namespace, self.device,
+                lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key))
+            self._monitor.start(await self._k(self.kernel.link_index, self.device))
+        log.info("overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s)",
+                 self.ctx.node_name, self.subnet, self.underlay.iface, self.underlay.ip,
+                 self.device, self.mtu, len(self.remotes()))
+
+    async def _adopt(self, new: lease.Lease, previous: str | None) -> None:
+        """Take `new` as this node's lease: device address, subnet file, Node.spec.podCIDR."""
+        if previous and new.subnet != previous:
+            log.error(
+                "SUBNET CHANGED for node %s: %s -> %s (the old subnet is held by another "
+                "node). Pods already running here keep their %s addresses and stay reachable "
+                "from this node, but not across nodes, until they are recreated.",
+                self.ctx.node_name, previous, new.subnet, previous)
+        self.lease = new
+        self._save_state()
+        await self._ensure_device()
+        self._write_subnet_file()
+        await self._set_pod_cidr(new.subnet)
+
+    def _write_subnet_file(self) -> None:
+        """The contract with the CNI plugin (see docs/overlay.md)."""
+        assert self.lease is not None
+        write_json_atomic(self.ctx.paths.subnet_file, {
+            "network": self.spec.network, "subnet": self.lease.subnet, "mtu": self.mtu,
+            "ipMasq": self.spec.ip_masq, "node": self.ctx.node_name})
+
+    async def _set_pod_cidr(self, subnet: str) -> None:
+        def change(n: Node) -> Node | None:
+            if n.spec.pod_cidr == subnet and n.spec.pod_cidrs == [subnet]:
+                return None
+            n.spec.pod_cidr, n.spec.pod_cidrs = subnet, [subnet]
+            return n
+
+        name = self.ctx.node_name
+        try:
+            await self.store.modify(Node, name, None, change)
+            return
+        except NotFound:
+            pass
+        assert self.underlay is not None
+        node = Node(metadata={"name": name},
+                    spec=NodeSpec(pod_cidr=subnet, pod_cidrs=[subnet]),
+                    status=NodeStatus(addresses=[
+                        NodeAddress(type="InternalIP", address=self.underlay.ip),
+                        NodeAddress(type="Hostname", address=name)]))
+        try:
+            await self.store.create(node)
+        except AlreadyExists:
+            await self.store.modify(Node, name, None, change)
+
+    async def _ensure_device(self) -> None:
+        assert self.underlay is not None and self.lease is not None
+        spec = DeviceSpec(name=self.device, vni=self.spec.backend.vni,
+                          port=self.spec.backend.port, local_ip=self.underlay.ip,
+                          underlay_index=self.underlay.index, mac=self.vtep_mac, mtu=self.mtu,
+                          subnet=self.lease.subnet)
+        for change in await self._k(self.kernel.ensure_device, spec):
+            log.info("%s: %s", self.device, change)
+
+    async def _apply_host_settings(self) -> None:
+        """Masquerade rules and IPv4 forwarding in the node namespace."""
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(None, masq.ensure, self.namespace, self.spec.network,
+                                      self.spec.ip_masq):
+            log.info("masquerade for pods leaving %s: %s", self.spec.network,
+                     "on" if self.spec.ip_masq else "off")
+        if self.ip_forward:
+            await loop.run_in_executor(None, self._enable_forwarding)
+
+    def _enable_forwarding(self) -> None:
+        argv = ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]
+        subprocess.run(netns.command(self.namespace, argv) if self.namespace else argv,
+                       check=False, capture_output=True, timeout=30)
+
+    # ------------------------------------------------------------ reconcile
+
+    def _as_remote(self, key: str, rec: SubnetLease | None) -> Remote | None:
+        """The data path entry a lease asks for, or None (ours, incomplete, foreign)."""
+        if rec is None or not rec.vtep_mac or rec.node_name == self.ctx.node_name:
+            return None
+        if self.lease is not None and key == self.lease.key:
+            return None
+        sub = ipaddress.ip_network(rec.subnet)
+        if not sub.subnet_of(ipaddress.ip_network(self.spec.network)):  # type: ignore[arg-type]
+            return None
+        return Remote(rec.subnet, rec.public_ip, rec.vtep_mac.lower())
+
+    def remotes(self) -> list[Remote]:
+        """Every other node's lease in this network, as data path entries."""
+        out = [r for key, rec in self._peers.items() if (r := self._as_remote(key, rec))]
+        return sorted(out, key=lambda r: ipaddress.ip_network(r.subnet))
+
+    async def reconcile(self) -> None:
+        """Repair the device and make the per-peer entries match the leases."""
+        assert self.underlay is not None
+        self._changed.clear()
+        await self._ensure_device()
+        changes = await self._k(self.kernel.sync_remotes, self.device, self.remotes(),
+                                self.underlay, self.spec.backend.direct_routing)
+        for c in changes:
+            log.info("%s: %s", self.device, c)
+        self.reconciles += 1
+
+    def _on_kernel_event(self, kind: str, key: str) -> None:
+        """Netlink reported a change: if it hit something we want, check everything now.
+
+        Deletions of entries no lease asks for are our own removals; ignoring
+        them keeps every lease removal from costing a full pass on every node.
+        """
+        if kind != "link":
+            want = self.remotes()
+            wanted = {"route": {r.subnet for r in want},
+                      "neighbour": {r.gateway for r in want},
+                      "fdb": {r.vtep_mac for r in want}}.get(kind, set())
+            if key.lower() not in wanted:
+                return
+        if not self._full_needed:
+            log.info("%s: %s %s changed under us; repairing", self.device, kind, key)
+        self._full_needed = True
+        self._dirty.set()
+
+    async def _apply_changes(self) -> None:
+        """Program just the leases that changed since the last pass (the watch's fast path)."""
+        assert self.underlay is not None
+        changed, self._changed = self._changed, {}
+        for old, new in changed.values():
+            for c in await self._k(self.kernel.update_remote, self.device, old, new,
+                                   self.underlay, self.spec.backend.direct_routing):
+                log.info("%s: %s", self.device, c)
+
+    async def _resync_config(self) -> None:
+        """Pick up ipMasq / directRouting changes; the address plan needs a restart."""
+        cfg = await self.store.get(NetworkConfig, config.CONFIG_NAME)
+        if cfg is None or cfg.spec == self.spec:
+            return
+        if config.address_plan(cfg.spec) != config.address_plan(self.spec):
+            log.error("the cluster network's address plan changed in etcd; restart this "
+                      "node's agent to use it (keeping %s until then)", self.spec.network)
+            return
+        self.spec = cfg.spec
+        self._write_subnet_file()
+
+    # ------------------------------------------------------------ run
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(c, name=f"overlay-{n}") for n, c in (
+            ("lease", self._lease_loop()), ("watch", self._watch_loop()),
+            ("reconcile", self._reconcile_loop()))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _lease_loop(self) -> None:
+        interval = max(self.lease_ttl / 3, 0.5)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_lease.wait(), interval)
+            self._check_lease.clear()
+            assert self.lease is not None and self.leaser is not None
+            try:
+                if await self.leaser.renew(self.lease):
+                    continue
+            except Exception as e:
+                log.warning("cannot renew the subnet lease (%s: %s); retrying",
+                            type(e).__name__, e)
+                continue
+            log.warning("subnet lease for %s was lost (expired or deleted); re-acquiring",
+                        self.lease.subnet)
+            old = self.lease.subnet
+            await self._adopt(await self.leaser.acquire(preferred=old), previous=old)
+            self._full_needed = True
+            self._dirty.set()
+
+    async def _watch_loop(self) -> None:
+        async for ev in self.store.watch_prefix_raw(SUBNETS_PREFIX, self._watch_rev,
+                                                    self._known):
+            self._watch_rev = ev.revision + 1  # where a restarted run() resumes
+            before = self._peers.get(ev.key)
+            if ev.type == "DELETED":
+                self._peers.pop(ev.key, None)
+            elif (rec := lease.decode(ev.value)) is not None:
+                self._peers[ev.key] = rec
+            if self.lease is not None and ev.key == self.lease.key:
+                self._check_lease.set()
+            old = self._as_remote(ev.key, before)
+            new = self._as_remote(ev.key, self._peers.get(ev.key))
+            if old != new:
+                first = self._changed.get(ev.key, (old, new))[0]
+                self._changed[ev.key] = (first, new)
+                self._dirty.set()
+
+    async def _reconcile_loop(self) -> None:
+        """Changed leases as they come; everything, against the kernel, every resync period."""
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + self.resync_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), max(0.0, next_full - loop.time()))
+            self._dirty.clear()
+            full = self._full_needed or loop.time() >= next_full
+            try:
+                if full:
+                    self._full_needed = False
+                    next_full = loop.time() + self.resync_interval
+                    try:
+                        await self._resync_config()
+                    except Exception as e:  # etcd away: the kernel pass needs no etcd
+                        log.warning("cannot re-read the network config (%s: %s); keeping "
+                                    "the current one", type(e).__name__, e)
+                    await self._apply_host_settings()
+                    await self.reconcile()
+                else:
+                    await self._apply_changes()
+            except Exception:
+                log.exception("overlay reconcile failed; retrying with a full pass")
+                self._full_needed = True
+                await asyncio.sleep(1)
+                self._dirty.set()
+
+    # ------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        """Leave kernel state and the lease as they are: a restart picks both up."""
+        if self._monitor is not None:
+            self._monitor.stop()
+        with contextlib.suppress(Exception):
+            await self._k(self.kernel.close)
+        self._pool.shutdown(wait=False)
+
+
+# ------------------------------------------------------------ standalone entry
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m corral.overlay.agent",
+                                description="Run only the overlay part of a corral node.")
+    p.add_argument("--node", required=True, help="this node's name")
+    p.add_argument("--etcd", default=os.environ.get("CORRAL_ETCD", "http://127.0.0.1:2379"))
+    p.add_argument("--state-dir", default=NodePaths.state_dir)
+    p.add_argument("--run-dir", default=NodePaths.run_dir)
+    p.add_argument("--netns", help="program this network namespace instead of our own")
+    p.add_argument("--underlay-iface")
+    p.add_argument("--underlay-ip")
+    p.add_argument("--resync", type=float, default=10.0, help="seconds between full repairs")
+    p.add_argument("--lease-ttl", type=int, default=lease.DEFAULT_TTL)
+    return p
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    store = Store(args.etcd)
+    await store.connect()
+    ctx = NodeContext(node_name=args.node, store=store,
+                      paths=NodePaths(run_dir=args.run_dir, state_dir=args.state_dir),
+                      underlay_iface=args.underlay_iface, underlay_ip=args.underlay_ip,
+                      options={"netns": args.netns, "resync_interval": args.resync,
+                               "lease_ttl": args.lease_ttl})
+    agent = OverlayAgent(ctx)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stopping: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        stopping.append(sig)
+        main.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await agent.start()
+        await agent.run()
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        log.info("stopping on signal %d; kernel state and lease stay", stopping[0])
+    finally:
+        await agent.stop()
+        await store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_amain(args))
+    except (ValueError, RuntimeError, StoreError) as e:
+        print(f"corral overlay: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

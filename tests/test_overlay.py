@@ -1,0 +1,213 @@
+"""Overlay config checks and subnet leasing against a real etcd (no kernel state here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.api.objects import NetworkConfig, NetworkSpec, Node, NodeAddress, NodeStatus
+from corral.api.store import Store, subnet_key
+from corral.cli.main import main as cli_main
+from corral.cluster import netns
+from corral.cluster.etcd import LocalEtcd
+from corral.overlay import config, lease, masq
+
+
+def spec(**kw: object) -> NetworkSpec:
+    return config.parse_spec(kw)
+
+
+# ------------------------------------------------------------ config
+
+
+def test_defaults_are_the_documented_plan() -> None:
+    s = NetworkSpec()
+    assert (s.network, s.subnet_len, s.backend.vni, s.backend.port) == (
+        "10.244.0.0/16", 24, 1, 4789)
+    subnets = list(config.leasable_subnets(s))
+    assert str(subnets[0]) == "10.244.1.0/24"  # the network's own first /24 is skipped
+    assert str(subnets[-1]) == "10.244.255.0/24"
+    assert len(subnets) == 255
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"network": "10.96.0.0/16"}, "overlaps spec.serviceCIDR"),
+    ({"network": "10.244.0.0/16", "subnetLen": 16}, "subnetLen 16 must be longer"),
+    ({"network": "10.244.0.0/16", "subnetLen": 31}, "subnetLen"),
+    ({"network": "10.244.0.1/16"}, "not a CIDR"),
+    ({"backend": {"vni": 0}}, "backend.vni"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_specs_are_refused_with_the_reason(data: dict, reason: str) -> None:
+    with pytest.raises(config.ConfigError, match=reason):
+        config.parse_spec(data)
+
+
+def test_range_containing_the_node_address_is_refused() -> None:
+    with pytest.raises(config.ConfigError, match=re.escape("contains the node address 10.244.3.7")):
+        config.check_underlay(spec(), ["172.30.0.1", "10.244.3.7"])
+    with pytest.raises(config.ConfigError, match="serviceCIDR"):
+        config.check_underlay(spec(), ["10.100.0.5"])
+    config.check_underlay(spec(), ["172.30.0.1"])
+
+
+def test_subnet_range_limits() -> None:
+    s = spec(network="10.50.0.0/16", subnetLen=26, subnetMin="10.50.1.0",
+             subnetMax="10.50.1.128")
+    assert [str(n) for n in config.leasable_subnets(s)] == [
+        "10.50.1.0/26", "10.50.1.64/26", "10.50.1.128/26"]
+
+
+# ------------------------------------------------------------ leases
+
+
+def leaser(store: Store, name: str, ip: str, s: NetworkSpec | None = None) -> lease.SubnetLeaser:
+    return lease.SubnetLeaser(store, name, ip, f"02:00:00:00:00:{ip.split('.')[-1]:0>2}",
+                              s or NetworkSpec(), ttl=5)
+
+
+async def test_nodes_get_distinct_subnets_with_their_record(store: Store) -> None:
+    a = await leaser(store, "a", "172.30.0.1").acquire()
+    b = await leaser(store, "b", "172.30.0.2").acquire()
+    assert a.subnet != b.subnet
+    kv = await store.get_raw(subnet_key(a.subnet))
+    assert kv is not None and kv.lease == a.lease_id
+    rec = lease.decode(kv.value)
+    assert rec is not None
+    assert (rec.node_name, rec.public_ip, rec.vtep_mac, rec.backend_type) == (
+        "a", "172.30.0.1", "02:00:00:00:00:01", "vxlan")
+
+
+async def test_restarted_node_gets_its_subnet_back(store: Store) -> None:
+    first = await leaser(store, "a", "172.30.0.1").acquire()
+    await leaser(store, "b", "172.30.0.2").acquire()
+    # still leased (agent restarted within the TTL): the record is taken over
+    again = await leaser(store, "a", "172.30.0.1").acquire()
+    assert again.subnet == first.subnet and again.lease_id != first.lease_id
+    # expired meanwhile: the persisted subnet is preferred over the lowest free one
+    await store.revoke_lease(again.lease_id)
+    assert await store.get_raw(subnet_key(first.subnet)) is None
+    back = await leaser(store, "a", "172.30.0.1").acquire(preferred=first.subnet)
+    assert back.subnet == first.subnet
+
+
+async def test_a_node_whose_subnet_was_taken_moves(store: Store) -> None:
+    a = await leaser(store, "a", "172.30.0.1").acquire()
+    await store.revoke_lease(a.lease_id)
+    thief = await leaser(store, "c", "172.30.0.3").acquire(preferred=a.subnet)
+    assert thief.subnet == a.subnet
+    moved = await leaser(store, "a", "172.30.0.1").acquire(preferred=a.subnet)
+    assert moved.subnet != a.subnet
+
+
+async def test_renew_notices_a_deleted_lease(store: Store) -> None:
+    lsr = leaser(store, "a", "172.30.0.1")
+    held = await lsr.acquire()
+    assert await lsr.renew(held)
+    await store.delete_raw(held.key)
+    assert not await lsr.renew(held)
+
+
+async def test_full_network_is_reported(store: Store) -> None:
+    small = spec(network="10.77.0.0/29", subnetLen=30)
+    await leaser(store, "a", "172.30.0.1", small).acquire()
+    with pytest.raises(lease.NoFreeSubnet, match=re.escape("no free /30 left in 10.77.0.0/29")):
+        await leaser(store, "b", "172.30.0.2", small).try_acquire()
+
+
+async def test_remove_node_leases(store: Store) -> None:
+    a = await leaser(store, "a", "172.30.0.1").acquire()
+    await leaser(store, "b", "172.30.0.2").acquire()
+    assert await lease.remove_node_leases(store, "a") == [a.subnet]
+    assert [le.node_name for le in await config.list_leases(store)] == ["b"]
+
+
+# ------------------------------------------------------------ set_config / CLI
+
+
+async def test_set_config_refuses_a_range_with_a_node_address(store: Store) -> None:
+    await store.create(Node(metadata={"name": "n1"}, status=NodeStatus(
+        addresses=[NodeAddress(type="InternalIP", address="172.30.0.1")])))
+    before = await config.load(store)
+    with pytest.raises(config.ConfigError, match=re.escape("contains the node address 172.30.0.1")):
+        await config.set_config(store, spec(network="172.30.0.0/16"))
+    after = await store.get(NetworkConfig, "cluster")
+    assert after is not None and after.spec == before.spec
+
+
+async def test_set_config_keeps_the_address_plan_under_leases(store: Store) -> None:
+    await leaser(store, "a", "172.30.0.1").acquire()
+    with pytest.raises(config.ConfigError, match="hold subnet leases"):
+        await config.set_config(store, spec(network="10.240.0.0/16"))
+    cfg, changed = await config.set_config(store, spec(ipMasq=False))
+    assert changed and cfg.spec.ip_masq is False
+
+
+def test_cli_network_set_and_show(etcd: LocalEtcd, capsys: pytest.CaptureFixture[str],
+                                  tmp_path: Path) -> None:
+    args = ["--etcd", etcd.url]
+    assert cli_main([*args, "network", "set", "--network", "10.96.0.0/16"]) == 1
+    err = capsys.readouterr().err
+    assert "network config refused" in err and "overlaps spec.serviceCIDR" in err
+    assert cli_main([*args, "network", "set", "--subnet-len", "28", "--direct-routing",
+                     "on"]) == 0
+    assert "configured" in capsys.readouterr().out
+    assert cli_main([*args, "network", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "a /28 per node" in out and "directRouting on" in out
+    assert cli_main([*args, "node", "remove", "nope"]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert cli_main([*args, "network", "set", "--network", "10.244.0.0/16",
+                     "--subnet-len", "24", "--direct-routing", "off"]) == 0
+    manifest = tmp_path / "net.yaml"
+    manifest.write_text("apiVersion: corral.dev/v1\nkind: NetworkConfig\n"
+                        "metadata: {name: cluster}\nspec: {ipMasq: false}\n")
+    assert cli_main([*args, "network", "set", "-f", str(manifest)]) == 0
+    assert cli_main([*args, "network", "show", "-o", "json"]) == 0
+    assert '"ipMasq": false' in capsys.readouterr().out
+    manifest.write_text("apiVersion: corral.dev/v1\nkind: NetworkConfig\n"
+                        "spec: {subnetLen: 40}\n")
+    assert cli_main([*args, "network", "set", "-f", str(manifest)]) == 1
+    assert "subnetLen" in capsys.readouterr().err
+    assert cli_main([*args, "network", "set", "--ip-masq", "on"]) == 0
+
+
+# ------------------------------------------------------------ masquerade rules
+
+
+@pytest.fixture
+def scratch_ns() -> Iterator[str]:
+    name = f"ovmasq-{secrets.token_hex(3)}"
+    netns.add(name)
+    try:
+        yield name
+    finally:
+        netns.remove(name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+def test_masquerade_rules_are_idempotent_and_switch_off(scratch_ns: str) -> None:
+    assert masq.ensure(scratch_ns, "10.244.0.0/16", True)
+    assert not masq.ensure(scratch_ns, "10.244.0.0/16", True)  # nothing left to change
+    chain, jump = masq.current(scratch_ns)
+    assert chain == masq.rules("10.244.0.0/16") and jump
+    save = netns.run(scratch_ns, ["iptables-save", "-t", "nat"]).stdout
+    assert save.count("-j CORRAL-POSTROUTING") == 1
+    assert masq.ensure(scratch_ns, "10.244.0.0/16", False)
+    assert not masq.ensure(scratch_ns, "10.244.0.0/16", False)
+    assert masq.current(scratch_ns) == ([], False)
+
+
+async def test_a_renamed_node_keeps_its_subnet_by_public_ip(store: Store) -> None:
+    old = await leaser(store, "old-name", "172.30.0.1").acquire()
+    # same machine (same state dir, so the same preferred subnet), new name
+    renamed = await leaser(store, "new-name", "172.30.0.1").acquire(preferred=old.subnet)
+    assert renamed.subnet == old.subnet
+    # another node that merely shares the public IP does not take it
+    other = await leaser(store, "other", "172.30.0.1").acquire()
+    assert other.subnet != old.subnet
