@@ -12,6 +12,7 @@ from corral.api.objects import (
     Deployment,
     Endpoints,
     EndpointSlice,
+    NetworkConfig,
     Pod,
     ReplicationController,
     Service,
@@ -89,6 +90,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     async def go() -> None:
         async with store_from_args(args) as store:
+            await _cluster_checks(store, objs)
             for obj in objs:
                 before = await store.get(type(obj), obj.name, obj.namespace)
                 await store.put(obj)
@@ -98,6 +100,22 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     run(go)
     return 0
+
+
+async def _cluster_checks(store: Store, objs: list[TypedObject]) -> None:
+    """Checks that need the cluster's state, all done before anything is written."""
+    from corral.overlay.config import ConfigError, check_config
+
+    for obj in objs:
+        if isinstance(obj, NetworkConfig):
+            if obj.name != "cluster":
+                raise CLIError(f"NetworkConfig {obj.name!r}: the cluster's network config is "
+                               "named 'cluster'; nothing was applied")
+            try:
+                await check_config(store, obj.spec)
+            except ConfigError as e:
+                raise CLIError(f"NetworkConfig 'cluster' refused: {e}; nothing was applied"
+                               ) from None
 
 
 def _same(a: TypedObject, b: TypedObject) -> bool:

@@ -136,11 +136,18 @@ async def set_config(store: Store, spec: NetworkSpec) -> tuple[NetworkConfig, bo
     the spec contains a node address or changes the address plan while
     nodes hold leases.
     """
-    check_underlay(spec, await known_underlay_ips(store))
-    current = await load(store)
+    current = await check_config(store, spec)
     if current.spec == spec:
         return current, False
-    if address_plan(current.spec) != address_plan(spec):
+    current.spec = spec
+    return await store.update(current), True
+
+
+async def check_config(store: Store, spec: NetworkSpec) -> NetworkConfig:
+    """The cluster-wide checks of set_config, changing nothing; returns the current config."""
+    check_underlay(spec, await known_underlay_ips(store))
+    current = await load(store)
+    if current.spec != spec and address_plan(current.spec) != address_plan(spec):
         leases = await list_leases(store)
         if leases:
             names = ", ".join(sorted(le.node_name for le in leases))
@@ -148,5 +155,4 @@ async def set_config(store: Store, spec: NetworkSpec) -> tuple[NetworkConfig, bo
                 f"{len(leases)} node(s) hold subnet leases in the current network ({names}); "
                 "network, subnetLen, subnetMin/Max and the backend's vni/port cannot change "
                 "under them. Remove those nodes first (`corral node remove NAME`)")
-    current.spec = spec
-    return await store.update(current), True
+    return current

@@ -137,3 +137,31 @@ def test_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "cannot reach etcd at http://127.0.0.1:1" in r.stderr
     assert "corral up" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_network_config_apply_is_checked_against_the_cluster(corral, tmp_path: Path) -> None:
+    """A config whose range holds a node's own address is refused; nothing is written."""
+    node = tmp_path / "node.yaml"
+    node.write_text(textwrap.dedent("""
+        apiVersion: v1
+        kind: Node
+        metadata: {name: n1}
+        status: {addresses: [{type: InternalIP, address: 10.60.0.5}]}
+        """))
+    assert corral("apply", "-f", str(node)).returncode == 0
+    net = tmp_path / "net.yaml"
+    net.write_text(textwrap.dedent("""
+        apiVersion: corral.dev/v1
+        kind: NetworkConfig
+        metadata: {name: cluster}
+        spec: {network: 10.60.0.0/16}
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {name: alongside}
+        spec: {ports: [{port: 80}]}
+        """))
+    r = corral("apply", "-f", str(net))
+    assert r.returncode == 1, r.stdout
+    assert "10.60.0.5" in r.stderr and "nothing was applied" in r.stderr
+    assert corral("get", "svc").stderr.startswith("No resources found")
