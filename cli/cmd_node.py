@@ -29,6 +29,10 @@ def register(sub: Any) -> None:
     p.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
     p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
     p.add_argument("--cni-cache-dir", default="/var/lib/cni")
+    p.add_argument("--cni-shim", choices=("native", "python"), default="native",
+                   help="the CNI binaries to install: a small C forwarder built here with cc "
+                        "(default; falls back to python when it cannot be built) or the "
+                        "stdlib-only Python script")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
 
@@ -54,6 +58,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                         cni_bin_dir=args.cni_bin_dir, cni_cache_dir=args.cni_cache_dir,
                         state_dir=args.state_dir),
         underlay_iface=args.underlay_iface,
+        options={"cni_shim": args.cni_shim},
     )
     try:
         asyncio.run(serve(ctx, comps))

@@ -1,0 +1,391 @@
+"""Bridge + veth plumbing over netlink (pyroute2), on dedicated threads.
+
+One "ops" thread owns a netlink socket in the node's namespace and makes every
+change in order. An ADD creates the pair from the node side in one request (host
+end up, on the bridge, pod end moved into the pod, both with MTU and a MAC we
+chose, so nothing is read back); the pod end is configured on the same thread by
+entering the pod's namespace (setns) and opening a socket there, well under a
+millisecond where a pyroute2 NetNS forks (~10 ms). Deleting a veth takes the
+kernel ~17 ms (RCU), so DEL takes the pair down synchronously and a second
+"reaper" thread deletes it by ifindex afterwards; an ADD for the same attachment
+waits for that first.
+
+Host ends are named `veth<sha256(containerID/ifname)[:11]>`: DEL finds them again
+without any cache, and GC tells ours (that pattern) from anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from corral.cluster import netns as nsutil
+from corral.cni import errors as E
+from corral.cni.config import Addr4, BridgeConfig, Net4, Route
+from corral.cni.errors import CNIError
+
+log = logging.getLogger(__name__)
+BRPORT_MODE_HAIRPIN = 1
+HOST_NAME_RE = re.compile(r"^veth[0-9a-f]{11}$")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC (so the result needs no read-back)."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    return "veth" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+
+
+@dataclass
+class Attachment:
+    """What ADD asks for: one interface in a pod namespace on the node bridge."""
+
+    container_id: str
+    ifname: str
+    netns: str
+    address: Addr4
+    subnet: Net4
+    gateway: Addr4
+    routes: list[Route]
+    mtu: int
+
+
+class Plumber:
+    """Kernel side of corral-cni; every public coroutine runs its work on a thread."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._ops = ThreadPoolExecutor(1, thread_name_prefix="cni-netlink",
+                                       initializer=self._init_thread)
+        self._reaper = ThreadPoolExecutor(1, thread_name_prefix="cni-reaper",
+                                          initializer=self._init_thread)
+        self._local = threading.local()
+        self._bridges: dict[tuple[str, str, int], tuple[int, str]] = {}
+        self._masq: set[tuple[str, str]] = set()
+        self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    def _init_thread(self) -> None:
+        if self.netns:  # a daemon outside its node's namespace (tests, debugging)
+            with open(nsutil.path(self.netns)) as f:
+                if _libc.setns(f.fileno(), nsutil.CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {self.netns}: {os.strerror(err)}")
+        self._local.ipr = IPRoute()
+        self._local.nsfd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+
+    @property
+    def ipr(self) -> IPRoute:
+        return self._local.ipr
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def close(self) -> None:
+        for pool in (self._ops, self._reaper):
+            pool.shutdown(wait=True, cancel_futures=False)
+
+    # ------------------------------------------------------------ bridge
+
+    def _ensure_bridge(self, bc: BridgeConfig, gw: Addr4, subnet: Net4,
+                       mtu: int) -> tuple[int, str]:
+        """The bridge's (index, MAC); created and given the gateway address if need be."""
+        ipr = self.ipr
+        key = (bc.bridge, str(gw) if bc.is_gateway else "", subnet.prefixlen)
+        known = self._bridges.get(key)
+        if known is not None:
+            return known
+        try:
+            link = ipr.link("get", ifname=bc.bridge)[0]
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+            link = None
+        if link is None:
+            # A fixed MAC: a bridge otherwise takes the lowest MAC of its ports.
+            with contextlib.suppress(NetlinkError):
+                ipr.link("add", ifname=bc.bridge, kind="bridge", mtu=mtu, address=random_mac())
+            link = ipr.link("get", ifname=bc.bridge)[0]
+        idx = link["index"]
+        kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+        if kind != "bridge":
+            raise CNIError(E.INVALID_CONFIG, f"{bc.bridge} exists and is a {kind}, not a bridge")
+        if bc.is_gateway:
+            self._enable_forwarding()
+            have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
+            if (str(gw), subnet.prefixlen) not in have:
+                with contextlib.suppress(NetlinkError):
+                    ipr.addr("add", index=idx, address=str(gw), prefixlen=subnet.prefixlen)
+        ipr.link("set", index=idx, state="up")
+        self._bridges[key] = (idx, str(link.get("address")))
+        return self._bridges[key]
+
+    @staticmethod
+    def _enable_forwarding() -> None:
+        """The node routes for its pods (as the reference bridge's isGateway does).
+
+        /proc/sys/net follows the opening thread's namespace: this is the node's.
+        """
+        path = "/proc/sys/net/ipv4/ip_forward"
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return
+        with open(path, "w") as f:
+            f.write("1")
+
+    def _ensure_masq(self, subnet: Net4, cluster: Net4 | None) -> None:
+        """One MASQUERADE rule per pod subnet for traffic leaving the cluster network."""
+        dst = str(cluster or subnet)
+        if (str(subnet), dst) in self._masq:
+            return
+        rule = ["POSTROUTING", "-s", str(subnet), "!", "-d", dst, "-m", "comment",
+                "--comment", "corral-cni ipMasq", "-j", "MASQUERADE"]
+        def cmd(argv: list[str]) -> list[str]:
+            return nsutil.command(self.netns, argv) if self.netns else argv
+
+        check = subprocess.run(cmd(["iptables", "-w", "-t", "nat", "-C", *rule]),
+                               capture_output=True, check=False)
+        if check.returncode != 0:
+            r = subprocess.run(cmd(["iptables", "-w", "-t", "nat", "-A", *rule]),
+                               capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                raise CNIError(E.INTERNAL, "cannot add the ipMasq rule", r.stderr.strip())
+        self._masq.add((str(subnet), dst))
+
+    # ------------------------------------------------------------ ADD
+    #
+    # Two steps so the caller can allocate the IP in etcd while the kernel makes the
+    # pair: prepare() creates the pair (host end on the bridge, pod end in the pod),
+    # configure() gives the pod end its address and routes. undo() removes the pair.
+
+    async def prepare(self, bc: BridgeConfig, att: Attachment,
+                      cluster: Net4 | None) -> dict[str, Any]:
+        await self._reaped(att.container_id, att.ifname)
+        try:
+            return await self._run(self._ops, self._prepare, bc, att, cluster)
+        except CNIError as e:
+            if e.code != E.INTERFACE_EXISTS or not self._pending:
+                raise
+        # The pod end may belong to a pair DEL handed to the reaper: wait, then retry.
+        await self.drain()
+        return await self._run(self._ops, self._prepare, bc, att, cluster)
+
+    async def configure(self, att: Attachment) -> None:
+        await self._run(self._ops, self._configure, att)
+
+    async def undo(self, container_id: str, ifname: str) -> None:
+        await self._run(self._ops, self._delete_leftover,
+                        host_veth_name(container_id, ifname))
+
+    def _delete_leftover(self, name: str) -> bool:
+        try:
+            self.ipr.link("del", ifname=name)
+            return True
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+            return False
+
+    def _prepare(self, bc: BridgeConfig, att: Attachment,
+                 cluster: Net4 | None) -> dict[str, Any]:
+        ipr = self.ipr
+        br, br_mac = self._ensure_bridge(bc, att.gateway, att.subnet, att.mtu)
+        if bc.ip_masq:
+            self._ensure_masq(att.subnet, cluster)
+        host = host_veth_name(att.container_id, att.ifname)
+        host_mac, pod_mac = random_mac(), random_mac()
+        try:
+            fd = os.open(att.netns, os.O_RDONLY)
+        except OSError as e:
+            raise CNIError(E.INVALID_ENV, f"cannot open CNI_NETNS {att.netns}", str(e)) from None
+        try:
+            for attempt in range(2):
+                try:
+                    ipr.link("add", ifname=host, kind="veth", mtu=att.mtu, master=br,
+                             state="up", address=host_mac,
+                             peer={"ifname": att.ifname, "net_ns_fd": fd, "mtu": att.mtu,
+                                   "address": pod_mac})
+                    break
+                except NetlinkError as e:
+                    if e.code in (errno.ENODEV, errno.EINVAL) and attempt == 0:
+                        # The cached bridge went away (someone deleted it): make it again.
+                        self._bridges = {k: v for k, v in self._bridges.items()
+                                         if k[0] != bc.bridge}
+                        br, br_mac = self._ensure_bridge(bc, att.gateway, att.subnet, att.mtu)
+                        continue
+                    if e.code != errno.EEXIST:
+                        raise CNIError(E.INTERNAL, f"cannot create veth {host}",
+                                       str(e)) from None
+                    # Ours from a crashed or repeated ADD of this attachment: replace it.
+                    if attempt == 0 and self._delete_leftover(host):
+                        continue
+                    raise CNIError(E.INTERFACE_EXISTS, f"interface {att.ifname} already "
+                                   f"exists in {att.netns}",
+                                   "pick another CNI_IFNAME or delete it first") from None
+        finally:
+            os.close(fd)
+        try:
+            if bc.hairpin:
+                ipr.brport("set", ifname=host, mode=BRPORT_MODE_HAIRPIN)
+        except NetlinkError as e:
+            self._delete_leftover(host)
+            raise CNIError(E.INTERNAL, f"cannot set hairpin mode on {host}", str(e)) from None
+        return {
+            "interfaces": [
+                {"name": bc.bridge, "mac": br_mac},
+                {"name": host, "mac": host_mac},
+                {"name": att.ifname, "mac": pod_mac, "sandbox": att.netns},
+            ],
+        }
+
+    def _configure(self, att: Attachment) -> None:
+        try:
+            with nsutil.entered(att.netns):
+                c = IPRoute()
+                try:
+                    links = {x.get("ifname"): x for x in c.get_links()}
+                    idx = links[att.ifname]["index"]
+                    c.link("set", index=idx, state="up")
+                    c.addr("add", index=idx, address=str(att.address),
+                           prefixlen=att.subnet.prefixlen)
+                    lo = links.get("lo")
+                    if lo is not None and not lo["flags"] & 1:
+                        c.link("set", index=lo["index"], state="up")
+                    for r in att.routes:
+                        try:
+                            c.route("add", dst=str(r.dst), gateway=str(r.gw or att.gateway),
+                                    oif=idx)
+                        except NetlinkError as e:
+                            if e.code != errno.EEXIST:  # another attachment already has it
+                                raise
+                finally:
+                    c.close()
+        except (NetlinkError, KeyError, OSError) as e:
+            self._delete_leftover(host_veth_name(att.container_id, att.ifname))
+            raise CNIError(E.INTERNAL, f"cannot configure {att.ifname} in {att.netns}",
+                           str(e)) from None
+
+    # ------------------------------------------------------------ DEL
+
+    async def delete(self, container_id: str, ifname: str) -> None:
+        """Take the pair down now; delete it on the reaper thread."""
+        await self._reaped(container_id, ifname)
+        idx = await self._run(self._ops, self._down, host_veth_name(container_id, ifname))
+        if idx is not None:
+            key = (container_id, ifname)
+            fut = asyncio.get_running_loop().run_in_executor(self._reaper, self._reap, idx)
+            self._pending[key] = fut
+            fut.add_done_callback(lambda f: self._pending.pop(key, None)
+                                  if self._pending.get(key) is f else None)
+
+    async def _reaped(self, container_id: str, ifname: str) -> None:
+        """Wait until a background delete of this attachment's pair has finished."""
+        fut = self._pending.get((container_id, ifname))
+        if fut is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fut)
+
+    async def drain(self) -> None:
+        """Wait for every background delete (shutdown, tests)."""
+        for fut in list(self._pending.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.shield(fut)
+
+    def _down(self, name: str) -> int | None:
+        try:
+            idx = self.ipr.link("get", ifname=name)[0]["index"]
+            self.ipr.link("set", index=idx, state="down")
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+            return None
+        return int(idx)
+
+    def _reap(self, idx: int) -> None:
+        try:
+            self.ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                log.warning("deleting veth index %d: %s", idx, e)
+
+    # ------------------------------------------------------------ CHECK
+
+    async def check(self, bc: BridgeConfig, att: Attachment) -> None:
+        await self._run(self._ops, self._check, bc, att)
+
+    def _check(self, bc: BridgeConfig, att: Attachment) -> None:
+        def fail(msg: str) -> CNIError:
+            return CNIError(E.CHECK_FAILED, msg)
+
+        ipr = self.ipr
+        br = ipr.link_lookup(ifname=bc.bridge)
+        if not br:
+            raise fail(f"bridge {bc.bridge} is missing")
+        host = host_veth_name(att.container_id, att.ifname)
+        h = ipr.link_lookup(ifname=host)
+        if not h:
+            raise fail(f"host veth {host} is missing")
+        hl = ipr.get_links(h[0])[0]
+        if hl.get("master") != br[0]:
+            raise fail(f"host veth {host} is not attached to {bc.bridge}")
+        if hl.get("operstate") == "DOWN" or not hl["flags"] & 1:
+            raise fail(f"host veth {host} is down")
+        with nsutil.entered(att.netns):
+            c = IPRoute()
+            try:
+                idx = c.link_lookup(ifname=att.ifname)
+                if not idx:
+                    raise fail(f"interface {att.ifname} is missing in {att.netns}")
+                addrs = {(a.get("address"), a["prefixlen"]) for a in c.get_addr(index=idx[0])}
+                if (str(att.address), att.subnet.prefixlen) not in addrs:
+                    raise fail(f"{att.ifname} does not hold {att.address}/"
+                               f"{att.subnet.prefixlen}")
+                for r in att.routes:
+                    kw: dict[str, Any] = {"dst_len": r.dst.prefixlen}
+                    if r.dst.prefixlen:
+                        kw["dst"] = str(r.dst.network_address)
+                    found = [x for x in c.get_routes(family=2, table=254, **kw)
+                             if x.get("gateway") == str(r.gw or att.gateway)]
+                    if not found:
+                        raise fail(f"route {r.dst} via {r.gw or att.gateway} is missing")
+            finally:
+                c.close()
+
+    # ------------------------------------------------------------ GC
+
+    async def gc(self, bridge: str, valid: set[tuple[str, str]]) -> list[str]:
+        return await self._run(self._ops, self._gc, bridge, valid)
+
+    def _gc(self, bridge: str, valid: set[tuple[str, str]]) -> list[str]:
+        """Delete our host veths (named by our pattern) whose attachment is not valid."""
+        ipr = self.ipr
+        br = ipr.link_lookup(ifname=bridge)
+        keep = {host_veth_name(cid, ifname) for cid, ifname in valid}
+        gone = []
+        for link in ipr.get_links():
+            name = str(link.get("ifname"))
+            master = link.get("master")
+            if (HOST_NAME_RE.match(name) and name not in keep
+                    and (not master or (bool(br) and master == br[0]))):
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=link["index"])
+                gone.append(name)
+        return gone
