@@ -1,0 +1,110 @@
+"""`corral scheduler` and `corral controllers`: the control-plane daemons."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from corral.api.store import Unavailable
+from corral.cli.common import CLIError, etcd_endpoints
+from corral.control.manager import CONTROLLERS, ControllerOptions, run_controllers, serve
+from corral.control.scheduler import Scheduler
+
+
+def _etcd(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: an absent flag here must not hide `corral --etcd URL scheduler`.
+    p.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        default=argparse.SUPPRESS,
+        help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
+    )
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return v
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("scheduler", help="run the scheduler: bind pending pods to nodes (a daemon)")
+    _etcd(p)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed for breaking ties between equally good nodes (repeatable runs)",
+    )
+    p.set_defaults(func=cmd_scheduler, daemon=True)
+
+    p = sub.add_parser(
+        "controllers",
+        help="run the replication, endpoints, service-IP and node-lifecycle controllers (a daemon)",
+    )
+    _etcd(p)
+    p.add_argument(
+        "--controllers",
+        default=",".join(CONTROLLERS),
+        help=f"which to run, comma-separated (default: {','.join(CONTROLLERS)})",
+    )
+    p.add_argument(
+        "--node-monitor-grace",
+        type=_positive,
+        default=40.0,
+        metavar="SECONDS",
+        help="a node silent this long is marked Ready=Unknown (default 40)",
+    )
+    p.add_argument(
+        "--pod-eviction-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="pods of a node not ready this long are deleted and recreated elsewhere (default 60)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for address allocation")
+    p.set_defaults(func=cmd_controllers, daemon=True)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    urls = etcd_endpoints(args)
+
+    async def body(store: Any) -> None:
+        await Scheduler(store, seed=args.seed).run()
+
+    _serve(urls, "scheduler", body)
+    return 0
+
+
+def cmd_controllers(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.controllers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONTROLLERS]
+    if unknown or not names:
+        raise CLIError(
+            f"--controllers: unknown {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(CONTROLLERS)}"
+        )
+    urls = etcd_endpoints(args)
+    opts = ControllerOptions(
+        node_monitor_grace=args.node_monitor_grace,
+        pod_eviction_timeout=args.pod_eviction_timeout,
+        seed=args.seed,
+    )
+
+    async def body(store: Any) -> None:
+        await run_controllers(store, opts, names)
+
+    _serve(urls, "controllers", body)
+    return 0
+
+
+def _serve(urls: list[str], name: str, body: Any) -> None:
+    try:
+        asyncio.run(serve(urls, name, body))
+    except Unavailable as e:
+        raise CLIError(f"{e}; start etcd (or `corral up`) or point --etcd at it") from None
