@@ -110,6 +110,7 @@ class Model(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         validate_assignment=False,
+        strict=True,  # "3" is not a number of replicas, as in Kubernetes
     )
 
     def dump(self) -> dict[str, Any]:
@@ -222,6 +223,14 @@ class ResourceRequirements(Model):
         default_factory=dict)
 
 
+def _check_requests_within_limits(r: ResourceRequirements) -> ResourceRequirements:
+    for res, req in r.requests.items():
+        lim = r.limits.get(res)
+        if lim is not None and parse_quantity(req) > parse_quantity(lim):
+            raise ValueError(f"requests.{res} {req} is more than limits.{res} {lim}")
+    return r
+
+
 class ExecAction(Model):
     command: list[str] = Field(min_length=1)
 
@@ -271,10 +280,20 @@ class Container(Model):
     working_dir: str | None = None
     env: list[EnvVar] = Field(default_factory=list)
     ports: list[ContainerPort] = Field(default_factory=list)
-    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    resources: Annotated[ResourceRequirements,
+                         AfterValidator(_check_requests_within_limits)] = Field(
+        default_factory=ResourceRequirements)
     readiness_probe: Probe | None = None
     liveness_probe: Probe | None = None
     startup_probe: Probe | None = None
+
+    @model_validator(mode="after")
+    def _has_command(self) -> Container:
+        if not self.command:
+            raise ValueError(
+                "command is required: corral runs the command you give (an image is a plain "
+                "root filesystem with no entrypoint of its own)")
+        return self
 
 
 class Toleration(Model):
@@ -284,12 +303,20 @@ class Toleration(Model):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
 
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator Exists")
+        return self
+
 
 class PodSpec(Model):
     containers: list[Container] = Field(min_length=1)
     restart_policy: Literal["Always", "OnFailure", "Never"] = "Always"
     node_name: str | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: Labels = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     termination_grace_period_seconds: int = Field(default=30, ge=0)
     hostname: DNSLabel | None = None
@@ -394,7 +421,7 @@ class SessionAffinityConfig(Model):
 
 class ServiceSpec(Model):
     type: Literal["ClusterIP", "NodePort", "ExternalName", "LoadBalancer"] = "ClusterIP"
-    selector: dict[str, str] | None = None
+    selector: Labels | None = None
     ports: list[ServicePort] = Field(default_factory=list)
     cluster_ip: str | None = Field(default=None, alias="clusterIP")
     cluster_ips: list[str] = Field(default_factory=list, alias="clusterIPs")
@@ -602,7 +629,7 @@ class Node(TypedObject):
 class ReplicationControllerSpec(Model):
     replicas: int = Field(default=1, ge=0)
     min_ready_seconds: int = Field(default=0, ge=0)
-    selector: dict[str, str] | None = None
+    selector: Labels | None = None
     template: PodTemplateSpec
 
     @model_validator(mode="after")

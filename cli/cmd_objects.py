@@ -18,9 +18,10 @@ from corral.api.objects import (
     Service,
     TypedObject,
 )
-from corral.api.store import Store, now_iso
+from corral.api.store import Store
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import render
+from corral.control.podlifecycle import delete_pod
 
 
 def register(sub: Any) -> None:
@@ -93,6 +94,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             await _cluster_checks(store, objs)
             for obj in objs:
                 before = await store.get(type(obj), obj.name, obj.namespace)
+                if isinstance(before, Service):
+                    keep_allocated(before, obj)  # type: ignore[arg-type]
                 await store.put(obj)
                 verb = "created" if before is None else (
                     "unchanged" if _same(before, obj) else "configured")
@@ -100,6 +103,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     run(go)
     return 0
+
+
+def keep_allocated(before: Service, new: Service) -> None:
+    """Keep the VIP and node ports the cluster gave `before` where `new` leaves them
+    unset, as kubectl apply does: re-applying a manifest must not drop a live VIP."""
+    if not new.spec.cluster_ip and before.spec.cluster_ip and new.spec.type != "ExternalName":
+        new.spec.cluster_ip = before.spec.cluster_ip
+        new.spec.cluster_ips = list(before.spec.cluster_ips)
+    old_ports = {(p.port, p.protocol): p.node_port for p in before.spec.ports}
+    if new.spec.type in ("NodePort", "LoadBalancer"):
+        for p in new.spec.ports:
+            if p.node_port is None:
+                p.node_port = old_ports.get((p.port, p.protocol))
 
 
 async def _cluster_checks(store: Store, objs: list[TypedObject]) -> None:
@@ -209,40 +225,19 @@ async def delete_object(store: Store, kind: type[TypedObject], name: str, ns: st
     if obj is None:
         return False
     if kind is Pod:
-        return await _delete_pod(store, obj, grace, force)  # type: ignore[arg-type]
+        await delete_pod(store, obj, graceful=not force, grace=grace)  # type: ignore[arg-type]
+        return True
     if kind in (ReplicationController, Deployment):
         await store.delete(kind, name, ns)
         pods, _ = await store.list(Pod, ns)
         for p in pods:
             if any(r.uid == obj.metadata.uid for r in p.metadata.owner_references):
-                await _delete_pod(store, p, grace, force)
+                await delete_pod(store, p, graceful=not force, grace=grace)
         return True
     await store.delete(kind, name, ns)
     if kind is Service:
         await store.delete(Endpoints, name, ns)
         await store.delete(EndpointSlice, name, ns)
-    return True
-
-
-async def _delete_pod(store: Store, pod: Pod, grace: int | None, force: bool) -> bool:
-    if force or not pod.spec.node_name:
-        await store.delete(Pod, pod.name, pod.namespace)
-        return True
-
-    def mark(p: Pod) -> Pod | None:
-        if p.metadata.deletion_timestamp:
-            return None
-        p.metadata.deletion_timestamp = now_iso()
-        p.metadata.deletion_grace_period_seconds = (
-            grace if grace is not None else p.spec.termination_grace_period_seconds)
-        return p
-
-    from corral.api.store import NotFound
-
-    try:
-        await store.modify(Pod, pod.name, pod.namespace, mark)
-    except NotFound:
-        return False
     return True
 
 

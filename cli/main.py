@@ -29,7 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
         if mod.name.startswith("cmd_"):
             module = importlib.import_module(f"corral.cli.{mod.name}")
             module.register(sub)
+    _etcd_everywhere(sub)
     return p
+
+
+def _etcd_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Let `--etcd` follow the verb too (`corral get pods --etcd URL`), as kubectl's flags do."""
+    for parser in set(sub.choices.values()):
+        if "--etcd" not in parser._option_string_actions:
+            parser.add_argument("--etcd", metavar="URL[,URL...]", default=argparse.SUPPRESS,
+                                help="etcd endpoints (default: $CORRAL_ETCD, else the local "
+                                     "cluster's)")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _etcd_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:

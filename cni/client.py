@@ -241,18 +241,15 @@ class CNIClient:
             await self.exec_plugin("CHECK", plugin, self._build(net, plugin, cached.result, rt),
                                    rt)
 
-    async def delete(self, net: NetworkConfigList | None, rt: RuntimeConf) -> None:
-        """DEL in reverse order with the cached result; the cached config when `net` is None."""
-        cached = self.cache.get(net.name if net else "", rt.container_id, rt.ifname) \
-            if net else None
+    async def delete(self, net: NetworkConfigList, rt: RuntimeConf) -> None:
+        """DEL in reverse order with the cached result as prevResult; drops the cache entry."""
+        rt.validate()
+        cached = self.cache.get(net.name, rt.container_id, rt.ifname)
         await self._del_chain(net, rt, cached.result if cached else None)
-        if net is not None:
-            self.cache.delete(net.name, rt.container_id, rt.ifname)
+        self.cache.delete(net.name, rt.container_id, rt.ifname)
 
-    async def _del_chain(self, net: NetworkConfigList | None, rt: RuntimeConf,
+    async def _del_chain(self, net: NetworkConfigList, rt: RuntimeConf,
                          prev: dict[str, Any] | None) -> None:
-        if net is None:
-            return
         if not _version_at_least(net.cni_version, (0, 4, 0)):
             prev = None
         # Every plugin gets its DEL even when one fails, so one broken plugin does not

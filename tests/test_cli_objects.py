@@ -165,3 +165,28 @@ def test_network_config_apply_is_checked_against_the_cluster(corral, tmp_path: P
     assert r.returncode == 1, r.stdout
     assert "10.60.0.5" in r.stderr and "nothing was applied" in r.stderr
     assert corral("get", "svc").stderr.startswith("No resources found")
+
+
+async def test_reapply_keeps_the_allocated_cluster_ip(corral, tmp_path: Path, store) -> None:
+    """The VIP and node port the cluster assigned survive `apply` of a manifest naming none."""
+    from corral.api.objects import Service
+
+    f = tmp_path / "svc.yaml"
+    f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
+                 "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80}]}\n")
+    assert corral("apply", "-f", str(f)).returncode == 0
+
+    def give(s: Service) -> Service:  # what the service IP allocator does
+        s.spec.cluster_ip = "10.96.7.7"
+        s.spec.cluster_ips = ["10.96.7.7"]
+        s.spec.ports[0].node_port = 30007
+        return s
+
+    await store.modify(Service, "web", "default", give)
+    f.write_text(f.read_text().replace("{app: web}", "{app: web2}"))
+    r = corral("apply", "-f", str(f))
+    assert "service/web configured" in r.stdout, r.stderr
+    svc = json.loads(corral("get", "svc", "web", "-o", "json").stdout)
+    assert svc["spec"]["selector"] == {"app": "web2"}
+    assert svc["spec"]["clusterIP"] == "10.96.7.7"
+    assert svc["spec"]["ports"][0]["nodePort"] == 30007

@@ -209,3 +209,36 @@ async def test_missing_plugin_binary(env: Env) -> None:
         env.client.find_plugin("definitely-missing")
     v = await env.client.version("bridge")
     assert "1.0.0" in v["supportedVersions"]
+
+
+async def test_cache_interoperates_with_libcni(env: Env) -> None:
+    """What corral ADDs, libcni (containerd's client library) CHECKs and DELs, and back."""
+    from cni_helpers import build_libcni_client  # the Go libcni test client
+
+    client = build_libcni_client()
+    write_conf(env, "10-ref.conflist", ref_conflist("refnet", "10.244.11.0/24", env.data_dir))
+    net = load_conflist(env.conf_dir)
+    cache = os.path.join(env.tmp, "cache")
+
+    def libcni(cmd: str, cid: str, pod: str) -> None:
+        argv = [client, cmd, env.conf_dir, "refnet", cid, netns.path(pod), "eth0", cache]
+        r = netns.run(env.node, argv, check=False, env=dict(os.environ, CNI_PATH=REF_BIN))
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    pod = env.pod_ns()
+    cid = secrets.token_hex(32)
+    ip = result_ips(await env.client.add(net, rt_for(pod, cid)))[0]
+    libcni("check", cid, pod)
+    libcni("del", cid, pod)
+    assert not os.path.exists(os.path.join(env.data_dir, "refnet", ip))
+    assert env.client.cache.entries() == []
+
+    pod2 = env.pod_ns()
+    cid2 = secrets.token_hex(32)
+    libcni("add", cid2, pod2)
+    entry = env.client.cache.get("refnet", cid2, "eth0")
+    assert entry is not None and entry.result is not None
+    await env.client.check(net, rt_for(pod2, cid2))
+    ip2 = result_ips(entry.result)[0]
+    assert await env.client.gc(keep=set()) == [cid2]
+    assert not os.path.exists(os.path.join(env.data_dir, "refnet", ip2))

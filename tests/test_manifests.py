@@ -177,12 +177,12 @@ apiVersion: v1
 kind: Pod
 metadata: {name: p}
 spec:
-  containers: [{name: c, command: [sleep, "1"]}]
+  containers: [{name: c, command: [x]}]
 """
 
 
 @pytest.mark.parametrize(("text", "field", "words"), [
-    (POD.replace("containers: [{name: c, command: [sleep, \"1\"]}]", "containers: []"),
+    (POD.replace("containers: [{name: c, command: [x]}]", "containers: []"),
      "spec.containers", "at least 1"),
     (POD.replace("spec:\n", "spec:\n  nodeNmae: x\n"), "spec.nodeNmae", "unknown field"),
     (POD.replace("command:", "resources: {limits: {memory: lots}}, command:"),
@@ -195,6 +195,15 @@ spec:
      "spec.containers[0].ports[0].containerPort", "less than or equal to 65535"),
     (POD.replace("spec:\n", "spec:\n  restartPolicy: Sometimes\n"), "spec.restartPolicy",
      "'Always', 'OnFailure' or 'Never'"),
+    (POD.replace("command:", "resources: {requests: {cpu: '2'}, limits: {cpu: '1'}}, command:"),
+     "spec.containers[0].resources", "requests.cpu 2 is more than limits.cpu 1"),
+    (POD.replace(", command: [x]", ""), "spec.containers[0]", "command is required"),
+    (POD.replace("spec:\n", "spec:\n  nodeSelector: {'bad key!': x}\n"), "spec.nodeSelector",
+     "label key 'bad key!' is not valid"),
+    (POD.replace("spec:\n", "spec:\n  tolerations: [{key: k, operator: Exists, value: v}]\n"),
+     "spec.tolerations[0]", "must not have a value"),
+    (POD.replace("spec:\n", "spec:\n  terminationGracePeriodSeconds: '30'\n"),
+     "spec.terminationGracePeriodSeconds", "valid integer"),
 ])
 def test_invalid_pod_names_the_field(text: str, field: str, words: str) -> None:
     with pytest.raises(ManifestError) as e:
@@ -204,13 +213,18 @@ def test_invalid_pod_names_the_field(text: str, field: str, words: str) -> None:
     assert field in msg and words in msg, msg
 
 
+TEMPLATE = "{metadata: {labels: {a: b}}, spec: {containers: [{name: c, command: [x]}]}}"
+
+
 @pytest.mark.parametrize(("spec", "words"), [
-    ("replicas: -1\n  template: {metadata: {labels: {a: b}}, spec: {containers: [{name: c}]}}",
+    ("replicas: -1\n  template: " + TEMPLATE,
      "spec.replicas: Input should be greater than or equal to 0"),
-    ("selector: {a: x}\n  template: {metadata: {labels: {a: b}}, spec: {containers: [{name: c}]}}",
+    ("selector: {a: x}\n  template: " + TEMPLATE,
      "does not match spec.template.metadata.labels"),
-    ("template: {spec: {containers: [{name: c}]}}", "spec.template.metadata.labels is required"),
+    ("template: {spec: {containers: [{name: c, command: [x]}]}}",
+     "spec.template.metadata.labels is required"),
     ("replicas: 2", "spec.template: required field is missing"),
+    ('replicas: "3"\n  template: ' + TEMPLATE, "spec.replicas: Input should be a valid integer"),
 ])
 def test_invalid_replication_controller(spec: str, words: str) -> None:
     text = f"apiVersion: v1\nkind: ReplicationController\nmetadata: {{name: rc}}\nspec:\n  {spec}\n"
@@ -259,9 +273,10 @@ def test_invalid_network_config(spec: str, words: str) -> None:
     ("apiVersion: v1\nkind: Widget\nmetadata: {name: x}\n", "kind 'Widget' is not known"),
     ("apiVersion: v1\nmetadata: {name: x}\n", "kind is missing"),
     ("- just\n- a list\n", "expected a mapping"),
-    ("apiVersion: v1\nkind: Pod\nspec: {containers: [{name: c}]\n", "not valid YAML at line"),
+    ("apiVersion: v1\nkind: Pod\nspec: {containers: [{name: c, command: [x]}]\n",
+     "not valid YAML at line"),
     ("apiVersion: v1\nkind: Node\nmetadata: {name: n, namespace: x}\n", "not namespaced"),
-    ("apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c}]}\n",
+    ("apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c, command: [x]}]}\n",
      "metadata.name is required"),
     ("", "no objects found"),
 ])

@@ -1,0 +1,82 @@
+"""What the runtime remembers about each pod on disk, so a restarted runtime adopts
+its pods instead of killing them: `<state_dir>/pods/<uid>/state.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ContainerSaved:
+    restart_count: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    last_state: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] | None = None
+    oom_seen: int = 0
+    started: bool = False
+    ready: bool = False
+    done: bool = False
+
+
+@dataclass
+class PodSaved:
+    uid: str
+    namespace: str
+    name: str
+    sandbox_id: str = ""
+    netns: str = ""
+    network: str = ""
+    ifname: str = "eth0"
+    pod_ip: str | None = None
+    start_time: str | None = None
+    network_down: bool = False
+    containers: dict[str, ContainerSaved] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PodSaved:
+        d = dict(d)
+        d["containers"] = {k: ContainerSaved(**v) for k, v in d.get("containers", {}).items()}
+        return cls(**d)
+
+
+def pods_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "pods")
+
+
+def pod_dir(state_dir: str, uid: str) -> str:
+    return os.path.join(pods_dir(state_dir), uid)
+
+
+def save(state_dir: str, s: PodSaved) -> None:
+    d = pod_dir(state_dir, s.uid)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, "state.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(s.to_dict(), f)
+    os.replace(tmp, os.path.join(d, "state.json"))
+
+
+def load_all(state_dir: str) -> dict[str, PodSaved]:
+    out: dict[str, PodSaved] = {}
+    base = pods_dir(state_dir)
+    with contextlib.suppress(FileNotFoundError):
+        for uid in os.listdir(base):
+            try:
+                with open(os.path.join(base, uid, "state.json")) as f:
+                    out[uid] = PodSaved.from_dict(json.load(f))
+            except (OSError, ValueError, TypeError):
+                continue
+    return out
+
+
+def forget(state_dir: str, uid: str) -> None:
+    shutil.rmtree(pod_dir(state_dir, uid), ignore_errors=True)
