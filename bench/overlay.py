@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         tb.close()
         etcd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -10,11 +10,10 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cluster_helpers import wait_for
 
 from corral.api.objects import Node, Pod
 from corral.api.store import SUBNETS_PREFIX
@@ -24,14 +23,6 @@ pytestmark = pytest.mark.slow
 DEADLINE = 90.0
 
 
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def subnet_info(cluster: Any, node: str) -> dict[str, Any]:
@@ -211,4 +202,3 @@ def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_pat
             if p.poll() is None:
                 p.kill()
             p.wait()
-

@@ -7,11 +7,10 @@ import ipaddress
 import json
 import secrets
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cluster_helpers import wait_for
 
 from corral.api.objects import Pod
 
@@ -20,14 +19,6 @@ pytestmark = pytest.mark.slow
 DEADLINE = 120.0
 
 
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def get(cluster: Any, name: str) -> Pod | None:

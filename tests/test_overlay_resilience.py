@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -38,7 +39,7 @@ def private(request: pytest.FixtureRequest) -> Iterator[tuple[LocalEtcd, Testbed
         if tb is not None:
             tb.close()
         etcd.stop()
-        etcd.remove_data()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def holder(url: str, subnet: str) -> str | None:
