@@ -69,7 +69,7 @@ class ResultCache:
         tmp = p + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(entry.to_json(), f)
+            f.write(json.dumps(entry.to_json()))  # one write; json.dump writes per chunk
         os.replace(tmp, p)
 
     def get(self, network: str, container_id: str, ifname: str) -> CachedAttachment | None:

@@ -97,8 +97,19 @@ class IPAM:
         return False, await self.lookup(r.pool, container_id, ifname)
 
     async def allocate(self, ranges: list[Range], container_id: str, ifname: str,
-                       requested: list[Addr4], meta: dict[str, str]) -> Allocated:
-        """One IP from this range set for the attachment (its existing one if it has one)."""
+                       requested: list[Addr4], meta: dict[str, str],
+                       picked: asyncio.Future[Allocated] | None = None) -> Allocated:
+        """One IP from this range set for the attachment (its existing one if it has one).
+
+        `picked` learns the first free candidate (by this daemon's view of the pool)
+        before its transaction is sent, so the caller can configure it while etcd
+        commits; only the return value is granted. A requested IP is not offered: it
+        may well belong to someone else.
+        """
+        def pick(ip: Addr4, r: Range) -> None:
+            if picked is not None and not picked.done():
+                picked.set_result(Allocated(ip, r))
+
         want = [ip for ip in requested if any(ip in r.subnet for r in ranges)]
         if requested and not want:
             raise CNIError(E.IP_UNAVAILABLE, "requested IP "
@@ -135,6 +146,7 @@ class IPAM:
                     continue
                 st.used.add(ip)  # claimed before the await: concurrent ADDs skip it
                 st.cursor = nxt
+                pick(ip, r)
                 won, existing = await self._try(r, ip, container_id, ifname, meta)
                 if won:
                     return Allocated(ip, r)

@@ -41,7 +41,7 @@ from corral.cni.config import (
 )
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
-from corral.cni.ipam import IPAM
+from corral.cni.ipam import IPAM, Allocated
 from corral.runtime.context import NodeContext, NodePaths
 
 log = logging.getLogger(__name__)
@@ -280,13 +280,14 @@ class CNIServer:
     def _routes(self, ipc: IPAMConfig) -> list[Route]:
         return ipc.routes if ipc.routes is not None else [DEFAULT_ROUTE]
 
-    async def _allocate(self, req: Request, ipc: IPAMConfig,
-                        sets: list[list[Range]]) -> list[tuple[ipaddress.IPv4Address, Range]]:
+    async def _allocate(self, req: Request, ipc: IPAMConfig, sets: list[list[Range]],
+                        picked: asyncio.Future[Allocated] | None = None
+                        ) -> list[tuple[ipaddress.IPv4Address, Range]]:
         got: list[tuple[ipaddress.IPv4Address, Range]] = []
         try:
             for rs in sets:
                 a = await self.ipam.allocate(rs, req.container_id, req.ifname, ipc.requested,
-                                             req.cni_args)
+                                             req.cni_args, picked)
                 got.append((a.ip, a.range))
         except BaseException:
             await self.ipam.release([r.pool for _, r in got], req.container_id, req.ifname)
@@ -314,10 +315,20 @@ class CNIServer:
         rng0 = sets[0][0]
         att = Attachment(req.container_id, req.ifname, req.netns, rng0.start, rng0.subnet,
                          rng0.gateway, routes, bc.mtu or self.subnet.mtu)
-        # etcd allocates while the kernel makes the veth pair.
-        alloc = asyncio.ensure_future(self._allocate(req, ipc, sets))
+        # The kernel makes and configures the pair with the free IP the allocator
+        # picked while etcd commits it; only a committed IP is ever returned.
+        picked: asyncio.Future[Allocated] = asyncio.get_running_loop().create_future()
+        alloc = asyncio.ensure_future(self._allocate(req, ipc, sets, picked))
         try:
-            res = await self.plumber.prepare(bc, att, self.subnet.network)
+            await asyncio.wait((picked, alloc), return_when=asyncio.FIRST_COMPLETED)
+            if picked.done():
+                guess = picked.result()
+                att.address, att.subnet, att.gateway = (guess.ip, guess.range.subnet,
+                                                        guess.range.gateway)
+            else:  # a requested IP: granted (or refused) before anything is made
+                [(ip, rng)] = await alloc
+                att.address, att.subnet, att.gateway = ip, rng.subnet, rng.gateway
+            res = await self.plumber.attach(bc, att, self.subnet.network)
         except BaseException:
             got = await asyncio.gather(alloc, return_exceptions=True)
             if not isinstance(got[0], BaseException):
@@ -329,12 +340,16 @@ class CNIServer:
         except BaseException:
             await self.plumber.undo(req.container_id, req.ifname)
             raise
-        att.address, att.subnet, att.gateway = ip, rng.subnet, rng.gateway
-        try:
-            await self.plumber.configure(att)
-        except BaseException:
-            await self.ipam.release([rng.pool], req.container_id, req.ifname)
-            raise
+        if (ip, rng.subnet, rng.gateway) != (att.address, att.subnet, att.gateway):
+            # Rare: etcd granted another IP (the attachment already held one, or a
+            # concurrent allocator won the pick). Redo the pair with the granted one.
+            att.address, att.subnet, att.gateway = ip, rng.subnet, rng.gateway
+            try:
+                await self.plumber.undo(req.container_id, req.ifname)
+                res = await self.plumber.attach(bc, att, self.subnet.network)
+            except BaseException:
+                await self.ipam.release([rng.pool], req.container_id, req.ifname)
+                raise
         prev = req.prev_result or {}
         ifaces = list(prev.get("interfaces") or [])
         base = len(ifaces)

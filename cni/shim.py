@@ -1,6 +1,7 @@
 """The CNI binary (`corral-cni`, `corral-ipam`): a thin forwarder to the node daemon.
 
-Installed as a script started with `python -IS` (no site, no venv): it imports
+Installed (precompiled, see install.shim_source) as a script started with
+`python -IS` (no site, no venv): it imports
 nothing beyond the interpreter's built-ins (`_socket` rather than `socket`,
 `posix` rather than `os`, no json: each would add milliseconds) so it starts in
 ~10 ms, sends the CNI environment and stdin to the daemon

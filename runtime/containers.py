@@ -6,17 +6,26 @@ written by the shim when PID 1 exits), all marshal-encoded dicts (see shim.py).
 Logs are one file per instance, `<pod_dir>/logs/<name>/<restartCount>.log`. All
 of it survives a restart of the runtime, which re-finds running containers from
 these files (PID + start time).
+
+The shim is the native build of shim.c when a C compiler is there (compiled once per
+source version into the user's cache dir: ~1 ms of CPU per container instead of the
+~20 ms an interpreter start costs), else shim.py; CORRAL_CONTAINER_SHIM=python forces
+the latter. Both write the same records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import marshal
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,6 +33,69 @@ from corral.cluster.procs import start_time
 from corral.runtime import shim
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+NATIVE_SHIM_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.c")
+
+log = logging.getLogger(__name__)
+_native_shim: list[str | None] = []  # memo: [path or None]
+
+
+def native_shim() -> str | None:
+    """Path of the compiled shim.c, built on first use; None to use shim.py. Blocking."""
+    if _native_shim:
+        return _native_shim[0]
+    path = None
+    if os.environ.get("CORRAL_CONTAINER_SHIM", "native") != "python":
+        try:
+            path = _build_native_shim()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("using the Python container shim (slower start): %s", e)
+    _native_shim.append(path)
+    return path
+
+
+def _build_native_shim() -> str:
+    with open(NATIVE_SHIM_SRC, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "corral")
+    out = os.path.join(cache, f"container-shim-{digest}")
+    if os.access(out, os.X_OK):
+        return out
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) to build runtime/shim.c")
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".container-shim-")
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, "-O2", "-Wall", "-o", tmp, NATIVE_SHIM_SRC],
+                           capture_output=True, text=True, timeout=120, check=False)
+        if r.returncode != 0:
+            raise RuntimeError(f"building runtime/shim.c failed: {r.stderr.strip()}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)  # atomic: concurrent builders end with the same file
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return out
+
+
+def shim_argv(spec: dict, spec_path: str) -> list[str]:
+    """How to start the shim for `spec` (the dict shim.py reads from `spec_path`)."""
+    native = native_shim()
+    if native is None:
+        return [sys.executable, "-I", "-S", shim.__file__, spec_path]
+    argv = [native, "-p", spec["pid_file"], "-s", spec["status_file"], "-n", spec["netns"],
+            "-h", spec["hostname"] or "", "-w", spec["workingDir"] or ""]
+    for cg in spec["cgroups"]:
+        argv += ["-c", cg]
+    for src, dst in spec["binds"]:
+        argv += ["-b", src, dst]
+    if spec.get("image"):
+        argv += ["-i", spec["image"], spec["upper"], spec["work"], spec["rootfs"]]
+    for k, v in spec["env"].items():
+        argv += ["-e", f"{k}={v}"]
+    return [*argv, "--", *spec["argv"]]
 
 
 class StartError(Exception):
@@ -112,8 +184,7 @@ async def launch(pod_dir: str, name: str, instance: int, *, argv: list[str],
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", shim.__file__, spec_path,
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+            *shim_argv(spec, spec_path), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
             start_new_session=True, close_fds=True)
     deadline = time.monotonic() + ready_timeout
     while True:

@@ -41,6 +41,11 @@ class PodSaved:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def dumps(self) -> str:
+        """to_dict() as JSON, without asdict's deep copy: saved on every status change."""
+        return json.dumps({**vars(self),
+                           "containers": {k: vars(c) for k, c in self.containers.items()}})
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PodSaved:
         d = dict(d)
@@ -61,7 +66,7 @@ def save(state_dir: str, s: PodSaved) -> None:
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, "state.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(s.to_dict(), f)
+        f.write(s.dumps())  # one write; json.dump writes chunk by chunk
     os.replace(tmp, os.path.join(d, "state.json"))
 
 

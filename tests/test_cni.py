@@ -317,6 +317,27 @@ async def test_bad_input_changes_nothing(shared_cni_node: CNINode, store: Store,
     assert set(pod_links(node, pod)) == {"lo"}
 
 
+async def test_repeated_add_keeps_the_granted_ip(cni_node: CNINode, store: Store) -> None:
+    """A second ADD of the same attachment (no DEL between) gets the IP etcd already
+    granted it, though the allocator first picks a fresh one, and leaves one pair."""
+    node = cni_node
+    pod = node.pod()
+    rc, first = node.libcni("add", "again", pod)
+    assert rc == 0, first
+    rc, second = node.plugin("corral-cni", "ADD", conf(), cid="again", pod=pod)
+    assert rc == 0, (second, node.log())
+    addr = first["ips"][0]["address"]
+    assert second["ips"][0]["address"] == addr
+    assert pod_links(node, pod)["eth0"]["addrs"] == [addr]
+    assert node.default_gateways(pod) == ["10.244.1.1"]
+    assert await allocations(store) == {addr.split("/")[0]: "again"}
+    assert len(node.veths()) == 1
+    assert netns.run(pod, ["ping", "-c1", "-W5", "10.244.1.1"], check=False).returncode == 0
+    rc, out = node.libcni("del", "again", pod)
+    assert rc == 0, out
+    assert await allocations(store) == {}
+
+
 async def test_existing_interface_changes_nothing(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pod = node.pod()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from corral.cni.config import make_range, parse_cni_args, parse_ipam, parse_request
 from corral.cni.errors import CNIError
-from corral.cni.install import conflist, shim_source
+from corral.cni.install import conflist, shim_script, shim_source
 from corral.cni.ipam import IPAM
 from corral.cni.server import convert_result
 
@@ -78,7 +82,33 @@ def test_conflist_follows_the_overlay() -> None:
 
 
 def test_shim_is_stdlib_only() -> None:
-    src = shim_source("/run/x.sock", "/usr/bin/python3")
-    assert src.startswith("#!/usr/bin/python3 -IS\n") and 'SOCKET = "/run/x.sock"' in src
-    imports = [line for line in src.splitlines() if line.startswith(("import ", "from "))]
+    script = shim_script("/run/x.sock")
+    assert 'SOCKET = "/run/x.sock"' in script
+    imports = [line for line in script.splitlines() if line.startswith(("import ", "from "))]
     assert [line.split()[1] for line in imports] == ["_socket", "posix", "sys"]
+    src = shim_source("/run/x.sock", "/usr/bin/python3")
+    assert src.startswith("#!/usr/bin/python3 -IS\n")
+    imports = [line.strip() for line in src.splitlines()
+               if line.strip().startswith(("import ", "from "))]
+    assert imports == ["import sys", "import marshal"]
+
+
+@pytest.mark.parametrize("tag", ["same", "other"])
+def test_shim_runs_precompiled_or_from_source(tmp_path: Path, tag: str) -> None:
+    """The installed shim answers alike whether its interpreter takes the compiled
+    code or (another bytecode version) compiles the source it carries."""
+    src = shim_source(str(tmp_path / "absent.sock"), os.path.realpath(sys.executable))
+    if tag == "other":
+        src = src.replace(f"== {sys.implementation.cache_tag!r}", "== 'no-such-tag'", 1)
+    exe = tmp_path / "corral-cni"
+    exe.write_text(src)
+    exe.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
+    r = subprocess.run([str(exe)], input='{"cniVersion": "0.4.0"}', capture_output=True,
+                       text=True, env=env, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cniVersion"] == "0.4.0"
+    env["CNI_COMMAND"] = "ADD"
+    r = subprocess.run([str(exe)], input="{}", capture_output=True, text=True, env=env,
+                       timeout=60, check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["code"] == 11, r.stdout
