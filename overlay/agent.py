@@ -44,7 +44,7 @@ from corral.api.objects import (
 )
 from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
 from corral.cluster import netns
-from corral.overlay import config, lease, masq
+from corral.overlay import config, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
 from corral.runtime.context import NodeContext, NodePaths
 
@@ -229,12 +229,15 @@ class OverlayAgent:
             log.info("%s: %s", self.device, change)
 
     async def _apply_host_settings(self) -> None:
-        """Masquerade rules and IPv4 forwarding in the node namespace."""
+        """Masquerade and conntrack-bypass rules and IPv4 forwarding in the node namespace."""
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(None, masq.ensure, self.namespace, self.spec.network,
                                       self.spec.ip_masq):
             log.info("masquerade for pods leaving %s: %s", self.spec.network,
                      "on" if self.spec.ip_masq else "off")
+        if await loop.run_in_executor(None, notrack.ensure, self.namespace,
+                                      self.spec.backend.port):
+            log.info("VXLAN packets on UDP port %d skip conntrack", self.spec.backend.port)
         if self.ip_forward:
             await loop.run_in_executor(None, self._enable_forwarding)
 

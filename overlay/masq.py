@@ -26,8 +26,8 @@ def _cmd(namespace: str | None, argv: Sequence[str]) -> list[str]:
     return netns.command(namespace, argv) if namespace else list(argv)
 
 
-def _run(namespace: str | None, argv: Sequence[str], stdin: str | None = None,
-         check: bool = True) -> subprocess.CompletedProcess:
+def run_iptables(namespace: str | None, argv: Sequence[str], stdin: str | None = None,
+                 check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(_cmd(namespace, argv), input=stdin, capture_output=True, text=True,
                        timeout=60, check=False)
     if check and p.returncode != 0:
@@ -47,11 +47,11 @@ def rules(network: str) -> list[str]:
 
 def current(namespace: str | None) -> tuple[list[str] | None, bool]:
     """(rules in corral's chain or None if there is no chain, whether POSTROUTING jumps to it)."""
-    p = _run(namespace, ["iptables", "-t", "nat", "-S", CHAIN], check=False)
+    p = run_iptables(namespace, ["iptables", "-t", "nat", "-S", CHAIN], check=False)
     chain = None if p.returncode != 0 else [
         ln for ln in p.stdout.splitlines() if ln.startswith(f"-A {CHAIN} ")]
-    jump = _run(namespace, ["iptables", "-t", "nat", "-C", "POSTROUTING", *JUMP],
-                check=False).returncode == 0
+    jump = run_iptables(namespace, ["iptables", "-t", "nat", "-C", "POSTROUTING", *JUMP],
+                        check=False).returncode == 0
     return chain, jump
 
 
@@ -66,7 +66,7 @@ def ensure(namespace: str | None, network: str, enabled: bool) -> bool:
         lines.append("-I POSTROUTING 1 " + " ".join(
             f'"{a}"' if " " in a else a for a in JUMP))
     lines.append("COMMIT")
-    _run(namespace, ["iptables-restore", "--noflush"], stdin="\n".join(lines) + "\n")
+    run_iptables(namespace, ["iptables-restore", "--noflush"], stdin="\n".join(lines) + "\n")
     if not enabled and jump:
-        _run(namespace, ["iptables", "-t", "nat", "-D", "POSTROUTING", *JUMP], check=False)
+        run_iptables(namespace, ["iptables", "-t", "nat", "-D", "POSTROUTING", *JUMP], check=False)
     return True

@@ -15,7 +15,7 @@ from corral.api.store import Store, subnet_key
 from corral.cli.main import main as cli_main
 from corral.cluster import netns
 from corral.cluster.etcd import LocalEtcd
-from corral.overlay import config, lease, masq
+from corral.overlay import config, lease, masq, notrack
 
 
 def spec(**kw: object) -> NetworkSpec:
@@ -201,6 +201,27 @@ def test_masquerade_rules_are_idempotent_and_switch_off(scratch_ns: str) -> None
     assert masq.ensure(scratch_ns, "10.244.0.0/16", False)
     assert not masq.ensure(scratch_ns, "10.244.0.0/16", False)
     assert masq.current(scratch_ns) == ([], False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+def test_vxlan_bypass_rules_are_idempotent_repaired_and_leave_others_alone(
+        scratch_ns: str) -> None:
+    netns.run(scratch_ns, ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp",
+                           "--dport", "22", "-j", "CT", "--notrack"])
+    assert notrack.ensure(scratch_ns, 4789)
+    assert not notrack.ensure(scratch_ns, 4789)  # nothing left to change
+    assert notrack.current(scratch_ns) == (notrack.rules(4789),
+                                           {"PREROUTING": True, "OUTPUT": True})
+    # a jump removed by hand comes back, once
+    netns.run(scratch_ns, ["iptables", "-t", "raw", "-D", "OUTPUT", *notrack.JUMP])
+    assert notrack.ensure(scratch_ns, 4789)
+    save = netns.run(scratch_ns, ["iptables-save", "-t", "raw"]).stdout
+    assert save.count("-j CORRAL-VXLAN") == 2
+    # a new VXLAN port replaces the old rule
+    assert notrack.ensure(scratch_ns, 8472)
+    assert notrack.current(scratch_ns)[0] == notrack.rules(8472)
+    # someone else's rule is untouched
+    assert "--dport 22" in netns.run(scratch_ns, ["iptables", "-t", "raw", "-S"]).stdout
 
 
 async def test_a_renamed_node_keeps_its_subnet_by_public_ip(store: Store) -> None:
