@@ -182,6 +182,19 @@ def _kind(word: str) -> type[TypedObject]:
         raise CLIError(str(e)) from None
 
 
+async def fetch_named(store: Store, kind: type[TypedObject], names: list[str],
+                      ns: str | None) -> list[TypedObject]:
+    """The named objects, in order; CLIError naming the first that does not exist."""
+    found = []
+    for name in names:
+        o = await store.get(kind, name, ns)
+        if o is None:
+            where = f" in namespace {ns!r}" if kind.NAMESPACED and ns else ""
+            raise CLIError(f"{kind.PLURAL} {name!r} not found{where}")
+        found.append(o)
+    return found
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     kind = _kind(args.kind)
     ns = None if args.all_namespaces else (args.namespace or "default")
@@ -190,14 +203,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     async def go() -> list[TypedObject]:
         async with store_from_args(args) as store:
             if args.names:
-                found = []
-                for name in args.names:
-                    o = await store.get(kind, name, ns)
-                    if o is None:
-                        where = f" in namespace {ns!r}" if kind.NAMESPACED else ""
-                        raise CLIError(f"{kind.PLURAL} {name!r} not found{where}")
-                    found.append(o)
-                return found
+                return await fetch_named(store, kind, args.names, ns)
             objs, _ = await store.list(kind, ns if kind.NAMESPACED else None)
             return [o for o in objs if selector_matches(sel, o.metadata.labels)]
 

@@ -20,6 +20,7 @@ from corral.api.objects import (
 )
 from corral.api.quantity import QuantityError, parse_quantity
 from corral.api.store import AlreadyExists, NotFound, Store
+from corral.cli.cmd_objects import fetch_named
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.describe import describe
 from corral.control.serviceips import AllocationError, Allocator
@@ -472,13 +473,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     async def go() -> list[str]:
         async with store_from_args(args) as store:
             if args.names:
-                objs = []
-                for name in args.names:
-                    o = await store.get(kind, name, ns)
-                    if o is None:
-                        where = f" in namespace {ns!r}" if ns else ""
-                        raise CLIError(f"{kind.PLURAL} {name!r} not found{where}")
-                    objs.append(o)
+                objs = await fetch_named(store, kind, args.names, ns)
             else:
                 objs, _ = await store.list(kind, ns)
             return [await describe(store, o) for o in objs]

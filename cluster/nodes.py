@@ -223,16 +223,10 @@ def remove_pod_cgroups(node: str) -> int:
 # ------------------------------------------------------------------ Node objects
 
 
-def _memory_ki() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1])
-    return 0  # pragma: no cover
-
-
 def node_object(cluster: str, node: NodeState) -> Node:
-    resources = {"cpu": str(os.cpu_count() or 1), "memory": f"{_memory_ki()}Ki", "pods": "110"}
+    from corral.runtime.agent import node_capacity
+
+    resources = node_capacity()
     return Node(
         metadata=ObjectMeta(name=node.name, labels={
             CLUSTER_LABEL: cluster, "kubernetes.io/hostname": node.name}),

@@ -11,18 +11,9 @@ import sys
 from typing import Any
 
 import pytest
-from cluster_helpers import wait_for
+from cluster_helpers import pods_of, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def pods_of(cluster: Any, app: str) -> list[dict]:
-    r = cluster.corral("get", "pods", "-l", f"run={app}", "-o", "json")
-    assert r.returncode == 0, r.stderr
-    if not r.stdout.strip():
-        return []
-    data = json.loads(r.stdout)
-    return data["items"] if data.get("kind") == "List" else [data]
 
 
 def ready_pods(cluster: Any, app: str, want: int, nodes: set[str] | None = None) -> list[dict]:

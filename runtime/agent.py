@@ -71,7 +71,8 @@ def underlay_address(iface: str | None = None) -> tuple[str, str]:
         return iface, addrs[0].get_attr("IFA_ADDRESS")
 
 
-def _capacity() -> dict[str, Any]:
+def node_capacity() -> dict[str, Any]:
+    """What this machine offers pods: cpu cores, memory, and the kubelet's 110 pods."""
     mem_kib = 0
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         for line in f:
@@ -107,7 +108,7 @@ class NodeAgent:
         if self.ctx.underlay_ip:
             status.addresses = [NodeAddress(type="InternalIP", address=self.ctx.underlay_ip),
                                 NodeAddress(type="Hostname", address=self.ctx.node_name)]
-        cap = _capacity()
+        cap = node_capacity()
         status.capacity = {**cap, **status.capacity} if status.capacity else cap
         status.allocatable = status.allocatable or dict(status.capacity)
         now = now_iso()
