@@ -6,11 +6,14 @@ import argparse
 import os
 import subprocess
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from corral.cli.common import CLIError
 from corral.cluster import local
 from corral.cluster.state import DEFAULT_NAME
+
+T = TypeVar("T")
 
 
 def _name_options(p: argparse.ArgumentParser) -> None:
@@ -19,6 +22,14 @@ def _name_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", default=None,
                    help="where the cluster's state lives (default: /var/lib/corral/<name>, "
                         "root overridden by $CORRAL_STATE_DIR)")
+
+
+def _cluster_call(fn: Callable[..., T], *args: Any) -> T:
+    """Call into corral.cluster.local, turning its user-facing errors into CLI errors."""
+    try:
+        return fn(*args)
+    except local.ClusterError as e:
+        raise CLIError(str(e)) from None
 
 
 def register(sub: Any) -> None:
@@ -67,28 +78,19 @@ def cmd_up(args: argparse.Namespace) -> int:
                            etcd=_urls(getattr(args, "etcd", None)),
                            underlay_cidr=args.underlay_cidr, state_dir=args.state_dir,
                            wait=args.wait)
-    try:
-        s = local.up(opts)
-    except local.ClusterError as e:
-        raise CLIError(str(e)) from None
+    s = _cluster_call(local.up, opts)
     print(local.summary(s))
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    try:
-        found = local.down(args.name, args.state_dir)
-    except local.ClusterError as e:
-        raise CLIError(str(e)) from None
+    found = _cluster_call(local.down, args.name, args.state_dir)
     print(f"Cluster {args.name!r} removed." if found else f"No cluster {args.name!r} to remove.")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        h = local.status(args.name, args.state_dir)
-    except local.ClusterError as e:
-        raise CLIError(str(e)) from None
+    h = _cluster_call(local.status, args.name, args.state_dir)
     mark = {True: "ok", False: "DOWN"}
     etcd = mark[h.etcd_ok] + ("" if h.etcd_ok else f" ({h.etcd_error})")
     relay = "" if h.relay is None else f", relay into the nodes {mark[h.relay]}"
@@ -109,11 +111,8 @@ def cmd_node_exec(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    try:
-        local.require_root()
-        argv = local.node_exec_argv(args.name, args.node, cmd, args.state_dir)
-    except local.ClusterError as e:
-        raise CLIError(str(e)) from None
+    _cluster_call(local.require_root)
+    argv = _cluster_call(local.node_exec_argv, args.name, args.node, cmd, args.state_dir)
     try:
         return subprocess.call(argv)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from corral.api.store import Store
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import render
 from corral.control.podlifecycle import delete_pod
+from corral.control.selectors import matches_label_selector, parse_selector
 
 
 def register(sub: Any) -> None:
@@ -145,36 +146,6 @@ def _same(a: TypedObject, b: TypedObject) -> bool:
 # ---------------------------------------------------------------- get
 
 
-def parse_selector(text: str | None) -> list[tuple[str, str, str]]:
-    """`a=b,c!=d,e` -> [(key, op, value)] with op one of =, !=, exists."""
-    if not text:
-        return []
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if "!=" in part:
-            k, v = part.split("!=", 1)
-            out.append((k.strip(), "!=", v.strip()))
-        elif "==" in part or "=" in part:
-            k, v = part.replace("==", "=").split("=", 1)
-            out.append((k.strip(), "=", v.strip()))
-        else:
-            out.append((part, "exists", ""))
-    return out
-
-
-def selector_matches(sel: list[tuple[str, str, str]], labels: dict[str, str]) -> bool:
-    for k, op, v in sel:
-        if op == "=" and labels.get(k) != v:
-            return False
-        if op == "!=" and labels.get(k) == v:
-            return False
-        if op == "exists" and k not in labels:
-            return False
-    return True
-
-
 def _kind(word: str) -> type[TypedObject]:
     try:
         return resolve_kind(word)
@@ -205,7 +176,9 @@ def cmd_get(args: argparse.Namespace) -> int:
             if args.names:
                 return await fetch_named(store, kind, args.names, ns)
             objs, _ = await store.list(kind, ns if kind.NAMESPACED else None)
-            return [o for o in objs if selector_matches(sel, o.metadata.labels)]
+            if sel is None:
+                return objs
+            return [o for o in objs if matches_label_selector(sel, o.metadata.labels)]
 
     objs = run(go)
     if not objs and args.output not in ("json", "yaml"):

@@ -24,28 +24,26 @@ class Resources:
         return Resources(self.cpu + other.cpu, self.memory + other.memory, self.pods + other.pods)
 
 
-def pod_requests(pod: Pod) -> Resources:
-    """What the pod asks for: per container its requests, or its limits when it sets only those."""
+def _sum_requests(pod: Pod, default_cpu: int, default_memory: int) -> Resources:
+    """Per container its requests, or its limits when it sets only those, else the defaults."""
     total = Resources(pods=1)
     for c in pod.spec.containers:
         req, lim = c.resources.requests, c.resources.limits
         cpu = req.get("cpu", lim.get("cpu"))
         mem = req.get("memory", lim.get("memory"))
-        total.cpu += cpu_millis(cpu) if cpu is not None else 0
-        total.memory += memory_bytes(mem) if mem is not None else 0
+        total.cpu += cpu_millis(cpu) if cpu is not None else default_cpu
+        total.memory += memory_bytes(mem) if mem is not None else default_memory
     return total
+
+
+def pod_requests(pod: Pod) -> Resources:
+    """What the pod asks for: per container its requests, or its limits when it sets only those."""
+    return _sum_requests(pod, 0, 0)
 
 
 def pod_nonzero_requests(pod: Pod) -> Resources:
     """Requests with kube-scheduler's defaults filled in, used to score nodes."""
-    total = Resources(pods=1)
-    for c in pod.spec.containers:
-        req, lim = c.resources.requests, c.resources.limits
-        cpu = req.get("cpu", lim.get("cpu"))
-        mem = req.get("memory", lim.get("memory"))
-        total.cpu += cpu_millis(cpu) if cpu is not None else NONZERO_CPU_MILLIS
-        total.memory += memory_bytes(mem) if mem is not None else NONZERO_MEMORY
-    return total
+    return _sum_requests(pod, NONZERO_CPU_MILLIS, NONZERO_MEMORY)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from corral.api.objects import LabelSelector
+from corral.api.objects import LabelSelector, LabelSelectorRequirement
 
 
 def matches(selector: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
@@ -31,6 +31,32 @@ def matches_label_selector(selector: LabelSelector, labels: Mapping[str, str]) -
         if req.operator == "DoesNotExist" and present:
             return False
     return True
+
+
+def parse_selector(text: str | None) -> LabelSelector | None:
+    """kubectl's `-l` form, `a=b,c!=d,e`, as a LabelSelector; None when `text` is empty.
+
+    `k=v` (or `k==v`) is matchLabels, `k!=v` is NotIn (an absent key matches) and a bare
+    `k` is Exists.
+    """
+    if not text:
+        return None
+    sel = LabelSelector()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "!=" in part:
+            k, v = part.split("!=", 1)
+            sel.match_expressions.append(
+                LabelSelectorRequirement(key=k.strip(), operator="NotIn", values=[v.strip()]))
+        elif "=" in part:
+            k, v = part.replace("==", "=").split("=", 1)
+            sel.match_labels[k.strip()] = v.strip()
+        else:
+            sel.match_expressions.append(LabelSelectorRequirement(key=part, operator="Exists"))
+    if not sel.match_labels and not sel.match_expressions:
+        return None
+    return sel
 
 
 def format_selector(selector: Mapping[str, str] | LabelSelector | None) -> str:

@@ -190,3 +190,26 @@ async def test_reapply_keeps_the_allocated_cluster_ip(corral, tmp_path: Path, st
     assert svc["spec"]["selector"] == {"app": "web2"}
     assert svc["spec"]["clusterIP"] == "10.96.7.7"
     assert svc["spec"]["ports"][0]["nodePort"] == 30007
+
+
+def test_get_label_selector_forms(corral, tmp_path: Path) -> None:
+    """`-l` takes kubectl's forms: k=v, k!=v (absent keys match) and a bare key (exists)."""
+    f = tmp_path / "nodes.yaml"
+    f.write_text(textwrap.dedent("""
+        apiVersion: v1
+        kind: List
+        items:
+        - {apiVersion: v1, kind: Node, metadata: {name: a, labels: {disk: ssd, zone: x}}}
+        - {apiVersion: v1, kind: Node, metadata: {name: b, labels: {disk: hdd}}}
+        - {apiVersion: v1, kind: Node, metadata: {name: c}}
+        """))
+    assert corral("apply", "-f", str(f)).returncode == 0
+
+    def names(sel: str) -> list[str]:
+        r = corral("get", "nodes", "-l", sel, "-o", "name")
+        return r.stdout.split()
+
+    assert names("disk=ssd") == ["nodes/a"]
+    assert names("disk!=ssd") == ["nodes/b", "nodes/c"]
+    assert names("zone") == ["nodes/a"]
+    assert names("disk,disk!=hdd") == ["nodes/a"]

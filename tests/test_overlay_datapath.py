@@ -69,8 +69,9 @@ s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); s.settimeout(60)
 c, addr = s.accept(); c.sendall(addr[0].encode()); c.close()
 """
 
-CLIENT = """
-import socket, sys, time
+# Connect to argv[1]:argv[2], retrying for up to 30 s while the server starts.
+CONNECT = """
+import os, socket, sys, time
 deadline = time.time() + 30
 while True:
     try:
@@ -78,6 +79,9 @@ while True:
     except OSError:
         if time.time() > deadline: raise
         time.sleep(0.1)
+"""
+
+CLIENT = CONNECT + """
 print(c.recv(100).decode())
 """
 
@@ -236,15 +240,7 @@ while (d := c.recv(65536)):
     c.sendall(d)
 """
 
-STREAM_CLIENT = """
-import os, socket, sys, time
-deadline = time.time() + 30
-while True:
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2); break
-    except OSError:
-        if time.time() > deadline: raise
-        time.sleep(0.1)
+STREAM_CLIENT = CONNECT + """
 c.settimeout(10)
 n = 0
 while not os.path.exists(sys.argv[3]):
