@@ -1,9 +1,13 @@
 """VXLAN overlay: pod-to-pod throughput against the underlay, and lease convergence.
 
-Throughput: iperf3 between pods on two nodes (through corral.1, VXLAN) against
-iperf3 between the same two nodes over the underlay, one stream and four, in
-alternating rounds so machine noise hits both alike; prints the median of the
-rounds' pod/node ratios (each round's two runs are back to back).
+Throughput: iperf3 between pods on two nodes (VXLAN, on the datapath the
+agents pick: the eBPF fast path when BCC loads, `--datapath kernel` for the
+kernel's corral.1 path) against iperf3 between the same two nodes over the
+underlay, one stream and four, in alternating rounds so machine noise hits
+both alike; prints the median of the rounds' pod/node ratios (each round's two
+runs are back to back). With two or more CPUs, iperf3's client and server are
+pinned to CPUs 0 and 1 in both runs (`--no-pin` to leave them to the
+scheduler), which takes most of the run-to-run noise out on a small machine.
 
 Convergence: 50 extra simulated node leases sit in etcd; then new leases are
 written one at a time and the time until the route and FDB entry are present
@@ -11,6 +15,7 @@ on every real node is measured (polling the nodes' kernels over netlink).
 Removal is measured the same way.
 
     python -m bench.overlay [--seconds 4] [--rounds 4] [--extra 50] [--trials 40]
+                            [--datapath auto|bpf|kernel] [--no-pin]
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def iperf(tb: Testbed, client_ns: str, server_ns: str, server_ip: str, streams: int,
-          seconds: int, port: int) -> float:
+          seconds: int, port: int, pin: bool = False) -> float:
     """Received bits/s of one iperf3 run."""
     srv = subprocess.Popen(netns.command(server_ns, ["iperf3", "-s", "-1", "-p", str(port)]),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -51,7 +56,8 @@ def iperf(tb: Testbed, client_ns: str, server_ns: str, server_ip: str, streams: 
         while True:
             r = subprocess.run(netns.command(client_ns, [
                 "iperf3", "-c", server_ip, "-p", str(port), "-t", str(seconds),
-                "-P", str(streams), "-J"]), capture_output=True, text=True, timeout=seconds + 60)
+                "-P", str(streams), "-J", *(["-A", "0,1"] if pin else [])]),
+                capture_output=True, text=True, timeout=seconds + 60)
             ok = r.returncode == 0 and '"sum_received"' in r.stdout
             if ok or time.monotonic() > deadline:
                 break
@@ -66,7 +72,7 @@ def iperf(tb: Testbed, client_ns: str, server_ns: str, server_ip: str, streams: 
         srv.wait()
 
 
-def throughput(tb: Testbed, seconds: int, rounds: int) -> dict[str, Any]:
+def throughput(tb: Testbed, seconds: int, rounds: int, pin: bool) -> dict[str, Any]:
     p1, p2 = tb.node(1).pods[0], tb.node(2).pods[0]
     n1, n2 = tb.node(1), tb.node(2)
     res: dict[str, list[float]] = {}
@@ -78,7 +84,7 @@ def throughput(tb: Testbed, seconds: int, rounds: int) -> dict[str, Any]:
                 pairs.reverse()
             for what, c, s, ip in pairs:
                 port += 1
-                bps = iperf(tb, c, s, ip, streams, seconds, port)
+                bps = iperf(tb, c, s, ip, streams, seconds, port, pin)
                 res.setdefault(f"{what}-{streams}", []).append(bps)
                 print(f"  round {rnd + 1} {what:>4} {streams} stream(s): "
                       f"{bps / 1e9:6.2f} Gbit/s", flush=True)
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", type=int, default=50, help="simulated node leases")
     ap.add_argument("--trials", type=int, default=40, help="new leases to time")
     ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--datapath", choices=("auto", "bpf", "kernel"), default="auto",
+                    help="the agents' datapath for pod traffic (default: auto)")
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="do not pin iperf3's client and server to CPUs 0 and 1")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.overlay needs root (network namespaces)", file=sys.stderr)
@@ -179,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     tb = Testbed(etcd.url, nodes=args.nodes, resync=10.0, lease_ttl=30)
     try:
         for i in range(1, args.nodes + 1):
-            tb.start_agent(i, wait=False)
+            tb.start_agent(i, wait=False, extra=["--datapath", args.datapath])
         for i in range(1, args.nodes + 1):
             tb.wait_ready(i)
             tb.add_pod(i)
         wait_for(lambda: tb.ping(tb.node(1).pods[0], tb.node(2).pods[0].ip), 60, "pods")
-        print("throughput (medians over rounds):", flush=True)
-        tp = throughput(tb, args.seconds, args.rounds)
+        pin = args.pin and (os.cpu_count() or 1) >= 2
+        fast = "eBPF fast datapath" in tb.agent_log(1)
+        print(f"throughput (medians over rounds; {'eBPF fast' if fast else 'kernel'} datapath, "
+              f"iperf3 {'pinned to CPUs 0,1' if pin else 'not pinned'}):", flush=True)
+        tp = throughput(tb, args.seconds, args.rounds, pin)
         for streams, r in tp.items():
             print(f"  {streams} stream(s): pod-to-pod {r['pod_gbps']:.2f} Gbit/s, "
                   f"node-to-node {r['node_gbps']:.2f} Gbit/s, ratio {r['ratio']:.2f} "
@@ -197,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {cv['add_p99_ms']:.1f} ms, max {cv['add_max_ms']:.1f} ms")
         print(f"  removed lease -> entries gone everywhere: p50 {cv['remove_p50_ms']:.1f} ms, "
               f"p99 {cv['remove_p99_ms']:.1f} ms")
-        print(json.dumps({"throughput": tp, "convergence": cv}))
+        print(json.dumps({"datapath": "bpf" if fast else "kernel", "throughput": tp,
+                          "convergence": cv}))
     finally:
         tb.close()
         etcd.stop()

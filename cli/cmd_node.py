@@ -33,6 +33,10 @@ def register(sub: Any) -> None:
                    help="the CNI binaries to install: a small C forwarder built here with cc "
                         "(default; falls back to python when it cannot be built) or the "
                         "stdlib-only Python script")
+    p.add_argument("--datapath", choices=("auto", "bpf", "kernel"), default="auto",
+                   help="pod traffic between nodes: the eBPF fast path when BCC can load it, "
+                        "else the kernel's path (auto, default); the fast path or fail (bpf); "
+                        "the kernel's path only (kernel)")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
 
@@ -51,6 +55,9 @@ def cmd_node(args: argparse.Namespace) -> int:
     if unknown:
         raise CLIError(f"--components: unknown {', '.join(unknown)}; choose from "
                        f"{', '.join(COMPONENTS)}")
+    from corral.ebpf.loader import BPFUnavailable  # imported here: it loads pyroute2
+    from corral.overlay.config import ConfigError
+
     ctx = NodeContext(
         node_name=name,
         store=Store(etcd_endpoints(args)),
@@ -58,10 +65,10 @@ def cmd_node(args: argparse.Namespace) -> int:
                         cni_bin_dir=args.cni_bin_dir, cni_cache_dir=args.cni_cache_dir,
                         state_dir=args.state_dir),
         underlay_iface=args.underlay_iface,
-        options={"cni_shim": args.cni_shim},
+        options={"cni_shim": args.cni_shim, "datapath": args.datapath},
     )
     try:
         asyncio.run(serve(ctx, comps))
-    except NodeSetupError as e:
+    except (NodeSetupError, ConfigError, BPFUnavailable) as e:
         raise CLIError(str(e)) from None
     return 0

@@ -41,6 +41,7 @@ from corral.cni import errors as E
 from corral.cni import rtnl
 from corral.cni.config import Addr4, BridgeConfig, Net4, Route
 from corral.cni.errors import CNIError
+from corral.overlay.fastpath import pod_alias
 
 log = logging.getLogger(__name__)
 HOST_NAME_RE = re.compile(r"^veth[0-9a-f]{11}$")
@@ -230,7 +231,9 @@ class Plumber:
         try:
             for attempt in range(2):
                 try:
-                    reqs = [rtnl.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac)]
+                    # The alias tells the node's eBPF fast path which pod is behind the veth.
+                    reqs = [rtnl.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac),
+                            rtnl.set_alias(host, pod_alias(str(att.address), pod_mac))]
                     if bc.hairpin:
                         reqs.append(rtnl.hairpin(host))
                     created, *port = self.nl.batch(reqs)
@@ -255,10 +258,10 @@ class Plumber:
                                    "pick another CNI_IFNAME or delete it first") from None
         finally:
             os.close(fd)
-        if port and isinstance(port[0], NetlinkError):
-            self._delete_leftover(host)
-            raise CNIError(E.INTERNAL, f"cannot set hairpin mode on {host}",
-                           str(port[0])) from None
+        for res, what in zip(port, ("an alias", "hairpin mode"), strict=False):
+            if isinstance(res, NetlinkError):
+                self._delete_leftover(host)
+                raise CNIError(E.INTERNAL, f"cannot set {what} on {host}", str(res)) from None
         return {
             "interfaces": [
                 {"name": bc.bridge, "mac": br_mac},

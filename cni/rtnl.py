@@ -26,7 +26,7 @@ NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 18, 20, 24
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
-IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
+IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_IFALIAS = 18, 28, 20
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_DATA = 1, 2, 5
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
@@ -81,6 +81,12 @@ def veth(name: str, mtu: int, mac: str, master: int, peer_name: str, peer_ns_fd:
             + attr(IFLA_MTU, struct.pack("=I", mtu)) + attr(IFLA_ADDRESS, _mac(mac))
             + attr(IFLA_MASTER, struct.pack("=I", master)) + attr(IFLA_LINKINFO, info))
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def set_alias(name: str, alias: str) -> Request:
+    """Give link `name` an alias (the kernel ignores IFLA_IFALIAS when creating a link)."""
+    return Request(RTM_NEWLINK, 0, _ifinfo() + attr(IFLA_IFNAME, _name(name))
+                   + attr(IFLA_IFALIAS, alias.encode() + b"\0"))
 
 
 def hairpin(name: str) -> Request:

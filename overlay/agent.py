@@ -13,7 +13,10 @@ Options read from `ctx.options`: `netns`, `resync_interval` (s, default 10),
 `lease_ttl` (s, default 30; renewed every third of it), `ip_forward` (default
 True: turn on IPv4 forwarding in the node namespace, which pod traffic needs),
 `kernel_events` (default True: a full pass as soon as netlink reports damage,
-not only every resync period).
+not only every resync period), `datapath` ("auto", the default: the eBPF fast
+path of fastpath.py when BCC can load it, else the kernel's path; "bpf": the
+fast path or fail; "kernel": the kernel's path only, any corral programs
+removed).
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ from corral.api.objects import (
 )
 from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
 from corral.cluster import netns
-from corral.overlay import config, lease, masq, notrack
+from corral.overlay import config, fastpath, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
 from corral.runtime.context import NodeContext, NodePaths
 
 log = logging.getLogger("corral.overlay.agent")
 
 STATE_FILE = "overlay.json"
+DATAPATHS = ("auto", "bpf", "kernel")
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
@@ -82,6 +86,11 @@ class OverlayAgent:
         self.lease_ttl = int(opts.get("lease_ttl", lease.DEFAULT_TTL))  # type: ignore[arg-type]
         self.ip_forward = bool(opts.get("ip_forward", True))
         self.kernel_events = bool(opts.get("kernel_events", True))
+        self.datapath = str(opts.get("datapath") or "auto")
+        if self.datapath not in DATAPATHS:
+            raise ValueError(f"datapath {self.datapath!r}: use one of {', '.join(DATAPATHS)}")
+        self.fastpath: fastpath.FastPath | None = None
+        self._pods_dirty = asyncio.Event()
         self._monitor: EventMonitor | None = None
         self.kernel = Kernel(self.namespace)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="corral-overlay-netlink")
@@ -163,6 +172,7 @@ class OverlayAgent:
         self._known = {kv.key: kv.mod_revision for kv in kvs}
         self._peers = {kv.key: rec for kv in kvs if (rec := lease.decode(kv.value)) is not None}
         self._watch_rev = rev + 1
+        await self._start_fastpath()
         await self.reconcile()
         if self.kernel_events:
             loop = asyncio.get_running_loop()
@@ -170,9 +180,29 @@ class OverlayAgent:
                 self.namespace, self.device,
                 lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key))
             self._monitor.start(await self._k(self.kernel.link_index, self.device))
-        log.info("overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s)",
-                 self.ctx.node_name, self.subnet, self.underlay.iface, self.underlay.ip,
-                 self.device, self.mtu, len(self.remotes()))
+        log.info("overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), "
+                 "%s datapath", self.ctx.node_name, self.subnet, self.underlay.iface,
+                 self.underlay.ip, self.device, self.mtu, len(self.remotes()),
+                 "eBPF fast" if self.fastpath else "kernel")
+
+    async def _start_fastpath(self) -> None:
+        """Load the eBPF fast path (or, with datapath=kernel, remove one left behind)."""
+        await self._ensure_device()
+        if self.datapath == "kernel":
+            for c in await self._k(fastpath.detach_all, self.kernel.ipr):
+                log.info("%s", c)
+            return
+        fp = fastpath.FastPath()
+        try:
+            await self._k(fp.load)
+        except fastpath.BPFUnavailable as e:
+            if self.datapath == "bpf":
+                raise fastpath.BPFUnavailable(f"datapath bpf: {e} (or use --datapath auto)") from e
+            log.warning("eBPF fast path off, the kernel's path carries all pod traffic: %s", e)
+            return
+        self.fastpath = fp
+        for c in await self._k(self._fastpath_pass, True):
+            log.info("%s", c)
 
     async def _adopt(self, new: lease.Lease, previous: str | None) -> None:
         """Take `new` as this node's lease: device address, subnet file, Node.spec.podCIDR."""
@@ -273,7 +303,34 @@ class OverlayAgent:
                                 self.underlay, self.spec.backend.direct_routing)
         for c in changes:
             log.info("%s: %s", self.device, c)
+        if self.fastpath is not None:
+            for c in await self._k(self._fastpath_pass, False):
+                log.info("%s", c)
         self.reconciles += 1
+
+    def _encapsulated(self) -> list[Remote]:
+        """The peers reached through VXLAN (not by direct routing)."""
+        assert self.underlay is not None
+        direct = self.spec.backend.direct_routing
+        return [r for r in self.remotes() if not (direct and self.underlay.on_link(r.public_ip))]
+
+    def _fastpath_pass(self, reattach: bool) -> list[str]:
+        """Bring the fast path's maps and hooks in line (on the netlink thread)."""
+        fp, ul = self.fastpath, self.underlay
+        assert fp is not None and ul is not None and self.lease is not None
+        index = self.kernel.link_index(self.device)
+        if index is None:
+            return []  # the device is being repaired; the next pass follows
+        want = fastpath.Settings(
+            cluster=str(self.spec.network), subnet=self.lease.subnet, uplink_index=ul.index,
+            local_ip=ul.ip, vni=self.spec.backend.vni, port=self.spec.backend.port,
+            vtep_mac=self.vtep_mac, device_index=index)
+        if fp.settings != want:
+            fp.configure(want)
+        changes = fp.sync_peers(self._encapsulated())
+        changes += fp.sync_pods(self.kernel.ipr)
+        changes += fp.attach_all(self.kernel.ipr) if reattach else fp.attach_fixed(self.kernel.ipr)
+        return changes
 
     def _on_kernel_event(self, kind: str, key: str) -> None:
         """Netlink reported a change: if it hit something we want, check everything now.
@@ -281,6 +338,9 @@ class OverlayAgent:
         Deletions of entries no lease asks for are our own removals; ignoring
         them keeps every lease removal from costing a full pass on every node.
         """
+        if kind == "pod":
+            self._pods_dirty.set()
+            return
         if kind != "link":
             want = self.remotes()
             wanted = {"route": {r.subnet for r in want},
@@ -301,6 +361,9 @@ class OverlayAgent:
             for c in await self._k(self.kernel.update_remote, self.device, old, new,
                                    self.underlay, self.spec.backend.direct_routing):
                 log.info("%s: %s", self.device, c)
+        if self.fastpath is not None:
+            for c in await self._k(self.fastpath.sync_peers, self._encapsulated()):
+                log.info("%s", c)
 
     async def _resync_config(self) -> None:
         """Pick up ipMasq / directRouting changes; the address plan needs a restart."""
@@ -319,7 +382,7 @@ class OverlayAgent:
     async def run(self) -> None:
         tasks = [asyncio.create_task(c, name=f"overlay-{n}") for n, c in (
             ("lease", self._lease_loop()), ("watch", self._watch_loop()),
-            ("reconcile", self._reconcile_loop()))]
+            ("reconcile", self._reconcile_loop()), ("pods", self._pods_loop()))]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -366,6 +429,19 @@ class OverlayAgent:
                 self._changed[ev.key] = (first, new)
                 self._dirty.set()
 
+    async def _pods_loop(self) -> None:
+        """A pod veth came, went or changed: update the fast path's pods map and hooks."""
+        while True:
+            await self._pods_dirty.wait()
+            self._pods_dirty.clear()
+            if self.fastpath is None:
+                continue
+            try:
+                for c in await self._k(self.fastpath.sync_pods, self.kernel.ipr):
+                    log.info("%s", c)
+            except Exception:
+                log.exception("fast path pod sync failed; the periodic pass retries")
+
     async def _reconcile_loop(self) -> None:
         """Changed leases as they come; everything, against the kernel, every resync period."""
         loop = asyncio.get_running_loop()
@@ -400,6 +476,9 @@ class OverlayAgent:
         """Leave kernel state and the lease as they are: a restart picks both up."""
         if self._monitor is not None:
             self._monitor.stop()
+        if self.fastpath is not None:  # the attached programs keep working until replaced
+            with contextlib.suppress(Exception):
+                await self._k(self.fastpath.close)
         with contextlib.suppress(Exception):
             await self._k(self.kernel.close)
         self._pool.shutdown(wait=False)
@@ -420,6 +499,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--underlay-ip")
     p.add_argument("--resync", type=float, default=10.0, help="seconds between full repairs")
     p.add_argument("--lease-ttl", type=int, default=lease.DEFAULT_TTL)
+    p.add_argument("--datapath", choices=DATAPATHS, default="auto",
+                   help="pod traffic between nodes: eBPF fast path if it loads (auto), "
+                        "fast path or fail (bpf), kernel only (kernel)")
     return p
 
 
@@ -430,7 +512,7 @@ async def _amain(args: argparse.Namespace) -> int:
                       paths=NodePaths(run_dir=args.run_dir, state_dir=args.state_dir),
                       underlay_iface=args.underlay_iface, underlay_ip=args.underlay_ip,
                       options={"netns": args.netns, "resync_interval": args.resync,
-                               "lease_ttl": args.lease_ttl})
+                               "lease_ttl": args.lease_ttl, "datapath": args.datapath})
     agent = OverlayAgent(ctx)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()

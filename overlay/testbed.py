@@ -5,7 +5,7 @@ One "switch" namespace holds a bridge; each node namespace has `eth0` on it
 agent as a separate process (`python -m corral.overlay.agent --netns ...`),
 started from the host namespace so it reaches etcd on loopback. Pods are plain
 namespaces with a veth on the node's `cni0` bridge, plumbed by hand the way the
-CNI plugin would (gateway .1, MTU from subnet.json).
+CNI plugin would (gateway .1, MTU from subnet.json, the host veth's alias).
 
 Every name carries a random suffix and `close()` removes all of it.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.cluster import netns
+from corral.overlay.fastpath import pod_alias
 from corral.overlay.vxlan import Kernel
 
 UNDERLAY = ipaddress.ip_network("172.30.0.0/24")
@@ -220,9 +221,11 @@ class Testbed:
             ipr.addr("add", index=eth, address=ip, prefixlen=subnet.prefixlen)
             ipr.link("set", index=eth, state="up")
             ipr.route("add", dst="0.0.0.0/0", gateway=gw)
+            pod_mac = ipr.get_links(eth)[0].get_attr("IFLA_ADDRESS")
         with netns.ipr(n.ns) as ipr:
             v = ipr.link_lookup(ifname=f"v{name}")[0]
-            ipr.link("set", index=v, master=ipr.link_lookup(ifname="cni0")[0], state="up")
+            ipr.link("set", index=v, master=ipr.link_lookup(ifname="cni0")[0], state="up",
+                     ifalias=pod_alias(ip, pod_mac))  # as corral-cni tags it
         pod = Pod(name, ns, ip, i)
         n.pods.append(pod)
         return pod

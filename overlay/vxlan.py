@@ -31,6 +31,7 @@ from corral.cluster import netns
 log = logging.getLogger(__name__)
 
 RTPROT_CORRAL = 77
+POD_ALIAS_PREFIX = "corral-pod "  # the alias corral-cni gives pod veths (see fastpath.py)
 RTNH_F_ONLINK = 4
 NTF_SELF = 2
 MAIN_TABLE = 254
@@ -388,7 +389,8 @@ class Kernel:
 class EventMonitor:
     """Calls `on_damage(kind, key)` when netlink reports a change to what the overlay owns.
 
-    kind/key: ("link", device), ("neighbour", ip), ("fdb", mac), ("route", cidr).
+    kind/key: ("link", device), ("neighbour", ip), ("fdb", mac), ("route", cidr),
+    ("pod", host veth name) for any change to a pod's veth.
 
     Listens (on a thread of its own) for link, neighbour/FDB and IPv4 route
     events in the namespace and reports: the device deleted or changed, a
@@ -444,7 +446,10 @@ class EventMonitor:
             for msg in msgs:
                 event = msg.get("event", "")
                 if event in ("RTM_NEWLINK", "RTM_DELLINK"):
-                    if msg.get("IFLA_IFNAME") == self.device:
+                    alias = msg.get("IFLA_IFALIAS")
+                    if alias and alias.startswith(POD_ALIAS_PREFIX):
+                        self.on_damage("pod", str(msg.get("IFLA_IFNAME")))
+                    elif msg.get("IFLA_IFNAME") == self.device:
                         index = msg["index"]
                         self.on_damage("link", self.device)
                 elif event == "RTM_DELNEIGH":

@@ -16,6 +16,8 @@ PKGS=(
   python3 python3-venv python3-dev gcc make git
   # CNI: reference plugins and the libcni client the tests build
   containernetworking-plugins golang-go golang-github-appc-cni-dev
+  # overlay: the eBPF fast path is compiled by BCC against kernel headers
+  python3-bpfcc linux-headers-amd64
   # overlay benchmarks
   iperf3
 )
@@ -47,6 +49,22 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# BCC compiles against /lib/modules/$(uname -r)/build. Debian ships headers for
+# its own kernels only; on another kernel, point the links at the newest Debian
+# headers (the fast path uses only the stable uapi structures).
+kdir="/lib/modules/$(uname -r)"
+if [[ ! -e $kdir/build/include ]]; then
+  arch_hdr="$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1 || true)"
+  if [[ -n $arch_hdr && -d ${arch_hdr%-amd64}-common ]]; then
+    log "linking kernel headers $arch_hdr for BCC (kernel $(uname -r))"
+    mkdir -p "$kdir"
+    ln -sfn "$arch_hdr" "$kdir/build"
+    ln -sfn "${arch_hdr%-amd64}-common" "$kdir/source"
+  else
+    log "no kernel headers for BCC: the eBPF fast path stays off"
+  fi
+fi
+
 PY=/usr/bin/python3
 stamp="$VENV/.corral-stamp"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
@@ -59,5 +77,14 @@ if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   echo "$want" >"$stamp"
+fi
+# BCC's Python bindings are Debian's (pure Python over libbcc): expose just that
+# package to the venv, not all of Debian's dist-packages.
+bcc_src=/usr/lib/python3/dist-packages/bcc
+if [[ -d $bcc_src ]]; then
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  mkdir -p "$VENV/debian-bcc"
+  ln -sfn "$bcc_src" "$VENV/debian-bcc/bcc"
+  [[ -f $site/corral-bcc.pth ]] || echo "$VENV/debian-bcc" >"$site/corral-bcc.pth"
 fi
 log "ready ($VENV)"

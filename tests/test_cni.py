@@ -65,6 +65,9 @@ async def test_add_check_del_through_libcni(cni_node: CNINode, store: Store) -> 
     host = res["interfaces"][1]["name"]
     assert nl[host]["master"] == nl["cni0"]["index"] and nl[host]["up"]
     assert node.hairpin()[nl[host]["index"]] == 1
+    # The host end names the pod behind it, for the overlay's eBPF fast path.
+    assert nl[host]["ifalias"] == f"corral-pod {ip['address'].split('/')[0]} " \
+                                  f"{res['interfaces'][2]['mac']}"
     # The node forwards for its pods; the host's own setting is untouched.
     assert netns.run(node.name, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == host_forwarding

@@ -9,34 +9,27 @@ the last ones take nodes away.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from overlay_helpers import CONNECT, etcd_do, peer_seen_by_server, pod
 
 from corral.api.objects import NetworkConfig, Node, SubnetLease
 from corral.api.store import Store, subnet_key
 from corral.cli.cmd_network import cmd_node_remove
 from corral.cluster.etcd import LocalEtcd
 from corral.overlay import lease as leases
-from corral.overlay.testbed import SWITCH_IP, Pod, Testbed, wait_for
+from corral.overlay.testbed import SWITCH_IP, Testbed, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
 DEADLINE = 45.0
-
-
-def etcd_do(url: str, fn: Callable[[Store], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        async with Store(url) as s:
-            return await fn(s)
-    return asyncio.run(go())
 
 
 @pytest.fixture(scope="module")
@@ -56,46 +49,6 @@ def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
     finally:
         tb.close()
         etcd_do(etcd.url, lambda s: s.delete_prefix_raw("/corral/"))
-
-
-def pod(tb: Testbed, i: int) -> Pod:
-    return tb.node(i).pods[0]
-
-
-SERVER = """
-import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); s.settimeout(60)
-c, addr = s.accept(); c.sendall(addr[0].encode()); c.close()
-"""
-
-# Connect to argv[1]:argv[2], retrying for up to 30 s while the server starts.
-CONNECT = """
-import os, socket, sys, time
-deadline = time.time() + 30
-while True:
-    try:
-        c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2); break
-    except OSError:
-        if time.time() > deadline: raise
-        time.sleep(0.1)
-"""
-
-CLIENT = CONNECT + """
-print(c.recv(100).decode())
-"""
-
-
-def peer_seen_by_server(tb: Testbed, server_ns: str, server_ip: str, client_ns: str,
-                        port: int) -> str:
-    srv = tb.popen(server_ns, [sys.executable, "-c", SERVER, str(port)],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out = tb.run(client_ns, [sys.executable, "-c", CLIENT, server_ip, str(port)])
-        return out.stdout.strip()
-    finally:
-        srv.kill()
-        srv.wait()
 
 
 # ------------------------------------------------------------ data path
@@ -165,7 +118,7 @@ def test_only_traffic_leaving_the_cluster_is_masqueraded(bed: Testbed) -> None:
     wait_for(lambda: "MASQUERADE" in rules(), DEADLINE, "masquerade rules to come back")
 
 
-def test_outer_vxlan_packets_skip_conntrack_inner_ones_do_not(bed: Testbed) -> None:
+def test_outer_vxlan_packets_skip_conntrack(bed: Testbed) -> None:
     p1, p2 = pod(bed, 1), pod(bed, 2)
     n1 = bed.node(1).ns
 
@@ -173,9 +126,8 @@ def test_outer_vxlan_packets_skip_conntrack_inner_ones_do_not(bed: Testbed) -> N
         return bed.run(n1, ["conntrack", "-L", "-n"], check=False).stdout
 
     assert bed.ping(p1, p2.ip, count=2)
-    entries = conntrack()
-    assert "dport=4789" not in entries  # the encapsulating UDP packets are untracked
-    assert f"src={p1.ip} dst={p2.ip}" in entries  # the pods' own flow is tracked (for NAT)
+    assert "dport=4789" not in conntrack()  # the encapsulating UDP packets are untracked
+    # (whether the pods' own flow is tracked depends on the datapath: test_overlay_fastpath)
     # the bypass repairs itself when removed by hand
     bed.run(n1, ["iptables", "-t", "raw", "-F", "CORRAL-VXLAN"])
     wait_for(lambda: "--notrack" in bed.run(n1, ["iptables", "-t", "raw", "-S"]).stdout,

@@ -1,0 +1,224 @@
+/* The overlay's eBPF fast path for pod traffic between nodes (compiled by BCC;
+ * loaded and fed by corral/overlay/fastpath.py).
+ *
+ * Three tc (clsact ingress) programs in a node's network namespace:
+ *
+ *   from_pod      on each pod's host-side veth. A packet for a pod on another
+ *                 node is VXLAN-encapsulated here, exactly as the kernel's
+ *                 corral.<VNI> device would, and sent straight out of the
+ *                 underlay interface. A packet for a pod on this node goes
+ *                 straight into that pod's namespace (bpf_redirect_peer).
+ *   from_uplink   on the underlay interface. A VXLAN packet of our VNI for a
+ *                 pod on this node is decapsulated and put into the pod.
+ *   from_overlay  on corral.<VNI>. What the kernel decapsulated (fragments, or
+ *                 peers without the fast path) goes straight into the pod.
+ *
+ * Everything else (ARP, IPv6, other destinations, a TTL about to expire, a pod
+ * or peer the maps do not know yet) is left to the kernel (TC_ACT_OK), whose
+ * path stays complete: the fast path is an optimisation, never a requirement.
+ * Each node routes like the kernel would: the TTL drops by one per node on the
+ * way between nodes, and not at all between pods of one node (bridged).
+ *
+ * Addresses in the maps are in network byte order.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
+
+#define PROTO_UDP 17
+#define VXLAN_FLAG_VNI 0x08000000
+#define IP_DF 0x4000
+#define IP_MF_OFFSET 0x3fff
+
+/* BCC 0.26 declares this helper with three arguments; the kernel takes four. */
+static long (*redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags) =
+    (void *)BPF_FUNC_redirect_neigh;
+
+struct config {
+    u32 cluster_net, cluster_mask;  /* the cluster's pod network */
+    u32 subnet, subnet_mask;        /* this node's lease */
+    u32 uplink;                     /* ifindex of the underlay interface */
+    u32 local_ip;                   /* this node's underlay address */
+    u32 vni;
+    u16 port;                       /* VXLAN UDP port, network order */
+    u8 vtep_mac[6];                 /* this node's VTEP (corral.<VNI>) MAC */
+};
+
+struct pod {                        /* a pod on this node, by its IP */
+    u32 ifindex;                    /* host-side veth */
+    u8 pod_mac[6];
+    u8 host_mac[6];
+};
+
+struct peer {                       /* another node, by its subnet's address */
+    u32 ip;                         /* underlay address */
+    u8 vtep_mac[6];
+    u8 pad[2];
+};
+
+struct outer {
+    struct iphdr ip;
+    struct udphdr udp;
+    u32 vx_flags;
+    u32 vx_vni;
+    struct ethhdr eth;
+} __attribute__((packed));
+
+BPF_ARRAY(config, struct config, 1);
+BPF_HASH(pods, u32, struct pod, 4096);
+BPF_HASH(peers, u32, struct peer, 16384);
+/* packets handled: 0 encapsulated, 1 decapsulated, 2 delivered locally, 3 left to the kernel */
+BPF_PERCPU_ARRAY(stats, u64, 4);
+
+static __always_inline void count(int what) {
+    u64 *n = stats.lookup(&what);
+    if (n)
+        *n += 1;
+}
+
+static __always_inline struct config *get_config(void) {
+    int zero = 0;
+    return config.lookup(&zero);
+}
+
+/* Drop the TTL of the IPv4 header at `off` by one (the caller checked it is > 1). */
+static __always_inline int dec_ttl(struct __sk_buff *skb, u32 off, u8 ttl, u8 proto) {
+    u16 old = bpf_htons(((u16)ttl << 8) | proto);
+    u16 new = bpf_htons(((u16)(ttl - 1) << 8) | proto);
+    if (bpf_l3_csum_replace(skb, off + offsetof(struct iphdr, check), old, new, 2))
+        return -1;
+    u8 t = ttl - 1;
+    return bpf_skb_store_bytes(skb, off + offsetof(struct iphdr, ttl), &t, 1, 0);
+}
+
+/* Into the namespace of the local pod `p`, with the L2 header it expects. */
+static __always_inline int into_pod(struct __sk_buff *skb, struct pod *p) {
+    if (bpf_skb_store_bytes(skb, 0, p->pod_mac, 6, 0) ||
+        bpf_skb_store_bytes(skb, 6, p->host_mac, 6, 0))
+        return TC_ACT_SHOT;
+    return bpf_redirect_peer(p->ifindex, 0);
+}
+
+static __always_inline u16 ip_checksum(struct iphdr *ip) {
+    u32 sum = 0;
+    u16 *w = (u16 *)ip;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+        sum += w[i];
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
+int from_pod(struct __sk_buff *skb) {
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return TC_ACT_OK;
+    struct config *c = get_config();
+    u32 dst = ip->daddr;
+    if (!c || (dst & c->cluster_mask) != c->cluster_net)
+        return TC_ACT_OK;
+    u8 ttl = ip->ttl, proto = ip->protocol, tos = ip->tos;
+
+    if ((dst & c->subnet_mask) == c->subnet) {
+        /* Same subnet: the kernel's bridge would switch it (no routing, TTL kept,
+         * the pods' own MACs from ARP); skip the bridge and do the same. */
+        struct pod *p = pods.lookup(&dst);
+        if (!p)
+            goto kernel;
+        count(2);
+        return bpf_redirect_peer(p->ifindex, 0);
+    }
+
+    u32 key = dst & c->subnet_mask;
+    struct peer *peer = peers.lookup(&key);
+    if (!peer || ttl <= 1)  /* the kernel sends the ICMP time exceeded */
+        goto kernel;
+    struct outer h = {};
+    u32 inner_len = skb->len - sizeof(*eth);
+    h.ip.version = 4;
+    h.ip.ihl = 5;
+    h.ip.tos = tos;
+    h.ip.tot_len = bpf_htons(inner_len + sizeof(h));
+    h.ip.frag_off = bpf_htons(IP_DF);  /* inner MTU = underlay MTU - 50: never needed */
+    h.ip.ttl = 64;
+    h.ip.protocol = PROTO_UDP;
+    h.ip.saddr = c->local_ip;
+    h.ip.daddr = peer->ip;
+    h.ip.check = ip_checksum(&h.ip);
+    /* Source port from the inner flow's hash, as the kernel does: spreads flows
+     * over the underlay's ECMP paths and receive queues. */
+    h.udp.source = bpf_htons(32768 + bpf_get_hash_recalc(skb) % 28232);
+    h.udp.dest = c->port;
+    h.udp.len = bpf_htons(inner_len + sizeof(h) - sizeof(h.ip));
+    h.vx_flags = bpf_htonl(VXLAN_FLAG_VNI);
+    h.vx_vni = bpf_htonl(c->vni << 8);
+    __builtin_memcpy(h.eth.h_dest, peer->vtep_mac, 6);
+    __builtin_memcpy(h.eth.h_source, c->vtep_mac, 6);
+    h.eth.h_proto = bpf_htons(ETH_P_IP);
+    u32 uplink = c->uplink;
+
+    u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+                BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+                BPF_F_ADJ_ROOM_ENCAP_L2(sizeof(struct ethhdr));
+    if (bpf_skb_adjust_room(skb, sizeof(h), BPF_ADJ_ROOM_MAC, flags))
+        goto kernel;  /* untouched: the kernel's path takes it */
+    if (bpf_skb_store_bytes(skb, sizeof(*eth), &h, sizeof(h), 0) ||
+        dec_ttl(skb, sizeof(*eth) + sizeof(h), ttl, proto))
+        return TC_ACT_SHOT;
+    count(0);
+    /* The kernel's FIB picks the underlay next hop and fills in the outer MACs. */
+    return redirect_neigh(uplink, NULL, 0, 0);
+
+kernel:
+    count(3);
+    return TC_ACT_OK;
+}
+
+int from_uplink(struct __sk_buff *skb) {
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct outer *h = (void *)(eth + 1);
+    struct iphdr *in = (void *)(h + 1);
+    if ((void *)(in + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return TC_ACT_OK;
+    struct config *c = get_config();
+    if (!c || h->ip.ihl != 5 || h->ip.protocol != PROTO_UDP || h->udp.dest != c->port ||
+        h->ip.daddr != c->local_ip || (h->ip.frag_off & bpf_htons(IP_MF_OFFSET)) ||
+        h->vx_vni != bpf_htonl(c->vni << 8) || h->eth.h_proto != bpf_htons(ETH_P_IP))
+        return TC_ACT_OK;
+    u32 dst = in->daddr;
+    u8 ttl = in->ttl, proto = in->protocol;
+    struct pod *p = pods.lookup(&dst);
+    if (!p || ttl <= 1) {
+        count(3);
+        return TC_ACT_OK;
+    }
+    if (bpf_skb_adjust_room(skb, -(int)sizeof(*h), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+        return TC_ACT_OK;
+    if (dec_ttl(skb, sizeof(*eth), ttl, proto))
+        return TC_ACT_SHOT;
+    count(1);
+    return into_pod(skb, p);
+}
+
+int from_overlay(struct __sk_buff *skb) {
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return TC_ACT_OK;
+    u32 dst = ip->daddr;
+    u8 ttl = ip->ttl, proto = ip->protocol;
+    struct pod *p = pods.lookup(&dst);
+    if (!p || ttl <= 1 || dec_ttl(skb, sizeof(*eth), ttl, proto)) {
+        count(3);
+        return TC_ACT_OK;
+    }
+    count(1);
+    return into_pod(skb, p);
+}

@@ -1,0 +1,205 @@
+"""The overlay's eBPF fast path: what it is told and where it is attached.
+
+The programs (ebpf/overlay_fastpath.c) encapsulate pod-to-remote-pod packets
+on the pod's own veth and send them out of the underlay interface, and
+decapsulate VXLAN for local pods on the underlay interface and hand them
+straight to the pod (bpf_redirect_peer): no cni0 bridge, no IP forwarding
+and no corral.<VNI> device on the way. On the wire nothing changes: the
+packets are the VXLAN a kernel-path node sends and takes, so nodes with and
+without the fast path interoperate, and whatever the programs do not handle
+falls through to the kernel's path unchanged.
+
+Where the programs learn things:
+- `config`: the cluster network, this node's lease, the underlay interface
+  and address, VNI, port and VTEP MAC (from the overlay agent);
+- `peers`: every remote lease reached by VXLAN (subnet -> underlay IP, VTEP
+  MAC), the same set the agent programs into the kernel's FDB;
+- `pods`: every local pod, read from the kernel itself: corral-cni tags a pod's
+  host-side veth with the alias `corral-pod <IP> <pod MAC>`, so a restarted
+  agent finds them without asking anyone.
+
+Pod-to-pod packets on the fast path do not pass the node's netfilter hooks
+(as with Cilium's BPF host routing); pod traffic to anything outside the
+cluster network still does, and so do the outer VXLAN packets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from corral.ebpf import loader
+from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac
+from corral.overlay.vxlan import POD_ALIAS_PREFIX, Remote
+
+__all__ = ["BPFUnavailable", "FastPath", "Settings", "parse_pod_alias", "pod_alias"]
+
+SOURCE = "overlay_fastpath.c"
+PROGRAMS = ("from_pod", "from_uplink", "from_overlay")
+STATS = ("encapsulated", "decapsulated", "local", "to_kernel")
+IFF_UP = 1
+
+
+def pod_alias(ip: str, mac: str) -> str:
+    """The alias corral-cni gives a pod's host-side veth."""
+    return f"{POD_ALIAS_PREFIX}{ip} {mac.lower()}"
+
+
+def parse_pod_alias(alias: str | None) -> tuple[str, str] | None:
+    """(pod IP, pod MAC) from a host veth's alias, or None if it is not one of ours."""
+    if not alias or not alias.startswith(POD_ALIAS_PREFIX):
+        return None
+    parts = alias[len(POD_ALIAS_PREFIX):].split()
+    if len(parts) != 2:
+        return None
+    try:
+        ipaddress.IPv4Address(parts[0])
+    except ValueError:
+        return None
+    return parts[0], parts[1].lower()
+
+
+@dataclass(frozen=True)
+class Settings:
+    cluster: str         # the cluster network, e.g. 10.244.0.0/16
+    subnet: str          # this node's lease
+    uplink_index: int    # the underlay interface
+    local_ip: str        # this node's underlay address
+    vni: int
+    port: int
+    vtep_mac: str
+    device_index: int    # corral.<VNI>
+
+
+class FastPath:
+    """The loaded programs and their maps, kept in step by the overlay agent.
+
+    Methods that touch links take the agent's pyroute2 IPRoute (bound to the
+    node's namespace) and run on the agent's netlink thread.
+    """
+
+    def __init__(self) -> None:
+        self.progs: loader.TCPrograms | None = None
+        self.settings: Settings | None = None
+        self._peers: dict[str, Remote] = {}
+        self._pods: dict[str, tuple[int, str, str]] = {}  # pod IP -> (ifindex, pod MAC, host MAC)
+
+    def load(self) -> None:
+        """Compile and load the programs; BPFUnavailable says why not."""
+        self.progs = loader.TCPrograms(SOURCE, PROGRAMS)
+
+    def close(self) -> None:
+        if self.progs is not None:
+            self.progs.close()
+            self.progs = None
+
+    def _map(self, name: str) -> Any:
+        assert self.progs is not None, "load() first"
+        return self.progs.map(name)
+
+    # ------------------------------------------------------------ maps
+
+    def configure(self, s: Settings) -> None:
+        net, sub = ipaddress.IPv4Network(s.cluster), ipaddress.IPv4Network(s.subnet)
+        table = self._map("config")
+        c = table.Leaf()
+        c.cluster_net, c.cluster_mask = ip_key(str(net.network_address)), ip_key(str(net.netmask))
+        c.subnet, c.subnet_mask = ip_key(str(sub.network_address)), ip_key(str(sub.netmask))
+        c.uplink, c.local_ip, c.vni = s.uplink_index, ip_key(s.local_ip), s.vni
+        c.port = socket.htons(s.port)
+        set_mac(c.vtep_mac, s.vtep_mac)
+        table[ctypes.c_int(0)] = c
+        self.settings = s
+
+    def sync_peers(self, remotes: list[Remote]) -> list[str]:
+        """Make the peers map hold exactly `remotes`; what changed, for the log."""
+        table = self._map("peers")
+        want = {r.subnet: r for r in remotes}
+        changes: list[str] = []
+        for subnet, old in list(self._peers.items()):
+            if subnet not in want:
+                loader.forget(table, old.gateway)
+                del self._peers[subnet]
+                changes.append(f"fast path: peer {subnet} removed")
+        for subnet, r in want.items():
+            if self._peers.get(subnet) == r:
+                continue
+            v = table.Leaf()
+            v.ip = ip_key(r.public_ip)
+            set_mac(v.vtep_mac, r.vtep_mac)
+            table[table.Key(ip_key(r.gateway))] = v
+            self._peers[subnet] = r
+            changes.append(f"fast path: peer {subnet} via {r.public_ip}")
+        return changes
+
+    def sync_pods(self, ipr: Any) -> list[str]:
+        """Find the local pods' veths, hook from_pod onto each, and fill the pods map."""
+        assert self.settings is not None and self.progs is not None
+        subnet = ipaddress.IPv4Network(self.settings.subnet)
+        found: dict[str, tuple[int, str, str]] = {}
+        for link in ipr.get_links():
+            tag = parse_pod_alias(link.get_attr("IFLA_IFALIAS"))
+            # DEL takes a pod's veth down before deleting it: down means gone
+            if tag is None or not link["flags"] & IFF_UP:
+                continue
+            if ipaddress.IPv4Address(tag[0]) in subnet:
+                found[tag[0]] = (link["index"], tag[1],
+                                 str(link.get_attr("IFLA_ADDRESS")).lower())
+        table = self._map("pods")
+        changes: list[str] = []
+        for ip in list(self._pods):
+            if ip not in found:
+                loader.forget(table, ip)
+                del self._pods[ip]
+                changes.append(f"fast path: pod {ip} removed")
+        for ip, entry in found.items():
+            index, pod_mac, host_mac = entry
+            if "from_pod" not in loader.attached(ipr, index):
+                self.progs.attach(ipr, index, "from_pod")
+            if self._pods.get(ip) == entry:
+                continue
+            v = table.Leaf()
+            v.ifindex = index
+            set_mac(v.pod_mac, pod_mac)
+            set_mac(v.host_mac, host_mac)
+            table[table.Key(ip_key(ip))] = v
+            self._pods[ip] = entry
+            changes.append(f"fast path: pod {ip} on ifindex {index}")
+        return changes
+
+    def stats(self) -> dict[str, int]:
+        """Packets handled since load, summed over CPUs."""
+        table = self._map("stats")
+        return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(STATS)}
+
+    # ------------------------------------------------------------ hooks
+
+    def attach_fixed(self, ipr: Any, replace: bool = False) -> list[str]:
+        """from_uplink on the underlay interface, from_overlay on corral.<VNI>."""
+        assert self.settings is not None and self.progs is not None
+        changes = []
+        for index, name in ((self.settings.uplink_index, "from_uplink"),
+                            (self.settings.device_index, "from_overlay")):
+            if replace or name not in loader.attached(ipr, index):
+                self.progs.attach(ipr, index, name)
+                changes.append(f"fast path: {name} attached to ifindex {index}")
+        return changes
+
+    def attach_all(self, ipr: Any) -> list[str]:
+        """Put this load's programs on every hook: a restart's fresh load replaces the old."""
+        assert self.progs is not None
+        changes = self.attach_fixed(ipr, replace=True)
+        for index, _, _ in self._pods.values():
+            self.progs.attach(ipr, index, "from_pod")
+        if self._pods:
+            changes.append(f"fast path: from_pod attached to {len(self._pods)} pod veth(s)")
+        return changes
+
+
+def detach_all(ipr: Any) -> list[str]:
+    """Remove corral's programs from every link (the kernel path then carries everything)."""
+    return [f"fast path: programs removed from {name}"
+            for name in loader.detach_everywhere(ipr)]

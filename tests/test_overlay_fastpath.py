@@ -1,0 +1,197 @@
+"""The eBPF fast path against the kernel's path, on two simulated nodes.
+
+node-1's agent runs with the fast path (`--datapath bpf`), node-2's with the
+kernel's path only (`--datapath kernel`), so every exchange between them
+crosses from one datapath to the other: the wire format must be the same.
+Tests run in file order on one shared pair of nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from overlay_helpers import etcd_do, peer_seen_by_server, pod
+
+from corral.cluster import netns
+from corral.cluster.etcd import LocalEtcd
+from corral.ebpf import loader
+from corral.overlay.testbed import Testbed, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
+    pytest.mark.skipif(loader.unavailable() is not None,
+                       reason=f"BCC cannot compile here: {loader.unavailable()}"),
+]
+
+DEADLINE = 45.0
+FAST, KERNEL = 1, 2
+
+
+@pytest.fixture(scope="module")
+def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
+    etcd_do(etcd.url, lambda s: s.delete_prefix_raw("/corral/"))
+    tb = Testbed(etcd.url, nodes=2)
+    try:
+        tb.start_agent(FAST, wait=False, extra=["--datapath", "bpf"])
+        tb.start_agent(KERNEL, wait=False, extra=["--datapath", "kernel"])
+        for i in (FAST, KERNEL):
+            tb.wait_ready(i)
+            tb.add_pod(i)
+        wait_for(lambda: tb.ping(pod(tb, FAST), pod(tb, KERNEL).ip), DEADLINE, "pods to talk")
+        yield tb
+    finally:
+        tb.close()
+        etcd_do(etcd.url, lambda s: s.delete_prefix_raw("/corral/"))
+
+
+def programs(tb: Testbed, i: int) -> dict[str, list[str]]:
+    """corral's tc programs per link name in node i."""
+    k = tb.node(i)
+    with netns.ipr(k.ns) as ipr:
+        return {str(link.get_attr("IFLA_IFNAME")): progs for link in ipr.get_links()
+                if (progs := loader.attached(ipr, link["index"]))}
+
+
+def device_packets(tb: Testbed, i: int) -> int:
+    """Packets corral.1 sent plus received in node i."""
+    with netns.ipr(tb.node(i).ns) as ipr:
+        link = ipr.get_links(ipr.link_lookup(ifname="corral.1")[0])[0]
+        st = link.get_attr("IFLA_STATS64")
+        return int(st["rx_packets"]) + int(st["tx_packets"])
+
+
+def ping_output(tb: Testbed, src_ns: str, dst: str, *extra: str) -> str:
+    r = tb.run(src_ns, ["ping", "-c", "1", "-W", "2", *extra, dst], check=False)
+    return r.stdout + r.stderr
+
+
+def test_programs_sit_on_the_uplink_the_device_and_each_pod_veth(bed: Testbed) -> None:
+    fast = programs(bed, FAST)
+    assert fast["eth0"] == ["from_uplink"]
+    assert fast["corral.1"] == ["from_overlay"]
+    assert fast[f"v{pod(bed, FAST).name}"] == ["from_pod"]
+    assert programs(bed, KERNEL) == {}
+    assert "eBPF fast datapath" in bed.agent_log(FAST)
+    assert "kernel datapath" in bed.agent_log(KERNEL)
+
+
+def test_fast_and_kernel_nodes_talk_both_ways_with_pod_ips(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    assert peer_seen_by_server(bed, p2.ns, p2.ip, p1.ns, 7101) == p1.ip
+    assert peer_seen_by_server(bed, p1.ns, p1.ip, p2.ns, 7102) == p2.ip
+
+
+def test_the_fast_node_leaves_its_vxlan_device_out(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    before = {i: device_packets(bed, i) for i in (FAST, KERNEL)}
+    for _ in range(5):
+        assert bed.ping(p1, p2.ip)
+    # node-1 encapsulated the requests and decapsulated the replies in BPF;
+    # node-2's kernel did both through its corral.1
+    assert device_packets(bed, FAST) == before[FAST]
+    assert device_packets(bed, KERNEL) >= before[KERNEL] + 10
+
+
+def test_ttl_drops_once_per_node_as_on_the_kernel_path(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    assert "ttl=62" in ping_output(bed, p1.ns, p2.ip)  # reply: node-2 kernel, node-1 BPF
+    assert "ttl=62" in ping_output(bed, p2.ns, p1.ip)  # reply: node-1 BPF, node-2 kernel
+    # a TTL that would run out on the way is the kernel's, which says so
+    out = ping_output(bed, p1.ns, p2.ip, "-t", "1")
+    assert "Time to live exceeded" in out, out
+
+
+def test_pods_of_one_node_reach_each_other_as_if_bridged(bed: Testbed) -> None:
+    extra = bed.add_pod(FAST)
+    p1 = pod(bed, FAST)
+    wait_for(lambda: programs(bed, FAST).get(f"v{extra.name}") == ["from_pod"], DEADLINE,
+             "the new pod's veth to get the fast path")
+    assert "ttl=64" in ping_output(bed, p1.ns, extra.ip)  # switched, not routed
+    assert peer_seen_by_server(bed, extra.ns, extra.ip, p1.ns, 7103) == p1.ip
+    # and the new pod is reached from the other node through the fast path too
+    before = device_packets(bed, FAST)
+    assert bed.ping(pod(bed, KERNEL), extra.ip, count=3)
+    assert device_packets(bed, FAST) == before
+
+
+def test_pod_flows_skip_the_fast_nodes_conntrack(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+
+    def tracked(i: int) -> bool:
+        out = bed.run(bed.node(i).ns, ["conntrack", "-L", "-p", "icmp", "-n"],
+                      check=False).stdout
+        return f"src={p1.ip} dst={p2.ip}" in out
+
+    assert bed.ping(p1, p2.ip, count=2)
+    assert tracked(KERNEL)  # forwarded by node-2's kernel
+    assert not tracked(FAST)  # never entered node-1's netfilter
+
+
+def restart(bed: Testbed, i: int, *extra: str, sig: int = signal.SIGTERM) -> None:
+    readies = bed.agent_log(i).count("overlay ready")
+    bed.stop_agent(i, sig)
+    bed.start_agent(i, wait=False, extra=list(extra))
+    wait_for(lambda: bed.agent_log(i).count("overlay ready") > readies, DEADLINE,
+             f"node-{i}'s agent to be ready again")
+
+
+STREAM = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+end = time.time() + float(sys.argv[3]); n = 0
+while time.time() < end:
+    c.sendall(b"x" * 65536); n += 1
+print(n)
+"""
+
+SINK = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(); c, _ = s.accept()
+while c.recv(1 << 20): pass
+"""
+
+
+def test_a_restart_swaps_programs_under_a_running_stream(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    sink = bed.popen(p2.ns, [sys.executable, "-c", SINK, "7104"])
+    try:
+        wait_for(lambda: bed.run(p2.ns, ["ss", "-ltn"]).stdout.count(":7104") > 0, DEADLINE,
+                 "the sink to listen")
+        stream = bed.popen(p1.ns, [sys.executable, "-c", STREAM, p2.ip, "7104", "6"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        restart(bed, FAST, "--datapath", "bpf", sig=signal.SIGKILL)
+        out, err = stream.communicate(timeout=DEADLINE)
+        assert stream.returncode == 0, err
+        assert int(out) > 0
+    finally:
+        sink.kill()
+        sink.wait()
+    assert programs(bed, FAST)["eth0"] == ["from_uplink"]
+
+
+def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(
+        bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    restart(bed, FAST, "--datapath", "kernel")
+    assert programs(bed, FAST) == {}
+    before = device_packets(bed, FAST)
+    assert bed.ping(p1, p2.ip, count=2)
+    assert device_packets(bed, FAST) >= before + 4  # the kernel's device carries it now
+    restart(bed, FAST)  # auto: BCC is here, so the fast path
+    wait_for(lambda: "from_pod" in str(programs(bed, FAST)), DEADLINE, "programs to return")
+    assert bed.ping(p1, p2.ip)
+
+
+def test_a_deleted_pod_leaves_the_map(bed: Testbed) -> None:
+    extra = bed.node(FAST).pods[-1]
+    netns.remove(extra.ns)  # the pod's veth pair goes with its namespace
+    wait_for(lambda: f"fast path: pod {extra.ip} removed" in bed.agent_log(FAST), DEADLINE,
+             "the agent to drop the pod")
+    bed.node(FAST).pods.remove(extra)
+    assert bed.ping(pod(bed, KERNEL), pod(bed, FAST).ip)
