@@ -55,6 +55,7 @@ log = logging.getLogger("corral.overlay.agent")
 
 STATE_FILE = "overlay.json"
 DATAPATHS = ("auto", "bpf", "kernel")
+DATAPATH_FILE = "datapath.json"
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
@@ -90,6 +91,7 @@ class OverlayAgent:
         if self.datapath not in DATAPATHS:
             raise ValueError(f"datapath {self.datapath!r}: use one of {', '.join(DATAPATHS)}")
         self.fastpath: fastpath.FastPath | None = None
+        self._datapath_why = "datapath kernel was asked for"
         self._pods_dirty = asyncio.Event()
         self._monitor: EventMonitor | None = None
         self.kernel = Kernel(self.namespace)
@@ -191,6 +193,7 @@ class OverlayAgent:
         if self.datapath == "kernel":
             for c in await self._k(fastpath.detach_all, self.kernel.ipr):
                 log.info("%s", c)
+            self._write_datapath_file()
             return
         fp = fastpath.FastPath()
         try:
@@ -199,6 +202,8 @@ class OverlayAgent:
             if self.datapath == "bpf":
                 raise fastpath.BPFUnavailable(f"datapath bpf: {e} (or use --datapath auto)") from e
             log.warning("eBPF fast path off, the kernel's path carries all pod traffic: %s", e)
+            self._datapath_why = str(e)
+            self._write_datapath_file()
             return
         self.fastpath = fp
         for c in await self._k(self._fastpath_pass, True):
@@ -224,6 +229,18 @@ class OverlayAgent:
         write_json_atomic(self.ctx.paths.subnet_file, {
             "network": self.spec.network, "subnet": self.lease.subnet, "mtu": self.mtu,
             "ipMasq": self.spec.ip_masq, "node": self.ctx.node_name})
+
+    def _write_datapath_file(self) -> None:
+        """`<run dir>/datapath.json`: which datapath carries pod traffic, and how much.
+
+        Rewritten by every full pass (10 s), for whoever debugs the node.
+        """
+        fp = self.fastpath
+        doc: dict[str, Any] = {"datapath": "kernel", "why": self._datapath_why}
+        if fp is not None:
+            doc = {"datapath": "bpf", "pods": fp.pod_count, "peers": fp.peer_count,
+                   "packets": fp.stats()}
+        write_json_atomic(os.path.join(self.ctx.paths.run_dir, DATAPATH_FILE), doc)
 
     async def _set_pod_cidr(self, subnet: str) -> None:
         def change(n: Node) -> Node | None:
@@ -306,6 +323,7 @@ class OverlayAgent:
         if self.fastpath is not None:
             for c in await self._k(self._fastpath_pass, False):
                 log.info("%s", c)
+            self._write_datapath_file()
         self.reconciles += 1
 
     def _encapsulated(self) -> list[Remote]:

@@ -170,6 +170,14 @@ class FastPath:
             changes.append(f"fast path: pod {ip} on ifindex {index}")
         return changes
 
+    @property
+    def pod_count(self) -> int:
+        return len(self._pods)
+
+    @property
+    def peer_count(self) -> int:
+        return len(self._peers)
+
     def stats(self) -> dict[str, int]:
         """Packets handled since load, summed over CPUs."""
         table = self._map("stats")

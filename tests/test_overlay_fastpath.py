@@ -8,11 +8,13 @@ Tests run in file order on one shared pair of nodes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from overlay_helpers import etcd_do, peer_seen_by_server, pod
@@ -65,6 +67,11 @@ def device_packets(tb: Testbed, i: int) -> int:
         return int(st["rx_packets"]) + int(st["tx_packets"])
 
 
+def datapath_file(tb: Testbed, i: int) -> dict[str, Any]:
+    with open(os.path.join(tb.node(i).run_dir, "datapath.json")) as f:
+        return json.load(f)
+
+
 def ping_output(tb: Testbed, src_ns: str, dst: str, *extra: str) -> str:
     r = tb.run(src_ns, ["ping", "-c", "1", "-W", "2", *extra, dst], check=False)
     return r.stdout + r.stderr
@@ -95,6 +102,14 @@ def test_the_fast_node_leaves_its_vxlan_device_out(bed: Testbed) -> None:
     # node-2's kernel did both through its corral.1
     assert device_packets(bed, FAST) == before[FAST]
     assert device_packets(bed, KERNEL) >= before[KERNEL] + 10
+    # and the node says so in its datapath file (rewritten by every full pass)
+    wait_for(lambda: datapath_file(bed, FAST)["packets"]["encapsulated"] >= 5, DEADLINE,
+             "datapath.json to count the encapsulated pings")
+    doc = datapath_file(bed, FAST)
+    assert doc["datapath"] == "bpf" and doc["peers"] == 1 and doc["pods"] == 1
+    assert doc["packets"]["decapsulated"] >= 5
+    assert datapath_file(bed, KERNEL) == {"datapath": "kernel",
+                                          "why": "datapath kernel was asked for"}
 
 
 def test_ttl_drops_once_per_node_as_on_the_kernel_path(bed: Testbed) -> None:
