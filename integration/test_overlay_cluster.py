@@ -17,6 +17,7 @@ from cluster_helpers import wait_for
 
 from corral.api.objects import Node, Pod
 from corral.api.store import SUBNETS_PREFIX
+from corral.ebpf import loader
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,15 @@ DEADLINE = 90.0
 
 
 def subnet_info(cluster: Any, node: str) -> dict[str, Any]:
-    r = cluster.exec(node, "cat", "/run/corral/subnet.json")
+    return run_file(cluster, node, "subnet.json")
+
+
+def datapath_info(cluster: Any, node: str) -> dict[str, Any]:
+    return run_file(cluster, node, "datapath.json")
+
+
+def run_file(cluster: Any, node: str, name: str) -> dict[str, Any]:
+    r = cluster.exec(node, "cat", f"/run/corral/{name}")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -108,6 +117,13 @@ def test_pods_on_different_nodes_talk_without_nat(cluster: Any) -> None:
         assert seen == cli_ip  # the server saw the client pod's own address
         ping = cluster.corral("exec", names[1], "--", "ping", "-c", "1", "-W", "2", srv_ip)
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        if loader.unavailable() is None:
+            # BCC works here, so `corral up`'s nodes chose the eBPF fast path: the
+            # client's node encapsulated in BPF and says so (its file is rewritten
+            # by every full pass)
+            wait_for(lambda: datapath_info(cluster, cluster.nodes[1])["packets"]["encapsulated"]
+                     > 0, "the client node's datapath.json to count encapsulated packets")
+            assert datapath_info(cluster, cluster.nodes[0])["datapath"] == "bpf"
     finally:
         asyncio.run(delete())
 
