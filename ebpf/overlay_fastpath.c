@@ -54,6 +54,7 @@ struct pod {                        /* a pod on this node, by its IP */
 
 struct peer {                       /* another node, by its subnet's address */
     u32 ip;                         /* underlay address */
+    u32 nexthop;                    /* = ip when on-link on the underlay, else 0 (ask the FIB) */
     u8 vtep_mac[6];
     u8 pad[2];
 };
@@ -160,7 +161,7 @@ int from_pod(struct __sk_buff *skb) {
     __builtin_memcpy(h.eth.h_dest, peer->vtep_mac, 6);
     __builtin_memcpy(h.eth.h_source, c->vtep_mac, 6);
     h.eth.h_proto = bpf_htons(ETH_P_IP);
-    u32 uplink = c->uplink;
+    u32 uplink = c->uplink, nexthop = peer->nexthop;
 
     u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
                 BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
@@ -171,7 +172,12 @@ int from_pod(struct __sk_buff *skb) {
         dec_ttl(skb, sizeof(*eth) + sizeof(h), ttl, proto))
         return TC_ACT_SHOT;
     count(0);
-    /* The kernel's FIB picks the underlay next hop and fills in the outer MACs. */
+    /* The neighbour table fills in the outer MACs (resolving them if need be);
+     * for a peer behind a router the FIB picks the next hop first. */
+    if (nexthop) {
+        struct bpf_redir_neigh nh = {.nh_family = 2 /* AF_INET */, .ipv4_nh = nexthop};
+        return redirect_neigh(uplink, &nh, sizeof(nh), 0);
+    }
     return redirect_neigh(uplink, NULL, 0, 0);
 
 kernel:

@@ -345,8 +345,8 @@ class OverlayAgent:
             vtep_mac=self.vtep_mac, device_index=index)
         if fp.settings != want:
             fp.configure(want)
-        changes = fp.sync_peers(self._encapsulated())
-        changes += fp.sync_pods(self.kernel.ipr)
+        changes = fp.sync_peers(self._encapsulated(), ul.on_link)
+        changes += fp.sync_pods(self.kernel.ipr, verify=True)
         changes += fp.attach_all(self.kernel.ipr) if reattach else fp.attach_fixed(self.kernel.ipr)
         return changes
 
@@ -380,7 +380,9 @@ class OverlayAgent:
                                    self.underlay, self.spec.backend.direct_routing):
                 log.info("%s: %s", self.device, c)
         if self.fastpath is not None:
-            for c in await self._k(self.fastpath.sync_peers, self._encapsulated()):
+            assert self.underlay is not None
+            for c in await self._k(self.fastpath.sync_peers, self._encapsulated(),
+                                   self.underlay.on_link):
                 log.info("%s", c)
 
     async def _resync_config(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +115,13 @@ class FastPath:
         table[ctypes.c_int(0)] = c
         self.settings = s
 
-    def sync_peers(self, remotes: list[Remote]) -> list[str]:
-        """Make the peers map hold exactly `remotes`; what changed, for the log."""
+    def sync_peers(self, remotes: list[Remote], on_link: Callable[[str], bool]) -> list[str]:
+        """Make the peers map hold exactly `remotes`; what changed, for the log.
+
+        `on_link(ip)` says whether a peer's underlay address is on-link: the
+        programs then hand the packet to that neighbour directly instead of
+        asking the FIB for a next hop (a route lookup per packet saved).
+        """
         table = self._map("peers")
         want = {r.subnet: r for r in remotes}
         changes: list[str] = []
@@ -129,14 +135,19 @@ class FastPath:
                 continue
             v = table.Leaf()
             v.ip = ip_key(r.public_ip)
+            v.nexthop = v.ip if on_link(r.public_ip) else 0
             set_mac(v.vtep_mac, r.vtep_mac)
             table[table.Key(ip_key(r.gateway))] = v
             self._peers[subnet] = r
             changes.append(f"fast path: peer {subnet} via {r.public_ip}")
         return changes
 
-    def sync_pods(self, ipr: Any) -> list[str]:
-        """Find the local pods' veths, hook from_pod onto each, and fill the pods map."""
+    def sync_pods(self, ipr: Any, verify: bool = False) -> list[str]:
+        """Find the local pods' veths, hook from_pod onto each, and fill the pods map.
+
+        Hooks are checked for new or changed pods; `verify` checks every pod's
+        (the periodic pass: someone may have removed one by hand).
+        """
         assert self.settings is not None and self.progs is not None
         subnet = ipaddress.IPv4Network(self.settings.subnet)
         found: dict[str, tuple[int, str, str]] = {}
@@ -157,9 +168,11 @@ class FastPath:
                 changes.append(f"fast path: pod {ip} removed")
         for ip, entry in found.items():
             index, pod_mac, host_mac = entry
-            if "from_pod" not in loader.attached(ipr, index):
+            known = self._pods.get(ip) == entry
+            if (verify or not known) and "from_pod" not in loader.attached(ipr, index):
                 self.progs.attach(ipr, index, "from_pod")
-            if self._pods.get(ip) == entry:
+                changes.append(f"fast path: from_pod attached for pod {ip}")
+            if known:
                 continue
             v = table.Leaf()
             v.ifindex = index

@@ -203,6 +203,20 @@ def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(
     assert bed.ping(p1, p2.ip)
 
 
+def test_programs_removed_by_hand_come_back(bed: Testbed) -> None:
+    veth = f"v{pod(bed, FAST).name}"
+    for dev in ("eth0", veth):
+        bed.run(bed.node(FAST).ns, ["tc", "filter", "del", "dev", dev, "ingress",
+                                    "pref", str(loader.PRIO)])
+    assert "eth0" not in programs(bed, FAST)
+    wait_for(lambda: programs(bed, FAST).get("eth0") == ["from_uplink"]
+             and programs(bed, FAST).get(veth) == ["from_pod"], DEADLINE,
+             "the periodic pass to put the programs back")
+    before = device_packets(bed, FAST)
+    assert bed.ping(pod(bed, KERNEL), pod(bed, FAST).ip, count=2)
+    assert device_packets(bed, FAST) == before
+
+
 def test_a_deleted_pod_leaves_the_map(bed: Testbed) -> None:
     extra = bed.node(FAST).pods[-1]
     netns.remove(extra.ns)  # the pod's veth pair goes with its namespace
