@@ -185,8 +185,8 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         raise ClusterError(
             f"cluster {name!r} runs on underlay {old.underlay_cidr}, not {cidr}; "
             f"run `corral down --name {name}` first to change it")
+    urls = _check_etcd(opts.etcd) if opts.etcd else None  # the flag itself, before the host
     net = _parse_cidr(cidr, count, st.host_veth(name))
-    urls = _check_etcd(opts.etcd) if opts.etcd else None
     if old is not None and urls and (not old.etcd_external or urls != old.etcd_urls):
         raise ClusterError(
             f"cluster {name!r} was made with etcd "
