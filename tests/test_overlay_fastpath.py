@@ -190,6 +190,21 @@ def test_a_restart_swaps_programs_under_a_running_stream(bed: Testbed) -> None:
     assert programs(bed, FAST)["eth0"] == ["from_uplink"]
 
 
+def test_a_stopped_agent_leaves_the_programs_forwarding(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    bed.stop_agent(FAST)  # SIGTERM: a clean stop
+    try:
+        before = device_packets(bed, FAST)
+        assert bed.ping(p1, p2.ip, count=2)
+        assert bed.ping(p2, p1.ip, count=2)
+        assert device_packets(bed, FAST) == before  # still the programs, not the device
+    finally:
+        readies = bed.agent_log(FAST).count("overlay ready")
+        bed.start_agent(FAST, wait=False, extra=["--datapath", "bpf"])
+        wait_for(lambda: bed.agent_log(FAST).count("overlay ready") > readies, DEADLINE,
+                 "the agent to be back")
+
+
 def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(
         bed: Testbed) -> None:
     p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
