@@ -14,7 +14,7 @@ written one at a time and the time until the route and FDB entry are present
 on every real node is measured (polling the nodes' kernels over netlink).
 Removal is measured the same way.
 
-    python -m bench.overlay [--seconds 4] [--rounds 4] [--extra 50] [--trials 40]
+    python -m bench.overlay [--seconds 5] [--rounds 8] [--extra 50] [--trials 40]
                             [--datapath auto|bpf|kernel] [--no-pin]
 """
 
@@ -170,8 +170,9 @@ def convergence(tb: Testbed, extra: int, trials: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=int, default=4, help="seconds per iperf3 run")
-    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds")
+    ap.add_argument("--seconds", type=int, default=5, help="seconds per iperf3 run")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="alternating rounds (single-stream rounds swing ~0.7-1.2 here)")
     ap.add_argument("--extra", type=int, default=50, help="simulated node leases")
     ap.add_argument("--trials", type=int, default=40, help="new leases to time")
     ap.add_argument("--nodes", type=int, default=3)

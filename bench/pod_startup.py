@@ -190,7 +190,7 @@ async def run_cluster(args: argparse.Namespace) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.pod_startup")
     ap.add_argument("--pods", type=int, default=30)
     ap.add_argument("--probe", action="store_true",
@@ -199,7 +199,7 @@ def main() -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print the runtime's log")
     ap.add_argument("--cluster", action="store_true",
                     help="through `corral run --replicas N` on a 3-node `corral up` cluster")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.pod_startup needs root (network namespaces, cgroups)", file=sys.stderr)
         return 1

@@ -323,7 +323,7 @@ class OverlayAgent:
         if self.fastpath is not None:
             for c in await self._k(self._fastpath_pass, False):
                 log.info("%s", c)
-            self._write_datapath_file()
+            await self._k(self._write_datapath_file)
         self.reconciles += 1
 
     def _encapsulated(self) -> list[Remote]:
