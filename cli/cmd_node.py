@@ -33,10 +33,12 @@ def register(sub: Any) -> None:
                    help="the CNI binaries to install: a small C forwarder built here with cc "
                         "(default; falls back to python when it cannot be built) or the "
                         "stdlib-only Python script")
-    p.add_argument("--datapath", choices=("auto", "bpf", "kernel"), default="auto",
+    p.add_argument("--datapath", choices=("auto", "bpf", "kernel"),
+                   default=os.environ.get("CORRAL_DATAPATH", "auto"),
                    help="pod traffic between nodes: the eBPF fast path when BCC can load it, "
                         "else the kernel's path (auto, default); the fast path or fail (bpf); "
-                        "the kernel's path only (kernel)")
+                        "the kernel's path only (kernel). Default from CORRAL_DATAPATH, "
+                        "which `corral up` passes on to its nodes")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
 

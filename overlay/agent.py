@@ -93,6 +93,7 @@ class OverlayAgent:
         self.fastpath: fastpath.FastPath | None = None
         self._datapath_why = "datapath kernel was asked for"
         self._pods_dirty = asyncio.Event()
+        self._pod_links: set[int] = set()  # ifindexes link events named since the last update
         self._monitor: EventMonitor | None = None
         self.kernel = Kernel(self.namespace)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="corral-overlay-netlink")
@@ -183,31 +184,44 @@ class OverlayAgent:
                 lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key))
             self._monitor.start(await self._k(self.kernel.link_index, self.device))
         log.info("overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), "
-                 "%s datapath", self.ctx.node_name, self.subnet, self.underlay.iface,
+                 "%s", self.ctx.node_name, self.subnet, self.underlay.iface,
                  self.underlay.ip, self.device, self.mtu, len(self.remotes()),
-                 "eBPF fast" if self.fastpath else "kernel")
+                 "kernel datapath" if self.datapath == "kernel"
+                 else "kernel datapath until the eBPF fast path is loaded")
 
     async def _start_fastpath(self) -> None:
-        """Load the eBPF fast path (or, with datapath=kernel, remove one left behind)."""
+        """Check that the fast path can load (it loads in run()); datapath=kernel removes it."""
         await self._ensure_device()
         if self.datapath == "kernel":
             for c in await self._k(fastpath.detach_all, self.kernel.ipr):
                 log.info("%s", c)
             self._write_datapath_file()
+        elif self.datapath == "bpf" and (why := fastpath.unavailable()):
+            raise fastpath.BPFUnavailable(f"datapath bpf: {why} (or use --datapath auto)")
+
+    async def _load_fastpath(self) -> None:
+        """Compile and attach the fast path, off the start-up path.
+
+        Compiling takes about a second of CPU; pods need not wait for it: until
+        it is done the kernel's path (or a previous run's programs, still
+        attached) carries their traffic, and nothing changes on the wire.
+        """
+        if self.datapath == "kernel":
             return
         fp = fastpath.FastPath()
         try:
-            await self._k(fp.load)
+            await asyncio.get_running_loop().run_in_executor(None, fp.load)
         except fastpath.BPFUnavailable as e:
-            if self.datapath == "bpf":
-                raise fastpath.BPFUnavailable(f"datapath bpf: {e} (or use --datapath auto)") from e
-            log.warning("eBPF fast path off, the kernel's path carries all pod traffic: %s", e)
+            (log.error if self.datapath == "bpf" else log.warning)(
+                "eBPF fast path off, the kernel's path carries all pod traffic: %s", e)
             self._datapath_why = str(e)
-            self._write_datapath_file()
+            await self._k(self._write_datapath_file)
             return
         self.fastpath = fp
         for c in await self._k(self._fastpath_pass, True):
             log.info("%s", c)
+        await self._k(self._write_datapath_file)
+        log.info("eBPF fast path on: %d pod(s), %d peer(s)", fp.pod_count, fp.peer_count)
 
     async def _adopt(self, new: lease.Lease, previous: str | None) -> None:
         """Take `new` as this node's lease: device address, subnet file, Node.spec.podCIDR."""
@@ -357,6 +371,7 @@ class OverlayAgent:
         them keeps every lease removal from costing a full pass on every node.
         """
         if kind == "pod":
+            self._pod_links.add(int(key))
             self._pods_dirty.set()
             return
         if kind != "link":
@@ -402,7 +417,8 @@ class OverlayAgent:
     async def run(self) -> None:
         tasks = [asyncio.create_task(c, name=f"overlay-{n}") for n, c in (
             ("lease", self._lease_loop()), ("watch", self._watch_loop()),
-            ("reconcile", self._reconcile_loop()), ("pods", self._pods_loop()))]
+            ("reconcile", self._reconcile_loop()), ("pods", self._pods_loop()),
+            ("fastpath", self._load_fastpath()))]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -454,10 +470,11 @@ class OverlayAgent:
         while True:
             await self._pods_dirty.wait()
             self._pods_dirty.clear()
+            links, self._pod_links = self._pod_links, set()
             if self.fastpath is None:
                 continue
             try:
-                for c in await self._k(self.fastpath.sync_pods, self.kernel.ipr):
+                for c in await self._k(self.fastpath.update_links, self.kernel.ipr, links):
                     log.info("%s", c)
             except Exception:
                 log.exception("fast path pod sync failed; the periodic pass retries")

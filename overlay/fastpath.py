@@ -32,11 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from corral.ebpf import loader
-from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac
+from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac, unavailable
 from corral.overlay.vxlan import POD_ALIAS_PREFIX, Remote
 
-__all__ = ["BPFUnavailable", "FastPath", "Settings", "parse_pod_alias", "pod_alias"]
+__all__ = ["BPFUnavailable", "FastPath", "Settings", "parse_pod_alias", "pod_alias",
+           "unavailable"]
 
 SOURCE = "overlay_fastpath.c"
 PROGRAMS = ("from_pod", "from_uplink", "from_overlay")
@@ -143,37 +146,57 @@ class FastPath:
         return changes
 
     def sync_pods(self, ipr: Any, verify: bool = False) -> list[str]:
-        """Find the local pods' veths, hook from_pod onto each, and fill the pods map.
+        """Find every local pod's veth, hook from_pod onto each, and fill the pods map.
 
         Hooks are checked for new or changed pods; `verify` checks every pod's
         (the periodic pass: someone may have removed one by hand).
         """
-        assert self.settings is not None and self.progs is not None
-        subnet = ipaddress.IPv4Network(self.settings.subnet)
-        found: dict[str, tuple[int, str, str]] = {}
-        for link in ipr.get_links():
-            tag = parse_pod_alias(link.get_attr("IFLA_IFALIAS"))
-            # DEL takes a pod's veth down before deleting it: down means gone
-            if tag is None or not link["flags"] & IFF_UP:
-                continue
-            if ipaddress.IPv4Address(tag[0]) in subnet:
-                found[tag[0]] = (link["index"], tag[1],
-                                 str(link.get_attr("IFLA_ADDRESS")).lower())
-        table = self._map("pods")
+        found = dict(e for link in ipr.get_links() if (e := self._pod_entry(link)))
         changes: list[str] = []
-        for ip in list(self._pods):
-            if ip not in found:
-                loader.forget(table, ip)
-                del self._pods[ip]
-                changes.append(f"fast path: pod {ip} removed")
+        for ip in [ip for ip in self._pods if ip not in found]:
+            changes += self._drop_pod(ip)
         for ip, entry in found.items():
-            index, pod_mac, host_mac = entry
-            known = self._pods.get(ip) == entry
-            if (verify or not known) and "from_pod" not in loader.attached(ipr, index):
-                self.progs.attach(ipr, index, "from_pod")
-                changes.append(f"fast path: from_pod attached for pod {ip}")
-            if known:
-                continue
+            changes += self._set_pod(ipr, ip, entry, verify)
+        return changes
+
+    def update_links(self, ipr: Any, indexes: set[int]) -> list[str]:
+        """sync_pods for just these links (what link events named): no full dump."""
+        changes: list[str] = []
+        for index in indexes:
+            try:
+                links = ipr.get_links(index)
+            except NetlinkError:  # gone
+                links = []
+            got = self._pod_entry(links[0]) if links else None
+            for ip, entry in list(self._pods.items()):
+                if entry[0] == index and (got is None or got[0] != ip):
+                    changes += self._drop_pod(ip)
+            if got is not None:
+                changes += self._set_pod(ipr, got[0], got[1], verify=False)
+        return changes
+
+    def _pod_entry(self, link: Any) -> tuple[str, tuple[int, str, str]] | None:
+        """(pod IP, (ifindex, pod MAC, host MAC)) for an up pod veth of our subnet."""
+        assert self.settings is not None
+        tag = parse_pod_alias(link.get_attr("IFLA_IFALIAS"))
+        # DEL takes a pod's veth down before deleting it: down means gone
+        if tag is None or not link["flags"] & IFF_UP:
+            return None
+        if ipaddress.IPv4Address(tag[0]) not in ipaddress.IPv4Network(self.settings.subnet):
+            return None
+        return tag[0], (link["index"], tag[1], str(link.get_attr("IFLA_ADDRESS")).lower())
+
+    def _set_pod(self, ipr: Any, ip: str, entry: tuple[int, str, str],
+                 verify: bool) -> list[str]:
+        assert self.progs is not None
+        changes = []
+        index, pod_mac, host_mac = entry
+        known = self._pods.get(ip) == entry
+        if (verify or not known) and "from_pod" not in loader.attached(ipr, index):
+            self.progs.attach(ipr, index, "from_pod")
+            changes.append(f"fast path: from_pod attached for pod {ip}")
+        if not known:
+            table = self._map("pods")
             v = table.Leaf()
             v.ifindex = index
             set_mac(v.pod_mac, pod_mac)
@@ -182,6 +205,11 @@ class FastPath:
             self._pods[ip] = entry
             changes.append(f"fast path: pod {ip} on ifindex {index}")
         return changes
+
+    def _drop_pod(self, ip: str) -> list[str]:
+        loader.forget(self._map("pods"), ip)
+        del self._pods[ip]
+        return [f"fast path: pod {ip} removed"]
 
     @property
     def pod_count(self) -> int:

@@ -175,6 +175,11 @@ class Testbed:
                                  + self.agent_log(n.index)[-3000:])
         return "overlay ready" in self.agent_log(n.index)
 
+    def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 60.0) -> None:
+        """Wait until node i's agent has loaded the eBPF fast path `runs` times in all."""
+        wait_for(lambda: self.agent_log(i).count("eBPF fast path on") >= runs, timeout,
+                 f"the eBPF fast path on node-{i}")
+
     def agent_log(self, i: int) -> str:
         try:
             with open(self.node(i).log_path, errors="replace") as f:

@@ -390,7 +390,7 @@ class EventMonitor:
     """Calls `on_damage(kind, key)` when netlink reports a change to what the overlay owns.
 
     kind/key: ("link", device), ("neighbour", ip), ("fdb", mac), ("route", cidr),
-    ("pod", host veth name) for any change to a pod's veth.
+    ("pod", ifindex) for any change to a pod's veth.
 
     Listens (on a thread of its own) for link, neighbour/FDB and IPv4 route
     events in the namespace and reports: the device deleted or changed, a
@@ -448,7 +448,7 @@ class EventMonitor:
                 if event in ("RTM_NEWLINK", "RTM_DELLINK"):
                     alias = msg.get("IFLA_IFALIAS")
                     if alias and alias.startswith(POD_ALIAS_PREFIX):
-                        self.on_damage("pod", str(msg.get("IFLA_IFNAME")))
+                        self.on_damage("pod", str(msg["index"]))
                     elif msg.get("IFLA_IFNAME") == self.device:
                         index = msg["index"]
                         self.on_damage("link", self.device)

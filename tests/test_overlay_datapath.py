@@ -24,6 +24,7 @@ from corral.api.objects import NetworkConfig, Node, SubnetLease
 from corral.api.store import Store, subnet_key
 from corral.cli.cmd_network import cmd_node_remove
 from corral.cluster.etcd import LocalEtcd
+from corral.ebpf import loader
 from corral.overlay import lease as leases
 from corral.overlay.testbed import SWITCH_IP, Testbed, wait_for
 
@@ -45,6 +46,8 @@ def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
         for i in (1, 2, 3):
             wait_for(lambda i=i: len(tb.snapshot(i)["routes"]) == 2, DEADLINE,
                      f"node-{i} to have routes to both peers")
+            if loader.unavailable() is None:  # the default datapath: wait for the programs
+                tb.wait_fastpath(i)
         yield tb
     finally:
         tb.close()

@@ -44,6 +44,7 @@ def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
         for i in (FAST, KERNEL):
             tb.wait_ready(i)
             tb.add_pod(i)
+        tb.wait_fastpath(FAST)
         wait_for(lambda: tb.ping(pod(tb, FAST), pod(tb, KERNEL).ip), DEADLINE, "pods to talk")
         yield tb
     finally:
@@ -83,8 +84,8 @@ def test_programs_sit_on_the_uplink_the_device_and_each_pod_veth(bed: Testbed) -
     assert fast["corral.1"] == ["from_overlay"]
     assert fast[f"v{pod(bed, FAST).name}"] == ["from_pod"]
     assert programs(bed, KERNEL) == {}
-    assert "eBPF fast datapath" in bed.agent_log(FAST)
-    assert "kernel datapath" in bed.agent_log(KERNEL)
+    assert "eBPF fast path on" in bed.agent_log(FAST)
+    assert "eBPF fast path" not in bed.agent_log(KERNEL)
 
 
 def test_fast_and_kernel_nodes_talk_both_ways_with_pod_ips(bed: Testbed) -> None:
@@ -148,11 +149,15 @@ def test_pod_flows_skip_the_fast_nodes_conntrack(bed: Testbed) -> None:
 
 
 def restart(bed: Testbed, i: int, *extra: str, sig: int = signal.SIGTERM) -> None:
+    """Restart node i's agent; unless it is told to use the kernel path, wait for the fast path."""
     readies = bed.agent_log(i).count("overlay ready")
+    loads = bed.agent_log(i).count("eBPF fast path on")
     bed.stop_agent(i, sig)
     bed.start_agent(i, wait=False, extra=list(extra))
     wait_for(lambda: bed.agent_log(i).count("overlay ready") > readies, DEADLINE,
              f"node-{i}'s agent to be ready again")
+    if "kernel" not in extra:
+        bed.wait_fastpath(i, runs=loads + 1)
 
 
 STREAM = """
@@ -199,10 +204,9 @@ def test_a_stopped_agent_leaves_the_programs_forwarding(bed: Testbed) -> None:
         assert bed.ping(p2, p1.ip, count=2)
         assert device_packets(bed, FAST) == before  # still the programs, not the device
     finally:
-        readies = bed.agent_log(FAST).count("overlay ready")
+        loads = bed.agent_log(FAST).count("eBPF fast path on")
         bed.start_agent(FAST, wait=False, extra=["--datapath", "bpf"])
-        wait_for(lambda: bed.agent_log(FAST).count("overlay ready") > readies, DEADLINE,
-                 "the agent to be back")
+        bed.wait_fastpath(FAST, runs=loads + 1)
 
 
 def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(
