@@ -141,6 +141,8 @@ int from_pod(struct __sk_buff *skb) {
         goto kernel;
     struct outer h = {};
     u32 inner_len = skb->len - sizeof(*eth);
+    if (inner_len + sizeof(h) > 0xffff)  /* an outer length that would not fit (UDP GSO) */
+        goto kernel;
     h.ip.version = 4;
     h.ip.ihl = 5;
     h.ip.tos = tos;

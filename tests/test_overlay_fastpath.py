@@ -135,6 +135,43 @@ def test_pods_of_one_node_reach_each_other_as_if_bridged(bed: Testbed) -> None:
     assert device_packets(bed, FAST) == before
 
 
+UDP_SINK = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(3); n = 0
+try:
+    while True:
+        n += len(s.recv(65535))
+except TimeoutError:
+    pass
+print(n)
+"""
+
+UDP_GSO_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 103, 1400)  # UDP_SEGMENT: the kernel cuts 1400-byte datagrams
+for size in (65000, 65507, 65507):  # up to the largest payload UDP allows
+    s.sendto(b"x" * size, (sys.argv[1], int(sys.argv[2]))); time.sleep(0.2)
+"""
+
+
+def test_udp_gso_bursts_cross_whole(bed: Testbed) -> None:
+    p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
+    sink = bed.popen(p2.ns, [sys.executable, "-c", UDP_SINK, "7105"], stdout=subprocess.PIPE,
+                     text=True)
+    try:
+        wait_for(lambda: ":7105" in bed.run(p2.ns, ["ss", "-lun"]).stdout, DEADLINE,
+                 "the UDP sink to listen")
+        bed.run(p1.ns, [sys.executable, "-c", UDP_GSO_SEND, p2.ip, "7105"])
+        out, _ = sink.communicate(timeout=DEADLINE)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+        sink.wait()
+    assert int(out) == 65000 + 2 * 65507
+
+
 def test_pod_flows_skip_the_fast_nodes_conntrack(bed: Testbed) -> None:
     p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
 
