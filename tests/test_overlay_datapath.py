@@ -265,7 +265,12 @@ def test_lost_lease_is_reacquired(bed: Testbed) -> None:
 
 
 def test_direct_routing_skips_encapsulation_on_link(bed: Testbed) -> None:
-    encap = bed.snapshot(1)
+    # the baseline: both peers programmed (the test before re-leases node-2)
+    def both_peers() -> dict[str, Any] | None:
+        snap = bed.snapshot(1)
+        return snap if len(snap["routes"]) == 2 else None
+
+    encap = wait_for(both_peers, DEADLINE, "node-1 to have entries for both peers")
     set_config(bed, direct_routing=True)
     try:
         def direct() -> bool:
@@ -276,7 +281,10 @@ def test_direct_routing_skips_encapsulation_on_link(bed: Testbed) -> None:
         wait_for(lambda: bed.ping(pod(bed, 1), pod(bed, 3).ip), DEADLINE, "pods to talk")
     finally:
         set_config(bed, direct_routing=False)
-    wait_for(lambda: bed.snapshot(1) == encap, DEADLINE, "the VXLAN entries to come back")
+    try:
+        wait_for(lambda: bed.snapshot(1) == encap, DEADLINE, "the VXLAN entries to come back")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: wanted {encap}, have {bed.snapshot(1)}") from None
 
 
 def test_lease_added_and_removed_in_etcd(bed: Testbed) -> None:
