@@ -191,7 +191,6 @@ class OverlayAgent:
 
     async def _start_fastpath(self) -> None:
         """Check that the fast path can load (it loads in run()); datapath=kernel removes it."""
-        await self._ensure_device()
         if self.datapath == "kernel":
             for c in await self._k(fastpath.detach_all, self.kernel.ipr):
                 log.info("%s", c)

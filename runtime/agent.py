@@ -16,7 +16,6 @@ import importlib
 import logging
 import os
 import signal
-import socket
 from typing import Any, Protocol
 
 from corral.api.objects import Node, NodeAddress, NodeCondition, NodeStatus
@@ -52,23 +51,16 @@ def load_component(name: str, ctx: NodeContext) -> Component:
 
 def underlay_address(iface: str | None = None) -> tuple[str, str]:
     """(interface, IPv4 address) of `iface`, or of the default route's interface."""
-    from pyroute2 import IPRoute
+    from corral.overlay.vxlan import Kernel, KernelError  # the overlay's one lookup
 
-    with IPRoute() as ipr:
-        if iface is None:
-            routes = ipr.get_default_routes(family=socket.AF_INET)
-            if not routes:
-                raise NodeSetupError("no IPv4 default route to find the underlay interface; "
-                                   "pass --underlay-iface")
-            idx = routes[0].get_attr("RTA_OIF")
-            iface = ipr.get_links(idx)[0].get_attr("IFLA_IFNAME")
-        idxs = ipr.link_lookup(ifname=iface)
-        if not idxs:
-            raise NodeSetupError(f"underlay interface {iface!r} does not exist")
-        addrs = ipr.get_addr(index=idxs[0], family=socket.AF_INET)
-        if not addrs:
-            raise NodeSetupError(f"underlay interface {iface!r} has no IPv4 address")
-        return iface, addrs[0].get_attr("IFA_ADDRESS")
+    kernel = Kernel()
+    try:
+        found = kernel.find_underlay(iface)
+    except KernelError as e:
+        raise NodeSetupError(str(e)) from None
+    finally:
+        kernel.close()
+    return found.iface, found.ip
 
 
 def node_capacity() -> dict[str, Any]:
