@@ -70,8 +70,10 @@ def _is_union_tag(part: Any) -> bool:
 
 def parse_object(doc: Any, source: str = "manifest") -> TypedObject:
     if not isinstance(doc, dict):
-        raise ManifestError(f"{source}: expected a mapping with apiVersion, kind and metadata, "
-                            f"got {type(doc).__name__}")
+        raise ManifestError(
+            f"{source}: expected a mapping with apiVersion, kind and metadata, "
+            f"got {type(doc).__name__}"
+        )
     kind = doc.get("kind")
     if not kind:
         raise ManifestError(f"{source}: kind is missing")

@@ -26,7 +26,8 @@ from corral.api.quantity import QuantityError, parse_quantity
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
@@ -37,7 +38,8 @@ def _dns1123_label(v: str) -> str:
     if len(v) > 63 or not _DNS1123_LABEL.match(v):
         raise ValueError(
             f"{v!r} must be a DNS label: at most 63 lowercase letters, digits or '-', "
-            "starting and ending with a letter or digit")
+            "starting and ending with a letter or digit"
+        )
     return v
 
 
@@ -45,7 +47,8 @@ def _dns1123_subdomain(v: str) -> str:
     if len(v) > 253 or not _DNS1123_SUBDOMAIN.match(v):
         raise ValueError(
             f"{v!r} must be a DNS subdomain: lowercase letters, digits, '-' and '.', "
-            "starting and ending with a letter or digit")
+            "starting and ending with a letter or digit"
+        )
     return v
 
 
@@ -53,7 +56,8 @@ def _dns1035_label(v: str) -> str:
     if len(v) > 63 or not _DNS1035_LABEL.match(v):
         raise ValueError(
             f"{v!r} must be a DNS-1035 label: at most 63 lowercase letters, digits or '-', "
-            "starting with a letter and ending with a letter or digit")
+            "starting with a letter and ending with a letter or digit"
+        )
     return v
 
 
@@ -174,7 +178,8 @@ class TypedObject(Model):
         if self.api_version not in cls.API_VERSIONS:
             raise ValueError(
                 f"apiVersion {self.api_version!r} is not served for {cls.KIND}; "
-                f"use {' or '.join(cls.API_VERSIONS)}")
+                f"use {' or '.join(cls.API_VERSIONS)}"
+            )
         if self.metadata.name is not None:
             cls.NAME_RULE(self.metadata.name)
         if cls.NAMESPACED:
@@ -218,9 +223,11 @@ class ContainerPort(Model):
 
 class ResourceRequirements(Model):
     requests: dict[Literal["cpu", "memory", "pods", "ephemeral-storage"], Quantity] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
     limits: dict[Literal["cpu", "memory", "pods", "ephemeral-storage"], Quantity] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
 
 
 def _check_requests_within_limits(r: ResourceRequirements) -> ResourceRequirements:
@@ -280,9 +287,9 @@ class Container(Model):
     working_dir: str | None = None
     env: list[EnvVar] = Field(default_factory=list)
     ports: list[ContainerPort] = Field(default_factory=list)
-    resources: Annotated[ResourceRequirements,
-                         AfterValidator(_check_requests_within_limits)] = Field(
-        default_factory=ResourceRequirements)
+    resources: Annotated[ResourceRequirements, AfterValidator(_check_requests_within_limits)] = (
+        Field(default_factory=ResourceRequirements)
+    )
     readiness_probe: Probe | None = None
     liveness_probe: Probe | None = None
     startup_probe: Probe | None = None
@@ -292,7 +299,8 @@ class Container(Model):
         if not self.command:
             raise ValueError(
                 "command is required: corral runs the command you give (an image is a plain "
-                "root filesystem with no entrypoint of its own)")
+                "root filesystem with no entrypoint of its own)"
+            )
         return self
 
 
@@ -322,7 +330,8 @@ class PodSpec(Model):
     hostname: DNSLabel | None = None
     subdomain: DNSLabel | None = None
     dns_policy: Literal["ClusterFirst", "Default", "None", "ClusterFirstWithHostNet"] = (
-        "ClusterFirst")
+        "ClusterFirst"
+    )
     scheduler_name: str | None = None
     priority: int | None = None
 
@@ -453,8 +462,10 @@ class ServiceSpec(Model):
             raise ValueError("spec.externalName is only allowed when type is ExternalName")
         headless = self.cluster_ip == "None"
         if not self.ports and not headless:
-            raise ValueError("spec.ports must list at least one port (only headless "
-                             "services, clusterIP: None, may have none)")
+            raise ValueError(
+                "spec.ports must list at least one port (only headless "
+                "services, clusterIP: None, may have none)"
+            )
         if headless and self.type != "ClusterIP":
             raise ValueError("clusterIP: None (headless) needs type ClusterIP")
         names = [p.name for p in self.ports]
@@ -637,8 +648,9 @@ class ReplicationControllerSpec(Model):
         labels = self.template.metadata.labels
         if self.selector is None:
             if not labels:
-                raise ValueError("spec.template.metadata.labels is required "
-                                 "(the selector defaults to them)")
+                raise ValueError(
+                    "spec.template.metadata.labels is required (the selector defaults to them)"
+                )
             self.selector = dict(labels)
         if not self.selector:
             raise ValueError("spec.selector must not be empty")
@@ -646,7 +658,8 @@ class ReplicationControllerSpec(Model):
             if labels.get(k) != v:
                 raise ValueError(
                     f"spec.selector {k}={v} does not match spec.template.metadata.labels; "
-                    "the controller would never see its own pods")
+                    "the controller would never see its own pods"
+                )
         return self
 
 
@@ -692,8 +705,10 @@ class DeploymentSpec(Model):
         labels = self.template.metadata.labels
         for k, v in self.selector.match_labels.items():
             if labels.get(k) != v:
-                raise ValueError(f"spec.selector.matchLabels {k}={v} does not match "
-                                 "spec.template.metadata.labels")
+                raise ValueError(
+                    f"spec.selector.matchLabels {k}={v} does not match "
+                    "spec.template.metadata.labels"
+                )
         return self
 
 
@@ -739,16 +754,21 @@ class NetworkSpec(Model):
         if net.version != 4:
             raise ValueError("spec.network: only IPv4 networks are supported")
         if net.overlaps(svc):
-            raise ValueError(f"spec.network {net} overlaps spec.serviceCIDR {svc}; "
-                             "pods and service VIPs need separate ranges")
+            raise ValueError(
+                f"spec.network {net} overlaps spec.serviceCIDR {svc}; "
+                "pods and service VIPs need separate ranges"
+            )
         if self.subnet_len <= net.prefixlen:
-            raise ValueError(f"spec.subnetLen {self.subnet_len} must be longer than the "
-                             f"network's prefix /{net.prefixlen}, or there is one subnet at most")
+            raise ValueError(
+                f"spec.subnetLen {self.subnet_len} must be longer than the "
+                f"network's prefix /{net.prefixlen}, or there is one subnet at most"
+            )
         if self.subnet_len - net.prefixlen < 1:
             raise ValueError("spec.subnetLen leaves room for fewer than 2 node subnets")
         if ipaddress.ip_address(self.cluster_dns) not in svc:
-            raise ValueError(f"spec.clusterDNS {self.cluster_dns} is outside "
-                             f"spec.serviceCIDR {svc}")
+            raise ValueError(
+                f"spec.clusterDNS {self.cluster_dns} is outside spec.serviceCIDR {svc}"
+            )
         for f in ("subnet_min", "subnet_max"):
             v = getattr(self, f)
             if v is not None and ipaddress.ip_address(v) not in net:
@@ -794,6 +814,12 @@ class IPAllocation(Model):
 
 
 KINDS: tuple[type[TypedObject], ...] = (
-    Node, Pod, Service, Endpoints, EndpointSlice, ReplicationController, Deployment,
+    Node,
+    Pod,
+    Service,
+    Endpoints,
+    EndpointSlice,
+    ReplicationController,
+    Deployment,
     NetworkConfig,
 )

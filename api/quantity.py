@@ -6,11 +6,21 @@ import re
 from decimal import Decimal, InvalidOperation
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-_DECIMAL = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
-            "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
-            "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18)}
+_DECIMAL = {
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "": Decimal(1),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+}
 _RE = re.compile(
-    r"^([+]?[0-9]+(?:\.[0-9]*)?|[+]?\.[0-9]+)([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?$")
+    r"^([+]?[0-9]+(?:\.[0-9]*)?|[+]?\.[0-9]+)([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?$"
+)
 
 
 class QuantityError(ValueError):
@@ -27,8 +37,7 @@ def parse_quantity(value: str | int | float) -> Decimal:
         return Decimal(str(value))
     m = _RE.match(str(value).strip())
     if not m:
-        raise QuantityError(
-            f"{value!r} is not a quantity (examples: 100m, 0.5, 64Mi, 1Gi, 500M)")
+        raise QuantityError(f"{value!r} is not a quantity (examples: 100m, 0.5, 64Mi, 1Gi, 500M)")
     try:
         number = Decimal(m.group(1))
     except InvalidOperation as e:  # pragma: no cover - the regex admits only numbers

@@ -183,8 +183,12 @@ class Store:
         for i in range(len(self.endpoints)):
             idx = (self._idx + i) % len(self.endpoints)
             host, port = self.endpoints[idx]
-            client = aetcd.Client(host=host, port=port, timeout=self.timeout,
-                                  connect_wait_timeout=max(1, int(self.timeout)))
+            client = aetcd.Client(
+                host=host,
+                port=port,
+                timeout=self.timeout,
+                connect_wait_timeout=max(1, int(self.timeout)),
+            )
             try:
                 await client.connect()
                 await asyncio.wait_for(client.status(), self.timeout)
@@ -229,8 +233,9 @@ class Store:
     async def list_raw(self, prefix: str) -> tuple[list[KV], int]:
         """Every key under `prefix` and the store revision they were read at."""
         r = await self._call(lambda c: c.get_prefix(prefix.encode()))
-        kvs = [KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease)
-               for kv in r]
+        kvs = [
+            KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease) for kv in r
+        ]
         rev = r.header.revision if getattr(r, "header", None) is not None else await self.revision()
         return kvs, rev
 
@@ -248,16 +253,19 @@ class Store:
     async def create_raw(self, key: str, value: bytes, lease: int | None = None) -> int:
         """Create `key` only if absent; returns the revision; AlreadyExists otherwise."""
         ok, rev = await self.txn(
-            compare=[("create", key, "==", 0)], success=[("put", key, value, lease)])
+            compare=[("create", key, "==", 0)], success=[("put", key, value, lease)]
+        )
         if not ok:
             raise AlreadyExists(key)
         return rev
 
-    async def cas_raw(self, key: str, value: bytes, mod_revision: int,
-                      lease: int | None = None) -> int:
+    async def cas_raw(
+        self, key: str, value: bytes, mod_revision: int, lease: int | None = None
+    ) -> int:
         """Replace `key` only if its mod revision is still `mod_revision`."""
         ok, rev = await self.txn(
-            compare=[("mod", key, "==", mod_revision)], success=[("put", key, value, lease)])
+            compare=[("mod", key, "==", mod_revision)], success=[("put", key, value, lease)]
+        )
         if not ok:
             raise Conflict(key)
         return rev
@@ -267,8 +275,9 @@ class Store:
         if mod_revision is None:
             r = await self._call(lambda c: c.delete(key.encode()))
             return r is not None
-        ok, _ = await self.txn(compare=[("mod", key, "==", mod_revision)],
-                               success=[("delete", key)])
+        ok, _ = await self.txn(
+            compare=[("mod", key, "==", mod_revision)], success=[("delete", key)]
+        )
         if not ok:
             cur = await self.get_raw(key)
             if cur is None:
@@ -280,8 +289,9 @@ class Store:
         r = await self._call(lambda c: c.delete_prefix(prefix.encode()))
         return getattr(r, "deleted", 0) or 0
 
-    async def txn(self, compare: list[tuple], success: list[tuple],
-                  failure: list[tuple] | None = None) -> tuple[bool, int]:
+    async def txn(
+        self, compare: list[tuple], success: list[tuple], failure: list[tuple] | None = None
+    ) -> tuple[bool, int]:
         """A transaction over simple tuples, so callers need not touch aetcd.
 
         compare: ("create"|"mod"|"version"|"value", key, op, target)
@@ -294,10 +304,14 @@ class Store:
             cmps = []
             for what, key, op, target in compare:
                 target_b = target.encode() if isinstance(target, str) else target
-                base = {"create": t.create, "mod": t.mod, "version": t.version,
-                        "value": t.value}[what](key.encode())
-                cmps.append({"==": base.__eq__, "!=": base.__ne__, "<": base.__lt__,
-                             ">": base.__gt__}[op](target_b))
+                base = {"create": t.create, "mod": t.mod, "version": t.version, "value": t.value}[
+                    what
+                ](key.encode())
+                cmps.append(
+                    {"==": base.__eq__, "!=": base.__ne__, "<": base.__lt__, ">": base.__gt__}[op](
+                        target_b
+                    )
+                )
 
             def ops(items: list[tuple] | None) -> list[Any]:
                 out = []
@@ -357,9 +371,9 @@ class Store:
 
     # ------------------------------------------------------------ raw watch
 
-    async def watch_prefix_raw(self, prefix: str, start_revision: int,
-                               known: dict[str, int] | None = None
-                               ) -> AsyncIterator[RawEvent]:
+    async def watch_prefix_raw(
+        self, prefix: str, start_revision: int, known: dict[str, int] | None = None
+    ) -> AsyncIterator[RawEvent]:
         """Events under `prefix` from `start_revision` on, surviving compaction and reconnects.
 
         `known` maps key -> mod revision of what the caller already has (from its
@@ -391,13 +405,16 @@ class Store:
                         await self.connect()
                 continue
 
-    async def _watch_once(self, prefix: str, start: int,
-                          known: dict[str, int]) -> AsyncIterator[RawEvent]:
+    async def _watch_once(
+        self, prefix: str, start: int, known: dict[str, int]
+    ) -> AsyncIterator[RawEvent]:
         if self._client is None:
             await self.connect()
         w = await self._client.watch(
-            prefix.encode(), range_end=aetcd.utils.prefix_range_end(prefix.encode()),
-            start_revision=start)
+            prefix.encode(),
+            range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+            start_revision=start,
+        )
         try:
             async for ev in w:
                 key = ev.kv.key.decode()
@@ -511,8 +528,14 @@ class Store:
                 continue
         raise Conflict(key)
 
-    async def modify(self, kind: type[T], name: str, namespace: str | None,
-                     change: Callable[[T], T | None], retries: int = 20) -> T:
+    async def modify(
+        self,
+        kind: type[T],
+        name: str,
+        namespace: str | None,
+        change: Callable[[T], T | None],
+        retries: int = 20,
+    ) -> T:
         """Read, apply `change`, CAS; retried on conflict. `change` may return None to skip."""
         for _ in range(retries):
             obj = await self.get(kind, name, namespace)
@@ -527,14 +550,23 @@ class Store:
                 await asyncio.sleep(0.005)
         raise Conflict(object_key(kind, name, namespace))
 
-    async def delete(self, kind: type[T], name: str, namespace: str | None = None,
-                     resource_version: str | None = None) -> bool:
+    async def delete(
+        self,
+        kind: type[T],
+        name: str,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+    ) -> bool:
         key = object_key(kind, name, namespace)
         return await self.delete_raw(key, int(resource_version) if resource_version else None)
 
-    async def watch(self, kind: type[T], namespace: str | None = None,
-                    start_revision: int | None = None,
-                    known: dict[str, int] | None = None) -> AsyncIterator[WatchEvent]:
+    async def watch(
+        self,
+        kind: type[T],
+        namespace: str | None = None,
+        start_revision: int | None = None,
+        known: dict[str, int] | None = None,
+    ) -> AsyncIterator[WatchEvent]:
         """Typed events from `start_revision`; see watch_prefix_raw for resumption."""
         prefix = kind_prefix(kind, namespace)
         if start_revision is None:
@@ -551,17 +583,19 @@ class Store:
                     continue
                 yield WatchEvent(ev.type, obj, ev.revision)
 
-    async def list_and_watch(self, kind: type[T], namespace: str | None = None
-                             ) -> AsyncIterator[WatchEvent]:
+    async def list_and_watch(
+        self, kind: type[T], namespace: str | None = None
+    ) -> AsyncIterator[WatchEvent]:
         """ADDED for everything present, then every later change: the informer pattern.
 
         DELETED events carry the key name (`ns/name` or `name`) as `object`.
         """
         objs, rev = await self.list(kind, namespace)
-        known = {object_key(kind, o.name, o.namespace): int(o.metadata.resource_version or 0)
-                 for o in objs}
+        known = {
+            object_key(kind, o.name, o.namespace): int(o.metadata.resource_version or 0)
+            for o in objs
+        }
         for o in objs:
             yield WatchEvent("ADDED", o, int(o.metadata.resource_version or 0))
         async for ev in self.watch(kind, namespace, rev + 1, known):
             yield ev
-

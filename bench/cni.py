@@ -32,11 +32,22 @@ from corral.cluster.etcd import LocalEtcd  # noqa: E402
 from corral.cni.install import build_native_shim  # noqa: E402
 
 REFERENCE = {
-    "cniVersion": "1.0.0", "name": "refnet",
-    "plugins": [{"type": "bridge", "bridge": "refbr0", "isGateway": True, "mtu": 1450,
-                 "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.245.0.0/24"}]],
-                          "routes": [{"dst": "0.0.0.0/0"}]}}],
+    "cniVersion": "1.0.0",
+    "name": "refnet",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "refbr0",
+            "isGateway": True,
+            "mtu": 1450,
+            "hairpinMode": True,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.245.0.0/24"}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        }
+    ],
 }
 
 
@@ -45,15 +56,23 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
-def run_block(node: CNINode, conf_dir: Path, net: str, pods: list[str],
-              cni_path: str | None = None) -> dict[str, list]:
+def run_block(
+    node: CNINode, conf_dir: Path, net: str, pods: list[str], cni_path: str | None = None
+) -> dict[str, list]:
     argv = [node.client, "bench", str(conf_dir), net, str(node.cache_dir), *pods]
     env = dict(os.environ, CNI_PATH=cni_path or node.cni_path())
-    r = subprocess.run(netns.command(node.name, argv), capture_output=True, text=True,
-                       env=env, timeout=600, check=False)
+    r = subprocess.run(
+        netns.command(node.name, argv),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     if r.returncode != 0:
-        raise SystemExit(f"{net}: libcni client failed: {r.stdout.strip()} {r.stderr.strip()}"
-                         f"\n{node.log()}")
+        raise SystemExit(
+            f"{net}: libcni client failed: {r.stdout.strip()} {r.stderr.strip()}\n{node.log()}"
+        )
     return json.loads(r.stdout)
 
 
@@ -86,31 +105,39 @@ def main(argv: list[str] | None = None) -> int:
         run_block(node, ref_dir, "refnet", pods[:5])
         run_block(node, node.conf_dir, "corral", pods[:5], native_path)
         res: dict[str, dict[str, list[float]]] = {
-            who: {"add": [], "del": []} for who in ("corral", "corral-c", "reference")}
+            who: {"add": [], "del": []} for who in ("corral", "corral-c", "reference")
+        }
         for b in range(args.blocks):
-            order = [("corral", node.conf_dir, "corral", None),
-                     ("reference", ref_dir, "refnet", None),
-                     ("corral-c", node.conf_dir, "corral", native_path)]
+            order = [
+                ("corral", node.conf_dir, "corral", None),
+                ("reference", ref_dir, "refnet", None),
+                ("corral-c", node.conf_dir, "corral", native_path),
+            ]
             for who, d, net, path in order if b % 2 == 0 else order[::-1]:
                 wait_until(lambda: not node.veths(), 60, "veths from the last block to go")
                 r = run_block(node, d, net, pods, path)
                 res[who]["add"] += r["add"]
                 res[who]["del"] += r["del"]
-        print(f"CNI ADD/DEL through libcni, {per_block * args.blocks} pairs each "
-              f"({args.blocks} alternating blocks), ms")
+        print(
+            f"CNI ADD/DEL through libcni, {per_block * args.blocks} pairs each "
+            f"({args.blocks} alternating blocks), ms"
+        )
         print(f"{'':10} {'ADD p50':>8} {'ADD p99':>8} {'DEL p50':>8} {'DEL p99':>8}")
         for who in ("corral", "corral-c", "reference"):
             a, d = res[who]["add"], res[who]["del"]
-            print(f"{who:10} {pct(a, 50):8.1f} {pct(a, 99):8.1f} {pct(d, 50):8.1f} "
-                  f"{pct(d, 99):8.1f}")
+            print(
+                f"{who:10} {pct(a, 50):8.1f} {pct(a, 99):8.1f} {pct(d, 50):8.1f} {pct(d, 99):8.1f}"
+            )
         r = res["reference"]
         for who in ("corral", "corral-c"):
             o = res[who]
-            print(f"ratio {who}/reference: "
-                  f"ADD p50 {statistics.median(o['add']) / statistics.median(r['add']):.2f}, "
-                  f"DEL p50 {statistics.median(o['del']) / statistics.median(r['del']):.2f}, "
-                  f"ADD p99 {pct(o['add'], 99) / pct(r['add'], 99):.2f}, "
-                  f"DEL p99 {pct(o['del'], 99) / pct(r['del'], 99):.2f}")
+            print(
+                f"ratio {who}/reference: "
+                f"ADD p50 {statistics.median(o['add']) / statistics.median(r['add']):.2f}, "
+                f"DEL p50 {statistics.median(o['del']) / statistics.median(r['del']):.2f}, "
+                f"ADD p99 {pct(o['add'], 99) / pct(r['add'], 99):.2f}, "
+                f"DEL p99 {pct(o['del'], 99) / pct(r['del'], 99):.2f}"
+            )
     finally:
         node.cleanup()
         etcd.stop()

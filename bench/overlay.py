@@ -48,26 +48,55 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
-def iperf(tb: Testbed, client_ns: str, server_ns: str, server_ip: str, streams: int,
-          seconds: int, port: int, pin: bool = False) -> float:
+def iperf(
+    tb: Testbed,
+    client_ns: str,
+    server_ns: str,
+    server_ip: str,
+    streams: int,
+    seconds: int,
+    port: int,
+    pin: bool = False,
+) -> float:
     """Received bits/s of one iperf3 run."""
-    srv = subprocess.Popen(netns.command(server_ns, ["iperf3", "-s", "-1", "-p", str(port)]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = subprocess.Popen(
+        netns.command(server_ns, ["iperf3", "-s", "-1", "-p", str(port)]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 20
         while True:
-            r = subprocess.run(netns.command(client_ns, [
-                "iperf3", "-c", server_ip, "-p", str(port), "-t", str(seconds),
-                "-P", str(streams), "-J", *(["-A", "0,1"] if pin else [])]),
-                capture_output=True, text=True, timeout=seconds + 60)
+            r = subprocess.run(
+                netns.command(
+                    client_ns,
+                    [
+                        "iperf3",
+                        "-c",
+                        server_ip,
+                        "-p",
+                        str(port),
+                        "-t",
+                        str(seconds),
+                        "-P",
+                        str(streams),
+                        "-J",
+                        *(["-A", "0,1"] if pin else []),
+                    ],
+                ),
+                capture_output=True,
+                text=True,
+                timeout=seconds + 60,
+            )
             ok = r.returncode == 0 and '"sum_received"' in r.stdout
             if ok or time.monotonic() > deadline:
                 break
             time.sleep(0.2)  # the server was not listening yet
         doc = json.loads(r.stdout or "{}")
         if r.returncode != 0 or "sum_received" not in doc.get("end", {}):
-            raise SystemExit(f"iperf3 failed: {doc.get('error') or r.stdout[-800:]} "
-                             f"{r.stderr[-500:]}")
+            raise SystemExit(
+                f"iperf3 failed: {doc.get('error') or r.stdout[-800:]} {r.stderr[-500:]}"
+            )
         return float(doc["end"]["sum_received"]["bits_per_second"])
     finally:
         srv.kill()
@@ -88,18 +117,23 @@ def throughput(tb: Testbed, seconds: int, rounds: int, pin: bool) -> dict[str, A
                 port += 1
                 bps = iperf(tb, c, s, ip, streams, seconds, port, pin)
                 res.setdefault(f"{what}-{streams}", []).append(bps)
-                print(f"  round {rnd + 1} {what:>4} {streams} stream(s): "
-                      f"{bps / 1e9:6.2f} Gbit/s", flush=True)
+                print(
+                    f"  round {rnd + 1} {what:>4} {streams} stream(s): {bps / 1e9:6.2f} Gbit/s",
+                    flush=True,
+                )
     out: dict[str, Any] = {}
     for streams in (1, 4):
         pods, nodes = res[f"pod-{streams}"], res[f"node-{streams}"]
         # the ratio of each round's back-to-back pair: a burst of load from other
         # processes hits both runs of a pair alike, so pairs compare better than medians
         ratios = [p / n for p, n in zip(pods, nodes, strict=True)]
-        out[f"{streams}"] = {"pod_gbps": statistics.median(pods) / 1e9,
-                             "node_gbps": statistics.median(nodes) / 1e9,
-                             "ratio": statistics.median(ratios),
-                             "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        out[f"{streams}"] = {
+            "pod_gbps": statistics.median(pods) / 1e9,
+            "node_gbps": statistics.median(nodes) / 1e9,
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
     return out
 
 
@@ -114,9 +148,12 @@ def _present(k: Kernel, index: int, subnet: str, mac: str) -> bool:
 
 
 def fake(i: int) -> SubnetLease:
-    return SubnetLease(subnet=f"10.244.{100 + i}.0/24", node_name=f"sim-{i}",
-                       public_ip=f"172.30.0.{100 + (i % 100)}",
-                       vtep_mac=f"02:00:00:00:{i // 256:02x}:{i % 256:02x}")
+    return SubnetLease(
+        subnet=f"10.244.{100 + i}.0/24",
+        node_name=f"sim-{i}",
+        public_ip=f"172.30.0.{100 + (i % 100)}",
+        vtep_mac=f"02:00:00:00:{i // 256:02x}:{i % 256:02x}",
+    )
 
 
 def convergence(tb: Testbed, extra: int, trials: int) -> dict[str, Any]:
@@ -131,8 +168,11 @@ def convergence(tb: Testbed, extra: int, trials: int) -> dict[str, Any]:
     def wait_all(rec: SubnetLease, present: bool, t0: float, limit: float = 30) -> float:
         pending = set(range(len(kernels)))
         while pending:
-            pending = {i for i in pending
-                       if _present(kernels[i], idx[i], rec.subnet, rec.vtep_mac) != present}
+            pending = {
+                i
+                for i in pending
+                if _present(kernels[i], idx[i], rec.subnet, rec.vtep_mac) != present
+            }
             if time.monotonic() - t0 > limit:
                 raise SystemExit(f"lease {rec.subnet} not (un)programmed within {limit} s")
             if pending:
@@ -144,9 +184,15 @@ def convergence(tb: Testbed, extra: int, trials: int) -> dict[str, Any]:
 
     add, rem = [], []
     try:
+
         async def put_all() -> None:
-            await asyncio.gather(*(store.put_raw(subnet_key(fake(i).subnet),
-                                                 leases.encode(fake(i))) for i in range(extra)))
+            await asyncio.gather(
+                *(
+                    store.put_raw(subnet_key(fake(i).subnet), leases.encode(fake(i)))
+                    for i in range(extra)
+                )
+            )
+
         loop.run_until_complete(put_all())
         wait_all(fake(extra - 1), True, time.monotonic(), limit=60)
         for t in range(trials):
@@ -163,25 +209,40 @@ def convergence(tb: Testbed, extra: int, trials: int) -> dict[str, Any]:
         loop.run_until_complete(store.close())
         loop.close()
     return {
-        "leases": extra + len(tb.nodes), "trials": trials,
-        "add_p50_ms": statistics.median(add) * 1e3, "add_p99_ms": pct(add, 99) * 1e3,
+        "leases": extra + len(tb.nodes),
+        "trials": trials,
+        "add_p50_ms": statistics.median(add) * 1e3,
+        "add_p99_ms": pct(add, 99) * 1e3,
         "add_max_ms": max(add) * 1e3,
-        "remove_p50_ms": statistics.median(rem) * 1e3, "remove_p99_ms": pct(rem, 99) * 1e3,
+        "remove_p50_ms": statistics.median(rem) * 1e3,
+        "remove_p99_ms": pct(rem, 99) * 1e3,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=5, help="seconds per iperf3 run")
-    ap.add_argument("--rounds", type=int, default=8,
-                    help="alternating rounds (single-stream rounds swing ~0.7-1.2 here)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="alternating rounds (single-stream rounds swing ~0.7-1.2 here)",
+    )
     ap.add_argument("--extra", type=int, default=50, help="simulated node leases")
     ap.add_argument("--trials", type=int, default=40, help="new leases to time")
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--datapath", choices=("auto", "bpf", "kernel"), default="auto",
-                    help="the agents' datapath for pod traffic (default: auto)")
-    ap.add_argument("--no-pin", dest="pin", action="store_false",
-                    help="do not pin iperf3's client and server to CPUs 0 and 1")
+    ap.add_argument(
+        "--datapath",
+        choices=("auto", "bpf", "kernel"),
+        default="auto",
+        help="the agents' datapath for pod traffic (default: auto)",
+    )
+    ap.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin iperf3's client and server to CPUs 0 and 1",
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.overlay needs root (network namespaces)", file=sys.stderr)
@@ -204,22 +265,37 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(1, args.nodes + 1):
                     tb.wait_fastpath(i)
                 fast = True
-        print(f"throughput (medians over rounds; {'eBPF fast' if fast else 'kernel'} datapath, "
-              f"iperf3 {'pinned to CPUs 0,1' if pin else 'not pinned'}):", flush=True)
+        print(
+            f"throughput (medians over rounds; {'eBPF fast' if fast else 'kernel'} datapath, "
+            f"iperf3 {'pinned to CPUs 0,1' if pin else 'not pinned'}):",
+            flush=True,
+        )
         tp = throughput(tb, args.seconds, args.rounds, pin)
         for streams, r in tp.items():
-            print(f"  {streams} stream(s): pod-to-pod {r['pod_gbps']:.2f} Gbit/s, "
-                  f"node-to-node {r['node_gbps']:.2f} Gbit/s, ratio {r['ratio']:.2f} "
-                  f"(rounds {r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
-        print(f"convergence ({args.extra} simulated leases + {args.nodes} nodes, "
-              f"{args.trials} trials):", flush=True)
+            print(
+                f"  {streams} stream(s): pod-to-pod {r['pod_gbps']:.2f} Gbit/s, "
+                f"node-to-node {r['node_gbps']:.2f} Gbit/s, ratio {r['ratio']:.2f} "
+                f"(rounds {r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+            )
+        print(
+            f"convergence ({args.extra} simulated leases + {args.nodes} nodes, "
+            f"{args.trials} trials):",
+            flush=True,
+        )
         cv = convergence(tb, args.extra, args.trials)
-        print(f"  new lease -> route+FDB on every node: p50 {cv['add_p50_ms']:.1f} ms, "
-              f"p99 {cv['add_p99_ms']:.1f} ms, max {cv['add_max_ms']:.1f} ms")
-        print(f"  removed lease -> entries gone everywhere: p50 {cv['remove_p50_ms']:.1f} ms, "
-              f"p99 {cv['remove_p99_ms']:.1f} ms")
-        print(json.dumps({"datapath": "bpf" if fast else "kernel", "throughput": tp,
-                          "convergence": cv}))
+        print(
+            f"  new lease -> route+FDB on every node: p50 {cv['add_p50_ms']:.1f} ms, "
+            f"p99 {cv['add_p99_ms']:.1f} ms, max {cv['add_max_ms']:.1f} ms"
+        )
+        print(
+            f"  removed lease -> entries gone everywhere: p50 {cv['remove_p50_ms']:.1f} ms, "
+            f"p99 {cv['remove_p99_ms']:.1f} ms"
+        )
+        print(
+            json.dumps(
+                {"datapath": "bpf" if fast else "kernel", "throughput": tp, "convergence": cv}
+            )
+        )
     finally:
         tb.close()
         etcd.stop()

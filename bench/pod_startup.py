@@ -47,11 +47,17 @@ def pct(xs: list[float], p: float) -> float:
 def pod(node: str, i: int, probe: bool) -> Pod:
     c: dict = {"name": "c", "command": ["sleep", "3600"]}
     if probe:
-        c = {"name": "web", "command": ["/usr/bin/python3", "-m", "http.server", "8080"],
-             "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}
-    return Pod.model_validate({
-        "metadata": {"name": f"bench-{i}", "labels": {"app": "bench"}},
-        "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0, "containers": [c]}})
+        c = {
+            "name": "web",
+            "command": ["/usr/bin/python3", "-m", "http.server", "8080"],
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        }
+    return Pod.model_validate(
+        {
+            "metadata": {"name": f"bench-{i}", "labels": {"app": "bench"}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 0, "containers": [c]},
+        }
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -89,15 +95,21 @@ async def run(args: argparse.Namespace) -> int:
         try:
             await asyncio.wait_for(done.wait(), args.timeout)
         except TimeoutError:
-            print(f"only {len(ready_at)}/{args.pods} pods Ready after {args.timeout:.0f}s; "
-                  f"runtime log tail:\n{node.runtime_log()}", file=sys.stderr)
+            print(
+                f"only {len(ready_at)}/{args.pods} pods Ready after {args.timeout:.0f}s; "
+                f"runtime log tail:\n{node.runtime_log()}",
+                file=sys.stderr,
+            )
             return 1
         total = time.monotonic() - t0
         watcher.cancel()
         lat = [ready_at[n] - created[n] for n in created]
-        report(f"pod startup, {args.pods} pods on one node "
-               f"({'TCP readiness probe' if args.probe else 'no probe'}), reference CNI plugins",
-               lat, total)
+        report(
+            f"pod startup, {args.pods} pods on one node "
+            f"({'TCP readiness probe' if args.probe else 'no probe'}), reference CNI plugins",
+            lat,
+            total,
+        )
         if args.verbose:
             print(node.runtime_log())
         return 0
@@ -115,10 +127,14 @@ def report(title: str, lat: list[float], total: float) -> None:
     print(title)
     print(f"  all Ready after   {total:6.2f} s")
     print(f"  per pod  p50      {p50:6.3f} s   p99 {p99:6.3f} s   max {max(lat):6.3f} s")
-    print(f"  p99 vs Kubernetes SLO (5 s): {p99 / SLO_P99:5.2f}x of budget  "
-          f"{'OK' if p99 <= SLO_P99 else 'MISSED'}")
-    print(f"  p99 vs corral target (1 s):  {p99 / TARGET_P99:5.2f}x of budget  "
-          f"{'OK' if p99 <= TARGET_P99 else 'MISSED'}")
+    print(
+        f"  p99 vs Kubernetes SLO (5 s): {p99 / SLO_P99:5.2f}x of budget  "
+        f"{'OK' if p99 <= SLO_P99 else 'MISSED'}"
+    )
+    print(
+        f"  p99 vs corral target (1 s):  {p99 / TARGET_P99:5.2f}x of budget  "
+        f"{'OK' if p99 <= TARGET_P99 else 'MISSED'}"
+    )
 
 
 async def run_cluster(args: argparse.Namespace) -> int:
@@ -134,12 +150,28 @@ async def run_cluster(args: argparse.Namespace) -> int:
     env.pop("CORRAL_ETCD", None)
 
     def corral(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "corral", *argv], env=env, text=True,
-                              capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *argv],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
 
     try:
-        r = await asyncio.to_thread(corral, "up", "--name", name, "--nodes", "3",
-                                    "--underlay-cidr", args.underlay_cidr, "--wait", "120")
+        r = await asyncio.to_thread(
+            corral,
+            "up",
+            "--name",
+            name,
+            "--nodes",
+            "3",
+            "--underlay-cidr",
+            args.underlay_cidr,
+            "--wait",
+            "120",
+        )
         if r.returncode != 0:
             print(f"corral up failed:\n{r.stderr}{r.stdout}", file=sys.stderr)
             return 1
@@ -164,25 +196,35 @@ async def run_cluster(args: argparse.Namespace) -> int:
 
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0.2)
-        cmd = ["sleep", "3600"] if not args.probe else [
-            "/usr/bin/python3", "-m", "http.server", "8080"]
+        cmd = (
+            ["sleep", "3600"]
+            if not args.probe
+            else ["/usr/bin/python3", "-m", "http.server", "8080"]
+        )
         t0 = time.monotonic()
-        r = await asyncio.to_thread(corral, "run", "bench", "--replicas", str(args.pods),
-                                    "--command", "--", *cmd)
+        r = await asyncio.to_thread(
+            corral, "run", "bench", "--replicas", str(args.pods), "--command", "--", *cmd
+        )
         if r.returncode != 0:
             print(f"corral run failed:\n{r.stderr}", file=sys.stderr)
             return 1
         try:
             await asyncio.wait_for(done.wait(), args.timeout)
         except TimeoutError:
-            print(f"only {len(ready_at)}/{args.pods} pods Ready after {args.timeout:.0f}s",
-                  file=sys.stderr)
+            print(
+                f"only {len(ready_at)}/{args.pods} pods Ready after {args.timeout:.0f}s",
+                file=sys.stderr,
+            )
             return 1
         total = time.monotonic() - t0
         watcher.cancel()
         lat = [ready_at[n] - seen[n] for n in ready_at]
-        report(f"pod startup, `corral run --replicas {args.pods}` on a 3-node corral up "
-               "cluster (corral CNI, scheduler, replication controller)", lat, total)
+        report(
+            f"pod startup, `corral run --replicas {args.pods}` on a 3-node corral up "
+            "cluster (corral CNI, scheduler, replication controller)",
+            lat,
+            total,
+        )
         await store.close()
         return 0
     finally:
@@ -193,12 +235,18 @@ async def run_cluster(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.pod_startup")
     ap.add_argument("--pods", type=int, default=30)
-    ap.add_argument("--probe", action="store_true",
-                    help="pods serve HTTP and become Ready through a TCP readiness probe")
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="pods serve HTTP and become Ready through a TCP readiness probe",
+    )
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("-v", "--verbose", action="store_true", help="print the runtime's log")
-    ap.add_argument("--cluster", action="store_true",
-                    help="through `corral run --replicas N` on a 3-node `corral up` cluster")
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="through `corral run --replicas N` on a 3-node `corral up` cluster",
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench.pod_startup needs root (network namespaces, cgroups)", file=sys.stderr)

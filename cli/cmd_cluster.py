@@ -17,11 +17,17 @@ T = TypeVar("T")
 
 
 def _name_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default=os.environ.get("CORRAL_CLUSTER") or DEFAULT_NAME,
-                   help=f"cluster name (default: $CORRAL_CLUSTER, else {DEFAULT_NAME})")
-    p.add_argument("--state-dir", default=None,
-                   help="where the cluster's state lives (default: /var/lib/corral/<name>, "
-                        "root overridden by $CORRAL_STATE_DIR)")
+    p.add_argument(
+        "--name",
+        default=os.environ.get("CORRAL_CLUSTER") or DEFAULT_NAME,
+        help=f"cluster name (default: $CORRAL_CLUSTER, else {DEFAULT_NAME})",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the cluster's state lives (default: /var/lib/corral/<name>, "
+        "root overridden by $CORRAL_STATE_DIR)",
+    )
 
 
 def _cluster_call(fn: Callable[..., T], *args: Any) -> T:
@@ -34,15 +40,31 @@ def _cluster_call(fn: Callable[..., T], *args: Any) -> T:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="start (or converge) a local multi-node cluster")
-    p.add_argument("--nodes", type=int, default=None,
-                   help=f"number of nodes, 1-{local.MAX_NODES} (default: {local.DEFAULT_NODES}, "
-                        "or the running cluster's)")
-    p.add_argument("--etcd", metavar="URL[,URL...]", default=argparse.SUPPRESS,
-                   help="use this etcd instead of starting a local one")
-    p.add_argument("--underlay-cidr", default=None,
-                   help=f"addresses of the nodes' network (default: {local.DEFAULT_UNDERLAY})")
-    p.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                   help="wait this long for every node to be Ready (default: 60; 0: do not wait)")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help=f"number of nodes, 1-{local.MAX_NODES} (default: {local.DEFAULT_NODES}, "
+        "or the running cluster's)",
+    )
+    p.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        default=argparse.SUPPRESS,
+        help="use this etcd instead of starting a local one",
+    )
+    p.add_argument(
+        "--underlay-cidr",
+        default=None,
+        help=f"addresses of the nodes' network (default: {local.DEFAULT_UNDERLAY})",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for every node to be Ready (default: 60; 0: do not wait)",
+    )
     _name_options(p)
     p.set_defaults(func=cmd_up)
 
@@ -54,8 +76,11 @@ def register(sub: Any) -> None:
     _name_options(p)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("node-exec", help="run a command on a node of the local cluster",
-                       usage="corral node-exec [--name CLUSTER] NODE -- COMMAND [ARGS...]")
+    p = sub.add_parser(
+        "node-exec",
+        help="run a command on a node of the local cluster",
+        usage="corral node-exec [--name CLUSTER] NODE -- COMMAND [ARGS...]",
+    )
     _name_options(p)
     p.add_argument("node", metavar="NODE", help="node name (e.g. node-1) or number")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND")
@@ -74,10 +99,14 @@ def _urls(raw: str | None) -> list[str] | None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.wait < 0:
         raise CLIError("--wait must be 0 or more seconds")
-    opts = local.UpOptions(name=args.name, nodes=args.nodes,
-                           etcd=_urls(getattr(args, "etcd", None)),
-                           underlay_cidr=args.underlay_cidr, state_dir=args.state_dir,
-                           wait=args.wait)
+    opts = local.UpOptions(
+        name=args.name,
+        nodes=args.nodes,
+        etcd=_urls(getattr(args, "etcd", None)),
+        underlay_cidr=args.underlay_cidr,
+        state_dir=args.state_dir,
+        wait=args.wait,
+    )
     s = _cluster_call(local.up, opts)
     print(local.summary(s))
     return 0
@@ -98,12 +127,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'NODE':<20} {'IP':<15} {'NETNS':<6} {'HOLDER':<7} {'READY':<8} DAEMONS")
     for n in h.nodes:
         ds = " ".join(f"{k}={mark[v]}" for k, v in sorted(n.daemons.items())) or "-"
-        print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} "
-              f"{n.ready:<8} {ds}")
+        print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} {n.ready:<8} {ds}")
     if not h.ok:
-        print("Something is down; `corral up"
-              f"{'' if h.name == DEFAULT_NAME else ' --name ' + h.name}` restarts what is "
-              "missing, logs are in the state dir's logs/.", file=sys.stderr)
+        print(
+            "Something is down; `corral up"
+            f"{'' if h.name == DEFAULT_NAME else ' --name ' + h.name}` restarts what is "
+            "missing, logs are in the state dir's logs/.",
+            file=sys.stderr,
+        )
     return 0 if h.ok else 1
 
 

@@ -47,22 +47,32 @@ def register(sub: Any) -> None:
     show.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     show.set_defaults(func=cmd_show)
     s = nsub.add_parser(
-        "set", help="change the network config (checked against the nodes first)",
+        "set",
+        help="change the network config (checked against the nodes first)",
         description="Unset flags keep their current value. The address plan (network, "
-                    "subnet-len, subnet-min/max, vni, port) can only change while no node "
-                    "holds a lease.")
+        "subnet-len, subnet-min/max, vni, port) can only change while no node "
+        "holds a lease.",
+    )
     s.add_argument("-f", "--filename", help="a NetworkConfig manifest (YAML or JSON)")
     s.add_argument("--network", help="pod network CIDR (default 10.244.0.0/16)")
     s.add_argument("--subnet-len", type=int, help="prefix length of each node's subnet")
     s.add_argument("--subnet-min", help="lowest subnet address to lease")
     s.add_argument("--subnet-max", help="highest subnet address to lease")
     s.add_argument("--service-cidr", help="service VIP range (must not overlap the network)")
-    s.add_argument("--ip-masq", type=_on_off, metavar="on|off",
-                   help="masquerade pod traffic leaving the network")
+    s.add_argument(
+        "--ip-masq",
+        type=_on_off,
+        metavar="on|off",
+        help="masquerade pod traffic leaving the network",
+    )
     s.add_argument("--vni", type=int, help="VXLAN network identifier")
     s.add_argument("--port", type=int, help="VXLAN UDP port")
-    s.add_argument("--direct-routing", type=_on_off, metavar="on|off",
-                   help="route straight to peers on the same L2 network, no encapsulation")
+    s.add_argument(
+        "--direct-routing",
+        type=_on_off,
+        metavar="on|off",
+        help="route straight to peers on the same L2 network, no encapsulation",
+    )
     s.add_argument("--mtu", type=int, help="pod MTU (default: underlay MTU - 50)")
     s.set_defaults(func=cmd_set)
     p.set_defaults(func=lambda a: _usage(p))
@@ -71,10 +81,13 @@ def register(sub: Any) -> None:
 def add_node_remove(node_parser: argparse.ArgumentParser) -> None:
     """Give `corral node` its `remove NAME` action (called from cmd_node.register)."""
     nsub = node_parser.add_subparsers(dest="node_command", metavar="ACTION", required=False)
-    r = nsub.add_parser("remove", help="forget a node: its Node object and its subnet lease",
-                        description="Deletes the node's subnet lease and Node object; every "
-                                    "other node drops its routes and FDB entries. Stop the "
-                                    "node's agent first, or it takes a new lease.")
+    r = nsub.add_parser(
+        "remove",
+        help="forget a node: its Node object and its subnet lease",
+        description="Deletes the node's subnet lease and Node object; every "
+        "other node drops its routes and FDB entries. Stop the "
+        "node's agent first, or it takes a new lease.",
+    )
     r.add_argument("name")
     r.set_defaults(func=cmd_node_remove, daemon=False)
 
@@ -101,25 +114,42 @@ def cmd_show(args: argparse.Namespace) -> int:
     cfg, leases = common.run(go)
     spec = cfg.spec if cfg else NetworkSpec()
     if args.output != "table":
-        doc = {"spec": spec.dump(), "stored": cfg is not None,
-               "leases": [le.model_dump(by_alias=True, exclude_none=True, mode="json")
-                          for _, le in leases]}
-        print(json.dumps(doc, indent=2) if args.output == "json"
-              else yaml.safe_dump(doc, sort_keys=False), end="" if args.output == "yaml" else "\n")
+        doc = {
+            "spec": spec.dump(),
+            "stored": cfg is not None,
+            "leases": [
+                le.model_dump(by_alias=True, exclude_none=True, mode="json") for _, le in leases
+            ],
+        }
+        print(
+            json.dumps(doc, indent=2)
+            if args.output == "json"
+            else yaml.safe_dump(doc, sort_keys=False),
+            end="" if args.output == "yaml" else "\n",
+        )
         return 0
     b = spec.backend
-    print(f"network:      {spec.network} (a /{spec.subnet_len} per node)"
-          + ("" if cfg else "  [defaults: not stored yet]"))
+    print(
+        f"network:      {spec.network} (a /{spec.subnet_len} per node)"
+        + ("" if cfg else "  [defaults: not stored yet]")
+    )
     print(f"services:     {spec.service_cidr}  dns {spec.cluster_dns}  {spec.cluster_domain}")
-    print(f"backend:      {b.type} vni {b.vni} port {b.port} device {config.device_name(b.vni)}"
-          f"  directRouting {'on' if b.direct_routing else 'off'}"
-          f"  mtu {b.mtu or 'underlay-50'}")
+    print(
+        f"backend:      {b.type} vni {b.vni} port {b.port} device {config.device_name(b.vni)}"
+        f"  directRouting {'on' if b.direct_routing else 'off'}"
+        f"  mtu {b.mtu or 'underlay-50'}"
+    )
     print(f"ipMasq:       {'on' if spec.ip_masq else 'off'}")
     print()
-    rows = [[le.node_name, subnet, le.public_ip, le.vtep_mac or "-", le.renewed_at or "-"]
-            for subnet, le in leases]
-    print(table(["NODE", "SUBNET", "PUBLIC IP", "VTEP MAC", "LEASED AT"], rows)
-          if rows else "no subnet leases (no node agent is running)")
+    rows = [
+        [le.node_name, subnet, le.public_ip, le.vtep_mac or "-", le.renewed_at or "-"]
+        for subnet, le in leases
+    ]
+    print(
+        table(["NODE", "SUBNET", "PUBLIC IP", "VTEP MAC", "LEASED AT"], rows)
+        if rows
+        else "no subnet leases (no node agent is running)"
+    )
     return 0
 
 
@@ -141,21 +171,28 @@ def _spec_from_file(path: str) -> dict[str, Any]:
     if len(cfgs) != 1 or len(objs) != 1:
         raise CLIError(f"{path}: expected exactly one NetworkConfig object")
     if cfgs[0].name not in ("", config.CONFIG_NAME):
-        raise CLIError(f"{path}: the cluster's NetworkConfig is named "
-                       f"{config.CONFIG_NAME!r}, not {cfgs[0].name!r}")
+        raise CLIError(
+            f"{path}: the cluster's NetworkConfig is named "
+            f"{config.CONFIG_NAME!r}, not {cfgs[0].name!r}"
+        )
     return cfgs[0].spec.dump()
 
 
 def cmd_set(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in _FIELDS if getattr(args, k) is not None}
     if not flags and not args.filename:
-        raise CLIError("nothing to set: give -f FILE or at least one of --network, "
-                       "--subnet-len, --ip-masq, --direct-routing, ... (see --help)")
+        raise CLIError(
+            "nothing to set: give -f FILE or at least one of --network, "
+            "--subnet-len, --ip-masq, --direct-routing, ... (see --help)"
+        )
 
     async def go() -> tuple[NetworkConfig, bool]:
         async with common.store_from_args(args) as store:
-            base = (_spec_from_file(args.filename) if args.filename
-                    else (await config.load(store)).spec.dump())
+            base = (
+                _spec_from_file(args.filename)
+                if args.filename
+                else (await config.load(store)).spec.dump()
+            )
             for k, v in flags.items():
                 path, conv = _FIELDS[k]
                 _set_path(base, path, conv(v))
@@ -184,8 +221,10 @@ def cmd_node_remove(args: argparse.Namespace) -> int:
 
     subnets, deleted = common.run(go)
     if not subnets and not deleted:
-        raise CLIError(f"node {name!r} not found: no Node object and no subnet lease "
-                       "(see `corral get nodes` and `corral network show`)")
+        raise CLIError(
+            f"node {name!r} not found: no Node object and no subnet lease "
+            "(see `corral get nodes` and `corral network show`)"
+        )
     freed = f", freed subnet {', '.join(subnets)}" if subnets else ""
     print(f"node/{name} removed{freed}")
     return 0

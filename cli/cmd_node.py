@@ -16,29 +16,43 @@ from corral.runtime.context import NodeContext, NodePaths
 
 def register(sub: Any) -> None:
     p = sub.add_parser("node", help="run the node agent on this machine (a daemon)")
-    p.add_argument("--name", default=None,
-                   help="node name (default: this machine's hostname)")
-    p.add_argument("--underlay-iface", default=None,
-                   help="interface carrying node-to-node traffic (default: the default "
-                        "route's)")
-    p.add_argument("--components", default=",".join(COMPONENTS),
-                   help=f"which parts to run, comma-separated (default: {','.join(COMPONENTS)})")
-    p.add_argument("--state-dir", default="/var/lib/corral/node",
-                   help="where the node keeps what must survive restarts")
+    p.add_argument("--name", default=None, help="node name (default: this machine's hostname)")
+    p.add_argument(
+        "--underlay-iface",
+        default=None,
+        help="interface carrying node-to-node traffic (default: the default route's)",
+    )
+    p.add_argument(
+        "--components",
+        default=",".join(COMPONENTS),
+        help=f"which parts to run, comma-separated (default: {','.join(COMPONENTS)})",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="/var/lib/corral/node",
+        help="where the node keeps what must survive restarts",
+    )
     p.add_argument("--run-dir", default="/run/corral")
     p.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
     p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
     p.add_argument("--cni-cache-dir", default="/var/lib/cni")
-    p.add_argument("--cni-shim", choices=("native", "python"), default="native",
-                   help="the CNI binaries to install: a small C forwarder built here with cc "
-                        "(default; falls back to python when it cannot be built) or the "
-                        "stdlib-only Python script")
-    p.add_argument("--datapath", choices=("auto", "bpf", "kernel"),
-                   default=os.environ.get("CORRAL_DATAPATH", "auto"),
-                   help="pod traffic between nodes: the eBPF fast path when BCC can load it, "
-                        "else the kernel's path (auto, default); the fast path or fail (bpf); "
-                        "the kernel's path only (kernel). Default from CORRAL_DATAPATH, "
-                        "which `corral up` passes on to its nodes")
+    p.add_argument(
+        "--cni-shim",
+        choices=("native", "python"),
+        default="native",
+        help="the CNI binaries to install: a small C forwarder built here with cc "
+        "(default; falls back to python when it cannot be built) or the "
+        "stdlib-only Python script",
+    )
+    p.add_argument(
+        "--datapath",
+        choices=("auto", "bpf", "kernel"),
+        default=os.environ.get("CORRAL_DATAPATH", "auto"),
+        help="pod traffic between nodes: the eBPF fast path when BCC can load it, "
+        "else the kernel's path (auto, default); the fast path or fail (bpf); "
+        "the kernel's path only (kernel). Default from CORRAL_DATAPATH, "
+        "which `corral up` passes on to its nodes",
+    )
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
 
@@ -50,22 +64,29 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise CLIError("corral node manages network interfaces and must run as root")
     name = args.name or os.uname().nodename
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 63:
-        raise CLIError(f"--name {name!r}: a node name must be a DNS name (lowercase letters, "
-                       "digits, '-' and '.')")
+        raise CLIError(
+            f"--name {name!r}: a node name must be a DNS name (lowercase letters, "
+            "digits, '-' and '.')"
+        )
     comps = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in comps if c not in COMPONENTS]
     if unknown:
-        raise CLIError(f"--components: unknown {', '.join(unknown)}; choose from "
-                       f"{', '.join(COMPONENTS)}")
+        raise CLIError(
+            f"--components: unknown {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
+        )
     from corral.ebpf.loader import BPFUnavailable  # imported here: it loads pyroute2
     from corral.overlay.config import ConfigError
 
     ctx = NodeContext(
         node_name=name,
         store=Store(etcd_endpoints(args)),
-        paths=NodePaths(run_dir=args.run_dir, cni_conf_dir=args.cni_conf_dir,
-                        cni_bin_dir=args.cni_bin_dir, cni_cache_dir=args.cni_cache_dir,
-                        state_dir=args.state_dir),
+        paths=NodePaths(
+            run_dir=args.run_dir,
+            cni_conf_dir=args.cni_conf_dir,
+            cni_bin_dir=args.cni_bin_dir,
+            cni_cache_dir=args.cni_cache_dir,
+            state_dir=args.state_dir,
+        ),
         underlay_iface=args.underlay_iface,
         options={"cni_shim": args.cni_shim, "datapath": args.datapath},
     )

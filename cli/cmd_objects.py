@@ -27,8 +27,14 @@ from corral.control.selectors import matches_label_selector, parse_selector
 
 def register(sub: Any) -> None:
     p = sub.add_parser("apply", help="create or update objects from YAML/JSON manifests")
-    p.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
-                   help="manifest file, directory of manifests, or - for stdin (repeatable)")
+    p.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="manifest file, directory of manifests, or - for stdin (repeatable)",
+    )
     p.add_argument("-n", "--namespace", help="namespace for objects that name none")
     p.set_defaults(func=cmd_apply)
 
@@ -46,10 +52,17 @@ def register(sub: Any) -> None:
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("-f", "--filename", action="append", metavar="FILE")
     p.add_argument("-n", "--namespace", default=None)
-    p.add_argument("--grace-period", type=int, default=None,
-                   help="seconds pods get to stop (default: the pod's own)")
-    p.add_argument("--force", action="store_true",
-                   help="remove pods from etcd at once, without waiting for their node")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="seconds pods get to stop (default: the pod's own)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="remove pods from etcd at once, without waiting for their node",
+    )
     p.add_argument("--ignore-not-found", action="store_true")
     p.set_defaults(func=cmd_delete)
 
@@ -98,8 +111,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 if isinstance(before, Service):
                     keep_allocated(before, obj)  # type: ignore[arg-type]
                 await store.put(obj)
-                verb = "created" if before is None else (
-                    "unchanged" if _same(before, obj) else "configured")
+                verb = (
+                    "created"
+                    if before is None
+                    else ("unchanged" if _same(before, obj) else "configured")
+                )
                 print(f"{type(obj).KIND.lower()}/{obj.name} {verb}")
 
     run(go)
@@ -126,13 +142,16 @@ async def _cluster_checks(store: Store, objs: list[TypedObject]) -> None:
     for obj in objs:
         if isinstance(obj, NetworkConfig):
             if obj.name != "cluster":
-                raise CLIError(f"NetworkConfig {obj.name!r}: the cluster's network config is "
-                               "named 'cluster'; nothing was applied")
+                raise CLIError(
+                    f"NetworkConfig {obj.name!r}: the cluster's network config is "
+                    "named 'cluster'; nothing was applied"
+                )
             try:
                 await check_config(store, obj.spec)
             except ConfigError as e:
-                raise CLIError(f"NetworkConfig 'cluster' refused: {e}; nothing was applied"
-                               ) from None
+                raise CLIError(
+                    f"NetworkConfig 'cluster' refused: {e}; nothing was applied"
+                ) from None
 
 
 def _same(a: TypedObject, b: TypedObject) -> bool:
@@ -153,8 +172,9 @@ def _kind(word: str) -> type[TypedObject]:
         raise CLIError(str(e)) from None
 
 
-async def fetch_named(store: Store, kind: type[TypedObject], names: list[str],
-                      ns: str | None) -> list[TypedObject]:
+async def fetch_named(
+    store: Store, kind: type[TypedObject], names: list[str], ns: str | None
+) -> list[TypedObject]:
     """The named objects, in order; CLIError naming the first that does not exist."""
     found = []
     for name in names:
@@ -192,8 +212,14 @@ def cmd_get(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- delete
 
 
-async def delete_object(store: Store, kind: type[TypedObject], name: str, ns: str | None,
-                        grace: int | None = None, force: bool = False) -> bool:
+async def delete_object(
+    store: Store,
+    kind: type[TypedObject],
+    name: str,
+    ns: str | None,
+    grace: int | None = None,
+    force: bool = False,
+) -> bool:
     """Delete one object the way its controllers expect. False if it did not exist.
 
     A pod bound to a node is only marked (deletionTimestamp): its node stops the
@@ -229,8 +255,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
             targets.append((type(o), o.name, o.namespace))
     else:
         if not args.kind or not args.names:
-            raise CLIError("delete needs KIND and at least one NAME (e.g. `corral delete "
-                           "pod web`), or -f FILE")
+            raise CLIError(
+                "delete needs KIND and at least one NAME (e.g. `corral delete pod web`), or -f FILE"
+            )
         kind = _kind(args.kind)
         ns = (args.namespace or "default") if kind.NAMESPACED else None
         targets = [(kind, n, ns) for n in args.names]

@@ -25,24 +25,38 @@ from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("logs", help="print the logs of a container in a pod",
-                       usage="corral logs POD [-c CONTAINER] [-f] [-p] [--tail N]")
+    p = sub.add_parser(
+        "logs",
+        help="print the logs of a container in a pod",
+        usage="corral logs POD [-c CONTAINER] [-f] [-p] [--tail N]",
+    )
     p.add_argument("pod", metavar="POD")
     p.add_argument("-c", "--container", default=None)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    p.add_argument("-p", "--previous", action="store_true",
-                   help="the logs of the previous (restarted) instance")
+    p.add_argument(
+        "-p",
+        "--previous",
+        action="store_true",
+        help="the logs of the previous (restarted) instance",
+    )
     p.add_argument("--tail", type=int, default=-1, metavar="N", help="only the last N lines")
     p.add_argument("-n", "--namespace", default="default")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("exec", help="run a command in a running container of a pod",
-                       usage="corral exec POD [-c CONTAINER] -- CMD [ARGS...]")
+    p = sub.add_parser(
+        "exec",
+        help="run a command in a running container of a pod",
+        usage="corral exec POD [-c CONTAINER] -- CMD [ARGS...]",
+    )
     p.add_argument("pod", metavar="POD")
     p.add_argument("-c", "--container", default=None)
     p.add_argument("-n", "--namespace", default="default")
-    p.add_argument("-i", "--stdin", action="store_true", help="accepted for kubectl habit; "
-                   "stdin is always passed through")
+    p.add_argument(
+        "-i",
+        "--stdin",
+        action="store_true",
+        help="accepted for kubectl habit; stdin is always passed through",
+    )
     p.add_argument("-t", "--tty", action="store_true", help="accepted for kubectl habit")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     p.set_defaults(func=cmd_exec)
@@ -52,8 +66,9 @@ async def _get_pod(args: argparse.Namespace) -> Pod:
     async with store_from_args(args) as store:
         pod = await store.get(Pod, args.pod, args.namespace)
     if pod is None:
-        raise CLIError(f"pod {args.namespace}/{args.pod} not found; "
-                       "list pods with `corral get pods`")
+        raise CLIError(
+            f"pod {args.namespace}/{args.pod} not found; list pods with `corral get pods`"
+        )
     return pod
 
 
@@ -61,12 +76,12 @@ def _container(pod: Pod, name: str | None) -> str:
     names = [c.name for c in pod.spec.containers]
     if name is None:
         if len(names) > 1:
-            raise CLIError(f"pod {pod.name} has several containers ({', '.join(names)}); "
-                           "choose one with -c")
+            raise CLIError(
+                f"pod {pod.name} has several containers ({', '.join(names)}); choose one with -c"
+            )
         return names[0]
     if name not in names:
-        raise CLIError(f"pod {pod.name} has no container {name!r} "
-                       f"(it has: {', '.join(names)})")
+        raise CLIError(f"pod {pod.name} has no container {name!r} (it has: {', '.join(names)})")
     return name
 
 
@@ -74,8 +89,10 @@ def _runtime_info(pod: Pod) -> dict[str, Any]:
     raw = pod.metadata.annotations.get(ANN_RUNTIME)
     if not raw:
         node = pod.spec.node_name
-        raise CLIError(f"pod {pod.name} has not been started by a node yet "
-                       f"({'not scheduled' if not node else 'node ' + node + ' has not run it'})")
+        raise CLIError(
+            f"pod {pod.name} has not been started by a node yet "
+            f"({'not scheduled' if not node else 'node ' + node + ' has not run it'})"
+        )
     return json.loads(raw)
 
 
@@ -85,8 +102,9 @@ def _log_file(pod: Pod, container: str, previous: bool) -> str:
     restarts = status.restart_count if status else 0
     instance = restarts - 1 if previous else restarts
     if instance < 0:
-        raise CLIError(f"container {container} of pod {pod.name} has not restarted: "
-                       "there are no previous logs")
+        raise CLIError(
+            f"container {container} of pod {pod.name} has not restarted: there are no previous logs"
+        )
     rel = os.path.join(info["podDir"], "logs", container, f"{instance}.log")
     candidates = [rel]
     pid = info.get("pid")
@@ -95,8 +113,10 @@ def _log_file(pod: Pod, container: str, previous: bool) -> str:
     for path in candidates:
         if os.path.exists(path):
             return path
-    raise CLIError(f"no logs for container {container} of pod {pod.name} on this machine "
-                   f"(node {info.get('node')}; run `corral logs` where that node runs)")
+    raise CLIError(
+        f"no logs for container {container} of pod {pod.name} on this machine "
+        f"(node {info.get('node')}; run `corral logs` where that node runs)"
+    )
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -108,7 +128,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         data = f.read()
         if args.tail >= 0:
             lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-args.tail:]) if args.tail else b""
+            data = b"".join(lines[-args.tail :]) if args.tail else b""
         out.write(data)
         out.flush()
         if not args.follow or args.previous:
@@ -126,10 +146,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     cur = run(lambda: _maybe_pod(args))
                     if cur is None or cur.metadata.uid != pod.metadata.uid:
                         return 0
-                    st = next((c for c in cur.status.container_statuses
-                               if c.name == container), None)
-                    if st is None or "running" not in st.state or \
-                            st.restart_count != _restarts(pod, container):
+                    st = next(
+                        (c for c in cur.status.container_statuses if c.name == container), None
+                    )
+                    if (
+                        st is None
+                        or "running" not in st.state
+                        or st.restart_count != _restarts(pod, container)
+                    ):
                         out.write(f.read())
                         out.flush()
                         return 0
@@ -161,15 +185,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
     entry = procs.get(container)
     if entry is None:
         _runtime_info(pod)
-        raise CLIError(f"container {container} of pod {pod.name} is not running "
-                       f"(phase {pod.status.phase}); see `corral describe pod {pod.name}`")
+        raise CLIError(
+            f"container {container} of pod {pod.name} is not running "
+            f"(phase {pod.status.phase}); see `corral describe pod {pod.name}`"
+        )
     if start_time(int(entry["pid"])) != int(entry["started"]):
-        raise CLIError(f"container {container} of pod {pod.name} is not running on this "
-                       f"machine (node {pod.spec.node_name}); it may have just restarted, "
-                       "try again")
+        raise CLIError(
+            f"container {container} of pod {pod.name} is not running on this "
+            f"machine (node {pod.spec.node_name}); it may have just restarted, "
+            "try again"
+        )
     spec = next(c for c in pod.spec.containers if c.name == container)
-    env = {"PATH": DEFAULT_PATH, "HOSTNAME": pod.spec.hostname or pod.name,
-           **{e.name: e.value for e in spec.env}}
+    env = {
+        "PATH": DEFAULT_PATH,
+        "HOSTNAME": pod.spec.hostname or pod.name,
+        **{e.name: e.value for e in spec.env},
+    }
     try:
         return subprocess.call(nsenter_argv(int(entry["pid"]), argv), env=env)
     except FileNotFoundError:

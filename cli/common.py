@@ -57,7 +57,8 @@ async def store_from_args(args: argparse.Namespace) -> AsyncIterator[Store]:
     except Unavailable as e:
         raise CLIError(
             f"{e}.\n  Is a cluster running? Start a local one with `corral up`, or point "
-            "corral at yours with --etcd URL (or CORRAL_ETCD).") from None
+            "corral at yours with --etcd URL (or CORRAL_ETCD)."
+        ) from None
     try:
         yield store
     finally:
@@ -77,5 +78,8 @@ def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def add_etcd_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--etcd", metavar="URL[,URL...]",
-                   help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)")
+    p.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
+    )

@@ -37,9 +37,12 @@ def _etcd_everywhere(sub: argparse._SubParsersAction) -> None:
     """Let `--etcd` follow the verb too (`corral get pods --etcd URL`), as kubectl's flags do."""
     for parser in set(sub.choices.values()):
         if "--etcd" not in parser._option_string_actions:
-            parser.add_argument("--etcd", metavar="URL[,URL...]", default=argparse.SUPPRESS,
-                                help="etcd endpoints (default: $CORRAL_ETCD, else the local "
-                                     "cluster's)")
+            parser.add_argument(
+                "--etcd",
+                metavar="URL[,URL...]",
+                default=argparse.SUPPRESS,
+                help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
+            )
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _etcd_everywhere(action)
@@ -50,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose > 1 else
-            logging.INFO if args.verbose or getattr(args, "daemon", False) else logging.WARNING,
+            level=logging.DEBUG
+            if args.verbose > 1
+            else logging.INFO
+            if args.verbose or getattr(args, "daemon", False)
+            else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         if not getattr(args, "func", None):

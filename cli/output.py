@@ -77,8 +77,13 @@ def _pod_row(p: Pod, wide: bool) -> list[str]:
     total = len(p.spec.containers)
     ready = sum(1 for cs in p.status.container_statuses if cs.ready)
     restarts = sum(cs.restart_count for cs in p.status.container_statuses)
-    row = [p.name, f"{ready}/{total}", pod_status(p), str(restarts),
-           age(p.metadata.creation_timestamp)]
+    row = [
+        p.name,
+        f"{ready}/{total}",
+        pod_status(p),
+        str(restarts),
+        age(p.metadata.creation_timestamp),
+    ]
     if wide:
         row += [p.status.pod_ip or "<none>", p.spec.node_name or "<none>"]
     return row
@@ -94,10 +99,19 @@ def _svc_ports(s: Service) -> str:
 
 def _svc_row(s: Service, wide: bool) -> list[str]:
     cip = s.spec.cluster_ip or ("<none>" if s.spec.type == "ExternalName" else "<pending>")
-    ext = s.spec.external_name if s.spec.type == "ExternalName" else (
-        ",".join(s.spec.external_ips) or "<none>")
-    row = [s.name, s.spec.type, cip, ext or "<none>", _svc_ports(s),
-           age(s.metadata.creation_timestamp)]
+    ext = (
+        s.spec.external_name
+        if s.spec.type == "ExternalName"
+        else (",".join(s.spec.external_ips) or "<none>")
+    )
+    row = [
+        s.name,
+        s.spec.type,
+        cip,
+        ext or "<none>",
+        _svc_ports(s),
+        age(s.metadata.creation_timestamp),
+    ]
     if wide:
         sel = s.spec.selector
         row.append(",".join(f"{k}={v}" for k, v in sorted(sel.items())) if sel else "<none>")
@@ -117,13 +131,23 @@ def _ep_row(e: Endpoints, wide: bool) -> list[str]:
 def _slice_row(e: EndpointSlice, wide: bool) -> list[str]:
     ports = ",".join(str(p.port) for p in e.ports) or "<unset>"
     addrs = [a for ep in e.endpoints for a in ep.addresses]
-    return [e.name, e.address_type, ports, ",".join(addrs) or "<unset>",
-            age(e.metadata.creation_timestamp)]
+    return [
+        e.name,
+        e.address_type,
+        ports,
+        ",".join(addrs) or "<unset>",
+        age(e.metadata.creation_timestamp),
+    ]
 
 
 def _rc_row(r: ReplicationController | Deployment, wide: bool) -> list[str]:
-    return [r.name, str(r.spec.replicas), str(r.status.replicas), str(r.status.ready_replicas),
-            age(r.metadata.creation_timestamp)]
+    return [
+        r.name,
+        str(r.spec.replicas),
+        str(r.status.replicas),
+        str(r.status.ready_replicas),
+        age(r.metadata.creation_timestamp),
+    ]
 
 
 def _generic_row(o: TypedObject, wide: bool) -> list[str]:
@@ -133,8 +157,11 @@ def _generic_row(o: TypedObject, wide: bool) -> list[str]:
 COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], list[str]]]] = {
     Node: (["NAME", "STATUS", "AGE"], ["INTERNAL-IP", "POD-CIDR"], _node_row),  # type: ignore[dict-item]
     Pod: (["NAME", "READY", "STATUS", "RESTARTS", "AGE"], ["IP", "NODE"], _pod_row),  # type: ignore[dict-item]
-    Service: (["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"], ["SELECTOR"],
-              _svc_row),  # type: ignore[dict-item]
+    Service: (
+        ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
+        ["SELECTOR"],
+        _svc_row,
+    ),  # type: ignore[dict-item]
     Endpoints: (["NAME", "ENDPOINTS", "AGE"], [], _ep_row),  # type: ignore[dict-item]
     EndpointSlice: (["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _slice_row),  # type: ignore[dict-item]
     ReplicationController: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
@@ -152,12 +179,12 @@ def prune(value: object) -> object:
     return value
 
 
-def render(kind: type[TypedObject], objs: list[TypedObject], fmt: str | None,
-           all_namespaces: bool = False) -> str:
+def render(
+    kind: type[TypedObject], objs: list[TypedObject], fmt: str | None, all_namespaces: bool = False
+) -> str:
     if fmt in ("json", "yaml"):
         docs = [prune(o.dump()) for o in objs]
-        data = docs[0] if len(docs) == 1 else {"apiVersion": "v1", "kind": "List",
-                                                "items": docs}
+        data = docs[0] if len(docs) == 1 else {"apiVersion": "v1", "kind": "List", "items": docs}
         if fmt == "json":
             return json.dumps(data, indent=2)
         return yaml.safe_dump(data, sort_keys=False).rstrip()

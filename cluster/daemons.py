@@ -38,8 +38,9 @@ class Daemon:
 
 
 NODE_DAEMONS: list[Daemon] = [
-    Daemon("node", ("node", "--name", "{node}", "--state-dir", "{node_state}"),
-           "corral.cli.cmd_node"),
+    Daemon(
+        "node", ("node", "--name", "{node}", "--state-dir", "{node_state}"), "corral.cli.cmd_node"
+    ),
 ]
 CLUSTER_DAEMONS: list[Daemon] = [
     Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control"),
@@ -65,17 +66,27 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
     node_state = os.path.join(state.node_dir(node.name), "state")
     os.makedirs(node_state, exist_ok=True)
     values = {"node": node.name, "cluster": state.name, "node_state": node_state}
-    argv = [sys.executable, "-m", "corral", "--etcd", ",".join(state.etcd_node_urls),
-            *(a.format(**values) for a in d.args)]
+    argv = [
+        sys.executable,
+        "-m",
+        "corral",
+        "--etcd",
+        ",".join(state.etcd_node_urls),
+        *(a.format(**values) for a in d.args),
+    ]
     os.makedirs(state.logs_dir, exist_ok=True)
     log = os.path.join(state.logs_dir, f"{d.name}-{node.name}.log")
-    env = dict(os.environ, CORRAL_CLUSTER=state.name, CORRAL_NODE=node.name,
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, CORRAL_CLUSTER=state.name, CORRAL_NODE=node.name, PYTHONUNBUFFERED="1")
     env.pop("CORRAL_ETCD", None)
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            nodes.exec_argv(node.holder.pid, argv, cwd="/"), stdin=subprocess.DEVNULL,
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            nodes.exec_argv(node.holder.pid, argv, cwd="/"),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     return ProcRecord.of(proc.pid, role(d), node=node.name, log=log)
 
 

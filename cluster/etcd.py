@@ -62,23 +62,37 @@ class LocalEtcd:
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             ETCD_BINARY,
-            "--name", self.name,
-            "--data-dir", self.data_dir,
-            "--listen-client-urls", ",".join(self.client_urls),
-            "--advertise-client-urls", ",".join(self.client_urls),
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
-            "--initial-cluster-state", "new",
-            "--heartbeat-interval", "10",
-            "--election-timeout", "100",
-            "--log-level", "warn",
+            "--name",
+            self.name,
+            "--data-dir",
+            self.data_dir,
+            "--listen-client-urls",
+            ",".join(self.client_urls),
+            "--advertise-client-urls",
+            ",".join(self.client_urls),
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"{self.name}={peer}",
+            "--initial-cluster-state",
+            "new",
+            "--heartbeat-interval",
+            "10",
+            "--election-timeout",
+            "100",
+            "--log-level",
+            "warn",
         ]
         self.log_path = self.log_path or os.path.join(self.data_dir, "..", f"{self.name}-etcd.log")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
-                args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                args,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         finally:

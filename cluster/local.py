@@ -88,7 +88,8 @@ def local_etcd_urls(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -
 def require_root() -> None:
     if os.geteuid() != 0:
         raise ClusterError(
-            "corral needs root to create network namespaces and interfaces; run it with sudo")
+            "corral needs root to create network namespaces and interfaces; run it with sudo"
+        )
 
 
 def _check_nodes(n: int) -> None:
@@ -101,7 +102,8 @@ def _parse_cidr(cidr: str, nodes_wanted: int, own_veth: str) -> ipaddress.IPv4Ne
         net = ipaddress.ip_network(cidr, strict=False)
     except ValueError:
         raise ClusterError(
-            f"--underlay-cidr {cidr!r} is not a CIDR; write it like {DEFAULT_UNDERLAY}") from None
+            f"--underlay-cidr {cidr!r} is not a CIDR; write it like {DEFAULT_UNDERLAY}"
+        ) from None
     if not isinstance(net, ipaddress.IPv4Network):
         raise ClusterError(f"--underlay-cidr {cidr}: only IPv4 underlays are supported")
     if str(net) != cidr.strip() and "/" in cidr:
@@ -111,19 +113,22 @@ def _parse_cidr(cidr: str, nodes_wanted: int, own_veth: str) -> ipaddress.IPv4Ne
     if net.num_addresses - 2 < nodes_wanted + 1:
         raise ClusterError(
             f"--underlay-cidr {net} is too small for {nodes_wanted} nodes and the host; "
-            f"use a larger range such as {DEFAULT_UNDERLAY}")
+            f"use a larger range such as {DEFAULT_UNDERLAY}"
+        )
     if net.is_multicast or net.is_unspecified or net.is_reserved:
         raise ClusterError(f"--underlay-cidr {net} is not a unicast range")
     for what, reserved in RESERVED.items():
         if net.overlaps(reserved):
             raise ClusterError(
                 f"--underlay-cidr {net} overlaps {what} {reserved}; pick another range, "
-                f"e.g. {DEFAULT_UNDERLAY}")
+                f"e.g. {DEFAULT_UNDERLAY}"
+            )
     for ifname, hnet in underlay.host_networks():
         if ifname != own_veth and net.overlaps(hnet):
             raise ClusterError(
                 f"--underlay-cidr {net} overlaps the host's network {hnet} on {ifname}; "
-                "pick a range the host does not use")
+                "pick a range the host does not use"
+            )
     return net
 
 
@@ -169,7 +174,8 @@ def up(opts: UpOptions) -> ClusterState:
     except (RuntimeError, OSError, NetlinkError, subprocess.SubprocessError) as e:
         raise ClusterError(
             f"{e}. What was made so far is recorded in {sdir}: `corral up` again "
-            f"retries, `corral down --name {opts.name}` removes it") from None
+            f"retries, `corral down --name {opts.name}` removes it"
+        ) from None
 
 
 def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
@@ -179,35 +185,50 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
     if old is not None and count < len(old.nodes):
         raise ClusterError(
             f"cluster {name!r} has {len(old.nodes)} nodes; `corral up` only adds nodes. "
-            f"Run `corral down --name {name}` first to make a smaller one")
+            f"Run `corral down --name {name}` first to make a smaller one"
+        )
     cidr = opts.underlay_cidr or (old.underlay_cidr if old else DEFAULT_UNDERLAY)
     if old is not None and cidr != old.underlay_cidr and opts.underlay_cidr:
         raise ClusterError(
             f"cluster {name!r} runs on underlay {old.underlay_cidr}, not {cidr}; "
-            f"run `corral down --name {name}` first to change it")
+            f"run `corral down --name {name}` first to change it"
+        )
     urls = _check_etcd(opts.etcd) if opts.etcd else None  # the flag itself, before the host
     net = _parse_cidr(cidr, count, st.host_veth(name))
     if old is not None and urls and (not old.etcd_external or urls != old.etcd_urls):
         raise ClusterError(
             f"cluster {name!r} was made with etcd "
             f"{','.join(old.etcd_urls) if old.etcd_external else '(local)'}; run `corral down "
-            f"--name {name}` first to change it")
+            f"--name {name}` first to change it"
+        )
     hosts = list(net.hosts())
-    s = old or ClusterState(name=name, state_dir=sdir, underlay_cidr=str(net),
-                            host_ip=str(hosts[-1]), prefixlen=net.prefixlen)
+    s = old or ClusterState(
+        name=name,
+        state_dir=sdir,
+        underlay_cidr=str(net),
+        host_ip=str(hosts[-1]),
+        prefixlen=net.prefixlen,
+    )
     if urls:
         s.etcd_external, s.etcd_urls = True, urls
         s.etcd_node_urls = urls
     for i in range(len(s.nodes) + 1, count + 1):
-        s.nodes.append(NodeState(name=st.node_name(name, i), index=i,
-                                 netns=st.node_netns(name, i), ip=str(hosts[i - 1])))
+        s.nodes.append(
+            NodeState(
+                name=st.node_name(name, i),
+                index=i,
+                netns=st.node_netns(name, i),
+                ip=str(hosts[i - 1]),
+            )
+        )
     return s
 
 
 def _check_owner(old: ClusterState | None, name: str, sdir: str) -> None:
     if old is not None and old.name != name:
-        raise ClusterError(f"{sdir} holds cluster {old.name!r}, not {name!r}; "
-                           "pick another --state-dir")
+        raise ClusterError(
+            f"{sdir} holds cluster {old.name!r}, not {name!r}; pick another --state-dir"
+        )
 
 
 def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
@@ -220,17 +241,17 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
 
     underlay.ensure_bridge(s.underlay_netns)
     underlay.ensure_host_link(s.underlay_netns, s.host_veth, s.host_ip, s.prefixlen)
-    say(f"✓ underlay {s.underlay_cidr} (host {s.host_veth} {s.host_ip}, "
-        f"bridge in netns {s.underlay_netns})")
+    say(
+        f"✓ underlay {s.underlay_cidr} (host {s.host_veth} {s.host_ip}, "
+        f"bridge in netns {s.underlay_netns})"
+    )
 
     _ensure_etcd(s, say)
 
     for n in s.nodes:
-        underlay.ensure_node_link(s.underlay_netns, n.netns, n.index, n.ip, s.prefixlen,
-                                  s.host_ip)
+        underlay.ensure_node_link(s.underlay_netns, n.netns, n.index, n.ip, s.prefixlen, s.host_ip)
         nodes.prepare_dirs(s, n)
-        if (n.holder is None or not n.holder.alive()
-                or not nodes.holder_in_netns(n.holder, n.netns)):
+        if n.holder is None or not n.holder.alive() or not nodes.holder_in_netns(n.holder, n.netns):
             # Processes left from an old holder see stale mounts or an old
             # namespace: replace them too.
             nodes.kill_pids(nodes.pids_in_node(n.netns, n.mnt_ns, n.holder))
@@ -259,9 +280,13 @@ def _ensure_etcd(s: ClusterState, say: Progress) -> None:
         s.etcd_port, s.etcd_peer_port = free_port(), free_port()
     os.makedirs(s.logs_dir, exist_ok=True)
     server = LocalEtcd(
-        data_dir=s.etcd_dir, client_port=s.etcd_port, peer_port=s.etcd_peer_port,
-        listen_hosts=["127.0.0.1", s.host_ip], name=f"{s.name}-etcd",
-        log_path=os.path.join(s.logs_dir, "etcd.log"))
+        data_dir=s.etcd_dir,
+        client_port=s.etcd_port,
+        peer_port=s.etcd_peer_port,
+        listen_hosts=["127.0.0.1", s.host_ip],
+        name=f"{s.name}-etcd",
+        log_path=os.path.join(s.logs_dir, "etcd.log"),
+    )
     s.etcd_urls = [f"http://127.0.0.1:{s.etcd_port}"]
     s.etcd_node_urls = [f"http://{s.host_ip}:{s.etcd_port}"]
     s.save()
@@ -307,22 +332,26 @@ def _etcd_orphans(s: ClusterState, host_ips: list[str] | None = None) -> list[in
         for i in range(len(args) - 1):
             if args[i] == b"--data-dir" and args[i + 1] == want:
                 return True
-            if args[i] == b"--listen-client-urls" and any(
-                    u in args[i + 1] for u in urls):
+            if args[i] == b"--listen-client-urls" and any(u in args[i + 1] for u in urls):
                 return True
         return False
 
-    return [pid for pid, args in _cmdlines().items()
-            if args and os.path.basename(args[0]) == b"etcd" and ours(args)]
+    return [
+        pid
+        for pid, args in _cmdlines().items()
+        if args and os.path.basename(args[0]) == b"etcd" and ours(args)
+    ]
 
 
 def _relay_orphans(name: str) -> list[int]:
     """Relays into this cluster's nodes that the state file lost track of."""
     pattern = re.compile(rf"^{re.escape(name)}-node-\d+$".encode())
-    return [pid for pid, args in _cmdlines().items()
-            if b"corral.cluster.relay" in args
-            and any(args[i] == b"--netns" and pattern.match(args[i + 1])
-                    for i in range(len(args) - 1))]
+    return [
+        pid
+        for pid, args in _cmdlines().items()
+        if b"corral.cluster.relay" in args
+        and any(args[i] == b"--netns" and pattern.match(args[i + 1]) for i in range(len(args) - 1))
+    ]
 
 
 def _kill_orphan_etcd(s: ClusterState) -> None:
@@ -355,8 +384,13 @@ def _ensure_relay(s: ClusterState, say: Progress) -> None:
     for t in targets:
         argv += ["--target", t]
     with open(log, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     s.relay = ProcRecord.of(proc.pid, role, log=log)
     s.save()
     host, _, port = targets[0].rpartition(":")
@@ -401,8 +435,9 @@ def _ensure_daemons(s: ClusterState, say: Progress) -> None:
         rec = daemons.find(s, d, n)
         if rec is None or not rec.alive():
             rec = daemons.start(s, d, n)
-            s.daemons = [r for r in s.daemons
-                         if not (r.role == rec.role and r.node == n.name)] + [rec]
+            s.daemons = [r for r in s.daemons if not (r.role == rec.role and r.node == n.name)] + [
+                rec
+            ]
             s.save()
             say(f"✓ {d.name} on {n.name} (pid {rec.pid}, log {rec.log})")
         keep.append(rec)
@@ -417,6 +452,7 @@ def _ensure_daemons(s: ClusterState, say: Progress) -> None:
 
 def node_ready(s: ClusterState) -> dict[str, str]:
     """Ready condition status per node name, from etcd ('Missing' when no Node)."""
+
     async def go() -> dict[str, str]:
         async with Store(s.etcd_urls, timeout=3.0) as store:
             objs, _ = await store.list(Node)
@@ -445,7 +481,8 @@ def _wait_ready(s: ClusterState, timeout: float, say: Progress) -> None:
     raise ClusterError(
         f"not Ready after {timeout:.0f}s: {', '.join(late)}; see the logs in {s.logs_dir}. "
         f"The cluster is left running: `corral status --name {s.name}` shows what is "
-        f"down, `corral down --name {s.name}` removes it")
+        f"down, `corral down --name {s.name}` removes it"
+    )
 
 
 def summary(s: ClusterState) -> str:
@@ -459,7 +496,8 @@ def summary(s: ClusterState) -> str:
         f"  corral status{flag}               # health of etcd, nodes and daemons\n"
         f"  corral node-exec{flag} {s.nodes[0].name} -- ip addr   # run a command on a node\n"
         f"  corral down{flag}                 # remove everything\n"
-        f"State and logs: {s.state_dir}")
+        f"State and logs: {s.state_dir}"
+    )
 
 
 # ------------------------------------------------------------------ down
@@ -467,8 +505,9 @@ def summary(s: ClusterState) -> str:
 _NS_RE = r"^{name}-(underlay|node-\d+)$"
 
 
-def down(name: str = st.DEFAULT_NAME, state_dir: str | None = None,
-         progress: Progress = _stderr) -> bool:
+def down(
+    name: str = st.DEFAULT_NAME, state_dir: str | None = None, progress: Progress = _stderr
+) -> bool:
     """Remove the cluster, whatever state it is in. True if there was anything to remove."""
     require_root()
     try:
@@ -502,8 +541,10 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
         holders = {n.netns: n.holder for n in s.nodes}
         for rec in [*s.daemons, *([s.relay] if s.relay else [])]:
             if stop(rec):
-                say(f"✓ stopped {rec.role.removeprefix('daemon:')}"
-                    f"{' on ' + rec.node if rec.node else ''} (pid {rec.pid})")
+                say(
+                    f"✓ stopped {rec.role.removeprefix('daemon:')}"
+                    f"{' on ' + rec.node if rec.node else ''} (pid {rec.pid})"
+                )
     for ns in sorted(spaces):
         pids = nodes.pids_in_node(ns, mnt.get(ns), holders.get(ns))
         if pids:
@@ -511,8 +552,11 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
             say(f"✓ stopped {len(pids)} processes in {ns}")
     # Pods have their own namespaces: their cgroups find them, once no agent is
     # left to restart them.
-    node_names = {st.node_name(name, int(ns.rsplit("-", 1)[1]))
-                  for ns in spaces if not ns.endswith("-underlay")}
+    node_names = {
+        st.node_name(name, int(ns.rsplit("-", 1)[1]))
+        for ns in spaces
+        if not ns.endswith("-underlay")
+    }
     node_names |= {n.name for n in s.nodes} if s is not None else set()
     node_names |= nodes.cgroup_node_names(name)
     for node in sorted(node_names):
@@ -526,8 +570,9 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
     if relays:
         nodes.kill_pids(relays)
     host_ips = underlay.addresses(st.host_veth(name)) + ([s.host_ip] if s is not None else [])
-    orphans = _etcd_orphans(ClusterState(name=name, state_dir=sdir, underlay_cidr="",
-                                         host_ip="", prefixlen=0), host_ips)
+    orphans = _etcd_orphans(
+        ClusterState(name=name, state_dir=sdir, underlay_cidr="", host_ip="", prefixlen=0), host_ips
+    )
     if orphans:
         nodes.kill_pids(orphans, grace=5.0)
         say(f"✓ stopped etcd (pid {', '.join(map(str, orphans))})")
@@ -548,6 +593,7 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
 
 def _forget_nodes(s: ClusterState) -> None:
     """Delete this cluster's Node objects from an external etcd (best effort)."""
+
     async def go() -> None:
         async with Store(s.etcd_urls, timeout=3.0) as store:
             for n in s.nodes:
@@ -584,9 +630,17 @@ class Health:
 
     @property
     def ok(self) -> bool:
-        return self.etcd_ok and self.relay is not False and all(
-            n.netns and n.holder and all(n.daemons.values())
-            and (n.ready == "True" or "node" not in n.daemons) for n in self.nodes)
+        return (
+            self.etcd_ok
+            and self.relay is not False
+            and all(
+                n.netns
+                and n.holder
+                and all(n.daemons.values())
+                and (n.ready == "True" or "node" not in n.daemons)
+                for n in self.nodes
+            )
+        )
 
 
 def etcd_healthy(urls: list[str]) -> tuple[bool, str]:
@@ -607,7 +661,8 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
     if s is None:
         raise ClusterError(
             f"no local cluster named {name!r} (no state in {state_dir_for(name, state_dir)}); "
-            f"start one with `corral up{'' if name == st.DEFAULT_NAME else ' --name ' + name}`")
+            f"start one with `corral up{'' if name == st.DEFAULT_NAME else ' --name ' + name}`"
+        )
     ok, err = etcd_healthy(s.etcd_urls)
     ready: dict[str, str] = {}
     if ok:
@@ -618,19 +673,32 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
     out = []
     for n in s.nodes:
         ds = {r.role.removeprefix("daemon:"): r.alive() for r in s.daemons if r.node == n.name}
-        out.append(NodeHealth(
-            name=n.name, ip=n.ip, netns=netns.exists(n.netns),
-            holder=n.holder is not None and n.holder.alive(), daemons=ds,
-            ready=ready.get(n.name, "?")))
-    return Health(name=s.name, etcd_urls=s.etcd_urls, etcd_ok=ok, etcd_error=err, nodes=out,
-                  relay=None if s.relay is None else s.relay.alive())
+        out.append(
+            NodeHealth(
+                name=n.name,
+                ip=n.ip,
+                netns=netns.exists(n.netns),
+                holder=n.holder is not None and n.holder.alive(),
+                daemons=ds,
+                ready=ready.get(n.name, "?"),
+            )
+        )
+    return Health(
+        name=s.name,
+        etcd_urls=s.etcd_urls,
+        etcd_ok=ok,
+        etcd_error=err,
+        nodes=out,
+        relay=None if s.relay is None else s.relay.alive(),
+    )
 
 
 # ------------------------------------------------------------------ node-exec
 
 
-def node_exec_argv(name: str, node: str, argv: list[str],
-                   state_dir: str | None = None) -> list[str]:
+def node_exec_argv(
+    name: str, node: str, argv: list[str], state_dir: str | None = None
+) -> list[str]:
     """The command line that runs argv inside `node` (its netns and mount namespace)."""
     s = load_state(name, state_dir)
     if s is None:
@@ -638,12 +706,13 @@ def node_exec_argv(name: str, node: str, argv: list[str],
     n = s.node(node) or s.node(st.node_name(name, int(node)) if node.isdigit() else "")
     if n is None:
         raise ClusterError(
-            f"no node {node!r} in cluster {name!r}; nodes are "
-            f"{', '.join(x.name for x in s.nodes)}")
+            f"no node {node!r} in cluster {name!r}; nodes are {', '.join(x.name for x in s.nodes)}"
+        )
     if n.holder is None or start_time(n.holder.pid) != n.holder.started:
         raise ClusterError(
             f"{n.name} is not running (its holder process is gone); run "
-            f"`corral up{'' if name == st.DEFAULT_NAME else ' --name ' + name}` to restart it")
+            f"`corral up{'' if name == st.DEFAULT_NAME else ' --name ' + name}` to restart it"
+        )
     if not argv:
         raise ClusterError("no command given: corral node-exec NODE -- COMMAND [ARGS...]")
     return nodes.exec_argv(n.holder.pid, argv)

@@ -106,8 +106,10 @@ def command(name: str, argv: Sequence[str]) -> list[str]:
     return ["nsenter", f"--net={path(name)}", "--", *argv]
 
 
-def run(name: str, argv: Sequence[str], check: bool = True, timeout: float = 60,
-        **kw: object) -> subprocess.CompletedProcess:
+def run(
+    name: str, argv: Sequence[str], check: bool = True, timeout: float = 60, **kw: object
+) -> subprocess.CompletedProcess:
     """Run a command inside namespace `name`, capturing text output."""
-    return subprocess.run(command(name, argv), check=check, timeout=timeout,
-                          capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        command(name, argv), check=check, timeout=timeout, capture_output=True, text=True, **kw
+    )  # type: ignore[call-overload]

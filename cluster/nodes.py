@@ -63,12 +63,29 @@ def start_holder(state: ClusterState, node: NodeState, timeout: float = 20.0) ->
         pairs += [os.path.join(base, sub), target]
     os.makedirs(state.logs_dir, exist_ok=True)
     log = os.path.join(state.logs_dir, f"holder-{node.name}.log")
-    argv = ["nsenter", f"--net={netns.path(node.netns)}", "--",
-            "unshare", "--mount", "--propagation", "slave", "--",
-            "sh", "-c", _HOLDER_SCRIPT, "corral-holder", *pairs]
+    argv = [
+        "nsenter",
+        f"--net={netns.path(node.netns)}",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "slave",
+        "--",
+        "sh",
+        "-c",
+        _HOLDER_SCRIPT,
+        "corral-holder",
+        *pairs,
+    ]
     with open(log, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     rec = ProcRecord.of(proc.pid, "holder", node=node.name, log=log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -126,8 +143,9 @@ def holder_in_netns(holder: ProcRecord, netns_name: str) -> bool:
     return want is not None and _ns_id(f"/proc/{holder.pid}/ns/net") == want
 
 
-def pids_in_node(netns_name: str, mnt_ns: int | None,
-                 holder: ProcRecord | None = None) -> list[int]:
+def pids_in_node(
+    netns_name: str, mnt_ns: int | None, holder: ProcRecord | None = None
+) -> list[int]:
     """Every process in the node's network namespace or in its (live) mount namespace.
 
     The network namespace is the one its file names, plus the live holder's
@@ -189,8 +207,9 @@ def pod_cgroup_uids(node: str) -> set[str]:
     uids: set[str] = set()
     for base in bases:
         with contextlib.suppress(OSError):
-            uids.update(n for n in os.listdir(base) if os.path.isdir(os.path.join(base, n))
-                        and n != "pods")
+            uids.update(
+                n for n in os.listdir(base) if os.path.isdir(os.path.join(base, n)) and n != "pods"
+            )
     return uids
 
 
@@ -198,13 +217,17 @@ def cgroup_node_names(cluster: str) -> set[str]:
     """Nodes of `cluster` that still have a corral cgroup subtree (found with no other record)."""
     from corral.runtime import cgroups
 
-    pattern = re.compile(rf"^{re.escape(cluster)}-node-[0-9]+$" if cluster != "corral"
-                         else r"^node-[0-9]+$")
+    pattern = re.compile(
+        rf"^{re.escape(cluster)}-node-[0-9]+$" if cluster != "corral" else r"^node-[0-9]+$"
+    )
     found: set[str] = set()
     for ctrl in (*cgroups.V1_CONTROLLERS, "unified"):
         with contextlib.suppress(OSError):
-            found.update(n for n in os.listdir(os.path.join(cgroups.CGROUP_ROOT, ctrl, "corral"))
-                         if pattern.match(n))
+            found.update(
+                n
+                for n in os.listdir(os.path.join(cgroups.CGROUP_ROOT, ctrl, "corral"))
+                if pattern.match(n)
+            )
     return found
 
 
@@ -228,16 +251,26 @@ def node_object(cluster: str, node: NodeState) -> Node:
 
     resources = node_capacity()
     return Node(
-        metadata=ObjectMeta(name=node.name, labels={
-            CLUSTER_LABEL: cluster, "kubernetes.io/hostname": node.name}),
+        metadata=ObjectMeta(
+            name=node.name, labels={CLUSTER_LABEL: cluster, "kubernetes.io/hostname": node.name}
+        ),
         status=NodeStatus(
-            addresses=[NodeAddress(type="InternalIP", address=node.ip),
-                       NodeAddress(type="Hostname", address=node.name)],
-            capacity=dict(resources), allocatable=dict(resources),
-            conditions=[NodeCondition(
-                type="Ready", status="Unknown", reason="NodeStatusNeverUpdated",
-                message="the node agent has not reported yet",
-                last_heartbeat_time=now_iso(), last_transition_time=now_iso())],
+            addresses=[
+                NodeAddress(type="InternalIP", address=node.ip),
+                NodeAddress(type="Hostname", address=node.name),
+            ],
+            capacity=dict(resources),
+            allocatable=dict(resources),
+            conditions=[
+                NodeCondition(
+                    type="Ready",
+                    status="Unknown",
+                    reason="NodeStatusNeverUpdated",
+                    message="the node agent has not reported yet",
+                    last_heartbeat_time=now_iso(),
+                    last_transition_time=now_iso(),
+                )
+            ],
         ),
     )
 

@@ -51,6 +51,7 @@ def _handler(host: str, port: int):  # type: ignore[no-untyped-def]
             w.close()
             return
         await asyncio.gather(_pipe(r, uw), _pipe(ur, w))
+
     return handle
 
 

@@ -40,12 +40,14 @@ def check_name(name: str) -> None:
     if not _NAME_RE.match(name):
         raise ValueError(
             f"cluster name {name!r} is not valid: use lower-case letters, digits and '-', "
-            "starting with a letter and ending with a letter or digit (e.g. 'dev')")
+            "starting with a letter and ending with a letter or digit (e.g. 'dev')"
+        )
     if len(name) > MAX_NAME:
         raise ValueError(
             f"cluster name {name!r} is too long ({len(name)} characters): at most {MAX_NAME}, "
             f"because the host's interface into the cluster is named '<name>-ul' and Linux "
-            "interface names are at most 15 characters")
+            "interface names are at most 15 characters"
+        )
 
 
 def state_root() -> str:
@@ -109,7 +111,7 @@ class ClusterState:
     host_ip: str
     prefixlen: int
     etcd_external: bool = False
-    etcd_urls: list[str] = field(default_factory=list)       # for the host's CLI
+    etcd_urls: list[str] = field(default_factory=list)  # for the host's CLI
     etcd_node_urls: list[str] = field(default_factory=list)  # as seen from inside a node
     etcd_port: int = 0
     etcd_peer_port: int = 0
@@ -159,9 +161,13 @@ class ClusterState:
         etcd, relay = d.pop("etcd", None), d.pop("relay", None)
         nodes = [NodeState.from_dict(n) for n in d.pop("nodes", [])]
         daemons = [ProcRecord.from_dict(r) for r in d.pop("daemons", [])]
-        return cls(**d, etcd=ProcRecord.from_dict(etcd) if etcd else None,
-                   relay=ProcRecord.from_dict(relay) if relay else None,
-                   nodes=nodes, daemons=daemons)
+        return cls(
+            **d,
+            etcd=ProcRecord.from_dict(etcd) if etcd else None,
+            relay=ProcRecord.from_dict(relay) if relay else None,
+            nodes=nodes,
+            daemons=daemons,
+        )
 
     def save(self) -> None:
         """Atomic write: a crash leaves the old file or the new one, never half of one."""
@@ -195,7 +201,8 @@ def locked(state_dir: str) -> Iterator[None]:
         except BlockingIOError:
             raise RuntimeError(
                 f"another `corral up` or `corral down` is working on {state_dir}; "
-                "wait for it to finish") from None
+                "wait for it to finish"
+            ) from None
         try:
             yield
         finally:

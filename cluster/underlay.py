@@ -30,6 +30,7 @@ def _nl_errors() -> type[Exception]:
 
     return NetlinkError
 
+
 BRIDGE = "br0"
 HOST_PEER = "host"
 NODE_IF = "eth0"
@@ -92,8 +93,12 @@ def ensure_host_link(underlay_ns: str, veth: str, host_ip: str, prefixlen: int) 
                 stale = _link(ipr, veth)
                 if stale is not None:  # its peer is gone: a left-over of an old cluster
                     ipr.link("del", index=stale)
-                ipr.link("add", ifname=veth, kind="veth",
-                         peer={"ifname": HOST_PEER, "net_ns_fd": underlay_ns})
+                ipr.link(
+                    "add",
+                    ifname=veth,
+                    kind="veth",
+                    peer={"ifname": HOST_PEER, "net_ns_fd": underlay_ns},
+                )
         _attach(uipr, HOST_PEER)
     with _iproute() as ipr:
         idx = _link(ipr, veth)
@@ -103,8 +108,9 @@ def ensure_host_link(underlay_ns: str, veth: str, host_ip: str, prefixlen: int) 
         ipr.link("set", index=idx, state="up")
 
 
-def ensure_node_link(underlay_ns: str, node_ns: str, index: int, ip: str, prefixlen: int,
-                     gateway: str) -> None:
+def ensure_node_link(
+    underlay_ns: str, node_ns: str, index: int, ip: str, prefixlen: int, gateway: str
+) -> None:
     """Node namespace with lo up and eth0 on the underlay, default route via the host."""
     netns.add(node_ns)
     peer = f"n{index}"
@@ -116,13 +122,17 @@ def ensure_node_link(underlay_ns: str, node_ns: str, index: int, ip: str, prefix
             with netns.ipr(underlay_ns) as uipr:
                 if _link(uipr, peer) is not None:  # half of an old pair
                     uipr.link("del", index=_link(uipr, peer))
-                uipr.link("add", ifname=peer, kind="veth",
-                          peer={"ifname": NODE_IF, "net_ns_fd": node_ns})
+                uipr.link(
+                    "add", ifname=peer, kind="veth", peer={"ifname": NODE_IF, "net_ns_fd": node_ns}
+                )
         idx = _link(nipr, NODE_IF)
         _ensure_addr(nipr, idx, ip, prefixlen)
         nipr.link("set", index=idx, state="up")
-        if not [r for r in nipr.get_routes(family=2, dst_len=0, table=254)
-                if r.get_attr("RTA_GATEWAY") == gateway]:
+        if not [
+            r
+            for r in nipr.get_routes(family=2, dst_len=0, table=254)
+            if r.get_attr("RTA_GATEWAY") == gateway
+        ]:
             with contextlib.suppress(_nl_errors()):
                 nipr.route("replace", dst="0.0.0.0/0", gateway=gateway)
     with netns.ipr(underlay_ns) as uipr:

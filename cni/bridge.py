@@ -78,10 +78,12 @@ class Plumber:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self._ops = ThreadPoolExecutor(1, thread_name_prefix="cni-netlink",
-                                       initializer=self._init_thread)
-        self._reaper = ThreadPoolExecutor(1, thread_name_prefix="cni-reaper",
-                                          initializer=self._init_thread)
+        self._ops = ThreadPoolExecutor(
+            1, thread_name_prefix="cni-netlink", initializer=self._init_thread
+        )
+        self._reaper = ThreadPoolExecutor(
+            1, thread_name_prefix="cni-reaper", initializer=self._init_thread
+        )
         self._local = threading.local()
         self._bridges: dict[tuple[str, str, int], tuple[int, str]] = {}
         self._masq: set[tuple[str, str]] = set()
@@ -114,8 +116,9 @@ class Plumber:
 
     # ------------------------------------------------------------ bridge
 
-    def _ensure_bridge(self, bc: BridgeConfig, gw: Addr4, subnet: Net4,
-                       mtu: int) -> tuple[int, str]:
+    def _ensure_bridge(
+        self, bc: BridgeConfig, gw: Addr4, subnet: Net4, mtu: int
+    ) -> tuple[int, str]:
         """The bridge's (index, MAC); created and given the gateway address if need be."""
         ipr = self.ipr
         key = (bc.bridge, str(gw) if bc.is_gateway else "", subnet.prefixlen)
@@ -165,16 +168,34 @@ class Plumber:
         dst = str(cluster or subnet)
         if (str(subnet), dst) in self._masq:
             return
-        rule = ["POSTROUTING", "-s", str(subnet), "!", "-d", dst, "-m", "comment",
-                "--comment", "corral-cni ipMasq", "-j", "MASQUERADE"]
+        rule = [
+            "POSTROUTING",
+            "-s",
+            str(subnet),
+            "!",
+            "-d",
+            dst,
+            "-m",
+            "comment",
+            "--comment",
+            "corral-cni ipMasq",
+            "-j",
+            "MASQUERADE",
+        ]
+
         def cmd(argv: list[str]) -> list[str]:
             return nsutil.command(self.netns, argv) if self.netns else argv
 
-        check = subprocess.run(cmd(["iptables", "-w", "-t", "nat", "-C", *rule]),
-                               capture_output=True, check=False)
+        check = subprocess.run(
+            cmd(["iptables", "-w", "-t", "nat", "-C", *rule]), capture_output=True, check=False
+        )
         if check.returncode != 0:
-            r = subprocess.run(cmd(["iptables", "-w", "-t", "nat", "-A", *rule]),
-                               capture_output=True, text=True, check=False)
+            r = subprocess.run(
+                cmd(["iptables", "-w", "-t", "nat", "-A", *rule]),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if r.returncode != 0:
                 raise CNIError(E.INTERNAL, "cannot add the ipMasq rule", r.stderr.strip())
         self._masq.add((str(subnet), dst))
@@ -186,8 +207,9 @@ class Plumber:
     # The caller runs it with the IP the allocator picked while etcd is still
     # committing that IP; undo() removes the pair if the commit then fails.
 
-    async def attach(self, bc: BridgeConfig, att: Attachment,
-                     cluster: Net4 | None) -> dict[str, Any]:
+    async def attach(
+        self, bc: BridgeConfig, att: Attachment, cluster: Net4 | None
+    ) -> dict[str, Any]:
         await self._reaped(att.container_id, att.ifname)
         try:
             return await self._run(self._ops, self._attach, bc, att, cluster)
@@ -198,15 +220,13 @@ class Plumber:
         await self.drain()
         return await self._run(self._ops, self._attach, bc, att, cluster)
 
-    def _attach(self, bc: BridgeConfig, att: Attachment,
-                cluster: Net4 | None) -> dict[str, Any]:
+    def _attach(self, bc: BridgeConfig, att: Attachment, cluster: Net4 | None) -> dict[str, Any]:
         res = self._prepare(bc, att, cluster)
         self._configure(att)
         return res
 
     async def undo(self, container_id: str, ifname: str) -> None:
-        await self._run(self._ops, self._delete_leftover,
-                        host_veth_name(container_id, ifname))
+        await self._run(self._ops, self._delete_leftover, host_veth_name(container_id, ifname))
 
     def _delete_leftover(self, name: str) -> bool:
         try:
@@ -217,8 +237,7 @@ class Plumber:
                 raise
             return False
 
-    def _prepare(self, bc: BridgeConfig, att: Attachment,
-                 cluster: Net4 | None) -> dict[str, Any]:
+    def _prepare(self, bc: BridgeConfig, att: Attachment, cluster: Net4 | None) -> dict[str, Any]:
         br, br_mac = self._ensure_bridge(bc, att.gateway, att.subnet, att.mtu)
         if bc.ip_masq:
             self._ensure_masq(att.subnet, cluster)
@@ -232,8 +251,10 @@ class Plumber:
             for attempt in range(2):
                 try:
                     # The alias tells the node's eBPF fast path which pod is behind the veth.
-                    reqs = [rtnl.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac),
-                            rtnl.set_alias(host, pod_alias(str(att.address), pod_mac))]
+                    reqs = [
+                        rtnl.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac),
+                        rtnl.set_alias(host, pod_alias(str(att.address), pod_mac)),
+                    ]
                     if bc.hairpin:
                         reqs.append(rtnl.hairpin(host))
                     created, *port = self.nl.batch(reqs)
@@ -243,19 +264,21 @@ class Plumber:
                 except NetlinkError as e:
                     if e.code in (errno.ENODEV, errno.EINVAL) and attempt == 0:
                         # The cached bridge went away (someone deleted it): make it again.
-                        self._bridges = {k: v for k, v in self._bridges.items()
-                                         if k[0] != bc.bridge}
+                        self._bridges = {
+                            k: v for k, v in self._bridges.items() if k[0] != bc.bridge
+                        }
                         br, br_mac = self._ensure_bridge(bc, att.gateway, att.subnet, att.mtu)
                         continue
                     if e.code != errno.EEXIST:
-                        raise CNIError(E.INTERNAL, f"cannot create veth {host}",
-                                       str(e)) from None
+                        raise CNIError(E.INTERNAL, f"cannot create veth {host}", str(e)) from None
                     # Ours from a crashed or repeated ADD of this attachment: replace it.
                     if attempt == 0 and self._delete_leftover(host):
                         continue
-                    raise CNIError(E.INTERFACE_EXISTS, f"interface {att.ifname} already "
-                                   f"exists in {att.netns}",
-                                   "pick another CNI_IFNAME or delete it first") from None
+                    raise CNIError(
+                        E.INTERFACE_EXISTS,
+                        f"interface {att.ifname} already exists in {att.netns}",
+                        "pick another CNI_IFNAME or delete it first",
+                    ) from None
         finally:
             os.close(fd)
         for res, what in zip(port, ("an alias", "hairpin mode"), strict=False):
@@ -278,15 +301,23 @@ class Plumber:
                 # EEXIST on a route: another attachment of this pod already has it.
                 link, _ = c.call([rtnl.get_link(att.ifname), rtnl.link_up(att.ifname)])
                 idx = rtnl.ifindex(link)
-                c.call([rtnl.add_address(idx, ipaddress.IPv4Interface(
-                            f"{att.address}/{att.subnet.prefixlen}")),
+                c.call(
+                    [
+                        rtnl.add_address(
+                            idx, ipaddress.IPv4Interface(f"{att.address}/{att.subnet.prefixlen}")
+                        ),
                         rtnl.link_up("lo", ignore=(errno.ENODEV,)),
-                        *(rtnl.add_route(r.dst, r.gw or att.gateway, idx,
-                                         ignore=(errno.EEXIST,)) for r in att.routes)])
+                        *(
+                            rtnl.add_route(r.dst, r.gw or att.gateway, idx, ignore=(errno.EEXIST,))
+                            for r in att.routes
+                        ),
+                    ]
+                )
         except (NetlinkError, ValueError, OSError) as e:
             self._delete_leftover(host_veth_name(att.container_id, att.ifname))
-            raise CNIError(E.INTERNAL, f"cannot configure {att.ifname} in {att.netns}",
-                           str(e)) from None
+            raise CNIError(
+                E.INTERNAL, f"cannot configure {att.ifname} in {att.netns}", str(e)
+            ) from None
 
     # ------------------------------------------------------------ DEL
 
@@ -298,8 +329,9 @@ class Plumber:
             key = (container_id, ifname)
             fut = asyncio.get_running_loop().run_in_executor(self._reaper, self._reap, idx)
             self._pending[key] = fut
-            fut.add_done_callback(lambda f: self._pending.pop(key, None)
-                                  if self._pending.get(key) is f else None)
+            fut.add_done_callback(
+                lambda f: self._pending.pop(key, None) if self._pending.get(key) is f else None
+            )
 
     async def _reaped(self, container_id: str, ifname: str) -> None:
         """Wait until a background delete of this attachment's pair has finished."""
@@ -360,14 +392,16 @@ class Plumber:
                     raise fail(f"interface {att.ifname} is missing in {att.netns}")
                 addrs = {(a.get("address"), a["prefixlen"]) for a in c.get_addr(index=idx[0])}
                 if (str(att.address), att.subnet.prefixlen) not in addrs:
-                    raise fail(f"{att.ifname} does not hold {att.address}/"
-                               f"{att.subnet.prefixlen}")
+                    raise fail(f"{att.ifname} does not hold {att.address}/{att.subnet.prefixlen}")
                 for r in att.routes:
                     kw: dict[str, Any] = {"dst_len": r.dst.prefixlen}
                     if r.dst.prefixlen:
                         kw["dst"] = str(r.dst.network_address)
-                    found = [x for x in c.get_routes(family=2, table=254, **kw)
-                             if x.get("gateway") == str(r.gw or att.gateway)]
+                    found = [
+                        x
+                        for x in c.get_routes(family=2, table=254, **kw)
+                        if x.get("gateway") == str(r.gw or att.gateway)
+                    ]
                     if not found:
                         raise fail(f"route {r.dst} via {r.gw or att.gateway} is missing")
             finally:
@@ -387,8 +421,11 @@ class Plumber:
         for link in ipr.get_links():
             name = str(link.get("ifname"))
             master = link.get("master")
-            if (HOST_NAME_RE.match(name) and name not in keep
-                    and (not master or (bool(br) and master == br[0]))):
+            if (
+                HOST_NAME_RE.match(name)
+                and name not in keep
+                and (not master or (bool(br) and master == br[0]))
+            ):
                 with contextlib.suppress(NetlinkError):
                     ipr.link("del", index=link["index"])
                 gone.append(name)

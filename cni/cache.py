@@ -49,11 +49,14 @@ class CachedAttachment:
         if d.get("kind") != CACHE_KIND:
             raise ValueError(f"not a {CACHE_KIND} record (kind={d.get('kind')!r})")
         return cls(
-            network=d["networkName"], container_id=d["containerId"], ifname=d["ifName"],
+            network=d["networkName"],
+            container_id=d["containerId"],
+            ifname=d["ifName"],
             config=base64.b64decode(d.get("config") or ""),
             cni_args=[(a[0], a[1]) for a in d.get("cniArgs") or []],
             capability_args=d.get("capabilityArgs") or {},
-            result=d.get("result"))
+            result=d.get("result"),
+        )
 
 
 class ResultCache:

@@ -65,20 +65,30 @@ class NetworkConfigList:
             if "type" not in doc:
                 raise CNIError(f"{where} has neither 'plugins' nor 'type'", code=6)
             # A single-plugin .conf: lift it to a list, as libcni's ConfListFromConf does.
-            doc = {"name": doc.get("name", ""), "cniVersion": doc.get("cniVersion", ""),
-                   "plugins": [doc]}
+            doc = {
+                "name": doc.get("name", ""),
+                "cniVersion": doc.get("cniVersion", ""),
+                "plugins": [doc],
+            }
             data = json.dumps(doc).encode()
         name, version, plugins = doc.get("name"), doc.get("cniVersion", ""), doc["plugins"]
         if not isinstance(name, str) or not _ID_RE.match(name):
-            raise CNIError(f"{where}: 'name' {name!r} is missing or not a valid network name",
-                           code=6)
+            raise CNIError(
+                f"{where}: 'name' {name!r} is missing or not a valid network name", code=6
+            )
         if not isinstance(plugins, list) or not plugins:
             raise CNIError(f"{where}: 'plugins' must be a non-empty list", code=6)
         for i, p in enumerate(plugins):
             if not isinstance(p, dict) or not isinstance(p.get("type"), str) or not p["type"]:
                 raise CNIError(f"{where}: plugins[{i}] has no 'type'", code=6)
-        return cls(name=name, cni_version=str(version), plugins=plugins, raw=data,
-                   disable_check=bool(doc.get("disableCheck", False)), source=source)
+        return cls(
+            name=name,
+            cni_version=str(version),
+            plugins=plugins,
+            raw=data,
+            disable_check=bool(doc.get("disableCheck", False)),
+            source=source,
+        )
 
 
 def conf_files(conf_dir: str) -> list[str]:
@@ -86,17 +96,21 @@ def conf_files(conf_dir: str) -> list[str]:
         names = os.listdir(conf_dir)
     except FileNotFoundError:
         return []
-    return sorted(os.path.join(conf_dir, n) for n in names
-                  if os.path.splitext(n)[1] in CONF_EXTENSIONS
-                  and os.path.isfile(os.path.join(conf_dir, n)))
+    return sorted(
+        os.path.join(conf_dir, n)
+        for n in names
+        if os.path.splitext(n)[1] in CONF_EXTENSIONS and os.path.isfile(os.path.join(conf_dir, n))
+    )
 
 
 def load_conflist(conf_dir: str) -> NetworkConfigList:
     """The network the runtime uses: the first config file in name order."""
     files = conf_files(conf_dir)
     if not files:
-        raise CNIError(f"no network config found in {conf_dir} "
-                       f"(want a {'/'.join(CONF_EXTENSIONS)} file)", code=6)
+        raise CNIError(
+            f"no network config found in {conf_dir} (want a {'/'.join(CONF_EXTENSIONS)} file)",
+            code=6,
+        )
     with open(files[0], "rb") as f:
         return NetworkConfigList.from_bytes(f.read(), source=files[0])
 
@@ -112,15 +126,24 @@ class RuntimeConf:
     def validate(self) -> None:
         if not _ID_RE.match(self.container_id or ""):
             raise CNIError(f"invalid container ID {self.container_id!r}", code=7)
-        if (not self.ifname or len(self.ifname) > 15 or self.ifname in (".", "..")
-                or any(c in self.ifname for c in "/: \t\n")):
+        if (
+            not self.ifname
+            or len(self.ifname) > 15
+            or self.ifname in (".", "..")
+            or any(c in self.ifname for c in "/: \t\n")
+        ):
             raise CNIError(f"invalid interface name {self.ifname!r}", code=7)
 
 
 def pod_args(namespace: str, name: str, uid: str, infra_id: str) -> list[tuple[str, str]]:
     """CNI_ARGS as kubelet/containerd pass them (IgnoreUnknown first, for host-local & co)."""
-    return [("IgnoreUnknown", "1"), ("K8S_POD_NAMESPACE", namespace), ("K8S_POD_NAME", name),
-            ("K8S_POD_INFRA_CONTAINER_ID", infra_id), ("K8S_POD_UID", uid)]
+    return [
+        ("IgnoreUnknown", "1"),
+        ("K8S_POD_NAMESPACE", namespace),
+        ("K8S_POD_NAME", name),
+        ("K8S_POD_INFRA_CONTAINER_ID", infra_id),
+        ("K8S_POD_UID", uid),
+    ]
 
 
 def _version_at_least(version: str, want: tuple[int, ...]) -> bool:
@@ -132,10 +155,16 @@ def _version_at_least(version: str, want: tuple[int, ...]) -> bool:
 
 
 class CNIClient:
-    def __init__(self, bin_dirs: str | Sequence[str], cache_dir: str,
-                 exec_prefix: Sequence[str] = (), timeout: float = 60.0) -> None:
-        self.bin_dirs = ([d for d in bin_dirs.split(":") if d] if isinstance(bin_dirs, str)
-                         else list(bin_dirs))
+    def __init__(
+        self,
+        bin_dirs: str | Sequence[str],
+        cache_dir: str,
+        exec_prefix: Sequence[str] = (),
+        timeout: float = 60.0,
+    ) -> None:
+        self.bin_dirs = (
+            [d for d in bin_dirs.split(":") if d] if isinstance(bin_dirs, str) else list(bin_dirs)
+        )
         self.cache = ResultCache(cache_dir)
         self.exec_prefix = list(exec_prefix)
         self.timeout = timeout
@@ -149,11 +178,19 @@ class CNIClient:
             p = os.path.join(d, plugin_type)
             if os.path.isfile(p) and os.access(p, os.X_OK):
                 return p
-        raise CNIError(f"failed to find plugin {plugin_type!r} in path {self.bin_dirs}",
-                       code=6, plugin=plugin_type)
+        raise CNIError(
+            f"failed to find plugin {plugin_type!r} in path {self.bin_dirs}",
+            code=6,
+            plugin=plugin_type,
+        )
 
-    def _build(self, net: NetworkConfigList, plugin: dict[str, Any],
-               prev: dict[str, Any] | None, rt: RuntimeConf) -> bytes:
+    def _build(
+        self,
+        net: NetworkConfigList,
+        plugin: dict[str, Any],
+        prev: dict[str, Any] | None,
+        rt: RuntimeConf,
+    ) -> bytes:
         conf = copy.deepcopy(plugin)
         conf["name"], conf["cniVersion"] = net.name, net.cni_version
         if prev is not None:
@@ -164,41 +201,56 @@ class CNIClient:
             conf["runtimeConfig"] = rc
         return json.dumps(conf).encode()
 
-    async def exec_plugin(self, command: str, plugin: dict[str, Any], stdin: bytes,
-                          rt: RuntimeConf | None) -> dict[str, Any] | None:
+    async def exec_plugin(
+        self, command: str, plugin: dict[str, Any], stdin: bytes, rt: RuntimeConf | None
+    ) -> dict[str, Any] | None:
         ptype = plugin["type"]
         path = self.find_plugin(ptype)
         env = dict(os.environ)
         env.update(CNI_COMMAND=command, CNI_PATH=":".join(self.bin_dirs))
         if rt is not None:
-            env.update(CNI_CONTAINERID=rt.container_id, CNI_NETNS=rt.netns,
-                       CNI_IFNAME=rt.ifname,
-                       CNI_ARGS=";".join(f"{k}={v}" for k, v in rt.args))
+            env.update(
+                CNI_CONTAINERID=rt.container_id,
+                CNI_NETNS=rt.netns,
+                CNI_IFNAME=rt.ifname,
+                CNI_ARGS=";".join(f"{k}={v}" for k, v in rt.args),
+            )
         proc = await asyncio.create_subprocess_exec(
-            *self.exec_prefix, path, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+            *self.exec_prefix,
+            path,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise CNIError(f"{command} timed out after {self.timeout:.0f}s", plugin=ptype) \
-                from None
+            raise CNIError(f"{command} timed out after {self.timeout:.0f}s", plugin=ptype) from None
         if proc.returncode != 0:
             try:
                 e = json.loads(out)
-                raise CNIError(str(e.get("msg", "")), code=int(e.get("code", 999)),
-                               details=str(e.get("details", "")), plugin=ptype)
+                raise CNIError(
+                    str(e.get("msg", "")),
+                    code=int(e.get("code", 999)),
+                    details=str(e.get("details", "")),
+                    plugin=ptype,
+                )
             except (ValueError, AttributeError, TypeError):
-                raise CNIError(f"{command} failed with exit {proc.returncode}: "
-                               f"{(err or out).decode(errors='replace').strip()}",
-                               plugin=ptype) from None
+                raise CNIError(
+                    f"{command} failed with exit {proc.returncode}: "
+                    f"{(err or out).decode(errors='replace').strip()}",
+                    plugin=ptype,
+                ) from None
         if command in ("ADD", "VERSION"):
             try:
                 res = json.loads(out)
             except ValueError:
-                raise CNIError(f"{command} printed no JSON result: {out[:200]!r}",
-                               plugin=ptype) from None
+                raise CNIError(
+                    f"{command} printed no JSON result: {out[:200]!r}", plugin=ptype
+                ) from None
             if not isinstance(res, dict):
                 raise CNIError(f"{command} result is not a JSON object", plugin=ptype)
             return res
@@ -213,7 +265,8 @@ class CNIClient:
         try:
             for plugin in net.plugins:
                 result = await self.exec_plugin(
-                    "ADD", plugin, self._build(net, plugin, result, rt), rt)
+                    "ADD", plugin, self._build(net, plugin, result, rt), rt
+                )
         except BaseException:
             try:
                 await self._del_chain(net, rt, result)
@@ -221,25 +274,34 @@ class CNIClient:
                 log.warning("cleanup DEL after failed ADD of %s: %s", rt.container_id, e)
             raise
         assert result is not None
-        self.cache.put(CachedAttachment(
-            network=net.name, container_id=rt.container_id, ifname=rt.ifname, config=net.raw,
-            cni_args=list(rt.args), capability_args=dict(rt.capability_args), result=result))
+        self.cache.put(
+            CachedAttachment(
+                network=net.name,
+                container_id=rt.container_id,
+                ifname=rt.ifname,
+                config=net.raw,
+                cni_args=list(rt.args),
+                capability_args=dict(rt.capability_args),
+                result=result,
+            )
+        )
         return result
 
     async def check(self, net: NetworkConfigList, rt: RuntimeConf) -> None:
         rt.validate()
         if not _version_at_least(net.cni_version, (0, 4, 0)):
-            raise CNIError(f"configuration version {net.cni_version!r} does not support CHECK",
-                           code=2)
+            raise CNIError(
+                f"configuration version {net.cni_version!r} does not support CHECK", code=2
+            )
         if net.disable_check:
             return
         cached = self.cache.get(net.name, rt.container_id, rt.ifname)
         if cached is None or cached.result is None:
-            raise CNIError(f"no cached result for network {net.name!r}, container "
-                           f"{rt.container_id}", code=7)
+            raise CNIError(
+                f"no cached result for network {net.name!r}, container {rt.container_id}", code=7
+            )
         for plugin in net.plugins:
-            await self.exec_plugin("CHECK", plugin, self._build(net, plugin, cached.result, rt),
-                                   rt)
+            await self.exec_plugin("CHECK", plugin, self._build(net, plugin, cached.result, rt), rt)
 
     async def delete(self, net: NetworkConfigList, rt: RuntimeConf) -> None:
         """DEL in reverse order with the cached result as prevResult; drops the cache entry."""
@@ -248,8 +310,9 @@ class CNIClient:
         await self._del_chain(net, rt, cached.result if cached else None)
         self.cache.delete(net.name, rt.container_id, rt.ifname)
 
-    async def _del_chain(self, net: NetworkConfigList, rt: RuntimeConf,
-                         prev: dict[str, Any] | None) -> None:
+    async def _del_chain(
+        self, net: NetworkConfigList, rt: RuntimeConf, prev: dict[str, Any] | None
+    ) -> None:
         if not _version_at_least(net.cni_version, (0, 4, 0)):
             prev = None
         # Every plugin gets its DEL even when one fails, so one broken plugin does not
@@ -266,8 +329,13 @@ class CNIClient:
     async def delete_cached(self, entry: CachedAttachment, netns: str = "") -> None:
         """DEL an attachment with the config and args it was ADDed with."""
         net = NetworkConfigList.from_bytes(entry.config, source=f"cached {entry.network}")
-        rt = RuntimeConf(container_id=entry.container_id, netns=netns, ifname=entry.ifname,
-                         args=list(entry.cni_args), capability_args=dict(entry.capability_args))
+        rt = RuntimeConf(
+            container_id=entry.container_id,
+            netns=netns,
+            ifname=entry.ifname,
+            args=list(entry.cni_args),
+            capability_args=dict(entry.capability_args),
+        )
         await self._del_chain(net, rt, entry.result)
         self.cache.delete(entry.network, entry.container_id, entry.ifname)
 
@@ -281,13 +349,15 @@ class CNIClient:
                 await self.delete_cached(entry, (netns_of or {}).get(entry.container_id, ""))
                 removed.append(entry.container_id)
             except CNIError as e:
-                log.warning("GC of CNI attachment %s/%s failed: %s", entry.network,
-                            entry.container_id, e)
+                log.warning(
+                    "GC of CNI attachment %s/%s failed: %s", entry.network, entry.container_id, e
+                )
         return removed
 
     async def version(self, plugin_type: str) -> dict[str, Any]:
-        res = await self.exec_plugin("VERSION", {"type": plugin_type},
-                                     json.dumps({"cniVersion": "1.0.0"}).encode(), None)
+        res = await self.exec_plugin(
+            "VERSION", {"type": plugin_type}, json.dumps({"cniVersion": "1.0.0"}).encode(), None
+        )
         assert res is not None
         return res
 

@@ -34,11 +34,15 @@ def validate_ifname(name: object, what: str, code: int = E.INVALID_ENV) -> str:
     if not isinstance(name, str) or not name:
         raise CNIError(code, f"{what} is empty", "give an interface name such as eth0")
     if len(name) > 15:
-        raise CNIError(code, f"{what} {name!r} is too long",
-                       "interface names have at most 15 characters")
+        raise CNIError(
+            code, f"{what} {name!r} is too long", "interface names have at most 15 characters"
+        )
     if name in (".", "..") or any(c in name for c in "/:") or any(c.isspace() for c in name):
-        raise CNIError(code, f"{what} {name!r} is not a valid interface name",
-                       "it must not be . or .. nor contain /, : or whitespace")
+        raise CNIError(
+            code,
+            f"{what} {name!r} is not a valid interface name",
+            "it must not be . or .. nor contain /, : or whitespace",
+        )
     return name
 
 
@@ -50,8 +54,11 @@ def parse_cni_args(raw: str) -> dict[str, str]:
             continue
         k, sep, v = pair.partition("=")
         if not sep or not k:
-            raise CNIError(E.INVALID_ENV, f"CNI_ARGS: {pair!r} is not KEY=VALUE",
-                           "CNI_ARGS is a ;-separated list of KEY=VALUE pairs")
+            raise CNIError(
+                E.INVALID_ENV,
+                f"CNI_ARGS: {pair!r} is not KEY=VALUE",
+                "CNI_ARGS is a ;-separated list of KEY=VALUE pairs",
+            )
         out[k] = v
     return out
 
@@ -71,8 +78,12 @@ class Range:
         return int(self.end) - int(self.start) + 1
 
     def usable(self, ip: Addr4) -> bool:
-        return (self.start <= ip <= self.end and ip != self.gateway
-                and ip != self.subnet.network_address and ip != self.subnet.broadcast_address)
+        return (
+            self.start <= ip <= self.end
+            and ip != self.gateway
+            and ip != self.subnet.network_address
+            and ip != self.subnet.broadcast_address
+        )
 
 
 @dataclass
@@ -96,18 +107,21 @@ def _ip(value: object, what: str) -> Addr4:
 
 def make_range(spec: dict[str, Any], where: str) -> Range:
     if not isinstance(spec, dict) or "subnet" not in spec:
-        raise CNIError(E.INVALID_CONFIG, f"{where}: a range needs a subnet",
-                       'e.g. {"subnet": "10.244.1.0/24"}')
+        raise CNIError(
+            E.INVALID_CONFIG, f"{where}: a range needs a subnet", 'e.g. {"subnet": "10.244.1.0/24"}'
+        )
     try:
         net = ipaddress.ip_network(str(spec["subnet"]), strict=False)
     except ValueError:
-        raise CNIError(E.INVALID_CONFIG,
-                       f"{where}.subnet: {spec['subnet']!r} is not a CIDR") from None
+        raise CNIError(
+            E.INVALID_CONFIG, f"{where}.subnet: {spec['subnet']!r} is not a CIDR"
+        ) from None
     if not isinstance(net, Net4):
         raise CNIError(E.UNSUPPORTED_FIELD, f"{where}.subnet: {net} (only IPv4 is supported)")
     if net.prefixlen > 30:
-        raise CNIError(E.INVALID_CONFIG, f"{where}.subnet: {net} is too small",
-                       "use a /30 or larger")
+        raise CNIError(
+            E.INVALID_CONFIG, f"{where}.subnet: {net} is too small", "use a /30 or larger"
+        )
     gw = _ip(spec["gateway"], f"{where}.gateway") if spec.get("gateway") else net[1]
     start = _ip(spec["rangeStart"], f"{where}.rangeStart") if spec.get("rangeStart") else net[1]
     end = _ip(spec["rangeEnd"], f"{where}.rangeEnd") if spec.get("rangeEnd") else net[-2]
@@ -136,10 +150,15 @@ def parse_ipam(conf: dict[str, Any], cni_args: dict[str, str]) -> IPAMConfig:
     ranges = ipam.get("ranges")
     if ranges is not None:
         if not isinstance(ranges, list) or not all(isinstance(s, list) and s for s in ranges):
-            raise CNIError(E.INVALID_CONFIG, "ipam.ranges must be a list of non-empty lists",
-                           'e.g. [[{"subnet": "10.244.1.0/24"}]]')
-        out.range_sets = [[make_range(r, f"ipam.ranges[{i}][{j}]") for j, r in enumerate(s)]
-                          for i, s in enumerate(ranges)]
+            raise CNIError(
+                E.INVALID_CONFIG,
+                "ipam.ranges must be a list of non-empty lists",
+                'e.g. [[{"subnet": "10.244.1.0/24"}]]',
+            )
+        out.range_sets = [
+            [make_range(r, f"ipam.ranges[{i}][{j}]") for j, r in enumerate(s)]
+            for i, s in enumerate(ranges)
+        ]
     elif ipam.get("subnet"):
         out.range_sets = [[make_range(ipam, "ipam")]]
     if "routes" in ipam:
@@ -163,8 +182,7 @@ def parse_ipam(conf: dict[str, Any], cni_args: dict[str, str]) -> IPAMConfig:
             try:
                 Addr4(w.split("/")[0])
             except ValueError:
-                raise CNIError(E.INVALID_ENV, f"CNI_ARGS IP={w!r} is not an IPv4 address")\
-                    from None
+                raise CNIError(E.INVALID_ENV, f"CNI_ARGS IP={w!r} is not an IPv4 address") from None
             wanted.append(w)
     args_ips = ((conf.get("args") or {}).get("cni") or {}).get("ips") or []
     rt_ips = (conf.get("runtimeConfig") or {}).get("ips") or []
@@ -207,8 +225,11 @@ def parse_bridge(conf: dict[str, Any]) -> BridgeConfig:
     bc.mtu = mtu
     ipam_type = (conf.get("ipam") or {}).get("type", "corral-ipam")
     if ipam_type != "corral-ipam":
-        raise CNIError(E.UNSUPPORTED_FIELD, f"ipam.type {ipam_type!r} is not supported",
-                       "corral-cni allocates through corral-ipam only")
+        raise CNIError(
+            E.UNSUPPORTED_FIELD,
+            f"ipam.type {ipam_type!r} is not supported",
+            "corral-cni allocates through corral-ipam only",
+        )
     return bc
 
 
@@ -231,16 +252,21 @@ class Request:
 
     def valid_attachments(self) -> set[tuple[str, str]]:
         if VALID_ATTACHMENTS not in self.conf:  # absent is not "nothing is valid"
-            raise CNIError(E.INVALID_CONFIG, f"GC needs {VALID_ATTACHMENTS} in the "
-                           "configuration", "list the attachments that are still in use")
+            raise CNIError(
+                E.INVALID_CONFIG,
+                f"GC needs {VALID_ATTACHMENTS} in the configuration",
+                "list the attachments that are still in use",
+            )
         raw = self.conf[VALID_ATTACHMENTS]
         if not isinstance(raw, list):
             raise CNIError(E.INVALID_CONFIG, f"{VALID_ATTACHMENTS} must be a list")
         out = set()
         for a in raw:
             if not isinstance(a, dict) or not a.get("containerID") or not a.get("ifname"):
-                raise CNIError(E.INVALID_CONFIG,
-                               f"{VALID_ATTACHMENTS}: each entry needs containerID and ifname")
+                raise CNIError(
+                    E.INVALID_CONFIG,
+                    f"{VALID_ATTACHMENTS}: each entry needs containerID and ifname",
+                )
             out.add((str(a["containerID"]), str(a["ifname"])))
         return out
 
@@ -259,28 +285,33 @@ def parse_request(plugin: str, env: dict[str, str], stdin: str) -> Request:
         raise CNIError(E.INVALID_CONFIG, f"unknown plugin {plugin!r}")
     command = env.get("CNI_COMMAND", "")
     if command not in COMMANDS:
-        raise CNIError(E.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of "
-                       + ", ".join(COMMANDS))
+        raise CNIError(
+            E.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of " + ", ".join(COMMANDS)
+        )
     try:
         conf = json.loads(stdin) if stdin.strip() else None
     except ValueError as e:
-        raise CNIError(E.DECODE_FAILURE, "cannot decode the network configuration",
-                       str(e)) from None
+        raise CNIError(
+            E.DECODE_FAILURE, "cannot decode the network configuration", str(e)
+        ) from None
     if command == "VERSION":
         conf = conf if isinstance(conf, dict) else {}
     elif not isinstance(conf, dict):
-        raise CNIError(E.DECODE_FAILURE, "the network configuration on stdin must be a "
-                       "JSON object")
+        raise CNIError(E.DECODE_FAILURE, "the network configuration on stdin must be a JSON object")
     version = conf.get("cniVersion", "0.3.0" if command == "VERSION" else None)
     if version not in SUPPORTED_VERSIONS:
-        raise CNIError(E.INCOMPATIBLE_VERSION, f"cniVersion {version!r} is not supported",
-                       "supported: " + ", ".join(SUPPORTED_VERSIONS))
+        raise CNIError(
+            E.INCOMPATIBLE_VERSION,
+            f"cniVersion {version!r} is not supported",
+            "supported: " + ", ".join(SUPPORTED_VERSIONS),
+        )
     req = Request(plugin, command, str(version), conf, path=env.get("CNI_PATH", ""))
     if command in ("VERSION", "GC", "STATUS"):
         return req
     if command == "CHECK" and version_tuple(req.cni_version) < (0, 4, 0):
-        raise CNIError(E.INCOMPATIBLE_VERSION, f"CHECK needs cniVersion 0.4.0 or later, "
-                       f"not {req.cni_version}")
+        raise CNIError(
+            E.INCOMPATIBLE_VERSION, f"CHECK needs cniVersion 0.4.0 or later, not {req.cni_version}"
+        )
     typ = conf.get("type")
     want = plugin if plugin == "corral-cni" else None
     if want and typ != want:
@@ -291,8 +322,11 @@ def parse_request(plugin: str, env: dict[str, str], stdin: str) -> Request:
     if not cid:
         raise CNIError(E.INVALID_ENV, "CNI_CONTAINERID is missing")
     if not CONTAINER_ID_RE.match(cid) or len(cid) > 256:
-        raise CNIError(E.INVALID_ENV, f"CNI_CONTAINERID {cid!r} has invalid characters",
-                       "use letters, digits, _ . and - only")
+        raise CNIError(
+            E.INVALID_ENV,
+            f"CNI_CONTAINERID {cid!r} has invalid characters",
+            "use letters, digits, _ . and - only",
+        )
     req.container_id = cid
     req.ifname = validate_ifname(env.get("CNI_IFNAME", ""), "CNI_IFNAME")
     req.cni_args = parse_cni_args(env.get("CNI_ARGS", ""))

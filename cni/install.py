@@ -56,14 +56,16 @@ def shim_source(socket_path: str, python: str | None = None) -> str:
     py = python or os.path.realpath(sys.executable)
     src = shim_script(socket_path)
     code = marshal.dumps(compile(src, "corral-cni", "exec"))
-    return (f"#!{py} -IS\n"
-            "# corral CNI shim: cni/shim.py, precompiled by cni/install.py\n"
-            "import sys\n"
-            f"if sys.implementation.cache_tag == {sys.implementation.cache_tag!r}:\n"
-            "    import marshal\n"
-            f"    exec(marshal.loads({code!r}))\n"
-            "else:\n"
-            f"    exec(compile({src!r}, 'corral-cni', 'exec'))\n")
+    return (
+        f"#!{py} -IS\n"
+        "# corral CNI shim: cni/shim.py, precompiled by cni/install.py\n"
+        "import sys\n"
+        f"if sys.implementation.cache_tag == {sys.implementation.cache_tag!r}:\n"
+        "    import marshal\n"
+        f"    exec(marshal.loads({code!r}))\n"
+        "else:\n"
+        f"    exec(compile({src!r}, 'corral-cni', 'exec'))\n"
+    )
 
 
 def build_native_shim(socket_path: str, out_path: str) -> None:
@@ -72,9 +74,21 @@ def build_native_shim(socket_path: str, out_path: str) -> None:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) to build the native CNI shim")
-    r = subprocess.run([cc, "-O2", "-Wall", f"-DCORRAL_SOCKET={json.dumps(socket_path)}",
-                        "-o", out_path, str(src)], capture_output=True, text=True,
-                       check=False, timeout=120)
+    r = subprocess.run(
+        [
+            cc,
+            "-O2",
+            "-Wall",
+            f"-DCORRAL_SOCKET={json.dumps(socket_path)}",
+            "-o",
+            out_path,
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"building the native CNI shim failed: {r.stderr.strip()}")
 
@@ -121,8 +135,9 @@ def install_shims(bin_dir: str, socket_path: str, native: bool = False) -> list[
     return out
 
 
-def conflist(subnet: dict[str, Any], bin_dir: str | None = None,
-             bridge: str = "cni0") -> dict[str, Any]:
+def conflist(
+    subnet: dict[str, Any], bin_dir: str | None = None, bridge: str = "cni0"
+) -> dict[str, Any]:
     """The node's network list: corral-cni (+ portmap when installed), flannel-style.
 
     ipMasq is left to the overlay when subnet.json says it masquerades (`ipMasq`),
@@ -140,8 +155,7 @@ def conflist(subnet: dict[str, Any], bin_dir: str | None = None,
         main["mtu"] = int(subnet["mtu"])
     plugins = [main]
     if bin_dir and os.access(os.path.join(bin_dir, "portmap"), os.X_OK):
-        plugins.append({"type": "portmap", "capabilities": {"portMappings": True},
-                        "snat": True})
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}, "snat": True})
     return {"cniVersion": CONFLIST_VERSION, "name": NETWORK_NAME, "plugins": plugins}
 
 

@@ -80,25 +80,41 @@ class IPAM:
         kv = await self.store.get_raw(ipam_owner_key(pool, container_id, ifname))
         return None if kv is None else ipaddress.IPv4Address(kv.value.decode())
 
-    async def _try(self, r: Range, ip: Addr4, container_id: str, ifname: str,
-                   meta: dict[str, str]) -> tuple[bool, Addr4 | None]:
+    async def _try(
+        self, r: Range, ip: Addr4, container_id: str, ifname: str, meta: dict[str, str]
+    ) -> tuple[bool, Addr4 | None]:
         """One create-if-absent txn; (True, ip) won, (False, existing) if already owned."""
-        rec = IPAllocation(ip=str(ip), pool=r.pool, containerID=container_id, ifname=ifname,
-                           node_name=self.node_name, created_at=now_iso(),
-                           pod_namespace=meta.get("K8S_POD_NAMESPACE"),
-                           pod_name=meta.get("K8S_POD_NAME"))
+        rec = IPAllocation(
+            ip=str(ip),
+            pool=r.pool,
+            containerID=container_id,
+            ifname=ifname,
+            node_name=self.node_name,
+            created_at=now_iso(),
+            pod_namespace=meta.get("K8S_POD_NAMESPACE"),
+            pod_name=meta.get("K8S_POD_NAME"),
+        )
         ipk, ownk = ipam_ip_key(r.pool, str(ip)), ipam_owner_key(r.pool, container_id, ifname)
         ok, _ = await self.store.txn(
             compare=[("create", ipk, "==", 0), ("create", ownk, "==", 0)],
-            success=[("put", ipk, json.dumps(rec.dump()).encode()),
-                     ("put", ownk, str(ip).encode())])
+            success=[
+                ("put", ipk, json.dumps(rec.dump()).encode()),
+                ("put", ownk, str(ip).encode()),
+            ],
+        )
         if ok:
             return True, ip
         return False, await self.lookup(r.pool, container_id, ifname)
 
-    async def allocate(self, ranges: list[Range], container_id: str, ifname: str,
-                       requested: list[Addr4], meta: dict[str, str],
-                       picked: asyncio.Future[Allocated] | None = None) -> Allocated:
+    async def allocate(
+        self,
+        ranges: list[Range],
+        container_id: str,
+        ifname: str,
+        requested: list[Addr4],
+        meta: dict[str, str],
+        picked: asyncio.Future[Allocated] | None = None,
+    ) -> Allocated:
         """One IP from this range set for the attachment (its existing one if it has one).
 
         `picked` learns the first free candidate (by this daemon's view of the pool)
@@ -106,29 +122,40 @@ class IPAM:
         commits; only the return value is granted. A requested IP is not offered: it
         may well belong to someone else.
         """
+
         def pick(ip: Addr4, r: Range) -> None:
             if picked is not None and not picked.done():
                 picked.set_result(Allocated(ip, r))
 
         want = [ip for ip in requested if any(ip in r.subnet for r in ranges)]
         if requested and not want:
-            raise CNIError(E.IP_UNAVAILABLE, "requested IP "
-                           + ", ".join(map(str, requested)) + " is outside the range "
-                           + ", ".join(f"{r.start}-{r.end}" for r in ranges))
+            raise CNIError(
+                E.IP_UNAVAILABLE,
+                "requested IP "
+                + ", ".join(map(str, requested))
+                + " is outside the range "
+                + ", ".join(f"{r.start}-{r.end}" for r in ranges),
+            )
         if want:
             ip = want[0]
             r = next((r for r in ranges if r.usable(ip)), None)
             if r is None:
-                raise CNIError(E.IP_UNAVAILABLE, f"requested IP {ip} is not assignable",
-                               "it is the network, broadcast or gateway address, or outside "
-                               "rangeStart..rangeEnd")
+                raise CNIError(
+                    E.IP_UNAVAILABLE,
+                    f"requested IP {ip} is not assignable",
+                    "it is the network, broadcast or gateway address, or outside "
+                    "rangeStart..rangeEnd",
+                )
             won, existing = await self._try(r, ip, container_id, ifname, meta)
             if won or existing == ip:
                 self._state(r.pool).used.add(ip)
                 return Allocated(ip, r)
             if existing is not None:
-                raise CNIError(E.IP_UNAVAILABLE, f"{container_id}/{ifname} already holds "
-                               f"{existing}, not the requested {ip}", "DEL it first")
+                raise CNIError(
+                    E.IP_UNAVAILABLE,
+                    f"{container_id}/{ifname} already holds {existing}, not the requested {ip}",
+                    "DEL it first",
+                )
             raise CNIError(E.IP_UNAVAILABLE, f"requested IP {ip} is already in use")
         key = "|".join(r.pool for r in ranges)
         st = self._state(key)
@@ -153,8 +180,10 @@ class IPAM:
                 if existing is not None:  # a concurrent ADD for the same attachment won
                     st.used.discard(ip)
                     return Allocated(existing, next(x for x in ranges if existing in x.subnet))
-        raise CNIError(E.RANGE_EXHAUSTED, "no free IP left in "
-                       + ", ".join(f"{r.start}-{r.end}" for r in ranges))
+        raise CNIError(
+            E.RANGE_EXHAUSTED,
+            "no free IP left in " + ", ".join(f"{r.start}-{r.end}" for r in ranges),
+        )
 
     def _forget(self, ip: Addr4) -> None:
         for st in self._pools.values():
@@ -169,15 +198,21 @@ class IPAM:
             ip = kv.value.decode()
             ok, _ = await self.store.txn(
                 compare=[("mod", ownk, "==", kv.mod_revision)],
-                success=[("delete", ownk), ("delete", ipam_ip_key(pool, ip))])
+                success=[("delete", ownk), ("delete", ipam_ip_key(pool, ip))],
+            )
             if ok:
                 addr = ipaddress.IPv4Address(ip)
                 self._forget(addr)
                 return addr
         raise CNIError(E.TRY_AGAIN_LATER, f"owner record {ownk} keeps changing")
 
-    async def release(self, pools: list[str], container_id: str, ifname: str,
-                      hints: dict[str, Addr4] | None = None) -> list[Addr4]:
+    async def release(
+        self,
+        pools: list[str],
+        container_id: str,
+        ifname: str,
+        hints: dict[str, Addr4] | None = None,
+    ) -> list[Addr4]:
         """Release what the attachment holds in these pools; nothing held is fine.
 
         `hints` (pool -> IP, from the cached prevResult a runtime passes to DEL) make
@@ -190,7 +225,8 @@ class IPAM:
                 ownk = ipam_owner_key(pool, container_id, ifname)
                 ok, _ = await self.store.txn(
                     compare=[("value", ownk, "==", str(hint))],
-                    success=[("delete", ownk), ("delete", ipam_ip_key(pool, str(hint)))])
+                    success=[("delete", ownk), ("delete", ipam_ip_key(pool, str(hint)))],
+                )
                 if ok:
                     self._forget(hint)
                     out.append(hint)
@@ -205,14 +241,17 @@ class IPAM:
         names no pool (no prevResult, no ranges and no node subnet)."""
         kvs, _ = await self.store.list_raw(f"{PREFIX}/ipam/")
         tail = f"/owners/{container_id}/{ifname}"
-        return [kv.key[len(f"{PREFIX}/ipam/"):-len(tail)].split("/")[0]
-                for kv in kvs if kv.key.endswith(tail)]
+        return [
+            kv.key[len(f"{PREFIX}/ipam/") : -len(tail)].split("/")[0]
+            for kv in kvs
+            if kv.key.endswith(tail)
+        ]
 
     async def owners(self, pool: str) -> dict[tuple[str, str], Addr4]:
         kvs, _ = await self.store.list_raw(pool_prefix(pool) + "owners/")
         out = {}
         for kv in kvs:
-            cid, _, ifname = kv.key[len(pool_prefix(pool) + "owners/"):].partition("/")
+            cid, _, ifname = kv.key[len(pool_prefix(pool) + "owners/") :].partition("/")
             out[(cid, ifname)] = ipaddress.IPv4Address(kv.value.decode())
         return out
 
@@ -220,7 +259,7 @@ class IPAM:
         """Release every allocation in these pools whose attachment is not in `valid`."""
         freed = []
         for pool in dict.fromkeys(pools):
-            for (cid, ifname) in await self.owners(pool):
+            for cid, ifname in await self.owners(pool):
                 if (cid, ifname) not in valid:
                     ip = await self._release_owner(pool, cid, ifname)
                     if ip is not None:
@@ -233,7 +272,8 @@ class IPAM:
                 if ip not in owned:
                     ok, _ = await self.store.txn(
                         compare=[("mod", kv.key, "==", kv.mod_revision)],
-                        success=[("delete", kv.key)])
+                        success=[("delete", kv.key)],
+                    )
                     if ok:
                         log.warning("gc: removed IP %s of pool %s that had no owner", ip, pool)
                         freed.append(ipaddress.IPv4Address(ip))

@@ -67,43 +67,60 @@ class Request:
     ignore: tuple[int, ...] = field(default=())  # errnos that count as success
 
 
-def veth(name: str, mtu: int, mac: str, master: int, peer_name: str, peer_ns_fd: int,
-         peer_mac: str) -> Request:
+def veth(
+    name: str, mtu: int, mac: str, master: int, peer_name: str, peer_ns_fd: int, peer_mac: str
+) -> Request:
     """Create a veth pair, this end up; the peer goes straight into another namespace.
 
     The peer cannot be brought up in this request (the kernel refuses, ENOTCONN).
     """
-    peer = (_ifinfo() + attr(IFLA_IFNAME, _name(peer_name))
-            + attr(IFLA_MTU, struct.pack("=I", mtu)) + attr(IFLA_ADDRESS, _mac(peer_mac))
-            + attr(IFLA_NET_NS_FD, struct.pack("=I", peer_ns_fd)))
+    peer = (
+        _ifinfo()
+        + attr(IFLA_IFNAME, _name(peer_name))
+        + attr(IFLA_MTU, struct.pack("=I", mtu))
+        + attr(IFLA_ADDRESS, _mac(peer_mac))
+        + attr(IFLA_NET_NS_FD, struct.pack("=I", peer_ns_fd))
+    )
     info = attr(IFLA_INFO_KIND, b"veth\0") + attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer))
-    body = (_ifinfo(flags=IFF_UP, change=IFF_UP) + attr(IFLA_IFNAME, _name(name))
-            + attr(IFLA_MTU, struct.pack("=I", mtu)) + attr(IFLA_ADDRESS, _mac(mac))
-            + attr(IFLA_MASTER, struct.pack("=I", master)) + attr(IFLA_LINKINFO, info))
+    body = (
+        _ifinfo(flags=IFF_UP, change=IFF_UP)
+        + attr(IFLA_IFNAME, _name(name))
+        + attr(IFLA_MTU, struct.pack("=I", mtu))
+        + attr(IFLA_ADDRESS, _mac(mac))
+        + attr(IFLA_MASTER, struct.pack("=I", master))
+        + attr(IFLA_LINKINFO, info)
+    )
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
 def set_alias(name: str, alias: str) -> Request:
     """Give link `name` an alias (the kernel ignores IFLA_IFALIAS when creating a link)."""
-    return Request(RTM_NEWLINK, 0, _ifinfo() + attr(IFLA_IFNAME, _name(name))
-                   + attr(IFLA_IFALIAS, alias.encode() + b"\0"))
+    return Request(
+        RTM_NEWLINK,
+        0,
+        _ifinfo() + attr(IFLA_IFNAME, _name(name)) + attr(IFLA_IFALIAS, alias.encode() + b"\0"),
+    )
 
 
 def hairpin(name: str) -> Request:
     """Hairpin mode on the bridge port `name` (a port option, set through its master)."""
     info = attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01"))
-    return Request(RTM_NEWLINK, 0, _ifinfo() + attr(IFLA_IFNAME, _name(name))
-                   + attr(IFLA_LINKINFO, info))
+    return Request(
+        RTM_NEWLINK, 0, _ifinfo() + attr(IFLA_IFNAME, _name(name)) + attr(IFLA_LINKINFO, info)
+    )
 
 
 def link_up(name: str, ignore: tuple[int, ...] = ()) -> Request:
-    return Request(RTM_NEWLINK, 0, _ifinfo(flags=IFF_UP, change=IFF_UP)
-                   + attr(IFLA_IFNAME, _name(name)), ignore)
+    return Request(
+        RTM_NEWLINK,
+        0,
+        _ifinfo(flags=IFF_UP, change=IFF_UP) + attr(IFLA_IFNAME, _name(name)),
+        ignore,
+    )
 
 
 def link_down(name: str) -> Request:
-    return Request(RTM_NEWLINK, 0, _ifinfo(flags=0, change=IFF_UP)
-                   + attr(IFLA_IFNAME, _name(name)))
+    return Request(RTM_NEWLINK, 0, _ifinfo(flags=0, change=IFF_UP) + attr(IFLA_IFNAME, _name(name)))
 
 
 def del_link(index: int = 0, name: str | None = None) -> Request:
@@ -118,17 +135,25 @@ def get_link(name: str) -> Request:
 
 def add_address(index: int, iface: ipaddress.IPv4Interface) -> Request:
     ip = iface.ip.packed
-    body = (_IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
-            + attr(IFA_LOCAL, ip) + attr(IFA_ADDRESS, ip))
+    body = (
+        _IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
+        + attr(IFA_LOCAL, ip)
+        + attr(IFA_ADDRESS, ip)
+    )
     if iface.network.prefixlen < 31:
         body += attr(IFA_BROADCAST, iface.network.broadcast_address.packed)
     return Request(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body)
 
 
-def add_route(dst: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address, oif: int,
-              ignore: tuple[int, ...] = ()) -> Request:
-    body = _RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0,
-                       RTN_UNICAST, 0)
+def add_route(
+    dst: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address,
+    oif: int,
+    ignore: tuple[int, ...] = (),
+) -> Request:
+    body = _RTMSG.pack(
+        socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0
+    )
     if dst.prefixlen:
         body += attr(RTA_DST, dst.network_address.packed)
     body += attr(RTA_GATEWAY, gateway.packed) + attr(RTA_OIF, struct.pack("=I", oif))
@@ -167,8 +192,16 @@ class Socket:
         out = bytearray()
         for r in reqs:
             self.seq += 1
-            out += _HDR.pack(_HDR.size + len(r.body), r.type,
-                             NLM_F_REQUEST | NLM_F_ACK | r.flags, self.seq, 0) + r.body
+            out += (
+                _HDR.pack(
+                    _HDR.size + len(r.body),
+                    r.type,
+                    NLM_F_REQUEST | NLM_F_ACK | r.flags,
+                    self.seq,
+                    0,
+                )
+                + r.body
+            )
         self.sock.sendto(out, (0, 0))
         replies: dict[int, bytes] = {}
         results: dict[int, bytes | NetlinkError] = {}
@@ -179,7 +212,7 @@ class Socket:
                 length, mtype, _, seq, _ = _HDR.unpack_from(data, off)
                 if length < _HDR.size:
                     break
-                body = data[off + _HDR.size:off + length]
+                body = data[off + _HDR.size : off + length]
                 off += (length + 3) & ~3
                 if not first <= seq <= self.seq:
                     continue  # left over from an earlier, interrupted batch

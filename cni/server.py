@@ -112,8 +112,11 @@ class CNIServer:
 
     async def start(self) -> None:
         os.makedirs(self.paths.run_dir, exist_ok=True)
-        install_shims(self.paths.cni_bin_dir, self.paths.cni_socket,
-                      native=self.ctx.options.get("cni_shim", "native") == "native")
+        install_shims(
+            self.paths.cni_bin_dir,
+            self.paths.cni_socket,
+            native=self.ctx.options.get("cni_shim", "native") == "native",
+        )
         netns = self.ctx.options.get("netns")
         self.plumber = Plumber(str(netns) if netns else None)
         sock_path = self.paths.cni_socket
@@ -158,8 +161,7 @@ class CNIServer:
     def _sync_subnet(self) -> None:
         self.subnet.refresh()
         if self.subnet.data is not None:
-            path = write_conflist(self.paths.cni_conf_dir, self.subnet.data,
-                                  self.paths.cni_bin_dir)
+            path = write_conflist(self.paths.cni_conf_dir, self.subnet.data, self.paths.cni_bin_dir)
             if self._conflist != path:
                 log.info("node subnet %s: wrote %s", self.subnet.data.get("subnet"), path)
             self._conflist = path
@@ -187,8 +189,9 @@ class CNIServer:
             k, sep, v = item.decode(errors="replace").partition("=")
             if sep:
                 env[k] = v
-        return await self.handle(plugin.decode(errors="replace"), env,
-                                 stdin.decode(errors="replace"))
+        return await self.handle(
+            plugin.decode(errors="replace"), env, stdin.decode(errors="replace")
+        )
 
     async def handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str, str]:
         """One CNI invocation: (exit code, stdout, stderr)."""
@@ -198,8 +201,14 @@ class CNIServer:
             req = parse_request(plugin, env, stdin)
             version = req.cni_version
             result = await self.dispatch(req)
-            log.debug("%s %s %s/%s: %.1f ms", plugin, req.command, req.container_id,
-                      req.ifname, (time.perf_counter() - t0) * 1000)
+            log.debug(
+                "%s %s %s/%s: %.1f ms",
+                plugin,
+                req.command,
+                req.container_id,
+                req.ifname,
+                (time.perf_counter() - t0) * 1000,
+            )
             return 0, "" if result is None else json.dumps(result), ""
         except CNIError as e:
             return 1, e.to_json(version), ""
@@ -246,8 +255,11 @@ class CNIServer:
         if ipc.range_sets:
             return ipc.range_sets
         if self.subnet.range is None:
-            raise CNIError(E.TRY_AGAIN_LATER, "this node has no subnet lease yet",
-                           f"waiting for {self.subnet.path} from the overlay")
+            raise CNIError(
+                E.TRY_AGAIN_LATER,
+                "this node has no subnet lease yet",
+                f"waiting for {self.subnet.path} from the overlay",
+            )
         return [[self.subnet.range]]
 
     @staticmethod
@@ -270,8 +282,11 @@ class CNIServer:
     async def _status(self, req: Request) -> None:
         ipc = parse_ipam(req.conf, {}) if req.conf else IPAMConfig()
         if not ipc.range_sets and self.subnet.range is None:
-            raise CNIError(E.PLUGIN_NOT_AVAILABLE, "this node has no subnet lease yet",
-                           f"waiting for {self.subnet.path} from the overlay")
+            raise CNIError(
+                E.PLUGIN_NOT_AVAILABLE,
+                "this node has no subnet lease yet",
+                f"waiting for {self.subnet.path} from the overlay",
+            )
         try:
             await asyncio.wait_for(self.ctx.store.revision(), 2)
         except (StoreError, TimeoutError, OSError, aetcd.exceptions.ClientError) as e:
@@ -280,14 +295,19 @@ class CNIServer:
     def _routes(self, ipc: IPAMConfig) -> list[Route]:
         return ipc.routes if ipc.routes is not None else [DEFAULT_ROUTE]
 
-    async def _allocate(self, req: Request, ipc: IPAMConfig, sets: list[list[Range]],
-                        picked: asyncio.Future[Allocated] | None = None
-                        ) -> list[tuple[ipaddress.IPv4Address, Range]]:
+    async def _allocate(
+        self,
+        req: Request,
+        ipc: IPAMConfig,
+        sets: list[list[Range]],
+        picked: asyncio.Future[Allocated] | None = None,
+    ) -> list[tuple[ipaddress.IPv4Address, Range]]:
         got: list[tuple[ipaddress.IPv4Address, Range]] = []
         try:
             for rs in sets:
-                a = await self.ipam.allocate(rs, req.container_id, req.ifname, ipc.requested,
-                                             req.cni_args, picked)
+                a = await self.ipam.allocate(
+                    rs, req.container_id, req.ifname, ipc.requested, req.cni_args, picked
+                )
                 got.append((a.ip, a.range))
         except BaseException:
             await self.ipam.release([r.pool for _, r in got], req.container_id, req.ifname)
@@ -299,8 +319,10 @@ class CNIServer:
         if req.plugin == "corral-ipam":
             got = await self._allocate(req, ipc, self._ranges(ipc))
             res = {
-                "ips": [{"address": f"{ip}/{r.subnet.prefixlen}", "gateway": str(r.gateway)}
-                        for ip, r in got],
+                "ips": [
+                    {"address": f"{ip}/{r.subnet.prefixlen}", "gateway": str(r.gateway)}
+                    for ip, r in got
+                ],
                 "routes": [rt.to_dict() for rt in self._routes(ipc)],
                 "dns": req.conf.get("dns") or {},
             }
@@ -308,13 +330,23 @@ class CNIServer:
         bc = parse_bridge(req.conf)
         sets = self._ranges(ipc)
         if len(sets) != 1:
-            raise CNIError(E.UNSUPPORTED_FIELD, "corral-cni takes one IPv4 range set in "
-                           f"ipam.ranges, not {len(sets)}")
+            raise CNIError(
+                E.UNSUPPORTED_FIELD,
+                f"corral-cni takes one IPv4 range set in ipam.ranges, not {len(sets)}",
+            )
         assert self.plumber is not None
         routes = self._routes(ipc)
         rng0 = sets[0][0]
-        att = Attachment(req.container_id, req.ifname, req.netns, rng0.start, rng0.subnet,
-                         rng0.gateway, routes, bc.mtu or self.subnet.mtu)
+        att = Attachment(
+            req.container_id,
+            req.ifname,
+            req.netns,
+            rng0.start,
+            rng0.subnet,
+            rng0.gateway,
+            routes,
+            bc.mtu or self.subnet.mtu,
+        )
         # The kernel makes and configures the pair with the free IP the allocator
         # picked while etcd commits it; only a committed IP is ever returned.
         picked: asyncio.Future[Allocated] = asyncio.get_running_loop().create_future()
@@ -323,8 +355,11 @@ class CNIServer:
             await asyncio.wait((picked, alloc), return_when=asyncio.FIRST_COMPLETED)
             if picked.done():
                 guess = picked.result()
-                att.address, att.subnet, att.gateway = (guess.ip, guess.range.subnet,
-                                                        guess.range.gateway)
+                att.address, att.subnet, att.gateway = (
+                    guess.ip,
+                    guess.range.subnet,
+                    guess.range.gateway,
+                )
             else:  # a requested IP: granted (or refused) before anything is made
                 [(ip, rng)] = await alloc
                 att.address, att.subnet, att.gateway = ip, rng.subnet, rng.gateway
@@ -332,8 +367,7 @@ class CNIServer:
         except BaseException:
             got = await asyncio.gather(alloc, return_exceptions=True)
             if not isinstance(got[0], BaseException):
-                await self.ipam.release([r.pool for _, r in got[0]], req.container_id,
-                                        req.ifname)
+                await self.ipam.release([r.pool for _, r in got[0]], req.container_id, req.ifname)
             raise
         try:
             [(ip, rng)] = await alloc
@@ -354,11 +388,15 @@ class CNIServer:
         ifaces = list(prev.get("interfaces") or [])
         base = len(ifaces)
         res["interfaces"] = ifaces + res["interfaces"]
-        mine = {"address": f"{ip}/{rng.subnet.prefixlen}", "gateway": str(rng.gateway),
-                "interface": base + 2}
+        mine = {
+            "address": f"{ip}/{rng.subnet.prefixlen}",
+            "gateway": str(rng.gateway),
+            "interface": base + 2,
+        }
         res["ips"] = [*(prev.get("ips") or []), mine]
         res["routes"] = list(prev.get("routes") or []) + [
-            {"dst": str(r.dst), "gw": str(r.gw or rng.gateway)} for r in routes]
+            {"dst": str(r.dst), "gw": str(r.gw or rng.gateway)} for r in routes
+        ]
         res["dns"] = req.conf.get("dns") or prev.get("dns") or {}
         return convert_result(res, req.cni_version)
 
@@ -380,10 +418,14 @@ class CNIServer:
             raise CNIError(E.INVALID_CONFIG, "CHECK needs prevResult in the configuration")
         ips = prev.get("ips") or []
         ifaces = prev.get("interfaces") or []
-        mine = [ip for ip in ips if isinstance(ip.get("interface"), int)
-                and 0 <= ip["interface"] < len(ifaces)
-                and ifaces[ip["interface"]].get("name") == req.ifname
-                and ifaces[ip["interface"]].get("sandbox")]
+        mine = [
+            ip
+            for ip in ips
+            if isinstance(ip.get("interface"), int)
+            and 0 <= ip["interface"] < len(ifaces)
+            and ifaces[ip["interface"]].get("name") == req.ifname
+            and ifaces[ip["interface"]].get("sandbox")
+        ]
         if req.plugin == "corral-ipam":
             mine = ips
         if not mine:
@@ -391,14 +433,18 @@ class CNIServer:
         addr = ipaddress.IPv4Interface(mine[0]["address"])
         held = await self.ipam.lookup(pool_id(str(addr.network)), req.container_id, req.ifname)
         if held != addr.ip:
-            raise CNIError(E.CHECK_FAILED, f"{req.container_id}/{req.ifname} does not hold "
-                           f"{addr.ip} in the IPAM store (holds {held or 'nothing'})")
+            raise CNIError(
+                E.CHECK_FAILED,
+                f"{req.container_id}/{req.ifname} does not hold "
+                f"{addr.ip} in the IPAM store (holds {held or 'nothing'})",
+            )
         if req.plugin == "corral-ipam":
             return
         bc = parse_bridge(req.conf)
         gw = ipaddress.IPv4Address(mine[0].get("gateway") or addr.network[1])
-        att = Attachment(req.container_id, req.ifname, req.netns, addr.ip, addr.network, gw,
-                         self._routes(ipc), 0)
+        att = Attachment(
+            req.container_id, req.ifname, req.netns, addr.ip, addr.network, gw, self._routes(ipc), 0
+        )
         assert self.plumber is not None
         await self.plumber.check(bc, att)
 
@@ -419,8 +465,9 @@ class CNIServer:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m corral.cni.server",
-                                description="Serve corral-cni/corral-ipam for one node.")
+    p = argparse.ArgumentParser(
+        prog="python -m corral.cni.server", description="Serve corral-cni/corral-ipam for one node."
+    )
     p.add_argument("--etcd", default=os.environ.get("CORRAL_ETCD", "http://127.0.0.1:2379"))
     p.add_argument("--node", required=True, help="this node's name")
     d = NodePaths()
@@ -428,10 +475,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conf-dir", default=d.cni_conf_dir)
     p.add_argument("--bin-dir", default=d.cni_bin_dir)
     p.add_argument("--cache-dir", default=d.cni_cache_dir)
-    p.add_argument("--netns", help="do the kernel work in this network namespace (name or "
-                   "path) while talking to etcd from the current one; for tests and debugging")
-    p.add_argument("--shim", choices=("python", "native"), default="native",
-                   help="install the C forwarder (default) or the Python shim")
+    p.add_argument(
+        "--netns",
+        help="do the kernel work in this network namespace (name or "
+        "path) while talking to etcd from the current one; for tests and debugging",
+    )
+    p.add_argument(
+        "--shim",
+        choices=("python", "native"),
+        default="native",
+        help="install the C forwarder (default) or the Python shim",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -439,8 +493,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def _serve_forever(args: argparse.Namespace) -> int:
     store = Store(args.etcd)
     await store.connect()
-    paths = NodePaths(run_dir=args.run_dir, cni_conf_dir=args.conf_dir,
-                      cni_bin_dir=args.bin_dir, cni_cache_dir=args.cache_dir)
+    paths = NodePaths(
+        run_dir=args.run_dir,
+        cni_conf_dir=args.conf_dir,
+        cni_bin_dir=args.bin_dir,
+        cni_cache_dir=args.cache_dir,
+    )
     ctx = NodeContext(node_name=args.node, store=store, paths=paths)
     if args.netns:
         ctx.options["netns"] = args.netns
@@ -460,8 +518,10 @@ async def _serve_forever(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         return asyncio.run(_serve_forever(args))
     except (Unavailable, ValueError) as e:

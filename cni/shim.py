@@ -28,9 +28,9 @@ def _requested_version(stdin: bytes) -> str:
     text = stdin.decode(errors="replace")
     i = text.find('"cniVersion"')
     if i >= 0:
-        rest = text[i + 12:].lstrip().lstrip(":").lstrip()
+        rest = text[i + 12 :].lstrip().lstrip(":").lstrip()
         if rest.startswith('"'):
-            v = rest[1:rest.find('"', 1)]
+            v = rest[1 : rest.find('"', 1)]
             if v in VERSIONS:
                 return v
     return "1.1.0"
@@ -50,8 +50,9 @@ def main() -> int:
         v = _requested_version(stdin)
         sys.stdout.write(f'{{"cniVersion": "{v}", "supportedVersions": {VERSIONS}}}\n')
         return 0
-    env = b"\0".join(k + b"=" + v for k, v in environ.items()
-                     if k.startswith(b"CNI_") or k.startswith(b"K8S_"))
+    env = b"\0".join(
+        k + b"=" + v for k, v in environ.items() if k.startswith(b"CNI_") or k.startswith(b"K8S_")
+    )
     path = environ.get(b"CORRAL_CNI_SOCKET", b"").decode() or SOCKET
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(TIMEOUT)
@@ -60,8 +61,14 @@ def main() -> int:
     except OSError as e:
         s.close()
         code = 50 if command == "STATUS" else 11
-        sys.stdout.write(_error(code, f"the corral node daemon is not answering on {path} "
-                                      f"({e.strerror or e}); is `corral node` running?") + "\n")
+        sys.stdout.write(
+            _error(
+                code,
+                f"the corral node daemon is not answering on {path} "
+                f"({e.strerror or e}); is `corral node` running?",
+            )
+            + "\n"
+        )
         return 1
     try:
         s.sendall(plugin.encode() + b"\0" + env + b"\0\0" + stdin)

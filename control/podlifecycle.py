@@ -27,8 +27,9 @@ def parse_time(ts: str | None) -> float | None:
         return None
 
 
-async def delete_pod(store: Store, pod: Pod, graceful: bool = True,
-                     grace: int | None = None) -> None:
+async def delete_pod(
+    store: Store, pod: Pod, graceful: bool = True, grace: int | None = None
+) -> None:
     """Mark `pod` terminating so its node stops it within its grace period (`grace`
     seconds, else the pod's own), or, when no node will (unscheduled, node gone) or
     `graceful` is False, remove it at once."""
@@ -41,7 +42,8 @@ async def delete_pod(store: Store, pod: Pod, graceful: bool = True,
             return None
         p.metadata.deletion_timestamp = now_iso()
         p.metadata.deletion_grace_period_seconds = (
-            grace if grace is not None else p.spec.termination_grace_period_seconds)
+            grace if grace is not None else p.spec.termination_grace_period_seconds
+        )
         return p
 
     with contextlib.suppress(NotFound):

@@ -48,7 +48,8 @@ def parse_selector(text: str | None) -> LabelSelector | None:
         if "!=" in part:
             k, v = part.split("!=", 1)
             sel.match_expressions.append(
-                LabelSelectorRequirement(key=k.strip(), operator="NotIn", values=[v.strip()]))
+                LabelSelectorRequirement(key=k.strip(), operator="NotIn", values=[v.strip()])
+            )
         elif "=" in part:
             k, v = part.replace("==", "=").split("=", 1)
             sel.match_labels[k.strip()] = v.strip()

@@ -55,8 +55,9 @@ class TCPrograms:
         path = os.path.join(HERE, source)
         try:
             self._bpf = BPF(src_file=path.encode())
-            self.fns = {name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS)
-                        for name in programs}
+            self.fns = {
+                name: self._bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in programs
+            }
         except Exception as e:
             raise BPFUnavailable(f"cannot compile or load {path}: {e}") from e
 
@@ -71,8 +72,18 @@ class TCPrograms:
         """Put program `name` on link `index`'s ingress, replacing corral's previous one."""
         with contextlib.suppress(NetlinkError):
             ipr.tc("add", "clsact", index)  # EEXIST when it is there already
-        ipr.tc("replace-filter", "bpf", index, HANDLE, fd=self.fns[name].fd, name=name,
-               parent=INGRESS, prio=PRIO, classid=1, direct_action=True)
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            index,
+            HANDLE,
+            fd=self.fns[name].fd,
+            name=name,
+            parent=INGRESS,
+            prio=PRIO,
+            classid=1,
+            direct_action=True,
+        )
 
 
 def attached(ipr: Any, index: int) -> list[str]:

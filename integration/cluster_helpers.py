@@ -8,8 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 120.0,
-             interval: float = 0.3) -> Any:
+def wait_for(
+    cond: Callable[[], Any], what: str, timeout: float = 120.0, interval: float = 0.3
+) -> Any:
     """Poll `cond` until it returns something truthy (returned); fail naming `what`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

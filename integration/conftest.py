@@ -45,15 +45,15 @@ NODES = 3
 class LocalCluster:
     """A running `corral up` cluster, as the integration tests see it."""
 
-    name: str                       # cluster name (`corral ... --name NAME`)
-    state_dir: str                  # <root>/<name>: state.json, logs/, nodes/<node>/
-    nodes: list[str]                # node names, in order: node i is nodes[i-1]
-    netns: dict[str, str]           # node name -> its network namespace (/run/netns/<ns>)
-    ips: dict[str, str]             # node name -> underlay (InternalIP) address
-    host_ip: str                    # the host's address on the underlay
+    name: str  # cluster name (`corral ... --name NAME`)
+    state_dir: str  # <root>/<name>: state.json, logs/, nodes/<node>/
+    nodes: list[str]  # node names, in order: node i is nodes[i-1]
+    netns: dict[str, str]  # node name -> its network namespace (/run/netns/<ns>)
+    ips: dict[str, str]  # node name -> underlay (InternalIP) address
+    host_ip: str  # the host's address on the underlay
     underlay_cidr: str
-    etcd_urls: list[str]            # etcd as the host (the test process) reaches it
-    etcd_node_urls: list[str]       # etcd as a process inside a node reaches it
+    etcd_urls: list[str]  # etcd as the host (the test process) reaches it
+    etcd_node_urls: list[str]  # etcd as a process inside a node reaches it
     env: dict[str, str] = field(default_factory=dict)  # env that points `corral` at it
 
     @property
@@ -73,17 +73,36 @@ class LocalCluster:
         """argv that runs `cmd` inside the node (for subprocess.Popen of long-lived things)."""
         return local.node_exec_argv(self.name, self.node(node), list(cmd), self.state_dir)
 
-    def exec(self, node: str, *cmd: str, check: bool = False,
-             timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess:
+    def exec(
+        self,
+        node: str,
+        *cmd: str,
+        check: bool = False,
+        timeout: float = 60,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run `cmd` inside the node's network and mount namespaces; text output captured."""
-        return subprocess.run(self.exec_argv(node, *cmd), check=check, timeout=timeout,
-                              capture_output=True, text=True, input=input)
+        return subprocess.run(
+            self.exec_argv(node, *cmd),
+            check=check,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+            input=input,
+        )
 
-    def corral(self, *args: str, timeout: float = 120,
-               input: str | None = None) -> subprocess.CompletedProcess:
+    def corral(
+        self, *args: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Run the real `corral` CLI against this cluster (finds its etcd through the env)."""
-        return subprocess.run([sys.executable, "-m", "corral", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout, input=input)
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
 
     def store(self) -> Store:
         """A Store on the cluster's etcd: `async with cluster.store() as store:`."""
@@ -116,22 +135,43 @@ def cluster() -> Iterator[LocalCluster]:
     wait = os.environ.get("CORRAL_TEST_READY_TIMEOUT", "120")
 
     def corral(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "corral", *args], env=env,
-                              capture_output=True, text=True, timeout=600,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            stdin=subprocess.DEVNULL,
+        )
 
     try:
-        r = corral("up", "--name", name, "--nodes", str(NODES),
-                   "--underlay-cidr", local.unused_underlay_cidr(), "--wait", wait)
+        r = corral(
+            "up",
+            "--name",
+            name,
+            "--nodes",
+            str(NODES),
+            "--underlay-cidr",
+            local.unused_underlay_cidr(),
+            "--wait",
+            wait,
+        )
         if r.returncode != 0:
             pytest.fail(f"corral up failed:\n{r.stderr}{r.stdout}", pytrace=False)
         s = load(os.path.join(root, name))
         assert s is not None
         yield LocalCluster(
-            name=name, state_dir=s.state_dir, nodes=[n.name for n in s.nodes],
-            netns={n.name: n.netns for n in s.nodes}, ips={n.name: n.ip for n in s.nodes},
-            host_ip=s.host_ip, underlay_cidr=s.underlay_cidr, etcd_urls=list(s.etcd_urls),
-            etcd_node_urls=list(s.etcd_node_urls), env=env)
+            name=name,
+            state_dir=s.state_dir,
+            nodes=[n.name for n in s.nodes],
+            netns={n.name: n.netns for n in s.nodes},
+            ips={n.name: n.ip for n in s.nodes},
+            host_ip=s.host_ip,
+            underlay_cidr=s.underlay_cidr,
+            etcd_urls=list(s.etcd_urls),
+            etcd_node_urls=list(s.etcd_node_urls),
+            env=env,
+        )
     finally:  # in-process: works even if the CLI is broken
         local.down(name, os.path.join(root, name), progress=lambda _: None)
         shutil.rmtree(root, ignore_errors=True)

@@ -24,8 +24,6 @@ pytestmark = pytest.mark.slow
 DEADLINE = 90.0
 
 
-
-
 def subnet_info(cluster: Any, node: str) -> dict[str, Any]:
     r = cluster.exec(node, "cat", "/run/corral/subnet.json")
     assert r.returncode == 0, r.stderr
@@ -64,30 +62,44 @@ def test_nodes_reach_each_other_through_the_overlay(cluster: Any) -> None:
     first = cluster.nodes[0]
     for other in cluster.nodes[1:]:
         gw = subnet_info(cluster, other)["subnet"].split("/")[0]  # its corral.1 address
-        wait_for(lambda gw=gw: cluster.exec(first, "ping", "-c", "1", "-W", "1", gw)
-                 .returncode == 0, f"{first} to ping {gw} over VXLAN")
+        wait_for(
+            lambda gw=gw: cluster.exec(first, "ping", "-c", "1", "-W", "1", gw).returncode == 0,
+            f"{first} to ping {gw} over VXLAN",
+        )
 
 
-SERVER = ("import socket\n"
-          "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-          "s.bind(('0.0.0.0', 7070)); s.listen()\n"
-          "while True:\n"
-          "    c, a = s.accept(); c.sendall(a[0].encode()); c.close()\n")
-CLIENT = ("import socket, sys\n"
-          "c = socket.create_connection((sys.argv[1], 7070), timeout=3)\n"
-          "print(c.recv(100).decode())\n")
+SERVER = (
+    "import socket\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('0.0.0.0', 7070)); s.listen()\n"
+    "while True:\n"
+    "    c, a = s.accept(); c.sendall(a[0].encode()); c.close()\n"
+)
+CLIENT = (
+    "import socket, sys\n"
+    "c = socket.create_connection((sys.argv[1], 7070), timeout=3)\n"
+    "print(c.recv(100).decode())\n"
+)
 
 
 def test_pods_on_different_nodes_talk_without_nat(cluster: Any) -> None:
     sfx = secrets.token_hex(3)
     names = [f"ov-srv-{sfx}", f"ov-cli-{sfx}"]
     specs = [
-        Pod(metadata={"name": names[0]}, spec={
-            "nodeName": cluster.nodes[0],
-            "containers": [{"name": "c", "command": [sys.executable, "-c", SERVER]}]}),
-        Pod(metadata={"name": names[1]}, spec={
-            "nodeName": cluster.nodes[1],
-            "containers": [{"name": "c", "command": ["sleep", "3600"]}]}),
+        Pod(
+            metadata={"name": names[0]},
+            spec={
+                "nodeName": cluster.nodes[0],
+                "containers": [{"name": "c", "command": [sys.executable, "-c", SERVER]}],
+            },
+        ),
+        Pod(
+            metadata={"name": names[1]},
+            spec={
+                "nodeName": cluster.nodes[1],
+                "containers": [{"name": "c", "command": ["sleep", "3600"]}],
+            },
+        ),
     ]
 
     async def create() -> None:
@@ -107,11 +119,21 @@ def test_pods_on_different_nodes_talk_without_nat(cluster: Any) -> None:
 
     asyncio.run(create())
     try:
-        srv_ip, cli_ip = wait_for(lambda: all(x := asyncio.run(ips())) and x,
-                                  "both pods to run with an IP")
-        seen = wait_for(lambda: (r := cluster.corral(
-            "exec", names[1], "--", sys.executable, "-c", CLIENT, srv_ip)).returncode == 0
-            and r.stdout.strip(), "the client pod to reach the server pod")
+        srv_ip, cli_ip = wait_for(
+            lambda: all(x := asyncio.run(ips())) and x, "both pods to run with an IP"
+        )
+        seen = wait_for(
+            lambda: (
+                (
+                    r := cluster.corral(
+                        "exec", names[1], "--", sys.executable, "-c", CLIENT, srv_ip
+                    )
+                ).returncode
+                == 0
+                and r.stdout.strip()
+            ),
+            "the client pod to reach the server pod",
+        )
         assert seen == cli_ip  # the server saw the client pod's own address
         ping = cluster.corral("exec", names[1], "--", "ping", "-c", "1", "-W", "2", srv_ip)
         assert ping.returncode == 0, ping.stdout + ping.stderr
@@ -119,9 +141,15 @@ def test_pods_on_different_nodes_talk_without_nat(cluster: Any) -> None:
             # BCC works here, so `corral up`'s nodes chose the eBPF fast path: the
             # client's node encapsulated in BPF and says so (its file is rewritten
             # by every full pass)
-            wait_for(lambda: datapath_info(cluster, cluster.nodes[1]).get("packets", {})
-                     .get("encapsulated", 0) > 0,
-                     "the client node's datapath.json to count encapsulated packets")
+            wait_for(
+                lambda: (
+                    datapath_info(cluster, cluster.nodes[1])
+                    .get("packets", {})
+                    .get("encapsulated", 0)
+                    > 0
+                ),
+                "the client node's datapath.json to count encapsulated packets",
+            )
             assert datapath_info(cluster, cluster.nodes[0]).get("datapath") == "bpf"
     finally:
         asyncio.run(delete())
@@ -143,25 +171,29 @@ def test_network_show_and_refused_changes(cluster: Any) -> None:
     assert cluster.corral("network", "show").stdout == shown.stdout
 
 
-STREAM_SERVER = ("import socket, sys\n"
-                 "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                 "s.bind((sys.argv[1], 7071)); s.listen()\n"
-                 "c, _ = s.accept()\n"
-                 "while (d := c.recv(65536)):\n"
-                 "    c.sendall(d)\n")
-STREAM_CLIENT = ("import socket, sys, time\n"
-                 "c = socket.create_connection((sys.argv[1], 7071), timeout=10)\n"
-                 "n = 0\n"
-                 "while True:\n"
-                 "    c.sendall(b'x' * 1000)\n"
-                 "    got = 0\n"
-                 "    while got < 1000:\n"
-                 "        d = c.recv(1000 - got)\n"
-                 "        if not d: raise SystemExit('connection closed')\n"
-                 "        got += len(d)\n"
-                 "    n += 1\n"
-                 "    if n % 20 == 0: print(n, flush=True)\n"
-                 "    time.sleep(0.005)\n")
+STREAM_SERVER = (
+    "import socket, sys\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind((sys.argv[1], 7071)); s.listen()\n"
+    "c, _ = s.accept()\n"
+    "while (d := c.recv(65536)):\n"
+    "    c.sendall(d)\n"
+)
+STREAM_CLIENT = (
+    "import socket, sys, time\n"
+    "c = socket.create_connection((sys.argv[1], 7071), timeout=10)\n"
+    "n = 0\n"
+    "while True:\n"
+    "    c.sendall(b'x' * 1000)\n"
+    "    got = 0\n"
+    "    while got < 1000:\n"
+    "        d = c.recv(1000 - got)\n"
+    "        if not d: raise SystemExit('connection closed')\n"
+    "        got += len(d)\n"
+    "    n += 1\n"
+    "    if n % 20 == 0: print(n, flush=True)\n"
+    "    time.sleep(0.005)\n"
+)
 
 
 def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_path: Any) -> None:
@@ -186,11 +218,16 @@ def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_pat
     agent = next(d for d in cluster.state().daemons if d.role == "daemon:node" and d.node == n2)
     progress = tmp_path / "progress"
     srv = subprocess.Popen(cluster.exec_argv(n1, sys.executable, "-c", STREAM_SERVER, target))
-    wait_for(lambda: f"{target}:7071" in cluster.exec(n1, "ss", "-ltnH").stdout,
-             "the stream server to listen")
+    wait_for(
+        lambda: f"{target}:7071" in cluster.exec(n1, "ss", "-ltnH").stdout,
+        "the stream server to listen",
+    )
     with open(progress, "w") as out:
-        cli = subprocess.Popen(cluster.exec_argv(n2, sys.executable, "-c", STREAM_CLIENT,
-                                                 target), stdout=out, stderr=subprocess.DEVNULL)
+        cli = subprocess.Popen(
+            cluster.exec_argv(n2, sys.executable, "-c", STREAM_CLIENT, target),
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+        )
     try:
         count = lambda: len(progress.read_text().split())  # noqa: E731
         wait_for(lambda: count() > 3, "the stream to flow")
@@ -199,15 +236,25 @@ def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_pat
         wait_for(lambda: start_time(agent.pid) is None, "the agent to die")
         seen = count()
         wait_for(lambda: count() > seen + 3, "the stream to go on without an agent")
-        up = cluster.corral("up", "--name", cluster.name, "--nodes", str(len(cluster.nodes)),
-                            "--underlay-cidr", cluster.underlay_cidr, "--wait", "120",
-                            timeout=300)
+        up = cluster.corral(
+            "up",
+            "--name",
+            cluster.name,
+            "--nodes",
+            str(len(cluster.nodes)),
+            "--underlay-cidr",
+            cluster.underlay_cidr,
+            "--wait",
+            "120",
+            timeout=300,
+        )
         assert up.returncode == 0, up.stderr + up.stdout
-        new = next(d for d in cluster.state().daemons
-                   if d.role == "daemon:node" and d.node == n2)
+        new = next(d for d in cluster.state().daemons if d.role == "daemon:node" and d.node == n2)
         assert new.pid != agent.pid
-        wait_for(lambda: cluster.log("node", n2).count("overlay ready") >= 2,
-                 "the restarted agent's overlay to be ready")
+        wait_for(
+            lambda: cluster.log("node", n2).count("overlay ready") >= 2,
+            "the restarted agent's overlay to be ready",
+        )
         seen = count()
         wait_for(lambda: count() > seen + 3, "the stream to go on after the restart")
         assert cli.poll() is None, "the stream broke"

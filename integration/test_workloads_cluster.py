@@ -42,9 +42,22 @@ def pod_cidrs(cluster: Any) -> dict[str, ipaddress.IPv4Network]:
 def test_replicas_spread_scale_and_move_off_a_lost_node(cluster: Any) -> None:
     app = f"rep{secrets.token_hex(2)}"
     lost = cluster.nodes[-1]
-    r = cluster.corral("run", app, "--replicas", "6", "--port", "8080",
-                       "--requests", "cpu=50m,memory=32Mi", "--command", "--",
-                       sys.executable, "-m", "http.server", "8080")
+    r = cluster.corral(
+        "run",
+        app,
+        "--replicas",
+        "6",
+        "--port",
+        "8080",
+        "--requests",
+        "cpu=50m,memory=32Mi",
+        "--command",
+        "--",
+        sys.executable,
+        "-m",
+        "http.server",
+        "8080",
+    )
     assert r.returncode == 0, r.stderr
     try:
         pods = wait_for(lambda: ready_pods(cluster, app, 6), "6 ready replicas")
@@ -58,31 +71,56 @@ def test_replicas_spread_scale_and_move_off_a_lost_node(cluster: Any) -> None:
             ip, node = p["status"]["podIP"], p["spec"]["nodeName"]
             assert ipaddress.ip_address(ip) in cidrs[node]
             other = next(n for n in cluster.nodes if n != node)
-            r = cluster.exec(other, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                             "--max-time", "10", f"http://{ip}:8080/")
+            r = cluster.exec(
+                other,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                f"http://{ip}:8080/",
+            )
             assert r.stdout == "200", f"{ip} on {node} from {other}: {r.stderr}"
 
         assert cluster.corral("scale", "rc", app, "--replicas", "2").returncode == 0
-        wait_for(lambda: ready_pods(cluster, app, 2) and len(pods_of(cluster, app)) == 2,
-                 "scale down to 2")
+        wait_for(
+            lambda: ready_pods(cluster, app, 2) and len(pods_of(cluster, app)) == 2,
+            "scale down to 2",
+        )
         assert cluster.corral("scale", "rc", app, "--replicas", "6").returncode == 0
         wait_for(lambda: ready_pods(cluster, app, 6), "scale back up to 6")
 
         # Lose a node: its agent dies and the operator removes it. Its pods move.
-        agent = next(d for d in cluster.state().daemons
-                     if d.role == "daemon:node" and d.node == lost)
+        agent = next(
+            d for d in cluster.state().daemons if d.role == "daemon:node" and d.node == lost
+        )
         os.kill(agent.pid, signal.SIGKILL)
         r = cluster.corral("delete", "node", lost)
         assert r.returncode == 0, r.stderr
         survivors = set(cluster.nodes) - {lost}
-        wait_for(lambda: ready_pods(cluster, app, 6, survivors),
-                 f"6 ready replicas on {', '.join(sorted(survivors))}", timeout=180)
+        wait_for(
+            lambda: ready_pods(cluster, app, 6, survivors),
+            f"6 ready replicas on {', '.join(sorted(survivors))}",
+            timeout=180,
+        )
     finally:
         cluster.corral("delete", "rc", app, "--ignore-not-found", "--grace-period", "1")
         # Bring the lost node back, as the operator would: `corral up` restarts its agent,
         # which registers the node again and tears down the pods deleted meanwhile.
-        up = cluster.corral("up", "--name", cluster.name, "--nodes", str(len(cluster.nodes)),
-                            "--underlay-cidr", cluster.underlay_cidr, "--wait", "120",
-                            timeout=300)
+        up = cluster.corral(
+            "up",
+            "--name",
+            cluster.name,
+            "--nodes",
+            str(len(cluster.nodes)),
+            "--underlay-cidr",
+            cluster.underlay_cidr,
+            "--wait",
+            "120",
+            timeout=300,
+        )
         assert up.returncode == 0, up.stderr + up.stdout
         wait_for(lambda: not pods_of(cluster, app), "the replicas to be gone", timeout=180)

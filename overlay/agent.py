@@ -117,7 +117,8 @@ class OverlayAgent:
     async def _k(self, fn: Any, *args: Any) -> Any:
         """Run a blocking netlink call on the agent's one netlink thread."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(fn, *args))
+            self._pool, functools.partial(fn, *args)
+        )
 
     @property
     def device(self) -> str:
@@ -145,8 +146,10 @@ class OverlayAgent:
             return {}
 
     def _save_state(self) -> None:
-        write_json_atomic(self._state_path(), {
-            "subnet": self.lease.subnet if self.lease else None, "vtepMAC": self.vtep_mac})
+        write_json_atomic(
+            self._state_path(),
+            {"subnet": self.lease.subnet if self.lease else None, "vtepMAC": self.vtep_mac},
+        )
 
     # ------------------------------------------------------------ start
 
@@ -155,21 +158,36 @@ class OverlayAgent:
         self.spec = cfg.spec
         if self.spec.backend.type != "vxlan":
             raise config.ConfigError(f"backend {self.spec.backend.type!r} is not supported")
-        self.underlay = await self._k(self.kernel.find_underlay, self.ctx.underlay_iface,
-                                      self.ctx.underlay_ip)
+        self.underlay = await self._k(
+            self.kernel.find_underlay, self.ctx.underlay_iface, self.ctx.underlay_ip
+        )
         config.check_underlay(self.spec, [self.underlay.ip])
         if self.mtu > self.underlay.mtu - config.VXLAN_OVERHEAD:
-            log.warning("backend.mtu %d is larger than the underlay allows (%d - %d): large "
-                        "packets will be fragmented or dropped", self.mtu, self.underlay.mtu,
-                        config.VXLAN_OVERHEAD)
+            log.warning(
+                "backend.mtu %d is larger than the underlay allows (%d - %d): large "
+                "packets will be fragmented or dropped",
+                self.mtu,
+                self.underlay.mtu,
+                config.VXLAN_OVERHEAD,
+            )
         state = self._load_state()
-        self.vtep_mac = (state.get("vtepMAC") or await self._k(self.kernel.device_mac, self.device)
-                         or random_mac())
+        self.vtep_mac = (
+            state.get("vtepMAC")
+            or await self._k(self.kernel.device_mac, self.device)
+            or random_mac()
+        )
         self._save_state()
-        self.leaser = lease.SubnetLeaser(self.store, self.ctx.node_name, self.underlay.ip,
-                                         self.vtep_mac, self.spec, ttl=self.lease_ttl)
-        await self._adopt(await self.leaser.acquire(preferred=state.get("subnet")),
-                          previous=state.get("subnet"))
+        self.leaser = lease.SubnetLeaser(
+            self.store,
+            self.ctx.node_name,
+            self.underlay.ip,
+            self.vtep_mac,
+            self.spec,
+            ttl=self.lease_ttl,
+        )
+        await self._adopt(
+            await self.leaser.acquire(preferred=state.get("subnet")), previous=state.get("subnet")
+        )
         await self._apply_host_settings()
         kvs, rev = await self.store.list_raw(SUBNETS_PREFIX)
         self._known = {kv.key: kv.mod_revision for kv in kvs}
@@ -180,14 +198,24 @@ class OverlayAgent:
         if self.kernel_events:
             loop = asyncio.get_running_loop()
             self._monitor = EventMonitor(
-                self.namespace, self.device,
-                lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key))
+                self.namespace,
+                self.device,
+                lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key),
+            )
             self._monitor.start(await self._k(self.kernel.link_index, self.device))
-        log.info("overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), "
-                 "%s", self.ctx.node_name, self.subnet, self.underlay.iface,
-                 self.underlay.ip, self.device, self.mtu, len(self.remotes()),
-                 "kernel datapath" if self.datapath == "kernel"
-                 else "kernel datapath until the eBPF fast path is loaded")
+        log.info(
+            "overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), %s",
+            self.ctx.node_name,
+            self.subnet,
+            self.underlay.iface,
+            self.underlay.ip,
+            self.device,
+            self.mtu,
+            len(self.remotes()),
+            "kernel datapath"
+            if self.datapath == "kernel"
+            else "kernel datapath until the eBPF fast path is loaded",
+        )
 
     async def _start_fastpath(self) -> None:
         """Check that the fast path can load (it loads in run()); datapath=kernel removes it."""
@@ -212,7 +240,8 @@ class OverlayAgent:
             await asyncio.get_running_loop().run_in_executor(None, fp.load)
         except fastpath.BPFUnavailable as e:
             (log.error if self.datapath == "bpf" else log.warning)(
-                "eBPF fast path off, the kernel's path carries all pod traffic: %s", e)
+                "eBPF fast path off, the kernel's path carries all pod traffic: %s", e
+            )
             self._datapath_why = str(e)
             await self._k(self._write_datapath_file)
             return
@@ -229,7 +258,11 @@ class OverlayAgent:
                 "SUBNET CHANGED for node %s: %s -> %s (the old subnet is held by another "
                 "node). Pods already running here keep their %s addresses and stay reachable "
                 "from this node, but not across nodes, until they are recreated.",
-                self.ctx.node_name, previous, new.subnet, previous)
+                self.ctx.node_name,
+                previous,
+                new.subnet,
+                previous,
+            )
         self.lease = new
         self._save_state()
         await self._ensure_device()
@@ -239,9 +272,16 @@ class OverlayAgent:
     def _write_subnet_file(self) -> None:
         """The contract with the CNI plugin (see docs/overlay.md)."""
         assert self.lease is not None
-        write_json_atomic(self.ctx.paths.subnet_file, {
-            "network": self.spec.network, "subnet": self.lease.subnet, "mtu": self.mtu,
-            "ipMasq": self.spec.ip_masq, "node": self.ctx.node_name})
+        write_json_atomic(
+            self.ctx.paths.subnet_file,
+            {
+                "network": self.spec.network,
+                "subnet": self.lease.subnet,
+                "mtu": self.mtu,
+                "ipMasq": self.spec.ip_masq,
+                "node": self.ctx.node_name,
+            },
+        )
 
     def _write_datapath_file(self) -> None:
         """`<run dir>/datapath.json`: which datapath carries pod traffic, and how much.
@@ -251,8 +291,12 @@ class OverlayAgent:
         fp = self.fastpath
         doc: dict[str, Any] = {"datapath": "kernel", "why": self._datapath_why}
         if fp is not None:
-            doc = {"datapath": "bpf", "pods": fp.pod_count, "peers": fp.peer_count,
-                   "packets": fp.stats()}
+            doc = {
+                "datapath": "bpf",
+                "pods": fp.pod_count,
+                "peers": fp.peer_count,
+                "packets": fp.stats(),
+            }
         write_json_atomic(os.path.join(self.ctx.paths.run_dir, DATAPATH_FILE), doc)
 
     async def _set_pod_cidr(self, subnet: str) -> None:
@@ -269,11 +313,16 @@ class OverlayAgent:
         except NotFound:
             pass
         assert self.underlay is not None
-        node = Node(metadata={"name": name},
-                    spec=NodeSpec(pod_cidr=subnet, pod_cidrs=[subnet]),
-                    status=NodeStatus(addresses=[
-                        NodeAddress(type="InternalIP", address=self.underlay.ip),
-                        NodeAddress(type="Hostname", address=name)]))
+        node = Node(
+            metadata={"name": name},
+            spec=NodeSpec(pod_cidr=subnet, pod_cidrs=[subnet]),
+            status=NodeStatus(
+                addresses=[
+                    NodeAddress(type="InternalIP", address=self.underlay.ip),
+                    NodeAddress(type="Hostname", address=name),
+                ]
+            ),
+        )
         try:
             await self.store.create(node)
         except AlreadyExists:
@@ -281,30 +330,43 @@ class OverlayAgent:
 
     async def _ensure_device(self) -> None:
         assert self.underlay is not None and self.lease is not None
-        spec = DeviceSpec(name=self.device, vni=self.spec.backend.vni,
-                          port=self.spec.backend.port, local_ip=self.underlay.ip,
-                          underlay_index=self.underlay.index, mac=self.vtep_mac, mtu=self.mtu,
-                          subnet=self.lease.subnet)
+        spec = DeviceSpec(
+            name=self.device,
+            vni=self.spec.backend.vni,
+            port=self.spec.backend.port,
+            local_ip=self.underlay.ip,
+            underlay_index=self.underlay.index,
+            mac=self.vtep_mac,
+            mtu=self.mtu,
+            subnet=self.lease.subnet,
+        )
         for change in await self._k(self.kernel.ensure_device, spec):
             log.info("%s: %s", self.device, change)
 
     async def _apply_host_settings(self) -> None:
         """Masquerade and conntrack-bypass rules and IPv4 forwarding in the node namespace."""
         loop = asyncio.get_running_loop()
-        if await loop.run_in_executor(None, masq.ensure, self.namespace, self.spec.network,
-                                      self.spec.ip_masq):
-            log.info("masquerade for pods leaving %s: %s", self.spec.network,
-                     "on" if self.spec.ip_masq else "off")
-        if await loop.run_in_executor(None, notrack.ensure, self.namespace,
-                                      self.spec.backend.port):
+        if await loop.run_in_executor(
+            None, masq.ensure, self.namespace, self.spec.network, self.spec.ip_masq
+        ):
+            log.info(
+                "masquerade for pods leaving %s: %s",
+                self.spec.network,
+                "on" if self.spec.ip_masq else "off",
+            )
+        if await loop.run_in_executor(None, notrack.ensure, self.namespace, self.spec.backend.port):
             log.info("VXLAN packets on UDP port %d skip conntrack", self.spec.backend.port)
         if self.ip_forward:
             await loop.run_in_executor(None, self._enable_forwarding)
 
     def _enable_forwarding(self) -> None:
         argv = ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]
-        subprocess.run(netns.command(self.namespace, argv) if self.namespace else argv,
-                       check=False, capture_output=True, timeout=30)
+        subprocess.run(
+            netns.command(self.namespace, argv) if self.namespace else argv,
+            check=False,
+            capture_output=True,
+            timeout=30,
+        )
 
     # ------------------------------------------------------------ reconcile
 
@@ -329,8 +391,13 @@ class OverlayAgent:
         assert self.underlay is not None
         self._changed.clear()
         await self._ensure_device()
-        changes = await self._k(self.kernel.sync_remotes, self.device, self.remotes(),
-                                self.underlay, self.spec.backend.direct_routing)
+        changes = await self._k(
+            self.kernel.sync_remotes,
+            self.device,
+            self.remotes(),
+            self.underlay,
+            self.spec.backend.direct_routing,
+        )
         for c in changes:
             log.info("%s: %s", self.device, c)
         if self.fastpath is not None:
@@ -353,9 +420,15 @@ class OverlayAgent:
         if index is None:
             return []  # the device is being repaired; the next pass follows
         want = fastpath.Settings(
-            cluster=str(self.spec.network), subnet=self.lease.subnet, uplink_index=ul.index,
-            local_ip=ul.ip, vni=self.spec.backend.vni, port=self.spec.backend.port,
-            vtep_mac=self.vtep_mac, device_index=index)
+            cluster=str(self.spec.network),
+            subnet=self.lease.subnet,
+            uplink_index=ul.index,
+            local_ip=ul.ip,
+            vni=self.spec.backend.vni,
+            port=self.spec.backend.port,
+            vtep_mac=self.vtep_mac,
+            device_index=index,
+        )
         if fp.settings != want:
             fp.configure(want)
         changes = fp.sync_peers(self._encapsulated(), ul.on_link)
@@ -375,9 +448,11 @@ class OverlayAgent:
             return
         if kind != "link":
             want = self.remotes()
-            wanted = {"route": {r.subnet for r in want},
-                      "neighbour": {r.gateway for r in want},
-                      "fdb": {r.vtep_mac for r in want}}.get(kind, set())
+            wanted = {
+                "route": {r.subnet for r in want},
+                "neighbour": {r.gateway for r in want},
+                "fdb": {r.vtep_mac for r in want},
+            }.get(kind, set())
             if key.lower() not in wanted:
                 return
         if not self._full_needed:
@@ -390,13 +465,20 @@ class OverlayAgent:
         assert self.underlay is not None
         changed, self._changed = self._changed, {}
         for old, new in changed.values():
-            for c in await self._k(self.kernel.update_remote, self.device, old, new,
-                                   self.underlay, self.spec.backend.direct_routing):
+            for c in await self._k(
+                self.kernel.update_remote,
+                self.device,
+                old,
+                new,
+                self.underlay,
+                self.spec.backend.direct_routing,
+            ):
                 log.info("%s: %s", self.device, c)
         if self.fastpath is not None:
             assert self.underlay is not None
-            for c in await self._k(self.fastpath.sync_peers, self._encapsulated(),
-                                   self.underlay.on_link):
+            for c in await self._k(
+                self.fastpath.sync_peers, self._encapsulated(), self.underlay.on_link
+            ):
                 log.info("%s", c)
 
     async def _resync_config(self) -> None:
@@ -405,8 +487,11 @@ class OverlayAgent:
         if cfg is None or cfg.spec == self.spec:
             return
         if config.address_plan(cfg.spec) != config.address_plan(self.spec):
-            log.error("the cluster network's address plan changed in etcd; restart this "
-                      "node's agent to use it (keeping %s until then)", self.spec.network)
+            log.error(
+                "the cluster network's address plan changed in etcd; restart this "
+                "node's agent to use it (keeping %s until then)",
+                self.spec.network,
+            )
             return
         self.spec = cfg.spec
         self._write_subnet_file()
@@ -414,10 +499,16 @@ class OverlayAgent:
     # ------------------------------------------------------------ run
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(c, name=f"overlay-{n}") for n, c in (
-            ("lease", self._lease_loop()), ("watch", self._watch_loop()),
-            ("reconcile", self._reconcile_loop()), ("pods", self._pods_loop()),
-            ("fastpath", self._load_fastpath()))]
+        tasks = [
+            asyncio.create_task(c, name=f"overlay-{n}")
+            for n, c in (
+                ("lease", self._lease_loop()),
+                ("watch", self._watch_loop()),
+                ("reconcile", self._reconcile_loop()),
+                ("pods", self._pods_loop()),
+                ("fastpath", self._load_fastpath()),
+            )
+        ]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -436,19 +527,18 @@ class OverlayAgent:
                 if await self.leaser.renew(self.lease):
                     continue
             except Exception as e:
-                log.warning("cannot renew the subnet lease (%s: %s); retrying",
-                            type(e).__name__, e)
+                log.warning("cannot renew the subnet lease (%s: %s); retrying", type(e).__name__, e)
                 continue
-            log.warning("subnet lease for %s was lost (expired or deleted); re-acquiring",
-                        self.lease.subnet)
+            log.warning(
+                "subnet lease for %s was lost (expired or deleted); re-acquiring", self.lease.subnet
+            )
             old = self.lease.subnet
             await self._adopt(await self.leaser.acquire(preferred=old), previous=old)
             self._full_needed = True
             self._dirty.set()
 
     async def _watch_loop(self) -> None:
-        async for ev in self.store.watch_prefix_raw(SUBNETS_PREFIX, self._watch_rev,
-                                                    self._known):
+        async for ev in self.store.watch_prefix_raw(SUBNETS_PREFIX, self._watch_rev, self._known):
             self._watch_rev = ev.revision + 1  # where a restarted run() resumes
             before = self._peers.get(ev.key)
             if ev.type == "DELETED":
@@ -494,8 +584,11 @@ class OverlayAgent:
                     try:
                         await self._resync_config()
                     except Exception as e:  # etcd away: the kernel pass needs no etcd
-                        log.warning("cannot re-read the network config (%s: %s); keeping "
-                                    "the current one", type(e).__name__, e)
+                        log.warning(
+                            "cannot re-read the network config (%s: %s); keeping the current one",
+                            type(e).__name__,
+                            e,
+                        )
                     await self._apply_host_settings()
                     await self.reconcile()
                 else:
@@ -524,8 +617,10 @@ class OverlayAgent:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m corral.overlay.agent",
-                                description="Run only the overlay part of a corral node.")
+    p = argparse.ArgumentParser(
+        prog="python -m corral.overlay.agent",
+        description="Run only the overlay part of a corral node.",
+    )
     p.add_argument("--node", required=True, help="this node's name")
     p.add_argument("--etcd", default=os.environ.get("CORRAL_ETCD", "http://127.0.0.1:2379"))
     p.add_argument("--state-dir", default=NodePaths.state_dir)
@@ -535,20 +630,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--underlay-ip")
     p.add_argument("--resync", type=float, default=10.0, help="seconds between full repairs")
     p.add_argument("--lease-ttl", type=int, default=lease.DEFAULT_TTL)
-    p.add_argument("--datapath", choices=DATAPATHS, default="auto",
-                   help="pod traffic between nodes: eBPF fast path if it loads (auto), "
-                        "fast path or fail (bpf), kernel only (kernel)")
+    p.add_argument(
+        "--datapath",
+        choices=DATAPATHS,
+        default="auto",
+        help="pod traffic between nodes: eBPF fast path if it loads (auto), "
+        "fast path or fail (bpf), kernel only (kernel)",
+    )
     return p
 
 
 async def _amain(args: argparse.Namespace) -> int:
     store = Store(args.etcd)
     await store.connect()
-    ctx = NodeContext(node_name=args.node, store=store,
-                      paths=NodePaths(run_dir=args.run_dir, state_dir=args.state_dir),
-                      underlay_iface=args.underlay_iface, underlay_ip=args.underlay_ip,
-                      options={"netns": args.netns, "resync_interval": args.resync,
-                               "lease_ttl": args.lease_ttl, "datapath": args.datapath})
+    ctx = NodeContext(
+        node_name=args.node,
+        store=store,
+        paths=NodePaths(run_dir=args.run_dir, state_dir=args.state_dir),
+        underlay_iface=args.underlay_iface,
+        underlay_ip=args.underlay_ip,
+        options={
+            "netns": args.netns,
+            "resync_interval": args.resync,
+            "lease_ttl": args.lease_ttl,
+            "datapath": args.datapath,
+        },
+    )
     agent = OverlayAgent(ctx)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -576,8 +683,11 @@ async def _amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return asyncio.run(_amain(args))
     except (ValueError, RuntimeError, StoreError) as e:

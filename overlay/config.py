@@ -76,21 +76,34 @@ def check_underlay(spec: NetworkSpec, underlay_ips: Iterable[str]) -> None:
         if addr in net:
             raise ConfigError(
                 f"spec.network {net} contains the node address {addr}: traffic to that node "
-                "would be routed into the overlay; pick a pod range away from the node network")
+                "would be routed into the overlay; pick a pod range away from the node network"
+            )
         if addr in svc:
             raise ConfigError(
                 f"spec.serviceCIDR {svc} contains the node address {addr}; pick a service "
-                "range away from the node network")
-    if spec.subnet_min is not None and spec.subnet_max is not None and (
-            ipaddress.ip_address(spec.subnet_min) > ipaddress.ip_address(spec.subnet_max)):
-        raise ConfigError(f"spec.subnetMin {spec.subnet_min} is above spec.subnetMax "
-                          f"{spec.subnet_max}")
+                "range away from the node network"
+            )
+    if (
+        spec.subnet_min is not None
+        and spec.subnet_max is not None
+        and (ipaddress.ip_address(spec.subnet_min) > ipaddress.ip_address(spec.subnet_max))
+    ):
+        raise ConfigError(
+            f"spec.subnetMin {spec.subnet_min} is above spec.subnetMax {spec.subnet_max}"
+        )
 
 
 def address_plan(spec: NetworkSpec) -> tuple:
     """The fields nodes' kernel state and leases are built from."""
-    return (spec.network, spec.subnet_len, spec.subnet_min, spec.subnet_max,
-            spec.backend.vni, spec.backend.port, spec.backend.type)
+    return (
+        spec.network,
+        spec.subnet_len,
+        spec.subnet_min,
+        spec.subnet_max,
+        spec.backend.vni,
+        spec.backend.port,
+        spec.backend.type,
+    )
 
 
 async def load(store: Store) -> NetworkConfig:
@@ -111,8 +124,7 @@ async def known_underlay_ips(store: Store) -> set[str]:
     ips: set[str] = set()
     nodes, _ = await store.list(Node)
     for n in nodes:
-        ips.update(a.address for a in n.status.addresses
-                   if a.type in ("InternalIP", "ExternalIP"))
+        ips.update(a.address for a in n.status.addresses if a.type in ("InternalIP", "ExternalIP"))
     for lease in await list_leases(store):
         ips.add(lease.public_ip)
     return ips
@@ -154,5 +166,6 @@ async def check_config(store: Store, spec: NetworkSpec) -> NetworkConfig:
             raise ConfigError(
                 f"{len(leases)} node(s) hold subnet leases in the current network ({names}); "
                 "network, subnetLen, subnetMin/Max and the backend's vni/port cannot change "
-                "under them. Remove those nodes first (`corral node remove NAME`)")
+                "under them. Remove those nodes first (`corral node remove NAME`)"
+            )
     return current

@@ -38,8 +38,7 @@ from corral.ebpf import loader
 from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac, unavailable
 from corral.overlay.vxlan import POD_ALIAS_PREFIX, Remote
 
-__all__ = ["BPFUnavailable", "FastPath", "Settings", "parse_pod_alias", "pod_alias",
-           "unavailable"]
+__all__ = ["BPFUnavailable", "FastPath", "Settings", "parse_pod_alias", "pod_alias", "unavailable"]
 
 SOURCE = "overlay_fastpath.c"
 PROGRAMS = ("from_pod", "from_uplink", "from_overlay")
@@ -56,7 +55,7 @@ def parse_pod_alias(alias: str | None) -> tuple[str, str] | None:
     """(pod IP, pod MAC) from a host veth's alias, or None if it is not one of ours."""
     if not alias or not alias.startswith(POD_ALIAS_PREFIX):
         return None
-    parts = alias[len(POD_ALIAS_PREFIX):].split()
+    parts = alias[len(POD_ALIAS_PREFIX) :].split()
     if len(parts) != 2:
         return None
     try:
@@ -68,14 +67,14 @@ def parse_pod_alias(alias: str | None) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class Settings:
-    cluster: str         # the cluster network, e.g. 10.244.0.0/16
-    subnet: str          # this node's lease
-    uplink_index: int    # the underlay interface
-    local_ip: str        # this node's underlay address
+    cluster: str  # the cluster network, e.g. 10.244.0.0/16
+    subnet: str  # this node's lease
+    uplink_index: int  # the underlay interface
+    local_ip: str  # this node's underlay address
     vni: int
     port: int
     vtep_mac: str
-    device_index: int    # corral.<VNI>
+    device_index: int  # corral.<VNI>
 
 
 class FastPath:
@@ -186,8 +185,7 @@ class FastPath:
             return None
         return tag[0], (link["index"], tag[1], str(link.get_attr("IFLA_ADDRESS")).lower())
 
-    def _set_pod(self, ipr: Any, ip: str, entry: tuple[int, str, str],
-                 verify: bool) -> list[str]:
+    def _set_pod(self, ipr: Any, ip: str, entry: tuple[int, str, str], verify: bool) -> list[str]:
         assert self.progs is not None
         changes = []
         index, pod_mac, host_mac = entry
@@ -230,8 +228,10 @@ class FastPath:
         """from_uplink on the underlay interface, from_overlay on corral.<VNI>."""
         assert self.settings is not None and self.progs is not None
         changes = []
-        for index, name in ((self.settings.uplink_index, "from_uplink"),
-                            (self.settings.device_index, "from_overlay")):
+        for index, name in (
+            (self.settings.uplink_index, "from_uplink"),
+            (self.settings.device_index, "from_overlay"),
+        ):
             if replace or name not in loader.attached(ipr, index):
                 self.progs.attach(ipr, index, name)
                 changes.append(f"fast path: {name} attached to ifindex {index}")
@@ -250,5 +250,4 @@ class FastPath:
 
 def detach_all(ipr: Any) -> list[str]:
     """Remove corral's programs from every link (the kernel path then carries everything)."""
-    return [f"fast path: programs removed from {name}"
-            for name in loader.detach_everywhere(ipr)]
+    return [f"fast path: programs removed from {name}" for name in loader.detach_everywhere(ipr)]

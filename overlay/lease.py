@@ -66,8 +66,15 @@ def encode(record: SubnetLease) -> bytes:
 class SubnetLeaser:
     """Acquires and renews this node's subnet lease."""
 
-    def __init__(self, store: Store, node_name: str, public_ip: str, vtep_mac: str,
-                 spec: NetworkSpec, ttl: int = DEFAULT_TTL) -> None:
+    def __init__(
+        self,
+        store: Store,
+        node_name: str,
+        public_ip: str,
+        vtep_mac: str,
+        spec: NetworkSpec,
+        ttl: int = DEFAULT_TTL,
+    ) -> None:
         self.store = store
         self.node_name = node_name
         self.public_ip = public_ip
@@ -76,13 +83,19 @@ class SubnetLeaser:
         self.ttl = ttl
 
     def _record(self, subnet: str) -> SubnetLease:
-        return SubnetLease(subnet=subnet, node_name=self.node_name, public_ip=self.public_ip,
-                           vtep_mac=self.vtep_mac, renewed_at=now_iso())
+        return SubnetLease(
+            subnet=subnet,
+            node_name=self.node_name,
+            public_ip=self.public_ip,
+            vtep_mac=self.vtep_mac,
+            renewed_at=now_iso(),
+        )
 
     def _in_plan(self, subnet: str) -> bool:
         net = ipaddress.ip_network(subnet)
-        return (net.prefixlen == self.spec.subnet_len
-                and net.subnet_of(ipaddress.ip_network(self.spec.network)))  # type: ignore[arg-type]
+        return net.prefixlen == self.spec.subnet_len and net.subnet_of(
+            ipaddress.ip_network(self.spec.network)
+        )  # type: ignore[arg-type]
 
     async def try_acquire(self, preferred: str | None = None) -> Lease:
         """One attempt; NoFreeSubnet when the network is full, store errors pass through."""
@@ -96,15 +109,22 @@ class SubnetLeaser:
             # Ours: named after this node, or the subnet this machine had (its state dir
             # says so) under its public IP. A public IP alone is not enough: two nodes
             # behind one NAT address would take each other's leases in turn.
-            mine = [(kv, rec) for kv, rec in held.values()
-                    if rec is not None and self._in_plan(rec.subnet)
-                    and (rec.node_name == self.node_name
-                         or (rec.public_ip == self.public_ip and rec.subnet == preferred))]
+            mine = [
+                (kv, rec)
+                for kv, rec in held.values()
+                if rec is not None
+                and self._in_plan(rec.subnet)
+                and (
+                    rec.node_name == self.node_name
+                    or (rec.public_ip == self.public_ip and rec.subnet == preferred)
+                )
+            ]
             mine.sort(key=lambda p: (p[1].subnet != preferred, p[1].node_name != self.node_name))
             for kv, rec in mine:
                 try:
-                    await self.store.cas_raw(kv.key, encode(self._record(rec.subnet)),
-                                             kv.mod_revision, lease=lease_id)
+                    await self.store.cas_raw(
+                        kv.key, encode(self._record(rec.subnet)), kv.mod_revision, lease=lease_id
+                    )
                 except Conflict:
                     continue
                 if kv.lease and kv.lease != lease_id:
@@ -120,8 +140,9 @@ class SubnetLeaser:
                     break
             for s in candidates:
                 try:
-                    await self.store.create_raw(subnet_key(s), encode(self._record(s)),
-                                                lease=lease_id)
+                    await self.store.create_raw(
+                        subnet_key(s), encode(self._record(s)), lease=lease_id
+                    )
                 except AlreadyExists:
                     continue
                 return Lease(s, lease_id, self._record(s))
@@ -142,11 +163,18 @@ class SubnetLeaser:
             except Conflict:
                 backoff = 0.05
             except NoFreeSubnet as e:
-                log.error("subnet lease: %s; retrying (remove dead nodes with "
-                          "`corral node remove NAME` to free theirs)", e)
+                log.error(
+                    "subnet lease: %s; retrying (remove dead nodes with "
+                    "`corral node remove NAME` to free theirs)",
+                    e,
+                )
             except Exception as e:  # etcd away: keep trying
-                log.warning("subnet lease: cannot reach etcd (%s: %s); retrying in %.1fs",
-                            type(e).__name__, e, backoff)
+                log.warning(
+                    "subnet lease: cannot reach etcd (%s: %s); retrying in %.1fs",
+                    type(e).__name__,
+                    e,
+                    backoff,
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, max_backoff)
 

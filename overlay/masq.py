@@ -26,10 +26,12 @@ def _cmd(namespace: str | None, argv: Sequence[str]) -> list[str]:
     return netns.command(namespace, argv) if namespace else list(argv)
 
 
-def run_iptables(namespace: str | None, argv: Sequence[str], stdin: str | None = None,
-                 check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(_cmd(namespace, argv), input=stdin, capture_output=True, text=True,
-                       timeout=60, check=False)
+def run_iptables(
+    namespace: str | None, argv: Sequence[str], stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        _cmd(namespace, argv), input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
     if check and p.returncode != 0:
         raise MasqError(f"{' '.join(argv)} failed: {p.stderr.strip()}")
     return p
@@ -48,10 +50,17 @@ def rules(network: str) -> list[str]:
 def current(namespace: str | None) -> tuple[list[str] | None, bool]:
     """(rules in corral's chain or None if there is no chain, whether POSTROUTING jumps to it)."""
     p = run_iptables(namespace, ["iptables", "-t", "nat", "-S", CHAIN], check=False)
-    chain = None if p.returncode != 0 else [
-        ln for ln in p.stdout.splitlines() if ln.startswith(f"-A {CHAIN} ")]
-    jump = run_iptables(namespace, ["iptables", "-t", "nat", "-C", "POSTROUTING", *JUMP],
-                        check=False).returncode == 0
+    chain = (
+        None
+        if p.returncode != 0
+        else [ln for ln in p.stdout.splitlines() if ln.startswith(f"-A {CHAIN} ")]
+    )
+    jump = (
+        run_iptables(
+            namespace, ["iptables", "-t", "nat", "-C", "POSTROUTING", *JUMP], check=False
+        ).returncode
+        == 0
+    )
     return chain, jump
 
 
@@ -63,8 +72,7 @@ def ensure(namespace: str | None, network: str, enabled: bool) -> bool:
         return False
     lines = ["*nat", f":{CHAIN} - [0:0]", *want]
     if enabled and not jump:
-        lines.append("-I POSTROUTING 1 " + " ".join(
-            f'"{a}"' if " " in a else a for a in JUMP))
+        lines.append("-I POSTROUTING 1 " + " ".join(f'"{a}"' if " " in a else a for a in JUMP))
     lines.append("COMMIT")
     run_iptables(namespace, ["iptables-restore", "--noflush"], stdin="\n".join(lines) + "\n")
     if not enabled and jump:

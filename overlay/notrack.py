@@ -22,17 +22,27 @@ JUMP = ["-m", "comment", "--comment", "corral: VXLAN outer packets", "-j", CHAIN
 
 def rules(port: int) -> list[str]:
     """The chain's rules, in `iptables -S` spelling."""
-    return [f"-A {CHAIN} -p udp -m udp --dport {port} -m comment --comment "
-            '"corral: VXLAN packets skip conntrack" -j CT --notrack']
+    return [
+        f"-A {CHAIN} -p udp -m udp --dport {port} -m comment --comment "
+        '"corral: VXLAN packets skip conntrack" -j CT --notrack'
+    ]
 
 
 def current(namespace: str | None) -> tuple[list[str] | None, dict[str, bool]]:
     """(rules in corral's chain or None if there is none, which hooks jump to it)."""
     p = run_iptables(namespace, ["iptables", "-t", "raw", "-S", CHAIN], check=False)
-    chain = None if p.returncode != 0 else [
-        ln for ln in p.stdout.splitlines() if ln.startswith(f"-A {CHAIN} ")]
-    jumps = {h: run_iptables(namespace, ["iptables", "-t", "raw", "-C", h, *JUMP],
-                             check=False).returncode == 0 for h in HOOKS}
+    chain = (
+        None
+        if p.returncode != 0
+        else [ln for ln in p.stdout.splitlines() if ln.startswith(f"-A {CHAIN} ")]
+    )
+    jumps = {
+        h: run_iptables(
+            namespace, ["iptables", "-t", "raw", "-C", h, *JUMP], check=False
+        ).returncode
+        == 0
+        for h in HOOKS
+    }
     return chain, jumps
 
 
@@ -46,6 +56,5 @@ def ensure(namespace: str | None, port: int) -> bool:
     jump = " ".join(f'"{a}"' if " " in a else a for a in JUMP)
     lines += [f"-I {h} 1 {jump}" for h, ok in jumps.items() if not ok]
     lines.append("COMMIT")
-    run_iptables(namespace, ["iptables-restore", "--noflush"],
-                 stdin="\n".join(lines) + "\n")
+    run_iptables(namespace, ["iptables-restore", "--noflush"], stdin="\n".join(lines) + "\n")
     return True

@@ -35,8 +35,9 @@ UNDERLAY = ipaddress.ip_network("172.30.0.0/24")
 SWITCH_IP = "172.30.0.254"
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.05) -> Any:
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.05
+) -> Any:
     """Poll `cond` until it returns something truthy; AssertionError after `timeout`."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -50,8 +51,10 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condit
         except Exception as e:
             last_exc = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
-                         + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 @dataclass
@@ -89,8 +92,9 @@ class SimNode:
 class Testbed:
     __test__ = False  # not a pytest test class
 
-    def __init__(self, etcd_url: str, nodes: int = 2, resync: float = 1.0,
-                 lease_ttl: int = 6) -> None:
+    def __init__(
+        self, etcd_url: str, nodes: int = 2, resync: float = 1.0, lease_ttl: int = 6
+    ) -> None:
         self.etcd_url = etcd_url
         self.sfx = secrets.token_hex(3)
         self.switch = f"ovsw-{self.sfx}"
@@ -128,8 +132,12 @@ class Testbed:
         ns = self._ns(f"ovn{i}-{self.sfx}")
         ip = str(UNDERLAY.network_address + i)
         with netns.ipr(ns) as ipr:
-            ipr.link("add", ifname="eth0", kind="veth",
-                     peer={"ifname": f"n{i}", "net_ns_fd": netns.path(self.switch)})
+            ipr.link(
+                "add",
+                ifname="eth0",
+                kind="veth",
+                peer={"ifname": f"n{i}", "net_ns_fd": netns.path(self.switch)},
+            )
             eth = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth, address=ip, prefixlen=24)
             ipr.link("set", index=eth, state="up")
@@ -138,8 +146,15 @@ class Testbed:
             port = ipr.link_lookup(ifname=f"n{i}")[0]
             ipr.link("set", index=port, master=ipr.link_lookup(ifname="br0")[0], state="up")
         base = os.path.join(self.tmp, f"node-{i}")
-        node = SimNode(i, f"node-{i}", ns, ip, os.path.join(base, "state"),
-                       os.path.join(base, "run"), os.path.join(base, "agent.log"))
+        node = SimNode(
+            i,
+            f"node-{i}",
+            ns,
+            ip,
+            os.path.join(base, "state"),
+            os.path.join(base, "run"),
+            os.path.join(base, "agent.log"),
+        )
         os.makedirs(base, exist_ok=True)
         self.nodes.append(node)
         return node
@@ -151,14 +166,31 @@ class Testbed:
 
     def start_agent(self, i: int, wait: bool = True, extra: list[str] | None = None) -> SimNode:
         n = self.node(i)
-        argv = [sys.executable, "-m", "corral.overlay.agent", "--node", n.name,
-                "--etcd", self.etcd_url, "--netns", n.ns, "--state-dir", n.state_dir,
-                "--run-dir", n.run_dir, "--resync", str(self.resync),
-                "--lease-ttl", str(self.lease_ttl), *(extra or [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "corral.overlay.agent",
+            "--node",
+            n.name,
+            "--etcd",
+            self.etcd_url,
+            "--netns",
+            n.ns,
+            "--state-dir",
+            n.state_dir,
+            "--run-dir",
+            n.run_dir,
+            "--resync",
+            str(self.resync),
+            "--lease-ttl",
+            str(self.lease_ttl),
+            *(extra or []),
+        ]
         logf = open(n.log_path, "ab")  # noqa: SIM115 - the child keeps it
         try:
-            n.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            n.proc = subprocess.Popen(
+                argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+            )
         finally:
             logf.close()
         if wait:
@@ -171,14 +203,18 @@ class Testbed:
 
     def _ready(self, n: SimNode) -> bool:
         if n.proc is not None and n.proc.poll() is not None:
-            raise AssertionError(f"agent on {n.name} exited {n.proc.returncode}:\n"
-                                 + self.agent_log(n.index)[-3000:])
+            raise AssertionError(
+                f"agent on {n.name} exited {n.proc.returncode}:\n" + self.agent_log(n.index)[-3000:]
+            )
         return "overlay ready" in self.agent_log(n.index)
 
     def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 60.0) -> None:
         """Wait until node i's agent has loaded the eBPF fast path `runs` times in all."""
-        wait_for(lambda: self.agent_log(i).count("eBPF fast path on") >= runs, timeout,
-                 f"the eBPF fast path on node-{i}")
+        wait_for(
+            lambda: self.agent_log(i).count("eBPF fast path on") >= runs,
+            timeout,
+            f"the eBPF fast path on node-{i}",
+        )
 
     def agent_log(self, i: int) -> str:
         try:
@@ -219,9 +255,13 @@ class Testbed:
                 ipr.addr("add", index=br, address=gw, prefixlen=subnet.prefixlen)
                 ipr.link("set", index=br, state="up", mtu=info["mtu"])
         with netns.ipr(ns) as ipr:
-            ipr.link("add", ifname="eth0", kind="veth", mtu=info["mtu"],
-                     peer={"ifname": f"v{name}", "net_ns_fd": netns.path(n.ns),
-                           "mtu": info["mtu"]})
+            ipr.link(
+                "add",
+                ifname="eth0",
+                kind="veth",
+                mtu=info["mtu"],
+                peer={"ifname": f"v{name}", "net_ns_fd": netns.path(n.ns), "mtu": info["mtu"]},
+            )
             eth = ipr.link_lookup(ifname="eth0")[0]
             ipr.addr("add", index=eth, address=ip, prefixlen=subnet.prefixlen)
             ipr.link("set", index=eth, state="up")
@@ -229,14 +269,20 @@ class Testbed:
             pod_mac = ipr.get_links(eth)[0].get_attr("IFLA_ADDRESS")
         with netns.ipr(n.ns) as ipr:
             v = ipr.link_lookup(ifname=f"v{name}")[0]
-            ipr.link("set", index=v, master=ipr.link_lookup(ifname="cni0")[0], state="up",
-                     ifalias=pod_alias(ip, pod_mac))  # as corral-cni tags it
+            ipr.link(
+                "set",
+                index=v,
+                master=ipr.link_lookup(ifname="cni0")[0],
+                state="up",
+                ifalias=pod_alias(ip, pod_mac),
+            )  # as corral-cni tags it
         pod = Pod(name, ns, ip, i)
         n.pods.append(pod)
         return pod
 
-    def run(self, ns: str, argv: list[str], check: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(
+        self, ns: str, argv: list[str], check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         return netns.run(ns, argv, check=check, timeout=timeout)
 
     def popen(self, ns: str, argv: list[str], **kw: Any) -> subprocess.Popen:

@@ -127,8 +127,10 @@ class Kernel:
         return found[0] if found else None
 
     def _ipv4_addrs(self, index: int) -> list[tuple[str, int]]:
-        return [(a.get("IFA_ADDRESS"), a["prefixlen"])
-                for a in self.ipr.get_addr(family=AF_INET, index=index)]
+        return [
+            (a.get("IFA_ADDRESS"), a["prefixlen"])
+            for a in self.ipr.get_addr(family=AF_INET, index=index)
+        ]
 
     def find_underlay(self, iface: str | None = None, ip: str | None = None) -> Underlay:
         """The underlay interface and address: as given, or the default route's."""
@@ -149,18 +151,22 @@ class Kernel:
                     index = r.get("RTA_OIF")
                     break
             if index is None:
-                raise KernelError("there is no IPv4 default route to find the underlay "
-                                  "interface from; name it with --underlay-iface")
+                raise KernelError(
+                    "there is no IPv4 default route to find the underlay "
+                    "interface from; name it with --underlay-iface"
+                )
         link = self.ipr.get_links(index)[0]
         addrs = self._ipv4_addrs(index)
         if ip is None:
             if not addrs:
-                raise KernelError(f"underlay interface {link.get('IFLA_IFNAME')} has no "
-                                  "IPv4 address")
+                raise KernelError(
+                    f"underlay interface {link.get('IFLA_IFNAME')} has no IPv4 address"
+                )
             ip = addrs[0][0]
         elif ip not in [a for a, _ in addrs]:
-            raise KernelError(f"underlay interface {link.get('IFLA_IFNAME')} does not have "
-                              f"the address {ip}")
+            raise KernelError(
+                f"underlay interface {link.get('IFLA_IFNAME')} does not have the address {ip}"
+            )
         nets = tuple(str(ipaddress.ip_interface(f"{a}/{p}").network) for a, p in addrs)
         return Underlay(link.get("IFLA_IFNAME"), index, ip, link.get("IFLA_MTU"), nets)
 
@@ -177,11 +183,13 @@ class Kernel:
         if info is None or info.get("IFLA_INFO_KIND") != "vxlan":
             return False
         data = info.get("IFLA_INFO_DATA")
-        return (data.get("IFLA_VXLAN_ID") == spec.vni
-                and data.get("IFLA_VXLAN_LOCAL") == spec.local_ip
-                and data.get("IFLA_VXLAN_PORT") == spec.port
-                and data.get("IFLA_VXLAN_LEARNING") == 0
-                and data.get("IFLA_VXLAN_LINK") == spec.underlay_index)
+        return (
+            data.get("IFLA_VXLAN_ID") == spec.vni
+            and data.get("IFLA_VXLAN_LOCAL") == spec.local_ip
+            and data.get("IFLA_VXLAN_PORT") == spec.port
+            and data.get("IFLA_VXLAN_LEARNING") == 0
+            and data.get("IFLA_VXLAN_LINK") == spec.underlay_index
+        )
 
     def ensure_device(self, spec: DeviceSpec) -> list[str]:
         """Create or repair the VXLAN device; returns what had to change."""
@@ -192,10 +200,19 @@ class Kernel:
             changes.append(f"recreated {spec.name} (its VXLAN settings were not ours)")
             index = None
         if index is None:
-            self.ipr.link("add", ifname=spec.name, kind="vxlan", vxlan_id=spec.vni,
-                          vxlan_local=spec.local_ip, vxlan_port=spec.port, vxlan_learning=0,
-                          vxlan_link=spec.underlay_index, address=spec.mac, mtu=spec.mtu,
-                          vxlan_udp_csum=0)
+            self.ipr.link(
+                "add",
+                ifname=spec.name,
+                kind="vxlan",
+                vxlan_id=spec.vni,
+                vxlan_local=spec.local_ip,
+                vxlan_port=spec.port,
+                vxlan_learning=0,
+                vxlan_link=spec.underlay_index,
+                address=spec.mac,
+                mtu=spec.mtu,
+                vxlan_udp_csum=0,
+            )
             index = self.link_index(spec.name)
             if not changes:
                 changes.append(f"created {spec.name}")
@@ -222,8 +239,9 @@ class Kernel:
 
     # ------------------------------------------------------------ per-remote entries
 
-    def sync_remotes(self, device: str, remotes: list[Remote], underlay: Underlay,
-                     direct_routing: bool = False) -> list[str]:
+    def sync_remotes(
+        self, device: str, remotes: list[Remote], underlay: Underlay, direct_routing: bool = False
+    ) -> list[str]:
         """Make neighbours, FDB and routes exactly those `remotes` need; returns the changes.
 
         Added in the order neighbour, FDB, route (a route never points at an
@@ -239,12 +257,15 @@ class Kernel:
         want_neigh = {r.gateway: r.vtep_mac for r in encap}
         want_fdb = {r.vtep_mac: r.public_ip for r in encap}
         want_route: dict[str, tuple[str, int, bool]] = {
-            r.subnet: (r.gateway, index, True) for r in encap}
+            r.subnet: (r.gateway, index, True) for r in encap
+        }
         want_route.update({r.subnet: (r.public_ip, underlay.index, False) for r in direct})
 
-        have_neigh = {n.get("NDA_DST"): (n.get("NDA_LLADDR"), n["state"])
-                      for n in self.ipr.get_neighbours(family=AF_INET, ifindex=index)
-                      if n["ifindex"] == index}
+        have_neigh = {
+            n.get("NDA_DST"): (n.get("NDA_LLADDR"), n["state"])
+            for n in self.ipr.get_neighbours(family=AF_INET, ifindex=index)
+            if n["ifindex"] == index
+        }
         have_fdb: dict[str, list[str]] = {}
         for f in self.ipr.fdb("dump", ifindex=index):
             if f["ifindex"] == index and f.get("NDA_DST"):
@@ -253,14 +274,18 @@ class Kernel:
         for r in self.ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
             if r["proto"] == RTPROT_CORRAL:
                 dst = f"{r.get('RTA_DST')}/{r['dst_len']}"
-                have_route[dst] = (r.get("RTA_GATEWAY"), r.get("RTA_OIF"),
-                                   bool(r["flags"] & RTNH_F_ONLINK))
+                have_route[dst] = (
+                    r.get("RTA_GATEWAY"),
+                    r.get("RTA_OIF"),
+                    bool(r["flags"] & RTNH_F_ONLINK),
+                )
 
         # removals first (routes, FDB, neighbours), so a changed MAC never has two entries
         for dst, (gw, oif, _) in have_route.items():
             if dst not in want_route:
-                self._quiet(self.ipr.route, "del", dst=dst, gateway=gw, oif=oif,
-                            proto=RTPROT_CORRAL)
+                self._quiet(
+                    self.ipr.route, "del", dst=dst, gateway=gw, oif=oif, proto=RTPROT_CORRAL
+                )
                 changes.append(f"removed route {dst}")
         for mac, dsts in have_fdb.items():
             for d in dsts:
@@ -274,22 +299,41 @@ class Kernel:
 
         for r in encap:
             if have_neigh.get(r.gateway) != (r.vtep_mac, NUD_PERMANENT):
-                self.ipr.neigh("replace", dst=r.gateway, lladdr=r.vtep_mac, ifindex=index,
-                               state=NUD_PERMANENT)
+                self.ipr.neigh(
+                    "replace", dst=r.gateway, lladdr=r.vtep_mac, ifindex=index, state=NUD_PERMANENT
+                )
                 changes.append(f"set neighbour {r.gateway} -> {r.vtep_mac}")
             if have_fdb.get(r.vtep_mac) != [r.public_ip]:
-                self.ipr.fdb("replace", ifindex=index, lladdr=r.vtep_mac, dst=r.public_ip,
-                             state=NUD_PERMANENT, flags=NTF_SELF)
+                self.ipr.fdb(
+                    "replace",
+                    ifindex=index,
+                    lladdr=r.vtep_mac,
+                    dst=r.public_ip,
+                    state=NUD_PERMANENT,
+                    flags=NTF_SELF,
+                )
                 changes.append(f"set FDB {r.vtep_mac} -> {r.public_ip}")
         for dst, (gw, oif, onlink) in want_route.items():
             if have_route.get(dst) != (gw, oif, onlink):
-                self.ipr.route("replace", dst=dst, gateway=gw, oif=oif, proto=RTPROT_CORRAL,
-                               flags=RTNH_F_ONLINK if onlink else 0)
+                self.ipr.route(
+                    "replace",
+                    dst=dst,
+                    gateway=gw,
+                    oif=oif,
+                    proto=RTPROT_CORRAL,
+                    flags=RTNH_F_ONLINK if onlink else 0,
+                )
                 changes.append(f"set route {dst} via {gw}{' onlink' if onlink else ''}")
         return changes
 
-    def update_remote(self, device: str, old: Remote | None, new: Remote | None,
-                      underlay: Underlay, direct_routing: bool = False) -> list[str]:
+    def update_remote(
+        self,
+        device: str,
+        old: Remote | None,
+        new: Remote | None,
+        underlay: Underlay,
+        direct_routing: bool = False,
+    ) -> list[str]:
         """The fast path for one changed lease: touch only that peer's entries.
 
         `old` is what the lease said before (None if it is new), `new` what it
@@ -308,30 +352,59 @@ class Kernel:
             if new is None or new.subnet != old.subnet:
                 self._quiet(self.ipr.route, "del", dst=old.subnet, proto=RTPROT_CORRAL)
                 changes.append(f"removed route {old.subnet}")
-            if not direct(old) and (new is None or direct(new) or (new.vtep_mac, new.public_ip)
-                                    != (old.vtep_mac, old.public_ip)):
-                self._quiet(self.ipr.fdb, "del", ifindex=index, lladdr=old.vtep_mac,
-                            dst=old.public_ip)
+            if not direct(old) and (
+                new is None
+                or direct(new)
+                or (new.vtep_mac, new.public_ip) != (old.vtep_mac, old.public_ip)
+            ):
+                self._quiet(
+                    self.ipr.fdb, "del", ifindex=index, lladdr=old.vtep_mac, dst=old.public_ip
+                )
                 changes.append(f"removed FDB {old.vtep_mac} -> {old.public_ip}")
             if not direct(old) and (new is None or direct(new) or new.gateway != old.gateway):
-                self._quiet(self.ipr.neigh, "del", dst=old.gateway, lladdr=old.vtep_mac,
-                            ifindex=index)
+                self._quiet(
+                    self.ipr.neigh, "del", dst=old.gateway, lladdr=old.vtep_mac, ifindex=index
+                )
                 changes.append(f"removed neighbour {old.gateway}")
         if new is not None and new != old:
             if direct(new):
-                self.ipr.route("replace", dst=new.subnet, gateway=new.public_ip,
-                               oif=underlay.index, proto=RTPROT_CORRAL)
+                self.ipr.route(
+                    "replace",
+                    dst=new.subnet,
+                    gateway=new.public_ip,
+                    oif=underlay.index,
+                    proto=RTPROT_CORRAL,
+                )
                 changes.append(f"set route {new.subnet} via {new.public_ip}")
             else:
-                self.ipr.neigh("replace", dst=new.gateway, lladdr=new.vtep_mac, ifindex=index,
-                               state=NUD_PERMANENT)
-                self.ipr.fdb("replace", ifindex=index, lladdr=new.vtep_mac, dst=new.public_ip,
-                             state=NUD_PERMANENT, flags=NTF_SELF)
-                self.ipr.route("replace", dst=new.subnet, gateway=new.gateway, oif=index,
-                               proto=RTPROT_CORRAL, flags=RTNH_F_ONLINK)
-                changes += [f"set neighbour {new.gateway} -> {new.vtep_mac}",
-                            f"set FDB {new.vtep_mac} -> {new.public_ip}",
-                            f"set route {new.subnet} via {new.gateway} onlink"]
+                self.ipr.neigh(
+                    "replace",
+                    dst=new.gateway,
+                    lladdr=new.vtep_mac,
+                    ifindex=index,
+                    state=NUD_PERMANENT,
+                )
+                self.ipr.fdb(
+                    "replace",
+                    ifindex=index,
+                    lladdr=new.vtep_mac,
+                    dst=new.public_ip,
+                    state=NUD_PERMANENT,
+                    flags=NTF_SELF,
+                )
+                self.ipr.route(
+                    "replace",
+                    dst=new.subnet,
+                    gateway=new.gateway,
+                    oif=index,
+                    proto=RTPROT_CORRAL,
+                    flags=RTNH_F_ONLINK,
+                )
+                changes += [
+                    f"set neighbour {new.gateway} -> {new.vtep_mac}",
+                    f"set FDB {new.vtep_mac} -> {new.public_ip}",
+                    f"set route {new.subnet} via {new.gateway} onlink",
+                ]
         return changes
 
     @staticmethod
@@ -348,8 +421,12 @@ class Kernel:
         index = self.link_index(device)
         for r in self.ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
             if r["proto"] == RTPROT_CORRAL:
-                self._quiet(self.ipr.route, "del", dst=f"{r.get('RTA_DST')}/{r['dst_len']}",
-                            proto=RTPROT_CORRAL)
+                self._quiet(
+                    self.ipr.route,
+                    "del",
+                    dst=f"{r.get('RTA_DST')}/{r['dst_len']}",
+                    proto=RTPROT_CORRAL,
+                )
         if index is not None:
             self._quiet(self.ipr.link, "del", index=index)
 
@@ -364,25 +441,36 @@ class Kernel:
         link = self.ipr.get_links(index)[0]
         data = link.get("IFLA_LINKINFO").get("IFLA_INFO_DATA")
         out["device"] = {
-            "index": index, "mac": link.get("IFLA_ADDRESS"), "mtu": link.get("IFLA_MTU"),
-            "up": bool(link["flags"] & 1), "vni": data.get("IFLA_VXLAN_ID"),
-            "local": data.get("IFLA_VXLAN_LOCAL"), "port": data.get("IFLA_VXLAN_PORT"),
+            "index": index,
+            "mac": link.get("IFLA_ADDRESS"),
+            "mtu": link.get("IFLA_MTU"),
+            "up": bool(link["flags"] & 1),
+            "vni": data.get("IFLA_VXLAN_ID"),
+            "local": data.get("IFLA_VXLAN_LOCAL"),
+            "port": data.get("IFLA_VXLAN_PORT"),
             "learning": data.get("IFLA_VXLAN_LEARNING"),
             "addresses": sorted(f"{a}/{p}" for a, p in self._ipv4_addrs(index)),
         }
         out["neighbours"] = sorted(
             (n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"])
             for n in self.ipr.get_neighbours(family=AF_INET, ifindex=index)
-            if n["ifindex"] == index)
+            if n["ifindex"] == index
+        )
         out["fdb"] = sorted(
             (f.get("NDA_LLADDR"), f.get("NDA_DST"))
             for f in self.ipr.fdb("dump", ifindex=index)
-            if f["ifindex"] == index and f.get("NDA_DST"))
+            if f["ifindex"] == index and f.get("NDA_DST")
+        )
         out["routes"] = sorted(
-            (f"{r.get('RTA_DST')}/{r['dst_len']}", r.get("RTA_GATEWAY"), r.get("RTA_OIF"),
-             bool(r["flags"] & RTNH_F_ONLINK))
+            (
+                f"{r.get('RTA_DST')}/{r['dst_len']}",
+                r.get("RTA_GATEWAY"),
+                r.get("RTA_OIF"),
+                bool(r["flags"] & RTNH_F_ONLINK),
+            )
             for r in self.ipr.get_routes(family=AF_INET, table=MAIN_TABLE)
-            if r["proto"] == RTPROT_CORRAL)
+            if r["proto"] == RTPROT_CORRAL
+        )
         return out
 
 
@@ -400,16 +488,16 @@ class EventMonitor:
     is harmless: a pass that finds nothing to do changes nothing.
     """
 
-    def __init__(self, namespace: str | None, device: str,
-                 on_damage: Callable[[str, str], None]) -> None:
+    def __init__(
+        self, namespace: str | None, device: str, on_damage: Callable[[str, str], None]
+    ) -> None:
         self.namespace = namespace
         self.device = device
         self.on_damage = on_damage
         self._stopped = threading.Event()
         self._sock: Any = None
         self.index: int | None = None
-        self._thread = threading.Thread(target=self._run, name="corral-overlay-events",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="corral-overlay-events", daemon=True)
 
     def start(self, index: int | None) -> None:
         """Start listening; `index` is the device's current ifindex."""
@@ -440,8 +528,10 @@ class EventMonitor:
             except Exception:
                 if self._stopped.is_set():
                     return
-                log.warning("netlink event monitor failed; repairs fall back to the "
-                            "periodic pass", exc_info=True)
+                log.warning(
+                    "netlink event monitor failed; repairs fall back to the periodic pass",
+                    exc_info=True,
+                )
                 return
             for msg in msgs:
                 event = msg.get("event", "")

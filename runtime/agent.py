@@ -98,8 +98,10 @@ class NodeAgent:
     def _status(self, old: NodeStatus | None) -> NodeStatus:
         status = old.model_copy(deep=True) if old else NodeStatus()
         if self.ctx.underlay_ip:
-            status.addresses = [NodeAddress(type="InternalIP", address=self.ctx.underlay_ip),
-                                NodeAddress(type="Hostname", address=self.ctx.node_name)]
+            status.addresses = [
+                NodeAddress(type="InternalIP", address=self.ctx.underlay_ip),
+                NodeAddress(type="Hostname", address=self.ctx.node_name),
+            ]
         cap = node_capacity()
         status.capacity = {**cap, **status.capacity} if status.capacity else cap
         status.allocatable = status.allocatable or dict(status.capacity)
@@ -107,10 +109,16 @@ class NodeAgent:
         ready = status.condition("Ready")
         if ready is None or ready.status != "True":
             status.conditions = [c for c in status.conditions if c.type != "Ready"]
-            status.conditions.append(NodeCondition(
-                type="Ready", status="True", reason="AgentReady",
-                message="corral node agent is posting ready status",
-                last_heartbeat_time=now, last_transition_time=now))
+            status.conditions.append(
+                NodeCondition(
+                    type="Ready",
+                    status="True",
+                    reason="AgentReady",
+                    message="corral node agent is posting ready status",
+                    last_heartbeat_time=now,
+                    last_transition_time=now,
+                )
+            )
         else:
             ready.last_heartbeat_time = now
         return status
@@ -126,8 +134,10 @@ class NodeAgent:
         try:
             await self.ctx.store.modify(Node, name, None, change)
         except NotFound:
-            node = Node(metadata={"name": name, "labels": {"kubernetes.io/hostname": name}},
-                        status=self._status(None))
+            node = Node(
+                metadata={"name": name, "labels": {"kubernetes.io/hostname": name}},
+                status=self._status(None),
+            )
             with contextlib.suppress(AlreadyExists):
                 await self.ctx.store.create(node)
 
@@ -155,15 +165,18 @@ class NodeAgent:
     async def run(self) -> None:
         if self.ctx.underlay_ip is None:
             loop = asyncio.get_running_loop()
-            iface, ip = await loop.run_in_executor(
-                None, underlay_address, self.ctx.underlay_iface)
+            iface, ip = await loop.run_in_executor(None, underlay_address, self.ctx.underlay_iface)
             self.ctx.underlay_iface, self.ctx.underlay_ip = iface, ip
         for d in (self.ctx.paths.run_dir, self.ctx.paths.state_dir):
             os.makedirs(d, exist_ok=True)
         await self.connect()
         await self.heartbeat()
-        log.info("node %s: underlay %s on %s", self.ctx.node_name, self.ctx.underlay_ip,
-                 self.ctx.underlay_iface)
+        log.info(
+            "node %s: underlay %s on %s",
+            self.ctx.node_name,
+            self.ctx.underlay_ip,
+            self.ctx.underlay_iface,
+        )
         tasks: list[asyncio.Task] = []
         try:
             for name in self.names:

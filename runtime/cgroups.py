@@ -35,7 +35,7 @@ def node_unified_dir(node: str, root: str = CGROUP_ROOT) -> str:
 
 @dataclass
 class Limits:
-    memory: int | None = None        # bytes
+    memory: int | None = None  # bytes
     cpu_quota_millis: int | None = None
     cpu_shares: int = 2
 
@@ -78,8 +78,10 @@ class PodCgroups:
         mems = [lim.memory for lim in limits.values()]
         if "memory" in self._controllers():
             if mems and all(m is not None for m in mems):
-                _write(os.path.join(self.v1_dir("memory"), "memory.limit_in_bytes"),
-                       str(sum(m for m in mems if m is not None)))
+                _write(
+                    os.path.join(self.v1_dir("memory"), "memory.limit_in_bytes"),
+                    str(sum(m for m in mems if m is not None)),
+                )
             for name, lim in limits.items():
                 if lim.memory is not None:
                     d = self.v1_dir("memory", name)
@@ -97,8 +99,9 @@ class PodCgroups:
 
     def procs_files(self, container: str) -> list[str]:
         """The cgroup.procs files a container's first process writes itself into."""
-        files = [os.path.join(self.v1_dir(c, container), "cgroup.procs")
-                 for c in self._controllers()]
+        files = [
+            os.path.join(self.v1_dir(c, container), "cgroup.procs") for c in self._controllers()
+        ]
         return [*files, os.path.join(self.v2_dir, "cgroup.procs")]
 
     def oom_kills(self, container: str) -> int:
@@ -119,8 +122,11 @@ class PodCgroups:
         for ctrl in self._controllers():
             base = self.v1_dir(ctrl)
             if os.path.isdir(base):
-                dirs += [os.path.join(base, n) for n in os.listdir(base)
-                         if os.path.isdir(os.path.join(base, n))]
+                dirs += [
+                    os.path.join(base, n)
+                    for n in os.listdir(base)
+                    if os.path.isdir(os.path.join(base, n))
+                ]
         for d in dirs:
             with contextlib.suppress(OSError), open(os.path.join(d, "cgroup.procs")) as f:
                 out.update(int(x) for x in f.read().split())

@@ -56,8 +56,9 @@ def native_shim() -> str | None:
 def _build_native_shim() -> str:
     with open(NATIVE_SHIM_SRC, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                         "corral")
+    cache = os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "corral"
+    )
     out = os.path.join(cache, f"container-shim-{digest}")
     if os.access(out, os.X_OK):
         return out
@@ -68,8 +69,13 @@ def _build_native_shim() -> str:
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".container-shim-")
     os.close(fd)
     try:
-        r = subprocess.run([cc, "-O2", "-Wall", "-o", tmp, NATIVE_SHIM_SRC],
-                           capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(
+            [cc, "-O2", "-Wall", "-o", tmp, NATIVE_SHIM_SRC],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"building runtime/shim.c failed: {r.stderr.strip()}")
         os.chmod(tmp, 0o755)
@@ -85,8 +91,19 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
     native = native_shim()
     if native is None:
         return [sys.executable, "-I", "-S", shim.__file__, spec_path]
-    argv = [native, "-p", spec["pid_file"], "-s", spec["status_file"], "-n", spec["netns"],
-            "-h", spec["hostname"] or "", "-w", spec["workingDir"] or ""]
+    argv = [
+        native,
+        "-p",
+        spec["pid_file"],
+        "-s",
+        spec["status_file"],
+        "-n",
+        spec["netns"],
+        "-h",
+        spec["hostname"] or "",
+        "-w",
+        spec["workingDir"] or "",
+    ]
     for cg in spec["cgroups"]:
         argv += ["-c", cg]
     for src, dst in spec["binds"]:
@@ -150,10 +167,21 @@ def log_path(pod_dir: str, name: str, instance: int) -> str:
     return os.path.join(pod_dir, "logs", name, f"{instance}.log")
 
 
-async def launch(pod_dir: str, name: str, instance: int, *, argv: list[str],
-                 env: dict[str, str], working_dir: str | None, netns: str, hostname: str,
-                 binds: list[tuple[str, str]], cgroups: list[str], image: str | None = None,
-                 ready_timeout: float = 30.0) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
+async def launch(
+    pod_dir: str,
+    name: str,
+    instance: int,
+    *,
+    argv: list[str],
+    env: dict[str, str],
+    working_dir: str | None,
+    netns: str,
+    hostname: str,
+    binds: list[tuple[str, str]],
+    cgroups: list[str],
+    image: str | None = None,
+    ready_timeout: float = 30.0,
+) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     """Start one container instance and wait until its PID 1 exists."""
     if not argv:
         raise StartError("no command: set command (or args) for the container")
@@ -161,31 +189,47 @@ async def launch(pod_dir: str, name: str, instance: int, *, argv: list[str],
         raise StartError(f"image {image!r} is not a root filesystem directory on this node")
     cdir = container_dir(pod_dir, name)
     os.makedirs(cdir, exist_ok=True)
-    spec_path, pid_file, status_file = (os.path.join(cdir, n)
-                                        for n in ("spec", "pid", "status"))
+    spec_path, pid_file, status_file = (os.path.join(cdir, n) for n in ("spec", "pid", "status"))
     for p in (pid_file, status_file):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
     env = {"PATH": DEFAULT_PATH, "HOSTNAME": hostname, **env}
-    spec = {"argv": argv, "env": env, "workingDir": working_dir, "netns": netns,
-            "hostname": hostname, "binds": binds, "cgroups": cgroups,
-            "pid_file": pid_file, "status_file": status_file}
+    spec = {
+        "argv": argv,
+        "env": env,
+        "workingDir": working_dir,
+        "netns": netns,
+        "hostname": hostname,
+        "binds": binds,
+        "cgroups": cgroups,
+        "pid_file": pid_file,
+        "status_file": status_file,
+    }
     if image is not None:
         layer = os.path.join(cdir, "layer")
         # A fresh upper layer per instance, as a restarted container starts from the image.
         shutil.rmtree(layer, ignore_errors=True)
         for d in ("upper", "work", "rootfs"):
             os.makedirs(os.path.join(layer, d))
-        spec.update(image=os.path.abspath(image), upper=os.path.join(layer, "upper"),
-                    work=os.path.join(layer, "work"), rootfs=os.path.join(layer, "rootfs"))
+        spec.update(
+            image=os.path.abspath(image),
+            upper=os.path.join(layer, "upper"),
+            work=os.path.join(layer, "work"),
+            rootfs=os.path.join(layer, "rootfs"),
+        )
     with open(spec_path, "wb") as f:
         marshal.dump(spec, f)
     log = log_path(pod_dir, name, instance)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(
-            *shim_argv(spec, spec_path), stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-            start_new_session=True, close_fds=True)
+            *shim_argv(spec, spec_path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + ready_timeout
     while True:
         try:
@@ -198,32 +242,48 @@ async def launch(pod_dir: str, name: str, instance: int, *, argv: list[str],
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
-            raise StartError(f"container {name} failed to start (exit {proc.returncode}): "
-                             f"{tail(log, 3) or 'no output'}")
+            raise StartError(
+                f"container {name} failed to start (exit {proc.returncode}): "
+                f"{tail(log, 3) or 'no output'}"
+            )
         await asyncio.sleep(0.005)
-    rec = ContainerRecord(name=name, instance=instance, shim_pid=proc.pid,
-                          shim_started=start_time(proc.pid) or 0, init_pid=pids["init"],
-                          init_started=pids["initStarted"], started_at=pids["startedAt"], log=log)
+    rec = ContainerRecord(
+        name=name,
+        instance=instance,
+        shim_pid=proc.pid,
+        shim_started=start_time(proc.pid) or 0,
+        init_pid=pids["init"],
+        init_started=pids["initStarted"],
+        started_at=pids["startedAt"],
+        log=log,
+    )
     return rec, proc
 
 
-def exit_info(pod_dir: str, name: str, rec: ContainerRecord | None,
-              returncode: int | None = None) -> ExitInfo:
+def exit_info(
+    pod_dir: str, name: str, rec: ContainerRecord | None, returncode: int | None = None
+) -> ExitInfo:
     """How a container instance ended: the shim's record, else what the wait said."""
     try:
         with open(os.path.join(container_dir(pod_dir, name), "status"), "rb") as f:
             d = marshal.load(f)
-        return ExitInfo(int(d["exitCode"]), int(d.get("signal", 0)), float(d["startedAt"]),
-                        float(d["finishedAt"]))
+        return ExitInfo(
+            int(d["exitCode"]),
+            int(d.get("signal", 0)),
+            float(d["startedAt"]),
+            float(d["finishedAt"]),
+        )
     except (OSError, ValueError, KeyError, EOFError, TypeError):
         code = returncode if returncode is not None else 137
         sig = -code if code < 0 else 0
-        return ExitInfo(128 + sig if sig else code, sig,
-                        rec.started_at if rec else time.time(), time.time())
+        return ExitInfo(
+            128 + sig if sig else code, sig, rec.started_at if rec else time.time(), time.time()
+        )
 
 
-async def wait_exit(rec: ContainerRecord, proc: asyncio.subprocess.Process | None,
-                    poll: float = 0.2) -> int | None:
+async def wait_exit(
+    rec: ContainerRecord, proc: asyncio.subprocess.Process | None, poll: float = 0.2
+) -> int | None:
     """Wait for the wrapper to end: our child via wait(), an adopted one by polling."""
     if proc is not None:
         return await proc.wait()
@@ -232,8 +292,7 @@ async def wait_exit(rec: ContainerRecord, proc: asyncio.subprocess.Process | Non
     return None
 
 
-async def stop(rec: ContainerRecord, proc: asyncio.subprocess.Process | None,
-               grace: float) -> None:
+async def stop(rec: ContainerRecord, proc: asyncio.subprocess.Process | None, grace: float) -> None:
     """SIGTERM (forwarded to PID 1), wait up to `grace`, then SIGKILL."""
     rec.signal(signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
@@ -249,8 +308,7 @@ async def stop(rec: ContainerRecord, proc: asyncio.subprocess.Process | None,
 
 def nsenter_argv(init_pid: int, argv: list[str]) -> list[str]:
     """argv that runs inside a container's namespaces and root (for exec and exec probes)."""
-    return ["nsenter", "-t", str(init_pid), "-n", "-m", "-u", "-i", "-p", "-r", "-w",
-            "--", *argv]
+    return ["nsenter", "-t", str(init_pid), "-n", "-m", "-u", "-i", "-p", "-r", "-w", "--", *argv]
 
 
 def tail(path: str, lines: int) -> str:

@@ -33,8 +33,8 @@ from corral.runtime.podstate import ContainerSaved, PodSaved
 
 log = logging.getLogger(__name__)
 
-ANN_CONTAINERS = "corral.dev/containers"   # {name: {pid, started, log}}: for exec/logs
-ANN_RUNTIME = "corral.dev/runtime"         # {node, pid, podDir}: where the files are
+ANN_CONTAINERS = "corral.dev/containers"  # {name: {pid, started, log}}: for exec/logs
+ANN_RUNTIME = "corral.dev/runtime"  # {node, pid, podDir}: where the files are
 MAX_BACKOFF = 300.0
 
 
@@ -49,8 +49,7 @@ def _iso(ts: float) -> str:
 class ContainerRunner:
     def __init__(self, worker: PodWorker, spec: Container, saved: ContainerSaved) -> None:
         self.w, self.spec, self.saved = worker, spec, saved
-        self.rec = (containers.ContainerRecord.from_dict(saved.record)
-                    if saved.record else None)
+        self.rec = containers.ContainerRecord.from_dict(saved.record) if saved.record else None
         self.proc: asyncio.subprocess.Process | None = None
         self.adopting = self.rec is not None  # found running after a runtime restart
         self.task: asyncio.Task | None = None
@@ -92,9 +91,13 @@ class ContainerRunner:
             if self.rec is not None:
                 term, exit_code, ran = await self._run_once(self.rec)
             else:
-                term = {"exitCode": 128, "reason": "ContainerCannotRun",
-                        "message": s.state.get("waiting", {}).get("message", ""),
-                        "startedAt": now_iso(), "finishedAt": now_iso()}
+                term = {
+                    "exitCode": 128,
+                    "reason": "ContainerCannotRun",
+                    "message": s.state.get("waiting", {}).get("message", ""),
+                    "startedAt": now_iso(),
+                    "finishedAt": now_iso(),
+                }
                 exit_code, ran = 128, 0.0
             if w.terminating or w.deleting.is_set():
                 s.state = {"terminated": term}
@@ -108,16 +111,19 @@ class ContainerRunner:
             s.last_state, s.restart_count = {"terminated": term}, s.restart_count + 1
             if ran > 600:
                 backoff = w.rt.backoff_base
-            s.state = {"waiting": {"reason": "CrashLoopBackOff",
-                                   "message": f"back-off {backoff:g}s restarting failed "
-                                              f"container={self.name} pod={w.pod.name}"}}
+            s.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {backoff:g}s restarting failed "
+                    f"container={self.name} pod={w.pod.name}",
+                }
+            }
             w.changed()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(w.deleting.wait(), backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    async def _run_once(self, rec: containers.ContainerRecord
-                        ) -> tuple[dict[str, Any], int, float]:
+    async def _run_once(self, rec: containers.ContainerRecord) -> tuple[dict[str, Any], int, float]:
         """Watch one running instance until it exits; its `terminated` state."""
         w, s = self.w, self.saved
         s.record, s.started = rec.to_dict(), s.started or self.spec.startup_probe is None
@@ -137,9 +143,12 @@ class ContainerRunner:
         else:
             reason = "Error"
         s.oom_seen = ooms
-        term: dict[str, Any] = {"exitCode": ex.exit_code, "reason": reason,
-                                "startedAt": _iso(ex.started_at),
-                                "finishedAt": _iso(ex.finished_at)}
+        term: dict[str, Any] = {
+            "exitCode": ex.exit_code,
+            "reason": reason,
+            "startedAt": _iso(ex.started_at),
+            "finishedAt": _iso(ex.finished_at),
+        }
         if ex.signal:
             term["signal"] = ex.signal
         self.rec, self.proc, s.record = None, None, None
@@ -150,13 +159,24 @@ class ContainerRunner:
         argv = self.argv()
         if not argv:
             raise containers.StartError(
-                "no command: corral has no image entrypoints; set command or args")
+                "no command: corral has no image entrypoints; set command or args"
+            )
         return await containers.launch(
-            w.dir, self.name, self.saved.restart_count, argv=argv, env=self.env(),
-            working_dir=self.spec.working_dir, netns=w.saved.netns, hostname=w.hostname,
-            binds=[(os.path.join(w.dir, "etc", "resolv.conf"), "/etc/resolv.conf"),
-                   (os.path.join(w.dir, "etc", "hosts"), "/etc/hosts")],
-            cgroups=w.cgroups.procs_files(self.name), image=self.spec.image or None)
+            w.dir,
+            self.name,
+            self.saved.restart_count,
+            argv=argv,
+            env=self.env(),
+            working_dir=self.spec.working_dir,
+            netns=w.saved.netns,
+            hostname=w.hostname,
+            binds=[
+                (os.path.join(w.dir, "etc", "resolv.conf"), "/etc/resolv.conf"),
+                (os.path.join(w.dir, "etc", "hosts"), "/etc/hosts"),
+            ],
+            cgroups=w.cgroups.procs_files(self.name),
+            image=self.spec.image or None,
+        )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:
         # An adopted container keeps its readiness until a probe says otherwise, so a
@@ -178,14 +198,18 @@ class ContainerRunner:
     def _handler(self, probe: Any, rec: containers.ContainerRecord) -> probes.Handler:
         try:
             return probes.handler_for(
-                probe, self.spec, self.w.saved.pod_ip or "127.0.0.1",
+                probe,
+                self.spec,
+                self.w.saved.pod_ip or "127.0.0.1",
                 lambda cmd: containers.nsenter_argv(rec.init_pid, cmd),
-                {"PATH": containers.DEFAULT_PATH, **self.env()})
+                {"PATH": containers.DEFAULT_PATH, **self.env()},
+            )
         except ValueError as e:  # e.g. a named port the container does not declare
             msg = str(e)
 
             async def broken() -> tuple[bool, str]:
                 return False, msg
+
             return broken
 
     async def _probes(self, rec: containers.ContainerRecord, resume: bool = False) -> None:
@@ -201,8 +225,9 @@ class ContainerRunner:
                     log.info("%s/%s: startup probe failed: %s", self.w.pod.name, self.name, msg)
                     self._spawn(self._kill(rec))
 
-            loop = probes.ProbeLoop(sp.startup_probe, self._handler(sp.startup_probe, rec),
-                                    on_startup)
+            loop = probes.ProbeLoop(
+                sp.startup_probe, self._handler(sp.startup_probe, rec), on_startup
+            )
             t = asyncio.create_task(loop.run())
             try:
                 await up.wait()
@@ -212,26 +237,43 @@ class ContainerRunner:
         self.w.changed()
         tasks = []
         if sp.readiness_probe is not None:
+
             def on_ready(ok: bool, msg: str) -> None:
                 self.ready = ok
                 if not ok:
-                    log.info("%s/%s: readiness probe failed: %s", self.w.pod.name, self.name,
-                             msg)
+                    log.info("%s/%s: readiness probe failed: %s", self.w.pod.name, self.name, msg)
                 self.w.changed()
 
-            tasks.append(probes.ProbeLoop(
-                sp.readiness_probe, self._handler(sp.readiness_probe, rec), on_ready,
-                initial=self.ready, resume=resume).run())
+            tasks.append(
+                probes.ProbeLoop(
+                    sp.readiness_probe,
+                    self._handler(sp.readiness_probe, rec),
+                    on_ready,
+                    initial=self.ready,
+                    resume=resume,
+                ).run()
+            )
         if sp.liveness_probe is not None:
+
             def on_live(ok: bool, msg: str) -> None:
                 if not ok:
-                    log.info("%s/%s: liveness probe failed, restarting: %s", self.w.pod.name,
-                             self.name, msg)
+                    log.info(
+                        "%s/%s: liveness probe failed, restarting: %s",
+                        self.w.pod.name,
+                        self.name,
+                        msg,
+                    )
                     self._spawn(self._kill(rec))
 
-            tasks.append(probes.ProbeLoop(
-                sp.liveness_probe, self._handler(sp.liveness_probe, rec), on_live,
-                initial=True, resume=resume).run())
+            tasks.append(
+                probes.ProbeLoop(
+                    sp.liveness_probe,
+                    self._handler(sp.liveness_probe, rec),
+                    on_live,
+                    initial=True,
+                    resume=resume,
+                ).run()
+            )
         if tasks:
             await asyncio.gather(*tasks)
 
@@ -254,26 +296,28 @@ class PodWorker:
         self.rt, self.pod = rt, pod
         uid = pod.metadata.uid or ""
         self.adopted = saved is not None
-        self.saved = saved or PodSaved(uid=uid, namespace=pod.namespace or "default",
-                                       name=pod.name)
+        self.saved = saved or PodSaved(uid=uid, namespace=pod.namespace or "default", name=pod.name)
         for c in pod.spec.containers:
             self.saved.containers.setdefault(c.name, ContainerSaved())
         self.dir = podstate.pod_dir(rt.ctx.paths.state_dir, uid)
         self.cgroups = PodCgroups(rt.ctx.node_name, uid)
-        self.runners = [ContainerRunner(self, c, self.saved.containers[c.name])
-                        for c in pod.spec.containers]
+        self.runners = [
+            ContainerRunner(self, c, self.saved.containers[c.name]) for c in pod.spec.containers
+        ]
         self.deleting = asyncio.Event()
-        self.gone = False        # the Pod object no longer exists
+        self.gone = False  # the Pod object no longer exists
         self.terminating = False
-        self.torn_down = False   # state forgotten: nothing may write it again
+        self.torn_down = False  # state forgotten: nothing may write it again
         self.sandbox_error: tuple[str, str] | None = None
         self._dirty = asyncio.Event()
         self._base: Pod | None = None  # newest Pod object known: the status writes' CAS base
         self._last_written: str | None = None
         # Transition times carry over from what is stored (e.g. across a runtime restart).
         self._cond_times: dict[str, tuple[str, str]] = {
-            c.type: (c.status, c.last_transition_time) for c in pod.status.conditions
-            if c.last_transition_time}
+            c.type: (c.status, c.last_transition_time)
+            for c in pod.status.conditions
+            if c.last_transition_time
+        }
         self.task: asyncio.Task | None = None
         self.writer: asyncio.Task | None = None
         self.stages: dict[str, float] = {"seen": time.monotonic()}  # startup timeline
@@ -323,8 +367,9 @@ class PodWorker:
             if not self.deleting.is_set() and not finished and self.sandbox_error is None:
                 for r in self.runners:
                     r.task = asyncio.create_task(r.run())
-                done = asyncio.gather(*(r.task for r in self.runners if r.task),
-                                      return_exceptions=True)
+                done = asyncio.gather(
+                    *(r.task for r in self.runners if r.task), return_exceptions=True
+                )
                 deleting = asyncio.create_task(self.deleting.wait())
                 await asyncio.wait({done, deleting}, return_when=asyncio.FIRST_COMPLETED)
                 if done.done() and not self.deleting.is_set():
@@ -360,8 +405,11 @@ class PodWorker:
                     self.persist()
                 return
             except Exception as e:  # any failure: report it on the pod and retry
-                reason = ("NetworkPluginNotReady" if isinstance(e, CNIError) and e.code == 6
-                          else "FailedCreatePodSandBox")
+                reason = (
+                    "NetworkPluginNotReady"
+                    if isinstance(e, CNIError) and e.code == 6
+                    else "FailedCreatePodSandBox"
+                )
                 self.sandbox_error = (reason, str(e))
                 log.warning("pod %s/%s: %s: %s", s.namespace, s.name, reason, e)
                 self.changed()
@@ -397,14 +445,25 @@ class PodWorker:
         s.pod_ip = ips[0] if ips else None
         self.stages["cni-add"] = time.monotonic()
         self._write_files()
-        log.info("pod %s/%s: sandbox %s, netns %.0f ms, CNI ADD %.0f ms (%.0f ms queued), IP %s",
-                 s.namespace, s.name, s.sandbox_id[:12], (t1 - t0) * 1000,
-                 (time.monotonic() - t2) * 1000, (t2 - t1) * 1000, s.pod_ip)
+        log.info(
+            "pod %s/%s: sandbox %s, netns %.0f ms, CNI ADD %.0f ms (%.0f ms queued), IP %s",
+            s.namespace,
+            s.name,
+            s.sandbox_id[:12],
+            (t1 - t0) * 1000,
+            (time.monotonic() - t2) * 1000,
+            (t2 - t1) * 1000,
+            s.pod_ip,
+        )
 
     def _runtime_conf(self) -> RuntimeConf:
         s = self.saved
-        return RuntimeConf(container_id=s.sandbox_id, netns=s.netns, ifname=s.ifname,
-                           args=pod_args(s.namespace, s.name, s.uid, s.sandbox_id))
+        return RuntimeConf(
+            container_id=s.sandbox_id,
+            netns=s.netns,
+            ifname=s.ifname,
+            args=pod_args(s.namespace, s.name, s.uid, s.sandbox_id),
+        )
 
     def _write_files(self) -> None:
         ctx, p = self.rt.ctx, self.pod
@@ -412,10 +471,12 @@ class PodWorker:
         os.makedirs(etc, exist_ok=True)
         ns = p.namespace or "default"
         files = {
-            "resolv.conf": sandbox.resolv_conf(ns, ctx.cluster_dns, ctx.cluster_domain,
-                                               p.spec.dns_policy),
-            "hosts": sandbox.etc_hosts(self.saved.pod_ip, self.hostname, p.spec.subdomain, ns,
-                                       ctx.cluster_domain),
+            "resolv.conf": sandbox.resolv_conf(
+                ns, ctx.cluster_dns, ctx.cluster_domain, p.spec.dns_policy
+            ),
+            "hosts": sandbox.etc_hosts(
+                self.saved.pod_ip, self.hostname, p.spec.subdomain, ns, ctx.cluster_domain
+            ),
         }
         for name, text in files.items():
             with open(os.path.join(etc, name), "w") as f:
@@ -476,47 +537,86 @@ class PodWorker:
         statuses = []
         for r in self.runners:
             running = "running" in r.saved.state
-            statuses.append(CStatus(
-                name=r.name, ready=bool(running and r.ready and r.saved.started),
-                started=running and r.saved.started, restart_count=r.saved.restart_count,
-                state=r.saved.state or {"waiting": {"reason": "ContainerCreating"}},
-                last_state=r.saved.last_state))
+            statuses.append(
+                CStatus(
+                    name=r.name,
+                    ready=bool(running and r.ready and r.saved.started),
+                    started=running and r.saved.started,
+                    restart_count=r.saved.restart_count,
+                    state=r.saved.state or {"waiting": {"reason": "ContainerCreating"}},
+                    last_state=r.saved.last_state,
+                )
+            )
         done = [r.saved.done for r in self.runners]
         if all(done):
-            failed = any(r.saved.state.get("terminated", {}).get("exitCode", 0) != 0
-                         for r in self.runners)
+            failed = any(
+                r.saved.state.get("terminated", {}).get("exitCode", 0) != 0 for r in self.runners
+            )
             phase = "Failed" if failed else "Succeeded"
-        elif all(r.saved.restart_count or r.saved.done or "running" in r.saved.state
-                 for r in self.runners) and s.pod_ip is not None:
+        elif (
+            all(
+                r.saved.restart_count or r.saved.done or "running" in r.saved.state
+                for r in self.runners
+            )
+            and s.pod_ip is not None
+        ):
             phase = "Running"
         else:
             phase = "Pending"
         all_ready = all(c.ready for c in statuses) and phase == "Running"
-        ready_reason = None if all_ready else (
-            "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
-        conds = [("PodScheduled", True, None), ("Initialized", True, None),
-                 ("ContainersReady", all_ready, ready_reason), ("Ready", all_ready, ready_reason)]
+        ready_reason = (
+            None
+            if all_ready
+            else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
+        )
+        conds = [
+            ("PodScheduled", True, None),
+            ("Initialized", True, None),
+            ("ContainersReady", all_ready, ready_reason),
+            ("Ready", all_ready, ready_reason),
+        ]
         conditions = []
         for typ, ok, reason in conds:
             st = "True" if ok else "False"
             prev = self._cond_times.get(typ)
             if prev is None or prev[0] != st:
                 self._cond_times[typ] = (st, now_iso())
-            conditions.append(PodCondition(type=typ, status=st, reason=reason,
-                                           last_transition_time=self._cond_times[typ][1]))
+            conditions.append(
+                PodCondition(
+                    type=typ,
+                    status=st,
+                    reason=reason,
+                    last_transition_time=self._cond_times[typ][1],
+                )
+            )
         status = PodStatus(
-            phase=phase, host_ip=self.rt.host_ip, pod_ip=s.pod_ip,
-            pod_ips=[PodIP(ip=s.pod_ip)] if s.pod_ip else [], start_time=s.start_time,
-            conditions=conditions, container_statuses=statuses)
+            phase=phase,
+            host_ip=self.rt.host_ip,
+            pod_ip=s.pod_ip,
+            pod_ips=[PodIP(ip=s.pod_ip)] if s.pod_ip else [],
+            start_time=s.start_time,
+            conditions=conditions,
+            container_statuses=statuses,
+        )
         if self.sandbox_error is not None:
             status.reason, status.message = self.sandbox_error
         ann = {
             ANN_CONTAINERS: json.dumps(
-                {r.name: {"pid": r.rec.init_pid, "started": r.rec.init_started,
-                          "log": r.rec.log} for r in self.runners if r.rec is not None},
-                sort_keys=True),
-            ANN_RUNTIME: json.dumps({"node": self.rt.ctx.node_name, "pid": os.getpid(),
-                                     "podDir": os.path.abspath(self.dir)}, sort_keys=True),
+                {
+                    r.name: {"pid": r.rec.init_pid, "started": r.rec.init_started, "log": r.rec.log}
+                    for r in self.runners
+                    if r.rec is not None
+                },
+                sort_keys=True,
+            ),
+            ANN_RUNTIME: json.dumps(
+                {
+                    "node": self.rt.ctx.node_name,
+                    "pid": os.getpid(),
+                    "podDir": os.path.abspath(self.dir),
+                },
+                sort_keys=True,
+            ),
         }
         return status, ann
 
@@ -526,8 +626,9 @@ class PodWorker:
         store, base = self.rt.ctx.store, self._base
         if base is not None:
             md = base.metadata
-            p = base.model_copy(update={"metadata": md.model_copy(
-                update={"annotations": dict(md.annotations)})})
+            p = base.model_copy(
+                update={"metadata": md.model_copy(update={"annotations": dict(md.annotations)})}
+            )
             new = change(p)
             if new is None:
                 return
@@ -539,16 +640,35 @@ class PodWorker:
     def _log_startup(self, status: PodStatus, write_start: float) -> None:
         """Once, when Ready is first written: where the pod's startup time went."""
         st = self.stages
-        if "write" in st or not any(c.type == "Ready" and c.status == "True"
-                                     for c in status.conditions):
+        if "write" in st or not any(
+            c.type == "Ready" and c.status == "True" for c in status.conditions
+        ):
             return
         st["to-write"], st["write"] = write_start, time.monotonic()
-        order = [k for k in ("seen", "to-sandbox", "cgroups", "netns", "cni-wait", "cni-add",
-                             "to-launch", "shim", "to-write", "write") if k in st]
+        order = [
+            k
+            for k in (
+                "seen",
+                "to-sandbox",
+                "cgroups",
+                "netns",
+                "cni-wait",
+                "cni-add",
+                "to-launch",
+                "shim",
+                "to-write",
+                "write",
+            )
+            if k in st
+        ]
         parts = [f"{b} {(st[b] - st[a]) * 1000:.0f}" for a, b in itertools.pairwise(order)]
-        log.info("pod %s/%s: Ready written %.0f ms after the runtime saw it (ms: %s)",
-                 self.saved.namespace, self.saved.name, (st["write"] - st["seen"]) * 1000,
-                 ", ".join(parts))
+        log.info(
+            "pod %s/%s: Ready written %.0f ms after the runtime saw it (ms: %s)",
+            self.saved.namespace,
+            self.saved.name,
+            (st["write"] - st["seen"]) * 1000,
+            ", ".join(parts),
+        )
 
     async def _write_status_loop(self) -> None:
         # The first write waits for the first change (usually the sandbox with its IP):
@@ -562,8 +682,9 @@ class PodWorker:
                 continue
             uid = self.saved.uid
 
-            def change(p: Pod, status: PodStatus = status, ann: dict = ann,
-                       uid: str = uid) -> Pod | None:
+            def change(
+                p: Pod, status: PodStatus = status, ann: dict = ann, uid: str = uid
+            ) -> Pod | None:
                 if p.metadata.uid != uid:
                     return None
                 p.status = status
@@ -578,8 +699,9 @@ class PodWorker:
             except NotFound:
                 return
             except Exception as e:  # etcd hiccup: retry soon, never die
-                log.warning("pod %s/%s: status write failed: %s", self.saved.namespace,
-                            self.saved.name, e)
+                log.warning(
+                    "pod %s/%s: status write failed: %s", self.saved.namespace, self.saved.name, e
+                )
                 await asyncio.sleep(1)
                 self._dirty.set()
 
@@ -596,8 +718,8 @@ class PodRuntime:
         # and each pod goes on to start its containers as soon as its own ADD is done.
         self.cni_slots = asyncio.Semaphore(max(4, 4 * (os.cpu_count() or 1)))
         self.backoff_base = float(ctx.options.get("restart_backoff", 10.0))  # type: ignore[arg-type]
-        self.workers: dict[str, PodWorker] = {}   # by uid
-        self.by_key: dict[str, str] = {}          # ns/name -> uid
+        self.workers: dict[str, PodWorker] = {}  # by uid
+        self.by_key: dict[str, str] = {}  # ns/name -> uid
         self.saved: dict[str, PodSaved] = {}
         # Pods this runtime has finished with: a late event for one must not restart it.
         self.finished: dict[str, None] = {}
@@ -628,14 +750,19 @@ class PodRuntime:
         keep |= {w.saved.sandbox_id for w in self.workers.values() if w.saved.sandbox_id}
         removed = await self.cni.gc(keep)
         if removed:
-            log.info("GC: removed %d CNI attachment(s) of pods that no longer exist",
-                     len(removed))
+            log.info("GC: removed %d CNI attachment(s) of pods that no longer exist", len(removed))
         for p in mine.values():
             self._handle(p)
-        log.info("node %s: watching pods (%d here, %d adopted)", self.ctx.node_name, len(mine),
-                 sum(w.adopted for w in self.workers.values()))
-        known = {object_key(Pod, p.name, p.namespace): int(p.metadata.resource_version or 0)
-                 for p in pods}
+        log.info(
+            "node %s: watching pods (%d here, %d adopted)",
+            self.ctx.node_name,
+            len(mine),
+            sum(w.adopted for w in self.workers.values()),
+        )
+        known = {
+            object_key(Pod, p.name, p.namespace): int(p.metadata.resource_version or 0)
+            for p in pods
+        }
         async for ev in store.watch(Pod, start_revision=rev + 1, known=known):
             if ev.type == "DELETED":
                 uid = self.by_key.get(str(ev.object))
@@ -652,7 +779,7 @@ class PodRuntime:
         key = f"{pod.namespace}/{pod.name}"
         old = self.by_key.get(key)
         if old and old != uid and old in self.workers:
-            self.workers[old].object_gone()   # same name, new object: the old pod is gone
+            self.workers[old].object_gone()  # same name, new object: the old pod is gone
         w = self.workers.get(uid)
         if w is not None:
             if self._mine(pod):

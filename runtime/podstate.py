@@ -43,8 +43,9 @@ class PodSaved:
 
     def dumps(self) -> str:
         """to_dict() as JSON, without asdict's deep copy: saved on every status change."""
-        return json.dumps({**vars(self),
-                           "containers": {k: vars(c) for k, c in self.containers.items()}})
+        return json.dumps(
+            {**vars(self), "containers": {k: vars(c) for k, c in self.containers.items()}}
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PodSaved:

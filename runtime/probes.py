@@ -42,22 +42,35 @@ async def tcp_check(host: str, port: int, timeout: float) -> tuple[bool, str]:
     return True, ""
 
 
-async def http_check(host: str, port: int, path: str, timeout: float, scheme: str = "HTTP",
-                     headers: list[tuple[str, str]] | None = None) -> tuple[bool, str]:
+async def http_check(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    scheme: str = "HTTP",
+    headers: list[tuple[str, str]] | None = None,
+) -> tuple[bool, str]:
     """GET; any status from 200 to 399 is a success (redirects are not followed)."""
     ctx = None
     if scheme == "HTTPS":
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    hdrs = {"Host": f"{host}:{port}", "User-Agent": "corral-probe/1.0", "Accept": "*/*",
-            "Connection": "close"}
+    hdrs = {
+        "Host": f"{host}:{port}",
+        "User-Agent": "corral-probe/1.0",
+        "Accept": "*/*",
+        "Connection": "close",
+    }
     hdrs.update(dict(headers or []))
 
     async def go() -> tuple[bool, str]:
         r, w = await asyncio.open_connection(host, port, ssl=ctx)
         try:
-            req = f"GET {path or '/'} HTTP/1.1\r\n" + "".join(
-                f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+            req = (
+                f"GET {path or '/'} HTTP/1.1\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+                + "\r\n"
+            )
             w.write(req.encode())
             await w.drain()
             line = await r.readline()
@@ -77,8 +90,12 @@ async def http_check(host: str, port: int, path: str, timeout: float, scheme: st
 
 async def exec_check(argv: list[str], env: dict[str, str], timeout: float) -> tuple[bool, str]:
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env=env)
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -88,8 +105,13 @@ async def exec_check(argv: list[str], env: dict[str, str], timeout: float) -> tu
     return proc.returncode == 0, out.decode(errors="replace")[-200:]
 
 
-def handler_for(probe: Probe, container: Container, pod_ip: str,
-                exec_argv: Callable[[list[str]], list[str]], env: dict[str, str]) -> Handler:
+def handler_for(
+    probe: Probe,
+    container: Container,
+    pod_ip: str,
+    exec_argv: Callable[[list[str]], list[str]],
+    env: dict[str, str],
+) -> Handler:
     timeout = float(probe.timeout_seconds)
     if probe.exec is not None:
         cmd = list(probe.exec.command)
@@ -109,9 +131,14 @@ def handler_for(probe: Probe, container: Container, pod_ip: str,
 class ProbeLoop:
     """Runs a probe; calls `on_change(ok, message)` whenever its state flips."""
 
-    def __init__(self, probe: Probe, handler: Handler,
-                 on_change: Callable[[bool, str], None], initial: bool = False,
-                 resume: bool = False) -> None:
+    def __init__(
+        self,
+        probe: Probe,
+        handler: Handler,
+        on_change: Callable[[bool, str], None],
+        initial: bool = False,
+        resume: bool = False,
+    ) -> None:
         self.probe, self.handler, self.on_change = probe, handler, on_change
         self.state = initial
         self.resume = resume  # a container that was already running: no initial delay

@@ -65,8 +65,7 @@ def _loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifr = struct.pack("16sH", b"lo", 0)
         flags = struct.unpack("16sH", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr)[:18])[1]
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS,
-                    struct.pack("16sH", b"lo", flags | IFF_UP))
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
 
 
 def is_netns(path: str) -> bool:
@@ -86,8 +85,13 @@ def remove_netns(path: str) -> None:
         os.unlink(path)
 
 
-def resolv_conf(namespace: str, cluster_dns: str, domain: str, dns_policy: str = "ClusterFirst",
-                host_resolv: str = "/etc/resolv.conf") -> str:
+def resolv_conf(
+    namespace: str,
+    cluster_dns: str,
+    domain: str,
+    dns_policy: str = "ClusterFirst",
+    host_resolv: str = "/etc/resolv.conf",
+) -> str:
     if dns_policy == "Default":
         try:
             with open(host_resolv) as f:
@@ -96,18 +100,25 @@ def resolv_conf(namespace: str, cluster_dns: str, domain: str, dns_policy: str =
             return ""
     if dns_policy == "None":
         return ""
-    return (f"nameserver {cluster_dns}\n"
-            f"search {namespace}.svc.{domain} svc.{domain} {domain}\n"
-            "options ndots:5\n")
+    return (
+        f"nameserver {cluster_dns}\n"
+        f"search {namespace}.svc.{domain} svc.{domain} {domain}\n"
+        "options ndots:5\n"
+    )
 
 
-def etc_hosts(pod_ip: str | None, hostname: str, subdomain: str | None, namespace: str,
-              domain: str) -> str:
-    lines = ["# Kubernetes-managed hosts file (written by corral).",
-             "127.0.0.1\tlocalhost",
-             "::1\tlocalhost ip6-localhost ip6-loopback",
-             "fe00::0\tip6-localnet", "fe00::0\tip6-mcastprefix",
-             "fe00::1\tip6-allnodes", "fe00::2\tip6-allrouters"]
+def etc_hosts(
+    pod_ip: str | None, hostname: str, subdomain: str | None, namespace: str, domain: str
+) -> str:
+    lines = [
+        "# Kubernetes-managed hosts file (written by corral).",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "fe00::0\tip6-localnet",
+        "fe00::0\tip6-mcastprefix",
+        "fe00::1\tip6-allnodes",
+        "fe00::2\tip6-allrouters",
+    ]
     if pod_ip:
         if subdomain:
             lines.append(f"{pod_ip}\t{hostname}.{subdomain}.{namespace}.svc.{domain}\t{hostname}")

@@ -37,15 +37,17 @@ def check(rc: int, what: str) -> None:
 
 def mount(src, target, fstype, flags, data=None) -> None:  # type: ignore[no-untyped-def]
     def enc(s):
-        return (s.encode() if s is not None else None)
-    check(libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)),
-          f"mount {src} on {target}")
+        return s.encode() if s is not None else None
+
+    check(
+        libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {src} on {target}"
+    )
 
 
 def start_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
-    return int(data[data.rindex(b")") + 2:].split()[19])
+    return int(data[data.rindex(b")") + 2 :].split()[19])
 
 
 def write_record(path: str, doc: dict) -> None:
@@ -134,12 +136,25 @@ def main() -> int:
         except ProcessLookupError:
             pass
 
-    for s in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT,
-              _signal.SIGUSR1, _signal.SIGUSR2):
+    for s in (
+        _signal.SIGTERM,
+        _signal.SIGINT,
+        _signal.SIGHUP,
+        _signal.SIGQUIT,
+        _signal.SIGUSR1,
+        _signal.SIGUSR2,
+    ):
         _signal.signal(s, forward)
     try:
-        write_record(spec["pid_file"], {"shim": os.getpid(), "init": pid,
-                                        "initStarted": start_ticks(pid), "startedAt": started})
+        write_record(
+            spec["pid_file"],
+            {
+                "shim": os.getpid(),
+                "init": pid,
+                "initStarted": start_ticks(pid),
+                "startedAt": started,
+            },
+        )
     except OSError as e:
         sys.stderr.write(f"corral: cannot record the container's PID: {e}\n")
     _, status = os.waitpid(pid, 0)
@@ -148,8 +163,10 @@ def main() -> int:
         code = 128 + sig
     else:
         sig, code = 0, os.WEXITSTATUS(status)
-    write_record(spec["status_file"], {"exitCode": code, "signal": sig, "startedAt": started,
-                                       "finishedAt": time.time()})
+    write_record(
+        spec["status_file"],
+        {"exitCode": code, "signal": sig, "startedAt": started, "finishedAt": time.time()},
+    )
     return code
 
 

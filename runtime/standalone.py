@@ -51,12 +51,23 @@ async def main(args: argparse.Namespace) -> int:
                 logging.getLogger("corral.runtime").warning("waiting for etcd: %s", e)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-    paths = NodePaths(run_dir=args.run_dir, cni_conf_dir=args.cni_conf_dir,
-                      cni_bin_dir=args.cni_bin_dir, cni_cache_dir=args.cni_cache_dir,
-                      netns_dir=args.netns_dir, state_dir=args.state_dir)
-    ctx = NodeContext(node_name=args.node, store=store, paths=paths, underlay_ip=args.host_ip,
-                      cluster_dns=args.cluster_dns, cluster_domain=args.cluster_domain,
-                      options={"restart_backoff": args.restart_backoff})
+    paths = NodePaths(
+        run_dir=args.run_dir,
+        cni_conf_dir=args.cni_conf_dir,
+        cni_bin_dir=args.cni_bin_dir,
+        cni_cache_dir=args.cni_cache_dir,
+        netns_dir=args.netns_dir,
+        state_dir=args.state_dir,
+    )
+    ctx = NodeContext(
+        node_name=args.node,
+        store=store,
+        paths=paths,
+        underlay_ip=args.host_ip,
+        cluster_dns=args.cluster_dns,
+        cluster_domain=args.cluster_domain,
+        options={"restart_backoff": args.restart_backoff},
+    )
     rt = PodRuntime(ctx)
     await rt.start()
     stop = asyncio.Event()

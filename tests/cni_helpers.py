@@ -65,10 +65,21 @@ def build_libcni_client() -> str:
     if not binary.exists():
         out_dir.mkdir(exist_ok=True)
         tmp = out_dir / f".build-{os.getpid()}"
-        env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode",
-                   GOCACHE=str(out_dir / "gocache"), GOFLAGS="")
-        subprocess.run(["go", "build", "-o", str(tmp), "."], cwd=CLIENT_SRC, env=env,
-                       check=True, capture_output=True, timeout=300)
+        env = dict(
+            os.environ,
+            GO111MODULE="off",
+            GOPATH="/usr/share/gocode",
+            GOCACHE=str(out_dir / "gocache"),
+            GOFLAGS="",
+        )
+        subprocess.run(
+            ["go", "build", "-o", str(tmp), "."],
+            cwd=CLIENT_SRC,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         os.replace(tmp, binary)
     return str(binary)
 
@@ -97,10 +108,27 @@ class CNINode:
 
     def start(self) -> None:
         log = open(self.tmp / "daemon.log", "ab")  # noqa: SIM115 - owned by the process
-        argv = [sys.executable, "-m", "corral.cni.server", "--etcd", self.etcd_url,
-                "--node", self.name, "--run-dir", str(self.run_dir),
-                "--conf-dir", str(self.conf_dir), "--bin-dir", str(self.bin_dir),
-                "--cache-dir", str(self.cache_dir), "--netns", self.name, "--shim", self.shim]
+        argv = [
+            sys.executable,
+            "-m",
+            "corral.cni.server",
+            "--etcd",
+            self.etcd_url,
+            "--node",
+            self.name,
+            "--run-dir",
+            str(self.run_dir),
+            "--conf-dir",
+            str(self.conf_dir),
+            "--bin-dir",
+            str(self.bin_dir),
+            "--cache-dir",
+            str(self.cache_dir),
+            "--netns",
+            self.name,
+            "--shim",
+            self.shim,
+        ]
         if os.environ.get("CORRAL_CNI_DEBUG"):  # per-call timings in daemon.log
             argv.append("-v")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
@@ -113,6 +141,7 @@ class CNINode:
 
     def _answers(self) -> bool:
         import socket
+
         s = socket.socket(socket.AF_UNIX)
         try:
             s.connect(self.socket)
@@ -141,10 +170,16 @@ class CNINode:
         except OSError:
             return ""
 
-    def write_subnet(self, subnet: str = "10.244.1.0/24", mtu: int = 1450,
-                     ip_masq: bool = True) -> None:
-        data = {"network": "10.244.0.0/16", "subnet": subnet, "mtu": mtu,
-                "ipMasq": ip_masq, "node": self.name}
+    def write_subnet(
+        self, subnet: str = "10.244.1.0/24", mtu: int = 1450, ip_masq: bool = True
+    ) -> None:
+        data = {
+            "network": "10.244.0.0/16",
+            "subnet": subnet,
+            "mtu": mtu,
+            "ipMasq": ip_masq,
+            "node": self.name,
+        }
         tmp = self.run_dir / ".subnet.json"
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.run_dir / "subnet.json")
@@ -160,43 +195,95 @@ class CNINode:
     def cni_path(self) -> str:
         return f"{self.bin_dir}:{REF_PLUGINS}"
 
-    def libcni(self, cmd: str, cid: str, pod: str, ifname: str = "eth0",
-               conf_dir: Path | None = None, net: str = "corral",
-               env: dict[str, str] | None = None, timeout: float = 120
-               ) -> tuple[int, Any]:
+    def libcni(
+        self,
+        cmd: str,
+        cid: str,
+        pod: str,
+        ifname: str = "eth0",
+        conf_dir: Path | None = None,
+        net: str = "corral",
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> tuple[int, Any]:
         """Run the libcni client in the node: (exit code, parsed stdout or None)."""
-        argv = [self.client, cmd, str(conf_dir or self.conf_dir), net, cid, pod, ifname,
-                str(self.cache_dir)]
+        argv = [
+            self.client,
+            cmd,
+            str(conf_dir or self.conf_dir),
+            net,
+            cid,
+            pod,
+            ifname,
+            str(self.cache_dir),
+        ]
         e = dict(os.environ, CNI_PATH=self.cni_path(), **(env or {}))
-        r = subprocess.run(netns.command(self.name, argv), capture_output=True, text=True,
-                           env=e, timeout=timeout, check=False)
+        r = subprocess.run(
+            netns.command(self.name, argv),
+            capture_output=True,
+            text=True,
+            env=e,
+            timeout=timeout,
+            check=False,
+        )
         return r.returncode, _parse(r.stdout)
 
-    async def alibcni(self, cmd: str, cid: str, pod: str, ifname: str = "eth0",
-                      timeout: float = 300) -> tuple[int, Any]:
+    async def alibcni(
+        self, cmd: str, cid: str, pod: str, ifname: str = "eth0", timeout: float = 300
+    ) -> tuple[int, Any]:
         """libcni() without blocking the event loop, for many calls at once."""
-        argv = [self.client, cmd, str(self.conf_dir), "corral", cid, pod, ifname,
-                str(self.cache_dir)]
+        argv = [
+            self.client,
+            cmd,
+            str(self.conf_dir),
+            "corral",
+            cid,
+            pod,
+            ifname,
+            str(self.cache_dir),
+        ]
         p = await asyncio.create_subprocess_exec(
-            *netns.command(self.name, argv), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=dict(os.environ, CNI_PATH=self.cni_path()))
+            *netns.command(self.name, argv),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ, CNI_PATH=self.cni_path()),
+        )
         out, _ = await asyncio.wait_for(p.communicate(), timeout)
         return p.returncode or 0, _parse(out.decode())
 
-    def plugin(self, plugin: str, command: str, conf: dict[str, Any] | str | None,
-               cid: str = "", pod: str = "", ifname: str = "eth0",
-               env: dict[str, str] | None = None, bin_dir: str | None = None
-               ) -> tuple[int, Any]:
+    def plugin(
+        self,
+        plugin: str,
+        command: str,
+        conf: dict[str, Any] | str | None,
+        cid: str = "",
+        pod: str = "",
+        ifname: str = "eth0",
+        env: dict[str, str] | None = None,
+        bin_dir: str | None = None,
+    ) -> tuple[int, Any]:
         """Exec a plugin binary directly, the way libcni does: (exit code, parsed stdout)."""
-        e = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
-             "CNI_CONTAINERID": cid, "CNI_NETNS": pod, "CNI_IFNAME": ifname,
-             "CNI_PATH": self.cni_path()}
+        e = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": cid,
+            "CNI_NETNS": pod,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": self.cni_path(),
+        }
         e.update(env or {})
         e = {k: v for k, v in e.items() if v is not None}
         stdin = conf if isinstance(conf, str) else json.dumps(conf or {})
         exe = os.path.join(bin_dir or str(self.bin_dir), plugin)
-        r = subprocess.run(netns.command(self.name, [exe]), input=stdin, capture_output=True,
-                           text=True, env=e, timeout=120, check=False)
+        r = subprocess.run(
+            netns.command(self.name, [exe]),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=e,
+            timeout=120,
+            check=False,
+        )
         return r.returncode, _parse(r.stdout)
 
     def conflist(self) -> dict[str, Any]:
@@ -222,9 +309,12 @@ class CNINode:
                 addrs.setdefault(a["index"], []).append(f"{a.get('address')}/{a['prefixlen']}")
             for link in ipr.get_links():
                 out[link.get("ifname")] = {
-                    "index": link["index"], "master": link.get("master"),
-                    "mtu": link.get("mtu"), "up": bool(link["flags"] & 1),
-                    "ifalias": link.get("ifalias"), "addrs": addrs.get(link["index"], []),
+                    "index": link["index"],
+                    "master": link.get("master"),
+                    "mtu": link.get("mtu"),
+                    "up": bool(link["flags"] & 1),
+                    "ifalias": link.get("ifalias"),
+                    "addrs": addrs.get(link["index"], []),
                     "kind": link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND"),
                 }
         return out
@@ -232,16 +322,24 @@ class CNINode:
     def default_gateways(self, pod: str) -> list[str]:
         def read() -> list[str]:
             with netns.ipr(pod) as ipr:
-                return [r.get("gateway") for r in ipr.get_routes(family=2, table=254)
-                        if r["dst_len"] == 0]
+                return [
+                    r.get("gateway")
+                    for r in ipr.get_routes(family=2, table=254)
+                    if r["dst_len"] == 0
+                ]
+
         return in_thread(read)
 
     def hairpin(self) -> dict[int, int]:
         """Bridge port ifindex -> IFLA_BRPORT_MODE (1 = hairpin) in the node."""
+
         def read() -> dict[int, int]:
             with netns.ipr(self.name) as ipr:
-                return {p["index"]: p.get_nested("IFLA_PROTINFO", "IFLA_BRPORT_MODE")
-                        for p in ipr.brport("dump")}
+                return {
+                    p["index"]: p.get_nested("IFLA_PROTINFO", "IFLA_BRPORT_MODE")
+                    for p in ipr.brport("dump")
+                }
+
         return in_thread(read)
 
     def remove_pod(self, pod: str) -> None:
@@ -280,8 +378,7 @@ def _running_node(etcd: Any, client: str, shim: str) -> Iterator[CNINode]:
 
 
 @pytest.fixture
-def cni_node(request: pytest.FixtureRequest, etcd: Any,
-             libcni_client: str) -> Iterator[CNINode]:
+def cni_node(request: pytest.FixtureRequest, etcd: Any, libcni_client: str) -> Iterator[CNINode]:
     """A node with the CNI daemon running and a subnet lease (10.244.1.0/24, MTU 1450).
 
     Parametrize indirectly with "python" or "native" to choose the installed shim.

@@ -16,6 +16,7 @@ def etcd_do(url: str, fn: Callable[[Store], Awaitable[Any]]) -> Any:
     async def go() -> Any:
         async with Store(url) as s:
             return await fn(s)
+
     return asyncio.run(go())
 
 
@@ -42,15 +43,23 @@ while True:
         time.sleep(0.1)
 """
 
-CLIENT = CONNECT + """
+CLIENT = (
+    CONNECT
+    + """
 print(c.recv(100).decode())
 """
+)
 
 
-def peer_seen_by_server(tb: Testbed, server_ns: str, server_ip: str, client_ns: str,
-                        port: int) -> str:
-    srv = tb.popen(server_ns, [sys.executable, "-c", SERVER, str(port)],
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def peer_seen_by_server(
+    tb: Testbed, server_ns: str, server_ip: str, client_ns: str, port: int
+) -> str:
+    srv = tb.popen(
+        server_ns,
+        [sys.executable, "-c", SERVER, str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         out = tb.run(client_ns, [sys.executable, "-c", CLIENT, server_ip, str(port)])
         return out.stdout.strip()

@@ -63,12 +63,29 @@ class Node:
 
     def start_runtime(self) -> None:
         assert self.relay is not None
-        argv = [*netns.command(self.ns, [sys.executable, "-m", "corral.runtime.standalone"]),
-                "--node", self.name, "--etcd", self.etcd_url,
-                "--netns-dir", self.netns_dir, "--state-dir", self.state_dir,
-                "--cni-conf-dir", os.path.join(self.tmp, "net.d"), "--cni-bin-dir", REF_BIN,
-                "--cni-cache-dir", self.cache_dir, "--run-dir", os.path.join(self.tmp, "run"),
-                "--host-ip", "10.250.0.1", "--restart-backoff", str(self.restart_backoff)]
+        argv = [
+            *netns.command(self.ns, [sys.executable, "-m", "corral.runtime.standalone"]),
+            "--node",
+            self.name,
+            "--etcd",
+            self.etcd_url,
+            "--netns-dir",
+            self.netns_dir,
+            "--state-dir",
+            self.state_dir,
+            "--cni-conf-dir",
+            os.path.join(self.tmp, "net.d"),
+            "--cni-bin-dir",
+            REF_BIN,
+            "--cni-cache-dir",
+            self.cache_dir,
+            "--run-dir",
+            os.path.join(self.tmp, "run"),
+            "--host-ip",
+            "10.250.0.1",
+            "--restart-backoff",
+            str(self.restart_backoff),
+        ]
         self.log = os.path.join(self.tmp, "runtime.log")
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=out)
@@ -97,16 +114,24 @@ class Node:
         self.proc = None
 
     def pod(self, name: str, containers: list[dict[str, Any]], **spec: Any) -> Pod:
-        return Pod.model_validate({
-            "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
-            "spec": {"nodeName": self.name, "terminationGracePeriodSeconds": 2,
-                     "containers": containers, **spec}})
+        return Pod.model_validate(
+            {
+                "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
+                "spec": {
+                    "nodeName": self.name,
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": containers,
+                    **spec,
+                },
+            }
+        )
 
     async def create(self, pod: Pod) -> Pod:
         return await self.store.create(pod)
 
-    async def wait_pod(self, name: str, pred: Callable[[Pod | None], bool], what: str,
-                       timeout: float = 90) -> Pod | None:
+    async def wait_pod(
+        self, name: str, pred: Callable[[Pod | None], bool], what: str, timeout: float = 90
+    ) -> Pod | None:
         deadline = time.monotonic() + timeout
         p = None
         while time.monotonic() < deadline:
@@ -117,16 +142,20 @@ class Node:
                 raise AssertionError(f"runtime exited; log:\n{self.runtime_log()}")
             await asyncio.sleep(0.1)
         status = p.status.model_dump_json(indent=1) if p else "pod gone"
-        raise AssertionError(f"timed out waiting for {name}: {what}\n{status}\n"
-                             f"{self.runtime_log()}")
+        raise AssertionError(
+            f"timed out waiting for {name}: {what}\n{status}\n{self.runtime_log()}"
+        )
 
     async def delete(self, name: str, grace: int | None = None) -> None:
         """What `corral delete` does: mark the pod for deletion; the runtime finishes it."""
+
         def mark(p: Pod) -> Pod:
             p.metadata.deletion_timestamp = now_iso()
             p.metadata.deletion_grace_period_seconds = (
-                grace if grace is not None else p.spec.termination_grace_period_seconds)
+                grace if grace is not None else p.spec.termination_grace_period_seconds
+            )
             return p
+
         await self.store.modify(Pod, name, "default", mark)
 
     def runtime_log(self, whole: bool = False) -> str:
@@ -152,8 +181,12 @@ def container_pids(p: Pod) -> dict[str, int]:
 def pod_exec(p: Pod, argv: list[str], container: str | None = None) -> str:
     pids = container_pids(p)
     pid = pids[container or next(iter(pids))]
-    r = subprocess.run(["nsenter", "-t", str(pid), "-n", "-m", "-u", "-i", "-p", "-r", "-w",
-                        "--", *argv], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["nsenter", "-t", str(pid), "-n", "-m", "-u", "-i", "-p", "-r", "-w", "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -173,6 +206,7 @@ def _sweep(n: Node) -> None:
     cg.remove_node_dirs(n.name)
     if os.path.isdir(n.netns_dir):
         from corral.runtime.sandbox import remove_netns
+
         for f in os.listdir(n.netns_dir):
             remove_netns(os.path.join(n.netns_dir, f))
     if n.relay is not None:
@@ -202,28 +236,59 @@ def leftovers(n: Node, uid: str) -> list[str]:
     return out
 
 
-
-
-async def make_node(etcd_url: str, etcd_port: int, store: Store, prefix: str = "rt",
-                    restart_backoff: float = 0.2) -> Node:
+async def make_node(
+    etcd_url: str, etcd_port: int, store: Store, prefix: str = "rt", restart_backoff: float = 0.2
+) -> Node:
     """A node namespace with the runtime running in it; `destroy_node` removes all of it."""
     tag = secrets.token_hex(3)
     tmp = tempfile.mkdtemp(prefix=f"corral-{prefix}-")
     subnet = f"10.244.{int(tag[:2], 16) % 200 + 20}.0/24"
-    n = Node(name=f"{prefix}-{tag}", ns=f"c{prefix}-{tag}", tmp=tmp, subnet=subnet,
-             store=store, etcd_url=etcd_url, restart_backoff=restart_backoff)
+    n = Node(
+        name=f"{prefix}-{tag}",
+        ns=f"c{prefix}-{tag}",
+        tmp=tmp,
+        subnet=subnet,
+        store=store,
+        etcd_url=etcd_url,
+        restart_backoff=restart_backoff,
+    )
     try:
         await asyncio.to_thread(_add_node_ns, n.ns)
         # etcd listens on the host's loopback: make the same URL work inside the node.
-        n.relay = subprocess.Popen([sys.executable, "-m", "corral.cluster.relay", "--netns",
-                                    n.ns, "--target", f"127.0.0.1:{etcd_port}"])
+        n.relay = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "corral.cluster.relay",
+                "--netns",
+                n.ns,
+                "--target",
+                f"127.0.0.1:{etcd_port}",
+            ]
+        )
         os.makedirs(os.path.join(tmp, "net.d"))
         with open(os.path.join(tmp, "net.d", "10-ref.conflist"), "w") as f:
-            json.dump({"cniVersion": "1.0.0", "name": "refnet", "plugins": [
-                {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                          "dataDir": n.data_dir}},
-                {"type": "loopback"}]}, f)
+            json.dump(
+                {
+                    "cniVersion": "1.0.0",
+                    "name": "refnet",
+                    "plugins": [
+                        {
+                            "type": "bridge",
+                            "bridge": "cni0",
+                            "isGateway": True,
+                            "ipMasq": False,
+                            "ipam": {
+                                "type": "host-local",
+                                "ranges": [[{"subnet": subnet}]],
+                                "dataDir": n.data_dir,
+                            },
+                        },
+                        {"type": "loopback"},
+                    ],
+                },
+                f,
+            )
         n.start_runtime()
         await n.wait_runtime_ready()
     except BaseException:

@@ -42,8 +42,14 @@ def corral(etcd, store, tmp_path: Path):
     env = dict(os.environ, CORRAL_ETCD=etcd.url, CORRAL_STATE_DIR=str(tmp_path / "state"))
 
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "corral", *args], env=env, input=stdin,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     return run
 
@@ -56,8 +62,7 @@ def test_apply_get_delete_roundtrip(corral, tmp_path: Path) -> None:
     assert r.stdout.splitlines() == ["service/web created", "replicationcontroller/web created"]
 
     r = corral("apply", "-f", str(f))
-    assert r.stdout.splitlines() == ["service/web unchanged",
-                                     "replicationcontroller/web unchanged"]
+    assert r.stdout.splitlines() == ["service/web unchanged", "replicationcontroller/web unchanged"]
 
     r = corral("get", "services")
     assert r.returncode == 0
@@ -100,14 +105,17 @@ def test_apply_from_stdin_and_namespace_flag(corral) -> None:
 def test_bad_manifest_applies_nothing(corral, tmp_path: Path) -> None:
     f = tmp_path / "mixed.yaml"
     # The first document is fine; the second is not: neither may be stored.
-    f.write_text(APP + textwrap.dedent("""
+    f.write_text(
+        APP
+        + textwrap.dedent("""
         ---
         apiVersion: v1
         kind: Pod
         metadata: {name: broken}
         spec:
           containers: [{name: c, resources: {limits: {memory: plenty}}}]
-        """))
+        """)
+    )
     r = corral("apply", "-f", str(f))
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
@@ -115,13 +123,16 @@ def test_bad_manifest_applies_nothing(corral, tmp_path: Path) -> None:
     assert corral("get", "svc").stderr.startswith("No resources found")
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["get", "widgets"], "unknown resource type 'widgets'"),
-    (["get", "pods", "-o", "xml"], "invalid choice: 'xml'"),
-    (["apply", "-f", "/nonexistent/app.yaml"], "cannot read /nonexistent/app.yaml"),
-    (["delete", "pod"], "delete needs KIND and at least one NAME"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["get", "widgets"], "unknown resource type 'widgets'"),
+        (["get", "pods", "-o", "xml"], "invalid choice: 'xml'"),
+        (["apply", "-f", "/nonexistent/app.yaml"], "cannot read /nonexistent/app.yaml"),
+        (["delete", "pod"], "delete needs KIND and at least one NAME"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_user_mistakes_get_a_clear_error(corral, args: list[str], words: str) -> None:
     r = corral(*args)
     assert r.returncode != 0
@@ -130,10 +141,16 @@ def test_user_mistakes_get_a_clear_error(corral, args: list[str], words: str) ->
 
 
 def test_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
-    env = dict(os.environ, CORRAL_ETCD="http://127.0.0.1:1",
-               CORRAL_STATE_DIR=str(tmp_path / "state"))
-    r = subprocess.run([sys.executable, "-m", "corral", "get", "pods"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    env = dict(
+        os.environ, CORRAL_ETCD="http://127.0.0.1:1", CORRAL_STATE_DIR=str(tmp_path / "state")
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "get", "pods"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert "cannot reach etcd at http://127.0.0.1:1" in r.stderr
     assert "corral up" in r.stderr and "Traceback" not in r.stderr
@@ -142,15 +159,18 @@ def test_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
 def test_network_config_apply_is_checked_against_the_cluster(corral, tmp_path: Path) -> None:
     """A config whose range holds a node's own address is refused; nothing is written."""
     node = tmp_path / "node.yaml"
-    node.write_text(textwrap.dedent("""
+    node.write_text(
+        textwrap.dedent("""
         apiVersion: v1
         kind: Node
         metadata: {name: n1}
         status: {addresses: [{type: InternalIP, address: 10.60.0.5}]}
-        """))
+        """)
+    )
     assert corral("apply", "-f", str(node)).returncode == 0
     net = tmp_path / "net.yaml"
-    net.write_text(textwrap.dedent("""
+    net.write_text(
+        textwrap.dedent("""
         apiVersion: corral.dev/v1
         kind: NetworkConfig
         metadata: {name: cluster}
@@ -160,7 +180,8 @@ def test_network_config_apply_is_checked_against_the_cluster(corral, tmp_path: P
         kind: Service
         metadata: {name: alongside}
         spec: {ports: [{port: 80}]}
-        """))
+        """)
+    )
     r = corral("apply", "-f", str(net))
     assert r.returncode == 1, r.stdout
     assert "10.60.0.5" in r.stderr and "nothing was applied" in r.stderr
@@ -172,8 +193,10 @@ async def test_reapply_keeps_the_allocated_cluster_ip(corral, tmp_path: Path, st
     from corral.api.objects import Service
 
     f = tmp_path / "svc.yaml"
-    f.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
-                 "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80}]}\n")
+    f.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
+        "spec: {type: NodePort, selector: {app: web}, ports: [{port: 80}]}\n"
+    )
     assert corral("apply", "-f", str(f)).returncode == 0
 
     def give(s: Service) -> Service:  # what the service IP allocator does
@@ -195,14 +218,16 @@ async def test_reapply_keeps_the_allocated_cluster_ip(corral, tmp_path: Path, st
 def test_get_label_selector_forms(corral, tmp_path: Path) -> None:
     """`-l` takes kubectl's forms: k=v, k!=v (absent keys match) and a bare key (exists)."""
     f = tmp_path / "nodes.yaml"
-    f.write_text(textwrap.dedent("""
+    f.write_text(
+        textwrap.dedent("""
         apiVersion: v1
         kind: List
         items:
         - {apiVersion: v1, kind: Node, metadata: {name: a, labels: {disk: ssd, zone: x}}}
         - {apiVersion: v1, kind: Node, metadata: {name: b, labels: {disk: hdd}}}
         - {apiVersion: v1, kind: Node, metadata: {name: c}}
-        """))
+        """)
+    )
     assert corral("apply", "-f", str(f)).returncode == 0
 
     def names(sel: str) -> list[str]:

@@ -41,9 +41,14 @@ class Corral:
         self.root = root
 
     def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "corral", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     def state(self, name: str) -> ClusterState:
         s = load(str(self.root / name))
@@ -105,8 +110,7 @@ def _nodes_in_etcd(url: str) -> dict[str, Node]:
 
 def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     cidr = unused_underlay_cidr()
-    r = corral("up", "--name", cluster_name, "--nodes", "3", "--underlay-cidr", cidr,
-               "--wait", "0")
+    r = corral("up", "--name", cluster_name, "--nodes", "3", "--underlay-cidr", cidr, "--wait", "0")
     assert r.returncode == 0, r.stderr
     assert "✓ etcd http://127.0.0.1:" in r.stderr
     assert "corral get nodes" in r.stdout
@@ -124,8 +128,16 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
         for peer in [*(m.ip for m in s.nodes if m is not n), s.host_ip]:
             p = _node_run(corral, cluster_name, n.name, "ping", "-c1", "-W5", peer)
             assert p.returncode == 0, f"{n.name} -> {peer}: {p.stdout}{p.stderr}"
-        h = _node_run(corral, cluster_name, n.name, "curl", "-sS", "--max-time", "10",
-                      f"http://{s.host_ip}:{port}/health")
+        h = _node_run(
+            corral,
+            cluster_name,
+            n.name,
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            f"http://{s.host_ip}:{port}/health",
+        )
         assert '"health":"true"' in h.stdout.replace(" ", ""), h.stdout + h.stderr
 
     # node-exec lands in the node's own mounts: its eth0 and its CNI plugins.
@@ -159,8 +171,9 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     assert st.returncode == 1 and "no local cluster" in st.stderr
 
 
-def test_up_twice_converges_and_recreates_what_is_missing(corral: Corral,
-                                                          cluster_name: str) -> None:
+def test_up_twice_converges_and_recreates_what_is_missing(
+    corral: Corral, cluster_name: str
+) -> None:
     cidr = unused_underlay_cidr()
     s1 = _up(corral, cluster_name, "--nodes", "2", "--underlay-cidr", cidr)
     s2 = _up(corral, cluster_name)  # same cluster, no options: nothing changes
@@ -220,8 +233,9 @@ def test_down_after_a_crash(corral: Corral, cluster_name: str) -> None:
     _assert_gone(corral, s2)
 
 
-def test_down_without_any_state_finds_namespaces_and_processes(corral: Corral,
-                                                              cluster_name: str) -> None:
+def test_down_without_any_state_finds_namespaces_and_processes(
+    corral: Corral, cluster_name: str
+) -> None:
     s = _up(corral, cluster_name, "--nodes", "1", "--underlay-cidr", unused_underlay_cidr())
     os.unlink(s.path)
     r = corral("down", "--name", cluster_name)
@@ -230,8 +244,19 @@ def test_down_without_any_state_finds_namespaces_and_processes(corral: Corral,
 
     # A cluster made with --state-dir, removed without it: its etcd is still found.
     other = os.path.join(str(corral.root), "elsewhere")
-    r = corral("up", "--name", cluster_name, "--nodes", "1", "--wait", "0",
-               "--state-dir", other, "--underlay-cidr", unused_underlay_cidr())
+    r = corral(
+        "up",
+        "--name",
+        cluster_name,
+        "--nodes",
+        "1",
+        "--wait",
+        "0",
+        "--state-dir",
+        other,
+        "--underlay-cidr",
+        unused_underlay_cidr(),
+    )
     assert r.returncode == 0, r.stderr
     s = corral.state("elsewhere")
     r = corral("down", "--name", cluster_name)
@@ -242,15 +267,23 @@ def test_down_without_any_state_finds_namespaces_and_processes(corral: Corral,
     _assert_gone(corral, s)
 
 
-def test_external_etcd_is_relayed_into_the_nodes(corral: Corral, cluster_name: str,
-                                                 etcd) -> None:  # type: ignore[no-untyped-def]
-    s = _up(corral, cluster_name, "--nodes", "2", "--etcd", etcd.url,
-            "--underlay-cidr", unused_underlay_cidr())
+def test_external_etcd_is_relayed_into_the_nodes(corral: Corral, cluster_name: str, etcd) -> None:  # type: ignore[no-untyped-def]
+    s = _up(
+        corral,
+        cluster_name,
+        "--nodes",
+        "2",
+        "--etcd",
+        etcd.url,
+        "--underlay-cidr",
+        unused_underlay_cidr(),
+    )
     assert s.etcd_external and s.etcd is None and s.etcd_urls == [etcd.url]
     assert not os.path.exists(s.etcd_dir)
     for n in s.nodes:  # the host's loopback URL works unchanged inside every node
-        h = _node_run(corral, cluster_name, n.name, "curl", "-sS", "--max-time", "10",
-                      f"{etcd.url}/health")
+        h = _node_run(
+            corral, cluster_name, n.name, "curl", "-sS", "--max-time", "10", f"{etcd.url}/health"
+        )
         assert '"health":"true"' in h.stdout.replace(" ", ""), h.stdout + h.stderr
     assert {n.name for n in s.nodes} <= set(_nodes_in_etcd(etcd.url))
     assert "relay into the nodes ok" in corral("status", "--name", cluster_name).stdout
@@ -260,8 +293,16 @@ def test_external_etcd_is_relayed_into_the_nodes(corral: Corral, cluster_name: s
     assert etcd.record is not None and etcd.record.alive()  # not ours to stop
 
     # The relay is found and stopped even when the state file is lost.
-    s = _up(corral, cluster_name, "--nodes", "1", "--etcd", etcd.url,
-            "--underlay-cidr", unused_underlay_cidr())
+    s = _up(
+        corral,
+        cluster_name,
+        "--nodes",
+        "1",
+        "--etcd",
+        etcd.url,
+        "--underlay-cidr",
+        unused_underlay_cidr(),
+    )
     assert s.relay is not None and s.relay.alive()
     os.unlink(s.path)
     assert corral("down", "--name", cluster_name).returncode == 0
@@ -274,22 +315,26 @@ async def _delete_node(url: str, name: str) -> None:
         await store.delete(Node, name)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--nodes", "0"], "1 to 50 nodes"),
-    (["--nodes", "51"], "1 to 50 nodes"),
-    (["--underlay-cidr", "10.250.0.0/33"], "not a CIDR"),
-    (["--underlay-cidr", "banana"], "not a CIDR"),
-    (["--underlay-cidr", "10.250.0.1/24"], "host bits set"),
-    (["--underlay-cidr", "10.244.8.0/24"], "cluster (pod) CIDR"),
-    (["--underlay-cidr", "10.100.0.0/16"], "service CIDR"),
-    (["--underlay-cidr", "HOST"], "overlaps the host's network"),
-    (["--underlay-cidr", "10.250.0.0/30"], "too small"),
-    (["--etcd", "ftp://x"], "--etcd"),
-    (["--name", "a-name-much-too-long"], "at most 12"),
-    (["--name", "Bad_Name"], "not valid"),
-])
-def test_bad_input_is_refused_and_nothing_is_made(corral: Corral, cluster_name: str,
-                                                  args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", "0"], "1 to 50 nodes"),
+        (["--nodes", "51"], "1 to 50 nodes"),
+        (["--underlay-cidr", "10.250.0.0/33"], "not a CIDR"),
+        (["--underlay-cidr", "banana"], "not a CIDR"),
+        (["--underlay-cidr", "10.250.0.1/24"], "host bits set"),
+        (["--underlay-cidr", "10.244.8.0/24"], "cluster (pod) CIDR"),
+        (["--underlay-cidr", "10.100.0.0/16"], "service CIDR"),
+        (["--underlay-cidr", "HOST"], "overlaps the host's network"),
+        (["--underlay-cidr", "10.250.0.0/30"], "too small"),
+        (["--etcd", "ftp://x"], "--etcd"),
+        (["--name", "a-name-much-too-long"], "at most 12"),
+        (["--name", "Bad_Name"], "not valid"),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_made(
+    corral: Corral, cluster_name: str, args: list[str], message: str
+) -> None:
     host_net = next(str(n) for i, n in underlay.host_networks() if not n.is_loopback)
     args = [host_net if a == "HOST" else a for a in args]
     if "--name" not in args:
@@ -317,7 +362,6 @@ def test_non_root_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         local.up(local.UpOptions(name="x"))
 
 
-
 def test_down_stops_the_pods_of_its_nodes(corral: Corral, cluster_name: str) -> None:
     """Pods have their own network and mount namespaces; down still finds and stops them."""
     from corral.api.objects import Container, ObjectMeta, Pod, PodSpec
@@ -330,14 +374,21 @@ def test_down_stops_the_pods_of_its_nodes(corral: Corral, cluster_name: str) -> 
 
     async def create() -> None:
         async with Store(s.etcd_urls) as store:
-            await store.create(Pod(metadata=ObjectMeta(name="sleeper"), spec=PodSpec(
-                node_name=node, containers=[Container(name="c", command=["sleep", "600"])])))
+            await store.create(
+                Pod(
+                    metadata=ObjectMeta(name="sleeper"),
+                    spec=PodSpec(
+                        node_name=node, containers=[Container(name="c", command=["sleep", "600"])]
+                    ),
+                )
+            )
 
     asyncio.run(create())
     deadline = time.monotonic() + 90
     while not nodes.pod_cgroup_uids(node):
-        assert time.monotonic() < deadline, "the pod never started:\n" + Path(
-            s.logs_dir, f"node-{node}.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, (
+            "the pod never started:\n" + Path(s.logs_dir, f"node-{node}.log").read_text()[-3000:]
+        )
         time.sleep(0.2)
     uid = next(iter(nodes.pod_cgroup_uids(node)))
     procs = f"/sys/fs/cgroup/pids/corral/{node}/{uid}"

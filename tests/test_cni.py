@@ -24,8 +24,13 @@ libcni_client = cni_helpers.libcni_client
 
 def conf(**plugin: Any) -> dict[str, Any]:
     """A single-plugin config as libcni would hand it to corral-cni."""
-    return {"cniVersion": "1.0.0", "name": "corral", "type": "corral-cni",
-            "ipam": {"type": "corral-ipam"}, **plugin}
+    return {
+        "cniVersion": "1.0.0",
+        "name": "corral",
+        "type": "corral-cni",
+        "ipam": {"type": "corral-ipam"},
+        **plugin,
+    }
 
 
 async def allocations(store: Store, pool: str = POOL) -> dict[str, str]:
@@ -50,7 +55,10 @@ async def test_add_check_del_through_libcni(cni_node: CNINode, store: Store) -> 
     assert ip["address"].startswith("10.244.1.") and ip["address"].endswith("/24")
     assert ip["gateway"] == "10.244.1.1"
     assert res["interfaces"][ip["interface"]] == {
-        "name": "eth0", "mac": res["interfaces"][2]["mac"], "sandbox": pod}
+        "name": "eth0",
+        "mac": res["interfaces"][2]["mac"],
+        "sandbox": pod,
+    }
     assert {"dst": "0.0.0.0/0", "gw": "10.244.1.1"} in res["routes"]
 
     # The pod: eth0 with the address and the overlay MTU, lo up, default route.
@@ -66,8 +74,10 @@ async def test_add_check_del_through_libcni(cni_node: CNINode, store: Store) -> 
     assert nl[host]["master"] == nl["cni0"]["index"] and nl[host]["up"]
     assert node.hairpin()[nl[host]["index"]] == 1
     # The host end names the pod behind it, for the overlay's eBPF fast path.
-    assert nl[host]["ifalias"] == f"corral-pod {ip['address'].split('/')[0]} " \
-                                  f"{res['interfaces'][2]['mac']}"
+    assert (
+        nl[host]["ifalias"] == f"corral-pod {ip['address'].split('/')[0]} "
+        f"{res['interfaces'][2]['mac']}"
+    )
     # The node forwards for its pods; the host's own setting is untouched.
     assert netns.run(node.name, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == host_forwarding
@@ -129,8 +139,9 @@ async def test_result_shape_follows_cni_version(cni_node: CNINode, store: Store)
     rc, res = node.plugin("corral-cni", "ADD", conf(cniVersion="0.3.1"), cid="v031", pod=pod)
     assert rc == 0, res
     assert res["cniVersion"] == "0.3.1" and res["ips"][0]["version"] == "4"
-    rc, res = node.plugin("corral-cni", "ADD", conf(cniVersion="1.1.0"), cid="v110",
-                          pod=pod, ifname="net1")
+    rc, res = node.plugin(
+        "corral-cni", "ADD", conf(cniVersion="1.1.0"), cid="v110", pod=pod, ifname="net1"
+    )
     assert rc == 0, res
     assert res["cniVersion"] == "1.1.0" and "version" not in res["ips"][0]
     # CHECK is not part of 0.3.x.
@@ -145,12 +156,26 @@ async def test_result_shape_follows_cni_version(cni_node: CNINode, store: Store)
 async def test_config_options(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pod = node.pod()
-    c = conf(bridge="br-test", mtu=1300, hairpinMode=False, isGateway=False,
-             ipam={"type": "corral-ipam",
-                   "ranges": [[{"subnet": "10.250.7.0/24", "rangeStart": "10.250.7.100",
-                                "rangeEnd": "10.250.7.110", "gateway": "10.250.7.254"}]],
-                   "routes": [{"dst": "0.0.0.0/0"}, {"dst": "172.30.0.0/16",
-                                                       "gw": "10.250.7.253"}]})
+    c = conf(
+        bridge="br-test",
+        mtu=1300,
+        hairpinMode=False,
+        isGateway=False,
+        ipam={
+            "type": "corral-ipam",
+            "ranges": [
+                [
+                    {
+                        "subnet": "10.250.7.0/24",
+                        "rangeStart": "10.250.7.100",
+                        "rangeEnd": "10.250.7.110",
+                        "gateway": "10.250.7.254",
+                    }
+                ]
+            ],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "172.30.0.0/16", "gw": "10.250.7.253"}],
+        },
+    )
     rc, res = node.plugin("corral-cni", "ADD", c, cid="opts", pod=pod)
     assert rc == 0, res
     assert res["ips"][0]["address"] == "10.250.7.100/24"
@@ -182,8 +207,14 @@ async def test_ip_masq_rule(cni_node: CNINode) -> None:
 async def test_requested_ips(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pod = node.pod()
-    rc, res = node.plugin("corral-cni", "ADD", conf(), cid="want-a", pod=pod,
-                          env={"CNI_ARGS": "IgnoreUnknown=1;IP=10.244.1.77"})
+    rc, res = node.plugin(
+        "corral-cni",
+        "ADD",
+        conf(),
+        cid="want-a",
+        pod=pod,
+        env={"CNI_ARGS": "IgnoreUnknown=1;IP=10.244.1.77"},
+    )
     assert rc == 0, res
     assert res["ips"][0]["address"] == "10.244.1.77/24"
     c = conf(args={"cni": {"ips": ["10.244.1.78"]}})
@@ -196,11 +227,16 @@ async def test_requested_ips(cni_node: CNINode, store: Store) -> None:
     assert res["ips"][0]["address"] == "10.244.1.79/24"
     before = await allocations(store)
     # Taken, outside the range, or the gateway: a clear error and nothing changes.
-    for args, code in (("IP=10.244.1.77", 101), ("IP=10.9.9.9", 101), ("IP=10.244.1.1", 101),
-                       ("IP=not-an-ip", 4)):
+    for args, code in (
+        ("IP=10.244.1.77", 101),
+        ("IP=10.9.9.9", 101),
+        ("IP=10.244.1.1", 101),
+        ("IP=not-an-ip", 4),
+    ):
         p2 = node.pod()
-        rc, err = node.plugin("corral-cni", "ADD", conf(), cid="want-d", pod=p2,
-                              env={"CNI_ARGS": args})
+        rc, err = node.plugin(
+            "corral-cni", "ADD", conf(), cid="want-d", pod=p2, env={"CNI_ARGS": args}
+        )
         assert rc == 1 and err["code"] == code, (args, err)
         assert "eth0" not in pod_links(node, p2)
     assert await allocations(store) == before
@@ -214,16 +250,21 @@ async def test_gc_releases_all_but_valid(cni_node: CNINode, store: Store) -> Non
         rc, res = node.libcni("add", cid, pod)
         assert rc == 0, res
     assert len(await allocations(store)) == 3
-    gc = dict(node.conflist()["plugins"][0], cniVersion="1.1.0", name="corral",
-              **{"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]})
+    gc = dict(
+        node.conflist()["plugins"][0],
+        cniVersion="1.1.0",
+        name="corral",
+        **{"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]},
+    )
     rc, out = node.plugin("corral-cni", "GC", gc)
     assert rc == 0, out
     assert set((await allocations(store)).values()) == {"keep"}
     assert len(node.veths()) == 1
     assert "eth0" in pod_links(node, pods["keep"])
     # GC without the list is refused rather than taken as "nothing is valid".
-    rc, err = node.plugin("corral-ipam", "GC", {k: v for k, v in gc.items()
-                                                if k != "cni.dev/valid-attachments"})
+    rc, err = node.plugin(
+        "corral-ipam", "GC", {k: v for k, v in gc.items() if k != "cni.dev/valid-attachments"}
+    )
     assert rc == 1 and err["code"] == 7, err
     assert set((await allocations(store)).values()) == {"keep"}
     # corral-ipam on its own: GC with nothing valid frees everything.
@@ -232,8 +273,9 @@ async def test_gc_releases_all_but_valid(cni_node: CNINode, store: Store) -> Non
     assert await allocations(store) == {}
 
 
-async def test_status_and_add_wait_for_the_subnet(etcd: Any, libcni_client: str,
-                                                  store: Store) -> None:
+async def test_status_and_add_wait_for_the_subnet(
+    etcd: Any, libcni_client: str, store: Store
+) -> None:
     node = CNINode(etcd.url, libcni_client)
     try:
         node.start()
@@ -298,20 +340,25 @@ BAD = [
     ("bridge name bad", conf(bridge="x" * 20), {}, 7),
     ("wrong type", conf(type="bridge"), {}, 7),
     ("other IPAM", conf(ipam={"type": "host-local"}), {}, 2),
-    ("range not a CIDR", conf(ipam={"type": "corral-ipam", "ranges": [[{"subnet": "x"}]]}),
-     {}, 7),
-    ("range IPv6", conf(ipam={"type": "corral-ipam", "ranges": [[{"subnet": "fd00::/64"}]]}),
-     {}, 2),
+    ("range not a CIDR", conf(ipam={"type": "corral-ipam", "ranges": [[{"subnet": "x"}]]}), {}, 7),
+    (
+        "range IPv6",
+        conf(ipam={"type": "corral-ipam", "ranges": [[{"subnet": "fd00::/64"}]]}),
+        {},
+        2,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("what", "stdin", "env", "code"), BAD, ids=[b[0] for b in BAD])
-async def test_bad_input_changes_nothing(shared_cni_node: CNINode, store: Store, what: str,
-                                         stdin: Any, env: dict[str, Any], code: int) -> None:
+async def test_bad_input_changes_nothing(
+    shared_cni_node: CNINode, store: Store, what: str, stdin: Any, env: dict[str, Any], code: int
+) -> None:
     node = shared_cni_node
     pod = node.pod()
-    rc, err = node.plugin("corral-cni", "ADD", conf() if stdin is None else stdin,
-                          cid="bad-1", pod=pod, env=env)
+    rc, err = node.plugin(
+        "corral-cni", "ADD", conf() if stdin is None else stdin, cid="bad-1", pod=pod, env=env
+    )
     assert rc == 1, err
     assert err["code"] == code, err
     assert err["msg"]
@@ -344,8 +391,10 @@ async def test_repeated_add_keeps_the_granted_ip(cni_node: CNINode, store: Store
 async def test_existing_interface_changes_nothing(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pod = node.pod()
-    netns.run(os.path.basename(pod), ["ip", "link", "add", "eth0", "type", "veth",
-                                      "peer", "name", "eth0p"])
+    netns.run(
+        os.path.basename(pod),
+        ["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"],
+    )
     rc, err = node.libcni("add", "clash", pod)
     assert rc == 1 and err["code"] == 100 and "already exists" in err["msg"], err
     assert await allocations(store) == {}
@@ -371,23 +420,27 @@ async def test_bridge_deleted_under_the_daemon_is_made_again(cni_node: CNINode) 
 async def test_shim_forwards_stdin_and_env_faithfully(cni_node: CNINode) -> None:
     node = cni_node
     # No CNI_* variable at all: the daemon still gets stdin and names what is missing.
-    none = dict.fromkeys(("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME",
-                          "CNI_PATH"))
+    none = dict.fromkeys(("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"))
     rc, err = node.plugin("corral-cni", "ADD", conf(), env=none)
     assert rc == 1 and err["code"] == 4 and "CNI_COMMAND" in err["msg"], err
     # Large stdin, K8S_ args and odd bytes make it through.
     big = conf(dns={"search": ["x" * 100] * 500}, cniVersion="1.1.0")
     pod = node.pod()
-    rc, res = node.plugin("corral-cni", "ADD", big, cid="big", pod=pod,
-                          env={"CNI_ARGS": "K8S_POD_NAME=p1;K8S_POD_NAMESPACE=ns1"})
+    rc, res = node.plugin(
+        "corral-cni",
+        "ADD",
+        big,
+        cid="big",
+        pod=pod,
+        env={"CNI_ARGS": "K8S_POD_NAME=p1;K8S_POD_NAMESPACE=ns1"},
+    )
     assert rc == 0, res
     assert res["dns"]["search"] == ["x" * 100] * 500
     rc, _ = node.plugin("corral-cni", "DEL", big, cid="big", pod=pod)
     assert rc == 0
 
 
-async def test_del_releases_even_after_the_lease_is_gone(cni_node: CNINode,
-                                                         store: Store) -> None:
+async def test_del_releases_even_after_the_lease_is_gone(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pod = node.pod()
     rc, res = node.plugin("corral-cni", "ADD", conf(), cid="orphan", pod=pod)
@@ -426,30 +479,51 @@ async def test_etcd_down_means_try_again_later(libcni_client: str, tmp_path: Any
 
 def http_code(pod: str, url: str) -> str:
     """curl from inside a pod: the HTTP status, or 000 when nothing answered."""
-    return netns.run(os.path.basename(pod), ["curl", "-s", "-m", "3", "-o", "/dev/null",
-                                             "-w", "%{http_code}", url], check=False).stdout
+    return netns.run(
+        os.path.basename(pod),
+        ["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", url],
+        check=False,
+    ).stdout
 
 
 async def test_hairpin_lets_a_pod_reach_itself_through_a_service(cni_node: CNINode) -> None:
     """kube-proxy-shaped DNAT of a VIP back to the caller works only with hairpinMode."""
     node = cni_node
-    netns.run(node.name, ["sysctl", "-w", "net.ipv4.ip_forward=1",
-                          "net.bridge.bridge-nf-call-iptables=1"])
+    netns.run(
+        node.name, ["sysctl", "-w", "net.ipv4.ip_forward=1", "net.bridge.bridge-nf-call-iptables=1"]
+    )
     for hairpin in (True, False):
         pod = node.pod()
-        rc, res = node.plugin("corral-cni", "ADD", conf(hairpinMode=hairpin),
-                              cid=f"hp-{hairpin}", pod=pod)
+        rc, res = node.plugin(
+            "corral-cni", "ADD", conf(hairpinMode=hairpin), cid=f"hp-{hairpin}", pod=pod
+        )
         assert rc == 0, res
         ip = res["ips"][0]["address"].split("/")[0]
-        nat = [["PREROUTING", "-d", "10.96.0.77", "-p", "tcp", "--dport", "80", "-j", "DNAT",
-                "--to-destination", f"{ip}:8080"],
-               ["POSTROUTING", "-s", ip, "-d", ip, "-j", "MASQUERADE"]]
+        nat = [
+            [
+                "PREROUTING",
+                "-d",
+                "10.96.0.77",
+                "-p",
+                "tcp",
+                "--dport",
+                "80",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                f"{ip}:8080",
+            ],
+            ["POSTROUTING", "-s", ip, "-d", ip, "-j", "MASQUERADE"],
+        ]
         for rule in nat:
             netns.run(node.name, ["iptables", "-t", "nat", "-A", *rule])
         server = subprocess.Popen(
-            netns.command(os.path.basename(pod), [sys.executable, "-m", "http.server", "8080",
-                                                  "--bind", ip]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            netns.command(
+                os.path.basename(pod), [sys.executable, "-m", "http.server", "8080", "--bind", ip]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             direct = f"http://{ip}:8080/"
             wait_until(lambda u=direct, p=pod: http_code(p, u) == "200", 30, "the pod's server")

@@ -29,15 +29,21 @@ from corral.cni.client import (
 )
 
 REF_BIN = "/usr/lib/cni"
-pytestmark = pytest.mark.skipif(not os.path.exists(f"{REF_BIN}/bridge"),
-                                reason="reference CNI plugins not installed")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(f"{REF_BIN}/bridge"), reason="reference CNI plugins not installed"
+)
 
 
 def ref_conflist(name: str, subnet: str, data_dir: str, loopback: bool = True) -> dict:
-    plugins: list[dict] = [{
-        "type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]],
-                 "dataDir": data_dir}}]
+    plugins: list[dict] = [
+        {
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": data_dir},
+        }
+    ]
     if loopback:
         plugins.append({"type": "loopback"})
     return {"cniVersion": "1.0.0", "name": name, "plugins": plugins}
@@ -67,8 +73,11 @@ def env() -> Iterator[Env]:
     netns.add(node)
     conf_dir, data_dir = os.path.join(tmp, "net.d"), os.path.join(tmp, "ipam")
     os.makedirs(conf_dir)
-    client = CNIClient([REF_BIN], os.path.join(tmp, "cache"),
-                       exec_prefix=["nsenter", f"--net={netns.path(node)}", "--"])
+    client = CNIClient(
+        [REF_BIN],
+        os.path.join(tmp, "cache"),
+        exec_prefix=["nsenter", f"--net={netns.path(node)}", "--"],
+    )
     e = Env(node, tmp, conf_dir, data_dir, client, [])
     try:
         yield e
@@ -85,8 +94,12 @@ def write_conf(env: Env, fname: str, doc: dict) -> None:
 
 
 def rt_for(pod: str, cid: str) -> RuntimeConf:
-    return RuntimeConf(container_id=cid, netns=netns.path(pod), ifname="eth0",
-                       args=pod_args("default", "p1", "uid-1", cid))
+    return RuntimeConf(
+        container_id=cid,
+        netns=netns.path(pod),
+        ifname="eth0",
+        args=pod_args("default", "p1", "uid-1", cid),
+    )
 
 
 async def test_add_check_del_with_reference_plugins(env: Env) -> None:
@@ -132,8 +145,11 @@ async def test_failed_add_is_undone(env: Env) -> None:
     with pytest.raises(CNIError, match="no-such-plugin"):
         await env.client.add(net, rt_for(pod, cid))
     # bridge+host-local were DELeted again: no IP held, no veth left, nothing cached.
-    held = [n for n in os.listdir(os.path.join(env.data_dir, "refnet"))
-            if n[0].isdigit()] if os.path.isdir(os.path.join(env.data_dir, "refnet")) else []
+    held = (
+        [n for n in os.listdir(os.path.join(env.data_dir, "refnet")) if n[0].isdigit()]
+        if os.path.isdir(os.path.join(env.data_dir, "refnet"))
+        else []
+    )
     assert held == []
     assert "eth0" not in netns.run(pod, ["ip", "-o", "link"]).stdout
     assert env.client.cache.entries() == []
@@ -154,8 +170,10 @@ async def test_gc_deletes_unknown_attachments(env: Env) -> None:
     net = load_conflist(env.conf_dir)
     pods = [env.pod_ns(), env.pod_ns()]
     cids = [secrets.token_hex(32) for _ in pods]
-    ips = [result_ips(await env.client.add(net, rt_for(p, c)))[0] for p, c in zip(pods, cids,
-                                                                                    strict=True)]
+    ips = [
+        result_ips(await env.client.add(net, rt_for(p, c)))[0]
+        for p, c in zip(pods, cids, strict=True)
+    ]
     removed = await env.client.gc(keep={cids[0]}, netns_of={cids[1]: netns.path(pods[1])})
     assert removed == [cids[1]]
     assert os.path.exists(os.path.join(env.data_dir, "refnet", ips[0]))
@@ -179,13 +197,18 @@ def test_first_config_file_in_name_order(tmp_path: str) -> None:
     assert net.name == "first" and [p["type"] for p in net.plugins] == ["bridge"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "not valid JSON"),
-    ('{"cniVersion": "1.0.0", "name": "x", "plugins": []}', "non-empty list"),
-    ('{"cniVersion": "1.0.0", "name": "Bad Name!", "plugins": [{"type": "bridge"}]}',
-     "network name"),
-    ('{"cniVersion": "1.0.0", "name": "x", "plugins": [{"bridge": "cni0"}]}', "no 'type'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"cniVersion": "1.0.0", "name": "x", "plugins": []}', "non-empty list"),
+        (
+            '{"cniVersion": "1.0.0", "name": "Bad Name!", "plugins": [{"type": "bridge"}]}',
+            "network name",
+        ),
+        ('{"cniVersion": "1.0.0", "name": "x", "plugins": [{"bridge": "cni0"}]}', "no 'type'"),
+    ],
+)
 def test_bad_configs_name_the_problem(tmp_path: str, content: str, message: str) -> None:
     p = os.path.join(str(tmp_path), "10-x.conflist")
     with open(p, "w") as f:

@@ -17,26 +17,35 @@ from corral.cni.install import conflist, shim_script, shim_source
 from corral.cni.ipam import IPAM
 from corral.cni.server import convert_result
 
-ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "abc", "CNI_IFNAME": "eth0",
-       "CNI_NETNS": "/proc/self/ns/net", "CNI_PATH": "/opt/cni/bin"}
+ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "abc",
+    "CNI_IFNAME": "eth0",
+    "CNI_NETNS": "/proc/self/ns/net",
+    "CNI_PATH": "/opt/cni/bin",
+}
 CONF = {"cniVersion": "1.0.0", "name": "n", "type": "corral-cni"}
 
 
 def test_valid_request_parses() -> None:
-    req = parse_request("corral-cni", ENV | {"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=p"},
-                        json.dumps(CONF))
+    req = parse_request(
+        "corral-cni", ENV | {"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=p"}, json.dumps(CONF)
+    )
     assert (req.command, req.container_id, req.ifname) == ("ADD", "abc", "eth0")
     assert req.cni_args == {"IgnoreUnknown": "1", "K8S_POD_NAME": "p"}
 
 
-@pytest.mark.parametrize(("env", "stdin", "code"), [
-    ({}, "[1, 2]", 6),
-    ({"CNI_IFNAME": "a:b"}, None, 4),
-    ({"CNI_IFNAME": "a b"}, None, 4),
-    ({"CNI_CONTAINERID": "-starts-with-dash"}, None, 4),
-    ({"CNI_COMMAND": "CHECK"}, json.dumps(CONF | {"cniVersion": "0.3.0"}), 1),
-    ({}, json.dumps(CONF | {"type": "corral-ipam"}), 7),
-])
+@pytest.mark.parametrize(
+    ("env", "stdin", "code"),
+    [
+        ({}, "[1, 2]", 6),
+        ({"CNI_IFNAME": "a:b"}, None, 4),
+        ({"CNI_IFNAME": "a b"}, None, 4),
+        ({"CNI_CONTAINERID": "-starts-with-dash"}, None, 4),
+        ({"CNI_COMMAND": "CHECK"}, json.dumps(CONF | {"cniVersion": "0.3.0"}), 1),
+        ({}, json.dumps(CONF | {"type": "corral-ipam"}), 7),
+    ],
+)
 def test_bad_requests(env: dict[str, str], stdin: str | None, code: int) -> None:
     with pytest.raises(CNIError) as e:
         parse_request("corral-cni", ENV | env, stdin if stdin is not None else json.dumps(CONF))
@@ -54,7 +63,12 @@ def test_ranges_skip_reserved_addresses() -> None:
     assert [str(ip) for _, _, ip in IPAM._candidates([r], 0)] == ["10.1.2.2"]
     r = make_range({"subnet": "10.1.2.0/24", "rangeStart": "10.1.2.250"}, "r")
     assert [str(ip) for _, _, ip in IPAM._candidates([r], 2)] == [
-        "10.1.2.252", "10.1.2.253", "10.1.2.254", "10.1.2.250", "10.1.2.251"]
+        "10.1.2.252",
+        "10.1.2.253",
+        "10.1.2.254",
+        "10.1.2.250",
+        "10.1.2.251",
+    ]
     with pytest.raises(CNIError) as e:
         make_range({"subnet": "10.1.2.0/24", "gateway": "10.9.9.9"}, "r")
     assert e.value.code == 7 and "outside" in e.value.msg
@@ -88,8 +102,9 @@ def test_shim_is_stdlib_only() -> None:
     assert [line.split()[1] for line in imports] == ["_socket", "posix", "sys"]
     src = shim_source("/run/x.sock", "/usr/bin/python3")
     assert src.startswith("#!/usr/bin/python3 -IS\n")
-    imports = [line.strip() for line in src.splitlines()
-               if line.strip().startswith(("import ", "from "))]
+    imports = [
+        line.strip() for line in src.splitlines() if line.strip().startswith(("import ", "from "))
+    ]
     assert imports == ["import sys", "import marshal"]
 
 
@@ -104,11 +119,19 @@ def test_shim_runs_precompiled_or_from_source(tmp_path: Path, tag: str) -> None:
     exe.write_text(src)
     exe.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": "VERSION"}
-    r = subprocess.run([str(exe)], input='{"cniVersion": "0.4.0"}', capture_output=True,
-                       text=True, env=env, timeout=60, check=False)
+    r = subprocess.run(
+        [str(exe)],
+        input='{"cniVersion": "0.4.0"}',
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cniVersion"] == "0.4.0"
     env["CNI_COMMAND"] = "ADD"
-    r = subprocess.run([str(exe)], input="{}", capture_output=True, text=True, env=env,
-                       timeout=60, check=False)
+    r = subprocess.run(
+        [str(exe)], input="{}", capture_output=True, text=True, env=env, timeout=60, check=False
+    )
     assert r.returncode == 1 and json.loads(r.stdout)["code"] == 11, r.stdout

@@ -22,10 +22,21 @@ async def ips_in(store: Store, pool: str) -> dict[str, str]:
 
 async def test_reference_bridge_on_corral_ipam(cni_node: CNINode, store: Store) -> None:
     node = cni_node
-    conf_dir = node.write_conflist("refnet", {
-        "cniVersion": "1.0.0", "name": "refnet",
-        "plugins": [{"type": "bridge", "bridge": "refbr0", "isGateway": True,
-                     "ipam": {"type": "corral-ipam"}}]})
+    conf_dir = node.write_conflist(
+        "refnet",
+        {
+            "cniVersion": "1.0.0",
+            "name": "refnet",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": "refbr0",
+                    "isGateway": True,
+                    "ipam": {"type": "corral-ipam"},
+                }
+            ],
+        },
+    )
     pod = node.pod()
     rc, res = node.libcni("add", "ref-1", pod, conf_dir=conf_dir, net="refnet")
     assert rc == 0, (res, node.log())
@@ -42,11 +53,24 @@ async def test_reference_bridge_on_corral_ipam(cni_node: CNINode, store: Store) 
     assert await ips_in(store, "10.244.1.0-24") == {}
     assert "eth0" not in node.links(pod)
     # Explicit ranges work the same under the reference plugin.
-    conf_dir = node.write_conflist("refnet2", {
-        "cniVersion": "0.4.0", "name": "refnet2",
-        "plugins": [{"type": "bridge", "bridge": "refbr1", "isGateway": True,
-                     "ipam": {"type": "corral-ipam", "ranges": [[{
-                         "subnet": "10.251.0.0/24", "rangeStart": "10.251.0.50"}]]}}]})
+    conf_dir = node.write_conflist(
+        "refnet2",
+        {
+            "cniVersion": "0.4.0",
+            "name": "refnet2",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": "refbr1",
+                    "isGateway": True,
+                    "ipam": {
+                        "type": "corral-ipam",
+                        "ranges": [[{"subnet": "10.251.0.0/24", "rangeStart": "10.251.0.50"}]],
+                    },
+                }
+            ],
+        },
+    )
     rc, res = node.libcni("add", "ref-2", pod, conf_dir=conf_dir, net="refnet2")
     assert rc == 0, res
     assert res["ips"][0]["address"] == "10.251.0.50/24"
@@ -55,19 +79,29 @@ async def test_reference_bridge_on_corral_ipam(cni_node: CNINode, store: Store) 
     assert await ips_in(store, "10.251.0.0-24") == {}
 
 
-async def test_corral_cni_chained_with_portmap_and_loopback(cni_node: CNINode,
-                                                            store: Store) -> None:
+async def test_corral_cni_chained_with_portmap_and_loopback(
+    cni_node: CNINode, store: Store
+) -> None:
     node = cni_node
-    conf_dir = node.write_conflist("chain", {
-        "cniVersion": "1.0.0", "name": "chain",
-        "plugins": [{"type": "corral-cni", "ipam": {"type": "corral-ipam"}},
-                    {"type": "portmap", "capabilities": {"portMappings": True}},
-                    {"type": "loopback"}]})
+    conf_dir = node.write_conflist(
+        "chain",
+        {
+            "cniVersion": "1.0.0",
+            "name": "chain",
+            "plugins": [
+                {"type": "corral-cni", "ipam": {"type": "corral-ipam"}},
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+                {"type": "loopback"},
+            ],
+        },
+    )
     pod = node.pod()
-    caps = json.dumps({"portMappings": [{"hostPort": 18080, "containerPort": 80,
-                                         "protocol": "tcp"}]})
-    rc, res = node.libcni("add", "chain-1", pod, conf_dir=conf_dir, net="chain",
-                          env={"CAP_ARGS": caps})
+    caps = json.dumps(
+        {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}
+    )
+    rc, res = node.libcni(
+        "add", "chain-1", pod, conf_dir=conf_dir, net="chain", env={"CAP_ARGS": caps}
+    )
     assert rc == 0, (res, node.log())
     # Our result came through both reference plugins unchanged.
     addr = res["ips"][0]["address"]
@@ -78,12 +112,18 @@ async def test_corral_cni_chained_with_portmap_and_loopback(cni_node: CNINode,
     assert node.links(pod)["lo"]["up"]
     # The chain's CHECK cannot pass: portmap 1.1.1 also checks IPv6 rules it never made
     # (containernetworking/plugins#819). corral-cni's own CHECK on the chain result:
-    check = {"cniVersion": "1.0.0", "name": "chain", "type": "corral-cni",
-             "ipam": {"type": "corral-ipam"}, "prevResult": res}
+    check = {
+        "cniVersion": "1.0.0",
+        "name": "chain",
+        "type": "corral-cni",
+        "ipam": {"type": "corral-ipam"},
+        "prevResult": res,
+    }
     rc, out = node.plugin("corral-cni", "CHECK", check, cid="chain-1", pod=pod)
     assert rc == 0, out
-    rc, out = node.libcni("del", "chain-1", pod, conf_dir=conf_dir, net="chain",
-                          env={"CAP_ARGS": caps})
+    rc, out = node.libcni(
+        "del", "chain-1", pod, conf_dir=conf_dir, net="chain", env={"CAP_ARGS": caps}
+    )
     assert rc == 0, out
     nat = netns.run(node.name, ["iptables-save", "-t", "nat"]).stdout
     assert f"{pod_ip}:80" not in nat

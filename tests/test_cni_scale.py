@@ -30,14 +30,13 @@ async def allocations(store: Store) -> dict[str, tuple[str, str]]:
 async def owners(store: Store) -> dict[tuple[str, str], str]:
     prefix = f"/corral/v1/ipam/{POOL}/owners/"
     kvs, _ = await store.list_raw(prefix)
-    return {tuple(kv.key[len(prefix):].split("/")): kv.value.decode() for kv in kvs}
+    return {tuple(kv.key[len(prefix) :].split("/")): kv.value.decode() for kv in kvs}
 
 
 async def test_100_parallel_adds_then_dels(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pods = {f"par-{i}": node.pod() for i in range(100)}
-    results = await asyncio.gather(*(node.alibcni("add", cid, pod)
-                                     for cid, pod in pods.items()))
+    results = await asyncio.gather(*(node.alibcni("add", cid, pod) for cid, pod in pods.items()))
     assert all(rc == 0 for rc, _ in results), [r for r in results if r[0]][:3]
     ips = [res["ips"][0]["address"] for _, res in results]
     assert len(set(ips)) == 100, "an IP was handed out twice"
@@ -52,8 +51,7 @@ async def test_100_parallel_adds_then_dels(cni_node: CNINode, store: Store) -> N
         if cid.endswith("7"):  # a sample keeps this quick
             assert node.links(pod)["eth0"]["addrs"] == [res["ips"][0]["address"]]
 
-    results = await asyncio.gather(*(node.alibcni("del", cid, pod)
-                                     for cid, pod in pods.items()))
+    results = await asyncio.gather(*(node.alibcni("del", cid, pod) for cid, pod in pods.items()))
     assert all(rc == 0 for rc, _ in results), [r for r in results if r[0]][:3]
     assert await allocations(store) == {}
     assert await owners(store) == {}
@@ -63,8 +61,7 @@ async def test_100_parallel_adds_then_dels(cni_node: CNINode, store: Store) -> N
 async def test_daemon_killed_mid_adds_then_gc(cni_node: CNINode, store: Store) -> None:
     node = cni_node
     pods = {f"crash-{i}": node.pod() for i in range(40)}
-    calls = {cid: asyncio.create_task(node.alibcni("add", cid, pod))
-             for cid, pod in pods.items()}
+    calls = {cid: asyncio.create_task(node.alibcni("add", cid, pod)) for cid, pod in pods.items()}
     deadline = asyncio.get_running_loop().time() + 120
     while len(await allocations(store)) < 8:
         assert asyncio.get_running_loop().time() < deadline, node.log()
@@ -80,9 +77,12 @@ async def test_daemon_killed_mid_adds_then_gc(cni_node: CNINode, store: Store) -
 
     # Restart; the runtime garbage-collects with the attachments it knows are live.
     node.start()
-    gc = dict(node.conflist()["plugins"][0], cniVersion="1.1.0", name="corral",
-              **{"cni.dev/valid-attachments": [{"containerID": c, "ifname": "eth0"}
-                                               for c in sorted(ok)]})
+    gc = dict(
+        node.conflist()["plugins"][0],
+        cniVersion="1.1.0",
+        name="corral",
+        **{"cni.dev/valid-attachments": [{"containerID": c, "ifname": "eth0"} for c in sorted(ok)]},
+    )
     rc, out = node.plugin("corral-cni", "GC", gc)
     assert rc == 0, out
     allocs = await allocations(store)
@@ -101,25 +101,43 @@ async def test_daemon_killed_mid_adds_then_gc(cni_node: CNINode, store: Store) -
     assert res["ips"][0]["address"].split("/")[0] not in allocs
 
 
-async def test_two_nodes_sharing_a_range_never_share_an_ip(cni_node: CNINode, etcd: object,
-                                                           libcni_client: str,
-                                                           store: Store) -> None:
+async def test_two_nodes_sharing_a_range_never_share_an_ip(
+    cni_node: CNINode, etcd: object, libcni_client: str, store: Store
+) -> None:
     """Explicit `ranges` shared by two nodes: etcd's create-if-absent keeps IPs unique."""
     other = CNINode(cni_node.etcd_url, libcni_client)
     try:
         other.write_subnet("10.244.2.0/24")
         other.start()
-        shared = {"cniVersion": "1.0.0", "name": "shared",
-                  "plugins": [{"type": "corral-cni", "bridge": "shr0", "ipam": {
-                      "type": "corral-ipam",
-                      "ranges": [[{"subnet": "10.252.0.0/24", "rangeStart": "10.252.0.10",
-                                   "rangeEnd": "10.252.0.49"}]]}}]}
+        shared = {
+            "cniVersion": "1.0.0",
+            "name": "shared",
+            "plugins": [
+                {
+                    "type": "corral-cni",
+                    "bridge": "shr0",
+                    "ipam": {
+                        "type": "corral-ipam",
+                        "ranges": [
+                            [
+                                {
+                                    "subnet": "10.252.0.0/24",
+                                    "rangeStart": "10.252.0.10",
+                                    "rangeEnd": "10.252.0.49",
+                                }
+                            ]
+                        ],
+                    },
+                }
+            ],
+        }
         dirs = {n.name: n.write_conflist("shared", shared) for n in (cni_node, other)}
 
         async def add(node: CNINode, cid: str) -> tuple[int, object]:
             pod = node.pod()
-            return await asyncio.to_thread(node.libcni, "add", cid, pod,
-                                           conf_dir=dirs[node.name], net="shared")
+            return await asyncio.to_thread(
+                node.libcni, "add", cid, pod, conf_dir=dirs[node.name], net="shared"
+            )
 
         calls = [add(n, f"{n.name}-{i}") for i in range(20) for n in (cni_node, other)]
         results = await asyncio.gather(*calls)

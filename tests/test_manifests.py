@@ -134,8 +134,18 @@ def test_kubernetes_yaml_for_every_kind_loads() -> None:
           backend: {type: vxlan, vni: 1, port: 4789, directRouting: true}
         """)
     kinds = [type(o) for o in objs]
-    assert kinds == [Pod, Service, Service, Service, Endpoints, EndpointSlice,
-                     ReplicationController, Deployment, Node, NetworkConfig]
+    assert kinds == [
+        Pod,
+        Service,
+        Service,
+        Service,
+        Endpoints,
+        EndpointSlice,
+        ReplicationController,
+        Deployment,
+        Node,
+        NetworkConfig,
+    ]
     pod, svc, headless, ext = objs[:4]
     assert pod.namespace == "shop"
     assert pod.spec.containers[0].readiness_probe.http_get.port == "http"
@@ -181,30 +191,64 @@ spec:
 """
 
 
-@pytest.mark.parametrize(("text", "field", "words"), [
-    (POD.replace("containers: [{name: c, command: [x]}]", "containers: []"),
-     "spec.containers", "at least 1"),
-    (POD.replace("spec:\n", "spec:\n  nodeNmae: x\n"), "spec.nodeNmae", "unknown field"),
-    (POD.replace("command:", "resources: {limits: {memory: lots}}, command:"),
-     "spec.containers[0].resources.limits.memory", "not a quantity"),
-    (POD.replace("command:", "resources: {requests: {cpu: -1}}, command:"),
-     "spec.containers[0].resources.requests.cpu", "negative"),
-    (POD.replace("name: p", "name: Bad_Name"), "", "DNS subdomain"),
-    (POD.replace("apiVersion: v1", "apiVersion: v2"), "", "apiVersion 'v2'"),
-    (POD.replace("name: c,", "name: c, ports: [{containerPort: 70000}],"),
-     "spec.containers[0].ports[0].containerPort", "less than or equal to 65535"),
-    (POD.replace("spec:\n", "spec:\n  restartPolicy: Sometimes\n"), "spec.restartPolicy",
-     "'Always', 'OnFailure' or 'Never'"),
-    (POD.replace("command:", "resources: {requests: {cpu: '2'}, limits: {cpu: '1'}}, command:"),
-     "spec.containers[0].resources", "requests.cpu 2 is more than limits.cpu 1"),
-    (POD.replace(", command: [x]", ""), "spec.containers[0]", "command is required"),
-    (POD.replace("spec:\n", "spec:\n  nodeSelector: {'bad key!': x}\n"), "spec.nodeSelector",
-     "label key 'bad key!' is not valid"),
-    (POD.replace("spec:\n", "spec:\n  tolerations: [{key: k, operator: Exists, value: v}]\n"),
-     "spec.tolerations[0]", "must not have a value"),
-    (POD.replace("spec:\n", "spec:\n  terminationGracePeriodSeconds: '30'\n"),
-     "spec.terminationGracePeriodSeconds", "valid integer"),
-])
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        (
+            POD.replace("containers: [{name: c, command: [x]}]", "containers: []"),
+            "spec.containers",
+            "at least 1",
+        ),
+        (POD.replace("spec:\n", "spec:\n  nodeNmae: x\n"), "spec.nodeNmae", "unknown field"),
+        (
+            POD.replace("command:", "resources: {limits: {memory: lots}}, command:"),
+            "spec.containers[0].resources.limits.memory",
+            "not a quantity",
+        ),
+        (
+            POD.replace("command:", "resources: {requests: {cpu: -1}}, command:"),
+            "spec.containers[0].resources.requests.cpu",
+            "negative",
+        ),
+        (POD.replace("name: p", "name: Bad_Name"), "", "DNS subdomain"),
+        (POD.replace("apiVersion: v1", "apiVersion: v2"), "", "apiVersion 'v2'"),
+        (
+            POD.replace("name: c,", "name: c, ports: [{containerPort: 70000}],"),
+            "spec.containers[0].ports[0].containerPort",
+            "less than or equal to 65535",
+        ),
+        (
+            POD.replace("spec:\n", "spec:\n  restartPolicy: Sometimes\n"),
+            "spec.restartPolicy",
+            "'Always', 'OnFailure' or 'Never'",
+        ),
+        (
+            POD.replace(
+                "command:", "resources: {requests: {cpu: '2'}, limits: {cpu: '1'}}, command:"
+            ),
+            "spec.containers[0].resources",
+            "requests.cpu 2 is more than limits.cpu 1",
+        ),
+        (POD.replace(", command: [x]", ""), "spec.containers[0]", "command is required"),
+        (
+            POD.replace("spec:\n", "spec:\n  nodeSelector: {'bad key!': x}\n"),
+            "spec.nodeSelector",
+            "label key 'bad key!' is not valid",
+        ),
+        (
+            POD.replace(
+                "spec:\n", "spec:\n  tolerations: [{key: k, operator: Exists, value: v}]\n"
+            ),
+            "spec.tolerations[0]",
+            "must not have a value",
+        ),
+        (
+            POD.replace("spec:\n", "spec:\n  terminationGracePeriodSeconds: '30'\n"),
+            "spec.terminationGracePeriodSeconds",
+            "valid integer",
+        ),
+    ],
+)
 def test_invalid_pod_names_the_field(text: str, field: str, words: str) -> None:
     with pytest.raises(ManifestError) as e:
         load_manifests(text, source="pod.yaml")
@@ -216,16 +260,28 @@ def test_invalid_pod_names_the_field(text: str, field: str, words: str) -> None:
 TEMPLATE = "{metadata: {labels: {a: b}}, spec: {containers: [{name: c, command: [x]}]}}"
 
 
-@pytest.mark.parametrize(("spec", "words"), [
-    ("replicas: -1\n  template: " + TEMPLATE,
-     "spec.replicas: Input should be greater than or equal to 0"),
-    ("selector: {a: x}\n  template: " + TEMPLATE,
-     "does not match spec.template.metadata.labels"),
-    ("template: {spec: {containers: [{name: c, command: [x]}]}}",
-     "spec.template.metadata.labels is required"),
-    ("replicas: 2", "spec.template: required field is missing"),
-    ('replicas: "3"\n  template: ' + TEMPLATE, "spec.replicas: Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (
+            "replicas: -1\n  template: " + TEMPLATE,
+            "spec.replicas: Input should be greater than or equal to 0",
+        ),
+        (
+            "selector: {a: x}\n  template: " + TEMPLATE,
+            "does not match spec.template.metadata.labels",
+        ),
+        (
+            "template: {spec: {containers: [{name: c, command: [x]}]}}",
+            "spec.template.metadata.labels is required",
+        ),
+        ("replicas: 2", "spec.template: required field is missing"),
+        (
+            'replicas: "3"\n  template: ' + TEMPLATE,
+            "spec.replicas: Input should be a valid integer",
+        ),
+    ],
+)
 def test_invalid_replication_controller(spec: str, words: str) -> None:
     text = f"apiVersion: v1\nkind: ReplicationController\nmetadata: {{name: rc}}\nspec:\n  {spec}\n"
     with pytest.raises(ManifestError) as e:
@@ -233,18 +289,24 @@ def test_invalid_replication_controller(spec: str, words: str) -> None:
     assert words in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize(("spec", "words"), [
-    ("{ports: [{port: 80, protocol: HTTP}]}", "spec.ports[0].protocol"),
-    ("{ports: [{port: 80}, {port: 81}]}", "each needs a unique name"),
-    ("{ports: []}", "at least one port"),
-    ("{type: ExternalName}", "externalName is required"),
-    ("{ports: [{port: 80, targetPort: Not_A_Port}]}", "neither a port number nor"),
-    ("{sessionAffinity: Sticky, ports: [{port: 80}]}", "spec.sessionAffinity"),
-    ("{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}},"
-     " ports: [{port: 80}]}", "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
-    ("{ports: [{port: 80, nodePort: 30001}]}", "nodePort may only be set"),
-    ("{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
-])
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("{ports: [{port: 80, protocol: HTTP}]}", "spec.ports[0].protocol"),
+        ("{ports: [{port: 80}, {port: 81}]}", "each needs a unique name"),
+        ("{ports: []}", "at least one port"),
+        ("{type: ExternalName}", "externalName is required"),
+        ("{ports: [{port: 80, targetPort: Not_A_Port}]}", "neither a port number nor"),
+        ("{sessionAffinity: Sticky, ports: [{port: 80}]}", "spec.sessionAffinity"),
+        (
+            "{sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}},"
+            " ports: [{port: 80}]}",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        ),
+        ("{ports: [{port: 80, nodePort: 30001}]}", "nodePort may only be set"),
+        ("{clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP"),
+    ],
+)
 def test_invalid_service(spec: str, words: str) -> None:
     text = f"apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n"
     with pytest.raises(ManifestError) as e:
@@ -252,34 +314,46 @@ def test_invalid_service(spec: str, words: str) -> None:
     assert words in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize(("spec", "words"), [
-    ("{network: 10.96.0.0/16}", "overlaps spec.serviceCIDR"),
-    ("{network: 10.244.0.0/16, subnetLen: 16}", "must be longer than"),
-    ("{network: 10.244.0.0/33}", "spec.network"),
-    ("{network: 10.244.0.1/16}", "has host bits set"),
-    ("{backend: {type: geneve}}", "spec.backend.type"),
-    ("{clusterDNS: 10.244.0.10}", "outside spec.serviceCIDR"),
-])
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("{network: 10.96.0.0/16}", "overlaps spec.serviceCIDR"),
+        ("{network: 10.244.0.0/16, subnetLen: 16}", "must be longer than"),
+        ("{network: 10.244.0.0/33}", "spec.network"),
+        ("{network: 10.244.0.1/16}", "has host bits set"),
+        ("{backend: {type: geneve}}", "spec.backend.type"),
+        ("{clusterDNS: 10.244.0.10}", "outside spec.serviceCIDR"),
+    ],
+)
 def test_invalid_network_config(spec: str, words: str) -> None:
-    text = ("apiVersion: corral.dev/v1\nkind: NetworkConfig\nmetadata: {name: cluster}\n"
-            f"spec: {spec}\n")
+    text = (
+        "apiVersion: corral.dev/v1\nkind: NetworkConfig\nmetadata: {name: cluster}\n"
+        f"spec: {spec}\n"
+    )
     with pytest.raises(ManifestError) as e:
         load_manifests(text)
     assert words in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize(("text", "words"), [
-    ("kind: Pod\nmetadata: {name: x}\n", "apiVersion is missing"),
-    ("apiVersion: v1\nkind: Widget\nmetadata: {name: x}\n", "kind 'Widget' is not known"),
-    ("apiVersion: v1\nmetadata: {name: x}\n", "kind is missing"),
-    ("- just\n- a list\n", "expected a mapping"),
-    ("apiVersion: v1\nkind: Pod\nspec: {containers: [{name: c, command: [x]}]\n",
-     "not valid YAML at line"),
-    ("apiVersion: v1\nkind: Node\nmetadata: {name: n, namespace: x}\n", "not namespaced"),
-    ("apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c, command: [x]}]}\n",
-     "metadata.name is required"),
-    ("", "no objects found"),
-])
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("kind: Pod\nmetadata: {name: x}\n", "apiVersion is missing"),
+        ("apiVersion: v1\nkind: Widget\nmetadata: {name: x}\n", "kind 'Widget' is not known"),
+        ("apiVersion: v1\nmetadata: {name: x}\n", "kind is missing"),
+        ("- just\n- a list\n", "expected a mapping"),
+        (
+            "apiVersion: v1\nkind: Pod\nspec: {containers: [{name: c, command: [x]}]\n",
+            "not valid YAML at line",
+        ),
+        ("apiVersion: v1\nkind: Node\nmetadata: {name: n, namespace: x}\n", "not namespaced"),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c, command: [x]}]}\n",
+            "metadata.name is required",
+        ),
+        ("", "no objects found"),
+    ],
+)
 def test_malformed_documents(text: str, words: str) -> None:
     with pytest.raises(ManifestError) as e:
         load_manifests(text)

@@ -28,21 +28,28 @@ def spec(**kw: object) -> NetworkSpec:
 def test_defaults_are_the_documented_plan() -> None:
     s = NetworkSpec()
     assert (s.network, s.subnet_len, s.backend.vni, s.backend.port) == (
-        "10.244.0.0/16", 24, 1, 4789)
+        "10.244.0.0/16",
+        24,
+        1,
+        4789,
+    )
     subnets = list(config.leasable_subnets(s))
     assert str(subnets[0]) == "10.244.1.0/24"  # the network's own first /24 is skipped
     assert str(subnets[-1]) == "10.244.255.0/24"
     assert len(subnets) == 255
 
 
-@pytest.mark.parametrize("data, reason", [
-    ({"network": "10.96.0.0/16"}, "overlaps spec.serviceCIDR"),
-    ({"network": "10.244.0.0/16", "subnetLen": 16}, "subnetLen 16 must be longer"),
-    ({"network": "10.244.0.0/16", "subnetLen": 31}, "subnetLen"),
-    ({"network": "10.244.0.1/16"}, "not a CIDR"),
-    ({"backend": {"vni": 0}}, "backend.vni"),
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        ({"network": "10.96.0.0/16"}, "overlaps spec.serviceCIDR"),
+        ({"network": "10.244.0.0/16", "subnetLen": 16}, "subnetLen 16 must be longer"),
+        ({"network": "10.244.0.0/16", "subnetLen": 31}, "subnetLen"),
+        ({"network": "10.244.0.1/16"}, "not a CIDR"),
+        ({"backend": {"vni": 0}}, "backend.vni"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_bad_specs_are_refused_with_the_reason(data: dict, reason: str) -> None:
     with pytest.raises(config.ConfigError, match=reason):
         config.parse_spec(data)
@@ -57,18 +64,21 @@ def test_range_containing_the_node_address_is_refused() -> None:
 
 
 def test_subnet_range_limits() -> None:
-    s = spec(network="10.50.0.0/16", subnetLen=26, subnetMin="10.50.1.0",
-             subnetMax="10.50.1.128")
+    s = spec(network="10.50.0.0/16", subnetLen=26, subnetMin="10.50.1.0", subnetMax="10.50.1.128")
     assert [str(n) for n in config.leasable_subnets(s)] == [
-        "10.50.1.0/26", "10.50.1.64/26", "10.50.1.128/26"]
+        "10.50.1.0/26",
+        "10.50.1.64/26",
+        "10.50.1.128/26",
+    ]
 
 
 # ------------------------------------------------------------ leases
 
 
 def leaser(store: Store, name: str, ip: str, s: NetworkSpec | None = None) -> lease.SubnetLeaser:
-    return lease.SubnetLeaser(store, name, ip, f"02:00:00:00:00:{ip.split('.')[-1]:0>2}",
-                              s or NetworkSpec(), ttl=5)
+    return lease.SubnetLeaser(
+        store, name, ip, f"02:00:00:00:00:{ip.split('.')[-1]:0>2}", s or NetworkSpec(), ttl=5
+    )
 
 
 async def test_nodes_get_distinct_subnets_with_their_record(store: Store) -> None:
@@ -80,7 +90,11 @@ async def test_nodes_get_distinct_subnets_with_their_record(store: Store) -> Non
     rec = lease.decode(kv.value)
     assert rec is not None
     assert (rec.node_name, rec.public_ip, rec.vtep_mac, rec.backend_type) == (
-        "a", "172.30.0.1", "02:00:00:00:00:01", "vxlan")
+        "a",
+        "172.30.0.1",
+        "02:00:00:00:00:01",
+        "vxlan",
+    )
 
 
 async def test_restarted_node_gets_its_subnet_back(store: Store) -> None:
@@ -131,8 +145,12 @@ async def test_remove_node_leases(store: Store) -> None:
 
 
 async def test_set_config_refuses_a_range_with_a_node_address(store: Store) -> None:
-    await store.create(Node(metadata={"name": "n1"}, status=NodeStatus(
-        addresses=[NodeAddress(type="InternalIP", address="172.30.0.1")])))
+    await store.create(
+        Node(
+            metadata={"name": "n1"},
+            status=NodeStatus(addresses=[NodeAddress(type="InternalIP", address="172.30.0.1")]),
+        )
+    )
     before = await config.load(store)
     with pytest.raises(config.ConfigError, match=re.escape("contains the node address 172.30.0.1")):
         await config.set_config(store, spec(network="172.30.0.0/16"))
@@ -148,30 +166,45 @@ async def test_set_config_keeps_the_address_plan_under_leases(store: Store) -> N
     assert changed and cfg.spec.ip_masq is False
 
 
-def test_cli_network_set_and_show(etcd: LocalEtcd, capsys: pytest.CaptureFixture[str],
-                                  tmp_path: Path) -> None:
+def test_cli_network_set_and_show(
+    etcd: LocalEtcd, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     args = ["--etcd", etcd.url]
     assert cli_main([*args, "network", "set", "--network", "10.96.0.0/16"]) == 1
     err = capsys.readouterr().err
     assert "network config refused" in err and "overlaps spec.serviceCIDR" in err
-    assert cli_main([*args, "network", "set", "--subnet-len", "28", "--direct-routing",
-                     "on"]) == 0
+    assert cli_main([*args, "network", "set", "--subnet-len", "28", "--direct-routing", "on"]) == 0
     assert "configured" in capsys.readouterr().out
     assert cli_main([*args, "network", "show"]) == 0
     out = capsys.readouterr().out
     assert "a /28 per node" in out and "directRouting on" in out
     assert cli_main([*args, "node", "remove", "nope"]) == 1
     assert "not found" in capsys.readouterr().err
-    assert cli_main([*args, "network", "set", "--network", "10.244.0.0/16",
-                     "--subnet-len", "24", "--direct-routing", "off"]) == 0
+    assert (
+        cli_main(
+            [
+                *args,
+                "network",
+                "set",
+                "--network",
+                "10.244.0.0/16",
+                "--subnet-len",
+                "24",
+                "--direct-routing",
+                "off",
+            ]
+        )
+        == 0
+    )
     manifest = tmp_path / "net.yaml"
-    manifest.write_text("apiVersion: corral.dev/v1\nkind: NetworkConfig\n"
-                        "metadata: {name: cluster}\nspec: {ipMasq: false}\n")
+    manifest.write_text(
+        "apiVersion: corral.dev/v1\nkind: NetworkConfig\n"
+        "metadata: {name: cluster}\nspec: {ipMasq: false}\n"
+    )
     assert cli_main([*args, "network", "set", "-f", str(manifest)]) == 0
     assert cli_main([*args, "network", "show", "-o", "json"]) == 0
     assert '"ipMasq": false' in capsys.readouterr().out
-    manifest.write_text("apiVersion: corral.dev/v1\nkind: NetworkConfig\n"
-                        "spec: {subnetLen: 40}\n")
+    manifest.write_text("apiVersion: corral.dev/v1\nkind: NetworkConfig\nspec: {subnetLen: 40}\n")
     assert cli_main([*args, "network", "set", "-f", str(manifest)]) == 1
     assert "subnetLen" in capsys.readouterr().err
     assert cli_main([*args, "network", "set", "--ip-masq", "on"]) == 0
@@ -204,14 +237,30 @@ def test_masquerade_rules_are_idempotent_and_switch_off(scratch_ns: str) -> None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
-def test_vxlan_bypass_rules_are_idempotent_repaired_and_leave_others_alone(
-        scratch_ns: str) -> None:
-    netns.run(scratch_ns, ["iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp",
-                           "--dport", "22", "-j", "CT", "--notrack"])
+def test_vxlan_bypass_rules_are_idempotent_repaired_and_leave_others_alone(scratch_ns: str) -> None:
+    netns.run(
+        scratch_ns,
+        [
+            "iptables",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "22",
+            "-j",
+            "CT",
+            "--notrack",
+        ],
+    )
     assert notrack.ensure(scratch_ns, 4789)
     assert not notrack.ensure(scratch_ns, 4789)  # nothing left to change
-    assert notrack.current(scratch_ns) == (notrack.rules(4789),
-                                           {"PREROUTING": True, "OUTPUT": True})
+    assert notrack.current(scratch_ns) == (
+        notrack.rules(4789),
+        {"PREROUTING": True, "OUTPUT": True},
+    )
     # a jump removed by hand comes back, once
     netns.run(scratch_ns, ["iptables", "-t", "raw", "-D", "OUTPUT", *notrack.JUMP])
     assert notrack.ensure(scratch_ns, 4789)

@@ -44,8 +44,11 @@ def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
             tb.wait_ready(i)
             tb.add_pod(i)
         for i in (1, 2, 3):
-            wait_for(lambda i=i: len(tb.snapshot(i)["routes"]) == 2, DEADLINE,
-                     f"node-{i} to have routes to both peers")
+            wait_for(
+                lambda i=i: len(tb.snapshot(i)["routes"]) == 2,
+                DEADLINE,
+                f"node-{i} to have routes to both peers",
+            )
             if loader.unavailable() is None:  # the default datapath: wait for the programs
                 tb.wait_fastpath(i)
         yield tb
@@ -59,8 +62,11 @@ def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
 
 def test_pods_ping_each_other_across_nodes(bed: Testbed) -> None:
     for a, b in ((1, 2), (2, 1), (1, 3), (3, 2)):
-        wait_for(lambda a=a, b=b: bed.ping(pod(bed, a), pod(bed, b).ip), DEADLINE,
-                 f"pod on node-{a} to ping the pod on node-{b}")
+        wait_for(
+            lambda a=a, b=b: bed.ping(pod(bed, a), pod(bed, b).ip),
+            DEADLINE,
+            f"pod on node-{a} to ping the pod on node-{b}",
+        )
 
 
 def test_server_sees_the_client_pod_ip_both_ways(bed: Testbed) -> None:
@@ -77,7 +83,12 @@ def test_subnet_file_and_device_follow_the_lease(bed: Testbed) -> None:
     dev = bed.snapshot(1)["device"]
     assert dev["addresses"] == [info["subnet"].replace("/24", "/32")]
     assert (dev["vni"], dev["port"], dev["learning"], dev["local"], dev["mtu"]) == (
-        1, 4789, 0, bed.node(1).ip, 1450)
+        1,
+        4789,
+        0,
+        bed.node(1).ip,
+        1450,
+    )
 
 
 def test_underlay_capture_shows_vxlan_vni_1_with_pod_ips(bed: Testbed, tmp_path: Any) -> None:
@@ -86,8 +97,23 @@ def test_underlay_capture_shows_vxlan_vni_1_with_pod_ips(bed: Testbed, tmp_path:
     pcap, errf = tmp_path / "u.pcap", tmp_path / "tcpdump.err"
     with open(errf, "wb") as err:
         # on node-1's switch port: a bridge device itself only sees frames for its own stack
-        dump = bed.popen(bed.switch, ["tcpdump", "-i", "n1", "-U", "--immediate-mode", "-n",
-                                      "-w", str(pcap), "udp", "port", "4789"], stderr=err)
+        dump = bed.popen(
+            bed.switch,
+            [
+                "tcpdump",
+                "-i",
+                "n1",
+                "-U",
+                "--immediate-mode",
+                "-n",
+                "-w",
+                str(pcap),
+                "udp",
+                "port",
+                "4789",
+            ],
+            stderr=err,
+        )
     try:
         wait_for(lambda: b"listening on" in errf.read_bytes(), DEADLINE, "tcpdump to listen")
         p1, p2 = pod(bed, 1), pod(bed, 2)
@@ -114,8 +140,11 @@ def test_only_traffic_leaving_the_cluster_is_masqueraded(bed: Testbed) -> None:
     set_config(bed, ip_masq=False)
     try:
         wait_for(lambda: "MASQUERADE" not in rules(), DEADLINE, "masquerade rules to go")
-        wait_for(lambda: bed.node(1).subnet_info()["ipMasq"] is False, DEADLINE,
-                 "subnet.json to say ipMasq false")
+        wait_for(
+            lambda: bed.node(1).subnet_info()["ipMasq"] is False,
+            DEADLINE,
+            "subnet.json to say ipMasq false",
+        )
     finally:
         set_config(bed, ip_masq=True)
     wait_for(lambda: "MASQUERADE" in rules(), DEADLINE, "masquerade rules to come back")
@@ -133,8 +162,11 @@ def test_outer_vxlan_packets_skip_conntrack(bed: Testbed) -> None:
     # (whether the pods' own flow is tracked depends on the datapath: test_overlay_fastpath)
     # the bypass repairs itself when removed by hand
     bed.run(n1, ["iptables", "-t", "raw", "-F", "CORRAL-VXLAN"])
-    wait_for(lambda: "--notrack" in bed.run(n1, ["iptables", "-t", "raw", "-S"]).stdout,
-             DEADLINE, "the conntrack bypass to come back")
+    wait_for(
+        lambda: "--notrack" in bed.run(n1, ["iptables", "-t", "raw", "-S"]).stdout,
+        DEADLINE,
+        "the conntrack bypass to come back",
+    )
 
 
 def set_config(bed: Testbed, **changes: Any) -> None:
@@ -143,6 +175,7 @@ def set_config(bed: Testbed, **changes: Any) -> None:
             target = cfg.spec.backend if k == "direct_routing" else cfg.spec
             setattr(target, k, v)
         return cfg
+
     etcd_do(bed.etcd_url, lambda s: s.modify(NetworkConfig, "cluster", None, change))
 
 
@@ -151,6 +184,7 @@ def set_config(bed: Testbed, **changes: Any) -> None:
 
 def _ipr(bed: Testbed, i: int) -> Any:
     from corral.cluster import netns
+
     return netns.ipr(bed.node(i).ns)
 
 
@@ -164,10 +198,14 @@ def test_hand_made_damage_is_repaired(bed: Testbed) -> None:
     wait_for(lambda: bed.snapshot(1) == good, DEADLINE, "the deleted route to come back")
     with _ipr(bed, 1) as ipr:
         ipr.fdb("del", ifindex=idx, lladdr=mac, dst=remote_ip)
-        ipr.fdb("append", ifindex=idx, lladdr="02:11:22:33:44:55", dst="172.30.0.77",
-                state=128, flags=2)
-    wait_for(lambda: bed.snapshot(1) == good, DEADLINE,
-             "the deleted FDB entry back and the stale one gone")
+        ipr.fdb(
+            "append", ifindex=idx, lladdr="02:11:22:33:44:55", dst="172.30.0.77", state=128, flags=2
+        )
+    wait_for(
+        lambda: bed.snapshot(1) == good,
+        DEADLINE,
+        "the deleted FDB entry back and the stale one gone",
+    )
     with _ipr(bed, 1) as ipr:
         ipr.link("set", index=idx, address="02:de:ad:be:ef:01")
     wait_for(lambda: bed.snapshot(1) == good, DEADLINE, "the VTEP MAC to be restored")
@@ -182,6 +220,7 @@ def test_hand_made_damage_is_repaired(bed: Testbed) -> None:
         s["device"]["index"] = idx
         s["routes"] = [(d, g, idx if o == new else o, f) for d, g, o, f in s["routes"]]
         return s == good
+
     wait_for(same_but_index, DEADLINE, "the deleted device to be recreated with its entries")
     wait_for(lambda: bed.ping(pod(bed, 2), pod(bed, 1).ip), DEADLINE, "pods to talk again")
 
@@ -195,7 +234,9 @@ while (d := c.recv(65536)):
     c.sendall(d)
 """
 
-STREAM_CLIENT = CONNECT + """
+STREAM_CLIENT = (
+    CONNECT
+    + """
 c.settimeout(10)
 n = 0
 while not os.path.exists(sys.argv[3]):
@@ -211,15 +252,20 @@ while not os.path.exists(sys.argv[3]):
     time.sleep(0.005)
 print(n)
 """
+)
 
 
 def test_kill_9_and_restart_keeps_streams_and_state(bed: Testbed, tmp_path: Any) -> None:
     p1, p2 = pod(bed, 1), pod(bed, 2)
     stop, progress = tmp_path / "stop", tmp_path / "progress"
     srv = bed.popen(p2.ns, [sys.executable, "-c", STREAM_SERVER, "7010"])
-    cli = bed.popen(p1.ns, [sys.executable, "-c", STREAM_CLIENT, p2.ip, "7010", str(stop),
-                            str(progress)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    text=True)
+    cli = bed.popen(
+        p1.ns,
+        [sys.executable, "-c", STREAM_CLIENT, p2.ip, "7010", str(stop), str(progress)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         count = lambda: int(progress.read_text() or 0) if progress.exists() else 0  # noqa: E731
         wait_for(lambda: count() > 0, DEADLINE, "the stream to start")
@@ -231,8 +277,11 @@ def test_kill_9_and_restart_keeps_streams_and_state(bed: Testbed, tmp_path: Any)
         wait_for(lambda: count() > seen + 20, DEADLINE, "the stream to go on without an agent")
         readies = bed.agent_log(1).count("overlay ready")
         bed.start_agent(1, wait=False)
-        wait_for(lambda: bed.agent_log(1).count("overlay ready") > readies, DEADLINE,
-                 "the restarted agent to be ready")
+        wait_for(
+            lambda: bed.agent_log(1).count("overlay ready") > readies,
+            DEADLINE,
+            "the restarted agent to be ready",
+        )
         seen = count()
         wait_for(lambda: count() > seen + 20, DEADLINE, "the stream to go on after the restart")
         time.sleep(1.5)  # one resync period of the restarted agent, so it had its say
@@ -254,11 +303,13 @@ def test_lost_lease_is_reacquired(bed: Testbed) -> None:
 
     async def drop(s: Store) -> None:
         await s.delete_raw(subnet_key(subnet))
+
     etcd_do(bed.etcd_url, drop)
 
     def back() -> bool:
         kv = etcd_do(bed.etcd_url, lambda s: s.get_raw(subnet_key(subnet)))
         return kv is not None and leases.decode(kv.value).node_name == "node-2"
+
     wait_for(back, DEADLINE, "node-2 to re-take its subnet")
     assert "was lost" in bed.agent_log(2)
     wait_for(lambda: bed.ping(pod(bed, 1), pod(bed, 2).ip), DEADLINE, "pods to talk")
@@ -273,10 +324,15 @@ def test_direct_routing_skips_encapsulation_on_link(bed: Testbed) -> None:
     encap = wait_for(both_peers, DEADLINE, "node-1 to have entries for both peers")
     set_config(bed, direct_routing=True)
     try:
+
         def direct() -> bool:
             s = bed.snapshot(1)
-            return not s["fdb"] and all(gw.startswith("172.30.0.") for _, gw, _, _ in
-                                        s["routes"]) and len(s["routes"]) == 2
+            return (
+                not s["fdb"]
+                and all(gw.startswith("172.30.0.") for _, gw, _, _ in s["routes"])
+                and len(s["routes"]) == 2
+            )
+
         wait_for(direct, DEADLINE, "routes straight via the peers' underlay addresses")
         wait_for(lambda: bed.ping(pod(bed, 1), pod(bed, 3).ip), DEADLINE, "pods to talk")
     finally:
@@ -288,33 +344,56 @@ def test_direct_routing_skips_encapsulation_on_link(bed: Testbed) -> None:
 
 
 def test_lease_added_and_removed_in_etcd(bed: Testbed) -> None:
-    ghost = SubnetLease(subnet="10.244.200.0/24", node_name="ghost", public_ip="172.30.0.99",
-                        vtep_mac="02:00:00:00:00:99")
+    ghost = SubnetLease(
+        subnet="10.244.200.0/24",
+        node_name="ghost",
+        public_ip="172.30.0.99",
+        vtep_mac="02:00:00:00:00:99",
+    )
     etcd_do(bed.etcd_url, lambda s: s.put_raw(subnet_key(ghost.subnet), leases.encode(ghost)))
     has = lambda i: any(r[0] == ghost.subnet for r in bed.snapshot(i)["routes"])  # noqa: E731
     for i in (1, 2, 3):
-        wait_for(lambda i=i: has(i) and ("02:00:00:00:00:99", "172.30.0.99")
-                 in bed.snapshot(i)["fdb"], DEADLINE, f"node-{i} to route to the new lease")
+        wait_for(
+            lambda i=i: has(i) and ("02:00:00:00:00:99", "172.30.0.99") in bed.snapshot(i)["fdb"],
+            DEADLINE,
+            f"node-{i} to route to the new lease",
+        )
     etcd_do(bed.etcd_url, lambda s: s.delete_raw(subnet_key(ghost.subnet)))
     for i in (1, 2, 3):
-        wait_for(lambda i=i: not has(i) and "10.244.200.0" not in str(bed.snapshot(i)),
-                 DEADLINE, f"node-{i} to drop every entry of the removed lease")
+        wait_for(
+            lambda i=i: not has(i) and "10.244.200.0" not in str(bed.snapshot(i)),
+            DEADLINE,
+            f"node-{i} to drop every entry of the removed lease",
+        )
 
 
 def test_a_node_whose_subnet_is_taken_moves_loudly(bed: Testbed) -> None:
     old = bed.node(2).subnet_info()["subnet"]
-    thief = SubnetLease(subnet=old, node_name="thief", public_ip="172.30.0.98",
-                        vtep_mac="02:00:00:00:00:98")
+    thief = SubnetLease(
+        subnet=old, node_name="thief", public_ip="172.30.0.98", vtep_mac="02:00:00:00:00:98"
+    )
     etcd_do(bed.etcd_url, lambda s: s.put_raw(subnet_key(old), leases.encode(thief)))
-    moved = wait_for(lambda: (bed.node(2).subnet_info() or {}).get("subnet") not in (None, old)
-                     and bed.node(2).subnet_info()["subnet"], DEADLINE, "node-2 to move")
+    moved = wait_for(
+        lambda: (
+            (bed.node(2).subnet_info() or {}).get("subnet") not in (None, old)
+            and bed.node(2).subnet_info()["subnet"]
+        ),
+        DEADLINE,
+        "node-2 to move",
+    )
     assert f"SUBNET CHANGED for node node-2: {old} -> {moved}" in bed.agent_log(2)
-    wait_for(lambda: bed.snapshot(2)["device"]["addresses"] == [moved.replace("/24", "/32")],
-             DEADLINE, "the device address to follow")
+    wait_for(
+        lambda: bed.snapshot(2)["device"]["addresses"] == [moved.replace("/24", "/32")],
+        DEADLINE,
+        "the device address to follow",
+    )
     node = etcd_do(bed.etcd_url, lambda s: s.get(Node, "node-2"))
     assert node.spec.pod_cidr == moved
-    wait_for(lambda: any(r[0] == moved for r in bed.snapshot(1)["routes"]), DEADLINE,
-             "node-1 to route the new subnet")
+    wait_for(
+        lambda: any(r[0] == moved for r in bed.snapshot(1)["routes"]),
+        DEADLINE,
+        "node-1 to route the new subnet",
+    )
     etcd_do(bed.etcd_url, lambda s: s.delete_raw(subnet_key(old)))
     assert bed.node(2).proc is not None and bed.node(2).proc.poll() is None  # never exits
 
@@ -327,13 +406,19 @@ def test_removed_node_vanishes_from_the_others(bed: Testbed) -> None:
     bed.stop_agent(3, signal.SIGKILL)
     assert cmd_node_remove(argparse.Namespace(etcd=bed.etcd_url, name="node-3")) == 0
     for i in (1, 2):
-        wait_for(lambda i=i: subnet3.split("/")[0] not in str(bed.snapshot(i)), DEADLINE,
-                 f"node-{i} to forget node-3")
+        wait_for(
+            lambda i=i: subnet3.split("/")[0] not in str(bed.snapshot(i)),
+            DEADLINE,
+            f"node-{i} to forget node-3",
+        )
 
 
 def test_expired_lease_vanishes_from_the_others(bed: Testbed) -> None:
     subnet2 = bed.node(2).subnet_info()["subnet"]
     bed.stop_agent(2, signal.SIGKILL)  # no renewals: the etcd lease (TTL 6 s) runs out
-    wait_for(lambda: subnet2.split("/")[0] not in str(bed.snapshot(1)), DEADLINE,
-             "node-1 to forget node-2 after its lease expired")
+    wait_for(
+        lambda: subnet2.split("/")[0] not in str(bed.snapshot(1)),
+        DEADLINE,
+        "node-1 to forget node-2 after its lease expired",
+    )
     assert etcd_do(bed.etcd_url, lambda s: s.get_raw(subnet_key(subnet2))) is None

@@ -26,8 +26,9 @@ from corral.overlay.testbed import Testbed, wait_for
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
-    pytest.mark.skipif(loader.unavailable() is not None,
-                       reason=f"BCC cannot compile here: {loader.unavailable()}"),
+    pytest.mark.skipif(
+        loader.unavailable() is not None, reason=f"BCC cannot compile here: {loader.unavailable()}"
+    ),
 ]
 
 DEADLINE = 45.0
@@ -56,8 +57,11 @@ def programs(tb: Testbed, i: int) -> dict[str, list[str]]:
     """corral's tc programs per link name in node i."""
     k = tb.node(i)
     with netns.ipr(k.ns) as ipr:
-        return {str(link.get_attr("IFLA_IFNAME")): progs for link in ipr.get_links()
-                if (progs := loader.attached(ipr, link["index"]))}
+        return {
+            str(link.get_attr("IFLA_IFNAME")): progs
+            for link in ipr.get_links()
+            if (progs := loader.attached(ipr, link["index"]))
+        }
 
 
 def device_packets(tb: Testbed, i: int) -> int:
@@ -104,13 +108,18 @@ def test_the_fast_node_leaves_its_vxlan_device_out(bed: Testbed) -> None:
     assert device_packets(bed, FAST) == before[FAST]
     assert device_packets(bed, KERNEL) >= before[KERNEL] + 10
     # and the node says so in its datapath file (rewritten by every full pass)
-    wait_for(lambda: datapath_file(bed, FAST)["packets"]["encapsulated"] >= 5, DEADLINE,
-             "datapath.json to count the encapsulated pings")
+    wait_for(
+        lambda: datapath_file(bed, FAST)["packets"]["encapsulated"] >= 5,
+        DEADLINE,
+        "datapath.json to count the encapsulated pings",
+    )
     doc = datapath_file(bed, FAST)
     assert doc["datapath"] == "bpf" and doc["peers"] == 1 and doc["pods"] == 1
     assert doc["packets"]["decapsulated"] >= 5
-    assert datapath_file(bed, KERNEL) == {"datapath": "kernel",
-                                          "why": "datapath kernel was asked for"}
+    assert datapath_file(bed, KERNEL) == {
+        "datapath": "kernel",
+        "why": "datapath kernel was asked for",
+    }
 
 
 def test_ttl_drops_once_per_node_as_on_the_kernel_path(bed: Testbed) -> None:
@@ -125,8 +134,11 @@ def test_ttl_drops_once_per_node_as_on_the_kernel_path(bed: Testbed) -> None:
 def test_pods_of_one_node_reach_each_other_as_if_bridged(bed: Testbed) -> None:
     extra = bed.add_pod(FAST)
     p1 = pod(bed, FAST)
-    wait_for(lambda: programs(bed, FAST).get(f"v{extra.name}") == ["from_pod"], DEADLINE,
-             "the new pod's veth to get the fast path")
+    wait_for(
+        lambda: programs(bed, FAST).get(f"v{extra.name}") == ["from_pod"],
+        DEADLINE,
+        "the new pod's veth to get the fast path",
+    )
     assert "ttl=64" in ping_output(bed, p1.ns, extra.ip)  # switched, not routed
     assert peer_seen_by_server(bed, extra.ns, extra.ip, p1.ns, 7103) == p1.ip
     # and the new pod is reached from the other node through the fast path too
@@ -158,11 +170,15 @@ for size in (65000, 65507, 65507):  # up to the largest payload UDP allows
 
 def test_udp_gso_bursts_cross_whole(bed: Testbed) -> None:
     p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
-    sink = bed.popen(p2.ns, [sys.executable, "-c", UDP_SINK, "7105"], stdout=subprocess.PIPE,
-                     text=True)
+    sink = bed.popen(
+        p2.ns, [sys.executable, "-c", UDP_SINK, "7105"], stdout=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(lambda: ":7105" in bed.run(p2.ns, ["ss", "-lun"]).stdout, DEADLINE,
-                 "the UDP sink to listen")
+        wait_for(
+            lambda: ":7105" in bed.run(p2.ns, ["ss", "-lun"]).stdout,
+            DEADLINE,
+            "the UDP sink to listen",
+        )
         bed.run(p1.ns, [sys.executable, "-c", UDP_GSO_SEND, p2.ip, "7105"])
         out, _ = sink.communicate(timeout=DEADLINE)
     finally:
@@ -176,8 +192,7 @@ def test_pod_flows_skip_the_fast_nodes_conntrack(bed: Testbed) -> None:
     p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
 
     def tracked(i: int) -> bool:
-        out = bed.run(bed.node(i).ns, ["conntrack", "-L", "-p", "icmp", "-n"],
-                      check=False).stdout
+        out = bed.run(bed.node(i).ns, ["conntrack", "-L", "-p", "icmp", "-n"], check=False).stdout
         return f"src={p1.ip} dst={p2.ip}" in out
 
     assert bed.ping(p1, p2.ip, count=2)
@@ -191,8 +206,11 @@ def restart(bed: Testbed, i: int, *extra: str, sig: int = signal.SIGTERM) -> Non
     loads = bed.agent_log(i).count("eBPF fast path on")
     bed.stop_agent(i, sig)
     bed.start_agent(i, wait=False, extra=list(extra))
-    wait_for(lambda: bed.agent_log(i).count("overlay ready") > readies, DEADLINE,
-             f"node-{i}'s agent to be ready again")
+    wait_for(
+        lambda: bed.agent_log(i).count("overlay ready") > readies,
+        DEADLINE,
+        f"node-{i}'s agent to be ready again",
+    )
     if "kernel" not in extra:
         bed.wait_fastpath(i, runs=loads + 1)
 
@@ -218,10 +236,18 @@ def test_a_restart_swaps_programs_under_a_running_stream(bed: Testbed) -> None:
     p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
     sink = bed.popen(p2.ns, [sys.executable, "-c", SINK, "7104"])
     try:
-        wait_for(lambda: bed.run(p2.ns, ["ss", "-ltn"]).stdout.count(":7104") > 0, DEADLINE,
-                 "the sink to listen")
-        stream = bed.popen(p1.ns, [sys.executable, "-c", STREAM, p2.ip, "7104", "6"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(
+            lambda: bed.run(p2.ns, ["ss", "-ltn"]).stdout.count(":7104") > 0,
+            DEADLINE,
+            "the sink to listen",
+        )
+        stream = bed.popen(
+            p1.ns,
+            [sys.executable, "-c", STREAM, p2.ip, "7104", "6"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         restart(bed, FAST, "--datapath", "bpf", sig=signal.SIGKILL)
         out, err = stream.communicate(timeout=DEADLINE)
         assert stream.returncode == 0, err
@@ -246,8 +272,7 @@ def test_a_stopped_agent_leaves_the_programs_forwarding(bed: Testbed) -> None:
         bed.wait_fastpath(FAST, runs=loads + 1)
 
 
-def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(
-        bed: Testbed) -> None:
+def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(bed: Testbed) -> None:
     p1, p2 = pod(bed, FAST), pod(bed, KERNEL)
     restart(bed, FAST, "--datapath", "kernel")
     assert programs(bed, FAST) == {}
@@ -262,12 +287,19 @@ def test_datapath_kernel_takes_the_programs_away_and_auto_brings_them_back(
 def test_programs_removed_by_hand_come_back(bed: Testbed) -> None:
     veth = f"v{pod(bed, FAST).name}"
     for dev in ("eth0", veth):
-        bed.run(bed.node(FAST).ns, ["tc", "filter", "del", "dev", dev, "ingress",
-                                    "pref", str(loader.PRIO)])
+        bed.run(
+            bed.node(FAST).ns,
+            ["tc", "filter", "del", "dev", dev, "ingress", "pref", str(loader.PRIO)],
+        )
     assert "eth0" not in programs(bed, FAST)
-    wait_for(lambda: programs(bed, FAST).get("eth0") == ["from_uplink"]
-             and programs(bed, FAST).get(veth) == ["from_pod"], DEADLINE,
-             "the periodic pass to put the programs back")
+    wait_for(
+        lambda: (
+            programs(bed, FAST).get("eth0") == ["from_uplink"]
+            and programs(bed, FAST).get(veth) == ["from_pod"]
+        ),
+        DEADLINE,
+        "the periodic pass to put the programs back",
+    )
     before = device_packets(bed, FAST)
     assert bed.ping(pod(bed, KERNEL), pod(bed, FAST).ip, count=2)
     assert device_packets(bed, FAST) == before
@@ -276,7 +308,10 @@ def test_programs_removed_by_hand_come_back(bed: Testbed) -> None:
 def test_a_deleted_pod_leaves_the_map(bed: Testbed) -> None:
     extra = bed.node(FAST).pods[-1]
     netns.remove(extra.ns)  # the pod's veth pair goes with its namespace
-    wait_for(lambda: f"fast path: pod {extra.ip} removed" in bed.agent_log(FAST), DEADLINE,
-             "the agent to drop the pod")
+    wait_for(
+        lambda: f"fast path: pod {extra.ip} removed" in bed.agent_log(FAST),
+        DEADLINE,
+        "the agent to drop the pod",
+    )
     bed.node(FAST).pods.remove(extra)
     assert bed.ping(pod(bed, KERNEL), pod(bed, FAST).ip)

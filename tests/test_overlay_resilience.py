@@ -48,11 +48,13 @@ def holder(url: str, subnet: str) -> str | None:
             kv = await s.get_raw(subnet_key(subnet))
         rec = leases.decode(kv.value) if kv else None
         return rec.node_name if rec else None
+
     return asyncio.run(go())
 
 
 def test_etcd_outage_keeps_pods_talking_and_agents_recover(
-        private: tuple[LocalEtcd, Testbed]) -> None:
+    private: tuple[LocalEtcd, Testbed],
+) -> None:
     etcd, tb = private
     for i in (1, 2):
         tb.start_agent(i)
@@ -62,16 +64,22 @@ def test_etcd_outage_keeps_pods_talking_and_agents_recover(
 
     etcd.stop()
     for i in (1, 2):
-        wait_for(lambda i=i: "cannot renew the subnet lease" in tb.agent_log(i), DEADLINE,
-                 f"node-{i} to notice etcd is gone")
+        wait_for(
+            lambda i=i: "cannot renew the subnet lease" in tb.agent_log(i),
+            DEADLINE,
+            f"node-{i} to notice etcd is gone",
+        )
     assert tb.ping(p1, p2.ip) and tb.ping(p2, p1.ip)  # the data path does not need etcd
 
     etcd.start()
     assert all(n.proc is not None and n.proc.poll() is None for n in tb.nodes)
     # the agents reconnected: a lease deleted now is taken back through the new watch
     asyncio.run(_delete(etcd.url, subnet_key(subnet2)))
-    wait_for(lambda: holder(etcd.url, subnet2) == "node-2", DEADLINE,
-             "node-2 to re-take its subnet after the outage")
+    wait_for(
+        lambda: holder(etcd.url, subnet2) == "node-2",
+        DEADLINE,
+        "node-2 to re-take its subnet after the outage",
+    )
     assert tb.node(2).subnet_info()["subnet"] == subnet2
     wait_for(lambda: tb.ping(p1, p2.ip), DEADLINE, "pods to talk after the outage")
 
@@ -82,8 +90,7 @@ async def _delete(url: str, key: str) -> None:
 
 
 @pytest.mark.parametrize("private", [3600.0], indirect=True)
-def test_netlink_events_trigger_repair_without_waiting(private: tuple[LocalEtcd, Testbed]
-                                                       ) -> None:
+def test_netlink_events_trigger_repair_without_waiting(private: tuple[LocalEtcd, Testbed]) -> None:
     """With the periodic pass an hour away, only netlink events can explain a repair."""
     _, tb = private
     for i in (1, 2):
@@ -104,5 +111,12 @@ def test_netlink_events_trigger_repair_without_waiting(private: tuple[LocalEtcd,
     wait_for(lambda: tb.snapshot(1) == good, DEADLINE, "the VTEP MAC to be restored")
     with netns.ipr(tb.node(1).ns) as ipr:
         ipr.link("del", index=idx)
-    wait_for(lambda: (s := tb.snapshot(1))["device"] is not None and len(s["routes"]) == 1
-             and s["fdb"] == good["fdb"], DEADLINE, "the device to be recreated")
+    wait_for(
+        lambda: (
+            (s := tb.snapshot(1))["device"] is not None
+            and len(s["routes"]) == 1
+            and s["fdb"] == good["fdb"]
+        ),
+        DEADLINE,
+        "the device to be recreated",
+    )

@@ -36,20 +36,30 @@ def pod_dir(tmp_path: Any) -> Iterator[str]:
         sandbox.remove_netns(ns)
 
 
-async def launch(pod_dir: str, argv: list[str], name: str = "c") -> tuple[
-        containers.ContainerRecord, asyncio.subprocess.Process]:
+async def launch(
+    pod_dir: str, argv: list[str], name: str = "c"
+) -> tuple[containers.ContainerRecord, asyncio.subprocess.Process]:
     hosts = os.path.join(pod_dir, "hosts")
     with open(hosts, "w") as f:
         f.write("10.9.8.7\tpodx\n")
     return await containers.launch(
-        pod_dir, name, 0, argv=argv, env={"FOO": "bar baz"}, working_dir="/tmp",
-        netns=os.path.join(pod_dir, "netns", "cni-test"), hostname="podx",
-        binds=[(hosts, "/etc/hosts")], cgroups=[])
+        pod_dir,
+        name,
+        0,
+        argv=argv,
+        env={"FOO": "bar baz"},
+        working_dir="/tmp",
+        netns=os.path.join(pod_dir, "netns", "cni-test"),
+        hostname="podx",
+        binds=[(hosts, "/etc/hosts")],
+        cgroups=[],
+    )
 
 
 async def test_runs_command_in_its_sandbox_and_records_exit(shim: str, pod_dir: str) -> None:
-    rec, proc = await launch(pod_dir, ["sh", "-c", 'echo "$FOO|$(hostname)|$$|$(pwd)"; '
-                                       "cat /etc/hosts; exit 3"])
+    rec, proc = await launch(
+        pod_dir, ["sh", "-c", 'echo "$FOO|$(hostname)|$$|$(pwd)"; cat /etc/hosts; exit 3']
+    )
     rc = await asyncio.wait_for(containers.wait_exit(rec, proc), 30)
     ex = containers.exit_info(pod_dir, "c", rec, rc)
     assert (ex.exit_code, ex.signal) == (3, 0)
@@ -61,8 +71,9 @@ async def test_runs_command_in_its_sandbox_and_records_exit(shim: str, pod_dir: 
 
 
 async def test_sigterm_reaches_pid1_and_missing_command_is_127(shim: str, pod_dir: str) -> None:
-    rec, proc = await launch(pod_dir, ["sh", "-c", 'trap "exit 7" TERM; echo up; '
-                                       "while :; do sleep 0.1; done"])
+    rec, proc = await launch(
+        pod_dir, ["sh", "-c", 'trap "exit 7" TERM; echo up; while :; do sleep 0.1; done']
+    )
     for _ in range(600):  # the trap is set once it says so
         if "up" in containers.tail(rec.log, 1):
             break

@@ -34,11 +34,13 @@ async def run_loop(probe: Probe, results: list[bool], initial: bool = False) -> 
 
 
 async def test_probe_thresholds() -> None:
-    p = Probe.model_validate({"exec": {"command": ["true"]}, "successThreshold": 2,
-                              "failureThreshold": 3})
+    p = Probe.model_validate(
+        {"exec": {"command": ["true"]}, "successThreshold": 2, "failureThreshold": 3}
+    )
     # Needs 2 successes in a row to become ready, 3 failures in a row to drop.
-    assert await run_loop(p, [True, False, True, True, False, False, True, False, False,
-                              False]) == [True, False]
+    assert await run_loop(
+        p, [True, False, True, True, False, False, True, False, False, False]
+    ) == [True, False]
     # A probe that never passes reports the failure once (for the message), not every time.
     assert await run_loop(p, [False] * 8) == [False]
     # Liveness starts alive: only a run of failures flips it.
@@ -70,8 +72,9 @@ async def test_tcp_and_http_handlers_on_loopback() -> None:
 
 
 def test_named_ports_resolve_against_the_container() -> None:
-    c = Container.model_validate({"name": "c", "command": ["x"],
-                                  "ports": [{"name": "http", "containerPort": 8080}]})
+    c = Container.model_validate(
+        {"name": "c", "command": ["x"], "ports": [{"name": "http", "containerPort": 8080}]}
+    )
     assert probes.resolve_port("http", c) == 8080
     assert probes.resolve_port(9000, c) == 9000
     with pytest.raises(ValueError, match="no port named 'grpc'"):
@@ -79,8 +82,16 @@ def test_named_ports_resolve_against_the_container() -> None:
 
 
 def test_limits_from_resources() -> None:
-    c = Container.model_validate({"name": "c", "command": ["x"], "resources": {
-        "requests": {"cpu": "250m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "64Mi"}}})
+    c = Container.model_validate(
+        {
+            "name": "c",
+            "command": ["x"],
+            "resources": {
+                "requests": {"cpu": "250m", "memory": "32Mi"},
+                "limits": {"cpu": "1", "memory": "64Mi"},
+            },
+        }
+    )
     lim = Limits.of(c)
     assert (lim.memory, lim.cpu_quota_millis, lim.cpu_shares) == (64 << 20, 1000, 256)
     none = Limits.of(Container.model_validate({"name": "c", "command": ["x"]}))
@@ -91,10 +102,12 @@ def test_resolv_conf_and_hosts() -> None:
     assert sandbox.resolv_conf("team-a", "10.96.0.10", "cluster.local") == (
         "nameserver 10.96.0.10\n"
         "search team-a.svc.cluster.local svc.cluster.local cluster.local\n"
-        "options ndots:5\n")
+        "options ndots:5\n"
+    )
     assert sandbox.resolv_conf("x", "10.96.0.10", "cluster.local", "None") == ""
     hosts = sandbox.etc_hosts("10.244.1.5", "web-0", "web", "default", "cluster.local")
     assert "127.0.0.1\tlocalhost" in hosts
     assert "10.244.1.5\tweb-0.web.default.svc.cluster.local\tweb-0" in hosts
-    assert "10.244.1.5\tweb-0\n" in sandbox.etc_hosts("10.244.1.5", "web-0", None, "default",
-                                                      "cluster.local")
+    assert "10.244.1.5\tweb-0\n" in sandbox.etc_hosts(
+        "10.244.1.5", "web-0", None, "default", "cluster.local"
+    )

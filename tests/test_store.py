@@ -19,11 +19,14 @@ from corral.api.store import (
 
 
 def pod(name: str, **labels: str) -> Pod:
-    return Pod.model_validate({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "c", "command": ["sleep", "1"]}]},
-    })
+    return Pod.model_validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "c", "command": ["sleep", "1"]}]},
+        }
+    )
 
 
 def relabel(p: Pod) -> Pod:
@@ -71,9 +74,9 @@ async def test_create_if_absent_race_between_two_clients(store: Store, etcd) -> 
     await other.connect()
     try:
         results = await asyncio.gather(
-            *[s.create(pod("contended", writer=str(i)))
-              for i, s in enumerate([store, other] * 10)],
-            return_exceptions=True)
+            *[s.create(pod("contended", writer=str(i))) for i, s in enumerate([store, other] * 10)],
+            return_exceptions=True,
+        )
     finally:
         await other.close()
     winners = [r for r in results if isinstance(r, Pod)]
@@ -125,9 +128,12 @@ async def test_watch_delivers_every_event_in_order(store: Store) -> None:
         await store.delete(Pod, f"p{i}", "default")
     await store.create(pod("last"))
     await asyncio.wait_for(task, 20)
-    expected = ([("ADDED", f"p{i}") for i in range(20)]
-                + [("MODIFIED", f"p{i}") for i in range(20)]
-                + [("DELETED", f"default/p{i}") for i in range(20)] + [("ADDED", "last")])
+    expected = (
+        [("ADDED", f"p{i}") for i in range(20)]
+        + [("MODIFIED", f"p{i}") for i in range(20)]
+        + [("DELETED", f"default/p{i}") for i in range(20)]
+        + [("ADDED", "last")]
+    )
     assert events == expected
 
 
@@ -162,20 +168,23 @@ async def test_list_and_watch_resumes_after_compaction(store: Store) -> None:
     await asyncio.sleep(0.5)
     await store.create(pod("after"))
     await asyncio.wait_for(task, 20)
-    assert set(seen[:3]) == {("DELETED", "default/gone"), ("MODIFIED", "changed"),
-                             ("ADDED", "new")}
+    assert set(seen[:3]) == {("DELETED", "default/gone"), ("MODIFIED", "changed"), ("ADDED", "new")}
     assert seen[3] == ("ADDED", "after")
 
 
 async def test_cluster_scoped_and_namespaced_keys(store: Store) -> None:
-    node = Node.model_validate({"apiVersion": "v1", "kind": "Node",
-                                "metadata": {"name": "node-1"}})
+    node = Node.model_validate({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}})
     await store.create(node)
     kv = await store.get_raw("/corral/v1/nodes/node-1")
     assert kv is not None
-    svc = Service.model_validate({"apiVersion": "v1", "kind": "Service",
-                                  "metadata": {"name": "web", "namespace": "prod"},
-                                  "spec": {"ports": [{"port": 80}]}})
+    svc = Service.model_validate(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "prod"},
+            "spec": {"ports": [{"port": 80}]},
+        }
+    )
     await store.create(svc)
     assert await store.get_raw("/corral/v1/services/prod/web") is not None
 

@@ -15,8 +15,14 @@ def run_suite(tmp_path: Path, body: str, *extra: str) -> subprocess.CompletedPro
     test = tmp_path / "test_sample.py"
     test.write_text(body)
     env = dict(os.environ, CORRAL_VENV=str(Path(sys.executable).parent.parent), CORRAL_LINT="0")
-    return subprocess.run([str(RUNNER), str(test), "-p", "no:cacheprovider", *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(RUNNER), str(test), "-p", "no:cacheprovider", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_failing_test_makes_the_run_fail(tmp_path: Path) -> None:
