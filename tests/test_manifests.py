@@ -348,7 +348,8 @@ def test_invalid_network_config(spec: str, words: str) -> None:
         ),
         ("apiVersion: v1\nkind: Node\nmetadata: {name: n, namespace: x}\n", "not namespaced"),
         (
-            "apiVersion: v1\nkind: Pod\nmetadata: {}\nspec: {containers: [{name: c, command: [x]}]}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {}\n"
+            "spec: {containers: [{name: c, command: [x]}]}\n",
             "metadata.name is required",
         ),
         ("", "no objects found"),
