@@ -8,7 +8,9 @@ VENV="${CORRAL_VENV:-$ROOT/.venv}"
 cd "$ROOT"
 
 if [[ ${CORRAL_LINT:-1} != 0 ]]; then
+  # The same lint as `make lint`: rules, then formatting.
   "$VENV/bin/ruff" check . || { echo "run-tests: ruff found problems" >&2; exit 1; }
+  "$VENV/bin/ruff" format --check . || { echo "run-tests: run 'ruff format .'" >&2; exit 1; }
 fi
 
 "$VENV/bin/python" -m pytest "$@"
