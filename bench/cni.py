@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from cni_helpers import REF_PLUGINS, CNINode, build_libcni_client, wait_until  # noqa: E402
 
-from corral.cluster import netns  # noqa: E402
 from corral.cluster.etcd import LocalEtcd  # noqa: E402
 from corral.cni.install import build_native_shim  # noqa: E402
+from corral.node import netns  # noqa: E402
 
 REFERENCE = {
     "cniVersion": "1.0.0",

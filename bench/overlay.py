@@ -31,15 +31,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from overlay_testbed import Testbed, wait_for
 
 from corral.api.objects import SubnetLease
 from corral.api.store import Store, subnet_key
-from corral.cluster import netns
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
+from corral.node import netns
 from corral.overlay import lease as leases
-from corral.overlay.testbed import Testbed, wait_for
 from corral.overlay.vxlan import Kernel
 
 

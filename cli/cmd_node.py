@@ -10,8 +10,8 @@ from typing import Any
 
 from corral.api.store import Store
 from corral.cli.common import CLIError, etcd_endpoints
+from corral.node.context import NodeContext, NodeOptions, NodePaths
 from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
-from corral.runtime.context import NodeContext, NodePaths
 
 
 def register(sub: Any) -> None:
@@ -88,7 +88,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
         ),
         underlay_iface=args.underlay_iface,
-        options={"cni_shim": args.cni_shim, "datapath": args.datapath},
+        options=NodeOptions(cni_shim=args.cni_shim, datapath=args.datapath),
     )
     try:
         asyncio.run(serve(ctx, comps))

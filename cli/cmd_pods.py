@@ -19,7 +19,7 @@ from typing import Any
 
 from corral.api.objects import Pod
 from corral.cli.common import CLIError, run, store_from_args
-from corral.cluster.procs import start_time
+from corral.node.procs import start_time
 from corral.runtime.containers import DEFAULT_PATH, nsenter_argv
 from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
 

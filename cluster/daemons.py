@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass
 
 from corral.cluster import nodes
-from corral.cluster.procs import ProcRecord
 from corral.cluster.state import ClusterState, NodeState
+from corral.node.procs import ProcRecord
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
-from corral.cluster.procs import ProcRecord, stop
+from corral.node.procs import ProcRecord, stop
 
 ETCD_BINARY = "etcd"
 

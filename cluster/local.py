@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError, parse_endpoints
-from corral.cluster import daemons, netns, nodes, underlay
+from corral.cluster import daemons, nodes, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
-from corral.cluster.procs import ProcRecord, start_time, stop
 from corral.cluster.state import ClusterState, NodeState
+from corral.node import netns
+from corral.node.procs import ProcRecord, start_time, stop
 
 DEFAULT_NODES = 3
 MAX_NODES = 50

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 from corral.api.objects import Node, NodeAddress, NodeCondition, NodeStatus, ObjectMeta
 from corral.api.store import AlreadyExists, Store, now_iso
-from corral.cluster import netns
-from corral.cluster.procs import ProcRecord, start_time
 from corral.cluster.state import ClusterState, NodeState
+from corral.node import netns
+from corral.node.procs import ProcRecord, start_time
 
 # node path -> directory under <state>/nodes/<node>/
 NODE_MOUNTS: list[tuple[str, str]] = [

@@ -18,7 +18,7 @@ import contextlib
 import signal
 import socket
 
-from corral.cluster import netns
+from corral.node import netns
 
 
 def listen_in(ns: str, port: int) -> socket.socket:

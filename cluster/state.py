@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from corral.cluster.procs import ProcRecord
+from corral.node.procs import ProcRecord
 
 DEFAULT_NAME = "corral"
 DEFAULT_ROOT = "/var/lib/corral"

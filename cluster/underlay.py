@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 
-from corral.cluster import netns
+from corral.node import netns
 
 # pyroute2 costs ~0.2 s to import and every CLI command imports this module
 # (through local_etcd_urls): import it only where netlink is used.

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import hashlib
 import ipaddress
 import logging
 import os
 import re
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,16 +34,16 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from corral.cluster import netns as nsutil
 from corral.cni import errors as E
 from corral.cni import rtnl
 from corral.cni.config import Addr4, BridgeConfig, Net4, Route
 from corral.cni.errors import CNIError
-from corral.overlay.fastpath import pod_alias
+from corral.node import iptables
+from corral.node import netns as nsutil
+from corral.node.podveth import pod_alias
 
 log = logging.getLogger(__name__)
 HOST_NAME_RE = re.compile(r"^veth[0-9a-f]{11}$")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def random_mac() -> str:
@@ -90,11 +88,7 @@ class Plumber:
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def _init_thread(self) -> None:
-        if self.netns:  # a daemon outside its node's namespace (tests, debugging)
-            with open(nsutil.path(self.netns)) as f:
-                if _libc.setns(f.fileno(), nsutil.CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {self.netns}: {os.strerror(err)}")
+        nsutil.enter_thread(self.netns)  # a daemon outside its node's namespace (tests)
         self._local.ipr = IPRoute()
         self._local.nl = rtnl.Socket()
         self._local.nsfd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
@@ -183,19 +177,8 @@ class Plumber:
             "MASQUERADE",
         ]
 
-        def cmd(argv: list[str]) -> list[str]:
-            return nsutil.command(self.netns, argv) if self.netns else argv
-
-        check = subprocess.run(
-            cmd(["iptables", "-w", "-t", "nat", "-C", *rule]), capture_output=True, check=False
-        )
-        if check.returncode != 0:
-            r = subprocess.run(
-                cmd(["iptables", "-w", "-t", "nat", "-A", *rule]),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+        if not iptables.has_rule(self.netns, "nat", "POSTROUTING", rule):
+            r = iptables.run(self.netns, ["iptables", "-t", "nat", "-A", *rule], check=False)
             if r.returncode != 0:
                 raise CNIError(E.INTERNAL, "cannot add the ipMasq rule", r.stderr.strip())
         self._masq.add((str(subnet), dst))

@@ -42,7 +42,7 @@ from corral.cni.config import (
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
 from corral.cni.ipam import IPAM, Allocated
-from corral.runtime.context import NodeContext, NodePaths
+from corral.node.context import NodeContext, NodeOptions, NodePaths
 
 log = logging.getLogger(__name__)
 READ_TIMEOUT = 60.0  # a shim sends its whole request at once; a silent peer is dropped
@@ -115,10 +115,9 @@ class CNIServer:
         install_shims(
             self.paths.cni_bin_dir,
             self.paths.cni_socket,
-            native=self.ctx.options.get("cni_shim", "native") == "native",
+            native=self.ctx.options.cni_shim == "native",
         )
-        netns = self.ctx.options.get("netns")
-        self.plumber = Plumber(str(netns) if netns else None)
+        self.plumber = Plumber(self.ctx.options.netns)
         sock_path = self.paths.cni_socket
         if os.path.exists(sock_path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -499,10 +498,8 @@ async def _serve_forever(args: argparse.Namespace) -> int:
         cni_bin_dir=args.bin_dir,
         cni_cache_dir=args.cache_dir,
     )
-    ctx = NodeContext(node_name=args.node, store=store, paths=paths)
-    if args.netns:
-        ctx.options["netns"] = args.netns
-    ctx.options["cni_shim"] = args.shim
+    options = NodeOptions(netns=args.netns or None, cni_shim=args.shim)
+    ctx = NodeContext(node_name=args.node, store=store, paths=paths, options=options)
     server = CNIServer(ctx)
     await server.start()
     task = asyncio.create_task(server.run())

@@ -198,7 +198,7 @@ STREAM_CLIENT = (
 
 def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_path: Any) -> None:
     """A TCP stream over the overlay into node-2 survives its agent's SIGKILL and restart."""
-    from corral.cluster.procs import start_time
+    from corral.node.procs import start_time
     from corral.overlay.vxlan import Kernel
 
     n1, n2 = cluster.nodes[0], cluster.nodes[1]

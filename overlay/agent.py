@@ -9,14 +9,11 @@ docs/internals.md). It can also run on its own:
 in (the etcd connection stays in its own); tests use that to drive several
 simulated nodes from the host namespace without giving them a path to etcd.
 
-Options read from `ctx.options`: `netns`, `resync_interval` (s, default 10),
-`lease_ttl` (s, default 30; renewed every third of it), `ip_forward` (default
-True: turn on IPv4 forwarding in the node namespace, which pod traffic needs),
-`kernel_events` (default True: a full pass as soon as netlink reports damage,
-not only every resync period), `datapath` ("auto", the default: the eBPF fast
-path of fastpath.py when BCC can load it, else the kernel's path; "bpf": the
-fast path or fail; "kernel": the kernel's path only, any corral programs
-removed).
+Options come from `ctx.options` (`corral.node.context.NodeOptions`): `netns`,
+`resync_interval`, `lease_ttl`, `ip_forward`, `kernel_events` and `datapath`
+("auto": the eBPF fast path of fastpath.py when BCC can load it, else the
+kernel's path; "bpf": the fast path or fail; "kernel": the kernel's path only,
+any corral programs removed).
 """
 
 from __future__ import annotations
@@ -46,15 +43,14 @@ from corral.api.objects import (
     SubnetLease,
 )
 from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
-from corral.cluster import netns
+from corral.node import netns
+from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
 from corral.overlay import config, fastpath, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
-from corral.runtime.context import NodeContext, NodePaths
 
 log = logging.getLogger("corral.overlay.agent")
 
 STATE_FILE = "overlay.json"
-DATAPATHS = ("auto", "bpf", "kernel")
 DATAPATH_FILE = "datapath.json"
 
 
@@ -82,14 +78,12 @@ class OverlayAgent:
         self.ctx = ctx
         self.store = ctx.store
         opts = ctx.options
-        self.namespace: str | None = opts.get("netns") or None  # type: ignore[assignment]
-        self.resync_interval = float(opts.get("resync_interval", 10))  # type: ignore[arg-type]
-        self.lease_ttl = int(opts.get("lease_ttl", lease.DEFAULT_TTL))  # type: ignore[arg-type]
-        self.ip_forward = bool(opts.get("ip_forward", True))
-        self.kernel_events = bool(opts.get("kernel_events", True))
-        self.datapath = str(opts.get("datapath") or "auto")
-        if self.datapath not in DATAPATHS:
-            raise ValueError(f"datapath {self.datapath!r}: use one of {', '.join(DATAPATHS)}")
+        self.namespace = opts.netns
+        self.resync_interval = opts.resync_interval
+        self.lease_ttl = opts.lease_ttl
+        self.ip_forward = opts.ip_forward
+        self.kernel_events = opts.kernel_events
+        self.datapath = opts.datapath
         self.fastpath: fastpath.FastPath | None = None
         self._datapath_why = "datapath kernel was asked for"
         self._pods_dirty = asyncio.Event()
@@ -649,12 +643,12 @@ async def _amain(args: argparse.Namespace) -> int:
         paths=NodePaths(run_dir=args.run_dir, state_dir=args.state_dir),
         underlay_iface=args.underlay_iface,
         underlay_ip=args.underlay_ip,
-        options={
-            "netns": args.netns,
-            "resync_interval": args.resync,
-            "lease_ttl": args.lease_ttl,
-            "datapath": args.datapath,
-        },
+        options=NodeOptions(
+            netns=args.netns,
+            resync_interval=args.resync,
+            lease_ttl=args.lease_ttl,
+            datapath=args.datapath,
+        ),
     )
     agent = OverlayAgent(ctx)
     loop = asyncio.get_running_loop()

@@ -36,33 +36,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.ebpf import loader
 from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac, unavailable
-from corral.overlay.vxlan import POD_ALIAS_PREFIX, Remote
+from corral.node.podveth import parse_pod_alias
+from corral.overlay.vxlan import Remote
 
-__all__ = ["BPFUnavailable", "FastPath", "Settings", "parse_pod_alias", "pod_alias", "unavailable"]
+__all__ = ["BPFUnavailable", "FastPath", "Settings", "unavailable"]
 
 SOURCE = "overlay_fastpath.c"
 PROGRAMS = ("from_pod", "from_uplink", "from_overlay")
 STATS = ("encapsulated", "decapsulated", "local", "to_kernel")
 IFF_UP = 1
-
-
-def pod_alias(ip: str, mac: str) -> str:
-    """The alias corral-cni gives a pod's host-side veth."""
-    return f"{POD_ALIAS_PREFIX}{ip} {mac.lower()}"
-
-
-def parse_pod_alias(alias: str | None) -> tuple[str, str] | None:
-    """(pod IP, pod MAC) from a host veth's alias, or None if it is not one of ours."""
-    if not alias or not alias.startswith(POD_ALIAS_PREFIX):
-        return None
-    parts = alias[len(POD_ALIAS_PREFIX) :].split()
-    if len(parts) != 2:
-        return None
-    try:
-        ipaddress.IPv4Address(parts[0])
-    except ValueError:
-        return None
-    return parts[0], parts[1].lower()
 
 
 @dataclass(frozen=True)

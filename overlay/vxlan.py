@@ -26,12 +26,12 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
 
-from corral.cluster import netns
+from corral.node import netns
+from corral.node.podveth import POD_ALIAS_PREFIX
 
 log = logging.getLogger(__name__)
 
 RTPROT_CORRAL = 77
-POD_ALIAS_PREFIX = "corral-pod "  # the alias corral-cni gives pod veths (see fastpath.py)
 RTNH_F_ONLINK = 4
 NTF_SELF = 2
 MAIN_TABLE = 254
@@ -100,18 +100,7 @@ class Kernel:
     @property
     def ipr(self) -> Any:
         if self._sock is None:
-            from pyroute2 import IPRoute
-
-            if self.namespace:
-                # pyroute2's NetNS forks a helper and SIGTERMs it; in a process with
-                # asyncio signal handlers the child's signal reaches the parent's loop
-                # through the shared wakeup fd. A socket made by a thread that entered
-                # the namespace avoids the fork.
-                with netns.entered(self.namespace):
-                    raw = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)
-                self._sock = IPRoute(use_socket=raw)
-            else:
-                self._sock = IPRoute()
+            self._sock = netns.iproute(self.namespace)
         return self._sock
 
     def close(self) -> None:
@@ -502,12 +491,7 @@ class EventMonitor:
     def start(self, index: int | None) -> None:
         """Start listening; `index` is the device's current ifindex."""
         self.index = index
-        if self.namespace:
-            with netns.entered(self.namespace):
-                raw = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)
-        else:
-            raw = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 0)
-        self._raw = raw
+        self._raw = netns.netlink_socket(self.namespace)
         self._thread.start()
 
     def stop(self) -> None:

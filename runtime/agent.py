@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from corral.api.objects import Node, NodeAddress, NodeCondition, NodeStatus
 from corral.api.store import AlreadyExists, NotFound, Unavailable, now_iso
-from corral.runtime.context import NodeContext
+from corral.node.context import NodeContext
 
 log = logging.getLogger("corral.node")
 

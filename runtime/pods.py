@@ -22,13 +22,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from corral.api.objects import Container, Node, Pod, PodCondition, PodIP, PodStatus
+from corral.api.objects import Container, NetworkSpec, Node, Pod, PodCondition, PodIP, PodStatus
 from corral.api.objects import ContainerStatus as CStatus
 from corral.api.store import Conflict, NotFound, now_iso, object_key
 from corral.cni.client import CNIClient, CNIError, RuntimeConf, load_conflist, pod_args, result_ips
+from corral.node import netns
+from corral.node.context import NodeContext
+from corral.overlay import config as netconfig
 from corral.runtime import containers, podstate, probes, sandbox
 from corral.runtime.cgroups import Limits, PodCgroups
-from corral.runtime.context import NodeContext
 from corral.runtime.podstate import ContainerSaved, PodSaved
 
 log = logging.getLogger(__name__)
@@ -387,7 +389,7 @@ class PodWorker:
 
     async def _ensure_sandbox(self) -> None:
         s = self.saved
-        if self.adopted and s.netns and sandbox.is_netns(s.netns) and not s.network_down:
+        if self.adopted and s.netns and netns.exists(s.netns) and not s.network_down:
             self._write_files()
             return
         if self.adopted and s.netns:
@@ -431,14 +433,14 @@ class PodWorker:
         s.start_time = s.start_time or now_iso()
         podstate.save(ctx.paths.state_dir, s)  # before ADD, so a crash can GC it
         t0 = self.stages["cgroups"] = time.monotonic()
-        await loop.run_in_executor(None, sandbox.create_netns, s.netns)
+        await loop.run_in_executor(None, netns.create_pinned, s.netns)
         t1 = self.stages["netns"] = time.monotonic()
         try:
             async with self.rt.cni_slots:
                 t2 = self.stages["cni-wait"] = time.monotonic()
                 result = await self.rt.cni.add(net, self._runtime_conf())
         except BaseException:
-            await loop.run_in_executor(None, sandbox.remove_netns, s.netns)
+            await loop.run_in_executor(None, netns.remove_pinned, s.netns)
             s.netns = ""
             raise
         ips = result_ips(result)
@@ -466,16 +468,16 @@ class PodWorker:
         )
 
     def _write_files(self) -> None:
-        ctx, p = self.rt.ctx, self.pod
+        net, p = self.rt.network, self.pod
         etc = os.path.join(self.dir, "etc")
         os.makedirs(etc, exist_ok=True)
         ns = p.namespace or "default"
         files = {
             "resolv.conf": sandbox.resolv_conf(
-                ns, ctx.cluster_dns, ctx.cluster_domain, p.spec.dns_policy
+                ns, net.cluster_dns, net.cluster_domain, p.spec.dns_policy
             ),
             "hosts": sandbox.etc_hosts(
-                self.saved.pod_ip, self.hostname, p.spec.subdomain, ns, ctx.cluster_domain
+                self.saved.pod_ip, self.hostname, p.spec.subdomain, ns, net.cluster_domain
             ),
         }
         for name, text in files.items():
@@ -493,7 +495,7 @@ class PodWorker:
             except CNIError as e:
                 log.warning("pod %s/%s: CNI DEL failed: %s", s.namespace, s.name, e)
         if s.netns:
-            await asyncio.get_running_loop().run_in_executor(None, sandbox.remove_netns, s.netns)
+            await asyncio.get_running_loop().run_in_executor(None, netns.remove_pinned, s.netns)
         s.network_down = True
 
     async def terminate(self) -> None:
@@ -717,15 +719,19 @@ class PodRuntime:
         # together, a few at a time finish sooner (less contention) than all at once,
         # and each pod goes on to start its containers as soon as its own ADD is done.
         self.cni_slots = asyncio.Semaphore(max(4, 4 * (os.cpu_count() or 1)))
-        self.backoff_base = float(ctx.options.get("restart_backoff", 10.0))  # type: ignore[arg-type]
+        self.backoff_base = ctx.options.restart_backoff
         self.workers: dict[str, PodWorker] = {}  # by uid
         self.by_key: dict[str, str] = {}  # ns/name -> uid
         self.saved: dict[str, PodSaved] = {}
         # Pods this runtime has finished with: a late event for one must not restart it.
         self.finished: dict[str, None] = {}
         self.host_ip: str | None = ctx.underlay_ip
+        # The cluster's DNS address and zone for pods' resolv.conf: NetworkConfig is their
+        # one source, read at start.
+        self.network = NetworkSpec()
 
     async def start(self) -> None:
+        self.network = (await netconfig.load(self.ctx.store)).spec
         p = self.ctx.paths
         for d in (p.state_dir, p.netns_dir, p.cni_cache_dir):
             os.makedirs(d, exist_ok=True)
@@ -828,7 +834,7 @@ class PodRuntime:
                     log.warning("GC of %s/%s: CNI DEL failed: %s", s.namespace, s.name, e)
         loop = asyncio.get_running_loop()
         if s.netns:
-            await loop.run_in_executor(None, sandbox.remove_netns, s.netns)
+            await loop.run_in_executor(None, netns.remove_pinned, s.netns)
         await loop.run_in_executor(None, PodCgroups(self.ctx.node_name, s.uid).remove)
         podstate.forget(self.ctx.paths.state_dir, s.uid)
         self.saved.pop(s.uid, None)

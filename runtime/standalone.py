@@ -16,7 +16,7 @@ import logging
 import signal
 
 from corral.api.store import Store, Unavailable
-from corral.runtime.context import NodeContext, NodePaths
+from corral.node.context import NodeContext, NodeOptions, NodePaths
 from corral.runtime.pods import PodRuntime
 
 
@@ -31,8 +31,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cni-bin-dir", default=d.cni_bin_dir)
     ap.add_argument("--cni-cache-dir", default=d.cni_cache_dir)
     ap.add_argument("--run-dir", default=d.run_dir)
-    ap.add_argument("--cluster-dns", default="10.96.0.10")
-    ap.add_argument("--cluster-domain", default="cluster.local")
     ap.add_argument("--host-ip")
     ap.add_argument("--restart-backoff", type=float, default=10.0)
     ap.add_argument("--stop-pods-on-exit", action="store_true")
@@ -64,9 +62,7 @@ async def main(args: argparse.Namespace) -> int:
         store=store,
         paths=paths,
         underlay_ip=args.host_ip,
-        cluster_dns=args.cluster_dns,
-        cluster_domain=args.cluster_domain,
-        options={"restart_backoff": args.restart_backoff},
+        options=NodeOptions(restart_backoff=args.restart_backoff),
     )
     rt = PodRuntime(ctx)
     await rt.start()

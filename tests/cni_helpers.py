@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from corral.cluster import netns
+from corral.node import netns
 
 REF_PLUGINS = "/usr/lib/cni"
 CLIENT_SRC = Path(__file__).parent / "libcni_client"

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from overlay_testbed import Pod, Testbed
+
 from corral.api.store import Store
-from corral.overlay.testbed import Pod, Testbed
 
 
 def etcd_do(url: str, fn: Callable[[Store], Awaitable[Any]]) -> Any:

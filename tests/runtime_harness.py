@@ -24,7 +24,7 @@ from typing import Any
 
 from corral.api.objects import Pod
 from corral.api.store import Store, now_iso
-from corral.cluster import netns
+from corral.node import netns
 from corral.runtime import cgroups as cg
 
 REF_BIN = "/usr/lib/cni"
@@ -205,7 +205,7 @@ def _sweep(n: Node) -> None:
         cg.PodCgroups(n.name, os.path.basename(uid_dir)).remove()
     cg.remove_node_dirs(n.name)
     if os.path.isdir(n.netns_dir):
-        from corral.runtime.sandbox import remove_netns
+        from corral.node.netns import remove_pinned as remove_netns
 
         for f in os.listdir(n.netns_dir):
             remove_netns(os.path.join(n.netns_dir, f))

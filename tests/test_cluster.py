@@ -24,10 +24,11 @@ import pytest
 
 from corral.api.objects import Node
 from corral.api.store import Store
-from corral.cluster import local, netns, underlay
+from corral.cluster import local, underlay
 from corral.cluster.local import unused_underlay_cidr
-from corral.cluster.procs import ProcRecord, start_time
 from corral.cluster.state import ClusterState, host_veth, load
+from corral.node import netns
+from corral.node.procs import ProcRecord, start_time
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 

@@ -14,7 +14,7 @@ import pytest
 from cni_helpers import CNINode, wait_until
 
 from corral.api.store import Store, ipam_ip_key, ipam_owner_key
-from corral.cluster import netns
+from corral.node import netns
 
 POOL = "10.244.1.0-24"
 cni_node = cni_helpers.cni_node

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from corral.cluster import netns
 from corral.cni.client import (
     CNIClient,
     CNIError,
@@ -27,6 +26,7 @@ from corral.cni.client import (
     pod_args,
     result_ips,
 )
+from corral.node import netns
 
 REF_BIN = "/usr/lib/cni"
 pytestmark = pytest.mark.skipif(

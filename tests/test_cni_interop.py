@@ -9,7 +9,7 @@ import cni_helpers
 from cni_helpers import CNINode, wait_until
 
 from corral.api.store import Store
-from corral.cluster import netns
+from corral.node import netns
 
 cni_node = cni_helpers.cni_node
 libcni_client = cni_helpers.libcni_client

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from overlay_helpers import CONNECT, etcd_do, peer_seen_by_server, pod
+from overlay_testbed import SWITCH_IP, Testbed, wait_for
 
 from corral.api.objects import NetworkConfig, Node, SubnetLease
 from corral.api.store import Store, subnet_key
@@ -26,7 +27,6 @@ from corral.cli.cmd_network import cmd_node_remove
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
 from corral.overlay import lease as leases
-from corral.overlay.testbed import SWITCH_IP, Testbed, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
@@ -183,7 +183,7 @@ def set_config(bed: Testbed, **changes: Any) -> None:
 
 
 def _ipr(bed: Testbed, i: int) -> Any:
-    from corral.cluster import netns
+    from corral.node import netns
 
     return netns.ipr(bed.node(i).ns)
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 from overlay_helpers import etcd_do, peer_seen_by_server, pod
+from overlay_testbed import Testbed, wait_for
 
-from corral.cluster import netns
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
-from corral.overlay.testbed import Testbed, wait_for
+from corral.node import netns
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),

@@ -55,3 +55,59 @@ def test_wheel_holds_only_corral_packages(tmp_path: Path) -> None:
         .decode()
     )
     assert "corral = corral.cli.main:main" in entry
+
+
+PRODUCTION = ("api", "cni", "overlay", "proxy", "ebpf", "dns", "runtime", "control", "node", "cli")
+
+
+def _imports(path: Path) -> list[str]:
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+    return out
+
+
+def test_production_code_never_imports_the_local_dev_cluster() -> None:
+    """corral.cluster is `corral up`'s scaffolding; only the CLI verbs that drive it may load it."""
+    allowed = {"cli/cmd_cluster.py", "cli/common.py"}  # `corral up/down`, the local cluster's URLs
+    bad = []
+    for folder in PRODUCTION:
+        for f in sorted((ROOT / folder).glob("*.py")):
+            rel = str(f.relative_to(ROOT))
+            if rel in allowed:
+                continue
+            bad += [f"{rel}: {m}" for m in _imports(f) if m.startswith("corral.cluster")]
+    assert not bad, "production modules import the dev cluster package:\n" + "\n".join(bad)
+
+
+def test_tests_and_benches_import_only_modules_the_package_ships() -> None:
+    import importlib.util
+
+    missing = []
+    for folder in ("tests", "integration", "bench"):
+        for f in sorted((ROOT / folder).glob("*.py")):
+            for m in _imports(f):
+                if not m.startswith("corral."):
+                    continue
+                parent = m.rsplit(".", 1)[0]
+                if importlib.util.find_spec(m.split(".")[0]) is None:
+                    missing.append(f"{f.relative_to(ROOT)}: {m}")
+                    continue
+                try:
+                    found = importlib.util.find_spec(m) is not None
+                except ModuleNotFoundError:
+                    found = False
+                if not found:  # `from corral.x import name`: name may be an attribute
+                    mod = (
+                        importlib.import_module(parent)
+                        if importlib.util.find_spec(parent)
+                        else None
+                    )
+                    if mod is None or not hasattr(mod, m.rsplit(".", 1)[1]):
+                        missing.append(f"{f.relative_to(ROOT)}: {m}")
+    assert not missing, "imports of modules corral no longer ships:\n" + "\n".join(missing)

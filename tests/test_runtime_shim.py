@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from corral.runtime import containers, sandbox
+from corral.node import netns
+from corral.runtime import containers
 
 
 @pytest.fixture(params=["native", "python"])
@@ -29,11 +30,11 @@ def shim(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def pod_dir(tmp_path: Any) -> Iterator[str]:
     ns = os.path.join(tmp_path, "netns", "cni-test")
-    sandbox.create_netns(ns)
+    netns.create_pinned(ns)
     try:
         yield str(tmp_path)
     finally:
-        sandbox.remove_netns(ns)
+        netns.remove_pinned(ns)
 
 
 async def launch(

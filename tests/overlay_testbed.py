@@ -27,8 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.cluster import netns
-from corral.overlay.fastpath import pod_alias
+from corral.cluster import underlay
+from corral.node import netns
+from corral.node.podveth import pod_alias
 from corral.overlay.vxlan import Kernel
 
 UNDERLAY = ipaddress.ip_network("172.30.0.0/24")
@@ -119,32 +120,20 @@ class Testbed:
         return name
 
     def _build(self, count: int) -> None:
-        self._ns(self.switch)
+        """The switch is corral up's underlay bridge, with the gateway address on it."""
+        self._namespaces.append(self.switch)
+        underlay.ensure_bridge(self.switch)
         with netns.ipr(self.switch) as ipr:
-            ipr.link("add", ifname="br0", kind="bridge")
-            br = ipr.link_lookup(ifname="br0")[0]
+            br = ipr.link_lookup(ifname=underlay.BRIDGE)[0]
             ipr.addr("add", index=br, address=SWITCH_IP, prefixlen=24)
-            ipr.link("set", index=br, state="up")
         for i in range(1, count + 1):
             self.add_node(i)
 
     def add_node(self, i: int) -> SimNode:
-        ns = self._ns(f"ovn{i}-{self.sfx}")
+        ns = f"ovn{i}-{self.sfx}"
+        self._namespaces.append(ns)
         ip = str(UNDERLAY.network_address + i)
-        with netns.ipr(ns) as ipr:
-            ipr.link(
-                "add",
-                ifname="eth0",
-                kind="veth",
-                peer={"ifname": f"n{i}", "net_ns_fd": netns.path(self.switch)},
-            )
-            eth = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=eth, address=ip, prefixlen=24)
-            ipr.link("set", index=eth, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=SWITCH_IP)
-        with netns.ipr(self.switch) as ipr:
-            port = ipr.link_lookup(ifname=f"n{i}")[0]
-            ipr.link("set", index=port, master=ipr.link_lookup(ifname="br0")[0], state="up")
+        underlay.ensure_node_link(self.switch, ns, i, ip, 24, SWITCH_IP)
         base = os.path.join(self.tmp, f"node-{i}")
         node = SimNode(
             i,

@@ -1,0 +1,1 @@
+"""What every node-side part shares: namespaces, netlink, iptables, the node context."""
