@@ -57,7 +57,19 @@ def test_wheel_holds_only_corral_packages(tmp_path: Path) -> None:
     assert "corral = corral.cli.main:main" in entry
 
 
-PRODUCTION = ("api", "cni", "overlay", "proxy", "ebpf", "dns", "runtime", "control", "node", "cli")
+PRODUCTION = (
+    "api",
+    "cni",
+    "overlay",
+    "proxy",
+    "ebpf",
+    "dns",
+    "runtime",
+    "control",
+    "node",
+    "daemon",
+    "cli",
+)
 
 
 def _imports(path: Path) -> list[str]:

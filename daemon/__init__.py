@@ -1,0 +1,1 @@
+"""What every corral daemon shares: start-up, supervision, metrics, health, debug endpoint."""
