@@ -205,7 +205,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         where = f" in {ns} namespace" if kind.NAMESPACED and ns else ""
         print(f"No resources found{where}.", file=sys.stderr)
         return 0
-    print(render(kind, objs, args.output, all_namespaces=args.all_namespaces))
+    single = len(args.names) == 1
+    print(render(kind, objs, args.output, all_namespaces=args.all_namespaces, single=single))
     return 0
 
 

@@ -179,12 +179,25 @@ def prune(value: object) -> object:
     return value
 
 
+def as_list(docs: list[object]) -> dict[str, object]:
+    """kubectl's `List` wrapper: what `get KIND -o json|yaml` prints for any number of items."""
+    return {"apiVersion": "v1", "kind": "List", "items": docs, "metadata": {"resourceVersion": ""}}
+
+
 def render(
-    kind: type[TypedObject], objs: list[TypedObject], fmt: str | None, all_namespaces: bool = False
+    kind: type[TypedObject],
+    objs: list[TypedObject],
+    fmt: str | None,
+    all_namespaces: bool = False,
+    single: bool = False,
 ) -> str:
+    """The objects in format `fmt`. For json/yaml, `single` (one NAME asked for) prints
+    the bare object; anything else (a list, several names) is a `List`, as kubectl does."""
     if fmt in ("json", "yaml"):
         docs = [prune(o.dump()) for o in objs]
-        data = docs[0] if len(docs) == 1 else {"apiVersion": "v1", "kind": "List", "items": docs}
+        if single and len(docs) != 1:
+            raise ValueError(f"single=True needs exactly one object, not {len(docs)}")
+        data = docs[0] if single else as_list(docs)
         if fmt == "json":
             return json.dumps(data, indent=2)
         return yaml.safe_dump(data, sort_keys=False).rstrip()

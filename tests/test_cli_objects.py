@@ -74,8 +74,10 @@ def test_apply_get_delete_roundtrip(corral, tmp_path: Path) -> None:
     svc = json.loads(r.stdout)
     assert svc["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] == 10800
 
-    r = corral("get", "rc", "-o", "yaml")
-    rc = yaml.safe_load(r.stdout)
+    r = corral("get", "rc", "-o", "yaml")  # a list query is a List, even of one
+    listed = yaml.safe_load(r.stdout)
+    assert listed["kind"] == "List" and len(listed["items"]) == 1
+    rc = listed["items"][0]
     assert rc["spec"]["replicas"] == 3 and rc["spec"]["selector"] == {"app": "web"}
 
     f.write_text(APP.replace("replicas: 3", "replicas: 5"))
