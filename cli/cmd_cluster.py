@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from corral.cli.common import CLIError
+from corral.cli.common import CLIError, add_command_argument
 from corral.cluster import local
 from corral.cluster.state import DEFAULT_NAME
 
@@ -83,7 +83,7 @@ def register(sub: Any) -> None:
     )
     _name_options(p)
     p.add_argument("node", metavar="NODE", help="node name (e.g. node-1) or number")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND")
+    add_command_argument(p, "COMMAND [ARGS]")
     p.set_defaults(func=cmd_node_exec)
 
 
@@ -140,8 +140,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_node_exec(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
     _cluster_call(local.require_root)
     argv = _cluster_call(local.node_exec_argv, args.name, args.node, cmd, args.state_dir)
     try:

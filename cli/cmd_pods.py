@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from corral.api.objects import Pod
-from corral.cli.common import CLIError, run, store_from_args
+from corral.cli.common import CLIError, add_command_argument, run, store_from_args
 from corral.node.procs import start_time
 from corral.runtime.containers import DEFAULT_PATH, nsenter_argv
 from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "logs",
         help="print the logs of a container in a pod",
-        usage="corral logs POD [-c CONTAINER] [-f] [-p] [--tail N]",
+        usage="corral logs POD [-n NAMESPACE] [-c CONTAINER] [-f] [-p] [--tail N]",
     )
     p.add_argument("pod", metavar="POD")
     p.add_argument("-c", "--container", default=None)
@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "exec",
         help="run a command in a running container of a pod",
-        usage="corral exec POD [-c CONTAINER] -- CMD [ARGS...]",
+        usage="corral exec POD [-n NAMESPACE] [-c CONTAINER] -- CMD [ARGS...]",
     )
     p.add_argument("pod", metavar="POD")
     p.add_argument("-c", "--container", default=None)
@@ -58,7 +58,7 @@ def register(sub: Any) -> None:
         help="accepted for kubectl habit; stdin is always passed through",
     )
     p.add_argument("-t", "--tty", action="store_true", help="accepted for kubectl habit")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    add_command_argument(p, "CMD ARGS")
     p.set_defaults(func=cmd_exec)
 
 
@@ -173,9 +173,7 @@ async def _maybe_pod(args: argparse.Namespace) -> Pod | None:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    argv = list(args.argv)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = list(args.cmd)
     if not argv:
         raise CLIError("no command given: corral exec POD -- CMD [ARGS...]")
     pod = run(lambda: _get_pod(args))

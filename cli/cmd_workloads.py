@@ -21,7 +21,7 @@ from corral.api.objects import (
 from corral.api.quantity import QuantityError, parse_quantity
 from corral.api.store import AlreadyExists, NotFound, Store
 from corral.cli.cmd_objects import fetch_named
-from corral.cli.common import CLIError, run, store_from_args
+from corral.cli.common import CLIError, add_command_argument, run, store_from_args
 from corral.cli.describe import describe
 from corral.control.serviceips import AllocationError, Allocator
 
@@ -38,10 +38,9 @@ def register(sub: Any) -> None:
         usage="corral run NAME [--replicas N] [--port P] [--requests cpu=100m,memory=64Mi] "
         "[options] --command -- CMD [ARGS...]",
     )
+    p.add_argument("name", metavar="NAME")
     _run_options(p)
-    # Options may come after NAME, and everything after `--` is the command, which
-    # argparse alone cannot express; cmd_run parses these words itself.
-    p.add_argument("words", nargs=argparse.REMAINDER, metavar="NAME [options] -- CMD ARGS")
+    add_command_argument(p, "CMD ARGS")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("expose", help="make a Service for a replication controller or pod")
@@ -115,6 +114,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--command",
         action="store_true",
+        dest="command_flag",  # not `command`: that is the verb's name in args
         help="accepted for kubectl habit: what follows -- is the command",
     )
     p.add_argument(
@@ -122,36 +122,6 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also make a ClusterIP Service NAME for --port, as `corral expose` would",
     )
-
-
-class _WordsParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise CLIError(f"corral run: {message} (see `corral run --help`)", code=2)
-
-
-def parse_run_words(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill args.name and args.argv from `NAME [options] [-- CMD ARGS]`."""
-    words = list(args.words)
-    before, after = words, []
-    if "--" in words:
-        i = words.index("--")
-        before, after = words[:i], words[i + 1 :]
-    inner = _WordsParser(prog="corral run", add_help=False, argument_default=argparse.SUPPRESS)
-    inner.add_argument("name")
-    inner.add_argument("cmd", nargs="*")
-    _run_options(inner)
-    for action in inner._actions:  # only what these words say may override
-        action.default = argparse.SUPPRESS
-    if not before:
-        raise CLIError("corral run needs a NAME: corral run NAME [options] -- CMD ARGS", code=2)
-    ns = inner.parse_intermixed_args(before)
-    env = getattr(ns, "env", [])
-    for key, value in vars(ns).items():
-        if key not in ("cmd", "env"):
-            setattr(args, key, value)
-    args.env = [*args.env, *env]
-    args.argv = [*getattr(ns, "cmd", []), *after]
-    return args
 
 
 # ---------------------------------------------------------------- helpers
@@ -236,7 +206,7 @@ def build_workload(args: argparse.Namespace) -> Pod | ReplicationController:
             f"NAME {args.name!r} must be a DNS label: at most 63 lowercase letters, "
             "digits or '-', starting and ending with a letter or digit (e.g. web-1)"
         )
-    argv = list(args.argv)
+    argv = list(args.cmd)
     if not argv:
         raise CLIError("a command is required: corral run NAME [options] --command -- CMD ARGS")
     if args.replicas is not None and args.replicas < 0:
@@ -286,7 +256,7 @@ def build_workload(args: argparse.Namespace) -> Pod | ReplicationController:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    obj = build_workload(parse_run_words(args))
+    obj = build_workload(args)
     expose_args = None
     if getattr(args, "expose", False):
         if args.port is None:

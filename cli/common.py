@@ -77,6 +77,13 @@ def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(wrapped())
 
 
+def add_command_argument(p: argparse.ArgumentParser, metavar: str = "CMD") -> None:
+    """A verb that runs a command: its words land in args.cmd, with everything after
+    `--` (which corral's own flag parsing never sees; see corral.cli.main.parse)."""
+    p.add_argument("cmd", nargs="*", metavar=f"-- {metavar}", help="the command and its arguments")
+    p.set_defaults(takes_command=True)
+
+
 def add_etcd_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--etcd",
