@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -119,7 +118,3 @@ class LocalEtcd:
         if self.record is not None:
             stop(self.record)
             self.record = None
-
-    def remove_data(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.data_dir)

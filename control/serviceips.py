@@ -56,16 +56,6 @@ class Holder:
             return cls("", "")
 
 
-def needs_cluster_ip(svc: Service) -> bool:
-    return svc.spec.type != "ExternalName" and svc.spec.cluster_ip in (None, "")
-
-
-def needs_node_ports(svc: Service) -> bool:
-    return svc.spec.type in ("NodePort", "LoadBalancer") and any(
-        p.node_port is None for p in svc.spec.ports
-    )
-
-
 async def network_spec(store: Store) -> NetworkSpec:
     cfg = await store.get(NetworkConfig, "cluster")
     return cfg.spec if cfg is not None else NetworkSpec()

@@ -86,10 +86,6 @@ def random_mac() -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
-def _attrs(msg: Any) -> dict[str, Any]:
-    return dict(msg.get("attrs", []) if isinstance(msg, dict) else msg["attrs"])
-
-
 class Kernel:
     """Netlink in `namespace` (a name under /run/netns or a path); None means this one."""
 
@@ -404,20 +400,6 @@ class Kernel:
         except NetlinkError as e:
             if e.code not in (2, 3, 19, 22):  # ENOENT, ESRCH, ENODEV, EINVAL
                 raise
-
-    def remove_all(self, device: str) -> None:
-        """Delete the device and every route corral made (`corral node remove` on a node)."""
-        index = self.link_index(device)
-        for r in self.ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
-            if r["proto"] == RTPROT_CORRAL:
-                self._quiet(
-                    self.ipr.route,
-                    "del",
-                    dst=f"{r.get('RTA_DST')}/{r['dst_len']}",
-                    proto=RTPROT_CORRAL,
-                )
-        if index is not None:
-            self._quiet(self.ipr.link, "del", index=index)
 
     # ------------------------------------------------------------ inspection
 
