@@ -132,7 +132,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     takes_command = getattr(args, "takes_command", False)
     if extras:
         hint = ""
-        if takes_command:
+        if takes_command and after is None:
             hint = "; the command and its own flags go after `--`"
         verb.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     if after is not None:

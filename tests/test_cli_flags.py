@@ -18,7 +18,7 @@ from control_helpers import make_pod
 
 from corral.api.objects import Pod, Service
 from corral.api.store import Store
-from corral.cli.main import main
+from corral.cli.main import build_parser, main, parse
 from corral.cluster.etcd import LocalEtcd
 from corral.node.procs import start_time
 from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
@@ -233,3 +233,45 @@ def test_bad_flags_are_named(corral, argv, needles) -> None:  # type: ignore[no-
     for needle in needles:
         assert needle in err, err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------ parsing alone (no etcd)
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (
+            ["node-exec", "node-1", "--name", "c1", "--", "ip", "-n", "x", "--name", "y"],
+            {"node": "node-1", "name": "c1", "cmd": ["ip", "-n", "x", "--name", "y"]},
+        ),
+        (["node-exec", "2", "--", "--", "-x"], {"node": "2", "cmd": ["--", "-x"]}),
+        (
+            ["exec", "-c", "side", "box", "-n", NS, "--", "ls", "-c", "-h"],
+            {"pod": "box", "container": "side", "namespace": NS, "cmd": ["ls", "-c", "-h"]},
+        ),
+        (["exec", "box", "sh"], {"pod": "box", "cmd": ["sh"]}),  # no flags: `--` may be left out
+        (
+            ["run", "--replicas", "2", "web", "-l", "a=b", "--", "srv", "-l", "--replicas", "9"],
+            {
+                "name": "web",
+                "replicas": 2,
+                "labels": "a=b",
+                "cmd": ["srv", "-l", "--replicas", "9"],
+            },
+        ),
+        (
+            ["scale", "--replicas", "3", "rc", "web", "-n", NS],
+            {"target": ["rc", "web"], "replicas": 3, "namespace": NS},
+        ),
+        (["expose", "rc", "web", "-n", NS, "--port", "80"], {"target": ["rc", "web"], "port": 80}),
+        (["apply", "-f", "a.yaml", "-n", NS, "-f", "b.yaml"], {"filename": ["a.yaml", "b.yaml"]}),
+        (["get", "pods", "-v", "-v"], {"verbose": 2}),
+        (["-v", "get", "pods"], {"verbose": 1}),
+        (["get", "pods", "--etcd", "http://127.0.0.1:1"], {"etcd": "http://127.0.0.1:1"}),
+        (["--etcd", "http://127.0.0.1:1", "-n", NS, "get", "pods"], {"namespace": NS}),
+    ],
+)
+def test_parse(argv: list[str], want: dict[str, Any]) -> None:
+    args = parse(build_parser(), argv)
+    assert {k: getattr(args, k) for k in want} == want
