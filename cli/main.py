@@ -34,14 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _etcd_everywhere(sub: argparse._SubParsersAction) -> None:
-    """Let `--etcd` follow the verb too (`corral get pods --etcd URL`), as kubectl's flags do."""
+    """Let `--etcd` and its TLS files follow the verb too (`corral get pods --etcd URL`), as
+    kubectl's flags do."""
     for parser in set(sub.choices.values()):
-        if "--etcd" not in parser._option_string_actions:
-            parser.add_argument(
-                "--etcd",
-                metavar="URL[,URL...]",
-                default=argparse.SUPPRESS,
-                help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
+        if "--etcd-cafile" not in parser._option_string_actions:
+            add_etcd_option(
+                parser, suppress=True, url="--etcd" not in parser._option_string_actions
             )
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
