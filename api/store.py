@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import secrets
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from urllib.parse import urlparse
 import aetcd
 import aetcd.exceptions
 import aetcd.utils
+import grpc
 
 from corral.api.objects import TypedObject
 
@@ -103,7 +105,19 @@ def ipam_owner_key(pool: str, container_id: str, ifname: str) -> str:
 
 
 def parse_endpoints(urls: str | list[str]) -> list[tuple[str, int]]:
-    """`http://h:p,http://h2:p2` (or a list) to [(host, port)]; ValueError names the bad one."""
+    """`http://h:p,https://h2:p2` (or a list) to [(host, port)]; ValueError names the bad one."""
+    return [(host, port) for host, port, _ in _parse(urls)]
+
+
+def endpoints_use_tls(urls: str | list[str]) -> bool:
+    """True when the endpoints are https://; ValueError when http and https are mixed."""
+    schemes = {secure for _, _, secure in _parse(urls)}
+    if len(schemes) > 1:
+        raise ValueError("etcd endpoints mix http:// and https://; use one scheme for all")
+    return schemes == {True}
+
+
+def _parse(urls: str | list[str]) -> list[tuple[str, int, bool]]:
     items = urls.split(",") if isinstance(urls, str) else list(urls)
     out = []
     for raw in (u.strip() for u in items):
@@ -111,17 +125,74 @@ def parse_endpoints(urls: str | list[str]) -> list[tuple[str, int]]:
             continue
         u = urlparse(raw if "://" in raw else f"http://{raw}")
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"etcd endpoint {raw!r} is not a URL like http://127.0.0.1:2379")
-        if u.scheme == "https":
-            raise ValueError(f"etcd endpoint {raw!r}: TLS endpoints are not supported yet")
+            raise ValueError(f"etcd endpoint {raw!r} is not a URL like https://127.0.0.1:2379")
         try:
             port = u.port or 2379
         except ValueError:
             raise ValueError(f"etcd endpoint {raw!r} has an invalid port") from None
-        out.append((u.hostname, port))
+        out.append((u.hostname, port, u.scheme == "https"))
     if not out:
         raise ValueError("no etcd endpoint given")
     return out
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Mutual TLS to etcd: the CA that signed etcd's certificate, our certificate and key
+    (flannel's --etcd-cafile/--etcd-certfile/--etcd-keyfile)."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(CA, certificate chain, key) PEM bytes; ValueError names an unreadable file."""
+        out = []
+        for flag, path in (("cafile", self.ca), ("certfile", self.cert), ("keyfile", self.key)):
+            try:
+                with open(path, "rb") as f:
+                    out.append(f.read())
+            except OSError as e:
+                raise ValueError(f"--etcd-{flag} {path}: {e.strerror}") from None
+        return out[0], out[1], out[2]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same identity for plain HTTPS (etcd's /health)."""
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+
+class _Client(aetcd.Client):
+    """aetcd's client over a TLS channel when given credentials.
+
+    aetcd 1.0's `connect()` opens only insecure channels; this one builds the same
+    stubs on `grpc.aio.secure_channel`. Everything else is aetcd's.
+    """
+
+    def __init__(
+        self, *args: Any, credentials: grpc.ChannelCredentials | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None:
+            return await super().connect()
+        if self._connected.is_set():
+            return
+        from aetcd import rpc, watcher
+
+        target = f"{self._host}:{self._port}"
+        self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
 
 
 @dataclass
@@ -158,17 +229,33 @@ _CONN_ERRORS = (
 class Store:
     """An etcd client over one or more endpoints, failing over between them."""
 
-    def __init__(self, endpoints: str | list[str], timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoints: str | list[str], timeout: float = 5.0, tls: TLSFiles | None = None
+    ) -> None:
         self.endpoints = parse_endpoints(endpoints)
+        if endpoints_use_tls(endpoints) and tls is None:
+            raise ValueError(
+                "https:// etcd endpoints need a client certificate: give "
+                "--etcd-cafile, --etcd-certfile and --etcd-keyfile"
+            )
+        self.tls = tls
+        self._credentials: grpc.ChannelCredentials | None = None
+        if tls is not None:
+            ca, cert, key = tls.read()
+            self._credentials = grpc.ssl_channel_credentials(ca, key, cert)
         self.timeout = timeout
         self._idx = 0
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
     def url(self) -> str:
         host, port = self.endpoints[self._idx]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     async def __aenter__(self) -> Store:
         await self.connect()
@@ -183,11 +270,12 @@ class Store:
         for i in range(len(self.endpoints)):
             idx = (self._idx + i) % len(self.endpoints)
             host, port = self.endpoints[idx]
-            client = aetcd.Client(
+            client = _Client(
                 host=host,
                 port=port,
                 timeout=self.timeout,
                 connect_wait_timeout=max(1, int(self.timeout)),
+                credentials=self._credentials,
             )
             try:
                 await client.connect()
@@ -195,7 +283,7 @@ class Store:
             except (*_CONN_ERRORS, TimeoutError, OSError) as e:
                 with contextlib.suppress(Exception):
                     await client.close()
-                errors.append(f"http://{host}:{port} ({type(e).__name__})")
+                errors.append(f"{self.scheme}://{host}:{port} ({type(e).__name__})")
                 continue
             old, self._client, self._idx = self._client, client, idx
             if old is not None:

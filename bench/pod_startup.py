@@ -175,9 +175,9 @@ async def run_cluster(args: argparse.Namespace) -> int:
         if r.returncode != 0:
             print(f"corral up failed:\n{r.stderr}{r.stdout}", file=sys.stderr)
             return 1
-        urls = local.local_etcd_urls(name, os.path.join(root, name))
-        assert urls, "no etcd for the cluster"
-        store = Store(urls)
+        found = local.local_etcd(name, os.path.join(root, name))
+        assert found, "no etcd for the cluster"
+        store = Store(found[0], tls=found[1])
         await store.connect()
         seen: dict[str, float] = {}
         ready_at: dict[str, float] = {}

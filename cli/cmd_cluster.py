@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from corral.cli.common import CLIError, add_command_argument
+from corral.cli.common import CLIError, add_command_argument, etcd_tls
 from corral.cluster import local
 from corral.cluster.state import DEFAULT_NAME
 
@@ -103,6 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         name=args.name,
         nodes=args.nodes,
         etcd=_urls(getattr(args, "etcd", None)),
+        etcd_tls=etcd_tls(args) if getattr(args, "etcd", None) else None,
         underlay_cidr=args.underlay_cidr,
         state_dir=args.state_dir,
         wait=args.wait,

@@ -7,19 +7,9 @@ import asyncio
 from typing import Any
 
 from corral.api.store import Unavailable
-from corral.cli.common import CLIError, etcd_endpoints
+from corral.cli.common import CLIError, new_store
 from corral.control.manager import CONTROLLERS, ControllerOptions, run_controllers, serve
 from corral.control.scheduler import Scheduler
-
-
-def _etcd(p: argparse.ArgumentParser) -> None:
-    # SUPPRESS: an absent flag here must not hide `corral --etcd URL scheduler`.
-    p.add_argument(
-        "--etcd",
-        metavar="URL[,URL...]",
-        default=argparse.SUPPRESS,
-        help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
-    )
 
 
 def _positive(text: str) -> float:
@@ -34,7 +24,6 @@ def _positive(text: str) -> float:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("scheduler", help="run the scheduler: bind pending pods to nodes (a daemon)")
-    _etcd(p)
     p.add_argument(
         "--seed",
         type=int,
@@ -47,7 +36,6 @@ def register(sub: Any) -> None:
         "controllers",
         help="run the replication, endpoints, service-IP and node-lifecycle controllers (a daemon)",
     )
-    _etcd(p)
     p.add_argument(
         "--controllers",
         default=",".join(CONTROLLERS),
@@ -72,12 +60,11 @@ def register(sub: Any) -> None:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    urls = etcd_endpoints(args)
 
     async def body(store: Any) -> None:
         await Scheduler(store, seed=args.seed).run()
 
-    _serve(urls, "scheduler", body)
+    _serve(args, "scheduler", body)
     return 0
 
 
@@ -89,7 +76,6 @@ def cmd_controllers(args: argparse.Namespace) -> int:
             f"--controllers: unknown {', '.join(unknown) or '(none given)'}; "
             f"choose from {', '.join(CONTROLLERS)}"
         )
-    urls = etcd_endpoints(args)
     opts = ControllerOptions(
         node_monitor_grace=args.node_monitor_grace,
         pod_eviction_timeout=args.pod_eviction_timeout,
@@ -99,12 +85,13 @@ def cmd_controllers(args: argparse.Namespace) -> int:
     async def body(store: Any) -> None:
         await run_controllers(store, opts, names)
 
-    _serve(urls, "controllers", body)
+    _serve(args, "controllers", body)
     return 0
 
 
-def _serve(urls: list[str], name: str, body: Any) -> None:
+def _serve(args: argparse.Namespace, name: str, body: Any) -> None:
+    store = new_store(args)
     try:
-        asyncio.run(serve(urls, name, body))
+        asyncio.run(serve(store, name, body))
     except Unavailable as e:
         raise CLIError(f"{e}; start etcd (or `corral up`) or point --etcd at it") from None

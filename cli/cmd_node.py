@@ -8,8 +8,7 @@ import os
 import re
 from typing import Any
 
-from corral.api.store import Store
-from corral.cli.common import CLIError, etcd_endpoints
+from corral.cli.common import CLIError, new_store
 from corral.node.context import NodeContext, NodeOptions, NodePaths
 from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
 
@@ -79,7 +78,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     ctx = NodeContext(
         node_name=name,
-        store=Store(etcd_endpoints(args)),
+        store=new_store(args),
         paths=NodePaths(
             run_dir=args.run_dir,
             cni_conf_dir=args.cni_conf_dir,

@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from corral.api.store import Store, Unavailable, parse_endpoints
+from corral.api.store import Store, TLSFiles, Unavailable, parse_endpoints
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 
@@ -22,25 +22,34 @@ class CLIError(Exception):
         self.code = code
 
 
-def local_cluster_urls(name: str | None = None) -> list[str] | None:
-    """The etcd endpoints of the local cluster `corral up` made, if there is one."""
+TLS_FLAGS = (("cafile", "ca"), ("certfile", "cert"), ("keyfile", "key"))
+
+
+def local_cluster(name: str | None = None) -> tuple[list[str], TLSFiles | None] | None:
+    """The etcd endpoints of the local cluster `corral up` made, and the operator's
+    certificate for them, if there is one."""
     try:
-        from corral.cluster.local import local_etcd_urls
+        from corral.cluster.local import local_etcd
     except ImportError:  # pragma: no cover - only while the cluster module is absent
         return None
     try:
-        return local_etcd_urls(name or os.environ.get("CORRAL_CLUSTER", "corral"))
+        return local_etcd(name or os.environ.get("CORRAL_CLUSTER", "corral"))
     except (OSError, ValueError):
         return None
 
 
+def _explicit_etcd(args: argparse.Namespace) -> str | None:
+    return getattr(args, "etcd", None) or os.environ.get("CORRAL_ETCD")
+
+
 def etcd_endpoints(args: argparse.Namespace) -> list[str]:
     """--etcd, else $CORRAL_ETCD, else the local cluster's etcd, else the default."""
-    raw = getattr(args, "etcd", None) or os.environ.get("CORRAL_ETCD")
+    raw = _explicit_etcd(args)
     if raw:
         urls = [u for u in raw.split(",") if u.strip()]
     else:
-        urls = local_cluster_urls(getattr(args, "cluster", None)) or [DEFAULT_ETCD]
+        local = local_cluster(getattr(args, "cluster", None))
+        urls = local[0] if local else [DEFAULT_ETCD]
     try:
         parse_endpoints(urls)
     except ValueError as e:
@@ -48,10 +57,43 @@ def etcd_endpoints(args: argparse.Namespace) -> list[str]:
     return urls
 
 
+def etcd_tls(args: argparse.Namespace) -> TLSFiles | None:
+    """--etcd-cafile/--etcd-certfile/--etcd-keyfile (or $CORRAL_ETCD_CAFILE, ...), else the
+    local cluster's operator certificate when its etcd is the one in use."""
+    given = {
+        field: getattr(args, f"etcd_{flag}", None) or os.environ.get(f"CORRAL_ETCD_{flag.upper()}")
+        for flag, field in TLS_FLAGS
+    }
+    if any(given.values()):
+        missing = [f"--etcd-{flag}" for flag, field in TLS_FLAGS if not given[field]]
+        if missing:
+            raise CLIError(
+                "--etcd-cafile, --etcd-certfile and --etcd-keyfile go together; "
+                f"missing {', '.join(missing)}"
+            )
+        tls = TLSFiles(**given)  # type: ignore[arg-type]
+        try:
+            tls.read()
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        return tls
+    if _explicit_etcd(args):
+        return None
+    local = local_cluster(getattr(args, "cluster", None))
+    return local[1] if local else None
+
+
+def new_store(args: argparse.Namespace, timeout: float = 5.0) -> Store:
+    """A Store (not yet connected) for the etcd and certificate the flags name."""
+    try:
+        return Store(etcd_endpoints(args), timeout=timeout, tls=etcd_tls(args))
+    except ValueError as e:
+        raise CLIError(f"--etcd: {e}") from None
+
+
 @contextlib.asynccontextmanager
 async def store_from_args(args: argparse.Namespace) -> AsyncIterator[Store]:
-    urls = etcd_endpoints(args)
-    store = Store(urls, timeout=float(getattr(args, "etcd_timeout", 5.0) or 5.0))
+    store = new_store(args, timeout=float(getattr(args, "etcd_timeout", 5.0) or 5.0))
     try:
         await store.connect()
     except Unavailable as e:
@@ -84,9 +126,27 @@ def add_command_argument(p: argparse.ArgumentParser, metavar: str = "CMD") -> No
     p.set_defaults(takes_command=True)
 
 
-def add_etcd_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--etcd",
-        metavar="URL[,URL...]",
-        help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
-    )
+def add_etcd_option(p: argparse.ArgumentParser, suppress: bool = False, url: bool = True) -> None:
+    """--etcd and its TLS files (`url=False`: the TLS files only). `suppress`: an absent
+    flag leaves the attribute alone, so the same flag after the verb does not hide one
+    given before it."""
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
+    if url:
+        p.add_argument(
+            "--etcd",
+            metavar="URL[,URL...]",
+            help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
+            **default,
+        )
+    for flag, what in (
+        ("cafile", "the CA that signed etcd's certificate"),
+        ("certfile", "this client's certificate"),
+        ("keyfile", "this client's private key"),
+    ):
+        p.add_argument(
+            f"--etcd-{flag}",
+            metavar="FILE",
+            help=f"mutual TLS to etcd: {what} (default: $CORRAL_ETCD_{flag.upper()}, else "
+            "the local cluster's)",
+            **default,
+        )

@@ -57,15 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kubectl_habits(sub: argparse._SubParsersAction) -> None:
-    """Let `--etcd` and `-v` follow the verb too (`corral get pods --etcd URL`), as
-    kubectl's flags do; and let parse() find the parser of the verb it ran."""
+    """Let `--etcd`, its TLS files and `-v` follow the verb too (`corral get pods --etcd
+    URL`), as kubectl's flags do; and let parse() find the parser of the verb it ran."""
     for parser in set(sub.choices.values()):
-        if "--etcd" not in parser._option_string_actions:
-            parser.add_argument(
-                "--etcd",
-                metavar="URL[,URL...]",
-                default=argparse.SUPPRESS,
-                help="etcd endpoints (default: $CORRAL_ETCD, else the local cluster's)",
+        if "--etcd-cafile" not in parser._option_string_actions:
+            add_etcd_option(
+                parser, suppress=True, url="--etcd" not in parser._option_string_actions
             )
         if "-v" not in parser._option_string_actions:
             parser.add_argument(

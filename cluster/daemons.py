@@ -29,6 +29,7 @@ class Daemon:
     name: str
     args: tuple[str, ...]
     module: str  # importable once the subcommand exists
+    role: str = "node"  # whose etcd client certificate it uses (cluster/pki.py)
 
     def available(self) -> bool:
         try:
@@ -43,8 +44,8 @@ NODE_DAEMONS: list[Daemon] = [
     ),
 ]
 CLUSTER_DAEMONS: list[Daemon] = [
-    Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control"),
-    Daemon("controllers", ("controllers",), "corral.cli.cmd_control"),
+    Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control", role="control"),
+    Daemon("controllers", ("controllers",), "corral.cli.cmd_control", role="control"),
 ]
 
 
@@ -72,6 +73,7 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
         "corral",
         "--etcd",
         ",".join(state.etcd_node_urls),
+        *tls_args(state, d.role),
         *(a.format(**values) for a in d.args),
     ]
     os.makedirs(state.logs_dir, exist_ok=True)
@@ -88,6 +90,14 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
             env=env,
         )
     return ProcRecord.of(proc.pid, role(d), node=node.name, log=log)
+
+
+def tls_args(state: ClusterState, role: str) -> list[str]:
+    """The global flags that give a daemon its etcd client certificate."""
+    tls = state.tls(role)
+    if tls is None:
+        return []
+    return ["--etcd-cafile", tls.ca, "--etcd-certfile", tls.cert, "--etcd-keyfile", tls.key]
 
 
 def find(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord | None:

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from corral.api.store import TLSFiles
+from corral.cluster.pki import Paths
 from corral.node.procs import ProcRecord, stop
 
 ETCD_BINARY = "etcd"
@@ -24,6 +26,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def health(url: str, tls: TLSFiles | None = None, timeout: float = 1.0) -> tuple[bool, str]:
+    """(healthy, why not) from etcd's /health at `url`, with a client certificate for TLS."""
+    try:
+        ctx = tls.ssl_context() if tls is not None else None
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout, context=ctx) as r:
+            body = r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return False, str(getattr(e, "reason", e))
+    if b'"true"' in body:
+        return True, ""
+    return False, body.decode(errors="replace").strip()
 
 
 @dataclass
@@ -41,10 +56,33 @@ class LocalEtcd:
     name: str = "corral"
     log_path: str | None = None
     record: ProcRecord | None = None
+    # Mutual TLS for clients and peers: a pki.Paths whose "etcd" certificate is etcd's own.
+    pki: Paths | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.pki is not None else "http"
 
     @property
     def client_urls(self) -> list[str]:
-        return [f"http://{h}:{self.client_port}" for h in self.listen_hosts]
+        return [f"{self.scheme}://{h}:{self.client_port}" for h in self.listen_hosts]
+
+    def client_tls(self, role: str = "cli") -> TLSFiles | None:
+        """The TLS files a client of `role` connects with (None without TLS)."""
+        if self.pki is None:
+            return None
+        return TLSFiles(self.pki.ca, self.pki.cert(role), self.pki.key(role))
+
+    def _tls_args(self) -> list[str]:
+        if self.pki is None:
+            return []
+        cert, key, ca = self.pki.cert("etcd"), self.pki.key("etcd"), self.pki.ca
+        return [
+            "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
+            "--client-cert-auth",
+            "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
+            "--peer-client-cert-auth",
+        ]  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -58,7 +96,7 @@ class LocalEtcd:
             self.client_port = free_port()
         if not self.peer_port:
             self.peer_port = free_port()
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = f"{self.scheme}://127.0.0.1:{self.peer_port}"
         args = [
             ETCD_BINARY,
             "--name",
@@ -83,6 +121,7 @@ class LocalEtcd:
             "100",
             "--log-level",
             "warn",
+            *self._tls_args(),
         ]
         self.log_path = self.log_path or os.path.join(self.data_dir, "..", f"{self.name}-etcd.log")
         logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -102,15 +141,13 @@ class LocalEtcd:
     def wait_healthy(self, timeout: float, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout
         last = ""
+        tls = self.client_tls()
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise EtcdError(f"etcd exited with {proc.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                    if b'"true"' in r.read():
-                        return
-            except (urllib.error.URLError, OSError) as e:
-                last = str(e)
+            ok, last = health(self.url, tls)
+            if ok:
+                return
             time.sleep(0.05)
         raise EtcdError(f"etcd at {self.url} not healthy after {timeout:.0f}s ({last})")
 

@@ -19,16 +19,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.api.objects import Node
-from corral.api.store import Store, StoreError, parse_endpoints
-from corral.cluster import daemons, nodes, underlay
+from corral.api.store import Store, StoreError, TLSFiles, endpoints_use_tls, parse_endpoints
+from corral.cluster import daemons, nodes, pki, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
+from corral.cluster.etcd import health as etcd_health
 from corral.cluster.state import ClusterState, NodeState
 from corral.node import netns
 from corral.node.procs import ProcRecord, start_time, stop
@@ -59,6 +58,7 @@ class UpOptions:
     name: str = st.DEFAULT_NAME
     nodes: int | None = None  # None: keep the running cluster's count, else DEFAULT_NODES
     etcd: list[str] | None = None
+    etcd_tls: TLSFiles | None = None  # an external etcd's client certificate
     underlay_cidr: str | None = None
     state_dir: str | None = None
     wait: float = 0.0  # seconds to wait for every Node to become Ready
@@ -77,10 +77,15 @@ def load_state(name: str, state_dir: str | None = None) -> ClusterState | None:
     return s if s is not None and s.name == name else None
 
 
-def local_etcd_urls(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> list[str] | None:
-    """The etcd endpoints (as the host reaches them) of local cluster `name`, if it exists."""
+def local_etcd(
+    name: str = st.DEFAULT_NAME, state_dir: str | None = None
+) -> tuple[list[str], TLSFiles | None] | None:
+    """The etcd endpoints (as the host reaches them) of local cluster `name` and the
+    operator's client certificate for them, if the cluster exists."""
     s = load_state(name, state_dir)
-    return list(s.etcd_urls) if s is not None and s.etcd_urls else None
+    if s is None or not s.etcd_urls:
+        return None
+    return list(s.etcd_urls), s.tls("cli")
 
 
 # ------------------------------------------------------------------ validation
@@ -133,12 +138,20 @@ def _parse_cidr(cidr: str, nodes_wanted: int, own_veth: str) -> ipaddress.IPv4Ne
     return net
 
 
-def _check_etcd(urls: list[str]) -> list[str]:
+def _check_etcd(urls: list[str], tls: TLSFiles | None) -> list[str]:
     try:
         eps = parse_endpoints(urls)
+        secure = endpoints_use_tls(urls)
+        if tls is not None:
+            tls.read()
     except ValueError as e:
         raise ClusterError(f"--etcd: {e}") from None
-    return [f"http://{h}:{p}" for h, p in eps]
+    if secure and tls is None:
+        raise ClusterError(
+            "--etcd: https:// endpoints need --etcd-cafile, --etcd-certfile and --etcd-keyfile"
+        )
+    scheme = "https" if secure or tls is not None else "http"
+    return [f"{scheme}://{h}:{p}" for h, p in eps]
 
 
 def _is_loopback(host: str) -> bool:
@@ -194,7 +207,8 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
             f"cluster {name!r} runs on underlay {old.underlay_cidr}, not {cidr}; "
             f"run `corral down --name {name}` first to change it"
         )
-    urls = _check_etcd(opts.etcd) if opts.etcd else None  # the flag itself, before the host
+    # the flag itself, before the host
+    urls = _check_etcd(opts.etcd, opts.etcd_tls) if opts.etcd else None
     net = _parse_cidr(cidr, count, st.host_veth(name))
     if old is not None and urls and (not old.etcd_external or urls != old.etcd_urls):
         raise ClusterError(
@@ -213,6 +227,8 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
     if urls:
         s.etcd_external, s.etcd_urls = True, urls
         s.etcd_node_urls = urls
+        t = opts.etcd_tls
+        s.etcd_tls = None if t is None else {"ca": t.ca, "cert": t.cert, "key": t.key}
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -273,9 +289,14 @@ def _ensure_etcd(s: ClusterState, say: Progress) -> None:
     if s.etcd_external:
         say(f"✓ etcd {','.join(s.etcd_urls)} (external)")
         return
+    paths = pki.ensure(s.pki_dir, [s.host_ip])
     if s.etcd is not None and s.etcd.alive():
-        say(f"✓ etcd {s.etcd_urls[0]} (running)")
-        return
+        if s.tls("cli") is not None:
+            say(f"✓ etcd {s.etcd_urls[0]} (running, mutual TLS)")
+            return
+        say("  etcd was started without TLS: restarting it with mutual TLS")
+        stop(s.etcd)
+        s.etcd = None
     _kill_orphan_etcd(s)
     if not s.etcd_port or not _port_free(s.etcd_port) or not _port_free(s.etcd_peer_port):
         s.etcd_port, s.etcd_peer_port = free_port(), free_port()
@@ -287,9 +308,10 @@ def _ensure_etcd(s: ClusterState, say: Progress) -> None:
         listen_hosts=["127.0.0.1", s.host_ip],
         name=f"{s.name}-etcd",
         log_path=os.path.join(s.logs_dir, "etcd.log"),
+        pki=paths,
     )
-    s.etcd_urls = [f"http://127.0.0.1:{s.etcd_port}"]
-    s.etcd_node_urls = [f"http://{s.host_ip}:{s.etcd_port}"]
+    s.etcd_urls = [f"https://127.0.0.1:{s.etcd_port}"]
+    s.etcd_node_urls = [f"https://{s.host_ip}:{s.etcd_port}"]
     s.save()
     try:
         server.start()
@@ -299,7 +321,7 @@ def _ensure_etcd(s: ClusterState, say: Progress) -> None:
         raise ClusterError(f"could not start etcd: {e}") from None
     s.etcd = server.record
     s.save()
-    say(f"✓ etcd {s.etcd_urls[0]} (nodes use {s.etcd_node_urls[0]})")
+    say(f"✓ etcd {s.etcd_urls[0]} (mutual TLS; nodes use {s.etcd_node_urls[0]})")
 
 
 def _cmdlines() -> dict[int, list[bytes]]:
@@ -327,7 +349,7 @@ def _etcd_orphans(s: ClusterState, host_ips: list[str] | None = None) -> list[in
     """etcd processes the state file lost track of: those serving this cluster's data
     dir, or listening on the host's underlay address (only this cluster's etcd does)."""
     want = os.path.join(s.state_dir, "etcd").encode()
-    urls = [f"http://{ip}:".encode() for ip in host_ips or []]
+    urls = [f"{sch}://{ip}:".encode() for ip in host_ips or [] for sch in ("http", "https")]
 
     def ours(args: list[bytes]) -> bool:
         for i in range(len(args) - 1):
@@ -419,7 +441,7 @@ def tcp_reachable(ns: str, host: str, port: int, timeout: float = 1.0) -> bool:
 
 def _register_nodes(s: ClusterState, say: Progress) -> None:
     async def go() -> list[bool]:
-        async with Store(s.etcd_urls) as store:
+        async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
             return [await nodes.register(store, s.name, n) for n in s.nodes]
 
     try:
@@ -455,7 +477,7 @@ def node_ready(s: ClusterState) -> dict[str, str]:
     """Ready condition status per node name, from etcd ('Missing' when no Node)."""
 
     async def go() -> dict[str, str]:
-        async with Store(s.etcd_urls, timeout=3.0) as store:
+        async with Store(s.etcd_urls, timeout=3.0, tls=s.tls("cli")) as store:
             objs, _ = await store.list(Node)
         by = {o.name: o for o in objs}
         out = {}
@@ -596,7 +618,7 @@ def _forget_nodes(s: ClusterState) -> None:
     """Delete this cluster's Node objects from an external etcd (best effort)."""
 
     async def go() -> None:
-        async with Store(s.etcd_urls, timeout=3.0) as store:
+        async with Store(s.etcd_urls, timeout=3.0, tls=s.tls("cli")) as store:
             for n in s.nodes:
                 obj = await store.get(Node, n.name)
                 if obj is not None and obj.metadata.labels.get(nodes.CLUSTER_LABEL) == s.name:
@@ -644,16 +666,13 @@ class Health:
         )
 
 
-def etcd_healthy(urls: list[str]) -> tuple[bool, str]:
+def etcd_healthy(urls: list[str], tls: TLSFiles | None = None) -> tuple[bool, str]:
     err = "no endpoint"
     for u in urls:
-        try:
-            with urllib.request.urlopen(f"{u}/health", timeout=2) as r:
-                if b'"true"' in r.read():
-                    return True, ""
-                err = f"{u} reports unhealthy"
-        except (urllib.error.URLError, OSError) as e:
-            err = f"{u}: {getattr(e, 'reason', e)}"
+        ok, why = etcd_health(u, tls, timeout=2)
+        if ok:
+            return True, ""
+        err = f"{u}: {why}"
     return False, err
 
 
@@ -664,7 +683,7 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
             f"no local cluster named {name!r} (no state in {state_dir_for(name, state_dir)}); "
             f"start one with `corral up{'' if name == st.DEFAULT_NAME else ' --name ' + name}`"
         )
-    ok, err = etcd_healthy(s.etcd_urls)
+    ok, err = etcd_healthy(s.etcd_urls, s.tls("cli"))
     ready: dict[str, str] = {}
     if ok:
         try:

@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from corral.api.store import TLSFiles
+from corral.cluster import pki
 from corral.node.procs import ProcRecord
 
 DEFAULT_NAME = "corral"
@@ -119,6 +121,22 @@ class ClusterState:
     relay: ProcRecord | None = None
     nodes: list[NodeState] = field(default_factory=list)
     daemons: list[ProcRecord] = field(default_factory=list)
+    # An external etcd's client certificate ({"ca", "cert", "key"}), used by every role.
+    etcd_tls: dict[str, str] | None = None
+
+    @property
+    def pki_dir(self) -> str:
+        """The local etcd's CA and certificates (see cluster/pki.py)."""
+        return os.path.join(self.state_dir, "pki")
+
+    def tls(self, role: str) -> TLSFiles | None:
+        """The client certificate a `role` (node, control, cli) reaches etcd with."""
+        if self.etcd_external:
+            return TLSFiles(**self.etcd_tls) if self.etcd_tls else None
+        if not any(u.startswith("https://") for u in self.etcd_urls):
+            return None
+        p = pki.Paths(self.pki_dir)
+        return TLSFiles(p.ca, p.cert(role), p.key(role))
 
     # derived names
     @property

@@ -40,7 +40,7 @@ from corral.cni.config import Addr4, BridgeConfig, Net4, Route
 from corral.cni.errors import CNIError
 from corral.node import iptables
 from corral.node import netns as nsutil
-from corral.node.podveth import pod_alias
+from corral.node.podveth import parse_pod_alias, pod_alias
 
 log = logging.getLogger(__name__)
 HOST_NAME_RE = re.compile(r"^veth[0-9a-f]{11}$")
@@ -143,6 +143,36 @@ class Plumber:
         ipr.link("set", index=idx, state="up")
         self._bridges[key] = (idx, str(link.get("address")))
         return self._bridges[key]
+
+    async def release_gateway(self, bridge: str, gw: Addr4, subnet: Net4) -> bool:
+        """Take `gw` off the bridge once no pod on it has an address in `subnet`.
+
+        An explicit range's gateway is added by the first ADD in it; the DEL of its
+        last pod removes it, so a DEL leaves no address it added. True if removed.
+        """
+        return await self._run(self._ops, self._release_gateway, bridge, gw, subnet)
+
+    def _release_gateway(self, bridge: str, gw: Addr4, subnet: Net4) -> bool:
+        ipr = self.ipr
+        found = ipr.link_lookup(ifname=bridge)
+        if not found:
+            return False
+        idx = found[0]
+        for link in ipr.get_links():
+            if link.get_attr("IFLA_MASTER") != idx or link.get_attr("IFLA_OPERSTATE") == "DOWN":
+                continue
+            tag = parse_pod_alias(link.get_attr("IFLA_IFALIAS"))
+            if tag is not None and Addr4(tag[0]) in subnet:
+                return False  # another pod still routes through this gateway
+        try:
+            ipr.addr("del", index=idx, address=str(gw), prefixlen=subnet.prefixlen)
+        except NetlinkError as e:
+            if e.code == errno.EADDRNOTAVAIL:
+                return False
+            raise
+        for key in [k for k in self._bridges if k[0] == bridge and k[1] == str(gw)]:
+            del self._bridges[key]
+        return True
 
     @staticmethod
     def _enable_forwarding() -> None:

@@ -20,6 +20,9 @@ SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 PLUGINS = ("corral-cni", "corral-ipam")
 CONTAINER_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+NETWORK_NAME_RE = CONTAINER_ID_RE  # the spec's rule for network names is the same
+MAX_STDIN = 1024 * 1024  # bytes of network configuration
+MAX_DEPTH = 64  # nesting of objects and lists in it
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 Net4 = ipaddress.IPv4Network
 Addr4 = ipaddress.IPv4Address
@@ -279,6 +282,64 @@ def _is_netns(p: str) -> bool:
     return st.st_dev == ref.st_dev and st.st_ino != 0
 
 
+def decode_config(stdin: str) -> Any:
+    """The JSON on stdin, bounded in size and nesting (error 6 beyond either)."""
+    if len(stdin.encode()) > MAX_STDIN:
+        raise CNIError(
+            E.DECODE_FAILURE,
+            f"the network configuration is larger than {MAX_STDIN // 1024} KiB",
+            "a network configuration is a few KiB; check what the runtime sends",
+        )
+    if not stdin.strip():
+        return None
+    try:
+        conf = json.loads(stdin)
+    except RecursionError:
+        conf = None  # deeper than Python's own limit: reported as too deep below
+        depth = MAX_DEPTH + 1
+    except ValueError as e:
+        raise CNIError(
+            E.DECODE_FAILURE, "cannot decode the network configuration", str(e)
+        ) from None
+    else:
+        depth = _depth(conf)
+    if depth > MAX_DEPTH:
+        raise CNIError(
+            E.DECODE_FAILURE,
+            f"the network configuration nests deeper than {MAX_DEPTH} levels",
+            "a network configuration nests a few levels; check what the runtime sends",
+        )
+    return conf
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and lists nest in `value` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d > MAX_DEPTH:
+                return d
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def check_network_name(name: object) -> str:
+    """The spec's rule for `name`: letters, digits, _ . - (starting alphanumeric)."""
+    if not isinstance(name, str) or not name:
+        raise CNIError(
+            E.INVALID_CONFIG, "name is missing", 'give the network a name, e.g. "corral"'
+        )
+    if not NETWORK_NAME_RE.match(name) or len(name) > 256:
+        raise CNIError(
+            E.INVALID_CONFIG,
+            f"name {name!r} is not a valid network name",
+            "use letters, digits, _ . and - only, starting with a letter or digit",
+        )
+    return name
+
+
 def parse_request(plugin: str, env: dict[str, str], stdin: str) -> Request:
     """Validate env + stdin for `plugin`; raise CNIError on the first problem."""
     if plugin not in PLUGINS:
@@ -288,12 +349,7 @@ def parse_request(plugin: str, env: dict[str, str], stdin: str) -> Request:
         raise CNIError(
             E.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of " + ", ".join(COMMANDS)
         )
-    try:
-        conf = json.loads(stdin) if stdin.strip() else None
-    except ValueError as e:
-        raise CNIError(
-            E.DECODE_FAILURE, "cannot decode the network configuration", str(e)
-        ) from None
+    conf = decode_config(stdin)
     if command == "VERSION":
         conf = conf if isinstance(conf, dict) else {}
     elif not isinstance(conf, dict):
@@ -306,7 +362,10 @@ def parse_request(plugin: str, env: dict[str, str], stdin: str) -> Request:
             "supported: " + ", ".join(SUPPORTED_VERSIONS),
         )
     req = Request(plugin, command, str(version), conf, path=env.get("CNI_PATH", ""))
-    if command in ("VERSION", "GC", "STATUS"):
+    if command == "VERSION":
+        return req
+    check_network_name(conf.get("name"))
+    if command in ("GC", "STATUS"):
         return req
     if command == "CHECK" and version_tuple(req.cni_version) < (0, 4, 0):
         raise CNIError(

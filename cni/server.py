@@ -28,6 +28,7 @@ from corral.api.store import Store, StoreError, Unavailable, pool_id
 from corral.cni import errors as E
 from corral.cni.bridge import Attachment, Plumber
 from corral.cni.config import (
+    MAX_STDIN,
     SUPPORTED_VERSIONS,
     IPAMConfig,
     Net4,
@@ -44,9 +45,19 @@ from corral.cni.install import install_shims, write_conflist
 from corral.cni.ipam import IPAM, Allocated
 from corral.node.context import NodeContext, NodeOptions, NodePaths
 
+# stdin plus the environment; anything longer is refused before it is parsed
+MAX_REQUEST = MAX_STDIN + 64 * 1024
 log = logging.getLogger(__name__)
 READ_TIMEOUT = 60.0  # a shim sends its whole request at once; a silent peer is dropped
 DEFAULT_ROUTE = Route(ipaddress.IPv4Network("0.0.0.0/0"))
+
+
+async def _read_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Everything until EOF, or the first `limit` bytes of it (the caller refuses those)."""
+    data = bytearray()
+    while len(data) < limit and (chunk := await reader.read(limit - len(data))):
+        data += chunk
+    return bytes(data)
 
 
 class NodeSubnet:
@@ -169,7 +180,7 @@ class CNIServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            data = await asyncio.wait_for(reader.read(), READ_TIMEOUT)
+            data = await asyncio.wait_for(_read_bounded(reader, MAX_REQUEST + 1), READ_TIMEOUT)
             rc, out, err = await self.handle_raw(data)
             writer.write(b"%d\0%s\0%s" % (rc, err.encode(), out.encode()))
             await writer.drain()
@@ -181,6 +192,13 @@ class CNIServer:
                 await writer.wait_closed()
 
     async def handle_raw(self, data: bytes) -> tuple[int, str, str]:
+        if len(data) > MAX_REQUEST:
+            err = CNIError(
+                E.DECODE_FAILURE,
+                f"the request is larger than {MAX_REQUEST // 1024} KiB",
+                "a network configuration is a few KiB; check what the runtime sends",
+            )
+            return 1, err.to_json("1.1.0"), ""
         plugin, _, rest = data.partition(b"\0")
         env_raw, _, stdin = rest.partition(b"\0\0")
         env = {}
@@ -252,6 +270,7 @@ class CNIServer:
 
     def _ranges(self, ipc: IPAMConfig) -> list[list[Range]]:
         if ipc.range_sets:
+            self._check_ranges(ipc.range_sets)
             return ipc.range_sets
         if self.subnet.range is None:
             raise CNIError(
@@ -260,6 +279,36 @@ class CNIServer:
                 f"waiting for {self.subnet.path} from the overlay",
             )
         return [[self.subnet.range]]
+
+    def _check_ranges(self, sets: list[list[Range]]) -> None:
+        """Explicit ranges stay inside the cluster network, clear of node addresses.
+
+        Anything else would hand a pod an address the overlay does not route to it,
+        or one of the underlay's (a node's own IP), which a pod must never hold.
+        """
+        network = self.subnet.network
+        if network is None:
+            raise CNIError(
+                E.TRY_AGAIN_LATER,
+                "this node has no subnet lease yet, so explicit ranges cannot be checked",
+                f"waiting for {self.subnet.path} from the overlay",
+            )
+        node_ips = {ipaddress.IPv4Address(ip) for ip in (self.ctx.underlay_ip,) if ip}
+        for i, rs in enumerate(sets):
+            for j, r in enumerate(rs):
+                where = f"ipam.ranges[{i}][{j}]"
+                if not r.subnet.subnet_of(network):
+                    raise CNIError(
+                        E.INVALID_CONFIG,
+                        f"{where}.subnet {r.subnet} is outside the cluster network {network}",
+                        "pods get addresses from the cluster network only",
+                    )
+                if any(r.start <= ip <= r.end for ip in node_ips):
+                    raise CNIError(
+                        E.INVALID_CONFIG,
+                        f"{where} includes this node's own address",
+                        "pick a range clear of node and underlay addresses",
+                    )
 
     @staticmethod
     def _prev_ips(req: Request) -> dict[str, ipaddress.IPv4Address]:
@@ -404,9 +453,14 @@ class CNIServer:
         pools = self._pools(req, ipc) or await self.ipam.pools_of(req.container_id, req.ifname)
         release = self.ipam.release(pools, req.container_id, req.ifname, self._prev_ips(req))
         if req.plugin == "corral-cni":
-            parse_bridge(req.conf)
+            bc = parse_bridge(req.conf)
             assert self.plumber is not None
             await asyncio.gather(self.plumber.delete(req.container_id, req.ifname), release)
+            own = self.subnet.range.subnet if self.subnet.range is not None else None
+            if bc.is_gateway:
+                for r in {r.subnet: r for rs in ipc.range_sets for r in rs}.values():
+                    if r.subnet != own:
+                        await self.plumber.release_gateway(bc.bridge, r.gateway, r.subnet)
         else:
             await release
 

@@ -48,7 +48,7 @@ async def run_controllers(
 
 
 async def serve(
-    urls: list[str], name: str, body: Callable[[Store], Coroutine[Any, Any, None]]
+    store: Store, name: str, body: Callable[[Store], Coroutine[Any, Any, None]]
 ) -> None:
     """Connect to etcd and run `body(store)` until SIGTERM or SIGINT.
 
@@ -61,7 +61,6 @@ async def serve(
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    store = Store(urls)
     try:
         await store.connect()
         log.info("%s started (etcd %s)", name, store.url)

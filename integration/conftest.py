@@ -106,7 +106,7 @@ class LocalCluster:
 
     def store(self) -> Store:
         """A Store on the cluster's etcd: `async with cluster.store() as store:`."""
-        return Store(self.etcd_urls)
+        return Store(self.etcd_urls, tls=self.state().tls("cli"))
 
     def state(self) -> ClusterState:
         s = load(self.state_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from corral.api.objects import Node
-from corral.api.store import Store
+from corral.api.store import Store, TLSFiles
 from corral.cluster import local, underlay
 from corral.cluster.local import unused_underlay_cidr
 from corral.cluster.state import ClusterState, host_veth, load
@@ -100,9 +100,9 @@ def _node_run(corral: Corral, name: str, node: str, *cmd: str) -> subprocess.Com
     return corral("node-exec", "--name", name, node, "--", *cmd, timeout=60)
 
 
-def _nodes_in_etcd(url: str) -> dict[str, Node]:
+def _nodes_in_etcd(url: str, tls: TLSFiles | None = None) -> dict[str, Node]:
     async def go() -> dict[str, Node]:
-        async with Store(url) as store:
+        async with Store(url, tls=tls) as store:
             objs, _ = await store.list(Node)
         return {o.name: o for o in objs}
 
@@ -113,7 +113,7 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     cidr = unused_underlay_cidr()
     r = corral("up", "--name", cluster_name, "--nodes", "3", "--underlay-cidr", cidr, "--wait", "0")
     assert r.returncode == 0, r.stderr
-    assert "✓ etcd http://127.0.0.1:" in r.stderr
+    assert "✓ etcd https://127.0.0.1:" in r.stderr and "mutual TLS" in r.stderr
     assert "corral get nodes" in r.stdout
     s = corral.state(cluster_name)
     names = [n.name for n in s.nodes]
@@ -123,8 +123,11 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
         assert netns.exists(n.netns)
     assert s.host_ip == cidr.replace(".0/24", ".254")
 
-    # Every node reaches every other node and the host over the underlay, and etcd.
+    # Every node reaches every other node and the host over the underlay, and etcd,
+    # which answers only a client with a certificate of the cluster's CA.
     port = s.etcd_node_urls[0].rsplit(":", 1)[1]
+    tls = s.tls("node")
+    assert tls is not None
     for n in s.nodes:
         for peer in [*(m.ip for m in s.nodes if m is not n), s.host_ip]:
             p = _node_run(corral, cluster_name, n.name, "ping", "-c1", "-W5", peer)
@@ -137,9 +140,19 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
             "-sS",
             "--max-time",
             "10",
-            f"http://{s.host_ip}:{port}/health",
+            "--cacert",
+            tls.ca,
+            "--cert",
+            tls.cert,
+            "--key",
+            tls.key,
+            f"https://{s.host_ip}:{port}/health",
         )
         assert '"health":"true"' in h.stdout.replace(" ", ""), h.stdout + h.stderr
+    for url in (f"http://{s.host_ip}:{port}/health", f"https://{s.host_ip}:{port}/health"):
+        args = ["curl", "-sS", "--max-time", "10", "--cacert", tls.ca, url]
+        h = _node_run(corral, cluster_name, "1", *args)
+        assert h.returncode != 0 and "health" not in h.stdout, (url, h.stdout)
 
     # node-exec lands in the node's own mounts: its eth0 and its CNI plugins.
     p = _node_run(corral, cluster_name, "2", "sh", "-c", "ip -o -4 addr show eth0; ls /opt/cni/bin")
@@ -149,7 +162,7 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     assert os.path.exists(os.path.join(s.node_dir(names[0]), "run", f"marker-{cluster_name}"))
 
     # The Node objects, found by the CLI without flags through the cluster's state.
-    got = _nodes_in_etcd(s.etcd_urls[0])
+    got = _nodes_in_etcd(s.etcd_urls[0], s.tls("cli"))
     assert set(names) <= set(got)
     assert got[names[0]].status.address("InternalIP") == s.nodes[0].ip
     assert got[names[0]].status.capacity["pods"] in ("110", 110)
@@ -195,7 +208,7 @@ def test_up_twice_converges_and_recreates_what_is_missing(
         assert n.holder is not None and n.holder.alive()
         p = _node_run(corral, cluster_name, n.name, "ping", "-c1", "-W5", s3.host_ip)
         assert p.returncode == 0, p.stdout + p.stderr
-    assert set(_nodes_in_etcd(s3.etcd_urls[0])) >= {n.name for n in s3.nodes}
+    assert set(_nodes_in_etcd(s3.etcd_urls[0], s3.tls("cli"))) >= {n.name for n in s3.nodes}
 
     # Shrinking and changing the underlay are refused without touching anything.
     r = corral("up", "--name", cluster_name, "--nodes", "1")
@@ -220,7 +233,7 @@ def test_down_after_a_crash(corral: Corral, cluster_name: str) -> None:
 
     # `up` on the wreck converges: the old etcd data and namespaces are reused.
     s2 = _up(corral, cluster_name, "--nodes", "2", "--underlay-cidr", s.underlay_cidr)
-    assert {n.name for n in s2.nodes} <= set(_nodes_in_etcd(s2.etcd_urls[0]))
+    assert {n.name for n in s2.nodes} <= set(_nodes_in_etcd(s2.etcd_urls[0], s2.tls("cli")))
     p = _node_run(corral, cluster_name, "1", "ping", "-c1", "-W5", s2.nodes[1].ip)
     assert p.returncode == 0, p.stdout + p.stderr
     for rec in _all_procs(s2):
@@ -374,7 +387,7 @@ def test_down_stops_the_pods_of_its_nodes(corral: Corral, cluster_name: str) -> 
         pytest.skip("no node agent to run pods yet")
 
     async def create() -> None:
-        async with Store(s.etcd_urls) as store:
+        async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
             await store.create(
                 Pod(
                     metadata=ObjectMeta(name="sleeper"),

@@ -166,21 +166,21 @@ async def test_config_options(cni_node: CNINode, store: Store) -> None:
             "ranges": [
                 [
                     {
-                        "subnet": "10.250.7.0/24",
-                        "rangeStart": "10.250.7.100",
-                        "rangeEnd": "10.250.7.110",
-                        "gateway": "10.250.7.254",
+                        "subnet": "10.244.250.0/24",
+                        "rangeStart": "10.244.250.100",
+                        "rangeEnd": "10.244.250.110",
+                        "gateway": "10.244.250.254",
                     }
                 ]
             ],
-            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "172.30.0.0/16", "gw": "10.250.7.253"}],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "172.30.0.0/16", "gw": "10.244.250.253"}],
         },
     )
     rc, res = node.plugin("corral-cni", "ADD", c, cid="opts", pod=pod)
     assert rc == 0, res
-    assert res["ips"][0]["address"] == "10.250.7.100/24"
-    assert res["ips"][0]["gateway"] == "10.250.7.254"
-    assert {"dst": "172.30.0.0/16", "gw": "10.250.7.253"} in res["routes"]
+    assert res["ips"][0]["address"] == "10.244.250.100/24"
+    assert res["ips"][0]["gateway"] == "10.244.250.254"
+    assert {"dst": "172.30.0.0/16", "gw": "10.244.250.253"} in res["routes"]
     nl = node.links()
     assert nl["br-test"]["addrs"] == []  # not the gateway
     host = res["interfaces"][1]["name"]
@@ -189,10 +189,10 @@ async def test_config_options(cni_node: CNINode, store: Store) -> None:
     assert node.hairpin()[nl[host]["index"]] == 0
     rc, out = node.plugin("corral-cni", "CHECK", dict(c, prevResult=res), cid="opts", pod=pod)
     assert rc == 0, out
-    assert await allocations(store, "10.250.7.0-24") == {"10.250.7.100": "opts"}
+    assert await allocations(store, "10.244.250.0-24") == {"10.244.250.100": "opts"}
     rc, _ = node.plugin("corral-cni", "DEL", c, cid="opts", pod=pod)
     assert rc == 0
-    assert await allocations(store, "10.250.7.0-24") == {}
+    assert await allocations(store, "10.244.250.0-24") == {}
 
 
 async def test_ip_masq_rule(cni_node: CNINode) -> None:
@@ -347,6 +347,19 @@ BAD = [
         {},
         2,
     ),
+    # A pod may only get an address the overlay routes to it: never a node's.
+    (
+        "range outside the cluster network",
+        conf(ipam={"type": "corral-ipam", "ranges": [[{"subnet": "10.250.0.0/24"}]]}),
+        {},
+        7,
+    ),
+    ("name empty", conf(name=""), {}, 7),
+    ("name missing", {k: v for k, v in conf().items() if k != "name"}, {}, 7),
+    ("name with a slash", conf(name="../etc"), {}, 7),
+    ("stdin over 1 MiB", conf(pad="x" * (1024 * 1024 + 1)), {}, 6),
+    ("nested 65 deep", json.dumps({**conf(), "x": json.loads("[" * 65 + "]" * 65)}), {}, 6),
+    ("nested past Python's limit", '{"x": ' + "[" * 100000 + "]" * 100000 + "}", {}, 6),
 ]
 
 
@@ -533,3 +546,28 @@ async def test_hairpin_lets_a_pod_reach_itself_through_a_service(cni_node: CNINo
             server.wait(10)
             for rule in nat:
                 netns.run(node.name, ["iptables", "-t", "nat", "-D", *rule])
+
+
+async def test_del_of_the_last_pod_in_a_range_removes_its_gateway(cni_node: CNINode) -> None:
+    node = cni_node
+    c = conf(
+        bridge="br-gw",
+        ipam={"type": "corral-ipam", "ranges": [[{"subnet": "10.244.249.0/24"}]]},
+    )
+    pods = {cid: node.pod() for cid in ("gw-a", "gw-b")}
+    for cid, pod in pods.items():
+        rc, res = node.plugin("corral-cni", "ADD", c, cid=cid, pod=pod)
+        assert rc == 0, res
+    assert node.links()["br-gw"]["addrs"] == ["10.244.249.1/24"]
+    rc, out = node.plugin("corral-cni", "DEL", c, cid="gw-a", pod=pods["gw-a"])
+    assert rc == 0, out
+    assert node.links()["br-gw"]["addrs"] == ["10.244.249.1/24"]  # gw-b still uses it
+    rc, out = node.plugin("corral-cni", "DEL", c, cid="gw-b", pod=pods["gw-b"])
+    assert rc == 0, out
+    assert node.links()["br-gw"]["addrs"] == []
+    # The node's own subnet keeps its gateway on cni0 whatever pods come and go.
+    rc, res = node.plugin("corral-cni", "ADD", conf(), cid="own", pod=node.pod())
+    assert rc == 0, res
+    rc, out = node.plugin("corral-cni", "DEL", conf(), cid="own", pod="")
+    assert rc == 0, out
+    assert "10.244.1.1/24" in node.links()["cni0"]["addrs"]

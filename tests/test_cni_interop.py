@@ -65,7 +65,7 @@ async def test_reference_bridge_on_corral_ipam(cni_node: CNINode, store: Store) 
                     "isGateway": True,
                     "ipam": {
                         "type": "corral-ipam",
-                        "ranges": [[{"subnet": "10.251.0.0/24", "rangeStart": "10.251.0.50"}]],
+                        "ranges": [[{"subnet": "10.244.251.0/24", "rangeStart": "10.244.251.50"}]],
                     },
                 }
             ],
@@ -73,10 +73,10 @@ async def test_reference_bridge_on_corral_ipam(cni_node: CNINode, store: Store) 
     )
     rc, res = node.libcni("add", "ref-2", pod, conf_dir=conf_dir, net="refnet2")
     assert rc == 0, res
-    assert res["ips"][0]["address"] == "10.251.0.50/24"
+    assert res["ips"][0]["address"] == "10.244.251.50/24"
     rc, out = node.libcni("del", "ref-2", pod, conf_dir=conf_dir, net="refnet2")
     assert rc == 0, out
-    assert await ips_in(store, "10.251.0.0-24") == {}
+    assert await ips_in(store, "10.244.251.0-24") == {}
 
 
 async def test_corral_cni_chained_with_portmap_and_loopback(

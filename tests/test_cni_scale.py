@@ -121,9 +121,9 @@ async def test_two_nodes_sharing_a_range_never_share_an_ip(
                         "ranges": [
                             [
                                 {
-                                    "subnet": "10.252.0.0/24",
-                                    "rangeStart": "10.252.0.10",
-                                    "rangeEnd": "10.252.0.49",
+                                    "subnet": "10.244.252.0/24",
+                                    "rangeStart": "10.244.252.10",
+                                    "rangeEnd": "10.244.252.49",
                                 }
                             ]
                         ],
@@ -144,12 +144,12 @@ async def test_two_nodes_sharing_a_range_never_share_an_ip(
         assert all(rc == 0 for rc, _ in results), [r for r in results if r[0]][:3]
         ips = [res["ips"][0]["address"] for _, res in results]
         assert len(set(ips)) == 40, "two containers got the same IP"
-        kvs, _ = await store.list_raw("/corral/v1/ipam/10.252.0.0-24/ips/")
+        kvs, _ = await store.list_raw("/corral/v1/ipam/10.244.252.0-24/ips/")
         assert len(kvs) == 40
         # The range is full now: the next ADD says so and changes nothing.
         rc, err = await add(cni_node, "one-too-many")
         assert rc == 1 and err["code"] == 102, err
-        kvs, _ = await store.list_raw("/corral/v1/ipam/10.252.0.0-24/ips/")
+        kvs, _ = await store.list_raw("/corral/v1/ipam/10.244.252.0-24/ips/")
         assert len(kvs) == 40
     finally:
         other.cleanup()
