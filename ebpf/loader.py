@@ -278,7 +278,10 @@ def remove_pins(node: str) -> list[str]:
 
 
 class _Loaded:
-    """One C source compiled by BCC; its programs loaded with their types."""
+    """One C source compiled by BCC; its programs loaded with their types.
+
+    `bpf` is the BCC object, for what the loader does not wrap.
+    """
 
     def __init__(
         self,
@@ -295,6 +298,7 @@ class _Loaded:
         path = source if os.path.isabs(source) else os.path.join(HERE, source)
         flags = list(cflags)
         self.node = node
+        self._closed = False
         if node is not None:
             d = pin_dir(node)
             try:
@@ -306,20 +310,20 @@ class _Loaded:
         else:
             flags += ["-D" + _UNPINNED]
         try:
-            self._bpf = BPF(src_file=path.encode(), cflags=flags)
+            self.bpf = BPF(src_file=path.encode(), cflags=flags)
         except Exception as e:
             raise BPFUnavailable(f"cannot compile {path}: {e}") from e
         try:
             self._check_pins()
             self.fns = {
-                name: self._bpf.load_func(name.encode(), ptype, attach_type=attach)
+                name: self.bpf.load_func(name.encode(), ptype, attach_type=attach)
                 for name, (ptype, attach) in programs.items()
             }
         except BPFUnavailable:
-            self._bpf.cleanup()
+            self.bpf.cleanup()
             raise
         except Exception as e:
-            self._bpf.cleanup()
+            self.bpf.cleanup()
             raise BPFUnavailable(f"cannot load {path}: {e}") from e
 
     def _check_pins(self) -> None:
@@ -330,7 +334,7 @@ class _Loaded:
         """
         if self.node is None:
             return
-        lib, mod = _bcc_tables(), self._bpf.module
+        lib, mod = _bcc_tables(), self.bpf.module
         for pin in pinned(self.node):
             name = pin.encode()
             fd = lib.bpf_table_fd(mod, name)
@@ -352,7 +356,7 @@ class _Loaded:
                 )
 
     def map(self, name: str) -> Any:
-        return self._bpf[name]
+        return self.bpf[name.encode()]
 
     def map_id(self, name: str) -> int:
         """The kernel's id of map `name` (the same across loads when it is pinned)."""
@@ -363,7 +367,9 @@ class _Loaded:
 
     def close(self) -> None:
         """Drop our handles; attached programs and pinned maps stay in the kernel."""
-        self._bpf.cleanup()
+        if not self._closed:
+            self._closed = True
+            self.bpf.cleanup()
 
 
 class TCPrograms(_Loaded):
