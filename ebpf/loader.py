@@ -586,6 +586,18 @@ def _as(cls: Any, v: Any) -> Any:
     return v if isinstance(v, cls) else cls(v)
 
 
+def _array(cls: Any, values: list[Any]) -> Any:
+    """A ctypes array of `cls` from instances or plain values (ints, for scalar types).
+
+    Plain values go straight into the array: making a ctypes object per
+    entry first costs more than the syscall itself.
+    """
+    try:
+        return (cls * len(values))(*values)
+    except TypeError:
+        return (cls * len(values))(*(_as(cls, v) for v in values))
+
+
 def _batch_call(fn: Any, *args: Any) -> tuple[int, int]:
     """(error or 0, count done) of a libbcc batch call over `n` = args[-1] entries."""
     cnt = args[-1]
@@ -615,12 +627,12 @@ def update_batch(table: Any, items: Iterable[tuple[Any, Any]], fallback: bool = 
     """
     from bcc.libbcc import lib
 
-    pairs = [(_as(table.Key, k), _as(table.Leaf, v)) for k, v in items]
+    pairs = list(items)
     if not pairs:
         return "batch"
     if not _percpu(table):
-        keys = (table.Key * len(pairs))(*(k for k, _ in pairs))
-        leaves = (table.Leaf * len(pairs))(*(v for _, v in pairs))
+        keys = _array(table.Key, [k for k, _ in pairs])
+        leaves = _array(table.Leaf, [v for _, v in pairs])
         err, done = _batch_call(
             lib.bpf_update_batch, table.map_fd, ctypes.byref(keys), ctypes.byref(leaves),
             ctypes.c_uint32(len(pairs)),
@@ -634,7 +646,7 @@ def update_batch(table: Any, items: Iterable[tuple[Any, Any]], fallback: bool = 
     elif not fallback:
         raise OSError(ENOTSUPP, "no batch updates of per-CPU maps here")
     for k, v in pairs:
-        table[k] = v
+        table[_as(table.Key, k)] = _as(table.Leaf, v)
     return "loop"
 
 
@@ -647,11 +659,11 @@ def delete_batch(table: Any, keys: Iterable[Any], fallback: bool = True) -> str:
     from bcc import table as t
     from bcc.libbcc import lib
 
-    ks = [_as(table.Key, k) for k in keys]
+    ks = list(keys)
     if isinstance(table, t.ArrayBase):
         return update_batch(table, [(k, table.Leaf()) for k in ks], fallback)
     while ks:
-        arr = (table.Key * len(ks))(*ks)
+        arr = _array(table.Key, ks)
         err, done = _batch_call(
             lib.bpf_delete_batch, table.map_fd, ctypes.byref(arr), ctypes.c_uint32(len(ks))
         )
@@ -664,7 +676,7 @@ def delete_batch(table: Any, keys: Iterable[Any], fallback: bool = True) -> str:
             raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
         for k in ks:
             with contextlib.suppress(KeyError):
-                del table[k]
+                del table[_as(table.Key, k)]
         return "loop"
     return "batch"
 

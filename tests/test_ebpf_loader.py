@@ -196,6 +196,20 @@ def test_batch_updates_hash_and_array(progs: loader.CgroupPrograms) -> None:
     with pytest.raises(OSError):
         loader.update_batch(a, [(70000, 1)], fallback=False)  # past the array's end
 
+    trie = progs.map("bulk_lpm")  # struct keys; 6.18 has batch ops for LPM tries too
+    nets = [(trie.Key(24, loader.ip_key(f"10.96.{i}.0")), i) for i in range(10)]
+    assert loader.update_batch(trie, nets, fallback=False) == "batch"
+    assert trie[trie.Key(32, loader.ip_key("10.96.7.9"))].value == 7  # longest prefix match
+    assert loader.delete_batch(trie, [k for k, _ in nets[:5]], fallback=False) == "batch"
+    assert len(list(trie.keys())) == 5  # BCC tries have no len()
+
+    per_cpu = progs.map("bulk_percpu")  # the loader does not batch per-CPU leaves: it loops
+    leaf = per_cpu.Leaf(*[3] * len(per_cpu.Leaf()))
+    with pytest.raises(OSError):
+        loader.update_batch(per_cpu, [(1, leaf)], fallback=False)
+    assert loader.update_batch(per_cpu, [(1, leaf), (2, leaf)]) == "loop"
+    assert sum(per_cpu[per_cpu.Key(2)]) == 3 * len(leaf)
+
 
 def test_reload_reuses_pinned_maps_and_replaces_in_place(
     loads: list[loader.CgroupPrograms], cgroup: str, ns: str

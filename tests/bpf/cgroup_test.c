@@ -7,8 +7,8 @@
  *   other_connect4   connect4, does nothing: stands for somebody else's program
  *                    (not a corral_ name), which corral must never detach.
  *
- * `ports` and `counts` are pinned per node; `bulk_hash` and `bulk_array` are
- * plain maps for the batch-update tests.
+ * `ports` and `counts` are pinned per node; `bulk_*` are plain maps for the
+ * batch-update tests (per-CPU maps are updated one entry at a time).
  */
 #include <uapi/linux/bpf.h>
 
@@ -16,6 +16,9 @@ CORRAL_PINNED("hash", u32, u32, ports, 64);    /* destination port -> new port, 
 CORRAL_PINNED("array", u32, u64, counts, 2);
 BPF_HASH(bulk_hash, u32, u64, 65536);
 BPF_ARRAY(bulk_array, u64, 65536);
+struct prefix { u32 len; u32 ip; };
+BPF_LPM_TRIE(bulk_lpm, struct prefix, u32, 64);
+BPF_PERCPU_ARRAY(bulk_percpu, u64, 16);
 
 static __always_inline void count(u32 what) {
     u64 *n = counts.lookup(&what);
