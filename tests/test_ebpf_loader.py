@@ -2,8 +2,9 @@
 
 Everything happens in a cgroup2 directory made under /sys/fs/cgroup/unified for
 this run (never the root) and, for traffic, in a network namespace made for it;
-both go away in finalizers, as do the pins of the test node. Two compiles in
-all: the module's shared load, and one reload (a restarted daemon).
+both go away in finalizers, as do the pins of the test node. Three compiles in
+all: the module's shared load, one reload (a restarted daemon), and one
+whose pinned map layout differs.
 Tests run in file order on the shared load.
 """
 
@@ -268,6 +269,14 @@ def test_detach_leaves_other_programs_and_restores(
     assert [p.id for p in loader.detach_cgroup(cgroup, ids=[sock.id])] == [sock.id]
     assert ids(cgroup, everyone=True) == {"other_connect4": theirs}  # the cgroup fixture's
     assert loader.detach_cgroup(cgroup) == []
+
+
+def test_pinned_map_of_another_layout_refused(loads: list[loader.CgroupPrograms]) -> None:
+    """BCC would reuse it as is; the loader refuses and says what to do."""
+    with pytest.raises(loader.BPFUnavailable, match=r"pinned map .*/ports .*remove_pins"):
+        loader.CgroupPrograms(SOURCE, PROGRAMS, node=NODE, cflags=["-DPORTS_MAX=128"])
+    ports = loads[-1].map("ports")
+    assert ports[ports.Key(ASKED)].value == REDIRECTED  # untouched
 
 
 def test_remove_pins_leaves_nothing(loads: list[loader.CgroupPrograms]) -> None:

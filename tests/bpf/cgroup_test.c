@@ -12,7 +12,10 @@
  */
 #include <uapi/linux/bpf.h>
 
-CORRAL_PINNED("hash", u32, u32, ports, 64);    /* destination port -> new port, host order */
+#ifndef PORTS_MAX
+#define PORTS_MAX 64  /* a test redefines it: a pinned map whose layout changed */
+#endif
+CORRAL_PINNED("hash", u32, u32, ports, PORTS_MAX);  /* destination port -> new port, host order */
 CORRAL_PINNED("array", u32, u64, counts, 2);
 BPF_HASH(bulk_hash, u32, u64, 65536);
 BPF_ARRAY(bulk_array, u64, 65536);
