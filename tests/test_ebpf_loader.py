@@ -33,6 +33,11 @@ pytestmark = [
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf", "cgroup_test.c")
 PROGRAMS = {"corral_connect4": "connect4", "corral_sock": "sock_create"}
+PROXY_HOOKS = {
+    "corral_sendmsg4": "sendmsg4",
+    "corral_recvmsg4": "recvmsg4",
+    "corral_getpeer4": "getpeername4",
+}
 ASKED, REDIRECTED = 8001, 8002  # listeners inside the test namespace answer with their port
 RUN = uuid.uuid4().hex[:8]
 NODE = f"test-{RUN}"
@@ -59,7 +64,7 @@ def cgroup() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def loads() -> Iterator[list[loader.CgroupPrograms]]:
     """Every load of the test source, newest last; closed and unpinned at the end."""
-    out = [loader.CgroupPrograms(SOURCE, PROGRAMS, node=NODE)]
+    out = [loader.CgroupPrograms(SOURCE, PROGRAMS | PROXY_HOOKS, node=NODE)]
     try:
         yield out
     finally:
@@ -151,6 +156,17 @@ def test_root_cgroup_and_bad_names_refused(progs: loader.CgroupPrograms) -> None
         loader.CgroupPrograms(SOURCE, {"other_connect4": "connect4"})  # refused before compiling
     with pytest.raises(ValueError, match="unknown hook"):
         loader.CgroupPrograms(SOURCE, {"corral_connect4": "connect44"})
+
+
+def test_proxy_hooks_attach_list_and_detach(progs: loader.CgroupPrograms, cgroup: str) -> None:
+    """sendmsg4, recvmsg4 and getpeername4: loaded with their attach types, on their hooks."""
+    for name in PROXY_HOOKS:
+        assert progs.attach(cgroup, name) == "attached"
+    listed = {p.name: p.hook for p in loader.cgroup_programs(cgroup)}
+    assert listed == PROXY_HOOKS
+    gone = loader.detach_cgroup(cgroup, names=PROXY_HOOKS)
+    assert sorted(p.name for p in gone) == sorted(PROXY_HOOKS)
+    assert loader.cgroup_programs(cgroup, everyone=True) == []
 
 
 def test_connect4_redirects_only_inside_the_cgroup(

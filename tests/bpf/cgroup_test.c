@@ -4,6 +4,8 @@
  *   corral_connect4  connect4: a TCP/UDP connect to a port listed in `ports`
  *                    goes to the port it maps to instead (counted in counts[0]).
  *   corral_sock      sock_create: counts sockets made in the cgroup (counts[1]).
+ *   corral_sendmsg4, corral_recvmsg4, corral_getpeer4
+ *                    the eBPF proxy's other hooks; they only allow the call.
  *   other_connect4   connect4, does nothing: stands for somebody else's program
  *                    (not a corral_ name), which corral must never detach.
  *
@@ -41,6 +43,18 @@ int corral_connect4(struct bpf_sock_addr *ctx) {
 
 int corral_sock(struct bpf_sock *sk) {
     count(1);
+    return 1;
+}
+
+int corral_sendmsg4(struct bpf_sock_addr *ctx) {
+    return 1;
+}
+
+int corral_recvmsg4(struct bpf_sock_addr *ctx) {
+    return 1; /* recvmsg and getpeername programs must return 1 */
+}
+
+int corral_getpeer4(struct bpf_sock_addr *ctx) {
     return 1;
 }
 
