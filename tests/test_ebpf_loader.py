@@ -1,0 +1,305 @@
+"""corral.ebpf.loader against the real kernel: cgroup attach/detach, pinned maps, batch updates.
+
+Everything happens in a cgroup2 directory made under /sys/fs/cgroup/unified for
+this run (never the root) and, for traffic, in a network namespace made for it;
+both go away in finalizers, as do the pins of the test node. Three compiles in
+all: the module's shared load, one reload (a restarted daemon), and one
+whose pinned map layout differs.
+Tests run in file order on the shared load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from corral.ebpf import loader
+from corral.node import netns
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups, bpffs and namespaces"),
+    pytest.mark.skipif(
+        loader.unavailable() is not None, reason=f"BCC cannot compile here: {loader.unavailable()}"
+    ),
+]
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf", "cgroup_test.c")
+PROGRAMS = {"corral_connect4": "connect4", "corral_sock": "sock_create"}
+PROXY_HOOKS = {
+    "corral_sendmsg4": "sendmsg4",
+    "corral_recvmsg4": "recvmsg4",
+    "corral_getpeer4": "getpeername4",
+}
+ASKED, REDIRECTED = 8001, 8002  # listeners inside the test namespace answer with their port
+RUN = uuid.uuid4().hex[:8]
+NODE = f"test-{RUN}"
+
+
+@pytest.fixture(scope="module")
+def cgroup() -> Iterator[str]:
+    path = os.path.join(loader.CGROUP2_ROOT, f"corral-test-{RUN}")
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        # the test's own cgroup: whatever is attached to it was attached by this file
+        cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for p in loader.cgroup_programs(path, everyone=True):
+                with loader._prog_by_id(p.id) as fd:
+                    loader._bpf().bpf_prog_detach2(fd, cg, loader.HOOKS[p.hook][1])
+        finally:
+            os.close(cg)
+        os.rmdir(path)  # the children have exited: the cgroup is empty
+
+
+@pytest.fixture(scope="module")
+def loads() -> Iterator[list[loader.CgroupPrograms]]:
+    """Every load of the test source, newest last; closed and unpinned at the end."""
+    out = [loader.CgroupPrograms(SOURCE, PROGRAMS | PROXY_HOOKS, node=NODE)]
+    try:
+        yield out
+    finally:
+        for loaded in out:
+            loaded.close()
+        loader.remove_pins(NODE)
+
+
+@pytest.fixture
+def progs(loads: list[loader.CgroupPrograms]) -> loader.CgroupPrograms:
+    return loads[-1]
+
+
+@pytest.fixture(scope="module")
+def ns() -> Iterator[str]:
+    """A namespace with lo up and two TCP listeners that answer with their own port."""
+    path = os.path.join(netns.NETNS_DIR, f"corral-test-bpf-{RUN}")
+    netns.create_pinned(path)
+    listeners = []
+    try:
+        with netns.entered(path):
+            for port in (ASKED, REDIRECTED):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen(16)
+                listeners.append(s)
+        for s in listeners:
+            threading.Thread(target=_answer, args=(s,), daemon=True).start()
+        yield path
+    finally:
+        for s in listeners:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        netns.remove_pinned(path)
+
+
+def _answer(s: socket.socket) -> None:
+    port = s.getsockname()[1]
+    while True:
+        try:
+            c, _ = s.accept()
+        except OSError:
+            return
+        with c:
+            c.sendall(str(port).encode())
+
+
+CLIENT = (
+    f"import socket; s = socket.create_connection(('127.0.0.1', {ASKED}), timeout=5); "
+    "print(s.recv(16).decode())"
+)
+
+
+def reached(ns: str, cgroup: str | None) -> int:
+    """The port a client in `ns` reaches when it connects to ASKED, started inside `cgroup`."""
+
+    def join() -> None:  # runs in the child before exec: what it execs is in the cgroup
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:  # type: ignore[arg-type]
+            f.write(str(os.getpid()))
+
+    out = subprocess.run(
+        netns.command(ns, [sys.executable, "-c", CLIENT]),
+        preexec_fn=join if cgroup else None,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return int(out.stdout.strip())
+
+
+def ids(cgroup: str, everyone: bool = False) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for p in loader.cgroup_programs(cgroup, everyone=everyone):
+        out.setdefault(p.name, []).append(p.id)
+    return out
+
+
+def test_root_cgroup_and_bad_names_refused(progs: loader.CgroupPrograms) -> None:
+    before = loader.cgroup_programs(loader.CGROUP2_ROOT, everyone=True)
+    with pytest.raises(loader.CgroupError, match="refusing to attach to the root cgroup2"):
+        progs.attach(loader.CGROUP2_ROOT, "corral_connect4")
+    with pytest.raises(loader.CgroupError, match="not a cgroup2 directory"):
+        progs.attach("/tmp", "corral_connect4")
+    assert loader.cgroup_programs(loader.CGROUP2_ROOT, everyone=True) == before
+    with pytest.raises(ValueError, match="corral_"):
+        loader.CgroupPrograms(SOURCE, {"other_connect4": "connect4"})  # refused before compiling
+    with pytest.raises(ValueError, match="unknown hook"):
+        loader.CgroupPrograms(SOURCE, {"corral_connect4": "connect44"})
+
+
+def test_proxy_hooks_attach_list_and_detach(progs: loader.CgroupPrograms, cgroup: str) -> None:
+    """sendmsg4, recvmsg4 and getpeername4: loaded with their attach types, on their hooks."""
+    for name in PROXY_HOOKS:
+        assert progs.attach(cgroup, name) == "attached"
+    listed = {p.name: p.hook for p in loader.cgroup_programs(cgroup)}
+    assert listed == PROXY_HOOKS
+    gone = loader.detach_cgroup(cgroup, names=PROXY_HOOKS)
+    assert sorted(p.name for p in gone) == sorted(PROXY_HOOKS)
+    assert loader.cgroup_programs(cgroup, everyone=True) == []
+
+
+def test_connect4_redirects_only_inside_the_cgroup(
+    progs: loader.CgroupPrograms, cgroup: str, ns: str
+) -> None:
+    assert loader.pinned(NODE) == ["counts", "ports"]
+    assert loader.update_batch(progs.map("ports"), [(ASKED, REDIRECTED)]) == "batch"
+    assert reached(ns, cgroup) == ASKED  # nothing attached yet
+    assert progs.attach(cgroup, "corral_connect4") == "attached"
+    assert progs.attach(cgroup, "corral_sock") == "attached"
+    assert progs.attach(cgroup, "corral_connect4") == "unchanged"
+    assert ids(cgroup) == {
+        "corral_connect4": [progs.prog_id("corral_connect4")],
+        "corral_sock": [progs.prog_id("corral_sock")],
+    }
+    assert {p.hook for p in loader.cgroup_programs(cgroup)} == {"connect4", "sock_create"}
+
+    assert reached(ns, cgroup) == REDIRECTED
+    assert reached(ns, None) == ASKED  # a process outside the cgroup is left alone
+    counts = progs.map("counts")
+    assert counts[counts.Key(0)].value == 1  # one connect rewritten
+    assert counts[counts.Key(1)].value >= 1  # the client's socket seen at creation
+
+
+def test_batch_updates_hash_and_array(progs: loader.CgroupPrograms) -> None:
+    h = progs.map("bulk_hash")
+    assert loader.update_batch(h, [(i, i * 10) for i in range(1000)], fallback=False) == "batch"
+    assert len(h) == 1000 and h[h.Key(999)].value == 9990
+    assert loader.update_batch(h, [(5, 1), (1000, 7)], fallback=False) == "batch"  # overwrite + add
+    assert h[h.Key(5)].value == 1 and h[h.Key(1000)].value == 7
+    # keys that are not there (2000, 2001) are skipped, the rest deleted
+    doomed = [*range(0, 1000, 2), 2000, 2001, 1000]
+    assert loader.delete_batch(h, doomed, fallback=False) == "batch"
+    assert sorted(k.value for k in h) == list(range(1, 1000, 2))
+    assert loader.delete_batch(h, [], fallback=False) == "batch"
+
+    a = progs.map("bulk_array")
+    assert (
+        loader.update_batch(a, [(i, i + 1) for i in range(0, 5000, 5)], fallback=False) == "batch"
+    )
+    assert a[a.Key(4995)].value == 4996 and a[a.Key(4996)].value == 0
+    assert loader.delete_batch(a, [0, 5, 10], fallback=False) == "batch"  # arrays: zeroed
+    assert [a[a.Key(i)].value for i in (0, 5, 10, 15)] == [0, 0, 0, 16]
+    with pytest.raises(OSError):
+        loader.update_batch(a, [(70000, 1)], fallback=False)  # past the array's end
+
+    trie = progs.map("bulk_lpm")  # struct keys; 6.18 has batch ops for LPM tries too
+    nets = [(trie.Key(24, loader.ip_key(f"10.96.{i}.0")), i) for i in range(10)]
+    assert loader.update_batch(trie, nets, fallback=False) == "batch"
+    assert trie[trie.Key(32, loader.ip_key("10.96.7.9"))].value == 7  # longest prefix match
+    assert loader.delete_batch(trie, [k for k, _ in nets[:5]], fallback=False) == "batch"
+    assert len(list(trie.keys())) == 5  # BCC tries have no len()
+
+    per_cpu = progs.map("bulk_percpu")  # the loader does not batch per-CPU leaves: it loops
+    leaf = per_cpu.Leaf(*[3] * len(per_cpu.Leaf()))
+    with pytest.raises(OSError):
+        loader.update_batch(per_cpu, [(1, leaf)], fallback=False)
+    assert loader.update_batch(per_cpu, [(1, leaf), (2, leaf)]) == "loop"
+    assert sum(per_cpu[per_cpu.Key(2)]) == 3 * len(leaf)
+
+
+def test_reload_reuses_pinned_maps_and_replaces_in_place(
+    loads: list[loader.CgroupPrograms], cgroup: str, ns: str
+) -> None:
+    """A restarted daemon: fresh load, same maps with their entries, programs swapped."""
+    first = loads[-1]
+    old_map, old_prog = first.map_id("ports"), first.prog_id("corral_connect4")
+    first.close()  # the first daemon goes away; its programs stay attached
+    assert reached(ns, cgroup) == REDIRECTED  # rewrites 2 so far
+
+    loads.append(loader.CgroupPrograms(SOURCE, PROGRAMS, node=NODE))
+    again = loads[-1]
+    assert again.map_id("ports") == old_map
+    ports, counts = again.map("ports"), again.map("counts")
+    assert ports[ports.Key(ASKED)].value == REDIRECTED
+    assert counts[counts.Key(0)].value == 2  # counters kept too
+    assert again.prog_id("corral_connect4") != old_prog
+
+    assert again.attach(cgroup, "corral_connect4") == "replaced"
+    assert again.attach(cgroup, "corral_sock") == "replaced"
+    assert ids(cgroup) == {
+        "corral_connect4": [again.prog_id("corral_connect4")],
+        "corral_sock": [again.prog_id("corral_sock")],
+    }
+    assert reached(ns, cgroup) == REDIRECTED
+    assert counts[counts.Key(0)].value == 3  # the new program, the same map
+
+
+def test_detach_leaves_other_programs_and_restores(
+    progs: loader.CgroupPrograms, cgroup: str, ns: str
+) -> None:
+    # somebody else's program on the same hook, attached the way anyone would
+    from bcc import BPF, BPFAttachType
+
+    connect4 = BPFAttachType.CGROUP_INET4_CONNECT
+    fn = progs.bpf.load_func(b"other_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=connect4)
+    cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        BPF.attach_func(fn, cg, connect4, flags=loader.BPF_F_ALLOW_MULTI)
+    finally:
+        os.close(cg)
+    theirs = ids(cgroup, everyone=True)["other_connect4"]
+    assert "other_connect4" not in ids(cgroup)  # not listed as corral's
+
+    with pytest.raises(loader.CgroupError, match="not corral programs"):
+        loader.detach_cgroup(cgroup, ids=theirs)
+    assert reached(ns, cgroup) == REDIRECTED  # both connect4 programs run; ours still rewrites
+
+    gone = loader.detach_cgroup(cgroup, names=["corral_connect4"])
+    assert [p.name for p in gone] == ["corral_connect4"]
+    assert not progs.detach(cgroup, "corral_connect4")  # nothing left to detach
+    assert reached(ns, cgroup) == ASKED
+    assert set(ids(cgroup)) == {"corral_sock"}
+
+    (sock,) = loader.cgroup_programs(cgroup)
+    assert [p.id for p in loader.detach_cgroup(cgroup, ids=[sock.id])] == [sock.id]
+    assert ids(cgroup, everyone=True) == {"other_connect4": theirs}  # the cgroup fixture's
+    assert loader.detach_cgroup(cgroup) == []
+
+
+def test_pinned_map_of_another_layout_refused(loads: list[loader.CgroupPrograms]) -> None:
+    """BCC would reuse it as is; the loader refuses and says what to do."""
+    with pytest.raises(loader.BPFUnavailable, match=r"pinned map .*/ports .*remove_pins"):
+        loader.CgroupPrograms(SOURCE, PROGRAMS, node=NODE, cflags=["-DPORTS_MAX=128"])
+    ports = loads[-1].map("ports")
+    assert ports[ports.Key(ASKED)].value == REDIRECTED  # untouched
+
+
+def test_remove_pins_leaves_nothing(loads: list[loader.CgroupPrograms]) -> None:
+    d = loader.pin_dir(NODE)
+    assert os.path.isdir(d)
+    assert loader.remove_pins(NODE) == ["counts", "ports"]
+    assert not os.path.exists(d) and loader.pinned(NODE) == []
+    assert loader.remove_pins(NODE) == []  # safe to repeat
+    with pytest.raises(ValueError, match="pin directory"):
+        loader.pin_dir("../etc")
