@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from corral.api.objects import Pod, TypedObject
@@ -502,3 +502,15 @@ class InformerFactory:
             await asyncio.Event().wait()
         finally:
             await self.stop()
+
+
+@contextlib.asynccontextmanager
+async def started(factory: InformerFactory, stop: bool = True) -> AsyncIterator[InformerFactory]:
+    """Start `factory` for the block; stop it afterwards only if `stop` (i.e. if it is
+    ours: a factory shared by a whole process is stopped by whoever made it)."""
+    factory.start()
+    try:
+        yield factory
+    finally:
+        if stop:
+            await factory.stop()

@@ -288,3 +288,26 @@ def test_change_tracker_coalesces() -> None:
     assert len(t) == 2 and "a" in t and "b" not in t
     assert t.take() == {"a": (1, 3), "d": (4, None)}
     assert not t and t.take() == {}
+
+
+async def test_controllers_process_opens_one_watch_per_kind(store: Store) -> None:
+    """`corral controllers`: replication, endpoints and nodelifecycle share the pod watch."""
+    from corral.control.manager import ControllerOptions, run_controllers
+
+    opened: list[str] = []
+    real = store.watch_prefix_raw
+
+    def counting(prefix: str, *a: Any, **kw: Any) -> Any:
+        opened.append(prefix)
+        return real(prefix, *a, **kw)
+
+    store.watch_prefix_raw = counting  # type: ignore[method-assign]
+    task = asyncio.create_task(run_controllers(store, ControllerOptions()))
+    try:
+        kinds = {"pods", "nodes", "services", "replicationcontrollers", "deployments"}
+        await until(lambda: {p.split("/")[3] for p in opened} >= kinds, "every kind's watch")
+        assert sorted(opened) == sorted(set(opened))  # each prefix once
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
