@@ -390,12 +390,41 @@ class Informer(Generic[T]):
             self._running = False
 
     async def _stop_handlers(self) -> None:
-        tasks = [r.task for r in self._registrations if r.task is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel([r.task for r in self._registrations if r.task is not None])
         for r in self._registrations:
             r.task = None
+
+    def stats(self) -> dict[str, int]:
+        """The counters, by name (what a metrics exporter reads)."""
+        return {
+            "objects": len(self.cache),
+            "lists": self.lists,
+            "relists": self.watch_stats.relists,
+            "reconnects": self.watch_stats.reconnects,
+            "restarts": self.restarts,
+            "events": self.events,
+            "undecodable": self.undecodable,
+            "handled": self.handled,
+            "handler_errors": self.handler_errors,
+            "queue_depth": self.queue_depth,
+        }
+
+
+async def _cancel(tasks: list[asyncio.Task], timeout: float = 10.0) -> None:
+    """Cancel `tasks` and wait for them, cancelling again while they linger: Python
+    3.11's asyncio.wait_for (inside the etcd client) can swallow one cancellation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    if pending:
+        log.warning("%d informer task(s) did not stop within %.0fs", len(pending), timeout)
+    for t in tasks:  # collect what they raised so asyncio does not warn
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 # ------------------------------------------------------------------ the factory
@@ -485,13 +514,15 @@ class InformerFactory:
     def has_synced(self) -> bool:
         return all(inf.has_synced for inf in self.informers)
 
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Every informer's counters, by informer name (kind, or prefix for raw ones)."""
+        return {inf.name: inf.stats() for inf in self.informers}
+
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
         self._started = False
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel(tasks)
         for inf in self.informers:
             await inf._stop_handlers()
 

@@ -181,7 +181,7 @@ async def test_compaction_while_stopped_keeps_cache_and_indexes_right(store: Sto
         assert sorted(events, key=str) == sorted(
             [("n1", None), ("n1", "n2"), (None, "n2")], key=str
         )
-        assert pods.watch_stats.relists == 1
+        assert pods.watch_stats.relists == 1 and factory.stats()["Pod"]["relists"] == 1
         assert sorted(pods.cache) == ["default/keep", "default/moved", "default/new"]
         assert [p.name for p in pods.by_index(BY_NODE, "n1")] == ["keep"]
         assert [p.name for p in pods.by_index(BY_NODE, "n2")] == ["moved", "new"]
