@@ -42,13 +42,16 @@ class NodeLifecycleController:
         self.period = period
         self.nodes: Informer[Node] = self.informers.informer(Node)
         self.pods: Informer[Pod] = self.informers.informer(Pod)
-        self.runner: BoundedFrequencyRunner | None = None
+        # A sweep when a change asks for one (a pod on a missing node, a node gone)
+        # and every `period` regardless, for the heartbeat and eviction clocks.
+        self.runner = BoundedFrequencyRunner(
+            "node lifecycle", self._sweep, 0.0, period, run_at_start=True
+        )
         self.nodes.on_change(self._changed)
         self.pods.on_change(self._changed)
 
     def _kick(self) -> None:
-        if self.runner is not None:
-            self.runner.run_soon()
+        self.runner.run_soon()
 
     def _changed(self, old: object, new: object) -> None:
         if isinstance(new, Pod):
@@ -123,11 +126,6 @@ class NodeLifecycleController:
             log.warning("node lifecycle sweep failed: %s: %s", type(e).__name__, e)
 
     async def run(self) -> None:
-        # A sweep when a change asks for one (a pod on a missing node, a node gone)
-        # and every `period` regardless, for the heartbeat and eviction clocks.
-        self.runner = BoundedFrequencyRunner(
-            "node lifecycle", self._sweep, 0.0, self.period, run_at_start=True
-        )
         async with started(self.informers, stop=self._own_informers):
             await self.nodes.wait_synced()
             await self.pods.wait_synced()
