@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import shutil
+import tempfile
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+
+import pytest
 
 from corral.api.informer import (
     BY_NAMESPACE,
@@ -22,8 +27,9 @@ from corral.api.informer import (
     selected,
 )
 from corral.api.objects import Node, OwnerReference, Pod, PodIP, SubnetLease
-from corral.api.store import SUBNETS_PREFIX, Store, subnet_key
+from corral.api.store import SUBNETS_PREFIX, Store, Unavailable, subnet_key
 from corral.api.tracker import ChangeTracker
+from corral.cluster.etcd import LocalEtcd
 from corral.overlay import lease
 
 DEADLINE = 20.0
@@ -311,3 +317,46 @@ async def test_controllers_process_opens_one_watch_per_kind(store: Store) -> Non
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[LocalEtcd]:
+    """An etcd of this test's own (it is stopped and restarted)."""
+    tmp = tempfile.mkdtemp(prefix="corral-test-informer-etcd-")
+    server = LocalEtcd(data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def test_informer_rides_out_an_etcd_restart(private_etcd: LocalEtcd) -> None:
+    loop = asyncio.get_running_loop()
+    async with Store(private_etcd.url, timeout=2.0) as store:
+        factory = InformerFactory(store)
+        pods = factory.informer(Pod)
+        pods.add_index(BY_NODE, by_node)
+        await store.create(pod("before", node="n1"))
+        async with started(factory):
+            await pods.wait_synced()
+            await loop.run_in_executor(None, private_etcd.stop)
+            await until(lambda: pods.watch_stats.reconnects >= 1, "the watch to notice")
+            await loop.run_in_executor(None, private_etcd.start)
+            # A writer of its own; gRPC may refuse it for a moment while it backs off
+            # from the refused connections, so it retries as every corral daemon does.
+            other = Store(private_etcd.url)
+            for _ in range(100):
+                try:
+                    await other.connect()
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.1)
+            try:
+                await other.create(pod("after", node="n1"))
+                await other.delete(Pod, "before", "default")
+            finally:
+                await other.close()
+            await until(lambda: sorted(pods.cache) == ["default/after"], "the changes")
+            assert [p.name for p in pods.by_index(BY_NODE, "n1")] == ["after"]
