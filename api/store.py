@@ -213,6 +213,14 @@ class RawEvent:
 
 
 @dataclass
+class WatchStats:
+    """What a long-lived watch went through, for whoever reports on it (metrics, debug)."""
+
+    relists: int = 0  # its revision was compacted away: re-listed and emitted the difference
+    reconnects: int = 0  # the stream broke (etcd away, failover) and was reopened
+
+
+@dataclass
 class WatchEvent:
     type: Literal["ADDED", "MODIFIED", "DELETED"]
     object: Any
@@ -460,15 +468,21 @@ class Store:
     # ------------------------------------------------------------ raw watch
 
     async def watch_prefix_raw(
-        self, prefix: str, start_revision: int, known: dict[str, int] | None = None
+        self,
+        prefix: str,
+        start_revision: int,
+        known: dict[str, int] | None = None,
+        stats: WatchStats | None = None,
     ) -> AsyncIterator[RawEvent]:
         """Events under `prefix` from `start_revision` on, surviving compaction and reconnects.
 
         `known` maps key -> mod revision of what the caller already has (from its
         list); it is kept up to date and used to turn a re-list into the exact
-        ADDED/MODIFIED/DELETED events the caller missed.
+        ADDED/MODIFIED/DELETED events the caller missed. `stats`, if given, counts
+        the re-lists and reconnects.
         """
         known = {} if known is None else known
+        stats = WatchStats() if stats is None else stats
         next_rev = start_revision
         backoff = 0.1
         while True:
@@ -479,12 +493,14 @@ class Store:
                     yield ev
             except aetcd.exceptions.RevisionCompactedError:
                 log.info("watch on %s: revision %d compacted; re-listing", prefix, next_rev)
+                stats.relists += 1
                 missed, next_rev = await self._relist(prefix, known)
                 for ev in missed:
                     yield ev
                 continue
             except (*_CONN_ERRORS, Unavailable) as e:
                 log.warning("watch on %s interrupted (%s); retrying in %.1fs", prefix, e, backoff)
+                stats.reconnects += 1
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 with contextlib.suppress(Unavailable, *_CONN_ERRORS):
@@ -670,20 +686,3 @@ class Store:
                     log.error("skipping undecodable %s at %s: %s", kind.KIND, ev.key, e)
                     continue
                 yield WatchEvent(ev.type, obj, ev.revision)
-
-    async def list_and_watch(
-        self, kind: type[T], namespace: str | None = None
-    ) -> AsyncIterator[WatchEvent]:
-        """ADDED for everything present, then every later change: the informer pattern.
-
-        DELETED events carry the key name (`ns/name` or `name`) as `object`.
-        """
-        objs, rev = await self.list(kind, namespace)
-        known = {
-            object_key(kind, o.name, o.namespace): int(o.metadata.resource_version or 0)
-            for o in objs
-        }
-        for o in objs:
-            yield WatchEvent("ADDED", o, int(o.metadata.resource_version or 0))
-        async for ev in self.watch(kind, namespace, rev + 1, known):
-            yield ev

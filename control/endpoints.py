@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+from corral.api.informer import BY_NAMESPACE, Informer, InformerFactory, by_namespace, started
 from corral.api.objects import (
     Endpoint,
     EndpointAddress,
@@ -39,7 +40,6 @@ from corral.api.objects import (
     TypedObject,
 )
 from corral.api.store import AlreadyExists, Conflict, NotFound, Store
-from corral.control.informer import Informer
 from corral.control.podlifecycle import finished, terminating
 from corral.control.selectors import matches
 from corral.control.supervisor import Supervisor
@@ -220,11 +220,15 @@ async def write_if_changed(store: Store, want: TypedObject, have: TypedObject | 
 
 
 class EndpointsController:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, informers: InformerFactory | None = None) -> None:
         self.store = store
+        self.informers = informers or InformerFactory(store)
+        self._own_informers = informers is None
         self.queue = WorkQueue()
-        self.services: Informer[Service] = Informer(store, Service)
-        self.pods: Informer[Pod] = Informer(store, Pod)
+        self.services: Informer[Service] = self.informers.informer(Service)
+        self.pods: Informer[Pod] = self.informers.informer(Pod)
+        self.services.add_index(BY_NAMESPACE, by_namespace)
+        self.pods.add_index(BY_NAMESPACE, by_namespace)
         self.services.on_change(self._service_changed)
         self.pods.on_change(self._pod_changed)
 
@@ -238,10 +242,8 @@ class EndpointsController:
         if pod is None:
             return
         labels = [p.metadata.labels for p in (old, new) if p is not None]
-        for svc in self.services.values():
-            if svc.namespace == pod.namespace and any(
-                matches(svc.spec.selector, lb) for lb in labels
-            ):
+        for svc in self.services.by_index(BY_NAMESPACE, pod.namespace or ""):
+            if any(matches(svc.spec.selector, lb) for lb in labels):
                 self.queue.add(svc.key_name)
 
     async def sync(self, key: str) -> float | None:
@@ -252,7 +254,7 @@ class EndpointsController:
             return None
         if not svc.spec.selector or svc.spec.type == "ExternalName":
             return None
-        pods = self.pods.values()
+        pods = self.pods.by_index(BY_NAMESPACE, ns)
         want_ep = build_endpoints(svc, pods)
         want_slices = build_slices(svc, pods)
         try:
@@ -287,9 +289,8 @@ class EndpointsController:
             await self.store.delete(EndpointSlice, s.name, ns)
 
     async def run(self) -> None:
-        async with Supervisor() as sv:
-            sv.start(self.pods.run(), "endpoints-pods")
-            await sv.wait_until(self.pods.synced)
-            sv.start(self.services.run(), "endpoints-services")
+        async with started(self.informers, stop=self._own_informers), Supervisor() as sv:
+            await self.pods.wait_synced()
+            await self.services.wait_synced()
             sv.start(run_worker(self.queue, self.sync, "endpoints"), "endpoints-worker")
             await sv.wait()

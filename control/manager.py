@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from corral.api.informer import InformerFactory, started
 from corral.api.store import Store
 from corral.control.endpoints import EndpointsController
 from corral.control.nodelifecycle import NodeLifecycleController
@@ -27,12 +28,16 @@ class ControllerOptions:
     seed: int | None = None
 
 
-CONTROLLERS: dict[str, Callable[[Store, ControllerOptions], Any]] = {
-    "replication": lambda s, o: ReplicationManager(s),
-    "endpoints": lambda s, o: EndpointsController(s),
-    "serviceips": lambda s, o: ServiceIPController(s, seed=o.seed),
-    "nodelifecycle": lambda s, o: NodeLifecycleController(
-        s, monitor_grace=o.node_monitor_grace, eviction_timeout=o.pod_eviction_timeout
+# name -> factory(store, options, the process's informers)
+CONTROLLERS: dict[str, Callable[[Store, ControllerOptions, InformerFactory], Any]] = {
+    "replication": lambda s, o, i: ReplicationManager(s, informers=i),
+    "endpoints": lambda s, o, i: EndpointsController(s, informers=i),
+    "serviceips": lambda s, o, i: ServiceIPController(s, seed=o.seed, informers=i),
+    "nodelifecycle": lambda s, o, i: NodeLifecycleController(
+        s,
+        monitor_grace=o.node_monitor_grace,
+        eviction_timeout=o.pod_eviction_timeout,
+        informers=i,
     ),
 }
 
@@ -40,10 +45,17 @@ CONTROLLERS: dict[str, Callable[[Store, ControllerOptions], Any]] = {
 async def run_controllers(
     store: Store, options: ControllerOptions, names: list[str] | None = None
 ) -> None:
-    """Run the named controllers (all by default) until cancelled."""
-    async with Supervisor() as sv:
-        for name in names or list(CONTROLLERS):
-            sv.start(CONTROLLERS[name](store, options).run(), name)
+    """Run the named controllers (all by default) until cancelled.
+
+    They share one informer per kind: one watch on pods for all of them.
+    """
+    informers = InformerFactory(store)
+    controllers = {
+        name: CONTROLLERS[name](store, options, informers) for name in names or CONTROLLERS
+    }
+    async with started(informers), Supervisor() as sv:
+        for name, c in controllers.items():
+            sv.start(c.run(), name)
         await sv.wait()
 
 

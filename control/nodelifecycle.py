@@ -12,16 +12,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 
+from corral.api.informer import Informer, InformerFactory, started
 from corral.api.objects import Node, NodeCondition, Pod
 from corral.api.store import Conflict, NotFound, Store, now_iso
-from corral.control.informer import Informer
 from corral.control.podlifecycle import parse_time, terminating
-from corral.control.supervisor import Supervisor
+from corral.daemon.runner import BoundedFrequencyRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +32,34 @@ class NodeLifecycleController:
         monitor_grace: float = 40.0,
         eviction_timeout: float = 60.0,
         period: float = 1.0,
+        informers: InformerFactory | None = None,
     ) -> None:
         self.store = store
+        self.informers = informers or InformerFactory(store)
+        self._own_informers = informers is None
         self.monitor_grace = monitor_grace
         self.eviction_timeout = eviction_timeout
         self.period = period
-        self.nodes: Informer[Node] = Informer(store, Node)
-        self.pods: Informer[Pod] = Informer(store, Pod)
-        self._kick = asyncio.Event()
+        self.nodes: Informer[Node] = self.informers.informer(Node)
+        self.pods: Informer[Pod] = self.informers.informer(Pod)
+        # A sweep when a change asks for one (a pod on a missing node, a node gone)
+        # and every `period` regardless, for the heartbeat and eviction clocks.
+        self.runner = BoundedFrequencyRunner(
+            "node lifecycle", self._sweep, 0.0, period, run_at_start=True
+        )
         self.nodes.on_change(self._changed)
         self.pods.on_change(self._changed)
+
+    def _kick(self) -> None:
+        self.runner.run_soon()
 
     def _changed(self, old: object, new: object) -> None:
         if isinstance(new, Pod):
             node = new.spec.node_name
             if (terminating(new) and not node) or (node and node not in self.nodes.cache):
-                self._kick.set()
+                self._kick()
         elif new is None and isinstance(old, Node):
-            self._kick.set()
+            self._kick()
 
     def _stale(self, node: Node, now: float) -> bool:
         ready = node.status.condition("Ready")
@@ -110,29 +119,14 @@ class NodeLifecycleController:
             elif node not in self.nodes.cache and await self.store.get(Node, node) is None:
                 await self._delete(pod, f"its node {node} no longer exists")
 
+    async def _sweep(self, full: bool) -> None:
+        try:
+            await self.sweep()
+        except Exception as e:  # etcd hiccup: the next sweep retries
+            log.warning("node lifecycle sweep failed: %s: %s", type(e).__name__, e)
+
     async def run(self) -> None:
-        async with Supervisor() as sv:
-            sv.start(self.nodes.run(), "lifecycle-nodes")
-            await sv.wait_until(self.nodes.synced)
-            sv.start(self.pods.run(), "lifecycle-pods")
-            await sv.wait_until(self.pods.synced)
-            watching = asyncio.ensure_future(sv.wait())
-            while True:
-                if watching.done():
-                    watching.result()  # an informer failed: raise it
-                    return
-                try:
-                    await self.sweep()
-                except Exception as e:  # etcd hiccup: the next sweep retries
-                    log.warning("node lifecycle sweep failed: %s: %s", type(e).__name__, e)
-                self._kick.clear()
-                kick = asyncio.ensure_future(self._kick.wait())
-                try:
-                    await asyncio.wait(
-                        [kick, watching], timeout=self.period, return_when=asyncio.FIRST_COMPLETED
-                    )
-                except asyncio.CancelledError:
-                    watching.cancel()
-                    raise
-                finally:
-                    kick.cancel()
+        async with started(self.informers, stop=self._own_informers):
+            await self.nodes.wait_synced()
+            await self.pods.wait_synced()
+            await self.runner.run()

@@ -20,6 +20,7 @@ import secrets
 import time
 from typing import Any
 
+from corral.api.informer import Informer, InformerFactory, started
 from corral.api.objects import (
     Deployment,
     ObjectMeta,
@@ -29,7 +30,6 @@ from corral.api.objects import (
     ReplicationControllerStatus,
 )
 from corral.api.store import AlreadyExists, Conflict, NotFound, Store
-from corral.control.informer import Informer
 from corral.control.podlifecycle import delete_pod, finished, parse_time, terminating
 from corral.control.rollout import (
     TEMPLATE_HASH_LABEL,
@@ -121,11 +121,13 @@ def available(pod: Pod, min_ready_seconds: int, now: float) -> bool:
 
 
 class ReplicationManager:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, informers: InformerFactory | None = None) -> None:
         self.store = store
+        self.informers = informers or InformerFactory(store)
+        self._own_informers = informers is None
         self.queue = WorkQueue()
-        self.pods: Informer[Pod] = Informer(store, Pod)
-        self.owners = {kind: Informer(store, cls) for kind, cls in OWNER_KINDS.items()}
+        self.pods: Informer[Pod] = self.informers.informer(Pod)
+        self.owners = {kind: self.informers.informer(cls) for kind, cls in OWNER_KINDS.items()}
         self.pods.on_change(self._pod_changed)
         for kind, inf in self.owners.items():
             inf.on_change(lambda old, new, kind=kind: self._owner_changed(kind, old, new))
@@ -297,9 +299,6 @@ class ReplicationManager:
         return None
 
     async def run(self) -> None:
-        async with Supervisor() as sv:
-            for kind, inf in self.owners.items():
-                sv.start(inf.run(), f"replication-{kind}")
-            sv.start(self.pods.run(), "replication-pods")
+        async with started(self.informers, stop=self._own_informers), Supervisor() as sv:
             sv.start(run_worker(self.queue, self.sync, "replication"), "replication-worker")
             await sv.wait()

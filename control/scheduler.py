@@ -12,10 +12,10 @@ import asyncio
 import logging
 import random
 
+from corral.api.informer import Informer, InformerFactory, started
 from corral.api.objects import Node, Pod
 from corral.api.store import Conflict, NotFound, Store
 from corral.control.conditions import set_pod_condition
-from corral.control.informer import Informer
 from corral.control.placement import NodeInfo, choose_node
 from corral.control.supervisor import Supervisor
 from corral.control.workqueue import WorkQueue, run_worker
@@ -58,13 +58,16 @@ class Scheduler:
         seed: int | None = None,
         initial_backoff: float = 1.0,
         max_backoff: float = 10.0,
+        informers: InformerFactory | None = None,
     ) -> None:
         self.store = store
+        self.informers = informers or InformerFactory(store)
+        self._own_informers = informers is None
         self.rng = random.Random(seed)
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
-        self.nodes: Informer[Node] = Informer(store, Node)
-        self.pods: Informer[Pod] = Informer(store, Pod)
+        self.nodes: Informer[Node] = self.informers.informer(Node)
+        self.pods: Informer[Pod] = self.informers.informer(Pod)
         self.queue = WorkQueue()
         self._assumed: dict[str, str] = {}  # pod key -> node, bound but not yet watched
         self._attempts: dict[str, int] = {}  # pod key -> failed attempts (unschedulable)
@@ -176,11 +179,9 @@ class Scheduler:
 
     async def run(self) -> None:
         try:
-            async with Supervisor() as sv:
-                sv.start(self.nodes.run(), "scheduler-nodes")
-                await sv.wait_until(self.nodes.synced)
-                sv.start(self.pods.run(), "scheduler-pods")
-                await sv.wait_until(self.pods.synced)
+            async with started(self.informers, stop=self._own_informers), Supervisor() as sv:
+                await self.nodes.wait_synced()
+                await self.pods.wait_synced()
                 sv.start(run_worker(self.queue, self.schedule, "scheduler"), "scheduler-worker")
                 await sv.wait()
         finally:

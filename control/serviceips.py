@@ -22,9 +22,9 @@ import logging
 import random
 from dataclasses import dataclass
 
+from corral.api.informer import Informer, InformerFactory, started
 from corral.api.objects import NetworkConfig, NetworkSpec, Service
 from corral.api.store import PREFIX, AlreadyExists, Conflict, NotFound, Store
-from corral.control.informer import Informer
 from corral.control.supervisor import Supervisor
 from corral.control.workqueue import WorkQueue, run_worker
 
@@ -171,11 +171,15 @@ class Allocator:
 class ServiceIPController:
     """Gives every Service its ClusterIP and node ports; frees them when it goes."""
 
-    def __init__(self, store: Store, seed: int | None = None) -> None:
+    def __init__(
+        self, store: Store, seed: int | None = None, informers: InformerFactory | None = None
+    ) -> None:
         self.store = store
+        self.informers = informers or InformerFactory(store)
+        self._own_informers = informers is None
         self.allocator = Allocator(store, random.Random(seed))
         self.queue = WorkQueue()
-        self.services: Informer[Service] = Informer(store, Service)
+        self.services: Informer[Service] = self.informers.informer(Service)
         self.services.on_change(lambda old, new: self.queue.add((new or old).key_name))  # type: ignore[union-attr]
         self._warned: dict[str, str] = {}
 
@@ -225,8 +229,7 @@ class ServiceIPController:
                         await self.store.delete_raw(kv.key, kv.mod_revision)
 
     async def run(self) -> None:
-        async with Supervisor() as sv:
-            sv.start(self.services.run(), "serviceips-services")
+        async with started(self.informers, stop=self._own_informers), Supervisor() as sv:
             sv.start(self.collect_garbage(), "serviceips-gc")
             sv.start(run_worker(self.queue, self.sync, "service-ips"), "serviceips-worker")
             await sv.wait()

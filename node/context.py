@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from corral.api.informer import InformerFactory
 from corral.api.store import Store
 
 Datapath = Literal["auto", "bpf", "kernel"]
@@ -62,3 +63,10 @@ class NodeContext:
     underlay_iface: str | None = None  # found from the default route when None
     underlay_ip: str | None = None
     options: NodeOptions = field(default_factory=NodeOptions)
+    # The process's one informer per kind, shared by its components. Components
+    # start it; whoever made the context stops it (before closing the store).
+    informers: InformerFactory = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.informers is None:
+            self.informers = InformerFactory(self.store)

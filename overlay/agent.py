@@ -33,6 +33,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from corral.api.informer import Informer, Registration
 from corral.api.objects import (
     NetworkConfig,
     NetworkSpec,
@@ -42,7 +43,16 @@ from corral.api.objects import (
     NodeStatus,
     SubnetLease,
 )
-from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
+from corral.api.store import (
+    SUBNETS_PREFIX,
+    AlreadyExists,
+    NotFound,
+    Store,
+    StoreError,
+    subnet_key,
+)
+from corral.api.tracker import ChangeTracker
+from corral.daemon.runner import BoundedFrequencyRunner
 from corral.node import netns
 from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
 from corral.overlay import config, fastpath, lease, masq, notrack
@@ -91,14 +101,22 @@ class OverlayAgent:
         self._monitor: EventMonitor | None = None
         self.kernel = Kernel(self.namespace)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="corral-overlay-netlink")
-        self._dirty = asyncio.Event()
         self._check_lease = asyncio.Event()
-        self._peers: dict[str, SubnetLease] = {}
+        # Every node's lease, through the node's shared informer (raw keys: a lease is
+        # not a typed object; its key is its subnet).
+        self.leases: Informer[SubnetLease] = ctx.informers.raw(SUBNETS_PREFIX, lease.decode)
+        self._leases_reg: Registration | None = None
         # lease key -> (entry before the first unapplied change, entry now)
-        self._changed: dict[str, tuple[Remote | None, Remote | None]] = {}
-        self._full_needed = False
-        self._known: dict[str, int] = {}
-        self._watch_rev = 0
+        self.tracker: ChangeTracker[str, Remote] = ChangeTracker()
+        # Partial passes as leases change; a full one (against the kernel) every
+        # resync_interval, on kernel damage, and to retry a failed pass.
+        self.runner = BoundedFrequencyRunner(
+            "overlay",
+            self._sync,
+            0.0,
+            self.resync_interval,
+            retry_initial=min(1.0, self.resync_interval),
+        )
         self.spec = NetworkSpec()
         self.leaser: lease.SubnetLeaser | None = None
         self.underlay: Underlay | None = None
@@ -183,10 +201,11 @@ class OverlayAgent:
             await self.leaser.acquire(preferred=state.get("subnet")), previous=state.get("subnet")
         )
         await self._apply_host_settings()
-        kvs, rev = await self.store.list_raw(SUBNETS_PREFIX)
-        self._known = {kv.key: kv.mod_revision for kv in kvs}
-        self._peers = {kv.key: rec for kv in kvs if (rec := lease.decode(kv.value)) is not None}
-        self._watch_rev = rev + 1
+        if self._leases_reg is None:
+            self._leases_reg = self.leases.on_change(self._lease_changed)
+        self.ctx.informers.start()
+        # The handler has seen the initial list, so the pass below covers what it recorded.
+        await self._leases_reg.wait_synced()
         await self._start_fastpath()
         await self.reconcile()
         if self.kernel_events:
@@ -368,6 +387,8 @@ class OverlayAgent:
         """The data path entry a lease asks for, or None (ours, incomplete, foreign)."""
         if rec is None or not rec.vtep_mac or rec.node_name == self.ctx.node_name:
             return None
+        if key != subnet_key(rec.subnet):  # not where the lease for its subnet lives
+            return None
         if self.lease is not None and key == self.lease.key:
             return None
         sub = ipaddress.ip_network(rec.subnet)
@@ -377,13 +398,13 @@ class OverlayAgent:
 
     def remotes(self) -> list[Remote]:
         """Every other node's lease in this network, as data path entries."""
-        out = [r for key, rec in self._peers.items() if (r := self._as_remote(key, rec))]
+        out = [r for key, rec in self.leases.items() if (r := self._as_remote(key, rec))]
         return sorted(out, key=lambda r: ipaddress.ip_network(r.subnet))
 
     async def reconcile(self) -> None:
         """Repair the device and make the per-peer entries match the leases."""
         assert self.underlay is not None
-        self._changed.clear()
+        self.tracker.clear()  # this pass covers them
         await self._ensure_device()
         changes = await self._k(
             self.kernel.sync_remotes,
@@ -449,16 +470,14 @@ class OverlayAgent:
             }.get(kind, set())
             if key.lower() not in wanted:
                 return
-        if not self._full_needed:
+        if not self.runner.full_pending:
             log.info("%s: %s %s changed under us; repairing", self.device, kind, key)
-        self._full_needed = True
-        self._dirty.set()
+        self.runner.run_soon(full=True)
 
     async def _apply_changes(self) -> None:
         """Program just the leases that changed since the last pass (the watch's fast path)."""
         assert self.underlay is not None
-        changed, self._changed = self._changed, {}
-        for old, new in changed.values():
+        for old, new in self.tracker.take().values():
             for c in await self._k(
                 self.kernel.update_remote,
                 self.device,
@@ -497,8 +516,7 @@ class OverlayAgent:
             asyncio.create_task(c, name=f"overlay-{n}")
             for n, c in (
                 ("lease", self._lease_loop()),
-                ("watch", self._watch_loop()),
-                ("reconcile", self._reconcile_loop()),
+                ("reconcile", self.runner.run()),
                 ("pods", self._pods_loop()),
                 ("fastpath", self._load_fastpath()),
             )
@@ -528,25 +546,16 @@ class OverlayAgent:
             )
             old = self.lease.subnet
             await self._adopt(await self.leaser.acquire(preferred=old), previous=old)
-            self._full_needed = True
-            self._dirty.set()
+            self.runner.run_soon(full=True)
 
-    async def _watch_loop(self) -> None:
-        async for ev in self.store.watch_prefix_raw(SUBNETS_PREFIX, self._watch_rev, self._known):
-            self._watch_rev = ev.revision + 1  # where a restarted run() resumes
-            before = self._peers.get(ev.key)
-            if ev.type == "DELETED":
-                self._peers.pop(ev.key, None)
-            elif (rec := lease.decode(ev.value)) is not None:
-                self._peers[ev.key] = rec
-            if self.lease is not None and ev.key == self.lease.key:
+    def _lease_changed(self, old: SubnetLease | None, new: SubnetLease | None) -> None:
+        """A lease came, went or changed: note its data path entry for the next pass."""
+        for rec in (old, new):
+            if rec is not None and self.lease is not None and rec.subnet == self.lease.subnet:
                 self._check_lease.set()
-            old = self._as_remote(ev.key, before)
-            new = self._as_remote(ev.key, self._peers.get(ev.key))
-            if old != new:
-                first = self._changed.get(ev.key, (old, new))[0]
-                self._changed[ev.key] = (first, new)
-                self._dirty.set()
+        key = subnet_key((new or old).subnet)  # type: ignore[union-attr]
+        if self.tracker.record(key, self._as_remote(key, old), self._as_remote(key, new)):
+            self.runner.run_soon()
 
     async def _pods_loop(self) -> None:
         """A pod veth came, went or changed: update the fast path's pods map and hooks."""
@@ -562,41 +571,29 @@ class OverlayAgent:
             except Exception:
                 log.exception("fast path pod sync failed; the periodic pass retries")
 
-    async def _reconcile_loop(self) -> None:
-        """Changed leases as they come; everything, against the kernel, every resync period."""
-        loop = asyncio.get_running_loop()
-        next_full = loop.time() + self.resync_interval
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), max(0.0, next_full - loop.time()))
-            self._dirty.clear()
-            full = self._full_needed or loop.time() >= next_full
-            try:
-                if full:
-                    self._full_needed = False
-                    next_full = loop.time() + self.resync_interval
-                    try:
-                        await self._resync_config()
-                    except Exception as e:  # etcd away: the kernel pass needs no etcd
-                        log.warning(
-                            "cannot re-read the network config (%s: %s); keeping the current one",
-                            type(e).__name__,
-                            e,
-                        )
-                    await self._apply_host_settings()
-                    await self.reconcile()
-                else:
-                    await self._apply_changes()
-            except Exception:
-                log.exception("overlay reconcile failed; retrying with a full pass")
-                self._full_needed = True
-                await asyncio.sleep(1)
-                self._dirty.set()
+    async def _sync(self, full: bool) -> None:
+        """Changed leases as they come; everything, against the kernel, when `full`."""
+        if not full:
+            await self._apply_changes()
+            return
+        try:
+            await self._resync_config()
+        except Exception as e:  # etcd away: the kernel pass needs no etcd
+            log.warning(
+                "cannot re-read the network config (%s: %s); keeping the current one",
+                type(e).__name__,
+                e,
+            )
+        await self._apply_host_settings()
+        await self.reconcile()
 
     # ------------------------------------------------------------ stop
 
     async def stop(self) -> None:
         """Leave kernel state and the lease as they are: a restart picks both up."""
+        if self._leases_reg is not None:
+            self._leases_reg.remove()
+            self._leases_reg = None
         if self._monitor is not None:
             self._monitor.stop()
         if self.fastpath is not None:  # the attached programs keep working until replaced
@@ -671,6 +668,7 @@ async def _amain(args: argparse.Namespace) -> int:
         log.info("stopping on signal %d; kernel state and lease stay", stopping[0])
     finally:
         await agent.stop()
+        await ctx.informers.stop()
         await store.close()
     return 0
 

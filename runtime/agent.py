@@ -196,6 +196,7 @@ class NodeAgent:
                     await self.components[name].stop()
                 except Exception:
                     log.exception("component %s failed to stop cleanly", name)
+            await self.ctx.informers.stop()
             await self.ctx.store.close()
 
 

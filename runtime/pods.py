@@ -22,9 +22,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from corral.api.objects import Container, NetworkSpec, Node, Pod, PodCondition, PodIP, PodStatus
+from corral.api.informer import BY_NODE, Informer, Registration, by_node
+from corral.api.objects import (
+    Container,
+    NetworkConfig,
+    NetworkSpec,
+    Node,
+    Pod,
+    PodCondition,
+    PodIP,
+    PodStatus,
+)
 from corral.api.objects import ContainerStatus as CStatus
-from corral.api.store import Conflict, NotFound, now_iso, object_key
+from corral.api.store import Conflict, NotFound, now_iso
 from corral.cni.client import CNIClient, CNIError, RuntimeConf, load_conflist, pod_args, result_ips
 from corral.node import netns
 from corral.node.context import NodeContext
@@ -727,11 +737,23 @@ class PodRuntime:
         self.finished: dict[str, None] = {}
         self.host_ip: str | None = ctx.underlay_ip
         # The cluster's DNS address and zone for pods' resolv.conf: NetworkConfig is their
-        # one source, read at start.
+        # one source, read at start and followed through its informer.
         self.network = NetworkSpec()
+        informers = ctx.informers
+        self.pods: Informer[Pod] = informers.informer(Pod)
+        self.pods.add_index(BY_NODE, by_node)
+        self.configs: Informer[NetworkConfig] = informers.informer(NetworkConfig)
+        self._pods_reg: Registration | None = None
+        self._config_reg: Registration | None = None
+        # Pod events wait for run()'s start-up (orphans torn down, CNI garbage collected):
+        # no pod may start a sandbox while the GC decides what to keep.
+        self._adopting_done = asyncio.Event()
 
     async def start(self) -> None:
         self.network = (await netconfig.load(self.ctx.store)).spec
+        if self._config_reg is None:
+            self._config_reg = self.configs.on_change(self._config_changed)
+        self.ctx.informers.start()
         p = self.ctx.paths
         for d in (p.state_dir, p.netns_dir, p.cni_cache_dir):
             os.makedirs(d, exist_ok=True)
@@ -746,9 +768,18 @@ class PodRuntime:
                     self.host_ip = node.status.address("InternalIP")
 
     async def run(self) -> None:
-        store = self.ctx.store
-        pods, rev = await store.list(Pod)
-        mine = {p.metadata.uid: p for p in pods if self._mine(p)}
+        if self._pods_reg is None:  # once: run() is restarted after a failure
+            self._pods_reg = self.pods.on_change(self._pod_changed)
+        self.ctx.informers.start()
+        await self.pods.wait_synced()
+        if not self._adopting_done.is_set():
+            await self._adopt()
+        await asyncio.Event().wait()  # the informer and its handler do the rest
+
+    async def _adopt(self) -> None:
+        """Once, before any pod event is handled: tear down what no longer exists, GC CNI."""
+        mine = {p.metadata.uid: p for p in self.pods.by_index(BY_NODE, self.ctx.node_name)}
+        adopted = sum(uid in self.saved for uid in mine)
         for uid, s in list(self.saved.items()):
             if uid not in mine:
                 await self._teardown_orphan(s)
@@ -757,25 +788,24 @@ class PodRuntime:
         removed = await self.cni.gc(keep)
         if removed:
             log.info("GC: removed %d CNI attachment(s) of pods that no longer exist", len(removed))
-        for p in mine.values():
-            self._handle(p)
+        self._adopting_done.set()
         log.info(
-            "node %s: watching pods (%d here, %d adopted)",
-            self.ctx.node_name,
-            len(mine),
-            sum(w.adopted for w in self.workers.values()),
+            "node %s: watching pods (%d here, %d adopted)", self.ctx.node_name, len(mine), adopted
         )
-        known = {
-            object_key(Pod, p.name, p.namespace): int(p.metadata.resource_version or 0)
-            for p in pods
-        }
-        async for ev in store.watch(Pod, start_revision=rev + 1, known=known):
-            if ev.type == "DELETED":
-                uid = self.by_key.get(str(ev.object))
-                if uid and uid in self.workers:
-                    self.workers[uid].object_gone()
-            else:
-                self._handle(ev.object)
+
+    async def _pod_changed(self, old: Pod | None, new: Pod | None) -> None:
+        await self._adopting_done.wait()
+        if new is None:
+            assert old is not None
+            uid = self.by_key.get(f"{old.namespace}/{old.name}")
+            if uid and uid in self.workers:
+                self.workers[uid].object_gone()
+        else:
+            self._handle(new)
+
+    def _config_changed(self, old: NetworkConfig | None, new: NetworkConfig | None) -> None:
+        if new is not None and new.name == netconfig.CONFIG_NAME and new.spec != self.network:
+            self.network = new.spec
 
     def _mine(self, p: Pod) -> bool:
         return p.spec.node_name == self.ctx.node_name
@@ -841,6 +871,10 @@ class PodRuntime:
 
     async def stop(self) -> None:
         """Leave the pods running (a restarted runtime adopts them); just stop watching."""
+        for reg in (self._pods_reg, self._config_reg):
+            if reg is not None:
+                reg.remove()
+        self._pods_reg = self._config_reg = None
         tasks = [w.task for w in self.workers.values() if w.task is not None]
         for w in self.workers.values():
             for r in w.runners:

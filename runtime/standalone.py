@@ -83,6 +83,7 @@ async def main(args: argparse.Namespace) -> int:
     await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if task.done() and task.exception() is not None:
         logging.getLogger("corral.runtime").error("runtime failed", exc_info=task.exception())
+        await ctx.informers.stop()
         await store.close()
         return 1
     if stop_pods:
@@ -91,6 +92,7 @@ async def main(args: argparse.Namespace) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await rt.stop()
+    await ctx.informers.stop()
     await store.close()
     return 0
 
