@@ -234,6 +234,37 @@ _CONN_ERRORS = (
 )
 
 
+# gRPC keepalive: a frozen or vanished etcd is noticed within ~15 s even on an idle
+# watch (etcd refuses pings more often than every 5 s).
+KEEPALIVE = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+}
+# What etcd says when it cannot serve a request now (no quorum, no leader, overloaded):
+# the same to a caller as a member that does not answer.
+_UNAVAILABLE_MESSAGES = (
+    "deadline exceeded",
+    "request timed out",
+    "no leader",
+    "leader changed",
+    "too many requests",
+    "not capable",
+)
+
+
+def _unavailable(e: Exception) -> bool:
+    if isinstance(e, _CONN_ERRORS):
+        return True
+    text = str(e).lower()
+    return any(m in text for m in _UNAVAILABLE_MESSAGES)
+
+
+RETIRE_SECONDS = 30.0  # a replaced client is closed this long after its replacement
+_WATCH_ERRORS = (*_CONN_ERRORS, aetcd.exceptions.WatchTimeoutError)
+
+
 class Store:
     """An etcd client over one or more endpoints, failing over between them."""
 
@@ -254,6 +285,8 @@ class Store:
         self.timeout = timeout
         self._idx = 0
         self._client: aetcd.Client | None = None
+        self._gen = 0  # bumped by every connect: which client a failure happened on
+        self._retired: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
     @property
@@ -284,6 +317,7 @@ class Store:
                 timeout=self.timeout,
                 connect_wait_timeout=max(1, int(self.timeout)),
                 credentials=self._credentials,
+                options=KEEPALIVE,
             )
             try:
                 await client.connect()
@@ -294,29 +328,67 @@ class Store:
                 errors.append(f"{self.scheme}://{host}:{port} ({type(e).__name__})")
                 continue
             old, self._client, self._idx = self._client, client, idx
+            self._gen += 1
             if old is not None:
-                with contextlib.suppress(Exception):
-                    await old.close()
+                # Calls and watches still on the old client finish or fail on their own
+                # and then move here; closing it under them would fail them all at once.
+                self._retired.add(asyncio.create_task(self._close_later(old)))
             return
         raise Unavailable("cannot reach etcd at " + ", ".join(errors))
 
+    async def _close_later(self, client: aetcd.Client) -> None:
+        try:
+            await asyncio.sleep(RETIRE_SECONDS)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+            self._retired.discard(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def _reconnect(self, gen: int) -> None:
+        """Move to the next endpoint after a failure on client generation `gen`.
+
+        Only the first caller that saw `gen` fail reconnects; the others find a newer
+        client and just retry on it, so one reconnect never cancels another's.
+        """
+        async with self._lock:
+            if self._gen != gen:
+                return
+            self._idx = (self._idx + 1) % len(self.endpoints)
+            await self.connect()
+
     async def close(self) -> None:
+        for t in list(self._retired):
+            t.cancel()
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()
             self._client = None
 
+    async def _current(self) -> tuple[aetcd.Client, int]:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    await self.connect()
+        assert self._client is not None
+        return self._client, self._gen
+
     async def _call(self, fn: Callable[[aetcd.Client], Any]) -> Any:
         """Run one RPC, reconnecting (to the next endpoint if need be) once on failure."""
-        if self._client is None:
-            await self.connect()
+        client, gen = await self._current()
+        try:
+            return await fn(client)
+        except aetcd.exceptions.ClientError as e:
+            if not _unavailable(e):
+                raise
+            await self._reconnect(gen)
         try:
             return await fn(self._client)
-        except _CONN_ERRORS:
-            async with self._lock:
-                self._idx = (self._idx + 1) % len(self.endpoints)
-                await self.connect()
-            return await fn(self._client)
+        except aetcd.exceptions.ClientError as e:
+            if not _unavailable(e):
+                raise
+            raise Unavailable(f"etcd at {self.url} did not answer ({e})") from e
 
     # ------------------------------------------------------------ raw keys
 
@@ -498,29 +570,33 @@ class Store:
                 for ev in missed:
                     yield ev
                 continue
-            except (*_CONN_ERRORS, Unavailable) as e:
+            except (*_WATCH_ERRORS, Unavailable) as e:
+                gen = getattr(e, "corral_gen", self._gen)
+                if self._gen != gen:  # the client it was on has been replaced: move at once
+                    continue
                 log.warning("watch on %s interrupted (%s); retrying in %.1fs", prefix, e, backoff)
                 stats.reconnects += 1
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 with contextlib.suppress(Unavailable, *_CONN_ERRORS):
-                    async with self._lock:
-                        self._idx = (self._idx + 1) % len(self.endpoints)
-                        await self.connect()
+                    await self._reconnect(gen)
                 continue
 
     async def _watch_once(
         self, prefix: str, start: int, known: dict[str, int]
     ) -> AsyncIterator[RawEvent]:
-        if self._client is None:
-            await self.connect()
-        w = await self._client.watch(
-            prefix.encode(),
-            range_end=aetcd.utils.prefix_range_end(prefix.encode()),
-            start_revision=start,
-        )
+        client, gen = await self._current()
         try:
-            async for ev in w:
+            w = await client.watch(
+                prefix.encode(),
+                range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                start_revision=start,
+            )
+        except _WATCH_ERRORS as e:
+            e.corral_gen = gen  # type: ignore[attr-defined]
+            raise
+        try:
+            async for ev in self._events(w, gen):
                 key = ev.kv.key.decode()
                 rev = ev.kv.mod_revision
                 if ev.kind == "DELETE":
@@ -530,10 +606,22 @@ class Store:
                     typ = "MODIFIED" if key in known else "ADDED"
                     known[key] = rev
                     yield RawEvent(typ, key, ev.kv.value, rev)
-            raise aetcd.exceptions.ConnectionFailedError("watch stream ended")
+            err = aetcd.exceptions.ConnectionFailedError("watch stream ended")
+            err.corral_gen = gen  # type: ignore[attr-defined]
+            raise err
         finally:
             with contextlib.suppress(Exception):
                 await w.cancel()
+
+    @staticmethod
+    async def _events(w: Any, gen: int) -> AsyncIterator[Any]:
+        """The watch's events; an error says which client generation it came from."""
+        try:
+            async for ev in w:
+                yield ev
+        except _WATCH_ERRORS as e:
+            e.corral_gen = gen  # type: ignore[attr-defined]
+            raise
 
     async def _relist(self, prefix: str, known: dict[str, int]) -> tuple[list[RawEvent], int]:
         """The events that turn `known` into what is stored now, and the revision to resume at."""

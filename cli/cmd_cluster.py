@@ -54,6 +54,13 @@ def register(sub: Any) -> None:
         help="use this etcd instead of starting a local one",
     )
     p.add_argument(
+        "--etcd-members",
+        type=int,
+        default=None,
+        metavar="N",
+        help="members of the local etcd: 1 (default) or 3 (survives losing one)",
+    )
+    p.add_argument(
         "--underlay-cidr",
         default=None,
         help=f"addresses of the nodes' network (default: {local.DEFAULT_UNDERLAY})",
@@ -104,6 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         etcd=_urls(getattr(args, "etcd", None)),
         etcd_tls=etcd_tls(args) if getattr(args, "etcd", None) else None,
+        etcd_members=args.etcd_members,
         underlay_cidr=args.underlay_cidr,
         state_dir=args.state_dir,
         wait=args.wait,
@@ -125,6 +133,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     etcd = mark[h.etcd_ok] + ("" if h.etcd_ok else f" ({h.etcd_error})")
     relay = "" if h.relay is None else f", relay into the nodes {mark[h.relay]}"
     print(f"cluster {h.name}: etcd {','.join(h.etcd_urls)} {etcd}{relay}")
+    if h.etcd_members:
+        up = sum(h.etcd_members.values())
+        each = " ".join(f"{k}={mark[v]}" for k, v in h.etcd_members.items())
+        print(f"etcd members: {up} of {len(h.etcd_members)} healthy ({each})")
     print(f"{'NODE':<20} {'IP':<15} {'NETNS':<6} {'HOLDER':<7} {'READY':<8} DAEMONS")
     for n in h.nodes:
         ds = " ".join(f"{k}={mark[v]}" for k, v in sorted(n.daemons.items())) or "-"

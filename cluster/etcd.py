@@ -58,6 +58,8 @@ class LocalEtcd:
     record: ProcRecord | None = None
     # Mutual TLS for clients and peers: a pki.Paths whose "etcd" certificate is etcd's own.
     pki: Paths | None = None
+    # Every member's name -> peer URL, for a member of a multi-member cluster (None: alone).
+    initial_cluster: dict[str, str] | None = None
 
     @property
     def scheme(self) -> str:
@@ -88,7 +90,17 @@ class LocalEtcd:
     def url(self) -> str:
         return self.client_urls[0]
 
+    @property
+    def peer_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
+
     def start(self, timeout: float = 20.0) -> None:
+        """Start this member and wait until it is healthy (a lone member, or a quorum)."""
+        proc = self.launch()
+        self.wait_healthy(timeout, proc)
+
+    def launch(self) -> subprocess.Popen:
+        """Start the process without waiting: members of one cluster start together."""
         if shutil.which(ETCD_BINARY) is None:
             raise EtcdError("etcd is not installed (Debian package etcd-server); run `make up`")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
@@ -96,7 +108,11 @@ class LocalEtcd:
             self.client_port = free_port()
         if not self.peer_port:
             self.peer_port = free_port()
-        peer = f"{self.scheme}://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
+        cluster = self.initial_cluster or {self.name: peer}
+        # A member of several needs more slack than a lone one: a loaded 2-core machine
+        # must not lose its leader to a scheduling hiccup.
+        heartbeat, election = ("10", "100") if len(cluster) == 1 else ("50", "1000")
         args = [
             ETCD_BINARY,
             "--name",
@@ -112,13 +128,15 @@ class LocalEtcd:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"{self.name}={peer}",
+            ",".join(f"{n}={u}" for n, u in cluster.items()),
             "--initial-cluster-state",
             "new",
+            "--initial-cluster-token",
+            next(iter(cluster)),
             "--heartbeat-interval",
-            "10",
+            heartbeat,
             "--election-timeout",
-            "100",
+            election,
             "--log-level",
             "warn",
             *self._tls_args(),
@@ -136,7 +154,7 @@ class LocalEtcd:
         finally:
             logf.close()
         self.record = ProcRecord.of(proc.pid, "etcd", log=self.log_path)
-        self.wait_healthy(timeout, proc)
+        return proc
 
     def wait_healthy(self, timeout: float, proc: subprocess.Popen | None = None) -> None:
         deadline = time.monotonic() + timeout

@@ -28,7 +28,7 @@ from corral.cluster import daemons, nodes, pki, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
-from corral.cluster.state import ClusterState, NodeState
+from corral.cluster.state import ClusterState, EtcdMember, NodeState
 from corral.node import netns
 from corral.node.procs import ProcRecord, start_time, stop
 
@@ -59,6 +59,7 @@ class UpOptions:
     nodes: int | None = None  # None: keep the running cluster's count, else DEFAULT_NODES
     etcd: list[str] | None = None
     etcd_tls: TLSFiles | None = None  # an external etcd's client certificate
+    etcd_members: int | None = None  # local etcd members; None: keep the running count, else 1
     underlay_cidr: str | None = None
     state_dir: str | None = None
     wait: float = 0.0  # seconds to wait for every Node to become Ready
@@ -229,6 +230,9 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         s.etcd_node_urls = urls
         t = opts.etcd_tls
         s.etcd_tls = None if t is None else {"ca": t.ca, "cert": t.cert, "key": t.key}
+    if urls and opts.etcd_members:
+        raise ClusterError("--etcd-members is for the local etcd; an external one has its own")
+    _plan_members(s, opts.etcd_members)
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -286,42 +290,88 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
 
 
 def _ensure_etcd(s: ClusterState, say: Progress) -> None:
+    """Every member of the local etcd running, with mutual TLS, on its recorded ports."""
     if s.etcd_external:
         say(f"✓ etcd {','.join(s.etcd_urls)} (external)")
         return
     paths = pki.ensure(s.pki_dir, [s.host_ip])
-    if s.etcd is not None and s.etcd.alive():
-        if s.tls("cli") is not None:
-            say(f"✓ etcd {s.etcd_urls[0]} (running, mutual TLS)")
-            return
+    running = [m for m in s.etcd_members if m.record is not None and m.record.alive()]
+    if running and s.tls("cli") is None:
         say("  etcd was started without TLS: restarting it with mutual TLS")
-        stop(s.etcd)
-        s.etcd = None
-    _kill_orphan_etcd(s)
-    if not s.etcd_port or not _port_free(s.etcd_port) or not _port_free(s.etcd_peer_port):
-        s.etcd_port, s.etcd_peer_port = free_port(), free_port()
+        for m in running:
+            stop(m.record)  # type: ignore[arg-type]
+            m.record = None
+        running = []
+    if len(running) == len(s.etcd_members):
+        say(f"✓ etcd {','.join(s.etcd_urls)} (running, mutual TLS)")
+        return
+    if not running:
+        _kill_orphan_etcd(s)
     os.makedirs(s.logs_dir, exist_ok=True)
-    server = LocalEtcd(
-        data_dir=s.etcd_dir,
-        client_port=s.etcd_port,
-        peer_port=s.etcd_peer_port,
+    servers = {m.name: _member_server(s, m, paths) for m in s.etcd_members}
+    initial = {name: srv.peer_url for name, srv in servers.items()}
+    s.etcd_urls = [f"https://127.0.0.1:{m.client_port}" for m in s.etcd_members]
+    s.etcd_node_urls = [f"https://{s.host_ip}:{m.client_port}" for m in s.etcd_members]
+    s.save()
+    started = []
+    try:
+        for m in s.etcd_members:
+            if m in running:
+                continue
+            srv = servers[m.name]
+            srv.initial_cluster = initial if len(initial) > 1 else None
+            srv.launch()
+            m.record = srv.record
+            started.append(m)
+            s.save()
+        for m in started:
+            servers[m.name].wait_healthy(30)
+    except (EtcdError, ProcessLookupError) as e:
+        for m in started:
+            if m.record is not None:
+                stop(m.record)
+                m.record = None
+        s.save()
+        raise ClusterError(f"could not start etcd: {e}") from None
+    s.save()
+    what = "" if len(s.etcd_members) == 1 else f"{len(s.etcd_members)} members, "
+    say(f"✓ etcd {','.join(s.etcd_urls)} ({what}mutual TLS; nodes use {s.etcd_node_urls[0]})")
+
+
+def _member_server(s: ClusterState, m: EtcdMember, paths: pki.Paths) -> LocalEtcd:
+    return LocalEtcd(
+        data_dir=s.member_dir(m),
+        client_port=m.client_port,
+        peer_port=m.peer_port,
         listen_hosts=["127.0.0.1", s.host_ip],
-        name=f"{s.name}-etcd",
-        log_path=os.path.join(s.logs_dir, "etcd.log"),
+        name=m.name,
+        log_path=os.path.join(s.logs_dir, "etcd.log" if m.index == 1 else f"etcd-{m.index}.log"),
         pki=paths,
     )
-    s.etcd_urls = [f"https://127.0.0.1:{s.etcd_port}"]
-    s.etcd_node_urls = [f"https://{s.host_ip}:{s.etcd_port}"]
-    s.save()
-    try:
-        server.start()
-    except (EtcdError, ProcessLookupError) as e:
-        if server.record is not None:
-            stop(server.record)
-        raise ClusterError(f"could not start etcd: {e}") from None
-    s.etcd = server.record
-    s.save()
-    say(f"✓ etcd {s.etcd_urls[0]} (mutual TLS; nodes use {s.etcd_node_urls[0]})")
+
+
+def _plan_members(s: ClusterState, want: int | None) -> None:
+    """The local etcd's members, with ports fixed once (daemons keep the URLs they got)."""
+    if s.etcd_external:
+        return
+    count = want or len(s.etcd_members) or 1
+    if s.etcd_members and count != len(s.etcd_members):
+        raise ClusterError(
+            f"cluster {s.name!r} runs etcd with {len(s.etcd_members)} member(s), not {count}; "
+            f"run `corral down --name {s.name}` first to change it"
+        )
+    if count not in (1, 3, 5):
+        raise ClusterError(f"--etcd-members {count}: use 1, 3 or 5 (an odd number, for a quorum)")
+    taken = {p for m in s.etcd_members for p in (m.client_port, m.peer_port)}
+    for i in range(len(s.etcd_members) + 1, count + 1):
+        ports = []
+        while len(ports) < 2:
+            p = free_port()
+            if p not in taken:
+                taken.add(p)
+                ports.append(p)
+        name = f"{s.name}-etcd" if i == 1 else f"{s.name}-etcd-{i}"
+        s.etcd_members.append(EtcdMember(name, i, ports[0], ports[1]))
 
 
 def _cmdlines() -> dict[int, list[bytes]]:
@@ -336,24 +386,15 @@ def _cmdlines() -> dict[int, list[bytes]]:
     return out
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _etcd_orphans(s: ClusterState, host_ips: list[str] | None = None) -> list[int]:
     """etcd processes the state file lost track of: those serving this cluster's data
     dir, or listening on the host's underlay address (only this cluster's etcd does)."""
-    want = os.path.join(s.state_dir, "etcd").encode()
+    data = re.compile(re.escape(os.path.join(s.state_dir, "etcd")).encode() + rb"(-\d+)?$")
     urls = [f"{sch}://{ip}:".encode() for ip in host_ips or [] for sch in ("http", "https")]
 
     def ours(args: list[bytes]) -> bool:
         for i in range(len(args) - 1):
-            if args[i] == b"--data-dir" and args[i + 1] == want:
+            if args[i] == b"--data-dir" and data.match(args[i + 1]):
                 return True
             if args[i] == b"--listen-client-urls" and any(u in args[i + 1] for u in urls):
                 return True
@@ -587,8 +628,9 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
         found = True
         if pods:
             say(f"✓ stopped {pods} pods of {node}")
-    if s is not None and s.etcd is not None and stop(s.etcd):
-        say(f"✓ stopped etcd (pid {s.etcd.pid})")
+    for rec in s.etcd_records if s is not None else []:
+        if stop(rec):
+            say(f"✓ stopped etcd (pid {rec.pid})")
     relays = _relay_orphans(name)
     if relays:
         nodes.kill_pids(relays)
@@ -650,11 +692,13 @@ class Health:
     etcd_error: str
     nodes: list[NodeHealth]
     relay: bool | None = None  # None: no relay (local etcd, or no loopback endpoint)
+    etcd_members: dict[str, bool] = field(default_factory=dict)  # local members' health
 
     @property
     def ok(self) -> bool:
         return (
             self.etcd_ok
+            and all(self.etcd_members.values())
             and self.relay is not False
             and all(
                 n.netns
@@ -683,7 +727,14 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
             f"no local cluster named {name!r} (no state in {state_dir_for(name, state_dir)}); "
             f"start one with `corral up{'' if name == st.DEFAULT_NAME else ' --name ' + name}`"
         )
-    ok, err = etcd_healthy(s.etcd_urls, s.tls("cli"))
+    tls = s.tls("cli")
+    ok, err = etcd_healthy(s.etcd_urls, tls)
+    members = {}
+    if not s.etcd_external and len(s.etcd_members) > 1:
+        members = {
+            m.name: etcd_health(f"https://127.0.0.1:{m.client_port}", tls, timeout=2)[0]
+            for m in s.etcd_members
+        }
     ready: dict[str, str] = {}
     if ok:
         try:
@@ -710,6 +761,7 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
         etcd_error=err,
         nodes=out,
         relay=None if s.relay is None else s.relay.alive(),
+        etcd_members=members,
     )
 
 

@@ -106,6 +106,29 @@ class NodeState:
 
 
 @dataclass
+class EtcdMember:
+    """One member of the local etcd: its ports stay the same for the cluster's life, so
+    daemons never have to learn a new URL."""
+
+    name: str
+    index: int
+    client_port: int
+    peer_port: int
+    record: ProcRecord | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["record"] = self.record.to_dict() if self.record else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EtcdMember:
+        d = dict(d)
+        r = d.pop("record", None)
+        return cls(**d, record=ProcRecord.from_dict(r) if r else None)
+
+
+@dataclass
 class ClusterState:
     name: str
     state_dir: str
@@ -115,9 +138,8 @@ class ClusterState:
     etcd_external: bool = False
     etcd_urls: list[str] = field(default_factory=list)  # for the host's CLI
     etcd_node_urls: list[str] = field(default_factory=list)  # as seen from inside a node
-    etcd_port: int = 0
-    etcd_peer_port: int = 0
-    etcd: ProcRecord | None = None
+    # The local etcd's members (one unless `corral up --etcd-members 3`).
+    etcd_members: list[EtcdMember] = field(default_factory=list)
     relay: ProcRecord | None = None
     nodes: list[NodeState] = field(default_factory=list)
     daemons: list[ProcRecord] = field(default_factory=list)
@@ -155,6 +177,14 @@ class ClusterState:
     def etcd_dir(self) -> str:
         return os.path.join(self.state_dir, "etcd")
 
+    def member_dir(self, m: EtcdMember) -> str:
+        return self.etcd_dir if m.index == 1 else f"{self.etcd_dir}-{m.index}"
+
+    @property
+    def etcd_records(self) -> list[ProcRecord]:
+        """The local etcd's processes (those started and recorded)."""
+        return [m.record for m in self.etcd_members if m.record is not None]
+
     @property
     def logs_dir(self) -> str:
         return os.path.join(self.state_dir, "logs")
@@ -167,7 +197,7 @@ class ClusterState:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["etcd"] = self.etcd.to_dict() if self.etcd else None
+        d["etcd_members"] = [m.to_dict() for m in self.etcd_members]
         d["relay"] = self.relay.to_dict() if self.relay else None
         d["nodes"] = [n.to_dict() for n in self.nodes]
         d["daemons"] = [r.to_dict() for r in self.daemons]
@@ -176,12 +206,18 @@ class ClusterState:
     @classmethod
     def from_dict(cls, d: dict) -> ClusterState:
         d = dict(d)
-        etcd, relay = d.pop("etcd", None), d.pop("relay", None)
+        relay = d.pop("relay", None)
+        members = [EtcdMember.from_dict(m) for m in d.pop("etcd_members", [])]
+        # State written before members existed: its one etcd becomes member 1.
+        etcd, port, peer = d.pop("etcd", None), d.pop("etcd_port", 0), d.pop("etcd_peer_port", 0)
+        if not members and port:
+            rec = ProcRecord.from_dict(etcd) if etcd else None
+            members = [EtcdMember(f"{d['name']}-etcd", 1, port, peer, rec)]
         nodes = [NodeState.from_dict(n) for n in d.pop("nodes", [])]
         daemons = [ProcRecord.from_dict(r) for r in d.pop("daemons", [])]
         return cls(
             **d,
-            etcd=ProcRecord.from_dict(etcd) if etcd else None,
+            etcd_members=members,
             relay=ProcRecord.from_dict(relay) if relay else None,
             nodes=nodes,
             daemons=daemons,

@@ -81,7 +81,7 @@ def _up(corral: Corral, name: str, *extra: str) -> ClusterState:
 
 
 def _all_procs(s: ClusterState) -> list[ProcRecord]:
-    recs = [*s.daemons, *([s.etcd] if s.etcd else []), *([s.relay] if s.relay else [])]
+    recs = [*s.daemons, *s.etcd_records, *([s.relay] if s.relay else [])]
     return recs + [n.holder for n in s.nodes if n.holder]
 
 
@@ -191,7 +191,7 @@ def test_up_twice_converges_and_recreates_what_is_missing(
     cidr = unused_underlay_cidr()
     s1 = _up(corral, cluster_name, "--nodes", "2", "--underlay-cidr", cidr)
     s2 = _up(corral, cluster_name)  # same cluster, no options: nothing changes
-    assert s2.etcd == s1.etcd and s2.etcd_urls == s1.etcd_urls
+    assert s2.etcd_records == s1.etcd_records and s2.etcd_urls == s1.etcd_urls
     assert [n.holder for n in s2.nodes] == [n.holder for n in s1.nodes]
     assert [n.ip for n in s2.nodes] == [n.ip for n in s1.nodes]
 
@@ -202,7 +202,7 @@ def test_up_twice_converges_and_recreates_what_is_missing(
     st = corral("status", "--name", cluster_name)
     assert st.returncode == 1
     s3 = _up(corral, cluster_name, "--nodes", "3")
-    assert len(s3.nodes) == 3 and s3.etcd == s1.etcd
+    assert len(s3.nodes) == 3 and s3.etcd_records == s1.etcd_records
     assert s3.nodes[0].holder != s1.nodes[0].holder
     for n in s3.nodes:
         assert n.holder is not None and n.holder.alive()
@@ -275,7 +275,7 @@ def test_down_without_any_state_finds_namespaces_and_processes(
     s = corral.state("elsewhere")
     r = corral("down", "--name", cluster_name)
     assert r.returncode == 0, r.stderr
-    assert s.etcd is not None and not s.etcd.alive()
+    assert s.etcd_records and not any(r.alive() for r in s.etcd_records)
     assert not netns.list_names(f"{cluster_name}-")
     assert corral("down", "--name", cluster_name, "--state-dir", other).returncode == 0
     _assert_gone(corral, s)
@@ -292,7 +292,7 @@ def test_external_etcd_is_relayed_into_the_nodes(corral: Corral, cluster_name: s
         "--underlay-cidr",
         unused_underlay_cidr(),
     )
-    assert s.etcd_external and s.etcd is None and s.etcd_urls == [etcd.url]
+    assert s.etcd_external and s.etcd_members == [] and s.etcd_urls == [etcd.url]
     assert not os.path.exists(s.etcd_dir)
     for n in s.nodes:  # the host's loopback URL works unchanged inside every node
         h = _node_run(
