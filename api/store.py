@@ -573,6 +573,7 @@ class Store:
             except (*_WATCH_ERRORS, Unavailable) as e:
                 gen = getattr(e, "corral_gen", self._gen)
                 if self._gen != gen:  # the client it was on has been replaced: move at once
+                    stats.reconnects += 1
                     continue
                 log.warning("watch on %s interrupted (%s); retrying in %.1fs", prefix, e, backoff)
                 stats.reconnects += 1
