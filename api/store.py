@@ -28,6 +28,8 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ import aetcd.exceptions
 import aetcd.utils
 
 from corral.api.objects import TypedObject
+from corral.daemon import metrics
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +215,23 @@ class Store:
 
     async def _call(self, fn: Callable[[aetcd.Client], Any]) -> Any:
         """Run one RPC, reconnecting (to the next endpoint if need be) once on failure."""
-        if self._client is None:
-            await self.connect()
+        op = sys._getframe(1).f_code.co_name  # the Store method: the metrics' `op` label
+        t0 = time.perf_counter()
         try:
-            return await fn(self._client)
-        except _CONN_ERRORS:
-            async with self._lock:
-                self._idx = (self._idx + 1) % len(self.endpoints)
+            if self._client is None:
                 await self.connect()
-            return await fn(self._client)
+            try:
+                return await fn(self._client)
+            except _CONN_ERRORS:
+                async with self._lock:
+                    self._idx = (self._idx + 1) % len(self.endpoints)
+                    await self.connect()
+                return await fn(self._client)
+        except Exception as e:
+            metrics.ETCD_REQUEST_ERRORS.labels(op, type(e).__name__).inc()
+            raise
+        finally:
+            metrics.ETCD_REQUEST_SECONDS.labels(op).observe(time.perf_counter() - t0)
 
     # ------------------------------------------------------------ raw keys
 
@@ -391,12 +402,14 @@ class Store:
                     yield ev
             except aetcd.exceptions.RevisionCompactedError:
                 log.info("watch on %s: revision %d compacted; re-listing", prefix, next_rev)
+                metrics.WATCH_RESTARTS.labels("compacted").inc()
                 missed, next_rev = await self._relist(prefix, known)
                 for ev in missed:
                     yield ev
                 continue
             except (*_CONN_ERRORS, Unavailable) as e:
                 log.warning("watch on %s interrupted (%s); retrying in %.1fs", prefix, e, backoff)
+                metrics.WATCH_RESTARTS.labels("reconnect").inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 with contextlib.suppress(Unavailable, *_CONN_ERRORS):

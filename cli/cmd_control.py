@@ -6,10 +6,10 @@ import argparse
 import asyncio
 from typing import Any
 
-from corral.api.store import Unavailable
 from corral.cli.common import CLIError, etcd_endpoints
-from corral.control.manager import CONTROLLERS, ControllerOptions, run_controllers, serve
+from corral.control.manager import CONTROLLERS, ControllerOptions, serve
 from corral.control.scheduler import Scheduler
+from corral.daemon import options
 
 
 def _etcd(p: argparse.ArgumentParser) -> None:
@@ -41,6 +41,7 @@ def register(sub: Any) -> None:
         default=None,
         help="seed for breaking ties between equally good nodes (repeatable runs)",
     )
+    options.add_daemon_options(p, "scheduler")
     p.set_defaults(func=cmd_scheduler, daemon=True)
 
     p = sub.add_parser(
@@ -68,16 +69,13 @@ def register(sub: Any) -> None:
         help="pods of a node not ready this long are deleted and recreated elsewhere (default 60)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for address allocation")
+    options.add_daemon_options(p, "controllers")
     p.set_defaults(func=cmd_controllers, daemon=True)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     urls = etcd_endpoints(args)
-
-    async def body(store: Any) -> None:
-        await Scheduler(store, seed=args.seed).run()
-
-    _serve(urls, "scheduler", body)
+    _serve(args, urls, "scheduler", {"scheduler": lambda store: Scheduler(store, seed=args.seed)})
     return 0
 
 
@@ -95,16 +93,16 @@ def cmd_controllers(args: argparse.Namespace) -> int:
         pod_eviction_timeout=args.pod_eviction_timeout,
         seed=args.seed,
     )
-
-    async def body(store: Any) -> None:
-        await run_controllers(store, opts, names)
-
-    _serve(urls, "controllers", body)
+    comps = {n: (lambda store, n=n: CONTROLLERS[n](store, opts)) for n in names}
+    _serve(args, urls, "controllers", comps)
     return 0
 
 
-def _serve(urls: list[str], name: str, body: Any) -> None:
+def _serve(args: argparse.Namespace, urls: list[str], name: str, comps: dict[str, Any]) -> None:
+    """Run a control-plane daemon; it waits for etcd rather than failing without it."""
     try:
-        asyncio.run(serve(urls, name, body))
-    except Unavailable as e:
-        raise CLIError(f"{e}; start etcd (or `corral up`) or point --etcd at it") from None
+        addr = options.http_addr(args, name, "127.0.0.1")
+    except ValueError as e:
+        raise CLIError(f"--metrics-addr {e}") from None
+    debug = options.debug_socket(args, f"/run/corral/{name}-debug.sock")
+    asyncio.run(serve(urls, name, comps, http_addr=addr, debug_socket=debug))
