@@ -125,9 +125,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     relay = "" if h.relay is None else f", relay into the nodes {mark[h.relay]}"
     print(f"cluster {h.name}: etcd {','.join(h.etcd_urls)} {etcd}{relay}")
     print(f"{'NODE':<20} {'IP':<15} {'NETNS':<6} {'HOLDER':<7} {'READY':<8} DAEMONS")
+    problems = []
     for n in h.nodes:
-        ds = " ".join(f"{k}={mark[v]}" for k, v in sorted(n.daemons.items())) or "-"
+        shown = []
+        for k, alive in sorted(n.daemons.items()):
+            health = n.healthz.get(k, "ok" if alive else "")
+            shown.append(f"{k}={'DOWN' if not alive else 'ok' if health == 'ok' else 'UNHEALTHY'}")
+            if alive and health != "ok":
+                problems.append(f"  {k} on {n.name}: {health}")
+        ds = " ".join(shown) or "-"
         print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} {n.ready:<8} {ds}")
+    for line in problems:
+        print(line)
     if not h.ok:
         print(
             "Something is down; `corral up"

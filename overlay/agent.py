@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,6 +44,7 @@ from corral.api.objects import (
     SubnetLease,
 )
 from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
+from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
 from corral.overlay import config, fastpath, lease, masq, notrack
@@ -105,6 +107,7 @@ class OverlayAgent:
         self.lease: lease.Lease | None = None
         self.vtep_mac = ""
         self.reconciles = 0
+        self._unregister_metrics: Any = None
 
     # ------------------------------------------------------------ helpers
 
@@ -197,6 +200,7 @@ class OverlayAgent:
                 lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key),
             )
             self._monitor.start(await self._k(self.kernel.link_index, self.device))
+        self._unregister_metrics = metrics.register_collector(self._fastpath_metrics)
         log.info(
             "overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), %s",
             self.ctx.node_name,
@@ -519,10 +523,13 @@ class OverlayAgent:
             assert self.lease is not None and self.leaser is not None
             try:
                 if await self.leaser.renew(self.lease):
+                    metrics.LEASE_RENEWALS.labels("ok").inc()
                     continue
             except Exception as e:
+                metrics.LEASE_RENEWALS.labels("failed").inc()
                 log.warning("cannot renew the subnet lease (%s: %s); retrying", type(e).__name__, e)
                 continue
+            metrics.LEASE_RENEWALS.labels("lost").inc()
             log.warning(
                 "subnet lease for %s was lost (expired or deleted); re-acquiring", self.lease.subnet
             )
@@ -571,6 +578,7 @@ class OverlayAgent:
                 await asyncio.wait_for(self._dirty.wait(), max(0.0, next_full - loop.time()))
             self._dirty.clear()
             full = self._full_needed or loop.time() >= next_full
+            t0 = time.perf_counter()
             try:
                 if full:
                     self._full_needed = False
@@ -587,7 +595,10 @@ class OverlayAgent:
                     await self.reconcile()
                 else:
                     await self._apply_changes()
+                kind = "full" if full else "changes"
+                metrics.RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - t0)
             except Exception:
+                metrics.RECONCILE_ERRORS.inc()
                 log.exception("overlay reconcile failed; retrying with a full pass")
                 self._full_needed = True
                 await asyncio.sleep(1)
@@ -595,8 +606,48 @@ class OverlayAgent:
 
     # ------------------------------------------------------------ stop
 
+    def _fastpath_metrics(self) -> list[Any]:
+        """The fast path's packet counters (BPF map, summed over CPUs), read at scrape time."""
+        fp = self.fastpath
+        if fp is None:
+            return []
+        return [
+            metrics.counter_family(
+                "corral_fastpath_packets",
+                "Packets the eBPF fast path handled since it was loaded, by counter",
+                "counter",
+                fp.stats(),
+            )
+        ]
+
+    def ready(self) -> bool:
+        return self.lease is not None and self.reconciles > 0
+
+    def debug_state(self) -> dict[str, Any]:
+        fp = self.fastpath
+        return {
+            "subnet": self.lease.subnet if self.lease else None,
+            "underlay": {"iface": self.underlay.iface, "ip": self.underlay.ip}
+            if self.underlay
+            else None,
+            "device": self.device,
+            "vtepMAC": self.vtep_mac,
+            "peers": {
+                key: {"node": r.node_name, "publicIP": str(r.public_ip), "vtepMAC": r.vtep_mac}
+                for key, r in sorted(self._peers.items())
+            },
+            "datapath": "bpf" if fp is not None else "kernel",
+            "datapathWhy": None if fp is not None else self._datapath_why,
+            "fastpathPods": fp.pod_count if fp is not None else 0,
+            "reconciles": self.reconciles,
+            "watchRevision": self._watch_rev,
+        }
+
     async def stop(self) -> None:
         """Leave kernel state and the lease as they are: a restart picks both up."""
+        if self._unregister_metrics is not None:
+            self._unregister_metrics()
+            self._unregister_metrics = None
         if self._monitor is not None:
             self._monitor.stop()
         if self.fastpath is not None:  # the attached programs keep working until replaced
