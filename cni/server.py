@@ -180,7 +180,22 @@ class CNIServer:
                 self._sock_id = None
                 await self._bind()
             self._sync_subnet()
+            await self._load_pool()
             await asyncio.sleep(0.5)
+
+    async def _load_pool(self) -> None:
+        """Know the node pool's usage before the first ADD (for its metrics)."""
+        r = self.subnet.range
+        if r is None:
+            return
+        st = self.ipam._state(r.pool)
+        if not st.loaded:
+            async with st.lock:
+                if not st.loaded:
+                    try:
+                        await self.ipam._load(r.pool, st)
+                    except Exception as e:  # etcd away: the next pass (or ADD) loads it
+                        log.debug("cannot read IPAM pool %s yet: %s", r.pool, e)
 
     def ready(self) -> bool:
         return self._socket_intact() and self.subnet.data is not None
