@@ -85,3 +85,24 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
         while chunk := s.recv(65536):
             chunks.append(chunk)
     return json.loads(b"".join(chunks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m corral.daemon.debug [SOCKET]`: print a daemon's state (the node's by default)."""
+    import sys
+
+    from corral.node.context import NodePaths
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else NodePaths().debug_socket
+    try:
+        doc = query(path)
+    except OSError as e:
+        print(f"error: cannot read {path}: {e.strerror or e} (is the daemon running here?)")
+        return 1
+    print(json.dumps(doc, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
