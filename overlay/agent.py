@@ -26,7 +26,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -687,7 +686,6 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _amain(args: argparse.Namespace) -> int:
     store = Store(args.etcd)
-    await store.connect()
     ctx = NodeContext(
         node_name=args.node,
         store=store,
@@ -701,28 +699,11 @@ async def _amain(args: argparse.Namespace) -> int:
             datapath=args.datapath,
         ),
     )
-    agent = OverlayAgent(ctx)
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    stopping: list[int] = []
+    from corral.daemon.core import Daemon  # the one daemon skeleton
 
-    def on_signal(sig: int) -> None:
-        stopping.append(sig)
-        main.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        await agent.start()
-        await agent.run()
-    except asyncio.CancelledError:
-        if not stopping:
-            raise
-        log.info("stopping on signal %d; kernel state and lease stay", stopping[0])
-    finally:
-        await agent.stop()
-        await store.close()
+    daemon = Daemon("overlay", args.node, store, configure_logging=True)
+    daemon.add("overlay", OverlayAgent(ctx))
+    await daemon.run()  # stops on SIGTERM/SIGINT; kernel state and lease stay
     return 0
 
 
