@@ -139,9 +139,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(line)
     if not h.ok:
         print(
-            "Something is down; `corral up"
+            "Something is down or unhealthy; `corral up"
             f"{'' if h.name == DEFAULT_NAME else ' --name ' + h.name}` restarts what is "
-            "missing, logs are in the state dir's logs/.",
+            "missing, the failing health checks are listed above, logs are in the state "
+            "dir's logs/.",
             file=sys.stderr,
         )
     return 0 if h.ok else 1
