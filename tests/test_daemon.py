@@ -322,3 +322,36 @@ async def test_node_ready_follows_component_health(store: Store, tmp_path, monke
 
 async def _ready_is(ready: Callable[[], Awaitable[tuple[str, str, str]]], want: str) -> bool:
     return (await ready())[0] == want
+
+
+# ------------------------------------------------------------ store metrics
+
+
+def _value(name: str, **labels: str) -> float:
+    from corral.daemon.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_store_counts_watch_relists_and_errors(store: Store) -> None:
+    from corral.api.store import StoreError
+    from corral.cluster.etcd import free_port
+
+    before = _value("corral_etcd_watch_restarts_total", reason="compacted")
+    start = await store.revision() + 1
+    await store.put_raw("/corral/wtest/a", b"1")
+    await store.put_raw("/corral/wtest/a", b"2")
+    await store.compact(await store.revision())
+    async for ev in store.watch_prefix_raw("/corral/wtest/", start, {}):
+        assert ev.key == "/corral/wtest/a" and ev.value == b"2"  # the re-list's view
+        break
+    assert _value("corral_etcd_watch_restarts_total", reason="compacted") == before + 1
+
+    dead = Store(f"http://127.0.0.1:{free_port()}", timeout=0.5)
+    errors = _value("corral_etcd_request_errors_total", op="get_raw", error="Unavailable")
+    with pytest.raises(StoreError):
+        await dead.get_raw("/corral/x")
+    assert (
+        _value("corral_etcd_request_errors_total", op="get_raw", error="Unavailable") == errors + 1
+    )
+    await dead.close()
