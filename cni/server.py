@@ -188,29 +188,21 @@ class CNIServer:
         r = self.subnet.range
         if r is None:
             return
-        st = self.ipam._state(r.pool)
-        if not st.loaded:
-            async with st.lock:
-                if not st.loaded:
-                    try:
-                        await self.ipam._load(r.pool, st)
-                    except Exception as e:  # etcd away: the next pass (or ADD) loads it
-                        log.debug("cannot read IPAM pool %s yet: %s", r.pool, e)
+        try:
+            await self.ipam.preload(r.pool)
+        except Exception as e:  # etcd away: the next pass (or ADD) reads it
+            log.debug("cannot read IPAM pool %s yet: %s", r.pool, e)
 
     def ready(self) -> bool:
         return self._socket_intact() and self.subnet.data is not None
 
     def debug_state(self) -> dict[str, Any]:
-        pools = {
-            pool: {"allocated": len(st.used), "loaded": st.loaded}
-            for pool, st in self.ipam._pools.items()
-        }
         return {
             "socket": self.paths.cni_socket,
             "socketIntact": self._socket_intact(),
             "subnet": self.subnet.data,
             "conflist": self._conflist,
-            "pools": pools,
+            "allocated": self.ipam.usage(),
             "inFlight": len(self._locks),
         }
 
@@ -223,8 +215,7 @@ class CNIServer:
             r.start <= x <= r.end
             for x in (r.gateway, r.subnet.network_address, r.subnet.broadcast_address)
         )
-        st = self.ipam._pools.get(r.pool)
-        used = len(st.used) if st is not None and st.loaded else 0
+        used = self.ipam.usage().get(r.pool, 0)
         out = []
         for name, doc, value in (
             (metrics.IPAM_ALLOCATED_NAME, "Addresses allocated in the node's IPAM pool", used),
