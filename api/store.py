@@ -29,6 +29,8 @@ import json
 import logging
 import secrets
 import ssl
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ import aetcd.utils
 import grpc
 
 from corral.api.objects import TypedObject
+from corral.daemon import metrics
 
 log = logging.getLogger(__name__)
 
@@ -376,19 +379,27 @@ class Store:
 
     async def _call(self, fn: Callable[[aetcd.Client], Any]) -> Any:
         """Run one RPC, reconnecting (to the next endpoint if need be) once on failure."""
-        client, gen = await self._current()
+        op = sys._getframe(1).f_code.co_name  # the Store method: the metrics' `op` label
+        t0 = time.perf_counter()
         try:
-            return await fn(client)
-        except aetcd.exceptions.ClientError as e:
-            if not _unavailable(e):
-                raise
-            await self._reconnect(gen)
-        try:
-            return await fn(self._client)
-        except aetcd.exceptions.ClientError as e:
-            if not _unavailable(e):
-                raise
-            raise Unavailable(f"etcd at {self.url} did not answer ({e})") from e
+            client, gen = await self._current()
+            try:
+                return await fn(client)
+            except aetcd.exceptions.ClientError as e:
+                if not _unavailable(e):
+                    raise
+                await self._reconnect(gen)
+            try:
+                return await fn(self._client)
+            except aetcd.exceptions.ClientError as e:
+                if not _unavailable(e):
+                    raise
+                raise Unavailable(f"etcd at {self.url} did not answer ({e})") from e
+        except Exception as e:
+            metrics.ETCD_REQUEST_ERRORS.labels(op, type(e).__name__).inc()
+            raise
+        finally:
+            metrics.ETCD_REQUEST_SECONDS.labels(op).observe(time.perf_counter() - t0)
 
     # ------------------------------------------------------------ raw keys
 
@@ -566,6 +577,7 @@ class Store:
             except aetcd.exceptions.RevisionCompactedError:
                 log.info("watch on %s: revision %d compacted; re-listing", prefix, next_rev)
                 stats.relists += 1
+                metrics.WATCH_RESTARTS.labels("compacted").inc()
                 missed, next_rev = await self._relist(prefix, known)
                 for ev in missed:
                     yield ev
@@ -573,10 +585,10 @@ class Store:
             except (*_WATCH_ERRORS, Unavailable) as e:
                 gen = getattr(e, "corral_gen", self._gen)
                 if self._gen != gen:  # the client it was on has been replaced: move at once
-                    stats.reconnects += 1
                     continue
                 log.warning("watch on %s interrupted (%s); retrying in %.1fs", prefix, e, backoff)
                 stats.reconnects += 1
+                metrics.WATCH_RESTARTS.labels("reconnect").inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 with contextlib.suppress(Unavailable, *_CONN_ERRORS):

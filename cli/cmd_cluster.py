@@ -138,14 +138,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         each = " ".join(f"{k}={mark[v]}" for k, v in h.etcd_members.items())
         print(f"etcd members: {up} of {len(h.etcd_members)} healthy ({each})")
     print(f"{'NODE':<20} {'IP':<15} {'NETNS':<6} {'HOLDER':<7} {'READY':<8} DAEMONS")
+    problems = []
     for n in h.nodes:
-        ds = " ".join(f"{k}={mark[v]}" for k, v in sorted(n.daemons.items())) or "-"
+        shown = []
+        for k, alive in sorted(n.daemons.items()):
+            health = n.healthz.get(k, "ok" if alive else "")
+            shown.append(f"{k}={'DOWN' if not alive else 'ok' if health == 'ok' else 'UNHEALTHY'}")
+            if alive and health != "ok":
+                problems.append(f"  {k} on {n.name}: {health}")
+        ds = " ".join(shown) or "-"
         print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} {n.ready:<8} {ds}")
+    for line in problems:
+        print(line)
     if not h.ok:
         print(
-            "Something is down; `corral up"
+            "Something is down or unhealthy; `corral up"
             f"{'' if h.name == DEFAULT_NAME else ' --name ' + h.name}` restarts what is "
-            "missing, logs are in the state dir's logs/.",
+            "missing, the failing health checks are listed above, logs are in the state "
+            "dir's logs/.",
             file=sys.stderr,
         )
     return 0 if h.ok else 1

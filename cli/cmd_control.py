@@ -6,10 +6,10 @@ import argparse
 import asyncio
 from typing import Any
 
-from corral.api.store import Unavailable
 from corral.cli.common import CLIError, new_store
-from corral.control.manager import CONTROLLERS, ControllerOptions, run_controllers, serve
+from corral.control.manager import CONTROLLERS, ControllerOptions, serve
 from corral.control.scheduler import Scheduler
+from corral.daemon import options
 
 
 def _positive(text: str) -> float:
@@ -30,6 +30,7 @@ def register(sub: Any) -> None:
         default=None,
         help="seed for breaking ties between equally good nodes (repeatable runs)",
     )
+    options.add_daemon_options(p, "scheduler")
     p.set_defaults(func=cmd_scheduler, daemon=True)
 
     p = sub.add_parser(
@@ -56,15 +57,20 @@ def register(sub: Any) -> None:
         help="pods of a node not ready this long are deleted and recreated elsewhere (default 60)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for address allocation")
+    options.add_daemon_options(p, "controllers")
     p.set_defaults(func=cmd_controllers, daemon=True)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-
-    async def body(store: Any) -> None:
-        await Scheduler(store, seed=args.seed).run()
-
-    _serve(args, "scheduler", body)
+    _serve(
+        args,
+        "scheduler",
+        {
+            "scheduler": lambda store, informers: Scheduler(
+                store, seed=args.seed, informers=informers
+            )
+        },
+    )
     return 0
 
 
@@ -81,17 +87,19 @@ def cmd_controllers(args: argparse.Namespace) -> int:
         pod_eviction_timeout=args.pod_eviction_timeout,
         seed=args.seed,
     )
-
-    async def body(store: Any) -> None:
-        await run_controllers(store, opts, names)
-
-    _serve(args, "controllers", body)
+    comps = {
+        n: (lambda store, informers, n=n: CONTROLLERS[n](store, opts, informers)) for n in names
+    }
+    _serve(args, "controllers", comps)
     return 0
 
 
-def _serve(args: argparse.Namespace, name: str, body: Any) -> None:
-    store = new_store(args)
+def _serve(args: argparse.Namespace, name: str, comps: dict[str, Any]) -> None:
+    """Run a control-plane daemon; it waits for etcd rather than failing without it."""
     try:
-        asyncio.run(serve(store, name, body))
-    except Unavailable as e:
-        raise CLIError(f"{e}; start etcd (or `corral up`) or point --etcd at it") from None
+        addr = options.http_addr(args, name, "127.0.0.1")
+    except ValueError as e:
+        raise CLIError(f"--metrics-addr {e}") from None
+    debug = options.debug_socket(args, f"/run/corral/{name}-debug.sock")
+    store = new_store(args)
+    asyncio.run(serve(store, name, comps, http_addr=addr, debug_socket=debug))

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from corral.cli.common import CLIError, new_store
+from corral.daemon import options
 from corral.node.context import NodeContext, NodeOptions, NodePaths
 from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
 
@@ -52,6 +53,7 @@ def register(sub: Any) -> None:
         "the kernel's path only (kernel). Default from CORRAL_DATAPATH, "
         "which `corral up` passes on to its nodes",
     )
+    options.add_daemon_options(p, "node")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
 
@@ -73,6 +75,11 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise CLIError(
             f"--components: unknown {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
         )
+    try:
+        addr = options.http_addr(args, "node", None)  # no host: the underlay address
+    except ValueError as e:
+        raise CLIError(f"--metrics-addr {e}") from None
+    debug = options.debug_socket(args, "")  # "": <run dir>/debug.sock
     from corral.ebpf.loader import BPFUnavailable  # imported here: it loads pyroute2
     from corral.overlay.config import ConfigError
 
@@ -90,7 +97,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         options=NodeOptions(cni_shim=args.cni_shim, datapath=args.datapath),
     )
     try:
-        asyncio.run(serve(ctx, comps))
+        asyncio.run(serve(ctx, comps, http_addr=addr, debug_socket=debug))
     except (NodeSetupError, ConfigError, BPFUnavailable) as e:
         raise CLIError(str(e)) from None
     return 0

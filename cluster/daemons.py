@@ -1,8 +1,11 @@
 """The daemons `corral up` starts: one table, so a new capability joins by adding a row.
 
 Each row is a `corral` subcommand, run as `corral --etcd URLS <args>` with the
-etcd URLs as seen from inside the node. `{node}`, `{cluster}` and `{node_state}`
-(a per-node directory that survives restarts) are filled in. A row whose
+etcd URLs as seen from inside the node. `{node}`, `{cluster}`, `{node_ip}` (the
+node's underlay address) and `{node_state}` (a per-node directory that survives
+restarts) are filled in. A row with a `port` serves `/metrics`, `/healthz` and
+`/readyz` there, on its node's address (`--metrics-addr {node_ip}:PORT`), and
+`corral status` asks its `/healthz`. A row whose
 `module` is not importable yet is skipped, so the table can name daemons that
 are still being written.
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 from corral.cluster import nodes
 from corral.cluster.state import ClusterState, NodeState
+from corral.daemon.options import PORTS
 from corral.node.procs import ProcRecord
 
 
@@ -29,7 +33,17 @@ class Daemon:
     name: str
     args: tuple[str, ...]
     module: str  # importable once the subcommand exists
+    port: int | None = None  # its /healthz and /metrics port on the node's address
     role: str = "node"  # whose etcd client certificate it uses (cluster/pki.py)
+
+    def argv(self, values: dict[str, str]) -> list[str]:
+        args = [a.format(**values) for a in self.args]
+        if self.port is not None:
+            args += ["--metrics-addr", f"{values['node_ip']}:{self.port}"]
+        return args
+
+    def url(self, node_ip: str, path: str = "/healthz") -> str | None:
+        return None if self.port is None else f"http://{node_ip}:{self.port}{path}"
 
     def available(self) -> bool:
         try:
@@ -40,13 +54,22 @@ class Daemon:
 
 NODE_DAEMONS: list[Daemon] = [
     Daemon(
-        "node", ("node", "--name", "{node}", "--state-dir", "{node_state}"), "corral.cli.cmd_node"
+        "node",
+        ("node", "--name", "{node}", "--state-dir", "{node_state}"),
+        "corral.cli.cmd_node",
+        PORTS["node"],
     ),
 ]
 CLUSTER_DAEMONS: list[Daemon] = [
-    Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control", role="control"),
-    Daemon("controllers", ("controllers",), "corral.cli.cmd_control", role="control"),
+    Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control", PORTS["scheduler"], "control"),
+    Daemon(
+        "controllers", ("controllers",), "corral.cli.cmd_control", PORTS["controllers"], "control"
+    ),
 ]
+
+
+def by_name(name: str) -> Daemon | None:
+    return next((d for d in NODE_DAEMONS + CLUSTER_DAEMONS if d.name == name), None)
 
 
 def wanted(state: ClusterState) -> list[tuple[Daemon, NodeState]]:
@@ -66,7 +89,12 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
         raise RuntimeError(f"{node.name} has no holder process to start {d.name} in")
     node_state = os.path.join(state.node_dir(node.name), "state")
     os.makedirs(node_state, exist_ok=True)
-    values = {"node": node.name, "cluster": state.name, "node_state": node_state}
+    values = {
+        "node": node.name,
+        "cluster": state.name,
+        "node_state": node_state,
+        "node_ip": node.ip,
+    }
     argv = [
         sys.executable,
         "-m",
@@ -74,7 +102,7 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
         "--etcd",
         ",".join(state.etcd_node_urls),
         *tls_args(state, d.role),
-        *(a.format(**values) for a in d.args),
+        *d.argv(values),
     ]
     os.makedirs(state.logs_dir, exist_ok=True)
     log = os.path.join(state.logs_dir, f"{d.name}-{node.name}.log")

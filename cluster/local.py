@@ -10,6 +10,7 @@ through the names derived from the cluster name.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import os
@@ -19,6 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -680,8 +683,9 @@ class NodeHealth:
     ip: str
     netns: bool
     holder: bool
-    daemons: dict[str, bool]
+    daemons: dict[str, bool]  # daemon -> its process is alive
     ready: str
+    healthz: dict[str, str] = field(default_factory=dict)  # daemon -> "ok" or why not
 
 
 @dataclass
@@ -704,6 +708,7 @@ class Health:
                 n.netns
                 and n.holder
                 and all(n.daemons.values())
+                and all(v == "ok" for v in n.healthz.values())
                 and (n.ready == "True" or "node" not in n.daemons)
                 for n in self.nodes
             )
@@ -718,6 +723,36 @@ def etcd_healthy(urls: list[str], tls: TLSFiles | None = None) -> tuple[bool, st
             return True, ""
         err = f"{u}: {why}"
     return False, err
+
+
+def daemon_healthz(url: str, timeout: float = 2.0) -> str:
+    """ "ok", or why the daemon at `url` (its /healthz) is not healthy."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url + "?verbose", timeout=timeout) as r:
+            r.read()
+            return "ok"
+    except urllib.error.HTTPError as e:
+        lines = e.read().decode(errors="replace").splitlines()
+        failed = [ln.removeprefix("[-]") for ln in lines if ln.startswith("[-]")]
+        return "; ".join(failed) or f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"no answer from {url} ({getattr(e, 'reason', e)})"
+
+
+def _healthz_all(s: ClusterState) -> dict[tuple[str, str], str]:
+    """(daemon, node) -> daemon_healthz, asked of every daemon with a port, in parallel."""
+    asks = {}
+    for r in s.daemons:
+        d = daemons.by_name(r.role.removeprefix("daemon:"))
+        n = s.node(r.node or "")
+        if d is not None and n is not None and (url := d.url(n.ip)) and r.alive():
+            asks[(d.name, n.name)] = url
+    if not asks:
+        return {}
+    with concurrent.futures.ThreadPoolExecutor(min(8, len(asks))) as pool:
+        results = pool.map(daemon_healthz, asks.values())
+        return dict(zip(asks, results, strict=True))
 
 
 def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
@@ -742,6 +777,7 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
         except (StoreError, OSError) as e:
             ok, err = False, str(e)
     out = []
+    healthz = _healthz_all(s)
     for n in s.nodes:
         ds = {r.role.removeprefix("daemon:"): r.alive() for r in s.daemons if r.node == n.name}
         out.append(
@@ -752,6 +788,7 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
                 holder=n.holder is not None and n.holder.alive(),
                 daemons=ds,
                 ready=ready.get(n.name, "?"),
+                healthz={d: h for (d, node), h in healthz.items() if node == n.name},
             )
         )
     return Health(

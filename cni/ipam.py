@@ -62,6 +62,19 @@ class IPAM:
         st.used = {ipaddress.IPv4Address(kv.key.rsplit("/", 1)[1]) for kv in kvs}
         st.loaded = True
 
+    async def preload(self, pool: str) -> None:
+        """Read a pool's allocations now (not at the first ADD), e.g. for its usage metrics."""
+        st = self._state(pool)
+        if not st.loaded:
+            async with st.lock:
+                if not st.loaded:
+                    await self._load(pool, st)
+
+    def usage(self) -> dict[str, int]:
+        """pool -> addresses allocated, for the pools this daemon has read."""
+        # Keys joined with "|" are range sets' combined views, not pools.
+        return {p: len(st.used) for p, st in self._pools.items() if st.loaded and "|" not in p}
+
     @staticmethod
     def _candidates(ranges: list[Range], start: int) -> Iterator[tuple[int, Range, Addr4]]:
         """Every usable IP of the range set once, beginning at index `start`."""

@@ -17,12 +17,13 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
+import stat
 import time
 from typing import Any
 
 import aetcd.exceptions
+from prometheus_client.core import GaugeMetricFamily
 
 from corral.api.store import Store, StoreError, Unavailable, pool_id
 from corral.cni import errors as E
@@ -43,11 +44,13 @@ from corral.cni.config import (
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
 from corral.cni.ipam import IPAM, Allocated
+from corral.daemon import metrics
 from corral.node.context import NodeContext, NodeOptions, NodePaths
 
 # stdin plus the environment; anything longer is refused before it is parsed
 MAX_REQUEST = MAX_STDIN + 64 * 1024
 log = logging.getLogger(__name__)
+CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 READ_TIMEOUT = 60.0  # a shim sends its whole request at once; a silent peer is dropped
 DEFAULT_ROUTE = Route(ipaddress.IPv4Network("0.0.0.0/0"))
 
@@ -118,6 +121,8 @@ class CNIServer:
         self._server: asyncio.AbstractServer | None = None
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._conflist: str | None = None
+        self._sock_id: tuple[int, int] | None = None  # (dev, inode) of the socket we bound
+        self._unregister: Any = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -129,8 +134,22 @@ class CNIServer:
             native=self.ctx.options.cni_shim == "native",
         )
         self.plumber = Plumber(self.ctx.options.netns)
+        await self._bind()
+        self._sync_subnet()
+        self._unregister = metrics.register_collector(self._pool_metrics)
+
+    async def _bind(self) -> None:
+        """Serve the CNI socket (root-only), replacing a stale one a dead daemon left."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         sock_path = self.paths.cni_socket
-        if os.path.exists(sock_path):
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(sock_path).st_mode):
+                raise RuntimeError(
+                    f"cannot serve {sock_path}: something that is not a socket is in the way"
+                )
+        if os.path.lexists(sock_path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(sock_path)
@@ -146,22 +165,89 @@ class CNIServer:
         finally:
             os.umask(old)
         os.chmod(sock_path, 0o600)
-        self._sync_subnet()
+        st = os.stat(sock_path)
+        self._sock_id = (st.st_dev, st.st_ino)
         log.info("CNI daemon serving %s", sock_path)
 
+    def _socket_intact(self) -> bool:
+        """Is the socket path still the socket we serve (not removed or replaced)?"""
+        try:
+            st = os.stat(self.paths.cni_socket)
+        except OSError:
+            return False
+        return self._server is not None and (st.st_dev, st.st_ino) == self._sock_id
+
     async def run(self) -> None:
-        """Follow subnet.json: (re)write the conflist when the lease appears or changes."""
+        """Follow subnet.json: (re)write the conflist when the lease appears or changes.
+
+        Also watch the socket path: if something removed or replaced it, runtimes can
+        no longer reach us, so serve it again; if that fails (e.g. something else now
+        occupies the path) this raises and the supervisor retries, reporting the node
+        NotReady until it works.
+        """
         while True:
+            if not self._socket_intact():
+                log.warning("%s was removed or replaced; serving it again", self.paths.cni_socket)
+                self._sock_id = None
+                await self._bind()
             self._sync_subnet()
+            await self._load_pool()
             await asyncio.sleep(0.5)
 
+    async def _load_pool(self) -> None:
+        """Know the node pool's usage before the first ADD (for its metrics)."""
+        r = self.subnet.range
+        if r is None:
+            return
+        try:
+            await self.ipam.preload(r.pool)
+        except Exception as e:  # etcd away: the next pass (or ADD) reads it
+            log.debug("cannot read IPAM pool %s yet: %s", r.pool, e)
+
+    def ready(self) -> bool:
+        return self._socket_intact() and self.subnet.data is not None
+
+    def debug_state(self) -> dict[str, Any]:
+        return {
+            "socket": self.paths.cni_socket,
+            "socketIntact": self._socket_intact(),
+            "subnet": self.subnet.data,
+            "conflist": self._conflist,
+            "allocated": self.ipam.usage(),
+            "inFlight": len(self._locks),
+        }
+
+    def _pool_metrics(self) -> list[Any]:
+        """IPAM usage of this node's subnet pool, read at scrape time."""
+        r = self.subnet.range
+        if r is None:
+            return []
+        size = r.size() - sum(
+            r.start <= x <= r.end
+            for x in (r.gateway, r.subnet.network_address, r.subnet.broadcast_address)
+        )
+        used = self.ipam.usage().get(r.pool, 0)
+        out = []
+        for name, doc, value in (
+            (metrics.IPAM_ALLOCATED_NAME, "Addresses allocated in the node's IPAM pool", used),
+            (metrics.IPAM_SIZE_NAME, "Addresses the node's IPAM pool can hand out", size),
+        ):
+            fam = GaugeMetricFamily(name, doc, labels=["pool"])
+            fam.add_metric([r.pool], value)
+            out.append(fam)
+        return out
+
     async def stop(self) -> None:
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.paths.cni_socket)
+            if self._socket_intact():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.paths.cni_socket)
             self._server = None
         if self.plumber is not None:
             await self.plumber.drain()
@@ -212,6 +298,19 @@ class CNIServer:
 
     async def handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str, str]:
         """One CNI invocation: (exit code, stdout, stderr)."""
+        t0 = time.perf_counter()
+        rc, out, err = await self._handle(plugin, env, stdin)
+        verb = env.get("CNI_COMMAND", "")
+        verb = verb if verb in CNI_VERBS else "other"
+        code = "0"
+        if rc:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                code = str(json.loads(out).get("code", rc))
+        metrics.CNI_REQUESTS.labels(verb, code).inc()
+        metrics.CNI_REQUEST_SECONDS.labels(verb).observe(time.perf_counter() - t0)
+        return rc, out, err
+
+    async def _handle(self, plugin: str, env: dict[str, str], stdin: str) -> tuple[int, str, str]:
         version = "1.1.0"
         t0 = time.perf_counter()
         try:
@@ -544,8 +643,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _serve_forever(args: argparse.Namespace) -> int:
+    from corral.daemon.core import Daemon  # the one daemon skeleton
+
     store = Store(args.etcd)
-    await store.connect()
     paths = NodePaths(
         run_dir=args.run_dir,
         cni_conf_dir=args.conf_dir,
@@ -554,16 +654,9 @@ async def _serve_forever(args: argparse.Namespace) -> int:
     )
     options = NodeOptions(netns=args.netns or None, cni_shim=args.shim)
     ctx = NodeContext(node_name=args.node, store=store, paths=paths, options=options)
-    server = CNIServer(ctx)
-    await server.start()
-    task = asyncio.create_task(server.run())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await server.stop()
-    await store.close()
+    daemon = Daemon("cni", args.node, store, configure_logging=True)
+    daemon.add("cni", CNIServer(ctx))
+    await daemon.run()
     return 0
 
 
@@ -575,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return asyncio.run(_serve_forever(args))
-    except (Unavailable, ValueError) as e:
+    except ValueError as e:
         log.error("%s", e)
         return 1
 

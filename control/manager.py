@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import signal
-from collections.abc import Callable, Coroutine
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +15,7 @@ from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
 from corral.control.serviceips import ServiceIPController
 from corral.control.supervisor import Supervisor
+from corral.daemon.core import Daemon, Informers, Restartable
 
 log = logging.getLogger(__name__)
 
@@ -59,44 +58,35 @@ async def run_controllers(
         await sv.wait()
 
 
-async def serve(
-    store: Store, name: str, body: Callable[[Store], Coroutine[Any, Any, None]]
-) -> None:
-    """Connect to etcd and run `body(store)` until SIGTERM or SIGINT.
+def node_name() -> str:
+    """The node a control-plane daemon runs on, for its logs (CORRAL_NODE, else the hostname)."""
+    return os.environ.get("CORRAL_NODE") or os.uname().nodename
 
-    An unreachable etcd at start raises Unavailable (the user's mistake to
-    report); a failure later restarts `body` after a pause, since the informers
-    re-list and converge.
+
+async def serve(
+    store: Store,
+    name: str,
+    components: dict[str, Callable[[Store, InformerFactory], Any]],
+    http_addr: tuple[str, int] | None = None,
+    debug_socket: str | None = None,
+) -> None:
+    """Run a control-plane daemon on the skeleton until SIGTERM or SIGINT.
+
+    Each entry of `components` makes a fresh object with `run()` for every
+    (re)start, so a failed controller restarts alone while the others go on.
+    They share the process's informers (one watch per kind), which a restarted
+    controller re-reads from their caches.
     """
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await store.connect()
-        log.info("%s started (etcd %s)", name, store.url)
-        backoff = 1.0
-        while True:
-            started = loop.time()
-            try:
-                await body(store)
-                return
-            except Exception as e:  # a daemon outlives etcd outages
-                if loop.time() - started > 60:
-                    backoff = 1.0
-                log.error(
-                    "%s failed (%s: %s); restarting in %.0fs",
-                    name,
-                    type(e).__name__,
-                    e,
-                    backoff,
-                    exc_info=True,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-    except asyncio.CancelledError:
-        log.info("%s stopping", name)
-    finally:
-        with contextlib.suppress(Exception):
-            await store.close()
+    informers = InformerFactory(store)
+    d = Daemon(
+        name,
+        node_name(),
+        store,
+        http_addr=http_addr,
+        debug_socket=debug_socket,
+        configure_logging=True,
+    )
+    d.add("informers", Informers(informers))
+    for cname, make in components.items():
+        d.add(cname, Restartable(lambda make=make: make(store, informers)))
+    await d.run()

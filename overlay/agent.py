@@ -26,10 +26,10 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -52,6 +52,7 @@ from corral.api.store import (
     subnet_key,
 )
 from corral.api.tracker import ChangeTracker
+from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.node import netns
 from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
@@ -123,6 +124,7 @@ class OverlayAgent:
         self.lease: lease.Lease | None = None
         self.vtep_mac = ""
         self.reconciles = 0
+        self._unregister_metrics: Any = None
 
     # ------------------------------------------------------------ helpers
 
@@ -216,6 +218,7 @@ class OverlayAgent:
                 lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key),
             )
             self._monitor.start(await self._k(self.kernel.link_index, self.device))
+        self._unregister_metrics = metrics.register_collector(self._fastpath_metrics)
         log.info(
             "overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), %s",
             self.ctx.node_name,
@@ -537,10 +540,13 @@ class OverlayAgent:
             assert self.lease is not None and self.leaser is not None
             try:
                 if await self.leaser.renew(self.lease):
+                    metrics.LEASE_RENEWALS.labels("ok").inc()
                     continue
             except Exception as e:
+                metrics.LEASE_RENEWALS.labels("failed").inc()
                 log.warning("cannot renew the subnet lease (%s: %s); retrying", type(e).__name__, e)
                 continue
+            metrics.LEASE_RENEWALS.labels("lost").inc()
             log.warning(
                 "subnet lease for %s was lost (expired or deleted); re-acquiring", self.lease.subnet
             )
@@ -573,27 +579,74 @@ class OverlayAgent:
 
     async def _sync(self, full: bool) -> None:
         """Changed leases as they come; everything, against the kernel, when `full`."""
-        if not full:
-            await self._apply_changes()
-            return
+        t0 = time.perf_counter()
         try:
-            await self._resync_config()
-        except Exception as e:  # etcd away: the kernel pass needs no etcd
-            log.warning(
-                "cannot re-read the network config (%s: %s); keeping the current one",
-                type(e).__name__,
-                e,
-            )
-        await self._apply_host_settings()
-        await self.reconcile()
+            if not full:
+                await self._apply_changes()
+            else:
+                try:
+                    await self._resync_config()
+                except Exception as e:  # etcd away: the kernel pass needs no etcd
+                    log.warning(
+                        "cannot re-read the network config (%s: %s); keeping the current one",
+                        type(e).__name__,
+                        e,
+                    )
+                await self._apply_host_settings()
+                await self.reconcile()
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+        metrics.RECONCILE_SECONDS.labels("full" if full else "changes").observe(
+            time.perf_counter() - t0
+        )
 
     # ------------------------------------------------------------ stop
+
+    def _fastpath_metrics(self) -> list[Any]:
+        """The fast path's packet counters (BPF map, summed over CPUs), read at scrape time."""
+        fp = self.fastpath
+        if fp is None:
+            return []
+        return [
+            metrics.counter_family(
+                "corral_fastpath_packets",
+                "Packets the eBPF fast path handled since it was loaded, by counter",
+                "counter",
+                fp.stats(),
+            )
+        ]
+
+    def ready(self) -> bool:
+        return self.lease is not None and self.reconciles > 0
+
+    def debug_state(self) -> dict[str, Any]:
+        fp = self.fastpath
+        return {
+            "subnet": self.lease.subnet if self.lease else None,
+            "underlay": {"iface": self.underlay.iface, "ip": self.underlay.ip}
+            if self.underlay
+            else None,
+            "device": self.device,
+            "vtepMAC": self.vtep_mac,
+            "peers": {
+                key: {"node": r.node_name, "publicIP": str(r.public_ip), "vtepMAC": r.vtep_mac}
+                for key, r in sorted(self.leases.items())
+            },
+            "datapath": "bpf" if fp is not None else "kernel",
+            "datapathWhy": None if fp is not None else self._datapath_why,
+            "fastpathPods": fp.pod_count if fp is not None else 0,
+            "reconciles": self.reconciles,
+        }
 
     async def stop(self) -> None:
         """Leave kernel state and the lease as they are: a restart picks both up."""
         if self._leases_reg is not None:
             self._leases_reg.remove()
             self._leases_reg = None
+        if self._unregister_metrics is not None:
+            self._unregister_metrics()
+            self._unregister_metrics = None
         if self._monitor is not None:
             self._monitor.stop()
         if self.fastpath is not None:  # the attached programs keep working until replaced
@@ -633,7 +686,6 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _amain(args: argparse.Namespace) -> int:
     store = Store(args.etcd)
-    await store.connect()
     ctx = NodeContext(
         node_name=args.node,
         store=store,
@@ -647,29 +699,12 @@ async def _amain(args: argparse.Namespace) -> int:
             datapath=args.datapath,
         ),
     )
-    agent = OverlayAgent(ctx)
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    stopping: list[int] = []
+    from corral.daemon.core import Daemon, Informers  # the one daemon skeleton
 
-    def on_signal(sig: int) -> None:
-        stopping.append(sig)
-        main.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        await agent.start()
-        await agent.run()
-    except asyncio.CancelledError:
-        if not stopping:
-            raise
-        log.info("stopping on signal %d; kernel state and lease stay", stopping[0])
-    finally:
-        await agent.stop()
-        await ctx.informers.stop()
-        await store.close()
+    daemon = Daemon("overlay", args.node, store, configure_logging=True)
+    daemon.add("informers", Informers(ctx.informers))
+    daemon.add("overlay", OverlayAgent(ctx))
+    await daemon.run()  # stops on SIGTERM/SIGINT; kernel state and lease stay
     return 0
 
 

@@ -36,6 +36,7 @@ from corral.api.objects import (
 from corral.api.objects import ContainerStatus as CStatus
 from corral.api.store import Conflict, NotFound, now_iso
 from corral.cni.client import CNIClient, CNIError, RuntimeConf, load_conflist, pod_args, result_ips
+from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import NodeContext
 from corral.overlay import config as netconfig
@@ -674,6 +675,9 @@ class PodWorker:
             if k in st
         ]
         parts = [f"{b} {(st[b] - st[a]) * 1000:.0f}" for a, b in itertools.pairwise(order)]
+        metrics.POD_START_SECONDS.observe(st["write"] - st["seen"])
+        for a, b in itertools.pairwise(order):
+            metrics.POD_START_STAGE_SECONDS.labels(b).observe(st[b] - st[a])
         log.info(
             "pod %s/%s: Ready written %.0f ms after the runtime saw it (ms: %s)",
             self.saved.namespace,
@@ -809,6 +813,22 @@ class PodRuntime:
 
     def _mine(self, p: Pod) -> bool:
         return p.spec.node_name == self.ctx.node_name
+
+    def debug_state(self) -> dict[str, Any]:
+        """For the debug socket: the pods this node runs, and how far each got."""
+        return {
+            "pods": {
+                f"{w.saved.namespace}/{w.saved.name}": {
+                    "uid": uid,
+                    "sandbox": w.saved.sandbox_id,
+                    "adopted": w.adopted,
+                    "terminating": w.terminating,
+                    "gone": w.gone,
+                }
+                for uid, w in sorted(self.workers.items())
+            },
+            "finished": len(self.finished),
+        }
 
     def _handle(self, pod: Pod) -> None:
         uid = pod.metadata.uid or ""

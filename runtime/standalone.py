@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 
-from corral.api.store import Store, Unavailable
+from corral.api.store import Store
+from corral.daemon.core import Daemon, Informers
 from corral.node.context import NodeContext, NodeOptions, NodePaths
 from corral.runtime.pods import PodRuntime
 
@@ -37,18 +37,29 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+class _Runtime:
+    """PodRuntime as a daemon component that can stop its pods on the way out."""
+
+    def __init__(self, rt: PodRuntime, stop_pods: bool) -> None:
+        self.rt, self.stop_pods = rt, stop_pods
+
+    async def start(self) -> None:
+        await self.rt.start()
+
+    async def run(self) -> None:
+        await self.rt.run()
+
+    async def stop(self) -> None:
+        if self.stop_pods:
+            await self.rt.stop_all_pods()
+        await self.rt.stop()
+
+    def debug_state(self) -> dict:
+        return self.rt.debug_state()
+
+
 async def main(args: argparse.Namespace) -> int:
     store = Store(args.etcd)
-    delay = 0.05
-    while True:  # etcd (or the way to it) may come up after us
-        try:
-            await store.connect()
-            break
-        except Unavailable as e:
-            if delay > 2:
-                logging.getLogger("corral.runtime").warning("waiting for etcd: %s", e)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
     paths = NodePaths(
         run_dir=args.run_dir,
         cni_conf_dir=args.cni_conf_dir,
@@ -64,36 +75,17 @@ async def main(args: argparse.Namespace) -> int:
         underlay_ip=args.host_ip,
         options=NodeOptions(restart_backoff=args.restart_backoff),
     )
-    rt = PodRuntime(ctx)
-    await rt.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    stop_pods = args.stop_pods_on_exit
-    for s in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(s, stop.set)
+    comp = _Runtime(PodRuntime(ctx), args.stop_pods_on_exit)
+    daemon = Daemon("runtime", args.node, store, configure_logging=True)
+    daemon.add("informers", Informers(ctx.informers))
+    daemon.add("pods", comp)
 
     def stop_with_pods() -> None:
-        nonlocal stop_pods
-        stop_pods = True
-        stop.set()
+        comp.stop_pods = True
+        daemon.request_stop()
 
-    loop.add_signal_handler(signal.SIGUSR1, stop_with_pods)
-    task = asyncio.create_task(rt.run())
-    waiter = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done() and task.exception() is not None:
-        logging.getLogger("corral.runtime").error("runtime failed", exc_info=task.exception())
-        await ctx.informers.stop()
-        await store.close()
-        return 1
-    if stop_pods:
-        await rt.stop_all_pods()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await rt.stop()
-    await ctx.informers.stop()
-    await store.close()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stop_with_pods)
+    await daemon.run()  # SIGTERM/SIGINT: stop, leaving the pods running
     return 0
 
 

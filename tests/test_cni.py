@@ -571,3 +571,23 @@ async def test_del_of_the_last_pod_in_a_range_removes_its_gateway(cni_node: CNIN
     rc, out = node.plugin("corral-cni", "DEL", conf(), cid="own", pod="")
     assert rc == 0, out
     assert "10.244.1.1/24" in node.links()["cni0"]["addrs"]
+
+
+def test_socket_removed_or_replaced_is_served_again(cni_node: CNINode) -> None:
+    """What a user or a cleanup script can do to the socket path; the daemon recovers."""
+    os.unlink(cni_node.socket)
+    wait_until(cni_node._answers, 30, "the CNI socket served again after rm")
+    assert "was removed or replaced" in cni_node.log()
+
+    os.unlink(cni_node.socket)  # now something else takes the path: restarts fail ...
+    os.mkdir(cni_node.socket)
+    try:
+        wait_until(lambda: "is in the way" in cni_node.log(), 30, "the component to fail")
+        assert cni_node.proc is not None and cni_node.proc.poll() is None  # ... daemon lives
+    finally:
+        os.rmdir(cni_node.socket)
+    wait_until(cni_node._answers, 60, "the CNI socket served again once the path was free")
+    pod = cni_node.pod()
+    rc, res = cni_node.libcni("add", "ctr-sock", pod)
+    assert rc == 0, (res, cni_node.log())
+    assert cni_node.libcni("del", "ctr-sock", pod)[0] == 0

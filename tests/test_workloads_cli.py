@@ -217,6 +217,11 @@ def test_describe_explains_state(corral, etcd_url) -> None:  # type: ignore[no-u
 # ---------------------------------------------------------------- the daemons
 
 
+def _daemon_flags(tmp_path: Any, name: str) -> list[str]:
+    """Keep test daemons off the host's /run/corral and fixed ports (others run in parallel)."""
+    return ["--metrics-addr", "off", "--debug-socket", str(tmp_path / f"{name}-debug.sock")]
+
+
 def _start(argv: list[str], log: str) -> subprocess.Popen:
     with open(log, "wb") as f:
         return subprocess.Popen(
@@ -244,9 +249,15 @@ def test_scheduler_and_controllers_daemons(corral, etcd_url, tmp_path) -> None: 
 
     on_store(etcd_url, nodes)
     procs = [
-        _start(["scheduler", "--etcd", etcd_url, "--seed", "1"], str(tmp_path / "s.log")),
         _start(
-            ["controllers", "--etcd", etcd_url, "--node-monitor-grace", "600"],
+            ["scheduler", "--etcd", etcd_url, "--seed", "1", *_daemon_flags(tmp_path, "s")],
+            str(tmp_path / "s.log"),
+        ),
+        _start(
+            [
+                *("controllers", "--etcd", etcd_url, "--node-monitor-grace", "600"),
+                *_daemon_flags(tmp_path, "c"),
+            ],
             str(tmp_path / "c.log"),
         ),
     ]
