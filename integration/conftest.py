@@ -23,6 +23,7 @@ test creates (pods, services) so the next test starts from an idle cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -123,9 +124,11 @@ class LocalCluster:
             return ""
 
 
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
-    """A 3-node `corral up` cluster for the whole session, torn down at the end."""
+@contextlib.contextmanager
+def local_cluster(nodes: int = NODES, *up_args: str) -> Iterator[LocalCluster]:
+    """A `corral up --nodes N UP_ARGS...` cluster of its own, removed on exit (also on
+    failure). The session's `cluster` is one; modules that need another shape (e.g.
+    `--etcd-members 3`) open their own with a module-scoped fixture."""
     if os.geteuid() != 0:
         pytest.skip("whole-cluster tests need root")
     root = tempfile.mkdtemp(prefix="corral-it-")
@@ -150,11 +153,12 @@ def cluster() -> Iterator[LocalCluster]:
             "--name",
             name,
             "--nodes",
-            str(NODES),
+            str(nodes),
             "--underlay-cidr",
             local.unused_underlay_cidr(),
             "--wait",
             wait,
+            *up_args,
         )
         if r.returncode != 0:
             pytest.fail(f"corral up failed:\n{r.stderr}{r.stdout}", pytrace=False)
@@ -175,3 +179,10 @@ def cluster() -> Iterator[LocalCluster]:
     finally:  # in-process: works even if the CLI is broken
         local.down(name, os.path.join(root, name), progress=lambda _: None)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """A 3-node `corral up` cluster for the whole session, torn down at the end."""
+    with local_cluster(NODES) as c:
+        yield c
