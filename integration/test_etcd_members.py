@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +16,8 @@ from cluster_helpers import pods_of, wait_for
 from conftest import LocalCluster, local_cluster
 
 from corral.api.objects import Node
+from corral.runtime.containers import nsenter_argv
+from corral.runtime.pods import ANN_CONTAINERS
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +126,9 @@ async def test_quorum_lost_stops_changes_cleanly_and_traffic_flows(ha: LocalClus
     wait_for(lambda: len(running_ips(ha, "talk")) == 2, "2 talk pods Running")
     pods = pods_of(ha, "talk")
     assert {p["spec"]["nodeName"] for p in pods} == set(ha.nodes), "one pod per node"
-    a, b = pods[0]["metadata"]["name"], pods[1]["status"]["podIP"]
+    b = pods[1]["status"]["podIP"]
+    (entry,) = json.loads(pods[0]["metadata"]["annotations"][ANN_CONTAINERS]).values()
+    pid_a = int(entry["pid"])
     before = await allocations(ha)
 
     frozen = members(ha)[:2]
@@ -135,8 +140,14 @@ async def test_quorum_lost_stops_changes_cleanly_and_traffic_flows(ha: LocalClus
         assert res["rc"] != 0, res
         assert json.loads(res["out"])["code"] == 11, res
         assert not res["veth"], "ADD left a veth behind"
-        # Pods already running keep talking across nodes.
-        r = ha.corral("exec", a, "--", "ping", "-c", "3", "-W", "5", b, timeout=60)
+        # Pods already running keep talking across nodes (entered by PID: `corral exec`
+        # itself needs etcd to find the pod).
+        r = subprocess.run(
+            nsenter_argv(pid_a, ["ping", "-c", "3", "-W", "5", b]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         r = ha.corral("status", timeout=120)
         assert r.returncode != 0 and "DOWN" in r.stdout
