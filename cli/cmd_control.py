@@ -9,7 +9,7 @@ from typing import Any
 from corral.cli.common import CLIError, new_store
 from corral.control.manager import CONTROLLERS, ControllerOptions, serve
 from corral.control.scheduler import Scheduler
-from corral.daemon import options
+from corral.daemon import options, privileges
 
 
 def _positive(text: str) -> float:
@@ -102,4 +102,5 @@ def _serve(args: argparse.Namespace, name: str, comps: dict[str, Any]) -> None:
         raise CLIError(f"--metrics-addr {e}") from None
     debug = options.debug_socket(args, f"/run/corral/{name}-debug.sock")
     store = new_store(args)
+    privileges.apply(name)  # before any thread exists: they inherit what we keep
     asyncio.run(serve(store, name, comps, http_addr=addr, debug_socket=debug))

@@ -10,6 +10,7 @@ must report it, and once the directory is gone the node recovers by itself.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import urllib.error
 import urllib.request
@@ -122,3 +123,29 @@ def test_node_with_broken_cni_socket_turns_not_ready_and_back(cluster) -> None: 
     code, _ = _get(f"http://{cluster.ips[node]}:{daemons.PORTS['node']}/healthz")
     assert code == 200
     assert "CNI daemon serving" in cluster.log("node", node).rsplit("removed or replaced", 1)[-1]
+
+
+def _caps(pid: int) -> dict[str, int]:
+    """CapEff/CapPrm/CapBnd/NoNewPrivs of every thread of `pid`, or-ed together."""
+    out: dict[str, int] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+                    out[key] = out.get(key, 0) | int(value.split()[0], 16)
+                elif key == "NoNewPrivs":
+                    out[key] = int(value.split()[0])
+    return out
+
+
+def test_control_plane_daemons_run_without_capabilities(cluster) -> None:  # type: ignore[no-untyped-def]
+    by_role = {r.role.removeprefix("daemon:"): r for r in cluster.state().daemons}
+    for name in ("scheduler", "controllers"):
+        caps = _caps(by_role[name].pid)  # nsenter execs: the record is the daemon
+        assert caps["CapEff"] == caps["CapPrm"] == caps["CapBnd"] == caps["CapAmb"] == 0, (
+            name,
+            caps,
+        )
+        assert caps["NoNewPrivs"] == 1, (name, caps)
+    assert _caps(by_role["node"].pid)["CapEff"] != 0  # the node agent needs them

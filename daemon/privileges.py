@@ -1,0 +1,103 @@
+"""Least privilege: a daemon keeps only the capabilities it uses.
+
+`drop_to(keep)` shrinks the bounding set, then sets the permitted, effective and
+inheritable sets to `keep` and clears the ambient set, and sets no_new_privs, so
+neither the daemon nor anything it executes can regain what it gave up. Call it
+first thing, before any thread exists: capabilities are per thread, and threads
+made later (gRPC's, executors') inherit the set of the thread that made them.
+
+What each daemon keeps (README lists the same):
+
+    scheduler, controllers   nothing: they only talk to etcd over TCP
+    node                     everything: it makes sandboxes (namespaces, mounts,
+                             cgroups), programs netlink, iptables and BPF, and
+                             must be able to grant a privileged pod all of it
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+# linux/capability.h, in order (bit number = index).
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+    "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
+    "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
+    "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
+    "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+KEEP: dict[str, frozenset[str] | None] = {
+    "scheduler": frozenset(),
+    "controllers": frozenset(),
+    "node": None,  # None: keep all
+}
+
+PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_VERSION_3 = 0x20080522
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def mask(names: frozenset[str] | set[str]) -> int:
+    unknown = set(names) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"unknown capabilities: {', '.join(sorted(unknown))}")
+    return sum(1 << CAPABILITIES.index(n) for n in names)
+
+
+def drop_to(keep: frozenset[str] | set[str]) -> None:
+    """Keep only `keep` (names without CAP_), in every set, for good."""
+    want = mask(keep)
+    for bit in range(len(CAPABILITIES)):
+        if not want & (1 << bit) and _libc.prctl(PR_CAPBSET_READ, bit, 0, 0, 0) == 1:
+            _check(_libc.prctl(PR_CAPBSET_DROP, bit, 0, 0, 0), f"dropping CAP_{CAPABILITIES[bit]}")
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # absent on old kernels
+    data = (_Data * 2)()
+    for i in range(2):
+        part = (want >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = data[i].inheritable = part
+    header = _Header(_VERSION_3, 0)
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")
+
+
+def apply(daemon: str) -> None:
+    """The least-privilege set of `daemon` (see KEEP); no-op unless running as root."""
+    keep = KEEP.get(daemon)
+    if keep is None or os.geteuid() != 0:
+        return
+    drop_to(keep)
+
+
+def effective() -> int:
+    """This process's effective capability mask (from /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
