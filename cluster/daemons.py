@@ -55,7 +55,7 @@ class Daemon:
 NODE_DAEMONS: list[Daemon] = [
     Daemon(
         "node",
-        ("node", "--name", "{node}", "--state-dir", "{node_state}"),
+        ("node", "--name", "{node}", "--state-dir", "{node_state}", "--underlay-iface", "eth0"),
         "corral.cli.cmd_node",
         PORTS["node"],
     ),

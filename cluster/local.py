@@ -273,7 +273,7 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     _ensure_etcd(s, say)
 
     for n in s.nodes:
-        underlay.ensure_node_link(s.underlay_netns, n.netns, n.index, n.ip, s.prefixlen, s.host_ip)
+        underlay.ensure_node_link(s.underlay_netns, n.netns, n.index, n.ip, s.prefixlen)
         nodes.prepare_dirs(s, n)
         if n.holder is None or not n.holder.alive() or not nodes.holder_in_netns(n.holder, n.netns):
             # Processes left from an old holder see stale mounts or an old

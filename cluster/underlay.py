@@ -2,7 +2,7 @@
 
     host ns:      <name>-ul  (host_ip/prefix)  --veth-->  underlay ns: "host"
     underlay ns:  br0  <- host, n1, n2, ...
-    node ns i:    eth0 (node ip/prefix, default via host_ip)  --veth-->  underlay ns: n<i>
+    node ns i:    eth0 (node ip/prefix; default route unreachable)  --veth-->  underlay ns: n<i>
 
 Every function converges: it creates what is missing and leaves what exists.
 All calls are blocking netlink (pyroute2); the CLI runs them directly.
@@ -31,6 +31,7 @@ def _nl_errors() -> type[Exception]:
     return NetlinkError
 
 
+RTN_UNREACHABLE = 7
 BRIDGE = "br0"
 HOST_PEER = "host"
 NODE_IF = "eth0"
@@ -109,9 +110,15 @@ def ensure_host_link(underlay_ns: str, veth: str, host_ip: str, prefixlen: int) 
 
 
 def ensure_node_link(
-    underlay_ns: str, node_ns: str, index: int, ip: str, prefixlen: int, gateway: str
+    underlay_ns: str,
+    node_ns: str,
+    index: int,
+    ip: str,
+    prefixlen: int,
+    default_via: str | None = None,
 ) -> None:
-    """Node namespace with lo up and eth0 on the underlay, default route via the host."""
+    """Node namespace with lo up and eth0 on the underlay. Its default route is
+    unreachable, unless `default_via` names a router (a test's switch)."""
     netns.add(node_ns)
     peer = f"n{index}"
     with netns.ipr(node_ns) as nipr:
@@ -128,13 +135,16 @@ def ensure_node_link(
         idx = _link(nipr, NODE_IF)
         _ensure_addr(nipr, idx, ip, prefixlen)
         nipr.link("set", index=idx, state="up")
-        if not [
-            r
-            for r in nipr.get_routes(family=2, dst_len=0, table=254)
-            if r.get_attr("RTA_GATEWAY") == gateway
-        ]:
-            with contextlib.suppress(_nl_errors()):
-                nipr.route("replace", dst="0.0.0.0/0", gateway=gateway)
+        # No way out: the default route is unreachable, so nothing a node or pod
+        # sends leaves the underlay (the host's ip_forward does not matter), and a
+        # pod trying the internet fails at once ("no route to host").
+        routes = nipr.get_routes(family=2, dst_len=0, table=254)
+        with contextlib.suppress(_nl_errors()):
+            if default_via is not None:
+                if not [r for r in routes if r.get_attr("RTA_GATEWAY") == default_via]:
+                    nipr.route("replace", dst="0.0.0.0/0", gateway=default_via)
+            elif [r["type"] for r in routes] != [RTN_UNREACHABLE]:
+                nipr.route("replace", dst="0.0.0.0/0", type="unreachable")
     with netns.ipr(underlay_ns) as uipr:
         _attach(uipr, peer)
 

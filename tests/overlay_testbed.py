@@ -133,7 +133,7 @@ class Testbed:
         ns = f"ovn{i}-{self.sfx}"
         self._namespaces.append(ns)
         ip = str(UNDERLAY.network_address + i)
-        underlay.ensure_node_link(self.switch, ns, i, ip, 24, SWITCH_IP)
+        underlay.ensure_node_link(self.switch, ns, i, ip, 24, default_via=SWITCH_IP)
         base = os.path.join(self.tmp, f"node-{i}")
         node = SimNode(
             i,

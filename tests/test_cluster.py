@@ -154,6 +154,16 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
         h = _node_run(corral, cluster_name, "1", *args)
         assert h.returncode != 0 and "health" not in h.stdout, (url, h.stdout)
 
+    # Nothing leaves the underlay, whatever the host's ip_forward: a node has no way
+    # out (asked of the routing table only: no packet is sent), so neither other
+    # clusters' nodes nor the world are reachable from a node or its pods.
+    for n in s.nodes:
+        r = _node_run(corral, cluster_name, n.name, "ip", "-4", "route", "show", "default")
+        assert r.stdout.split()[:2] == ["unreachable", "default"], r.stdout
+        for far in ("198.51.100.7", "10.251.250.1"):
+            r = _node_run(corral, cluster_name, n.name, "ip", "route", "get", far)
+            assert r.returncode != 0 and "no route to host" in r.stderr.lower(), (far, r.stderr)
+
     # node-exec lands in the node's own mounts: its eth0 and its CNI plugins.
     p = _node_run(corral, cluster_name, "2", "sh", "-c", "ip -o -4 addr show eth0; ls /opt/cni/bin")
     assert s.nodes[1].ip in p.stdout and "host-local" in p.stdout, p.stdout + p.stderr
