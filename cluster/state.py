@@ -8,7 +8,8 @@ Layout under the state dir (default /var/lib/corral/<name>, root overridable
 with $CORRAL_STATE_DIR):
 
     state.json            this record
-    etcd/                 the local etcd's data
+    pki/                  the local etcd's CA and certificates (cluster/pki.py)
+    etcd/, etcd-<i>/      the local etcd's data, per member
     logs/                 etcd.log, holder-<node>.log, <daemon>-<node>.log
     nodes/<node>/         run/, cni-conf/, cni-bin/, cni-cache/, netns/:
                           bind-mounted over the node's /run/corral, /etc/cni/net.d,
