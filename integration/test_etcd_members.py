@@ -151,6 +151,12 @@ async def test_quorum_lost_stops_changes_cleanly_and_traffic_flows(ha: LocalClus
         assert r.returncode == 0, r.stdout + r.stderr
         r = ha.corral("status", timeout=120)
         assert r.returncode != 0 and "DOWN" in r.stdout
+        # The daemons say they are cut off (their etcd probe fails), none claims ok.
+        wait_for(
+            lambda: "node=UNHEALTHY" in ha.corral("status", timeout=120).stdout,
+            "the node daemons to report unhealthy",
+            timeout=90,
+        )
     finally:
         for pid in frozen:
             os.kill(pid, signal.SIGCONT)
