@@ -814,6 +814,10 @@ class PodRuntime:
     def _mine(self, p: Pod) -> bool:
         return p.spec.node_name == self.ctx.node_name
 
+    def ready(self) -> bool:
+        """For /readyz: the pods are known and the node's leftovers adopted or removed."""
+        return self.pods.has_synced and self._adopting_done.is_set()
+
     def debug_state(self) -> dict[str, Any]:
         """For the debug socket: the pods this node runs, and how far each got."""
         return {
