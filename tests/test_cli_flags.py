@@ -4,7 +4,6 @@ for every list query and the bare object for one NAME; flags go anywhere before
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -14,34 +13,16 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import on_store
 from control_helpers import make_pod
 
 from corral.api.objects import Pod, Service
 from corral.api.store import Store
 from corral.cli.main import build_parser, main, parse
-from corral.cluster.etcd import LocalEtcd
 from corral.node.procs import start_time
 from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
 
 NS = "shop"
-
-
-def on_store(url: str, fn: Callable[[Store], Any]) -> Any:
-    async def go() -> Any:
-        async with Store(url) as s:
-            return await fn(s)
-
-    return asyncio.run(go())
-
-
-@pytest.fixture
-def etcd_url(etcd: LocalEtcd) -> Iterator[str]:
-    async def wipe(s: Store) -> None:
-        await s.delete_prefix_raw("/corral/")
-
-    on_store(etcd.url, wipe)
-    yield etcd.url
-    on_store(etcd.url, wipe)
 
 
 @pytest.fixture

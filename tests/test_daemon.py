@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import stat
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import running_etcd
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.objects import Node
@@ -183,19 +182,8 @@ async def test_readyz_waits_for_component_readiness(etcd: LocalEtcd, tmp_path) -
 @pytest.fixture
 def own_etcd() -> Iterator[LocalEtcd]:
     """An etcd of this test's own, so freezing it leaves the shared one alone."""
-    tmp = tempfile.mkdtemp(prefix="corral-test-etcd-freeze-")
-    server = LocalEtcd(
-        data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"), name="freeze"
-    )
-    server.start()
-    try:
+    with running_etcd("etcd-freeze", name="freeze") as server:
         yield server
-    finally:
-        if server.record is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server.record.pid, signal.SIGCONT)
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def test_healthz_follows_a_frozen_etcd(own_etcd: LocalEtcd, tmp_path) -> None:  # type: ignore[no-untyped-def]

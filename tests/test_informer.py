@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import shutil
-import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import running_etcd
 
 from corral.api.informer import (
     BY_NAMESPACE,
@@ -322,14 +320,8 @@ async def test_controllers_process_opens_one_watch_per_kind(store: Store) -> Non
 @pytest.fixture
 def private_etcd() -> Iterator[LocalEtcd]:
     """An etcd of this test's own (it is stopped and restarted)."""
-    tmp = tempfile.mkdtemp(prefix="corral-test-informer-etcd-")
-    server = LocalEtcd(data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"))
-    server.start()
-    try:
+    with running_etcd("informer-etcd") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def test_informer_rides_out_an_etcd_restart(private_etcd: LocalEtcd) -> None:

@@ -3,42 +3,23 @@ daemons, driven as a user would, against a real etcd."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import on_store
 from control_helpers import make_node, make_pod, set_pod_running
 
 from corral.api.objects import Endpoints, Node, Pod, ReplicationController, Service
 from corral.api.store import Store
 from corral.cli.main import main
-from corral.cluster.etcd import LocalEtcd
 from corral.control.conditions import set_pod_condition
-
-
-def on_store(url: str, fn: Callable[[Store], Any]) -> Any:
-    async def go() -> Any:
-        async with Store(url) as s:
-            return await fn(s)
-
-    return asyncio.run(go())
-
-
-@pytest.fixture
-def etcd_url(etcd: LocalEtcd) -> Iterator[str]:
-    async def wipe(s: Store) -> None:
-        await s.delete_prefix_raw("/corral/")
-
-    on_store(etcd.url, wipe)
-    yield etcd.url
-    on_store(etcd.url, wipe)
 
 
 @pytest.fixture
