@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
 from corral.cluster import nodes
 from corral.cluster.state import ClusterState, NodeState
 from corral.daemon.options import PORTS
-from corral.node.procs import ProcRecord
+from corral.node.procs import ProcRecord, spawn
 
 
 @dataclass(frozen=True)
@@ -108,15 +107,7 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
     log = os.path.join(state.logs_dir, f"{d.name}-{node.name}.log")
     env = dict(os.environ, CORRAL_CLUSTER=state.name, CORRAL_NODE=node.name, PYTHONUNBUFFERED="1")
     env.pop("CORRAL_ETCD", None)
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            nodes.exec_argv(node.holder.pid, argv, cwd="/"),
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
+    proc = spawn(nodes.exec_argv(node.holder.pid, argv, cwd="/"), log, env)
     return ProcRecord.of(proc.pid, role(d), node=node.name, log=log)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from corral.api.store import TLSFiles
 from corral.cluster.pki import Paths
-from corral.node.procs import ProcRecord, stop
+from corral.node.procs import ProcRecord, spawn, stop
 
 ETCD_BINARY = "etcd"
 
@@ -142,17 +142,7 @@ class LocalEtcd:
             *self._tls_args(),
         ]
         self.log_path = self.log_path or os.path.join(self.data_dir, "..", f"{self.name}-etcd.log")
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            proc = subprocess.Popen(
-                args,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            logf.close()
+        proc = spawn(args, self.log_path)
         self.record = ProcRecord.of(proc.pid, "etcd", log=self.log_path)
         return proc
 

@@ -33,7 +33,7 @@ from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
 from corral.cluster.state import ClusterState, EtcdMember, NodeState
 from corral.node import netns
-from corral.node.procs import ProcRecord, start_time, stop
+from corral.node.procs import ProcRecord, spawn, start_time, stop
 
 DEFAULT_NODES = 3
 MAX_NODES = 50
@@ -450,14 +450,7 @@ def _ensure_relay(s: ClusterState, say: Progress) -> None:
         argv += ["--netns", ns]
     for t in targets:
         argv += ["--target", t]
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn(argv, log)
     s.relay = ProcRecord.of(proc.pid, role, log=log)
     s.save()
     host, _, port = targets[0].rpartition(":")

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 
@@ -22,7 +21,7 @@ from corral.api.objects import Node, NodeAddress, NodeCondition, NodeStatus, Obj
 from corral.api.store import AlreadyExists, Store, now_iso
 from corral.cluster.state import ClusterState, NodeState
 from corral.node import netns
-from corral.node.procs import ProcRecord, start_time
+from corral.node.procs import ProcRecord, spawn, start_time
 
 # node path -> directory under <state>/nodes/<node>/
 NODE_MOUNTS: list[tuple[str, str]] = [
@@ -78,14 +77,7 @@ def start_holder(state: ClusterState, node: NodeState, timeout: float = 20.0) ->
         "corral-holder",
         *pairs,
     ]
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn(argv, log)
     rec = ProcRecord.of(proc.pid, "holder", node=node.name, log=log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

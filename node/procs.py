@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 
@@ -54,6 +55,19 @@ class ProcRecord:
     @classmethod
     def from_dict(cls, d: dict) -> ProcRecord:
         return cls(**d)
+
+
+def spawn(argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a detached background process (own session, no stdin) logging to `log`."""
+    with open(log, "ab") as logf:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
 
 
 def stop(rec: ProcRecord, grace: float = 5.0) -> bool:
