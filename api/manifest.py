@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import yaml
@@ -95,6 +96,11 @@ def parse_object(doc: Any, source: str = "manifest") -> TypedObject:
     return obj
 
 
+# etcd refuses requests over 1.5 MiB (its --max-request-bytes default); Kubernetes
+# keeps objects under the same bound.
+MAX_OBJECT_BYTES = 1024 * 1024
+
+
 def load_manifests(text: str, source: str = "manifest") -> list[TypedObject]:
     """Every object in a YAML or JSON stream (`---`-separated; `kind: List` expanded)."""
     try:
@@ -114,6 +120,14 @@ def load_manifests(text: str, source: str = "manifest") -> list[TypedObject]:
             objs.append(parse_object(doc, label))
     if not objs:
         raise ManifestError(f"{source}: no objects found")
+    for obj in objs:
+        size = len(json.dumps(obj.dump(), separators=(",", ":")))
+        if size > MAX_OBJECT_BYTES:
+            raise ManifestError(
+                f"{source}: {obj.KIND} {obj.name!r} is {size} bytes; an object may be at most "
+                f"{MAX_OBJECT_BYTES // 1024} KiB (etcd refuses larger requests): move bulk "
+                "data out of it"
+            )
     return objs
 
 
@@ -128,4 +142,9 @@ def load_file(path: str) -> list[TypedObject]:
                 text = f.read()
     except OSError as e:
         raise ManifestError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "manifests are YAML or JSON in UTF-8"
+        ) from None
     return load_manifests(text, source=path)

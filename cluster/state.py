@@ -225,10 +225,15 @@ class ClusterState:
         )
 
     def save(self) -> None:
-        """Atomic write: a crash leaves the old file or the new one, never half of one."""
-        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        """Atomic write: a crash leaves the old file or the new one, never half of one.
+
+        The state dir is 0700 and the file 0600: it names every process, port and
+        certificate of the cluster, which nobody but its owner needs to see.
+        """
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.flush()
             os.fsync(f.fileno())

@@ -154,6 +154,10 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
         h = _node_run(corral, cluster_name, "1", *args)
         assert h.returncode != 0 and "health" not in h.stdout, (url, h.stdout)
 
+    # The state (processes, ports, certificates) is its owner's only.
+    assert os.stat(s.state_dir).st_mode & 0o777 == 0o700
+    assert os.stat(s.path).st_mode & 0o777 == 0o600
+
     # Nothing leaves the underlay, whatever the host's ip_forward: a node has no way
     # out (asked of the routing table only: no packet is sent), so neither other
     # clusters' nodes nor the world are reachable from a node or its pods.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +378,22 @@ def test_resolve_kind_accepts_kubectl_words() -> None:
     assert resolve_kind("ep") is Endpoints
     with pytest.raises(ValueError, match="known types"):
         resolve_kind("widgets")
+
+
+def test_a_file_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
+    from corral.api.manifest import load_file
+
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"apiVersion: v1\nkind: Pod\nmetadata: {name: caf\xe9}\n")
+    with pytest.raises(ManifestError, match=r"not UTF-8 text \(byte 0xe9 at offset 45\)"):
+        load_file(str(p))
+
+
+def test_an_object_too_large_for_etcd_is_refused_before_anything_is_sent() -> None:
+    big = "y" * (1024 * 1024)
+    text = (
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: big, annotations: {x: " + big + "}}\n"
+        "spec: {containers: [{name: c, command: [sleep, '1']}]}\n"
+    )
+    with pytest.raises(ManifestError, match=r"Pod 'big' is \d+ bytes; an object may be at most"):
+        load_manifests(text)
