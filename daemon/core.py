@@ -300,6 +300,8 @@ class Daemon:
         while True:
             await asyncio.sleep(t.etcd_probe_interval)
             if pending is None or pending.done():
+                if pending is not None and not pending.cancelled():
+                    pending.exception()  # a probe that answered late: consumed, not news
                 pending = asyncio.create_task(self._probe_once())
             done, _ = await asyncio.wait({pending}, timeout=t.etcd_probe_timeout)
             was_ok = self.etcd.ok
