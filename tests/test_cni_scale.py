@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+from typing import Any
 
 import cni_helpers
 from cni_helpers import CNINode, wait_until
+from conftest import running_etcd
 
 from corral.api.store import Store
 from corral.cni.bridge import host_veth_name
@@ -153,3 +156,60 @@ async def test_two_nodes_sharing_a_range_never_share_an_ip(
         assert len(kvs) == 40
     finally:
         other.cleanup()
+
+
+async def test_adds_while_etcd_drops_out_complete_or_leave_nothing(libcni_client: str) -> None:
+    """Sequential ADDs while etcd is frozen, then stopped and restarted under the daemon
+    (its calls time out or are refused, its watches reconnect): each ADD either
+    succeeds whole, or fails with 11 and leaves no address, no owner record and no
+    interface."""
+    with running_etcd("cni-faults") as own:
+        node = CNINode(own.url, libcni_client)
+        try:
+            node.write_subnet()
+            node.start()
+            stop = asyncio.Event()
+
+            async def flap() -> None:
+                assert own.record is not None
+                loop = asyncio.get_running_loop()
+                await asyncio.sleep(0.2)  # frozen longer than one request's timeout ...
+                os.kill(own.record.pid, signal.SIGSTOP)
+                await asyncio.sleep(7.0)
+                os.kill(own.record.pid, signal.SIGCONT)
+                for _ in range(2):  # ... then gone (refused) for a while, twice
+                    await asyncio.sleep(0.3)
+                    await loop.run_in_executor(None, own.stop)
+                    await asyncio.sleep(2.0)
+                    await loop.run_in_executor(None, own.start)
+
+            flapper = asyncio.create_task(flap())
+            results: dict[str, tuple[int, Any]] = {}
+            pods: dict[str, str] = {}
+            try:
+                for i in range(40):
+                    cid = f"flap-{i}"
+                    pods[cid] = node.pod()
+                    results[cid] = await node.alibcni("add", cid, pods[cid])
+            finally:
+                stop.set()
+                await flapper
+            ok = {cid for cid, (rc, _) in results.items() if rc == 0}
+            assert ok and len(ok) < len(results), "the freezes hit no ADD, or every ADD"
+            for cid, (rc, err) in results.items():
+                if rc != 0:
+                    assert err["code"] == 11, (cid, err)
+            async with Store(own.url) as store:
+                kvs, _ = await store.list_raw(f"/corral/v1/ipam/{POOL}/ips/")
+                held = {json.loads(kv.value)["containerID"] for kv in kvs}
+                assert held == ok, f"allocations {sorted(held - ok)} without a successful ADD"
+                assert {cid for cid, _ in await owners(store)} == ok
+            wait_until(
+                lambda: node.veths() == sorted(host_veth_name(c, "eth0") for c in ok),
+                60,
+                "only the successful ADDs' veths",
+            )
+            for cid in set(pods) - ok:
+                assert "eth0" not in node.links(pods[cid]), cid
+        finally:
+            node.cleanup()
