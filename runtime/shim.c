@@ -330,9 +330,14 @@ static void setup_sandboxed(struct spec *s) {
     }
     for (int i = 0; i < s->nhidden; i++) {
         const char *p = s->hidden[i];
-        if (is_dir(p))
+        if (is_dir(p)) {
+            /* Detach what is mounted there first (e.g. every pod's netns under
+             * /run/netns): gone from this namespace, not just covered. */
+            for (int k = 0; k < 8 && umount2(p, MNT_DETACH) == 0; k++)
+                ;
             must_mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                        "mode=755,size=4k");
+        }
         else if (access(p, F_OK) == 0)
             must_mount("/dev/null", p, NULL, MS_BIND, NULL);
     }

@@ -152,6 +152,11 @@ def setup_sandboxed(spec: dict, sec: dict) -> None:
         except OSError:
             continue
         if is_dir:
+            # Detach what is mounted there first (e.g. every pod's netns under
+            # /run/netns): gone from this namespace, not just covered.
+            for _ in range(8):
+                if libc.umount2(path.encode(), MNT_DETACH) != 0:
+                    break
             flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
             mount("tmpfs", path, "tmpfs", flags, "mode=755,size=4k")
         elif os.path.exists(path):
