@@ -309,13 +309,21 @@ class Capabilities(Model):
     drop: list[Capability] = Field(default_factory=list)
 
 
+class SeccompProfile(Model):
+    """RuntimeDefault: corral's filter (docs/runtime.md); Unconfined: none. There are no
+    Localhost profiles."""
+
+    type: Literal["RuntimeDefault", "Unconfined"]
+
+
 class PodSecurityContext(Model):
-    """spec.securityContext: as in Kubernetes, only the user settings live at pod level
-    (each container's own securityContext overrides them)."""
+    """spec.securityContext: as in Kubernetes, only the user and seccomp settings live at
+    pod level (each container's own securityContext overrides them)."""
 
     run_as_user: UserID | None = None
     run_as_group: UserID | None = None
     run_as_non_root: bool | None = None
+    seccomp_profile: SeccompProfile | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> PodSecurityContext:

@@ -4,9 +4,9 @@
 container's own fields over the pod's) into the `Security` record the shim applies
 (runtime/shim.c, runtime/shim.py). The defaults are containerd's: the 14
 capabilities below in the effective, permitted, inheritable and bounding sets,
-no_new_privs, supplementary groups cleared, and a mount namespace in which the
-node's own state is hidden and the node's files are read-only (docs/runtime.md,
-"What a container sees").
+no_new_privs, supplementary groups cleared, a seccomp filter (RuntimeDefault), and
+a mount namespace in which the node's own state is hidden and the node's files are
+read-only (docs/runtime.md, "Sandboxes").
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ DEFAULT_CAPS: tuple[str, ...] = (
 ALL_CAPS_MASK = (1 << len(CAPABILITIES)) - 1
 
 # Host paths a container never sees besides the node's own (NodePaths): corral's default
-# state root and pinned BPF objects. /run, /tmp and /var/tmp get private tmpfs mounts.
-ALWAYS_HIDDEN = (os.path.dirname(NodePaths().state_dir), "/sys/fs/bpf")
+# state root, pinned BPF objects and the node's users' homes. /run, /tmp and /var/tmp
+# get private tmpfs mounts.
+ALWAYS_HIDDEN = (os.path.dirname(NodePaths().state_dir), "/sys/fs/bpf", "/root", "/home")
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run")
 
 
@@ -69,6 +70,7 @@ class Security:
     no_new_privs: bool = True
     read_only_root: bool = False
     hidden: list[str] = field(default_factory=list)  # host paths covered by empty tmpfs
+    seccomp: bool = True  # corral's RuntimeDefault filter (shim.py, SECCOMP_*)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +90,8 @@ class Security:
             out.append("-N")
         if self.read_only_root:
             out.append("-R")
+        if self.seccomp and not self.privileged:
+            out.append("-F")
         for p in self.hidden:
             out += ["-H", p]
         return out
@@ -129,6 +133,8 @@ def for_container(pod: Pod, c: Container, hidden: list[str]) -> Security:
         return v if v is not None else (getattr(psc, attr, None) if psc is not None else None)
 
     uid, gid, non_root = pick("run_as_user"), pick("run_as_group"), pick("run_as_non_root")
+    profile = pick("seccomp_profile")
+    seccomp = profile is None or getattr(profile, "type", "") == "RuntimeDefault"
     assert uid is None or isinstance(uid, int)
     assert gid is None or isinstance(gid, int)
     if non_root and not uid:
@@ -140,7 +146,9 @@ def for_container(pod: Pod, c: Container, hidden: list[str]) -> Security:
         gid = 0  # no image /etc/passwd to look the group up in: root's group, as runc does
     privileged = bool(sc is not None and sc.privileged)
     if privileged:
-        return Security(privileged=True, caps=ALL_CAPS_MASK, uid=uid, gid=gid, no_new_privs=False)
+        return Security(
+            privileged=True, caps=ALL_CAPS_MASK, uid=uid, gid=gid, no_new_privs=False, seccomp=False
+        )
     caps = cap_mask(DEFAULT_CAPS)
     if sc is not None and sc.capabilities is not None:
         if "ALL" in sc.capabilities.drop:
@@ -158,4 +166,5 @@ def for_container(pod: Pod, c: Container, hidden: list[str]) -> Security:
         no_new_privs=nnp,
         read_only_root=bool(sc is not None and sc.read_only_root_filesystem),
         hidden=[] if c.image else list(hidden),
+        seccomp=seccomp,
     )

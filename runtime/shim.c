@@ -8,7 +8,8 @@
  *
  * SECURITY: -P (privileged: the node's filesystem as it is, every capability) or
  * -C CAPS_HEX (sandboxed: the node hidden, see shim.py), and [-u UID] [-g GID]
- * [-N] (no_new_privs) [-R] (read-only image root) [-H HIDDEN_PATH]... Without
+ * [-N] (no_new_privs) [-R] (read-only image root) [-F] (RuntimeDefault seccomp
+ * filter, x86_64 only) [-H HIDDEN_PATH]... Without
  * either -P or -C the container runs as -P does. -X runs ARGV inside the running
  * container PID's namespaces and root with the same restrictions (exec).
  *
@@ -28,6 +29,9 @@
 #include <string.h>
 #include <grp.h>
 #include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -65,7 +69,7 @@ struct spec {
     char **argv;
     int pidns;
     /* security */
-    int sandboxed, privileged, nnp, ro_root;
+    int sandboxed, privileged, nnp, ro_root, seccomp;
     unsigned long long caps;
     long uid, gid; /* -1: unchanged */
     const char *hidden[MAXN];
@@ -373,6 +377,57 @@ static void setup_sandboxed(struct spec *s) {
     }
 }
 
+/* The RuntimeDefault seccomp filter: the same lists and program as shim.py's. */
+#if defined(__x86_64__)
+static const int seccomp_always[] = {246, 320, 175, 313, 176, 304, 169, 167, 168,
+                                     163, 250, 248, 249, 323, 298, 212, 172, 173};
+static const int seccomp_sys_admin[] = {165, 166, 155, 308, 272, 428, 429,
+                                        430, 431, 432, 433, 442, 179, 443};
+#define NS_FLAGS 0x7E020000u
+#define RET(v) BPF_STMT(BPF_RET | BPF_K, (v))
+#define EPERM_ (SECCOMP_RET_ERRNO | EPERM)
+#define ENOSYS_ (SECCOMP_RET_ERRNO | ENOSYS)
+
+static int install_seccomp(unsigned long long caps) {
+    struct sock_filter p[128];
+    int n = 0, admin = caps >> 21 & 1;
+    p[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+                                          offsetof(struct seccomp_data, arch));
+    p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xC000003E, 1, 0);
+    p[n++] = (struct sock_filter)RET(ENOSYS_);
+    p[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+                                          offsetof(struct seccomp_data, nr));
+    p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000, 0, 1);
+    p[n++] = (struct sock_filter)RET(EPERM_);
+    int deny[64], nd = 0;
+    for (unsigned i = 0; i < sizeof seccomp_always / sizeof(int); i++)
+        deny[nd++] = seccomp_always[i];
+    if (!admin)
+        for (unsigned i = 0; i < sizeof seccomp_sys_admin / sizeof(int); i++)
+            deny[nd++] = seccomp_sys_admin[i];
+    if (!admin && !(caps >> 39 & 1))
+        deny[nd++] = 321; /* bpf */
+    for (int i = 0; i < nd; i++) {
+        p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, deny[i], 0, 1);
+        p[n++] = (struct sock_filter)RET(EPERM_);
+    }
+    if (!admin) {
+        p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 435, 0, 1); /* clone3 */
+        p[n++] = (struct sock_filter)RET(ENOSYS_);
+        p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 56, 0, 3); /* clone */
+        p[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
+                                              offsetof(struct seccomp_data, args[0]));
+        p[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, NS_FLAGS, 0, 1);
+        p[n++] = (struct sock_filter)RET(EPERM_);
+    }
+    p[n++] = (struct sock_filter)RET(SECCOMP_RET_ALLOW);
+    struct sock_fprog prog = {(unsigned short)n, p};
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
+}
+#else
+static int install_seccomp(unsigned long long caps) { (void)caps; return 0; }
+#endif
+
 static void fail_drop(const char *what) {
     fprintf(stderr, "corral: container setup failed: %s: %s\n", what, strerror(errno));
     fflush(stderr);
@@ -393,6 +448,9 @@ static void drop_privileges(struct spec *s) {
             fclose(f);
         }
         caps = s->caps & (last >= 63 ? ~0ULL : (1ULL << (last + 1)) - 1);
+        /* while we still have CAP_SYS_ADMIN: no_new_privs is not needed for it */
+        if (s->seccomp && install_seccomp(caps) != 0)
+            fail_drop("prctl(PR_SET_SECCOMP)");
         for (int c = 0; c <= last; c++)
             if (!(caps >> c & 1) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0)
                 fail_drop("prctl(PR_CAPBSET_DROP)");
@@ -569,13 +627,15 @@ int main(int argc, char **argv) {
         }
         if (strlen(a) != 2 || a[0] != '-')
             return usage();
-        if (a[1] == 'P' || a[1] == 'N' || a[1] == 'R') { /* flags without a value */
+        if (strchr("PNRF", a[1])) { /* flags without a value */
             if (a[1] == 'P')
                 s.privileged = 1;
             else if (a[1] == 'N')
                 s.nnp = 1;
-            else
+            else if (a[1] == 'R')
                 s.ro_root = 1;
+            else
+                s.seccomp = 1;
             continue;
         }
         if (left < 1)

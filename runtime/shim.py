@@ -19,9 +19,10 @@ private tmpfs on /tmp, /var/tmp and /run, a minimal /dev, /proc/sys read-only
 (an image root is entered with pivot_root, not chroot, so it cannot be left
 again). Then, just before exec: the bounding set cut to `caps`, supplementary
 groups cleared, `gid`/`uid`, effective = permitted = inheritable = `caps`,
-no_new_privs. `shim.py --exec PID SPEC -- ARGV` runs ARGV inside that running
-container's namespaces and root with the same restrictions (corral exec, exec
-probes). shim.c does all of it the same way.
+no_new_privs, and (`seccomp`) the RuntimeDefault filter below. `shim.py --exec
+PID SPEC -- ARGV` runs ARGV inside that running container's namespaces and root
+with the same restrictions (corral exec, exec probes). shim.c does all of it the
+same way.
 """
 
 import _signal
@@ -52,6 +53,26 @@ DEV_LINKS = (
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run")
 PROC_READONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 PROC_MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
+# The RuntimeDefault seccomp filter (x86_64 numbers; shim.c has the same lists): EPERM
+# for what a container never needs, for the mount/namespace calls unless it has
+# CAP_SYS_ADMIN, for bpf unless CAP_SYS_ADMIN or CAP_BPF; clone with namespace flags
+# EPERM and clone3 ENOSYS (libc falls back to clone) unless CAP_SYS_ADMIN; other ABIs
+# (i386, x32) refused.
+SECCOMP_ALWAYS = (
+    *(246, 320, 175, 313, 176),  # kexec_load, kexec_file_load, init/finit/delete_module
+    *(304, 169, 167, 168, 163),  # open_by_handle_at, reboot, swapon, swapoff, acct
+    *(250, 248, 249, 323, 298),  # keyctl, add_key, request_key, userfaultfd, perf_event_open
+    *(212, 172, 173),  # lookup_dcookie, iopl, ioperm
+)
+SECCOMP_SYS_ADMIN = (
+    *(165, 166, 155, 308, 272),  # mount, umount2, pivot_root, setns, unshare
+    *(428, 429, 430, 431, 432, 433, 442),  # open_tree .. fspick, mount_setattr
+    *(179, 443),  # quotactl, quotactl_fd
+)
+SECCOMP_BPF, NR_CLONE, NR_CLONE3 = 321, 56, 435
+CLONE_NS_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+CAP_SYS_ADMIN, CAP_BPF = 21, 39
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -184,6 +205,50 @@ def setup_sandboxed(spec: dict, sec: dict) -> None:
                 mount("/dev/null", p, None, MS_BIND)
 
 
+def seccomp_program(caps: int) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions for these capabilities."""
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|.., BPF_RET
+    eperm, enosys, allow = 0x00050000 | 1, 0x00050000 | 38, 0x7FFF0000
+    admin = caps >> CAP_SYS_ADMIN & 1
+    deny = list(SECCOMP_ALWAYS)
+    if not admin:
+        deny += SECCOMP_SYS_ADMIN
+    if not (admin or caps >> CAP_BPF & 1):
+        deny.append(SECCOMP_BPF)
+    p = [(ld, 0, 0, 4), (jeq, 1, 0, 0xC000003E), (ret, 0, 0, enosys)]  # arch == x86_64
+    p += [(ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]  # nr; no x32
+    for nr in deny:
+        p += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
+    if not admin:
+        p += [(jeq, 0, 1, NR_CLONE3), (ret, 0, 0, enosys)]
+        p += [(jeq, 0, 3, NR_CLONE), (ld, 0, 0, 16), (jset, 0, 1, CLONE_NS_FLAGS)]
+        p += [(ret, 0, 0, eperm)]
+    return [*p, (ret, 0, 0, allow)]
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+def install_seccomp(caps: int) -> None:
+    if os.uname().machine != "x86_64":
+        return  # the numbers above are x86_64's
+    prog = seccomp_program(caps)
+    arr = (SockFilter * len(prog))(*(SockFilter(*i) for i in prog))
+    fprog = SockFprog(len(prog), arr)
+    rc = libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0)
+    check(rc, "prctl(PR_SET_SECCOMP)")
+
+
 def drop_privileges(sec: dict | None) -> None:
     """Capabilities, groups, user and no_new_privs, in the order runc applies them."""
     if sec is None:
@@ -194,6 +259,8 @@ def drop_privileges(sec: dict | None) -> None:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read())
         caps = sec["caps"] & ((1 << (last + 1)) - 1)
+        if sec.get("seccomp"):  # while we still have CAP_SYS_ADMIN: no_new_privs not needed
+            install_seccomp(caps)
         for cap in range(last + 1):
             if not caps >> cap & 1:
                 check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "prctl(PR_CAPBSET_DROP)")

@@ -90,6 +90,12 @@ def test_security_context_resolution() -> None:
     assert s.read_only_root and s.hidden == []
     with pytest.raises(security.SecurityError, match="runAsNonRoot"):
         sec_of(pod({"runAsNonRoot": True}))
+    # seccomp: RuntimeDefault unless Unconfined is asked for (the container's choice wins).
+    assert d.seccomp and "-F" in d.shim_flags()
+    unconfined = {"seccompProfile": {"type": "Unconfined"}}
+    assert not sec_of(pod(psc=unconfined)).seccomp
+    assert sec_of(pod({"seccompProfile": {"type": "RuntimeDefault"}}, unconfined)).seccomp
+    assert not sec_of(pod({"privileged": True})).seccomp
 
 
 @pytest.mark.parametrize(
@@ -107,7 +113,8 @@ def test_security_context_resolution() -> None:
         ({"runAsUser": -1}, None, "runAsUser", "greater than or equal to 0"),
         ({"runAsUser": "1000"}, None, "runAsUser", "integer"),
         ({"runAsNonRoot": True, "runAsUser": 0}, None, "", "runAsNonRoot"),
-        ({"seccompProfile": {"type": "RuntimeDefault"}}, None, "seccompProfile", "Extra"),
+        ({"seccompProfile": {"type": "Localhost"}}, None, "seccompProfile.type", "Unconfined"),
+        ({"procMount": "Unmasked"}, None, "procMount", "Extra"),
         (None, {"privileged": True}, "spec.securityContext.privileged", "Extra"),
     ],
 )
@@ -139,6 +146,8 @@ def test_hidden_paths_are_the_nodes_own(monkeypatch: pytest.MonkeyPatch) -> None
         "/opt/cni/bin",
         "/var/lib/cni",
         "/sys/fs/bpf",
+        "/root",
+        "/home",
     ):
         assert want in got, got
     # Outermost only: the run dir lies inside the hidden state root.
@@ -286,6 +295,20 @@ async def test_added_capability_user_and_privileged(shim: str, pod_dir: str, nod
     assert status_field(out, "NoNewPrivs") == "0"
     assert "MOUNTED" in out and "ADDED" in out and "node state" in out
     assert "WROTE-NODE" in out and os.path.exists(os.path.join(node_dir, "new"))  # as before
+
+
+async def test_seccomp_filter_unless_unconfined(shim: str, pod_dir: str) -> None:
+    script = (
+        "grep '^Seccomp:' /proc/self/status; unshare --user true && echo USERNS; "
+        "sh -c 'echo forked'"  # fork and exec still work (clone without namespace flags)
+    )
+    _, out, _ = await run(pod_dir, script, Security())
+    assert status_field(out, "Seccomp") == "2" and "forked" in out, out
+    assert "USERNS" not in out and "Operation not permitted" in out
+    _, _, out = await run(pod_dir, "", Security(), exec_script=script)
+    assert status_field(out, "Seccomp") == "2" and "USERNS" not in out, out
+    _, out, _ = await run(pod_dir, script, Security(seccomp=False))
+    assert status_field(out, "Seccomp") == "0" and "USERNS" in out, out
 
 
 def _rootfs(path: str) -> None:
