@@ -333,11 +333,15 @@ def exec_argv(pod_dir: str, name: str, init_pid: int, argv: list[str]) -> list[s
     """argv that runs inside a container's namespaces, root and cgroups, with the
     container's own capabilities, user and no_new_privs (for exec and exec probes).
 
-    A container whose spec predates `security` gets plain nsenter, as before. Blocking
-    (reads the spec; may build the native shim once)."""
+    A container whose spec predates `security` gets plain nsenter, as before; one
+    without a spec an ordinary container's restrictions. Blocking (reads the spec; may
+    build the native shim once)."""
     spec_path = os.path.join(container_dir(pod_dir, name), "spec")
-    with open(spec_path, "rb") as f:
-        spec = marshal.load(f)
+    try:
+        with open(spec_path, "rb") as f:
+            spec = marshal.load(f)
+    except FileNotFoundError:
+        spec = {"security": Security().to_dict()}  # shim.py --exec: DEFAULT_SECURITY
     if spec.get("security") is None:
         return nsenter_argv(init_pid, argv)
     native = native_shim()

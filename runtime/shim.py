@@ -73,6 +73,9 @@ SECCOMP_BPF, NR_CLONE, NR_CLONE3 = 321, 56, 435
 CLONE_NS_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 CAP_SYS_ADMIN, CAP_BPF = 21, 39
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+# An ordinary container's settings (runtime/security.py's Security()), for an exec into
+# a container that has no spec.
+DEFAULT_SECURITY = {"caps": 0xA80425FB, "no_new_privs": True, "seccomp": True}
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -355,8 +358,11 @@ def exit_code(status: int) -> tuple[int, int]:
 def exec_main(pid: str, spec_path: str, argv: list) -> int:
     """`--exec PID SPEC -- ARGV`: ARGV in the running container's namespaces and root,
     restricted as the container is (nsenter -t PID -n -m -u -i -p -r -w, then the drop)."""
-    with open(spec_path, "rb") as f:
-        spec = marshal.load(f)
+    try:
+        with open(spec_path, "rb") as f:
+            spec = marshal.load(f)
+    except FileNotFoundError:
+        spec = {"security": DEFAULT_SECURITY}
     if not argv or not join_cgroups(spec):
         return 125
     try:

@@ -29,6 +29,7 @@ from corral.cluster.etcd import LocalEtcd
 from corral.node import netns
 from corral.node.context import NodePaths
 from corral.runtime import containers, security
+from corral.runtime import shim as shim_py
 from corral.runtime.security import DEFAULT_CAPS, Security, cap_mask
 
 # containerd's default set as /proc/<pid>/status prints it (CapEff, CapBnd).
@@ -63,6 +64,8 @@ def sec_of(p: Pod, hidden: list[str] | None = None) -> Security:
 def test_security_context_resolution() -> None:
     d = sec_of(pod(), ["/var/lib/corral"])
     assert f"{d.caps:016x}" == CONTAINERD_CAPS and len(DEFAULT_CAPS) == 14
+    for k, v in shim_py.DEFAULT_SECURITY.items():  # the stdlib shim's copy for spec-less exec
+        assert d.to_dict()[k] == v, k
     assert (d.privileged, d.uid, d.gid, d.no_new_privs, d.read_only_root) == (
         False,
         None,
