@@ -709,6 +709,10 @@ int main(int argc, char **argv) {
     int flags = CLONE_NEWUTS | CLONE_NEWIPC;
     if (unshare(flags | CLONE_NEWPID) == 0) {
         s.pidns = 1;
+    } else if (s.sandboxed) { /* without its own PID namespace it would see the node's /proc */
+        fprintf(stderr, "corral: sandbox setup failed: unshare(CLONE_NEWPID): %s\n",
+                strerror(errno));
+        return 125;
     } else if (unshare(flags) != 0) {
         fprintf(stderr, "corral: sandbox setup failed: unshare: %s\n", strerror(errno));
         return 125;

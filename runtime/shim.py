@@ -409,8 +409,12 @@ def main() -> int:
         check(libc.setns(fd, CLONE_NEWNET), f"setns {spec['netns']}")
         os.close(fd)
         flags = CLONE_NEWUTS | CLONE_NEWIPC
+        sec = spec.get("security")
         if libc.unshare(flags | CLONE_NEWPID) == 0:
             spec["pidns"] = True
+        elif sec is not None and not sec.get("privileged"):
+            # Without its own PID namespace a container would see the node's /proc.
+            check(-1, "unshare(CLONE_NEWPID)")
         else:
             check(libc.unshare(flags), "unshare")
         host = spec.get("hostname", "").encode()
