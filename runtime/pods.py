@@ -163,8 +163,9 @@ class ContainerRunner:
             raise containers.StartError(
                 "no command: corral has no image entrypoints; set command or args"
             )
+        hidden = security.hidden_paths(w.rt.ctx.paths, getattr(w.rt.ctx.store, "tls", None))
         try:
-            sec = security.for_container(w.pod, self.spec, security.hidden_paths(w.rt.ctx.paths))
+            sec = security.for_container(w.pod, self.spec, hidden)
         except security.SecurityError as e:
             raise containers.StartError(str(e)) from None
         return await containers.launch(

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from corral.api.objects import CAPABILITIES, Container, Pod
 from corral.node.context import NodePaths
+
+if TYPE_CHECKING:
+    from corral.api.store import TLSFiles
 
 # containerd's default set (pkg/oci/spec.go, defaultUnixCaps); no SYS_ADMIN, no NET_ADMIN.
 DEFAULT_CAPS: tuple[str, ...] = (
@@ -97,9 +101,14 @@ class Security:
         return out
 
 
-def hidden_paths(paths: NodePaths) -> list[str]:
-    """Absolute host paths to hide, outermost only (a path inside another is covered)."""
+def hidden_paths(paths: NodePaths, tls: TLSFiles | None = None) -> list[str]:
+    """Absolute host paths to hide, outermost only (a path inside another is covered).
+
+    `tls`: the node's etcd client certificate, key and CA, wherever they live (the
+    files themselves: their directory may be /etc)."""
     cands = {os.path.abspath(p) for p in ALWAYS_HIDDEN}
+    if tls is not None:
+        cands |= {os.path.abspath(f) for f in (tls.ca, tls.cert, tls.key) if f}
     d = NodePaths()
     for p in (paths, d):
         cands |= {

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run, ready
 
 from corral.api.objects import Pod
-from corral.api.store import Store
+from corral.api.store import Store, TLSFiles
 from corral.cluster.etcd import LocalEtcd
 from corral.node import netns
 from corral.node.context import NodePaths
@@ -138,7 +138,7 @@ def test_hidden_paths_are_the_nodes_own(monkeypatch: pytest.MonkeyPatch) -> None
         cni_conf_dir="/etc/cni/net.d",
         netns_dir="/run/netns",
     )
-    got = security.hidden_paths(paths)
+    got = security.hidden_paths(paths, TLSFiles("/etc/pki/ca.pem", "/etc/node.pem", "/etc/k.pem"))
     for want in (
         "/var/lib/corral",
         "/srv/clusters",
@@ -151,8 +151,12 @@ def test_hidden_paths_are_the_nodes_own(monkeypatch: pytest.MonkeyPatch) -> None
         "/sys/fs/bpf",
         "/root",
         "/home",
+        "/etc/pki/ca.pem",  # the etcd client credentials themselves, not all of /etc
+        "/etc/node.pem",
+        "/etc/k.pem",
     ):
         assert want in got, got
+    assert "/etc" not in got
     # Outermost only: the run dir lies inside the hidden state root.
     assert "/srv/clusters/c1/nodes/n1/run" not in got
 
