@@ -302,7 +302,7 @@ static void make_dev(void) {
             die_setup("symlink ", p, NULL);
     }
     if (mkdir("/dev/pts", 0755) != 0 || mkdir("/dev/shm", 01777) != 0)
-        die_setup("mkdir ", "/dev/pts", NULL);
+        die_setup("mkdir ", "/dev/pts and /dev/shm", NULL);
     must_mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666");
     must_mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                "mode=1777,size=65536k");
@@ -341,9 +341,9 @@ static void setup_sandboxed(struct spec *s) {
                 ;
             must_mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                        "mode=755,size=4k");
-        }
-        else if (access(p, F_OK) == 0)
+        } else if (access(p, F_OK) == 0) {
             must_mount("/dev/null", p, NULL, MS_BIND, NULL);
+        }
     }
     int ro = !s->image || s->ro_root;
     if (ro) {
