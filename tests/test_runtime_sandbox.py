@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -316,6 +317,18 @@ async def test_seccomp_filter_unless_unconfined(shim: str, pod_dir: str) -> None
     assert status_field(out, "Seccomp") == "2" and "USERNS" not in out, out
     _, out, _ = await run(pod_dir, script, Security(seccomp=False))
     assert status_field(out, "Seccomp") == "0" and "USERNS" in out, out
+
+
+def test_both_shims_filter_the_same_calls() -> None:
+    with open(containers.NATIVE_SHIM_SRC) as f:
+        src = f.read()
+    for name, want in (
+        ("seccomp_always", shim_py.SECCOMP_ALWAYS),
+        ("seccomp_sys_admin", shim_py.SECCOMP_SYS_ADMIN),
+    ):
+        m = re.search(name + r"\[\] = \{([^}]*)\}", src)
+        assert m is not None, name
+        assert tuple(int(x) for x in m.group(1).split(",")) == want, name
 
 
 def _rootfs(path: str) -> None:
