@@ -278,6 +278,84 @@ class Probe(Model):
         return self
 
 
+# Linux capabilities by number (include/uapi/linux/capability.h), without the CAP_ prefix.
+CAPABILITIES: tuple[str, ...] = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+    "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
+    "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
+    "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
+    "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)  # fmt: skip
+
+
+def capability_name(v: str) -> str:
+    """`NET_ADMIN`, `CAP_NET_ADMIN` (any case) or `ALL` -> the bare upper-case name."""
+    name = v.upper().removeprefix("CAP_")
+    if name != "ALL" and name not in CAPABILITIES:
+        raise ValueError(
+            f"{v!r} is not a Linux capability: use a name such as NET_ADMIN or CAP_NET_RAW, or ALL"
+        )
+    return name
+
+
+Capability = Annotated[str, AfterValidator(capability_name)]
+UserID = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class Capabilities(Model):
+    add: list[Capability] = Field(default_factory=list)
+    drop: list[Capability] = Field(default_factory=list)
+
+
+class SeccompProfile(Model):
+    """RuntimeDefault: corral's filter (docs/runtime.md); Unconfined: none. There are no
+    Localhost profiles."""
+
+    type: Literal["RuntimeDefault", "Unconfined"]
+
+
+class PodSecurityContext(Model):
+    """spec.securityContext: as in Kubernetes, only the user and seccomp settings live at
+    pod level (each container's own securityContext overrides them)."""
+
+    run_as_user: UserID | None = None
+    run_as_group: UserID | None = None
+    run_as_non_root: bool | None = None
+    seccomp_profile: SeccompProfile | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PodSecurityContext:
+        if self.run_as_non_root and self.run_as_user == 0:
+            raise ValueError("securityContext.runAsNonRoot is true but runAsUser is 0 (root)")
+        return self
+
+
+class SecurityContext(PodSecurityContext):
+    """A container's securityContext (what the runtime applies: see docs/runtime.md)."""
+
+    privileged: bool | None = None
+    capabilities: Capabilities | None = None
+    read_only_root_filesystem: bool | None = None
+    allow_privilege_escalation: bool | None = None
+
+    @model_validator(mode="after")
+    def _escalation(self) -> SecurityContext:
+        if self.allow_privilege_escalation is False:
+            if self.privileged:
+                raise ValueError(
+                    "securityContext: cannot set allowPrivilegeEscalation to false and "
+                    "privileged to true"
+                )
+            if self.capabilities is not None and {"SYS_ADMIN", "ALL"} & set(self.capabilities.add):
+                raise ValueError(
+                    "securityContext: cannot set allowPrivilegeEscalation to false and "
+                    "add CAP_SYS_ADMIN in capabilities.add"
+                )
+        return self
+
+
 class Container(Model):
     name: DNSLabel
     image: str | None = None
@@ -293,6 +371,7 @@ class Container(Model):
     readiness_probe: Probe | None = None
     liveness_probe: Probe | None = None
     startup_probe: Probe | None = None
+    security_context: SecurityContext | None = None
 
     @model_validator(mode="after")
     def _has_command(self) -> Container:
@@ -334,6 +413,7 @@ class PodSpec(Model):
     )
     scheduler_name: str | None = None
     priority: int | None = None
+    security_context: PodSecurityContext | None = None
 
     @field_validator("containers")
     @classmethod

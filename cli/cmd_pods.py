@@ -3,8 +3,10 @@
 Both run on the host of the local cluster (or on the pod's node): the runtime
 records in the pod's annotations where its files are (`corral.dev/runtime`) and
 each container's PID 1 (`corral.dev/containers`); exec enters that process's
-namespaces with nsenter, logs read the per-container log file through the
-runtime's view of the filesystem (/proc/<runtime pid>/root).
+namespaces through the container shim, with the container's own capabilities,
+user and no_new_privs (read from its spec in the pod's directory), and logs read
+the per-container log file; both through the runtime's view of the filesystem
+(/proc/<runtime pid>/root).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 from corral.api.objects import Pod
 from corral.cli.common import CLIError, add_command_argument, run, store_from_args
 from corral.node.procs import start_time
-from corral.runtime.containers import DEFAULT_PATH, nsenter_argv
+from corral.runtime.containers import DEFAULT_PATH, exec_argv
 from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
 
 
@@ -94,6 +96,17 @@ def _runtime_info(pod: Pod) -> dict[str, Any]:
             f"({'not scheduled' if not node else 'node ' + node + ' has not run it'})"
         )
     return json.loads(raw)
+
+
+def _pod_dir(pod: Pod) -> str:
+    """The pod's directory as this process reaches it (through the runtime's root)."""
+    info = _runtime_info(pod)
+    pid = info.get("pid")
+    if isinstance(pid, int) and start_time(pid) is not None:
+        via = f"/proc/{pid}/root{info['podDir']}"
+        if os.path.isdir(via):
+            return via
+    return info["podDir"]
 
 
 def _log_file(pod: Pod, container: str, previous: bool) -> str:
@@ -200,7 +213,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
         **{e.name: e.value for e in spec.env},
     }
     try:
-        return subprocess.call(nsenter_argv(int(entry["pid"]), argv), env=env)
+        cmd = exec_argv(_pod_dir(pod), container, int(entry["pid"]), argv)
+    except OSError as e:
+        raise CLIError(
+            f"cannot read the spec of container {container} of pod {pod.name} ({e}); "
+            "run `corral exec` as root where its node runs"
+        ) from None
+    try:
+        return subprocess.call(cmd, env=env)
     except FileNotFoundError:
         raise CLIError("nsenter is not installed (Debian package util-linux)") from None
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import secrets
 import sys
 from typing import Any
@@ -118,3 +119,76 @@ def test_pods_on_every_node_run_answer_and_go_away(cluster: Any) -> None:
                     await s.delete(Pod, n, "default")
 
         asyncio.run(delete())
+
+
+def _manifest(name: str, node: str, sc: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": node,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "c", "command": ["sleep", "3600"], "securityContext": sc}],
+            },
+        }
+    )
+
+
+def test_pods_cannot_touch_their_node_unless_they_ask(cluster: Any) -> None:
+    """As a new user tries it: `corral run`, then `corral exec` into the pod."""
+    sfx = secrets.token_hex(3)
+    app, netadmin, priv = f"sb-{sfx}", f"sb-net-{sfx}", f"sb-priv-{sfx}"
+    node = cluster.nodes[0]
+    r = cluster.corral("run", app, "--command", "--", "sleep", "3600")
+    assert r.returncode == 0, r.stderr
+    for name, sc in (
+        (netadmin, {"capabilities": {"add": ["NET_ADMIN"]}}),
+        (priv, {"privileged": True}),
+    ):
+        r = cluster.corral("apply", "-f", "-", input=_manifest(name, node, sc))
+        assert r.returncode == 0, r.stderr
+    try:
+        name = app  # `corral run` without --replicas makes one Pod of that name
+        for n in (name, netadmin, priv):
+            wait_for(lambda n=n: (p := get(cluster, n)) is not None and p.ready, f"{n} Ready")
+        pod = get(cluster, name)
+        assert pod is not None
+        pod_node = pod.spec.node_name or ""
+
+        def sh(pod_name: str, script: str) -> Any:
+            return cluster.corral("exec", pod_name, "--", "sh", "-c", script)
+
+        r = sh(name, "grep -E '^(CapEff|NoNewPrivs)' /proc/self/status")
+        assert r.returncode == 0 and r.stdout.split() == [
+            "CapEff:",
+            "00000000a80425fb",
+            "NoNewPrivs:",
+            "1",
+        ], r
+        r = sh(name, "mount -t tmpfs x /mnt")
+        assert r.returncode != 0 and "permission denied" in r.stderr, r
+        r = sh(name, "ip addr add 10.9.9.9/32 dev eth0")
+        assert r.returncode != 0 and "Operation not permitted" in r.stderr, r
+        sock = os.path.join(cluster.state_dir, "nodes", pod_node, "run", "cni.sock")
+        assert os.path.exists(sock)  # the CNI daemon's socket, as the host sees it
+        root = os.path.dirname(cluster.state_dir)  # $CORRAL_STATE_DIR
+        for path in (sock, cluster.state_dir, root, "/var/lib/corral", "/run/corral/cni.sock"):
+            r = sh(name, f"ls -A {path}")
+            assert r.stdout == "" and r.returncode != 0, (path, r)
+        for path in ("/run/corral", "/etc/cni/net.d", "/opt/cni/bin", "/var/lib/cni", "/run/netns"):
+            assert sh(name, f"ls -A {path} 2>/dev/null").stdout == "", path
+        r = sh(name, "echo x > /etc/x")
+        assert r.returncode != 0 and "Read-only file system" in r.stderr, r
+        # The pods that asked for more get it.
+        r = sh(netadmin, "ip addr add 10.9.9.9/32 dev eth0 && ip -o addr show dev eth0")
+        assert r.returncode == 0 and "10.9.9.9/32" in r.stdout, r
+        r = sh(priv, "mount -t tmpfs x /mnt && umount /mnt && ls /run/corral")
+        assert r.returncode == 0 and "cni.sock" in r.stdout, r
+    finally:
+        names = (app, netadmin, priv)
+        cluster.corral("delete", "pod", *names, "--ignore-not-found", "--grace-period", "1")
+        wait_for(
+            lambda: all(get(cluster, n) is None for n in names), "the sandbox test's pods to go"
+        )

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 from corral.node.procs import start_time
 from corral.runtime import shim
+from corral.runtime.security import Security
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NATIVE_SHIM_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.c")
@@ -106,6 +107,8 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
     ]
     for cg in spec["cgroups"]:
         argv += ["-c", cg]
+    if spec.get("security") is not None:
+        argv += Security.from_dict(spec["security"]).shim_flags()
     for src, dst in spec["binds"]:
         argv += ["-b", src, dst]
     if spec.get("image"):
@@ -180,15 +183,22 @@ async def launch(
     binds: list[tuple[str, str]],
     cgroups: list[str],
     image: str | None = None,
+    security: Security | None = None,
     ready_timeout: float = 30.0,
 ) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
-    """Start one container instance and wait until its PID 1 exists."""
+    """Start one container instance and wait until its PID 1 exists.
+
+    `security` defaults to an ordinary container's (containerd's capabilities, nothing
+    of the node's hidden beyond /tmp, /run and /dev); `Security(privileged=True)` runs
+    it on the node's own filesystem with every capability, as corral did before.
+    """
     if not argv:
         raise StartError("no command: set command (or args) for the container")
     if image is not None and not os.path.isdir(image):
         raise StartError(f"image {image!r} is not a root filesystem directory on this node")
     cdir = container_dir(pod_dir, name)
-    os.makedirs(cdir, exist_ok=True)
+    os.makedirs(cdir, mode=0o700, exist_ok=True)
+    os.chmod(pod_dir, 0o700)  # specs hold env, logs whatever the container prints
     spec_path, pid_file, status_file = (os.path.join(cdir, n) for n in ("spec", "pid", "status"))
     for p in (pid_file, status_file):
         with contextlib.suppress(FileNotFoundError):
@@ -204,6 +214,7 @@ async def launch(
         "cgroups": cgroups,
         "pid_file": pid_file,
         "status_file": status_file,
+        "security": (security or Security()).to_dict(),
     }
     if image is not None:
         layer = os.path.join(cdir, "layer")
@@ -217,11 +228,10 @@ async def launch(
             work=os.path.join(layer, "work"),
             rootfs=os.path.join(layer, "rootfs"),
         )
-    with open(spec_path, "wb") as f:
-        marshal.dump(spec, f)
+    _write_private(spec_path, marshal.dumps(spec))
     log = log_path(pod_dir, name, instance)
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "ab") as out:
+    os.makedirs(os.path.dirname(log), mode=0o700, exist_ok=True)
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
         proc = await asyncio.create_subprocess_exec(
             *shim_argv(spec, spec_path),
             stdin=asyncio.subprocess.DEVNULL,
@@ -258,6 +268,14 @@ async def launch(
         log=log,
     )
     return rec, proc
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write `path` as a 0600 file (replacing one that may have been wider)."""
+    tmp = path + ".tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def exit_info(
@@ -307,8 +325,35 @@ async def stop(rec: ContainerRecord, proc: asyncio.subprocess.Process | None, gr
 
 
 def nsenter_argv(init_pid: int, argv: list[str]) -> list[str]:
-    """argv that runs inside a container's namespaces and root (for exec and exec probes)."""
+    """argv that runs inside a container's namespaces and root, with every privilege."""
     return ["nsenter", "-t", str(init_pid), "-n", "-m", "-u", "-i", "-p", "-r", "-w", "--", *argv]
+
+
+def exec_argv(pod_dir: str, name: str, init_pid: int, argv: list[str]) -> list[str]:
+    """argv that runs inside a container's namespaces, root and cgroups, with the
+    container's own capabilities, user and no_new_privs (for exec and exec probes).
+
+    A container whose spec predates `security` gets plain nsenter, as before; one
+    without a spec an ordinary container's restrictions. Blocking (reads the spec; may
+    build the native shim once)."""
+    spec_path = os.path.join(container_dir(pod_dir, name), "spec")
+    try:
+        with open(spec_path, "rb") as f:
+            spec = marshal.load(f)
+    except FileNotFoundError:
+        spec = {"security": Security().to_dict()}  # shim.py --exec: DEFAULT_SECURITY
+    if spec.get("security") is None:
+        return nsenter_argv(init_pid, argv)
+    native = native_shim()
+    if native is None:
+        py = [sys.executable, "-I", "-S", shim.__file__]
+        return [*py, "--exec", str(init_pid), spec_path, "--", *argv]
+    sec = Security.from_dict(spec["security"])
+    sec.hidden, sec.read_only_root = [], False  # mount settings: the container has them
+    out = [native, "-X", str(init_pid)]
+    for cg in spec.get("cgroups", []):
+        out += ["-c", cg]
+    return [*out, *sec.shim_flags(), "--", *argv]
 
 
 def tail(path: str, lines: int) -> str:

@@ -40,7 +40,7 @@ from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import NodeContext
 from corral.overlay import config as netconfig
-from corral.runtime import containers, podstate, probes, sandbox
+from corral.runtime import containers, podstate, probes, sandbox, security
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.podstate import ContainerSaved, PodSaved
 
@@ -174,6 +174,11 @@ class ContainerRunner:
             raise containers.StartError(
                 "no command: corral has no image entrypoints; set command or args"
             )
+        hidden = security.hidden_paths(w.rt.ctx.paths, getattr(w.rt.ctx.store, "tls", None))
+        try:
+            sec = security.for_container(w.pod, self.spec, hidden)
+        except security.SecurityError as e:
+            raise containers.StartError(str(e)) from None
         return await containers.launch(
             w.dir,
             self.name,
@@ -189,6 +194,7 @@ class ContainerRunner:
             ],
             cgroups=w.cgroups.procs_files(self.name),
             image=self.spec.image or None,
+            security=sec,
         )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:
@@ -214,7 +220,7 @@ class ContainerRunner:
                 probe,
                 self.spec,
                 self.w.saved.pod_ip or "127.0.0.1",
-                lambda cmd: containers.nsenter_argv(rec.init_pid, cmd),
+                lambda cmd: containers.exec_argv(self.w.dir, self.name, rec.init_pid, cmd),
                 {"PATH": containers.DEFAULT_PATH, **self.env()},
             )
         except ValueError as e:  # e.g. a named port the container does not declare

@@ -1,5 +1,8 @@
 """What the runtime remembers about each pod on disk, so a restarted runtime adopts
 its pods instead of killing them: `<state_dir>/pods/<uid>/state.json`.
+
+`pods/` and each pod's directory are 0700, state.json 0600: what is in there (env in
+the container specs, logs) is the pod owner's, not every local user's.
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ def pod_dir(state_dir: str, uid: str) -> str:
 
 def save(state_dir: str, s: PodSaved) -> None:
     d = pod_dir(state_dir, s.uid)
-    os.makedirs(d, exist_ok=True)
+    if not os.path.isdir(d):
+        os.makedirs(pods_dir(state_dir), mode=0o700, exist_ok=True)
+        os.makedirs(d, mode=0o700, exist_ok=True)
     tmp = os.path.join(d, "state.json.tmp")
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(s.dumps())  # one write; json.dump writes chunk by chunk
     os.replace(tmp, os.path.join(d, "state.json"))
 
@@ -75,6 +80,7 @@ def load_all(state_dir: str) -> dict[str, PodSaved]:
     out: dict[str, PodSaved] = {}
     base = pods_dir(state_dir)
     with contextlib.suppress(FileNotFoundError):
+        os.chmod(base, 0o700)  # pod dirs hold env and logs: the node's root only
         for uid in os.listdir(base):
             try:
                 with open(os.path.join(base, uid, "state.json")) as f:

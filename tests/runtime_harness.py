@@ -26,6 +26,7 @@ from corral.api.objects import Pod
 from corral.api.store import Store, now_iso
 from corral.node import netns
 from corral.runtime import cgroups as cg
+from corral.runtime import containers
 
 REF_BIN = "/usr/lib/cni"
 PY = "/usr/bin/python3"
@@ -178,15 +179,21 @@ def container_pids(p: Pod) -> dict[str, int]:
     return {k: v["pid"] for k, v in d.items()}
 
 
-def pod_exec(p: Pod, argv: list[str], container: str | None = None) -> str:
+def pod_run(p: Pod, argv: list[str], container: str | None = None) -> subprocess.CompletedProcess:
+    """Run argv in a container as `corral exec` does (its namespaces, capabilities, user)."""
     pids = container_pids(p)
-    pid = pids[container or next(iter(pids))]
-    r = subprocess.run(
-        ["nsenter", "-t", str(pid), "-n", "-m", "-u", "-i", "-p", "-r", "-w", "--", *argv],
+    name = container or next(iter(pids))
+    pod_dir = json.loads(p.metadata.annotations["corral.dev/runtime"])["podDir"]
+    return subprocess.run(
+        containers.exec_argv(pod_dir, name, pids[name], argv),
         capture_output=True,
         text=True,
         timeout=30,
     )
+
+
+def pod_exec(p: Pod, argv: list[str], container: str | None = None) -> str:
+    r = pod_run(p, argv, container)
     assert r.returncode == 0, r.stderr
     return r.stdout
 

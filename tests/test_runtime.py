@@ -27,6 +27,7 @@ from runtime_harness import (
     leftovers,
     make_node,
     pod_exec,
+    pod_run,
     ready,
 )
 
@@ -154,19 +155,23 @@ async def test_memory_limit_oom_killed_and_restarted(node: Node) -> None:
 
 
 async def test_probes_drive_ready_and_liveness_restarts(node: Node) -> None:
-    flag, live = os.path.join(node.tmp, "ready-flag"), os.path.join(node.tmp, "live-flag")
-    with open(live, "w"):
-        pass
+    # The flags live in the container's own /tmp (a pod does not see the node's files):
+    # the test sets and clears them with exec, as a user would.
+    ready_flag, live = "/tmp/ready-flag", "/tmp/live-flag"
     await node.create(
         node.pod(
             "probed",
             [
                 {
                     "name": "main",
-                    "command": ["sh", "-c", "sleep 2; exec " + PY + " -m http.server 8090"],
+                    "command": [
+                        "sh",
+                        "-c",
+                        f"touch {live}; sleep 2; exec " + PY + " -m http.server 8090",
+                    ],
                     "ports": [{"containerPort": 8090}],
                     "readinessProbe": {
-                        "exec": {"command": ["test", "-f", flag]},
+                        "exec": {"command": ["test", "-f", ready_flag]},
                         "periodSeconds": 1,
                     },
                     "livenessProbe": {
@@ -188,33 +193,30 @@ async def test_probes_drive_ready_and_liveness_restarts(node: Node) -> None:
     p = await node.wait_pod("probed", lambda p: cstatus(p, "side").ready, "TCP probe ready")
     assert p is not None and not p.ready and p.status.phase == "Running"
     assert p.status.condition("Ready").reason == "ContainersNotReady"
-    with open(flag, "w"):
-        pass
-    await node.wait_pod("probed", ready, "Ready after the flag appears")
-    os.unlink(flag)
-    await node.wait_pod(
+    pod_exec(p, ["touch", ready_flag], "main")
+    p = await node.wait_pod("probed", ready, "Ready after the flag appears")
+    pod_exec(p, ["rm", ready_flag], "main")
+    p = await node.wait_pod(
         "probed", lambda p: p is not None and not p.ready, "not Ready after the flag goes"
     )
-    # Liveness: the failing probe gets the container killed and restarted.
-    os.unlink(live)
+    # Liveness: the failing probe gets the container killed and restarted (the new
+    # instance makes its flag again).
+    pod_exec(p, ["rm", live], "main")
     p = await node.wait_pod(
         "probed", lambda p: cstatus(p, "main").restart_count >= 1, "liveness restart"
     )
-    with open(live, "w"):
-        pass
     assert cstatus(p, "side").restart_count == 0, node.runtime_log()
 
 
 async def test_http_probe_follows_the_status_code(node: Node) -> None:
-    www = os.path.join(node.tmp, "www")
-    os.makedirs(www)
     await node.create(
         node.pod(
             "h",
             [
                 web(
                     8091,
-                    workingDir=www,
+                    workingDir="/tmp",
+                    command=["sh", "-c", f"mkdir www && cd www && exec {PY} -m http.server 8091"],
                     readinessProbe={
                         "httpGet": {"port": 8091, "path": "/healthz.txt"},
                         "periodSeconds": 1,
@@ -223,20 +225,23 @@ async def test_http_probe_follows_the_status_code(node: Node) -> None:
             ],
         )
     )
-    await node.wait_pod("h", lambda p: cstatus(p).state.get("running") is not None, "Running")
-    with open(os.path.join(www, "healthz.txt"), "w") as f:
-        f.write("ok")
-    await node.wait_pod("h", ready, "Ready once the page answers 200")
-    os.unlink(os.path.join(www, "healthz.txt"))
+    p = await node.wait_pod("h", lambda p: cstatus(p).state.get("running") is not None, "Running")
+    assert p is not None
+    deadline = time.monotonic() + 30
+    while pod_run(p, ["test", "-d", "/tmp/www"]).returncode != 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    pod_exec(p, ["sh", "-c", "echo ok > /tmp/www/healthz.txt"])
+    p = await node.wait_pod("h", ready, "Ready once the page answers 200")
+    pod_exec(p, ["rm", "/tmp/www/healthz.txt"])
     await node.wait_pod("h", lambda p: p is not None and not p.ready, "not Ready on 404")
 
 
 async def test_graceful_termination_order(node: Node) -> None:
-    mark, release = os.path.join(node.tmp, "term-mark"), os.path.join(node.tmp, "release")
+    # The container reports on stdout (its log); the test releases it with exec.
     script = (
-        f"trap 'echo got-term >> {mark}; "
-        f"ip -o link show eth0 >/dev/null && echo net-up >> {mark}; "
-        f"while [ ! -f {release} ]; do sleep 0.1; done; exit 0' TERM; "
+        "trap 'echo got-term; ip -o link show eth0 >/dev/null && echo net-up; "
+        "while [ ! -f /tmp/release ]; do sleep 0.1; done; exit 0' TERM; "
         "while true; do sleep 0.1; done"
     )
     created = await node.create(
@@ -249,17 +254,17 @@ async def test_graceful_termination_order(node: Node) -> None:
     p = await node.wait_pod("grace", ready, "Ready")
     assert p is not None
     ip, uid = p.status.pod_ip, created.metadata.uid or ""
+    log = json.loads(p.metadata.annotations["corral.dev/containers"])["c"]["log"]
     await node.delete("grace", grace=60)
     deadline = time.monotonic() + 60
-    while not (os.path.exists(mark) and "net-up" in open(mark).read()):  # noqa: SIM115
+    while "net-up" not in open(log).read():  # noqa: SIM115
         assert time.monotonic() < deadline, node.runtime_log()
         await asyncio.sleep(0.05)
     # SIGTERM came while the pod object, its IP and its network were all still there.
     p = await node.store.get(Pod, "grace", "default")
     assert p is not None and p.metadata.deletion_timestamp
     assert os.path.exists(os.path.join(node.data_dir, "refnet", ip or ""))
-    with open(release, "w"):
-        pass
+    pod_exec(p, ["touch", "/tmp/release"])
     await node.wait_pod("grace", lambda p: p is None, "deleted after the container exits")
     assert not os.path.exists(os.path.join(node.data_dir, "refnet", ip or ""))
     assert leftovers(node, uid) == []
@@ -479,7 +484,7 @@ async def test_network_not_ready_is_reported_then_retried(node: Node) -> None:
 
 
 async def test_startup_probe_gates_started_and_ready(node: Node) -> None:
-    flag = os.path.join(node.tmp, "started-flag")
+    flag = "/tmp/started-flag"  # in the container's own /tmp
     await node.create(
         node.pod(
             "slow",
@@ -500,7 +505,6 @@ async def test_startup_probe_gates_started_and_ready(node: Node) -> None:
         "slow", lambda p: cstatus(p).state.get("running") is not None, "Running"
     )
     assert cstatus(p).started is False and not cstatus(p).ready and not p.ready
-    with open(flag, "w"):
-        pass
+    pod_exec(p, ["touch", flag])
     p = await node.wait_pod("slow", ready, "Ready once the startup probe passes")
     assert cstatus(p).started is True and cstatus(p).restart_count == 0
