@@ -43,9 +43,9 @@ from corral.api.objects import (
     SubnetLease,
 )
 from corral.api.store import SUBNETS_PREFIX, AlreadyExists, NotFound, Store, StoreError
-from corral.node import netns
+from corral.node import netns, podguard
 from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
-from corral.overlay import config, fastpath, lease, masq, notrack
+from corral.overlay import config, fastpath, guard, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
 
 log = logging.getLogger("corral.overlay.agent")
@@ -291,6 +291,7 @@ class OverlayAgent:
                 "peers": fp.peer_count,
                 "packets": fp.stats(),
             }
+        doc["dropped"] = guard.drops(self.namespace, fp)
         write_json_atomic(os.path.join(self.ctx.paths.run_dir, DATAPATH_FILE), doc)
 
     async def _set_pod_cidr(self, subnet: str) -> None:
@@ -394,11 +395,29 @@ class OverlayAgent:
         )
         for c in changes:
             log.info("%s: %s", self.device, c)
+        await self._guard(pods=True)
         if self.fastpath is not None:
             for c in await self._k(self._fastpath_pass, False):
                 log.info("%s", c)
-            await self._k(self._write_datapath_file)
+        await self._k(self._write_datapath_file)
         self.reconciles += 1
+
+    async def _guard(self, pods: bool) -> None:
+        """VXLAN only from peers, none from pods; pods send only from their own address."""
+        ips = guard.peer_ips(self.remotes())
+        for c in await asyncio.get_running_loop().run_in_executor(
+            None, guard.ensure, self.namespace, self.spec.network, self.spec.backend.port, ips
+        ):
+            log.info("%s", c)
+        if self.fastpath is not None:
+            for c in await self._k(self.fastpath.sync_peer_ips, ips):
+                log.info("%s", c)
+        if pods:
+            for c in await self._k(self._guard_pods):
+                log.info("%s", c)
+
+    def _guard_pods(self) -> list[str]:
+        return podguard.sync(self.namespace, podguard.pods_from_links(self.kernel.ipr.get_links()))
 
     def _encapsulated(self) -> list[Remote]:
         """The peers reached through VXLAN (not by direct routing)."""
@@ -425,7 +444,8 @@ class OverlayAgent:
         )
         if fp.settings != want:
             fp.configure(want)
-        changes = fp.sync_peers(self._encapsulated(), ul.on_link)
+        changes = fp.sync_peer_ips(guard.peer_ips(self.remotes()))  # before from_uplink goes on
+        changes += fp.sync_peers(self._encapsulated(), ul.on_link)
         changes += fp.sync_pods(self.kernel.ipr, verify=True)
         changes += fp.attach_all(self.kernel.ipr) if reattach else fp.attach_fixed(self.kernel.ipr)
         return changes
@@ -468,6 +488,7 @@ class OverlayAgent:
                 self.spec.backend.direct_routing,
             ):
                 log.info("%s: %s", self.device, c)
+        await self._guard(pods=False)
         if self.fastpath is not None:
             assert self.underlay is not None
             for c in await self._k(
@@ -554,6 +575,11 @@ class OverlayAgent:
             await self._pods_dirty.wait()
             self._pods_dirty.clear()
             links, self._pod_links = self._pod_links, set()
+            try:
+                for c in await self._k(self._guard_pods):
+                    log.info("%s", c)
+            except Exception:
+                log.exception("pod guard sync failed; the periodic pass retries")
             if self.fastpath is None:
                 continue
             try:
