@@ -84,8 +84,13 @@ def datapath_file(tb: Testbed, i: int) -> dict[str, Any]:
 
 
 def dropped(tb: Testbed, i: int, what: str) -> int:
-    """The node's count of `what` as the agent last wrote it (every full pass)."""
-    return int(datapath_file(tb, i).get("dropped", {}).get(what, 0))
+    """Node i's own datapath's count of `what`, as the agent last wrote it (every full pass).
+
+    The fast node's count is its programs' (so the fast path itself dropped it,
+    not the kernel's guard behind it), the kernel node's its rules'.
+    """
+    doc = datapath_file(tb, i).get("dropped", {})
+    return int(doc.get("bpf" if i == FAST else "kernel", {}).get(what, 0))
 
 
 def vtep_mac(tb: Testbed, i: int) -> str:
@@ -446,3 +451,47 @@ def test_alias_with_an_extra_source_still_names_the_pod() -> None:
     rules = podguard.pod_rules(podguard.PodSource("veth0", "10.244.1.5", "02:AA:bb:cc:dd:ee"))
     assert rules[0] == "-p IPv4 -s 02:aa:bb:cc:dd:ee --ip-src 10.244.1.5 -j RETURN"
     assert rules[-3:] == ["-p IPv4 -j DROP", "-p ARP -j DROP", "-j DROP"]
+
+
+def test_without_the_guards_the_attacks_would_work(bed: Testbed, listen: Any) -> None:
+    """The control: with the kernel node's guards taken away (agent stopped), both attacks
+    get through, so the tests above would see them; the agent back, they are blocked again."""
+    x = KERNEL
+    ns = bed.node(x).ns
+    attacker, neighbour = bed.node(x).pods[:2]
+    target = bed.node(FAST).pods[1]
+    readies = bed.agent_log(x).count("overlay ready")
+    bed.stop_agent(x)
+    try:
+        iptables.remove_chain(ns, "raw", guard.CHAIN, {"PREROUTING": guard.JUMP})
+        podguard.remove(ns)
+        ln = Listener(bed, target)
+        # to its own node's VXLAN socket, which decapsulates and routes the inner packet on
+        # (to the other node's: the packet skips conntrack, so it is not masqueraded and
+        # the other node's guard drops it as not from a peer)
+        forge = [gateway(bed, x), "4789", attacker.ip, target.ip, str(PORT)]
+        forge += [vtep_mac(bed, x), "forged-unguarded"]
+        bed.run(attacker.ns, ["ip", "addr", "add", f"{neighbour.ip}/32", "dev", "eth0"])
+        try:
+
+            def through() -> bool:
+                bed.run(attacker.ns, [sys.executable, "-c", FORGE, *forge])
+                send(bed, attacker, target.ip, PORT, "spoofed-unguarded", bind=neighbour.ip)
+                got = {t for _, t in ln.got()}
+                return {"forged-unguarded", "spoofed-unguarded"} <= got
+
+            try:
+                wait_for(through, DEADLINE, "the attacks to get through unguarded", interval=0.5)
+            except AssertionError as e:
+                raise AssertionError(f"{e}; got {ln.got()}") from None
+        finally:
+            ln.close()
+            bed.run(attacker.ns, ["ip", "addr", "del", f"{neighbour.ip}/32", "dev", "eth0"])
+    finally:
+        bed.start_agent(x, wait=False, extra=["--datapath", "kernel"])
+        wait_for(
+            lambda: bed.agent_log(x).count("overlay ready") > readies, DEADLINE, "the agent back"
+        )
+    wait_for(lambda: guarded(bed, x), DEADLINE, "the guards back")
+    test_a_pod_cannot_inject_into_the_overlay(bed, x, listen)
+    test_a_pod_cannot_send_from_another_pods_address(bed, x, listen)
