@@ -146,7 +146,10 @@ def sync(namespace: str | None, pods: dict[str, PodSource]) -> list[str]:
         lines.append(f":{CHAIN} RETURN")
     if f"-j {CHAIN}" not in have.rules.get(HOOK, []):
         lines.append(f"-I {HOOK} 1 -j {CHAIN}")
-    dispatch = set(have.rules.get(CHAIN, [])) if CHAIN in have.chains else set()
+    present = have.rules.get(CHAIN, []) if CHAIN in have.chains else []
+    dispatch = set(present)
+    for rule in dispatch:  # a repeated ADD's second dispatch rule
+        lines += [f"-D {CHAIN} {rule}"] * (present.count(rule) - 1)
     for p in pods.values():
         want = pod_rules(p)
         if p.chain not in have.chains or have.rules.get(p.chain, []) != want:
@@ -169,6 +172,23 @@ def sync(namespace: str | None, pods: dict[str, PodSource]) -> list[str]:
         return []
     _restore(namespace, lines)
     return changes or [f"pod guard: {CHAIN} repaired"]
+
+
+def add(namespace: str | None, p: PodSource) -> None:
+    """Guard one new pod veth now (CNI ADD): one transaction, no read first.
+
+    The chain is declared (flushed, rewritten) and dispatched to; should the
+    base chain not exist yet, it is made too. sync() later drops a duplicate
+    dispatch rule a repeated ADD may leave.
+    """
+    lines = [f":{p.chain} RETURN", *(f"-A {p.chain} {r}" for r in pod_rules(p))]
+    lines.append(f"-A {CHAIN} {dispatch_rule(p)}")
+    try:
+        _restore(namespace, lines)
+    except GuardError:
+        if CHAIN in read(namespace).chains:
+            raise
+        _restore(namespace, [f":{CHAIN} RETURN", f"-I {HOOK} 1 -j {CHAIN}", *lines])
 
 
 def counters(namespace: str | None, saved: Saved | None = None) -> dict[str, int]:
