@@ -97,6 +97,7 @@ class OverlayAgent:
         # lease key -> (entry before the first unapplied change, entry now)
         self._changed: dict[str, tuple[Remote | None, Remote | None]] = {}
         self._full_needed = False
+        self._guarded: set[str] | None = None  # the peers the VXLAN guard last accepted
         self._known: dict[str, int] = {}
         self._watch_rev = 0
         self.spec = NetworkSpec()
@@ -405,10 +406,12 @@ class OverlayAgent:
     async def _guard(self, pods: bool) -> None:
         """VXLAN only from peers, none from pods; pods send only from their own address."""
         ips = guard.peer_ips(self.remotes())
-        for c in await asyncio.get_running_loop().run_in_executor(
-            None, guard.ensure, self.namespace, self.spec.network, self.spec.backend.port, ips
-        ):
-            log.info("%s", c)
+        if pods or ips != self._guarded:  # a full pass checks the kernel; the watch, changes
+            for c in await asyncio.get_running_loop().run_in_executor(
+                None, guard.ensure, self.namespace, self.spec.network, self.spec.backend.port, ips
+            ):
+                log.info("%s", c)
+            self._guarded = ips
         if self.fastpath is not None:
             for c in await self._k(self.fastpath.sync_peer_ips, ips):
                 log.info("%s", c)
@@ -488,13 +491,13 @@ class OverlayAgent:
                 self.spec.backend.direct_routing,
             ):
                 log.info("%s: %s", self.device, c)
-        await self._guard(pods=False)
         if self.fastpath is not None:
             assert self.underlay is not None
             for c in await self._k(
                 self.fastpath.sync_peers, self._encapsulated(), self.underlay.on_link
             ):
                 log.info("%s", c)
+        await self._guard(pods=False)
 
     async def _resync_config(self) -> None:
         """Pick up ipMasq / directRouting changes; the address plan needs a restart."""
