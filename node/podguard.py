@@ -30,9 +30,10 @@ RETURN rule for IPv4 and one for ARP.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import logging
 import re
+import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,8 +41,6 @@ from typing import Any
 
 from corral.node import netns
 from corral.node.podveth import parse_pod_alias, pod_extra_source
-
-log = logging.getLogger(__name__)
 
 TABLE = "nat"
 CHAIN = "CORRAL-PODS"
@@ -101,7 +100,18 @@ def pods_from_links(links: Sequence[Any]) -> dict[str, PodSource]:
     return out
 
 
+@functools.cache
+def _tool(name: str) -> str:
+    """`ebtables-nft-<x>` when installed (Debian's iptables package ships it), else `ebtables-<x>`.
+
+    The nf_tables variant is the one this kernel has (no legacy ebtables).
+    """
+    nft = name.replace("ebtables", "ebtables-nft", 1)
+    return nft if shutil.which(nft) else name
+
+
 def _run(namespace: str | None, argv: list[str], stdin: str | None = None) -> str:
+    argv = [_tool(argv[0]), *argv[1:]]
     full = netns.command(namespace, argv) if namespace else argv
     p = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=60, check=False)
     if p.returncode != 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -413,7 +414,7 @@ def test_a_restarted_agent_keeps_the_protections(bed: Testbed, x: int, listen: A
     """The guards are kernel state: they hold while the agent is down and after it is back."""
     loads = bed.agent_log(x).count("eBPF fast path on")
     readies = bed.agent_log(x).count("overlay ready")
-    bed.stop_agent(x)
+    bed.stop_agent(x, signal.SIGKILL)
     try:
         attacker, neighbour = bed.node(x).pods[:2]
         far = pod(bed, other(x))
@@ -436,6 +437,19 @@ def test_a_restarted_agent_keeps_the_protections(bed: Testbed, x: int, listen: A
         )
         if x == FAST:
             bed.wait_fastpath(x, runs=loads + 1)
+    if x == FAST:
+        # the fresh programs got their peers and sources before they went on: ordinary
+        # traffic both ways, and nothing dropped by mistake (their counters start at 0)
+        for _ in range(3):
+            assert bed.ping(pod(bed, FAST), pod(bed, KERNEL).ip)
+            assert bed.ping(pod(bed, KERNEL), bed.node(FAST).pods[1].ip)
+        wait_for(
+            lambda: datapath_file(bed, FAST)["packets"]["encapsulated"] >= 6,
+            DEADLINE,
+            "datapath.json to count the fresh programs' packets",
+        )
+        drops = datapath_file(bed, FAST)["dropped"]["bpf"]
+        assert drops["spoofed"] == drops["vxlan_foreign"] == drops["vxlan_from_pods"] == 0, drops
     test_a_pod_cannot_send_from_another_pods_address(bed, x, listen)
 
 
