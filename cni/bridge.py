@@ -350,7 +350,8 @@ class Plumber:
         idx = await self._run(self._ops, self._down, host_veth_name(container_id, ifname))
         if idx is not None:
             key = (container_id, ifname)
-            fut = asyncio.get_running_loop().run_in_executor(self._reaper, self._reap, idx)
+            host = host_veth_name(container_id, ifname)
+            fut = asyncio.get_running_loop().run_in_executor(self._reaper, self._reap, idx, host)
             self._pending[key] = fut
             fut.add_done_callback(
                 lambda f: self._pending.pop(key, None) if self._pending.get(key) is f else None
@@ -378,12 +379,14 @@ class Plumber:
             return None
         return rtnl.ifindex(link)
 
-    def _reap(self, idx: int) -> None:
+    def _reap(self, idx: int, host: str = "") -> None:
         try:
             self.nl.call([rtnl.del_link(idx)])
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 log.warning("deleting veth index %d: %s", idx, e)
+        if host:  # its guard chain too (the overlay agent's pass would, if it runs here)
+            podguard.forget(self.netns, host)
 
     # ------------------------------------------------------------ CHECK
 

@@ -201,6 +201,17 @@ def add(namespace: str | None, p: PodSource) -> None:
         _restore(namespace, [f":{CHAIN} RETURN", f"-I {HOOK} 1 -j {CHAIN}", *lines])
 
 
+def forget(namespace: str | None, ifname: str) -> bool:
+    """Remove one gone veth's chain and dispatch rule (CNI DEL); False if they were not there."""
+    chain = POD_CHAIN_PREFIX + ifname
+    lines = [f"-D {CHAIN} -i {ifname} -j {chain}", f"-F {chain}", f"-X {chain}"]
+    try:
+        _restore(namespace, lines)
+    except GuardError:
+        return False
+    return True
+
+
 def counters(namespace: str | None, saved: Saved | None = None) -> dict[str, int]:
     """Frames the guard dropped, for the pods there are now (a pod's go with its chain)."""
     saved = saved or read(namespace)

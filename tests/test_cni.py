@@ -600,6 +600,15 @@ async def test_add_guards_the_pod_source_with_an_explicit_extra_prefix_opt_in(
     rules = podguard.read(node.name).rules[podguard.POD_CHAIN_PREFIX + host2]
     assert f"-p IPv4 -s {res['interfaces'][2]['mac']} --ip-src 10.244.1.128/25 -j RETURN" in rules
 
+    # DEL takes the pod's chain away with its veth
+    rc, _ = node.plugin("corral-cni", "DEL", conf(), cid="guard-b", pod=p2)
+    assert rc == 0
+    wait_until(
+        lambda: podguard.POD_CHAIN_PREFIX + host2 not in podguard.read(node.name).chains,
+        what="the DEL's veth chain to go",
+    )
+    assert podguard.POD_CHAIN_PREFIX + host in podguard.read(node.name).chains
+
     before = await allocations(store)
     for bad in ("10.9.0.0/24", "10.244.1.5/25", "nonsense"):
         p3 = node.pod()
