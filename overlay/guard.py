@@ -11,7 +11,12 @@ alike):
 
 The first rule is what keeps a pod from reaching any node's VXLAN socket
 (its own node's, or another's after masquerade made the packet look like
-node traffic): it drops pod packets to the VXLAN port wherever they go. The
+node traffic): it drops pod packets to the VXLAN port wherever they go. A
+packet DNATed to the VXLAN port later (a service whose endpoint is a node's
+VXLAN socket) is caught after the DNAT by a filter chain, `CORRAL-VXLAN-PODS`,
+jumped to from `INPUT` and `FORWARD`:
+
+    -A CORRAL-VXLAN-PODS -s <network> -p udp --dport <port> -j DROP The
 peers are the public IPs of every other lease in the network (direct-routed
 ones included: a peer may still encapsulate while a config change reaches it),
 the same set the agent programs FDB entries from. A peer change adds or
@@ -43,6 +48,9 @@ FROM_PODS = "corral: pods may not send to the VXLAN port"
 FOREIGN = "corral: VXLAN from an address that is not a peer"
 
 DROPS = ("spoofed", "vxlan_from_pods", "vxlan_foreign", "not_ipv4")
+FILTER_CHAIN = "CORRAL-VXLAN-PODS"
+FILTER_HOOKS = ("INPUT", "FORWARD")
+FILTER_JUMP = ["-m", "comment", "--comment", "corral: pods may not send VXLAN", "-j", FILTER_CHAIN]
 _COUNTED = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
 
 
@@ -67,8 +75,25 @@ def peer_ips(remotes: Iterable[Any]) -> set[str]:
     return {r.public_ip for r in remotes}
 
 
+def filter_rule(network: str, port: int) -> str:
+    return f'-A {FILTER_CHAIN} -s {network} {_udp(port)} -m comment --comment "{FROM_PODS}" -j DROP'
+
+
 def ensure(namespace: str | None, network: str, port: int, peers: set[str]) -> list[str]:
-    """Make the chain accept VXLAN from exactly `peers`; what changed, for the log."""
+    """Make the chains accept VXLAN from exactly `peers`, none from pods; what changed."""
+    changes = []
+    if iptables.ensure_chain(
+        namespace,
+        "filter",
+        FILTER_CHAIN,
+        [filter_rule(network, port)],
+        dict.fromkeys(FILTER_HOOKS, FILTER_JUMP),
+    ):
+        changes.append(f"pods may not send to UDP {port}, DNATed or not (filter INPUT, FORWARD)")
+    return changes + _ensure_raw(namespace, network, port, peers)
+
+
+def _ensure_raw(namespace: str | None, network: str, port: int, peers: set[str]) -> list[str]:
     have = iptables.chain_rules(namespace, TABLE, CHAIN)
     jump_missing = not iptables.has_rule(namespace, TABLE, HOOK, JUMP)
     first, last = pods_rule(network, port), foreign_rule(port)
@@ -98,10 +123,12 @@ def ensure(namespace: str | None, network: str, port: int, peers: set[str]) -> l
 def kernel_drops(namespace: str | None) -> dict[str, int]:
     """Packets the chain dropped: from pods, and from addresses that are no peer's."""
     out = {"vxlan_from_pods": 0, "vxlan_foreign": 0}
-    save = iptables.run(namespace, ["iptables-save", "-c", "-t", TABLE], check=False).stdout
+    save = ""
+    for table in (TABLE, "filter"):
+        save += iptables.run(namespace, ["iptables-save", "-c", "-t", table], check=False).stdout
     for line in save.splitlines():
         m = _COUNTED.match(line)
-        if m is None or m[3] != CHAIN:
+        if m is None or m[3] not in (CHAIN, FILTER_CHAIN):
             continue
         if FROM_PODS in m[4]:
             out["vxlan_from_pods"] += int(m[1])

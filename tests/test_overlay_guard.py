@@ -11,6 +11,7 @@ the node's drop counter in datapath.json must have risen.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -187,17 +188,26 @@ def send(tb: Testbed, src: Pod | str, dst: str, port: int, tag: str, bind: str =
     tb.run(ns, [sys.executable, "-c", SEND, dst, str(port), tag, bind], check=False)
 
 
-@pytest.fixture
-def listen(bed: Testbed) -> Iterator[Any]:
+@contextlib.contextmanager
+def listeners(bed: Testbed) -> Iterator[Any]:
+    """A factory of Listeners, all closed on the way out."""
     made: list[Listener] = []
 
     def make(p: Pod) -> Listener:
         made.append(Listener(bed, p))
         return made[-1]
 
-    yield make
-    for ln in made:
-        ln.close()
+    try:
+        yield make
+    finally:
+        for ln in made:
+            ln.close()
+
+
+@pytest.fixture
+def listen(bed: Testbed) -> Iterator[Any]:
+    with listeners(bed) as make:
+        yield make
 
 
 def wait_dropped(tb: Testbed, i: int, what: str, more_than: int) -> None:
@@ -260,6 +270,38 @@ def test_a_pod_cannot_inject_into_the_overlay(bed: Testbed, x: int, listen: Any)
     seen = ln.flush_with(bed.node(x).pods[1], "after-forged")
     assert not [s for s in seen if s[1] == "forged"], seen
     wait_dropped(bed, x, "vxlan_from_pods", before + 2 * 3 * len(targets) - 1)
+
+
+VIP = "10.96.0.99"
+
+
+def dnat_to_vxlan(tb: Testbed, x: int, op: str) -> None:
+    """A service-shaped DNAT in node x: VIP:9999/udp -> the other node's VXLAN port."""
+    rule = ["PREROUTING", "-d", VIP, "-p", "udp", "--dport", "9999", "-j", "DNAT"]
+    rule += ["--to-destination", f"{tb.node(other(x)).ip}:4789"]
+    iptables.run(tb.node(x).ns, ["iptables", "-t", "nat", op, *rule])
+
+
+@NODES
+def test_a_pod_cannot_reach_a_vxlan_port_through_a_dnat(bed: Testbed, x: int, listen: Any) -> None:
+    """After the DNAT, masquerade would make the packet the node's own: dropped before that."""
+    attacker, neighbour = bed.node(x).pods[:2]
+    victim = pod(bed, other(x))
+    ln = listen(victim)
+    before = datapath_file(bed, x)["dropped"]["kernel"]["vxlan_from_pods"]
+    dnat_to_vxlan(bed, x, "-A")
+    try:
+        forge = [VIP, "9999", attacker.ip, victim.ip, str(PORT), vtep_mac(bed, other(x))]
+        bed.run(attacker.ns, [sys.executable, "-c", FORGE, *forge, "dnat-forged"])
+        seen = ln.flush_with(neighbour, "after-dnat")
+    finally:
+        dnat_to_vxlan(bed, x, "-D")
+    assert not [s for s in seen if s[1] == "dnat-forged"], seen
+    wait_for(
+        lambda: datapath_file(bed, x)["dropped"]["kernel"]["vxlan_from_pods"] >= before + 3,
+        DEADLINE,
+        "the filter rule to count the DNATed packets",
+    )
 
 
 # ------------------------------------------------------------ VXLAN from strangers
@@ -478,21 +520,28 @@ def test_without_the_guards_the_attacks_would_work(bed: Testbed, listen: Any) ->
     bed.stop_agent(x)
     try:
         iptables.remove_chain(ns, "raw", guard.CHAIN, {"PREROUTING": guard.JUMP})
+        hooks = dict.fromkeys(guard.FILTER_HOOKS, guard.FILTER_JUMP)
+        iptables.remove_chain(ns, "filter", guard.FILTER_CHAIN, hooks)
         podguard.remove(ns)
+        dnat_to_vxlan(bed, x, "-A")
         ln = Listener(bed, target)
         # to its own node's VXLAN socket, which decapsulates and routes the inner packet on
         # (to the other node's: the packet skips conntrack, so it is not masqueraded and
         # the other node's guard drops it as not from a peer)
         forge = [gateway(bed, x), "4789", attacker.ip, target.ip, str(PORT)]
         forge += [vtep_mac(bed, x), "forged-unguarded"]
+        # through a DNAT, masquerade makes it the node's own packet, from a peer
+        dnat = [VIP, "9999", attacker.ip, target.ip, str(PORT), vtep_mac(bed, FAST)]
+        dnat += ["dnat-unguarded"]
         bed.run(attacker.ns, ["ip", "addr", "add", f"{neighbour.ip}/32", "dev", "eth0"])
         try:
 
             def through() -> bool:
                 bed.run(attacker.ns, [sys.executable, "-c", FORGE, *forge])
+                bed.run(attacker.ns, [sys.executable, "-c", FORGE, *dnat])
                 send(bed, attacker, target.ip, PORT, "spoofed-unguarded", bind=neighbour.ip)
                 got = {t for _, t in ln.got()}
-                return {"forged-unguarded", "spoofed-unguarded"} <= got
+                return {"forged-unguarded", "dnat-unguarded", "spoofed-unguarded"} <= got
 
             try:
                 wait_for(through, DEADLINE, "the attacks to get through unguarded", interval=0.5)
@@ -501,11 +550,17 @@ def test_without_the_guards_the_attacks_would_work(bed: Testbed, listen: Any) ->
         finally:
             ln.close()
             bed.run(attacker.ns, ["ip", "addr", "del", f"{neighbour.ip}/32", "dev", "eth0"])
+            dnat_to_vxlan(bed, x, "-D")
     finally:
         bed.start_agent(x, wait=False, extra=["--datapath", "kernel"])
         wait_for(
             lambda: bed.agent_log(x).count("overlay ready") > readies, DEADLINE, "the agent back"
         )
     wait_for(lambda: guarded(bed, x), DEADLINE, "the guards back")
-    test_a_pod_cannot_inject_into_the_overlay(bed, x, listen)
-    test_a_pod_cannot_send_from_another_pods_address(bed, x, listen)
+    for check in (
+        test_a_pod_cannot_inject_into_the_overlay,
+        test_a_pod_cannot_reach_a_vxlan_port_through_a_dnat,
+        test_a_pod_cannot_send_from_another_pods_address,
+    ):
+        with listeners(bed) as make:
+            check(bed, x, make)
