@@ -405,6 +405,13 @@ class OverlayAgent:
 
     async def _guard(self, pods: bool) -> None:
         """VXLAN only from peers, none from pods; pods send only from their own address."""
+        try:
+            await self._apply_guards(pods)
+        except Exception as e:  # the rest of the pass (routes, FDB, fast path) goes on
+            log.error("cannot apply the overlay's guards (%s: %s); retrying", type(e).__name__, e)
+            self._guarded = None
+
+    async def _apply_guards(self, pods: bool) -> None:
         ips = guard.peer_ips(self.remotes())
         if pods or ips != self._guarded:  # a full pass checks the kernel; the watch, changes
             for c in await asyncio.get_running_loop().run_in_executor(

@@ -139,10 +139,14 @@ def kernel_drops(namespace: str | None) -> dict[str, int]:
 
 def drops(namespace: str | None, fastpath: Any = None) -> dict[str, Any]:
     """What `datapath.json` shows under "dropped": totals, and by datapath."""
-    kernel: dict[str, int] = {**podguard.counters(namespace), **kernel_drops(namespace)}
+    doc: dict[str, Any] = {}
+    kernel: dict[str, int] = {}
+    try:
+        kernel = {**podguard.counters(namespace), **kernel_drops(namespace)}
+    except (podguard.GuardError, iptables.IptablesError, OSError) as e:
+        doc["error"] = f"cannot read the kernel's counters: {e}"
     bpf: dict[str, int] = fastpath.drops() if fastpath is not None else {}
-    total = {k: kernel.get(k, 0) + bpf.get(k, 0) for k in DROPS}
-    doc: dict[str, Any] = {**total, "kernel": kernel}
+    doc.update({k: kernel.get(k, 0) + bpf.get(k, 0) for k in DROPS}, kernel=kernel)
     if fastpath is not None:
         doc["bpf"] = bpf
     return doc
