@@ -585,18 +585,17 @@ class OverlayAgent:
             await self._pods_dirty.wait()
             self._pods_dirty.clear()
             links, self._pod_links = self._pod_links, set()
-            try:
+            if self.fastpath is not None:
+                try:
+                    for c in await self._k(self.fastpath.update_links, self.kernel.ipr, links):
+                        log.info("%s", c)
+                except Exception:
+                    log.exception("fast path pod sync failed; the periodic pass retries")
+            try:  # CNI ADD guarded the veth already; this covers veths made by others
                 for c in await self._k(self._guard_pods):
                     log.info("%s", c)
             except Exception:
                 log.exception("pod guard sync failed; the periodic pass retries")
-            if self.fastpath is None:
-                continue
-            try:
-                for c in await self._k(self.fastpath.update_links, self.kernel.ipr, links):
-                    log.info("%s", c)
-            except Exception:
-                log.exception("fast path pod sync failed; the periodic pass retries")
 
     async def _reconcile_loop(self) -> None:
         """Changed leases as they come; everything, against the kernel, every resync period."""
