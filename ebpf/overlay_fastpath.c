@@ -35,7 +35,6 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
-#include <uapi/linux/if_arp.h>
 
 #define PROTO_UDP 17
 #define VXLAN_FLAG_VNI 0x08000000
@@ -77,8 +76,12 @@ struct source {                     /* what a pod veth may send from, by the vet
     u8 pad[2];
 };
 
-struct arp4 {                       /* an Ethernet/IPv4 ARP body */
-    struct arphdr h;
+/* An Ethernet/IPv4 ARP body. Spelled out: including uapi/linux/if_arp.h for its
+ * struct arphdr makes BCC's compile ~1 s longer (0.2 -> 1.1 s here). */
+struct arp4 {
+    __be16 ar_hrd, ar_pro;
+    u8 ar_hln, ar_pln;
+    __be16 ar_op;
     u8 sha[6];
     u32 spa;
     u8 tha[6];
@@ -167,7 +170,7 @@ static __always_inline int check_source(struct ethhdr *eth, void *end, struct so
     }
     if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
         struct arp4 *a = (void *)(eth + 1);
-        if ((void *)(a + 1) > end || a->h.ar_hln != 6 || a->h.ar_pln != 4)
+        if ((void *)(a + 1) > end || a->ar_hln != 6 || a->ar_pln != 4)
             return DROP_SPOOFED;
         return same_mac(a->sha, s->mac) && allowed_ip(s, a->spa) ? 0 : DROP_SPOOFED;
     }
