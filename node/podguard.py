@@ -147,9 +147,13 @@ def read(namespace: str | None) -> Saved:
     return Saved(chains, rules, counted)
 
 
-def sync(namespace: str | None, pods: dict[str, PodSource]) -> list[str]:
-    """Make the guard chains match `pods` exactly; what changed, for the log."""
-    have = read(namespace)
+def sync(namespace: str | None, pods: dict[str, PodSource], have: Saved | None = None) -> list[str]:
+    """Make the guard chains match `pods` exactly; what changed, for the log.
+
+    `have`: the rules as read *before* the links `pods` came from, so a pod that
+    CNI ADD guarded in between is never taken for a gone one.
+    """
+    have = have or read(namespace)
     lines: list[str] = []
     changes: list[str] = []
     if CHAIN not in have.chains:

@@ -427,7 +427,9 @@ class OverlayAgent:
                 log.info("%s", c)
 
     def _guard_pods(self) -> list[str]:
-        return podguard.sync(self.namespace, podguard.pods_from_links(self.kernel.ipr.get_links()))
+        have = podguard.read(self.namespace)  # first: see podguard.sync
+        pods = podguard.pods_from_links(self.kernel.ipr.get_links())
+        return podguard.sync(self.namespace, pods, have)
 
     def _encapsulated(self) -> list[Remote]:
         """The peers reached through VXLAN (not by direct routing)."""
