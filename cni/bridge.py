@@ -38,7 +38,7 @@ from corral.cni import errors as E
 from corral.cni import rtnl
 from corral.cni.config import Addr4, BridgeConfig, Net4, Route
 from corral.cni.errors import CNIError
-from corral.node import iptables
+from corral.node import iptables, podguard
 from corral.node import netns as nsutil
 from corral.node.podveth import parse_pod_alias, pod_alias
 
@@ -69,6 +69,7 @@ class Attachment:
     gateway: Addr4
     routes: list[Route]
     mtu: int
+    extra_source: str | None = None  # the opt-in extra source prefix (corral.cni.sources)
 
 
 class Plumber:
@@ -266,7 +267,9 @@ class Plumber:
                     # The alias tells the node's eBPF fast path which pod is behind the veth.
                     reqs = [
                         rtnl.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac),
-                        rtnl.set_alias(host, pod_alias(str(att.address), pod_mac)),
+                        rtnl.set_alias(
+                            host, pod_alias(str(att.address), pod_mac, att.extra_source)
+                        ),
                     ]
                     if bc.hairpin:
                         reqs.append(rtnl.hairpin(host))
@@ -298,6 +301,13 @@ class Plumber:
             if isinstance(res, NetlinkError):
                 self._delete_leftover(host)
                 raise CNIError(E.INTERNAL, f"cannot set {what} on {host}", str(res)) from None
+        # before the pod can send anything: only from its own address (the agent re-checks)
+        src = podguard.PodSource(host, str(att.address), pod_mac, att.extra_source)
+        try:
+            podguard.add(self.netns, src)
+        except (podguard.GuardError, OSError) as e:
+            self._delete_leftover(host)
+            raise CNIError(E.INTERNAL, f"cannot guard {host}'s source address", str(e)) from None
         return {
             "interfaces": [
                 {"name": bc.bridge, "mac": br_mac},
@@ -340,7 +350,8 @@ class Plumber:
         idx = await self._run(self._ops, self._down, host_veth_name(container_id, ifname))
         if idx is not None:
             key = (container_id, ifname)
-            fut = asyncio.get_running_loop().run_in_executor(self._reaper, self._reap, idx)
+            host = host_veth_name(container_id, ifname)
+            fut = asyncio.get_running_loop().run_in_executor(self._reaper, self._reap, idx, host)
             self._pending[key] = fut
             fut.add_done_callback(
                 lambda f: self._pending.pop(key, None) if self._pending.get(key) is f else None
@@ -368,12 +379,14 @@ class Plumber:
             return None
         return rtnl.ifindex(link)
 
-    def _reap(self, idx: int) -> None:
+    def _reap(self, idx: int, host: str = "") -> None:
         try:
             self.nl.call([rtnl.del_link(idx)])
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 log.warning("deleting veth index %d: %s", idx, e)
+        if host:  # its guard chain too (the overlay agent's pass would, if it runs here)
+            podguard.forget(self.netns, host)
 
     # ------------------------------------------------------------ CHECK
 

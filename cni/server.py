@@ -44,6 +44,7 @@ from corral.cni.config import (
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
 from corral.cni.ipam import IPAM, Allocated
+from corral.cni.sources import extra_source
 from corral.daemon import metrics
 from corral.node.context import NodeContext, NodeOptions, NodePaths
 
@@ -493,6 +494,7 @@ class CNIServer:
             rng0.gateway,
             routes,
             bc.mtu or self.subnet.mtu,
+            extra_source(req.cni_args, self.subnet.network),
         )
         # The kernel makes and configures the pair with the free IP the allocator
         # picked while etcd commits it; only a committed IP is ever returned.

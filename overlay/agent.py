@@ -54,9 +54,9 @@ from corral.api.store import (
 from corral.api.tracker import ChangeTracker
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
-from corral.node import netns
+from corral.node import netns, podguard
 from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
-from corral.overlay import config, fastpath, lease, masq, notrack
+from corral.overlay import config, fastpath, guard, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
 
 log = logging.getLogger("corral.overlay.agent")
@@ -118,6 +118,7 @@ class OverlayAgent:
             self.resync_interval,
             retry_initial=min(1.0, self.resync_interval),
         )
+        self._guarded: set[str] | None = None  # the peers the VXLAN guard last accepted
         self.spec = NetworkSpec()
         self.leaser: lease.SubnetLeaser | None = None
         self.underlay: Underlay | None = None
@@ -313,6 +314,7 @@ class OverlayAgent:
                 "peers": fp.peer_count,
                 "packets": fp.stats(),
             }
+        doc["dropped"] = guard.drops(self.namespace, fp)
         write_json_atomic(os.path.join(self.ctx.paths.run_dir, DATAPATH_FILE), doc)
 
     async def _set_pod_cidr(self, subnet: str) -> None:
@@ -418,11 +420,40 @@ class OverlayAgent:
         )
         for c in changes:
             log.info("%s: %s", self.device, c)
+        await self._guard(pods=True)
         if self.fastpath is not None:
             for c in await self._k(self._fastpath_pass, False):
                 log.info("%s", c)
-            await self._k(self._write_datapath_file)
+        await self._k(self._write_datapath_file)
         self.reconciles += 1
+
+    async def _guard(self, pods: bool) -> None:
+        """VXLAN only from peers, none from pods; pods send only from their own address."""
+        try:
+            await self._apply_guards(pods)
+        except Exception as e:  # the rest of the pass (routes, FDB, fast path) goes on
+            log.error("cannot apply the overlay's guards (%s: %s); retrying", type(e).__name__, e)
+            self._guarded = None
+
+    async def _apply_guards(self, pods: bool) -> None:
+        ips = guard.peer_ips(self.remotes())
+        if pods or ips != self._guarded:  # a full pass checks the kernel; the watch, changes
+            for c in await asyncio.get_running_loop().run_in_executor(
+                None, guard.ensure, self.namespace, self.spec.network, self.spec.backend.port, ips
+            ):
+                log.info("%s", c)
+            self._guarded = ips
+        if self.fastpath is not None:
+            for c in await self._k(self.fastpath.sync_peer_ips, ips):
+                log.info("%s", c)
+        if pods:
+            for c in await self._k(self._guard_pods):
+                log.info("%s", c)
+
+    def _guard_pods(self) -> list[str]:
+        have = podguard.read(self.namespace)  # first: see podguard.sync
+        pods = podguard.pods_from_links(self.kernel.ipr.get_links())
+        return podguard.sync(self.namespace, pods, have)
 
     def _encapsulated(self) -> list[Remote]:
         """The peers reached through VXLAN (not by direct routing)."""
@@ -449,7 +480,8 @@ class OverlayAgent:
         )
         if fp.settings != want:
             fp.configure(want)
-        changes = fp.sync_peers(self._encapsulated(), ul.on_link)
+        changes = fp.sync_peer_ips(guard.peer_ips(self.remotes()))  # before from_uplink goes on
+        changes += fp.sync_peers(self._encapsulated(), ul.on_link)
         changes += fp.sync_pods(self.kernel.ipr, verify=True)
         changes += fp.attach_all(self.kernel.ipr) if reattach else fp.attach_fixed(self.kernel.ipr)
         return changes
@@ -496,6 +528,7 @@ class OverlayAgent:
                 self.fastpath.sync_peers, self._encapsulated(), self.underlay.on_link
             ):
                 log.info("%s", c)
+        await self._guard(pods=False)
 
     async def _resync_config(self) -> None:
         """Pick up ipMasq / directRouting changes; the address plan needs a restart."""
@@ -569,13 +602,17 @@ class OverlayAgent:
             await self._pods_dirty.wait()
             self._pods_dirty.clear()
             links, self._pod_links = self._pod_links, set()
-            if self.fastpath is None:
-                continue
-            try:
-                for c in await self._k(self.fastpath.update_links, self.kernel.ipr, links):
+            if self.fastpath is not None:
+                try:
+                    for c in await self._k(self.fastpath.update_links, self.kernel.ipr, links):
+                        log.info("%s", c)
+                except Exception:
+                    log.exception("fast path pod sync failed; the periodic pass retries")
+            try:  # CNI ADD guarded the veth already; this covers veths made by others
+                for c in await self._k(self._guard_pods):
                     log.info("%s", c)
             except Exception:
-                log.exception("fast path pod sync failed; the periodic pass retries")
+                log.exception("pod guard sync failed; the periodic pass retries")
 
     async def _sync(self, full: bool) -> None:
         """Changed leases as they come; everything, against the kernel, when `full`."""

@@ -25,6 +25,7 @@ cluster network still does, and so do the outer VXLAN packets.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import socket
@@ -36,7 +37,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.ebpf import loader
 from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac, unavailable
-from corral.node.podveth import parse_pod_alias
+from corral.node.podveth import parse_pod_alias, pod_extra_source
 from corral.overlay.vxlan import Remote
 
 __all__ = ["BPFUnavailable", "FastPath", "Settings", "unavailable"]
@@ -44,6 +45,8 @@ __all__ = ["BPFUnavailable", "FastPath", "Settings", "unavailable"]
 SOURCE = "overlay_fastpath.c"
 PROGRAMS = ("from_pod", "from_uplink", "from_overlay")
 STATS = ("encapsulated", "decapsulated", "local", "to_kernel")
+# the programs' drop counters (stats slots after STATS), see corral.overlay.guard
+DROPS = ("spoofed", "vxlan_from_pods", "vxlan_foreign", "not_ipv4")
 IFF_UP = 1
 
 
@@ -71,6 +74,9 @@ class FastPath:
         self.settings: Settings | None = None
         self._peers: dict[str, Remote] = {}
         self._pods: dict[str, tuple[int, str, str]] = {}  # pod IP -> (ifindex, pod MAC, host MAC)
+        self._sources: dict[int, tuple[str, str, str | None]] = {}  # ifindex -> (IP, MAC, extra)
+        self._peer_ips: set[str] = set()
+        self._extra: dict[int, str | None] = {}  # ifindex -> the alias's extra source prefix
 
     def load(self) -> None:
         """Compile and load the programs; BPFUnavailable says why not."""
@@ -126,6 +132,19 @@ class FastPath:
             changes.append(f"fast path: peer {subnet} via {r.public_ip}")
         return changes
 
+    def sync_peer_ips(self, ips: set[str]) -> list[str]:
+        """Make `peer_ips` hold exactly `ips`: from_uplink drops VXLAN from anyone else."""
+        table = self._map("peer_ips")
+        changes: list[str] = []
+        for ip in sorted(self._peer_ips - ips):
+            loader.forget(table, ip)
+            changes.append(f"fast path: VXLAN from {ip} no longer accepted")
+        for ip in sorted(ips - self._peer_ips):
+            table[table.Key(ip_key(ip))] = ctypes.c_uint8(1)
+            changes.append(f"fast path: VXLAN from {ip} accepted")
+        self._peer_ips = set(ips)
+        return changes
+
     def sync_pods(self, ipr: Any, verify: bool = False) -> list[str]:
         """Find every local pod's veth, hook from_pod onto each, and fill the pods map.
 
@@ -165,6 +184,7 @@ class FastPath:
             return None
         if ipaddress.IPv4Address(tag[0]) not in ipaddress.IPv4Network(self.settings.subnet):
             return None
+        self._extra[link["index"]] = pod_extra_source(link.get_attr("IFLA_IFALIAS"))
         return tag[0], (link["index"], tag[1], str(link.get_attr("IFLA_ADDRESS")).lower())
 
     def _set_pod(self, ipr: Any, ip: str, entry: tuple[int, str, str], verify: bool) -> list[str]:
@@ -172,6 +192,8 @@ class FastPath:
         changes = []
         index, pod_mac, host_mac = entry
         known = self._pods.get(ip) == entry
+        if not known:  # what the veth may send from, before from_pod goes on it
+            changes += self._set_source(index, ip, pod_mac)
         if (verify or not known) and "from_pod" not in loader.attached(ipr, index):
             self.progs.attach(ipr, index, "from_pod")
             changes.append(f"fast path: from_pod attached for pod {ip}")
@@ -188,8 +210,29 @@ class FastPath:
 
     def _drop_pod(self, ip: str) -> list[str]:
         loader.forget(self._map("pods"), ip)
-        del self._pods[ip]
+        index = self._pods.pop(ip)[0]
+        if self._sources.get(index, ("",))[0] == ip:
+            del self._sources[index]
+            with contextlib.suppress(KeyError):
+                del self._map("veths")[ctypes.c_uint32(index)]
         return [f"fast path: pod {ip} removed"]
+
+    def _set_source(self, index: int, ip: str, mac: str) -> list[str]:
+        """from_pod drops what the veth sends from any other MAC or address (and non-IPv4)."""
+        extra = self._extra.get(index)
+        if self._sources.get(index) == (ip, mac, extra):
+            return []
+        table = self._map("veths")
+        v = table.Leaf()
+        v.ip = ip_key(ip)
+        if extra:
+            net = ipaddress.IPv4Network(extra)
+            v.extra_net, v.extra_mask = ip_key(str(net.network_address)), ip_key(str(net.netmask))
+        set_mac(v.mac, mac)
+        table[ctypes.c_uint32(index)] = v
+        self._sources[index] = (ip, mac, extra)
+        also = f" and {extra}" if extra else ""
+        return [f"fast path: ifindex {index} may send only from {ip} {mac}{also}"]
 
     @property
     def pod_count(self) -> int:
@@ -203,6 +246,11 @@ class FastPath:
         """Packets handled since load, summed over CPUs."""
         table = self._map("stats")
         return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(STATS)}
+
+    def drops(self) -> dict[str, int]:
+        """Packets the programs dropped since load (spoofed, VXLAN...), summed over CPUs."""
+        table = self._map("stats")
+        return {name: int(sum(table[ctypes.c_int(len(STATS) + i)])) for i, name in enumerate(DROPS)}
 
     # ------------------------------------------------------------ hooks
 

@@ -10,6 +10,7 @@ VENV="${CORRAL_VENV:-$ROOT/.venv}"
 # Debian packages, grouped by the part of corral that needs them.
 PKGS=(
   # foundation: netns/veth/bridge, etcd, debugging tools
+  # (iptables also brings ebtables-nft, which the pod guard uses: corral.node.podguard)
   iproute2 iptables conntrack etcd-server etcd-client tcpdump iputils-ping
   dnsutils util-linux procps psmisc curl ca-certificates
   # python venv built on Debian's interpreter (BCC's bindings are built for it)

@@ -227,8 +227,11 @@ class Testbed:
 
     # ------------------------------------------------------------ pods
 
-    def add_pod(self, i: int, host: int = 0) -> Pod:
-        """A pod namespace on node `i` with the address .<host> of the node's subnet."""
+    def add_pod(self, i: int, host: int = 0, extra_source: str | None = None) -> Pod:
+        """A pod namespace on node `i` with the address .<host> of the node's subnet.
+
+        `extra_source`: the opt-in extra source prefix, in the veth's alias as CNI puts it.
+        """
         n = self.node(i)
         info = wait_for(n.subnet_info, 30, f"{n.subnet_file}")
         subnet = ipaddress.ip_network(info["subnet"])
@@ -263,7 +266,7 @@ class Testbed:
                 index=v,
                 master=ipr.link_lookup(ifname="cni0")[0],
                 state="up",
-                ifalias=pod_alias(ip, pod_mac),
+                ifalias=pod_alias(ip, pod_mac, extra_source),
             )  # as corral-cni tags it
         pod = Pod(name, ns, ip, i)
         n.pods.append(pod)

@@ -14,7 +14,7 @@ import pytest
 from cni_helpers import CNINode, wait_until
 
 from corral.api.store import Store, ipam_ip_key, ipam_owner_key
-from corral.node import netns
+from corral.node import netns, podguard
 
 POOL = "10.244.1.0-24"
 cni_node = cni_helpers.cni_node
@@ -591,3 +591,49 @@ def test_socket_removed_or_replaced_is_served_again(cni_node: CNINode) -> None:
     rc, res = cni_node.libcni("add", "ctr-sock", pod)
     assert rc == 0, (res, cni_node.log())
     assert cni_node.libcni("del", "ctr-sock", pod)[0] == 0
+
+
+async def test_add_guards_the_pod_source_with_an_explicit_extra_prefix_opt_in(
+    cni_node: CNINode, store: Store
+) -> None:
+    """ADD lets the pod send only from its own IP and MAC before it returns; CNI_ARGS
+    CORRAL_EXTRA_SOURCE adds one prefix inside the cluster network, anything else is error 4."""
+    node = cni_node
+    pod = node.pod()
+    rc, res = node.plugin("corral-cni", "ADD", conf(), cid="guard-a", pod=pod)
+    assert rc == 0, res
+    host, mac = res["interfaces"][1]["name"], res["interfaces"][2]["mac"]
+    ip = res["ips"][0]["address"].split("/")[0]
+    saved = podguard.read(node.name)
+    assert saved.rules[podguard.POD_CHAIN_PREFIX + host] == podguard.pod_rules(
+        podguard.PodSource(host, ip, mac)
+    )
+    assert saved.rules[podguard.CHAIN] == [f"-i {host} -j {podguard.POD_CHAIN_PREFIX}{host}"]
+    assert f"-j {podguard.CHAIN}" in saved.rules["PREROUTING"]
+
+    p2 = node.pod()
+    extra = {"CNI_ARGS": "IgnoreUnknown=1;CORRAL_EXTRA_SOURCE=10.244.1.128/25"}
+    rc, res = node.plugin("corral-cni", "ADD", conf(), cid="guard-b", pod=p2, env=extra)
+    assert rc == 0, res
+    host2 = res["interfaces"][1]["name"]
+    assert node.links()[host2]["ifalias"].endswith(" 10.244.1.128/25")
+    rules = podguard.read(node.name).rules[podguard.POD_CHAIN_PREFIX + host2]
+    assert f"-p IPv4 -s {res['interfaces'][2]['mac']} --ip-src 10.244.1.128/25 -j RETURN" in rules
+
+    # DEL takes the pod's chain away with its veth
+    rc, _ = node.plugin("corral-cni", "DEL", conf(), cid="guard-b", pod=p2)
+    assert rc == 0
+    wait_until(
+        lambda: podguard.POD_CHAIN_PREFIX + host2 not in podguard.read(node.name).chains,
+        what="the DEL's veth chain to go",
+    )
+    assert podguard.POD_CHAIN_PREFIX + host in podguard.read(node.name).chains
+
+    before = await allocations(store)
+    for bad in ("10.9.0.0/24", "10.244.1.5/25", "nonsense"):
+        p3 = node.pod()
+        env = {"CNI_ARGS": f"CORRAL_EXTRA_SOURCE={bad}"}
+        rc, err = node.plugin("corral-cni", "ADD", conf(), cid="guard-c", pod=p3, env=env)
+        assert rc == 1 and err["code"] == 4, (bad, err)
+        assert "eth0" not in pod_links(node, p3)
+    assert await allocations(store) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from corral.api.objects import NetworkConfig, NetworkSpec, Node, NodeAddress, No
 from corral.api.store import Store, subnet_key
 from corral.cli.main import main as cli_main
 from corral.cluster.etcd import LocalEtcd
-from corral.node import iptables, netns
-from corral.overlay import config, lease, masq, notrack
+from corral.node import iptables, netns, podguard
+from corral.overlay import config, guard, lease, masq, notrack
 
 
 def spec(**kw: object) -> NetworkSpec:
@@ -280,3 +281,77 @@ async def test_a_renamed_node_keeps_its_subnet_by_public_ip(store: Store) -> Non
     # another node that merely shares the public IP does not take it
     other = await leaser(store, "other", "172.30.0.1").acquire()
     assert other.subnet != old.subnet
+
+
+# ------------------------------------------------ guards (traffic: test_overlay_guard.py)
+
+SENDTO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0))
+s.sendto(b"x", ("127.0.0.1", 4789))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+def test_vxlan_guard_follows_peers_one_rule_at_a_time_and_keeps_its_counters(
+    scratch_ns: str,
+) -> None:
+    net = "10.244.0.0/16"
+    assert guard.ensure(scratch_ns, net, 4789, {"172.30.0.2"})
+    assert guard.ensure(scratch_ns, net, 4789, {"172.30.0.2"}) == []  # nothing left to change
+    netns.run(scratch_ns, ["ip", "link", "set", "lo", "up"])
+    netns.run(scratch_ns, ["ip", "addr", "add", "10.244.5.5/32", "dev", "lo"])
+    # a "pod" source and a stranger (127.0.0.1) each send one VXLAN packet: both dropped
+    for src in ("10.244.5.5", "127.0.0.1"):
+        netns.run(scratch_ns, [sys.executable, "-c", SENDTO, src])
+    assert guard.kernel_drops(scratch_ns) == {"vxlan_from_pods": 1, "vxlan_foreign": 1}
+    assert guard.ensure(scratch_ns, net, 4789, {"172.30.0.3", "172.30.0.4"}) == [
+        "VXLAN guard: 172.30.0.2/32 no longer a peer",
+        "VXLAN guard: VXLAN from peer 172.30.0.3 accepted",
+        "VXLAN guard: VXLAN from peer 172.30.0.4 accepted",
+    ]
+    rules = iptables.chain_rules(scratch_ns, "raw", guard.CHAIN)
+    assert rules is not None and sorted(rules[1:-1]) == [
+        guard.peer_rule("172.30.0.3", 4789),
+        guard.peer_rule("172.30.0.4", 4789),
+    ]
+    assert guard.kernel_drops(scratch_ns) == {"vxlan_from_pods": 1, "vxlan_foreign": 1}
+    # a peer's own packets pass: 127.0.0.1 made a peer
+    assert guard.ensure(scratch_ns, net, 4789, {"127.0.0.1"})
+    netns.run(scratch_ns, [sys.executable, "-c", SENDTO, "127.0.0.1"])
+    assert guard.kernel_drops(scratch_ns)["vxlan_foreign"] == 1
+    # jumps removed by hand come back; a new port rewrites the chain
+    netns.run(scratch_ns, ["iptables", "-t", "raw", "-D", "PREROUTING", *guard.JUMP])
+    netns.run(scratch_ns, ["iptables", "-D", "FORWARD", *guard.FILTER_JUMP])
+    assert guard.ensure(scratch_ns, net, 4789, {"127.0.0.1"})
+    assert iptables.has_rule(scratch_ns, "raw", "PREROUTING", guard.JUMP)
+    assert iptables.has_rule(scratch_ns, "filter", "FORWARD", guard.FILTER_JUMP)
+    assert guard.ensure(scratch_ns, net, 8472, {"127.0.0.1"})
+    assert iptables.chain_rules(scratch_ns, "raw", guard.CHAIN) == [
+        guard.pods_rule(net, 8472),
+        guard.peer_rule("127.0.0.1", 8472),
+        guard.foreign_rule(8472),
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+def test_pod_guard_chains_follow_the_pods_and_leave_others_alone(scratch_ns: str) -> None:
+    a = podguard.PodSource("vetha", "10.244.1.2", "02:00:00:00:00:0a")
+    b = podguard.PodSource("vethb", "10.244.1.3", "02:00:00:00:00:0b", "10.244.1.128/25")
+    netns.run(scratch_ns, ["ebtables", "-t", "nat", "-A", "POSTROUTING", "-j", "ACCEPT"])
+    podguard.add(scratch_ns, a)  # the first pod on a node makes the base chain too
+    podguard.add(scratch_ns, a)  # a repeated ADD: a second dispatch rule
+    assert podguard.sync(scratch_ns, {"vetha": a, "vethb": b})
+    assert podguard.sync(scratch_ns, {"vetha": a, "vethb": b}) == []
+    saved = podguard.read(scratch_ns)
+    dispatch = ["-i vetha -j CORRAL-P-vetha", "-i vethb -j CORRAL-P-vethb"]
+    assert saved.rules[podguard.CHAIN] == dispatch  # the repeated ADD's duplicate went
+    assert saved.rules["CORRAL-P-vethb"] == podguard.pod_rules(b)
+    assert saved.rules["PREROUTING"] == [f"-j {podguard.CHAIN}"]
+    assert podguard.sync(scratch_ns, {"vethb": b}) == ["pod guard: vetha gone, its chain removed"]
+    assert "CORRAL-P-vetha" not in podguard.read(scratch_ns).chains
+    assert podguard.forget(scratch_ns, "vethb") and not podguard.forget(scratch_ns, "vethb")
+    assert podguard.remove(scratch_ns)
+    saved = podguard.read(scratch_ns)
+    assert not [c for c in saved.chains if c.startswith("CORRAL-")]
+    assert saved.rules["POSTROUTING"] == ["-j ACCEPT"]  # someone else's rule is untouched
