@@ -11,7 +11,7 @@ simulated nodes from the host namespace without giving them a path to etcd.
 
 Options come from `ctx.options` (`corral.node.context.NodeOptions`): `netns`,
 `resync_interval`, `lease_ttl`, `ip_forward`, `kernel_events` and `datapath`
-("auto": the eBPF fast path of fastpath.py when BCC can load it, else the
+("auto": the eBPF fast path of ebpf/overlay_fastpath.py when BCC can load it, else the
 kernel's path; "bpf": the fast path or fail; "kernel": the kernel's path only,
 any corral programs removed).
 """
@@ -54,9 +54,10 @@ from corral.api.store import (
 from corral.api.tracker import ChangeTracker
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
+from corral.ebpf import overlay_fastpath as fastpath
 from corral.node import netns, podguard
 from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
-from corral.overlay import config, fastpath, guard, lease, masq, notrack
+from corral.overlay import config, guard, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
 
 log = logging.getLogger("corral.overlay.agent")

@@ -31,14 +31,25 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.ebpf import loader
 from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac, unavailable
 from corral.node.podveth import parse_pod_alias, pod_extra_source
-from corral.overlay.vxlan import Remote
+
+
+class Remote(Protocol):
+    """A peer node as the fast path needs it (the overlay's vxlan.Remote fits)."""
+
+    subnet: str
+    public_ip: str
+    vtep_mac: str
+
+    @property
+    def gateway(self) -> str: ...
+
 
 __all__ = ["BPFUnavailable", "FastPath", "Settings", "unavailable"]
 
