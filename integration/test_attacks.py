@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from cluster_helpers import wait_for
-from conftest import LocalCluster
+from clusters import LocalCluster
 
 pytestmark = pytest.mark.slow
 

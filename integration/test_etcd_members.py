@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from cluster_helpers import pods_of, wait_for
-from conftest import LocalCluster, local_cluster
+from clusters import LocalCluster, local_cluster
 
 from corral.api.objects import Node
 from corral.runtime.containers import nsenter_argv

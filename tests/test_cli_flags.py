@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import on_store
 from control_helpers import make_pod
+from etcd_helpers import on_store
 
 from corral.api.objects import Pod, Service
 from corral.api.store import Store

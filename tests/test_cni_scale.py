@@ -10,7 +10,7 @@ from typing import Any
 
 import cni_helpers
 from cni_helpers import CNINode, wait_until
-from conftest import running_etcd
+from etcd_helpers import running_etcd
 
 from corral.api.store import Store
 from corral.cni.bridge import host_veth_name

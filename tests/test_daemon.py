@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import running_etcd
+from etcd_helpers import running_etcd
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.objects import Node

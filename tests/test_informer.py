@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import running_etcd
+from etcd_helpers import running_etcd
 
 from corral.api.informer import (
     BY_NAMESPACE,

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import on_store
 from control_helpers import make_node, make_pod, set_pod_running
+from etcd_helpers import on_store
 
 from corral.api.objects import Endpoints, Node, Pod, ReplicationController, Service
 from corral.api.store import Store
