@@ -5,13 +5,17 @@ integration/ each have one, and both are collected as the module `conftest`.)"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from etcd_helpers import on_store, running_etcd
 
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
+from corral.node import netns
+from corral.runtime import containers
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +48,29 @@ async def store(etcd: LocalEtcd) -> AsyncIterator[Store]:
     finally:
         await s.delete_prefix_raw("/corral/")
         await s.close()
+
+
+# ------------------------------------------------------------ container shims
+
+
+@pytest.fixture(params=["native", "python"])
+def shim(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each container shim in turn: the native build (skipped without a compiler), then
+    the Python one."""
+    if request.param == "native":
+        if containers.native_shim() is None:
+            pytest.skip("no C compiler: the native shim cannot be built")
+    else:
+        monkeypatch.setattr(containers, "_native_shim", [None])
+    return str(request.param)
+
+
+@pytest.fixture
+def pod_dir(tmp_path: Any) -> Iterator[str]:
+    """A pod directory with a pinned network namespace at netns/cni-test."""
+    ns = os.path.join(tmp_path, "netns", "cni-test")
+    netns.create_pinned(ns)
+    try:
+        yield str(tmp_path)
+    finally:
+        netns.remove_pinned(ns)

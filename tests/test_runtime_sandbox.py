@@ -27,7 +27,6 @@ from runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run, rea
 from corral.api.objects import Pod
 from corral.api.store import Store, TLSFiles
 from corral.cluster.etcd import LocalEtcd
-from corral.node import netns
 from corral.node.context import NodePaths
 from corral.runtime import containers, security
 from corral.runtime import shim as shim_py
@@ -163,26 +162,6 @@ def test_hidden_paths_are_the_nodes_own(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 # ---------------------------------------------------------------- the shims
-
-
-@pytest.fixture(params=["native", "python"])
-def shim(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native":
-        if containers.native_shim() is None:
-            pytest.skip("no C compiler: the native shim cannot be built")
-    else:
-        monkeypatch.setattr(containers, "_native_shim", [None])
-    return str(request.param)
-
-
-@pytest.fixture
-def pod_dir(tmp_path: Any) -> Iterator[str]:
-    ns = os.path.join(tmp_path, "netns", "cni-test")
-    netns.create_pinned(ns)
-    try:
-        yield str(tmp_path)
-    finally:
-        netns.remove_pinned(ns)
 
 
 @pytest.fixture

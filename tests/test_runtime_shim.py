@@ -8,33 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Iterator
-from typing import Any
 
-import pytest
-
-from corral.node import netns
 from corral.runtime import containers
-
-
-@pytest.fixture(params=["native", "python"])
-def shim(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native":
-        if containers.native_shim() is None:
-            pytest.skip("no C compiler: the native shim cannot be built")
-    else:
-        monkeypatch.setattr(containers, "_native_shim", [None])
-    return str(request.param)
-
-
-@pytest.fixture
-def pod_dir(tmp_path: Any) -> Iterator[str]:
-    ns = os.path.join(tmp_path, "netns", "cni-test")
-    netns.create_pinned(ns)
-    try:
-        yield str(tmp_path)
-    finally:
-        netns.remove_pinned(ns)
 
 
 async def launch(
