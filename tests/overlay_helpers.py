@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 from overlay_testbed import Pod, Testbed
 
 from corral.api.store import Store
+from corral.ebpf import loader
+
+# For modules that load BPF programs: root (namespaces, cgroups, bpffs) and BCC.
+NEEDS_ROOT_AND_BCC = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces, cgroups and bpffs"),
+    pytest.mark.skipif(
+        loader.unavailable() is not None, reason=f"BCC cannot compile here: {loader.unavailable()}"
+    ),
+]
 
 
 def etcd_do(url: str, fn: Callable[[Store], Awaitable[Any]]) -> Any:

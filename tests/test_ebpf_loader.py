@@ -20,16 +20,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader
 from corral.node import netns
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups, bpffs and namespaces"),
-    pytest.mark.skipif(
-        loader.unavailable() is not None, reason=f"BCC cannot compile here: {loader.unavailable()}"
-    ),
-]
+pytestmark = NEEDS_ROOT_AND_BCC
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf", "cgroup_test.c")
 PROGRAMS = {"corral_connect4": "connect4", "corral_sock": "sock_create"}

@@ -17,19 +17,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from overlay_helpers import etcd_do, peer_seen_by_server, pod
+from overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, peer_seen_by_server, pod
 from overlay_testbed import Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
 from corral.node import netns
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
-    pytest.mark.skipif(
-        loader.unavailable() is not None, reason=f"BCC cannot compile here: {loader.unavailable()}"
-    ),
-]
+pytestmark = NEEDS_ROOT_AND_BCC
 
 DEADLINE = 45.0
 FAST, KERNEL = 1, 2

@@ -22,21 +22,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from overlay_helpers import etcd_do, pod
+from overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, pod
 from overlay_testbed import Pod, SimNode, Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
-from corral.ebpf import loader
 from corral.node import iptables, netns, podguard
 from corral.node.podveth import pod_alias
 from corral.overlay import guard
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces"),
-    pytest.mark.skipif(
-        loader.unavailable() is not None, reason=f"BCC cannot compile here: {loader.unavailable()}"
-    ),
-]
+pytestmark = NEEDS_ROOT_AND_BCC
 
 DEADLINE = 45.0
 FAST, KERNEL = 1, 2
