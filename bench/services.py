@@ -5,8 +5,8 @@ same run (a Store writing them with 50 in flight: the floor of any client):
 
 1. apply:    `corral apply -f` of N Services (a process, as a user runs it) vs
              the same N objects written by plain puts.
-2. converge: with `corral controllers` running (a process; endpoints and
-             serviceips), from the start of `corral apply` until every Service
+2. converge: with `corral controllers` running (a process, every controller
+             in it, as `corral up` runs it), from the start of `corral apply` until every Service
              has a ClusterIP, its Endpoints and its EndpointSlice list all of
              its pods (seen through a watch) vs plain puts of the objects the
              controllers wrote (the N Services with their VIP, N Endpoints, N
@@ -15,8 +15,8 @@ same run (a Store writing them with 50 in flight: the floor of any client):
              `etcdctl get --prefix` of the same keys.
 4. memory:   the controllers process's VmRSS with everything synced.
 
-The pods are simulated: written to etcd with an IP and Ready (no node runs
-them, so no node lifecycle controller is involved).
+The pods are simulated: written to etcd with an IP and Ready, bound to no
+node (so the node lifecycle controller leaves them alone) and owned by nothing.
 
     python -m bench.services [--services 10000] [--pods-per-service 3]
 """
@@ -102,8 +102,16 @@ async def write_pods(store: Store, n_services: int, per: int) -> int:
     return len(pods)
 
 
-def corral(url: str, *args: str, stdout: int | None = subprocess.DEVNULL) -> tuple[float, str]:
+def env_for(url: str) -> dict[str, str]:
+    """The commands' environment. Bytecode caching stays on (as for any user): with
+    PYTHONDONTWRITEBYTECODE set, each process would compile corral's modules again."""
     env = dict(os.environ, CORRAL_ETCD=url)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def corral(url: str, *args: str, stdout: int | None = subprocess.DEVNULL) -> tuple[float, str]:
+    env = env_for(url)
     t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-m", "corral", *args],
@@ -184,6 +192,7 @@ async def run(url: str, args: argparse.Namespace, tmp: str) -> None:
     for s in svcs:
         Store.prepare_create(s)
     svc_items = [(object_key(Service, s.name, s.namespace), Store.encode(s)) for s in svcs]
+    corral(url, "--version")  # warm: bytecode written, page cache filled
     async with Store(url) as store:
         await store.delete_prefix_raw("/corral/")
         t0 = time.perf_counter()
@@ -205,7 +214,7 @@ async def run(url: str, args: argparse.Namespace, tmp: str) -> None:
                 "corral",
                 "controllers",
                 "--controllers",
-                "endpoints,serviceips",
+                args.controllers,
                 "--metrics-addr",
                 f"127.0.0.1:{port}",
                 "--debug-socket",
@@ -213,18 +222,32 @@ async def run(url: str, args: argparse.Namespace, tmp: str) -> None:
                 "--seed",
                 "1",
             ],
-            env=dict(os.environ, CORRAL_ETCD=url),
+            env=env_for(url),
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(tmp, "controllers.log"), "w"),  # noqa: SIM115
         )
         try:
             wait_ready(port, proc)
             rss_idle = rss_kib(proc.pid)
+            spy = None
+            if args.py_spy:  # sample the controllers while they converge
+                spy = subprocess.Popen(
+                    [
+                        *(args.py_spy_bin, "record", "-p", str(proc.pid), "-f", "raw"),
+                        *("-r", "50", "-o", args.py_spy, "--nonblocking"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                await asyncio.sleep(1)
             rev = await store.revision()
             started = time.perf_counter()
             watch = asyncio.create_task(converged(store, n, per, rev + 1, started))
             apply_busy, _ = await asyncio.to_thread(corral, url, "apply", "-f", manifest)
             when = await asyncio.wait_for(watch, timeout=600)
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(timeout=30)
             await asyncio.sleep(2)  # let the controllers settle before reading memory
             rss = rss_kib(proc.pid)
         finally:
@@ -286,6 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--services", type=int, default=10_000)
     ap.add_argument("--pods-per-service", type=int, default=3)
+    ap.add_argument(
+        "--controllers",
+        default="replication,endpoints,serviceips,nodelifecycle",
+        help="which controllers the process runs (default: all, as `corral up` does)",
+    )
+    ap.add_argument("--py-spy", metavar="FILE", help="record the controllers (collapsed stacks)")
+    ap.add_argument("--py-spy-bin", default=shutil.which("py-spy") or "py-spy")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (controllers.log)")
     args = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="corral-bench-services-")

@@ -192,13 +192,40 @@ def by_holder(h: Holder) -> list[str]:
     return [h.service] if h.service else []
 
 
+class _Pending(dict[str, Holder]):
+    """address -> holder, also by service, so `held_by` need not scan every claim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_service: dict[str, set[str]] = {}
+
+    def __setitem__(self, addr: str, h: Holder) -> None:
+        old = self.get(addr)
+        if old is not None:
+            self._by_service.get(old.service, set()).discard(addr)
+        super().__setitem__(addr, h)
+        self._by_service.setdefault(h.service, set()).add(addr)
+
+    def __delitem__(self, addr: str) -> None:
+        h = self[addr]
+        super().__delitem__(addr)
+        addrs = self._by_service.get(h.service)
+        if addrs is not None:
+            addrs.discard(addr)
+            if not addrs:
+                del self._by_service[h.service]
+
+    def of(self, service: str) -> dict[str, Holder]:
+        return {a: self[a] for a in self._by_service.get(service, ())}
+
+
 class AddressBook:
     """Who holds which address: the informer on the keys, plus our claims in flight."""
 
     def __init__(self, informer: Informer[Holder], prefix: str) -> None:
         self.informer = informer
         self.prefix = prefix
-        self.pending: dict[str, Holder] = {}  # address -> holder: claimed, not seen yet
+        self.pending = _Pending()  # address -> holder: claimed by us, not seen yet
         informer.add_index(BY_HOLDER, by_holder)
         informer.on_change(self._seen)
 
@@ -221,7 +248,7 @@ class AddressBook:
             for key in self.informer.index_keys(BY_HOLDER, service)
             if (h := self.informer.cache.get(key)) is not None
         }
-        out.update({a: h for a, h in self.pending.items() if h.service == service})
+        out.update(self.pending.of(service))
         return out
 
     def revision(self, addr: str) -> int | None:
@@ -250,8 +277,8 @@ class Plan:
 class ServiceIPController:
     """Gives every Service its ClusterIP and node ports; frees them when it goes."""
 
-    WORKERS = 2  # batch workers on one queue (each holds different Services)
-    BATCH = 32  # Services per batch (a few operations each; <= 128 per transaction)
+    WORKERS = 4  # batch workers on one queue (each holds different Services)
+    BATCH = 64  # Services per batch (a few operations each; <= 128 per transaction)
 
     def __init__(
         self, store: Store, seed: int | None = None, informers: InformerFactory | None = None
@@ -335,7 +362,11 @@ class ServiceIPController:
                         self._release(plan, book, addr)
             return plan if plan.ops else None
         holder = Holder(key, cached.metadata.uid or "")
-        svc = cached.model_copy(deep=True)
+        # A copy of what a plan may change (spec, its ports): the cache's object is
+        # shared. A deep copy of the whole Service cost ~0.4 ms, a third of a plan.
+        spec = cached.spec.model_copy()
+        spec.ports = [p.model_copy() for p in cached.spec.ports]
+        svc = cached.model_copy(update={"spec": spec})
         changed = False
         try:
             if svc.spec.type != "ExternalName" and svc.spec.cluster_ip != "None":
