@@ -32,6 +32,7 @@ import ipaddress
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.api.informer import Informer, InformerFactory, started
@@ -222,10 +223,16 @@ class _Pending(dict[str, Holder]):
 class AddressBook:
     """Who holds which address: the informer on the keys, plus our claims in flight."""
 
-    def __init__(self, informer: Informer[Holder], prefix: str) -> None:
+    def __init__(
+        self,
+        informer: Informer[Holder],
+        prefix: str,
+        on_seen: Callable[[Holder], None] | None = None,
+    ) -> None:
         self.informer = informer
         self.prefix = prefix
         self.pending = _Pending()  # address -> holder: claimed by us, not seen yet
+        self.on_seen = on_seen  # told of each holder whose key arrived (after `pending`)
         informer.add_index(BY_HOLDER, by_holder)
         informer.on_change(self._seen)
 
@@ -237,6 +244,8 @@ class AddressBook:
                 addr = key.removeprefix(self.prefix)
                 if self.pending.get(addr) == self.informer.cache.get(key):
                     del self.pending[addr]
+        if new is not None and self.on_seen is not None:
+            self.on_seen(new)
 
     def holder(self, addr: str) -> Holder | None:
         return self.pending.get(addr) or self.informer.cache.get(self.prefix + addr)
@@ -292,16 +301,28 @@ class ServiceIPController:
         self.services: Informer[Service] = self.informers.informer(Service)
         self.configs: Informer[NetworkConfig] = self.informers.informer(NetworkConfig)
         self.ips = AddressBook(
-            self.informers.raw(CLUSTER_IPS_PREFIX, holder_record), CLUSTER_IPS_PREFIX
+            self.informers.raw(CLUSTER_IPS_PREFIX, holder_record),
+            CLUSTER_IPS_PREFIX,
+            self._address_seen,
         )
         self.ports = AddressBook(
-            self.informers.raw(NODE_PORTS_PREFIX, holder_record), NODE_PORTS_PREFIX
+            self.informers.raw(NODE_PORTS_PREFIX, holder_record),
+            NODE_PORTS_PREFIX,
+            self._address_seen,
         )
         self.services.on_change(self._service_changed)
-        self._deleted: dict[str, set[str]] = {}  # ns/name -> uids of deleted Services
+        # ns/name -> uids of Services seen deleted: their keys are freed, also keys
+        # that arrive later (a claim made by `corral expose` for a Service not yet
+        # written names a uid not in here, so it is left alone).
+        self._deleted: dict[str, set[str]] = {}
         self._warned: dict[str, str] = {}
         self.allocated = 0  # Services written with their addresses (for tests and stats)
         self.conflicts = 0  # transactions whose compare failed
+
+    def _address_seen(self, h: Holder) -> None:
+        # A key of a Service already deleted (its watch was ahead of this one): free it.
+        if h.uid in self._deleted.get(h.service, ()):
+            self.queue.add(h.service)
 
     def _service_changed(self, old: Service | None, new: Service | None) -> None:
         if new is None and old is not None and old.metadata.uid:
@@ -500,9 +521,6 @@ class ServiceIPController:
                     again[p.key] = 0.1  # the informers catch up; plan it again then
         for p in written:
             self._warned.pop(p.key, None)
-            ns, _, name = p.key.partition("/")
-            if self.services.get(name, ns) is None:
-                self._deleted.pop(p.key, None)
             if p.summary:
                 self.allocated += 1
                 log.debug("service %s: %s", p.key, p.summary)
