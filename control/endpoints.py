@@ -333,11 +333,14 @@ class _Written:
         mine = self.mine.get(obj.key_name)
         if mine is None:
             return
-        if new is None:
-            if mine[1] is None:  # our delete (or a later one) arrived
-                del self.mine[obj.key_name]
-        elif int(new.metadata.resource_version or 0) >= mine[0]:
+        # A delete (ours or anyone's) or a version at least as new as ours: the cache
+        # knows best from here. (An older delete arriving before our create only
+        # costs a failed create, retried once the create's event is in.)
+        if new is None or int(new.metadata.resource_version or 0) >= mine[0]:
             del self.mine[obj.key_name]
+
+    def forget(self, key: str) -> None:
+        self.mine.pop(key, None)
 
     def get(self, key: str) -> TypedObject | None:
         """The newest of the cache and our own last write."""
@@ -374,6 +377,8 @@ class EndpointsController:
         self._slices = _Written(self.slices)
         self.services.on_change(self._service_changed)
         self.pods.on_change(self._pod_changed)
+        self.endpoints.on_change(self._output_changed)
+        self.slices.on_change(self._output_changed)
         self._slice_names: dict[str, set[str]] = {}  # ns/service -> slices we wrote
         self.writes = 0  # objects written (created, updated or deleted)
         self.conflicts = 0  # transactions whose compare failed
@@ -384,6 +389,21 @@ class EndpointsController:
         svc = new or old
         if svc is not None:
             self.queue.add(svc.key_name)
+
+    def _output_changed(self, old: TypedObject | None, new: TypedObject | None) -> None:
+        """Someone deleted what we manage while its Service lives: it is synced again.
+        (Only deletes: reacting to every update would re-plan each of our own writes.)"""
+        if old is None or new is not None:
+            return
+        if isinstance(old, EndpointSlice):
+            keys = by_service(old)
+        elif any(r.kind == "Service" for r in old.metadata.owner_references):
+            keys = [old.key_name]
+        else:
+            return
+        for key in keys:
+            if key in self.services.cache:
+                self.queue.add(key)
 
     def _pod_changed(self, old: Pod | None, new: Pod | None) -> None:
         labels = [p.metadata.labels for p in (old, new) if p is not None]
@@ -490,6 +510,10 @@ class EndpointsController:
             for ch in batch:
                 if len(batch) == 1 or not await self._commit([ch]):
                     again[ch.key] = 0.1  # written meanwhile: plan again once the cache has it
+                    for o in (*ch.creates, *ch.updates):  # from the cache, not our memory
+                        (self._eps if isinstance(o, Endpoints) else self._slices).forget(o.key_name)
+                    for kind, name, ns, _ in ch.deletes:
+                        (self._eps if kind is Endpoints else self._slices).forget(f"{ns}/{name}")
         return again
 
     async def sync(self, key: str) -> float | None:

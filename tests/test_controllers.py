@@ -779,4 +779,9 @@ async def test_endpoints_follow_bulk_changes(store: Store) -> None:
         await _commit_all(store, [_bulk_service(n + i) for i in range(20)])
         await _commit_all(store, [bulk_pod(n + i, 0, n + i) for i in range(20)])
         await eventually(matches_pods, timeout=60, what="endpoints after the bulk changes")
+        # Someone deletes some of them behind the controller's back: they come back.
+        for i in range(1, 40, 4):
+            await store.delete(Endpoints, f"bulk-{i}", "default")
+            await store.delete(EndpointSlice, f"bulk-{i + 1}", "default")
+        await eventually(matches_pods, timeout=60, what="deleted endpoints rewritten")
     assert ctrl.writes > 0
