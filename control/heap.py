@@ -15,6 +15,8 @@ frozen (CPython's own rule for when a full collection is worth it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
 import logging
 
@@ -39,6 +41,7 @@ class HeapTuning:
         gc.freeze()
         self.freezes += 1
         self.frozen_at = gc.get_freeze_count()
+        _trim()
 
     async def run(self) -> None:
         gc.set_threshold(*THRESHOLDS)
@@ -53,3 +56,10 @@ class HeapTuning:
 
     def debug_state(self) -> dict[str, int]:
         return {"frozen": gc.get_freeze_count(), "freezes": self.freezes}
+
+
+def _trim() -> None:
+    """Give the heap that the initial lists used (whole responses, decoded once) back to
+    the system: glibc keeps freed memory in its arenas otherwise."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

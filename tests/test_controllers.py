@@ -785,3 +785,26 @@ async def test_endpoints_follow_bulk_changes(store: Store) -> None:
             await store.delete(EndpointSlice, f"bulk-{i + 1}", "default")
         await eventually(matches_pods, timeout=60, what="deleted endpoints rewritten")
     assert ctrl.writes > 0
+
+
+async def test_heap_tuning_freezes_the_caches_once_synced(store: Store) -> None:
+    """The component waits for the informers, then freezes; the test puts back the
+    collector as it found it."""
+    import gc
+
+    from corral.api.informer import InformerFactory
+    from corral.control.heap import HeapTuning
+
+    await store.create(_bulk_service(1))
+    thresholds = gc.get_threshold()
+    factory = InformerFactory(store)
+    services = factory.informer(Service)
+    heap = HeapTuning(factory)
+    try:
+        async with running(factory.run(), heap.run()):
+            await eventually(lambda: _true(heap.freezes >= 1), what="frozen")
+            assert len(services.cache) == 1
+            assert heap.debug_state()["frozen"] > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
