@@ -54,6 +54,7 @@ BY_NODE = "node"
 BY_OWNER = "owner"
 BY_POD_IP = "podIP"
 BY_NAMESPACE = "namespace"
+BY_LABEL = "label"
 
 
 def by_node(pod: Pod) -> list[str]:
@@ -77,19 +78,36 @@ def by_namespace(obj: TypedObject) -> list[str]:
     return [obj.namespace] if obj.namespace else []
 
 
+def label_pair(namespace: str | None, key: str, value: str) -> str:
+    """The BY_LABEL index value of one label: `ns/key=value`."""
+    return f"{namespace or ''}/{key}={value}"
+
+
+def by_label(obj: TypedObject) -> list[str]:
+    """Every label of an object with its namespace (`ns/key=value`): what selectors use."""
+    return [label_pair(obj.namespace, k, v) for k, v in obj.metadata.labels.items()]
+
+
 def selected(
     informer: Informer[K], namespace: str | None, selector: Mapping[str, str] | None
 ) -> list[K]:
     """Objects in `namespace` whose labels carry every pair of `selector` (Service-style:
-    an empty selector selects nothing). Needs the BY_NAMESPACE index, added if missing."""
+    an empty selector selects nothing), sorted by key. Uses the BY_LABEL index (added
+    if missing): only the objects with the selector's rarest pair are looked at."""
     if not selector or not namespace:
         return []
-    informer.add_index(BY_NAMESPACE, by_namespace)
-    return [
-        o
-        for o in informer.by_index(BY_NAMESPACE, namespace)
-        if all(o.metadata.labels.get(k) == v for k, v in selector.items())
-    ]
+    informer.add_index(BY_LABEL, by_label)
+    rarest = min(
+        (label_pair(namespace, k, v) for k, v in selector.items()),
+        key=lambda pair: informer.index_size(BY_LABEL, pair),
+    )
+    candidates = informer.index_keys(BY_LABEL, rarest)
+    out = []
+    for key in sorted(candidates):
+        o = informer.cache.get(key)
+        if o is not None and all(o.metadata.labels.get(k) == v for k, v in selector.items()):
+            out.append(o)
+    return out
 
 
 # ------------------------------------------------------------------ handlers
@@ -251,6 +269,14 @@ class Informer(Generic[T]):
         except KeyError:
             raise KeyError(f"{self.name} has no index {name!r}; add_index it first") from None
         return set(index.get(value, ()))
+
+    def index_size(self, name: str, value: str) -> int:
+        """How many objects the index holds under `value` (no copy)."""
+        return len(self._indexes[name].get(value, ()))
+
+    def revision_of(self, etcd_key: str) -> int | None:
+        """The mod revision of the record at `etcd_key` that the cache reflects."""
+        return self._known.get(etcd_key)
 
     def index_values(self, name: str) -> list[str]:
         """Every value the index holds at least one object under."""

@@ -10,6 +10,9 @@ from pydantic import ValidationError
 
 from corral.api.objects import KINDS, TypedObject
 
+# libyaml's parser (PyYAML's C binding) when present: ~3x faster on big manifests.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 KIND_BY_NAME: dict[str, type[TypedObject]] = {k.KIND: k for k in KINDS}
 
 
@@ -104,7 +107,7 @@ MAX_OBJECT_BYTES = 1024 * 1024
 def load_manifests(text: str, source: str = "manifest") -> list[TypedObject]:
     """Every object in a YAML or JSON stream (`---`-separated; `kind: List` expanded)."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -120,7 +123,12 @@ def load_manifests(text: str, source: str = "manifest") -> list[TypedObject]:
             objs.append(parse_object(doc, label))
     if not objs:
         raise ManifestError(f"{source}: no objects found")
+    # A document well under the bound as written cannot pass it once stored (defaults
+    # add a few hundred bytes): only big ones are measured exactly.
+    small_enough = len(text) < MAX_OBJECT_BYTES // 2
     for obj in objs:
+        if small_enough:
+            break
         size = len(json.dumps(obj.dump(), separators=(",", ":")))
         if size > MAX_OBJECT_BYTES:
             raise ManifestError(

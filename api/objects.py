@@ -8,6 +8,7 @@ snake_case attribute names.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Literal
@@ -81,7 +82,12 @@ def _quantity(v: str | int | float) -> str | int | float:
     return v
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _ip(v: str) -> str:
+    # Cached: every decode of a Pod, Service, Endpoints or EndpointSlice checks its IPs,
+    # and at 10,000 Services the same few thousand strings came by ~100,000 times
+    # (ipaddress's parser was a sixth of a controller's decode time). Errors are
+    # not cached; they raise each time.
     try:
         return str(ipaddress.ip_address(v))
     except ValueError:

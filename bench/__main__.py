@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from bench import cni, control, overlay, pod_startup
+from bench import cni, control, overlay, pod_startup, services
 
 RUNS = [
     ("cni", cni.main, []),
@@ -17,6 +17,7 @@ RUNS = [
     ("pod_startup", pod_startup.main, []),
     ("pod_startup --cluster", pod_startup.main, ["--cluster"]),
     ("control", control.main, []),
+    ("services", services.main, []),
 ]
 
 

@@ -19,6 +19,7 @@ from corral.api.objects import (
     TypedObject,
 )
 from corral.api.store import Store
+from corral.cli.apply_objects import Planned, apply_objects
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import render
 from corral.control.podlifecycle import delete_pod
@@ -103,36 +104,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # Validate every document before changing anything: a bad file applies nothing.
     objs = _load_all(args.filename, args.namespace)
 
-    async def go() -> None:
+    async def go() -> list[Planned]:
         async with store_from_args(args) as store:
             await _cluster_checks(store, objs)
-            for obj in objs:
-                before = await store.get(type(obj), obj.name, obj.namespace)
-                if isinstance(before, Service):
-                    keep_allocated(before, obj)  # type: ignore[arg-type]
-                await store.put(obj)
-                verb = (
-                    "created"
-                    if before is None
-                    else ("unchanged" if _same(before, obj) else "configured")
-                )
-                print(f"{type(obj).KIND.lower()}/{obj.name} {verb}")
+            return await apply_objects(store, objs)
 
-    run(go)
+    planned = run(go)
+    sys.stdout.write(
+        "".join(f"{type(p.obj).KIND.lower()}/{p.obj.name} {p.verb}\n" for p in planned)
+    )
     return 0
-
-
-def keep_allocated(before: Service, new: Service) -> None:
-    """Keep the VIP and node ports the cluster gave `before` where `new` leaves them
-    unset, as kubectl apply does: re-applying a manifest must not drop a live VIP."""
-    if not new.spec.cluster_ip and before.spec.cluster_ip and new.spec.type != "ExternalName":
-        new.spec.cluster_ip = before.spec.cluster_ip
-        new.spec.cluster_ips = list(before.spec.cluster_ips)
-    old_ports = {(p.port, p.protocol): p.node_port for p in before.spec.ports}
-    if new.spec.type in ("NodePort", "LoadBalancer"):
-        for p in new.spec.ports:
-            if p.node_port is None:
-                p.node_port = old_ports.get((p.port, p.protocol))
 
 
 async def _cluster_checks(store: Store, objs: list[TypedObject]) -> None:
@@ -152,14 +133,6 @@ async def _cluster_checks(store: Store, objs: list[TypedObject]) -> None:
                 raise CLIError(
                     f"NetworkConfig 'cluster' refused: {e}; nothing was applied"
                 ) from None
-
-
-def _same(a: TypedObject, b: TypedObject) -> bool:
-    da, db = a.dump(), b.dump()
-    for d in (da, db):
-        d.get("metadata", {}).pop("resourceVersion", None)
-        d.get("metadata", {}).pop("generation", None)
-    return da == db
 
 
 # ---------------------------------------------------------------- get

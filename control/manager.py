@@ -11,6 +11,7 @@ from typing import Any
 from corral.api.informer import InformerFactory, started
 from corral.api.store import Store
 from corral.control.endpoints import EndpointsController
+from corral.control.heap import HeapTuning
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
 from corral.control.serviceips import ServiceIPController
@@ -89,4 +90,5 @@ async def serve(
     d.add("informers", Informers(informers))
     for cname, make in components.items():
         d.add(cname, Restartable(lambda make=make: make(store, informers)))
+    d.add("heap", HeapTuning(informers))
     await d.run()

@@ -2,7 +2,12 @@
 
 A key added while it waits is queued once; a key added while it is being
 processed runs again afterwards, so no change is lost and no key is
-reconciled by two coroutines at once.
+reconciled by two coroutines at once. That makes several workers on one queue
+safe (`run_worker` or `run_batch_worker` started more than once): each holds
+different keys.
+
+`run_batch_worker` takes up to `batch` keys at a time, so a controller can
+write what they need in a few etcd transactions instead of one per key.
 """
 
 from __future__ import annotations
@@ -54,6 +59,21 @@ class WorkQueue:
         self._active.add(key)
         return key
 
+    async def get_batch(self, limit: int) -> list[str]:
+        """Wait for at least one key, then take up to `limit` (each must be `done`)."""
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        keys = []
+        for key in self._queue:
+            keys.append(key)
+            if len(keys) >= limit:
+                break
+        for key in keys:
+            del self._queue[key]
+            self._active.add(key)
+        return keys
+
     def done(self, key: str) -> None:
         self._active.discard(key)
         if key in self._dirty:
@@ -103,5 +123,50 @@ async def run_worker(
                     queue.add_after(key, again)
             finally:
                 queue.done(key)
+    finally:
+        queue.close()
+
+
+BatchReconcile = Callable[[list[str]], Awaitable[dict[str, float]]]
+
+
+async def run_batch_worker(
+    queue: WorkQueue, reconcile: BatchReconcile, name: str, batch: int = 64
+) -> None:
+    """Drain `queue` forever, up to `batch` keys per `reconcile(keys)` call.
+
+    `reconcile` returns {key: delay} for keys to look at again. If it raises,
+    every key of the batch is retried with per-key exponential backoff.
+    """
+    failures: dict[str, int] = {}
+    try:
+        while True:
+            keys = await queue.get_batch(batch)
+            try:
+                again = await reconcile(keys)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                worst = 0
+                for key in keys:
+                    n = failures[key] = failures.get(key, 0) + 1
+                    worst = max(worst, n)
+                    queue.add_after(key, min(0.05 * 2**n, 10.0))
+                log.warning(
+                    "%s: a batch of %d failed (%s: %s); retrying it",
+                    name,
+                    len(keys),
+                    type(e).__name__,
+                    e,
+                    exc_info=worst > 3,
+                )
+            else:
+                for key in keys:
+                    failures.pop(key, None)
+                for key, delay in again.items():
+                    queue.add_after(key, delay)
+            finally:
+                for key in keys:
+                    queue.done(key)
     finally:
         queue.close()

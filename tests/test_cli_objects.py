@@ -240,3 +240,89 @@ def test_get_label_selector_forms(corral, tmp_path: Path) -> None:
     assert names("disk!=ssd") == ["nodes/b", "nodes/c"]
     assert names("zone") == ["nodes/a"]
     assert names("disk,disk!=hdd") == ["nodes/a"]
+
+
+def _services(names: list[str], port: int = 80) -> str:
+    return "\n---\n".join(
+        textwrap.dedent(f"""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: {n}}}
+        spec: {{selector: {{app: {n}}}, ports: [{{port: {port}}}]}}
+        """)
+        for n in names
+    )
+
+
+def test_apply_in_batches_keeps_verbs_order_and_all_or_nothing(corral, tmp_path: Path) -> None:
+    """300 Services: more than one transaction's worth (128) and read by a list, not by
+    key. The verbs follow the documents; one bad document among them applies nothing."""
+    names = [f"s{i}" for i in range(300)]
+    f = tmp_path / "many.yaml"
+    f.write_text(_services(names))
+    r = corral("apply", "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"service/{n} created" for n in names]
+
+    # Change every tenth: configured; the rest unchanged (and not rewritten).
+    changed = set(names[::10])
+    f.write_text("\n---\n".join(_services([n], 81 if n in changed else 80) for n in names))
+    r = corral("apply", "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    want = [f"service/{n} {'configured' if n in changed else 'unchanged'}" for n in names]
+    assert r.stdout.splitlines() == want
+    listed = json.loads(corral("get", "svc", "-o", "json").stdout)["items"]
+    ports = {s["metadata"]["name"]: s["spec"]["ports"][0]["port"] for s in listed}
+    assert ports == {n: 81 if n in changed else 80 for n in names}
+    gens = {s["metadata"]["name"]: s["metadata"]["generation"] for s in listed}
+    assert gens == {n: 2 if n in changed else 1 for n in names}
+
+    # 299 new good documents and one bad one (the 200th): nothing is written.
+    more = [f"t{i}" for i in range(300)]
+    docs = _services(more).split("\n---\n")
+    docs[199] = docs[199].replace("port: 80", "port: 0")
+    f.write_text("\n---\n".join(docs))
+    r = corral("apply", "-f", str(f))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "document 200" in r.stderr and "spec.ports[0].port" in r.stderr, r.stderr
+    r = corral("get", "svc", "-o", "name")
+    assert sorted(r.stdout.split()) == sorted(f"services/{n}" for n in names)
+
+
+async def test_a_batch_written_meanwhile_is_applied_object_by_object(store) -> None:
+    """A batch whose CAS fails (another writer got in between the read and the write)
+    loses nothing: each object is re-read and applied alone, the other write is seen."""
+    from corral.api.manifest import load_manifests
+    from corral.api.objects import Service
+    from corral.cli import apply_objects as ap
+
+    names = [f"c{i}" for i in range(40)]
+    for o in load_manifests(_services(names)):
+        await store.create(o)
+    objs = load_manifests(_services(names, 81))
+    existing = await ap.read_existing(store, objs)
+    assert len(existing) == 40
+
+    # Another writer relabels c7 after our read: our batch's CAS on c7 must fail.
+    def relabel(s: Service) -> Service:
+        s.metadata.labels = {"touched": "yes"}
+        return s
+
+    await store.modify(Service, "c7", "default", relabel)
+    real_read = ap.read_existing
+
+    async def stale_read(store_, objs_):  # the read happened before the other write
+        return existing
+
+    ap.read_existing = stale_read  # type: ignore[assignment]
+    try:
+        planned = await ap.apply_objects(store, objs)
+    finally:
+        ap.read_existing = real_read  # type: ignore[assignment]
+    assert [p.verb for p in planned] == ["configured"] * 40
+    svcs, _ = await store.list(Service)
+    assert {s.name: s.spec.ports[0].port for s in svcs} == {n: 81 for n in names}
+    # apply replaces the object with the manifest (as `put` always did): the labels
+    # the other writer set are gone, but only after its write was read, not blindly.
+    c7 = next(s for s in svcs if s.name == "c7")
+    assert c7.metadata.generation == 2 and c7.metadata.labels == {}

@@ -630,3 +630,181 @@ async def test_work_queue_coalesces_keys_and_never_runs_one_twice_at_once() -> N
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# ---------------------------------------------------------------- at scale
+
+
+def _bulk_service(i: int, **spec: object) -> Service:
+    return Service.model_validate(
+        {
+            "metadata": {"name": f"bulk-{i}"},
+            "spec": {"selector": {"app": f"bulk-{i}"}, "ports": [{"port": 80}], **spec},
+        }
+    )
+
+
+async def _commit_all(store: Store, objs: list) -> None:
+    from corral.api.store import batched
+
+    for batch in batched(objs, size=lambda o: 2000):
+        await store.commit(creates=batch)
+
+
+async def test_racing_allocators_never_share_a_vip(store: Store) -> None:
+    """Two controllers with the same seed (so their memory proposes the same addresses),
+    one of them restarted half-way, and `corral expose`'s allocator claiming too: every
+    Service ends with its own VIP, and every address key names the Service holding it."""
+    from corral.control.serviceips import Allocator, Holder
+
+    n = 300
+    await _commit_all(store, [_bulk_service(i) for i in range(n)])
+    nodeports = [_bulk_service(n + i, type="NodePort") for i in range(20)]
+    await _commit_all(store, nodeports)
+    first = ServiceIPController(store, seed=7)
+    second = ServiceIPController(store, seed=7)
+    tasks = [asyncio.create_task(c.run()) for c in (first, second)]
+
+    async def some_done() -> bool:
+        svcs, _ = await store.list(Service)
+        return sum(1 for s in svcs if s.spec.cluster_ip) >= 50
+
+    try:
+        await eventually(some_done, what="allocation under way")
+        # Restart the first controller mid-way; meanwhile expose-style claims run.
+        tasks[0].cancel()
+        await asyncio.gather(tasks[0], return_exceptions=True)
+        tasks[0] = asyncio.create_task(ServiceIPController(store, seed=7).run())
+        claimer = Allocator(store)
+        exposed = []
+        for i in range(5):
+            svc = _bulk_service(1000 + i)
+            svc.metadata.uid = f"uid-exposed-{i}"
+            await claimer.fill(svc)
+            exposed.append(await store.create(svc))
+
+        async def all_done() -> list[Service] | None:
+            svcs, _ = await store.list(Service)
+            ok = all(s.spec.cluster_ip for s in svcs) and all(
+                p.node_port for s in svcs if s.spec.type == "NodePort" for p in s.spec.ports
+            )
+            held = (await store.list_raw(CLUSTER_IPS_PREFIX))[0]
+            return svcs if ok and len(held) == len(svcs) else None
+
+        svcs = await eventually(all_done, timeout=60, what="every service allocated")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(svcs) == n + 20 + 5
+    ips = [s.spec.cluster_ip for s in svcs]
+    assert len(set(ips)) == len(ips), "two services share a VIP"
+    held = {
+        kv.key.removeprefix(CLUSTER_IPS_PREFIX): Holder.decode(kv.value)
+        for kv in (await store.list_raw(CLUSTER_IPS_PREFIX))[0]
+    }
+    assert held == {s.spec.cluster_ip: Holder(s.key_name, s.metadata.uid) for s in svcs}
+    ports = [p.node_port for s in svcs for p in s.spec.ports if s.spec.type == "NodePort"]
+    assert len(set(ports)) == len(ports) == 20
+    assert len((await store.list_raw(NODE_PORTS_PREFIX))[0]) == 20
+    assert all(s.spec.cluster_ips == [s.spec.cluster_ip] for s in svcs)
+    # The race did happen: memory proposed taken addresses, and etcd said no.
+    assert first.conflicts + second.conflicts > 0
+
+
+async def test_endpoints_follow_bulk_changes(store: Store) -> None:
+    """Hundreds of Services and pods changed at once (relabelled, deleted, readiness
+    flipped, Services deleted and added): every Endpoints and slice ends up exactly
+    what the pods say."""
+    from corral.api.objects import PodIP
+
+    n, per = 150, 2
+    await _commit_all(store, [_bulk_service(i) for i in range(n)])
+
+    def bulk_pod(i: int, j: int, app: int, ready: bool = True) -> Pod:
+        p = make_pod(f"p-{i}-{j}", {"app": f"bulk-{app}"})
+        ip = f"10.244.{(i * per + j) // 200}.{(i * per + j) % 200 + 1}"
+        p.status.phase = "Running"
+        p.status.pod_ip, p.status.pod_ips = ip, [PodIP(ip=ip)]
+        set_pod_condition(p.status, "Ready", "True" if ready else "False")
+        return p
+
+    await _commit_all(store, [bulk_pod(i, j, i) for i in range(n) for j in range(per)])
+    ctrl = EndpointsController(store)
+
+    async def matches_pods() -> bool:
+        svcs, _ = await store.list(Service)
+        pods, _ = await store.list(Pod)
+        eps = {e.name: e for e in (await store.list(Endpoints))[0]}
+        slices = {s.name: s for s in (await store.list(EndpointSlice))[0]}
+        if set(eps) != {s.name for s in svcs} or set(slices) != set(eps):
+            return False
+        for s in svcs:
+            sel = [p for p in pods if p.metadata.labels.get("app") == s.spec.selector["app"]]
+            ready = {p.status.pod_ip for p in sel if p.ready}
+            unready = {p.status.pod_ip for p in sel if not p.ready}
+            if _ep_state(eps[s.name]) != (ready, unready):
+                return False
+            got = {e.addresses[0]: e.conditions.ready for e in slices[s.name].endpoints}
+            if got != {**{ip: True for ip in ready}, **{ip: False for ip in unready}}:
+                return False
+        return True
+
+    async with running(ctrl.run()):
+        await eventually(matches_pods, timeout=60, what="initial endpoints")
+        pods = {p.name: p for p in (await store.list(Pod))[0]}
+        updates, deletes = [], []
+        for i in range(n):
+            if i % 3 == 0:  # move the pod to the next Service
+                p = pods[f"p-{i}-0"]
+                p.metadata.labels = {"app": f"bulk-{(i + 1) % n}"}
+                updates.append(p)
+            elif i % 3 == 1:  # not ready any more
+                p = pods[f"p-{i}-1"]
+                set_pod_condition(p.status, "Ready", "False")
+                updates.append(p)
+            else:  # gone
+                deletes.append(
+                    (Pod, f"p-{i}-1", "default", int(pods[f"p-{i}-1"].metadata.resource_version))
+                )
+        from corral.api.store import batched
+
+        for b in batched(updates, size=lambda o: 2000):
+            await store.commit(updates=b)
+        for b in batched(deletes, size=lambda o: 100):
+            await store.commit(deletes=b)
+        gone = [f"bulk-{i}" for i in range(0, n, 10)]
+        for name in gone:
+            await store.delete(Service, name, "default")
+        await _commit_all(store, [_bulk_service(n + i) for i in range(20)])
+        await _commit_all(store, [bulk_pod(n + i, 0, n + i) for i in range(20)])
+        await eventually(matches_pods, timeout=60, what="endpoints after the bulk changes")
+        # Someone deletes some of them behind the controller's back: they come back.
+        for i in range(1, 40, 4):
+            await store.delete(Endpoints, f"bulk-{i}", "default")
+            await store.delete(EndpointSlice, f"bulk-{i + 1}", "default")
+        await eventually(matches_pods, timeout=60, what="deleted endpoints rewritten")
+    assert ctrl.writes > 0
+
+
+async def test_heap_tuning_freezes_the_caches_once_synced(store: Store) -> None:
+    """The component waits for the informers, then freezes; the test puts back the
+    collector as it found it."""
+    import gc
+
+    from corral.api.informer import InformerFactory
+    from corral.control.heap import HeapTuning
+
+    await store.create(_bulk_service(1))
+    thresholds = gc.get_threshold()
+    factory = InformerFactory(store)
+    services = factory.informer(Service)
+    heap = HeapTuning(factory)
+    try:
+        async with running(factory.run(), heap.run()):
+            await eventually(lambda: _true(heap.freezes >= 1), what="frozen")
+            assert len(services.cache) == 1
+            assert heap.debug_state()["frozen"] > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
