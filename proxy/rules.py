@@ -22,7 +22,10 @@ nat table
   CORRAL-PROXY-CANARY                      one rule; gone = someone flushed the table
 filter table
   INPUT, FORWARD, OUTPUT (ctstate NEW)     -> CORRAL-SERVICES: REJECT for service
-                                           ports without endpoints (VIP and nodePort)
+                                           ports without endpoints (VIP and nodePort):
+                                           a TCP reset for TCP (ICMP errors are rate
+                                           limited per client), ICMP port unreachable
+                                           for UDP and SCTP
   CORRAL-PROXY-CANARY
 
 ClientIP affinity uses one ipset `hash:ip` with timeouts per (service port,
@@ -117,16 +120,18 @@ def service_rules(view: ServiceView, cluster_cidr: str) -> ServiceRules:
         comment = f"{sp.service}:{sp.name}" if sp.name else sp.service
         dst = f"-d {sp.cluster_ip}/32 {_proto(sp)} --dport {sp.port}"
         if not eps:
+            # TCP: a reset (not ICMP, which the kernel rate-limits per client)
+            reject = "tcp-reset" if sp.protocol == "TCP" else "icmp-port-unreachable"
             out.rejects.append(
                 f"-A {SERVICES} {dst} -m comment --comment {_q(comment + ' has no endpoints')} "
-                "-j REJECT --reject-with icmp-port-unreachable"
+                f"-j REJECT --reject-with {reject}"
             )
             if sp.node_port:
                 out.rejects.append(
                     f"-A {SERVICES} -m addrtype --dst-type LOCAL {_proto(sp)} "
                     f"--dport {sp.node_port} -m comment "
                     f"--comment {_q(comment + ' has no endpoints')} "
-                    "-j REJECT --reject-with icmp-port-unreachable"
+                    f"-j REJECT --reject-with {reject}"
                 )
             continue
         svc = svc_chain(sp)

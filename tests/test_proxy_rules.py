@@ -108,6 +108,9 @@ def test_no_endpoints_rejects_vip_and_nodeport() -> None:
     assert not r.chains and not r.portals
     assert len(r.rejects) == 2
     assert all("-j REJECT --reject-with icmp-port-unreachable" in ln for ln in r.rejects)
+    tcp = ServicePort("default/web", "", "TCP", "10.96.0.20", 80)
+    (line,) = R.service_rules(view(tcp, ()), CIDR).rejects
+    assert line.endswith("-j REJECT --reject-with tcp-reset")
     assert "-m addrtype --dst-type LOCAL -p udp -m udp --dport 30053" in r.rejects[1]
 
 
