@@ -8,7 +8,8 @@ the changed keys to the mode in an executor. A canary check every
 `canary_interval` asks for a full sync when someone flushed the tables.
 
 Node set-up the mode relies on (idempotent, redone by every full sync):
-- a route for the service CIDR on the overlay device, so a VIP is routable
+- a route for the service CIDR on the overlay device (every sync until the
+  device exists, then every full sync), so a VIP is routable
   from the node and from pods even on nodes whose default route is
   unreachable (REJECT for a service without endpoints happens in FORWARD and
   OUTPUT, after routing);
@@ -93,6 +94,7 @@ class Proxy:
         self.device: str | None = None
         self.last: SyncResult | None = None
         self.synced_once = False
+        self._route_ok = False
         self._bpf_map: Any = None
         self._bpf_have: set[tuple[str, int, str]] | None = None
         self._bpf_note = "not tried"
@@ -151,7 +153,7 @@ class Proxy:
         metrics.PROXY_PENDING.set(len(self.tracker))
         views = self.tracker.views()
         try:
-            if full and self.node_setup:
+            if self.node_setup and (full or not self._route_ok):
                 await loop.run_in_executor(None, self._node_setup)
             result = await loop.run_in_executor(None, self.mode.sync, full, views, taken.changed)
             await loop.run_in_executor(None, self._sync_bpf_map, views, full)
@@ -194,8 +196,10 @@ class Proxy:
         with IPRoute() as ipr:
             links = ipr.link_lookup(ifname=self.device)
             if not links:
-                return  # the overlay has not made its device yet: the next full sync will
+                self._route_ok = False  # no overlay device yet: the next sync tries again
+                return
             ipr.route("replace", dst=self.service_cidr, oif=links[0], scope=253, proto=4)
+            self._route_ok = True
 
     def _sync_bpf_map(self, views: dict[str, ServiceView], full: bool) -> None:
         from corral.ebpf.proxy_endpoints import EndpointsMap
