@@ -59,6 +59,11 @@ def register(sub: Any) -> None:
         help="remove every chain, rule, ipset, route and fast-path map entry the proxy "
         "made, then exit",
     )
+    p.add_argument(
+        "--service-cidr",
+        default="10.96.0.0/12",
+        help="with --cleanup: the service CIDR whose route the proxy added (default 10.96.0.0/12)",
+    )
     options.add_daemon_options(p, "proxy")
     p.set_defaults(func=cmd_proxy, daemon=True)
 
@@ -70,7 +75,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise CLIError("corral proxy programs netfilter and must run as root")
     node = args.node or os.environ.get("CORRAL_NODE") or os.uname().nodename
     if args.cleanup:
-        for line in proxyd.cleanup(node, os.environ.get("CORRAL_SERVICE_CIDR", "10.96.0.0/12")):
+        for line in proxyd.cleanup(node, args.service_cidr):
             print(f"removed {line}")
         return 0
     try:
