@@ -10,6 +10,7 @@ import asyncio
 import os
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -82,8 +83,14 @@ def test_sync_canary_repair_and_cleanup(ns: str) -> None:
     # cleanup leaves nothing of ours
     views["default/a"] = view(a, 2)
     mode.sync(False, views, {"default/a"})
-    done = IptablesMode(CIDR, Kernel(ns)).cleanup()
-    assert done
+    r = subprocess.run(
+        netns.command(ns, [sys.executable, "-m", "corral", "proxy", "--cleanup", "--node", ns]),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "removed nat chain CORRAL-SERVICES" in r.stdout
     for table in ("nat", "filter"):
         assert "CORRAL-" not in sh(ns, "iptables-save", "-t", table)
     assert sh(ns, "ipset", "list", "-n").strip() == ""
