@@ -119,11 +119,11 @@ def run(n: int, rounds: int) -> dict[str, float]:
         mode = IptablesMode(CIDR, Kernel(ns_c))
         first = timed(lambda: mode.sync(True, vs, set()))
         text = kube_proxy_ruleset(vs)
-        peer_first = timed(lambda: iptables.restore(ns_p, text))
+        peer_first = timed(lambda: iptables.restore(ns_p, text, timeout=3600))
         ours, peer = [], []
         for _ in range(rounds):
             ours.append(timed(lambda: mode.sync(True, vs, set())))
-            peer.append(timed(lambda: iptables.restore(ns_p, text)))
+            peer.append(timed(lambda: iptables.restore(ns_p, text, timeout=3600)))
         # one endpoint of one service changes: a partial sync
         key = next(iter(vs))
         v = vs[key]

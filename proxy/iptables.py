@@ -50,7 +50,8 @@ class Kernel:
 
     def restore(self, text: str) -> None:
         self.calls.append("iptables-restore")
-        iptables.restore(self.namespace, text)
+        # tens of thousands of chains take minutes with iptables-nft on a small machine
+        iptables.restore(self.namespace, text, timeout=max(60.0, len(text) / 20000))
 
     def ipset(self, text: str) -> None:
         self.calls.append("ipset-restore")

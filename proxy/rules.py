@@ -230,8 +230,11 @@ def build(
         for chain, rules in per_service[k].chains.items():
             declared.append(chain)
             body += rules
-    nat += [f":{c} - [0:0]" for c in declared]
-    nat += [f":{c} - [0:0]" for c in delete if c not in chains]
+    # Declarations in name order: iptables-nft keeps user chains sorted by name and
+    # inserts each with a list walk, so hashed names in random order make a large
+    # restore quadratic (bench.proxy: ~3x faster at 3k services, more at 10k).
+    decl = set(declared) | {c for c in delete if c not in chains}
+    nat += [f":{c} - [0:0]" for c in sorted(decl)]
     if hooks:
         for hook, rule in NAT_HOOKS.items():
             if not hooks.get(("nat", hook), False):
