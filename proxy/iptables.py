@@ -161,7 +161,9 @@ class IptablesMode:
             delete = self.chains - wanted_chains
         else:
             delete = prev_chains - wanted_chains
-        new_sets = {s: t for s, t in wanted_sets.items() if full or s not in self.sets}
+        # Only missing sets: `create -exist` fails on a set made with another timeout,
+        # and a set's own timeout does not matter (the SET rule gives each entry its own).
+        new_sets = {s: t for s, t in wanted_sets.items() if s not in self.sets}
         if new_sets:
             k.ipset(
                 "".join(

@@ -64,7 +64,12 @@ def test_sync_canary_repair_and_cleanup(ns: str) -> None:
         R.affinity_set(a, e) for e in view(a, 3).endpoints_of(a)
     )
     assert mode.canary_ok()
-    # a second full sync changes nothing and adds no duplicate hooks
+    # a second full sync changes nothing and adds no duplicate hooks, also after the
+    # affinity timeout changed (the sets stay; new entries get the new timeout)
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80, node_port=30001, affinity_timeout=4)
+    views["default/a"] = view(a, 3)
+    mode.sync(False, views, {"default/a"})
+    assert "--timeout 4" in sh(ns, "iptables-save", "-t", "nat")
     mode.sync(True, views, set())
     assert sh(ns, "iptables-save", "-t", "nat").count("-A PREROUTING") == 1
     # flushed by hand: the canary says so; the repairing full sync restores everything
