@@ -119,7 +119,7 @@ while time.monotonic() < end:
     try:
         s = socket.create_connection((host, port), timeout=3); s.recv(100); s.close(); ok += 1
     except OSError as e:
-        fail += 1; errors.append(str(e))
+        fail += 1; errors.append(f"{time.time():.2f} {e}")
     time.sleep(0.02)
 print(json.dumps({"ok": ok, "fail": fail, "errors": errors[:5]}))
 """
@@ -606,6 +606,7 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
     )  # fmt: skip
     try:
         time.sleep(3)  # the loop is under way
+        t_kill = time.time()
         os.kill(proxy.pid, signal.SIGTERM)
         from corral.node.procs import start_time
 
@@ -619,7 +620,7 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
         assert new.pid != proxy.pid
         out, _err = loop.communicate(timeout=120)
         result = json.loads(out.strip().splitlines()[-1])
-        assert result["ok"] > 50 and result["fail"] == 0, result
+        assert result["ok"] > 50 and result["fail"] == 0, (result, f"SIGTERM at {t_kill:.2f}")
         assert c.log("proxy", node).count("proxy programmed") >= 2
     finally:
         if loop.poll() is None:
