@@ -17,12 +17,14 @@ Rounds alternate between the two; the ratio is of the medians. Also printed:
 the partial sync after one service's endpoint changed, at the same size.
 
     python -m bench.proxy [--services 1000,10000] [--rounds 3]
+    python -m bench.proxy --incremental 50 --services 1000   # etcd write -> rules live
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
@@ -155,13 +157,126 @@ def run(n: int, rounds: int) -> dict[str, float]:
             netns.remove(ns)
 
 
+async def incremental(n: int, changes: int) -> list[float]:
+    """etcd write of an EndpointSlice change -> the proxy's restore done, in seconds.
+
+    A real etcd, the proxy component in this process on the shared informers,
+    its rules in a scratch namespace (node set-up and the BPF map skipped).
+    """
+    import asyncio
+    import shutil
+    import tempfile
+
+    from corral.api.informer import InformerFactory
+    from corral.api.objects import EndpointSlice, Service
+    from corral.api.store import Store
+    from corral.cluster.etcd import LocalEtcd
+    from corral.proxy.daemon import Proxy
+
+    tmp = tempfile.mkdtemp(prefix="benchpx-etcd-")
+    ns = f"benchpx-i-{secrets.token_hex(3)}"
+    server = LocalEtcd(data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"))
+    server.start()
+    netns.add(ns)
+    try:
+        async with Store(server.url) as store:
+            sem = asyncio.Semaphore(50)
+
+            async def put(i: int) -> None:
+                vip = f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+                async with sem:
+                    await store.put(
+                        Service(
+                            metadata={"name": f"svc-{i}", "namespace": "default"},
+                            spec={"clusterIP": vip, "ports": [{"name": "http", "port": 80}]},
+                        )
+                    )
+                    await store.put(slice_of(i, 0))
+
+            def slice_of(i: int, gen: int) -> EndpointSlice:
+                return EndpointSlice(
+                    metadata={
+                        "name": f"svc-{i}",
+                        "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+                    },
+                    endpoints=[
+                        {
+                            "addresses": [
+                                f"10.244.{(3 * i + j) // 250 % 250}.{(3 * i + j) % 250 + 2}"
+                            ]
+                        }
+                        for j in range(2)
+                    ]
+                    + [{"addresses": [f"10.245.{gen // 250 % 250}.{gen % 250 + 2}"]}],
+                    ports=[{"name": "http", "port": 8080}],
+                )
+
+            await asyncio.gather(*(put(i) for i in range(n)))
+            informers = InformerFactory(store)
+            proxy = Proxy(
+                store,
+                informers,
+                "bench",
+                mode=IptablesMode(CIDR, Kernel(ns)),
+                node_setup=False,
+                max_interval=3600,
+            )
+            proxy._sync_bpf_map = lambda views, full: None  # type: ignore[method-assign]
+            await proxy.start()
+            task = asyncio.create_task(proxy.run())
+            while not proxy.synced_once:
+                await asyncio.sleep(0.05)
+            out = []
+            for c in range(1, changes + 1):
+                i = (c * 7919) % n
+                want = f"10.245.{c // 250 % 250}.{c % 250 + 2}"
+                t0 = time.perf_counter()
+                await store.put(slice_of(i, c))
+                key = f"default/svc-{i}"
+                while True:
+                    v = proxy.mode.written.get(key) if proxy.mode else None
+                    if v is not None and any(e.ip == want for _, eps in v.endpoints for e in eps):
+                        break
+                    await asyncio.sleep(0.002)
+                out.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await proxy.stop()
+            await informers.stop()
+            return out
+    finally:
+        netns.remove(ns)
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--services", default="1000,10000")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--incremental",
+        type=int,
+        default=0,
+        metavar="CHANGES",
+        help="instead: CHANGES EndpointSlice updates, etcd write -> rules live, p50/p99",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench.proxy makes network namespaces: run it as root")
+    if args.incremental:
+        import asyncio
+
+        print(f"{'services':>8} {'changes':>7} {'p50':>8} {'p99':>8}")
+        for n in (int(x) for x in args.services.split(",")):
+            xs = sorted(asyncio.run(incremental(n, args.incremental)))
+            p50 = xs[len(xs) // 2]
+            p99 = xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
+            print(f"{n:>8} {len(xs):>7} {p50 * 1000:>6.1f}ms {p99 * 1000:>6.1f}ms")
+        return
     print(
         f"{'services':>8} {'rules':>7} {'first':>7} {'peer 1st':>8} {'full':>7} "
         f"{'peer':>7} {'ratio':>6} {'partial':>8}"
