@@ -72,6 +72,13 @@ def register(sub: Any) -> None:
         metavar="SECONDS",
         help="wait this long for every node to be Ready (default: 60; 0: do not wait)",
     )
+    p.add_argument(
+        "--proxy-mode",
+        choices=("iptables", "ebpf", "auto"),
+        default=None,
+        help="the service proxy's mode on every node (default: $CORRAL_PROXY_MODE, else "
+        "iptables); passed on to the nodes as CORRAL_PROXY_MODE",
+    )
     _name_options(p)
     p.set_defaults(func=cmd_up)
 
@@ -106,6 +113,8 @@ def _urls(raw: str | None) -> list[str] | None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.wait < 0:
         raise CLIError("--wait must be 0 or more seconds")
+    if args.proxy_mode:
+        os.environ["CORRAL_PROXY_MODE"] = args.proxy_mode  # reaches the nodes' daemons
     opts = local.UpOptions(
         name=args.name,
         nodes=args.nodes,

@@ -58,6 +58,8 @@ NODE_DAEMONS: list[Daemon] = [
         "corral.cli.cmd_node",
         PORTS["node"],
     ),
+    # mode: --mode's default comes from CORRAL_PROXY_MODE (`corral up --proxy-mode`)
+    Daemon("proxy", ("proxy", "--node", "{node}"), "corral.cli.cmd_proxy", PORTS["proxy"]),
 ]
 CLUSTER_DAEMONS: list[Daemon] = [
     Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control", PORTS["scheduler"], "control"),

@@ -586,6 +586,15 @@ def down(
     return found
 
 
+def _remove_pins(node: str) -> list[str]:
+    from corral.ebpf import loader
+
+    try:
+        return loader.remove_pins(node)
+    except (OSError, ValueError):
+        return []
+
+
 def _down_locked(name: str, sdir: str, say: Progress) -> bool:
     s = st.load(sdir)
     if s is not None and s.name != name:
@@ -624,6 +633,9 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
         found = True
         if pods:
             say(f"✓ stopped {pods} pods of {node}")
+        pins = _remove_pins(node)  # the fast path's maps pinned for the proxy
+        if pins:
+            say(f"✓ removed pinned BPF maps of {node} ({', '.join(pins)})")
     for rec in s.etcd_records if s is not None else []:
         if stop(rec):
             say(f"✓ stopped etcd (pid {rec.pid})")

@@ -149,3 +149,45 @@ def register_collector(fn: Callable[[], Iterable[Metric]]) -> Callable[[], None]
             REGISTRY.unregister(c)
 
     return unregister
+
+
+# ------------------------------------------------------------ service proxy
+PROXY_SYNC_SECONDS = Histogram(
+    "corral_proxy_sync_duration_seconds",
+    "Service proxy syncs: full (every service, hooks, stale chains) or partial (changed ones)",
+    ["kind"],
+    buckets=_FAST,
+    registry=REGISTRY,
+)
+PROXY_SYNC_ERRORS = Counter(
+    "corral_proxy_sync_errors",
+    "Service proxy syncs that failed (retried as a full sync)",
+    registry=REGISTRY,
+)
+PROXY_RULES_WRITTEN = Counter(
+    "corral_proxy_rules_written",
+    "Rules written to the kernel by the service proxy, by sync kind",
+    ["kind"],
+    registry=REGISTRY,
+)
+PROXY_LAST_SYNC = Gauge(
+    "corral_proxy_last_successful_sync_timestamp_seconds",
+    "When the service proxy last programmed the kernel successfully (unix time)",
+    registry=REGISTRY,
+)
+PROXY_PENDING = Gauge(
+    "corral_proxy_pending_changes",
+    "Services whose change the service proxy has seen but not programmed yet",
+    registry=REGISTRY,
+)
+PROXY_PROGRAMMING_SECONDS = Histogram(
+    "corral_proxy_programming_latency_seconds",
+    "From the proxy receiving a Service/EndpointSlice change (watch event) to its rules live",
+    buckets=_FAST,
+    registry=REGISTRY,
+)
+PROXY_REPAIRS = Counter(
+    "corral_proxy_repairs",
+    "Full syncs the canary chain asked for (someone flushed or deleted corral's rules)",
+    registry=REGISTRY,
+)

@@ -9,6 +9,9 @@ made later (gRPC's, executors') inherit the set of the thread that made them.
 What each daemon keeps (README lists the same):
 
     scheduler, controllers   nothing: they only talk to etcd over TCP
+    proxy                    NET_ADMIN (netfilter, ipset, conntrack, the service
+                             route, the bridge sysctl), NET_RAW (legacy iptables'
+                             raw socket), BPF (the fast path's pinned map)
     node                     everything: it makes sandboxes (namespaces, mounts,
                              cgroups), programs netlink, iptables and BPF, and
                              must be able to grant a privileged pod all of it
@@ -25,6 +28,7 @@ KEEP: dict[str, frozenset[str] | None] = {
     "scheduler": frozenset(),
     "controllers": frozenset(),
     "node": None,  # None: keep all
+    "proxy": frozenset({"NET_ADMIN", "NET_RAW", "BPF"}),
 }
 
 PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24

@@ -110,6 +110,36 @@ BPF_HASH(peer_ips, u32, u8, 16384);
 #define DROP_NOT_IPV4 7
 BPF_PERCPU_ARRAY(stats, u64, 8);
 
+/* ---- service proxy: replies of DNATed flows stay on the kernel path ---------
+ * `corral proxy --mode iptables` DNATs service traffic in the node's netfilter;
+ * only the kernel path un-DNATs the replies (conntrack), so a packet *from* a
+ * service endpoint (IP, port, protocol: what the proxy writes into this pinned
+ * map, ebpf/proxy_endpoints.py) is never taken past netfilter by the fast path.
+ * Everything else keeps the fast path. Shared with the proxy through the pin
+ * /sys/fs/bpf/corral/<node>/proxy_endpoints. */
+struct proxy_ep {
+    u32 ip;     /* network order */
+    u16 port;   /* network order */
+    u8 proto;   /* IPPROTO_TCP, _UDP, _SCTP */
+    u8 pad;
+};
+CORRAL_PINNED("hash", struct proxy_ep, u8, proxy_endpoints, 65536);
+
+/* 1 when `ip` (a bounds-checked IPv4 header) comes from a service endpoint. */
+static __always_inline int from_endpoint(struct iphdr *ip, void *end) {
+    u8 proto = ip->protocol;
+    if (proto != 6 && proto != 17 && proto != 132)
+        return 0;
+    if (ip->ihl != 5)
+        return 1;  /* options: leave it to the kernel */
+    u16 *ports = (void *)(ip + 1);  /* the source port comes first in TCP, UDP and SCTP */
+    if ((void *)(ports + 1) > end)
+        return 1;
+    struct proxy_ep k = {.ip = ip->saddr, .port = ports[0], .proto = proto};
+    return proxy_endpoints.lookup(&k) != NULL;
+}
+/* ---- end service proxy ------------------------------------------------------ */
+
 static __always_inline void count(int what) {
     u64 *n = stats.lookup(&what);
     if (n)
@@ -215,7 +245,7 @@ int from_pod(struct __sk_buff *skb) {
         /* Same subnet: the kernel's bridge would switch it (no routing, TTL kept,
          * the pods' own MACs from ARP); skip the bridge and do the same. */
         struct pod *p = pods.lookup(&dst);
-        if (!p)
+        if (!p || from_endpoint(ip, end))  /* service proxy: replies to the kernel */
             goto kernel;
         count(2);
         return bpf_redirect_peer(p->ifindex, 0);
@@ -295,7 +325,7 @@ int from_uplink(struct __sk_buff *skb) {
     u32 dst = in->daddr;
     u8 ttl = in->ttl, proto = in->protocol;
     struct pod *p = pods.lookup(&dst);
-    if (!p || ttl <= 1) {
+    if (!p || ttl <= 1 || from_endpoint(in, end)) {  /* service proxy: replies to the kernel */
         count(3);
         return TC_ACT_OK;
     }
@@ -316,7 +346,8 @@ int from_overlay(struct __sk_buff *skb) {
     u32 dst = ip->daddr;
     u8 ttl = ip->ttl, proto = ip->protocol;
     struct pod *p = pods.lookup(&dst);
-    if (!p || ttl <= 1 || dec_ttl(skb, sizeof(*eth), ttl, proto)) {
+    if (!p || ttl <= 1 || from_endpoint(ip, end) ||  /* service proxy: replies to the kernel */
+        dec_ttl(skb, sizeof(*eth), ttl, proto)) {
         count(3);
         return TC_ACT_OK;
     }

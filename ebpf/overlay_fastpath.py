@@ -20,7 +20,10 @@ Where the programs learn things:
 
 Pod-to-pod packets on the fast path do not pass the node's netfilter hooks
 (as with Cilium's BPF host routing); pod traffic to anything outside the
-cluster network still does, and so do the outer VXLAN packets.
+cluster network still does, and so do the outer VXLAN packets. Packets from
+a service endpoint (the pinned `proxy_endpoints` map that `corral proxy
+--mode iptables` fills) are left to the kernel too: they may be replies of a
+flow the node's conntrack DNATed, which only the kernel path un-DNATs.
 """
 
 from __future__ import annotations
@@ -80,7 +83,10 @@ class FastPath:
     node's namespace) and run on the agent's netlink thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, node: str | None = None) -> None:
+        # node: pin the maps the source declares CORRAL_PINNED (proxy_endpoints, which
+        # corral proxy fills through ebpf/proxy_endpoints.py) under that node's pin dir
+        self.node = node
         self.progs: loader.TCPrograms | None = None
         self.settings: Settings | None = None
         self._peers: dict[str, Remote] = {}
@@ -91,7 +97,7 @@ class FastPath:
 
     def load(self) -> None:
         """Compile and load the programs; BPFUnavailable says why not."""
-        self.progs = loader.TCPrograms(SOURCE, PROGRAMS)
+        self.progs = loader.TCPrograms(SOURCE, PROGRAMS, node=self.node)
 
     def close(self) -> None:
         if self.progs is not None:

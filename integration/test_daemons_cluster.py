@@ -76,8 +76,9 @@ def test_every_daemon_answers_metrics_and_healthz(cluster) -> None:  # type: ign
             pools = _samples(text, "corral_ipam_pool_size_addresses")
             assert len(pools) == 1 and pools[0][1] > 0
         seen.add((d.name, rec.node))
-    assert {n for n, _ in seen} == {"node", "scheduler", "controllers"}
+    assert {n for n, _ in seen} == {"node", "proxy", "scheduler", "controllers"}
     assert sum(n == "node" for n, _ in seen) == len(cluster.nodes)
+    assert sum(n == "proxy" for n, _ in seen) == len(cluster.nodes)
     # nothing listens on every address: the node daemon is bound to its own
     r = cluster.exec("node-1", "ss", "-Hltn", f"sport = :{daemons.PORTS['node']}")
     local = [line.split()[3] for line in r.stdout.splitlines()]
@@ -149,3 +150,10 @@ def test_control_plane_daemons_run_without_capabilities(cluster) -> None:  # typ
         )
         assert caps["NoNewPrivs"] == 1, (name, caps)
     assert _caps(by_role["node"].pid)["CapEff"] != 0  # the node agent needs them
+    # the service proxy keeps exactly what it uses
+    from corral.daemon.privileges import KEEP, mask
+
+    want = mask(KEEP["proxy"] or frozenset())
+    proxy = _caps(by_role["proxy"].pid)
+    assert proxy["CapEff"] == proxy["CapPrm"] == proxy["CapBnd"] == want, proxy
+    assert proxy["NoNewPrivs"] == 1, proxy

@@ -56,9 +56,9 @@ def quote(args: Sequence[str]) -> str:
     return " ".join(f'"{a}"' if " " in a else a for a in args)
 
 
-def restore(namespace: str | None, text: str) -> None:
+def restore(namespace: str | None, text: str, timeout: float = 60) -> None:
     """Apply restore input (`*table ... COMMIT` blocks) without flushing other chains."""
-    run(namespace, ["iptables-restore", "--noflush"], stdin=text)
+    run(namespace, ["iptables-restore", "--noflush"], stdin=text, timeout=timeout)
 
 
 def chain_rules(namespace: str | None, table: str, chain: str) -> list[str] | None:

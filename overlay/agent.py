@@ -253,7 +253,7 @@ class OverlayAgent:
         """
         if self.datapath == "kernel":
             return
-        fp = fastpath.FastPath()
+        fp = fastpath.FastPath(node=self.ctx.node_name)  # pins proxy_endpoints for corral proxy
         try:
             await asyncio.get_running_loop().run_in_executor(None, fp.load)
         except fastpath.BPFUnavailable as e:

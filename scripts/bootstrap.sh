@@ -21,6 +21,8 @@ PKGS=(
   python3-bpfcc linux-headers-amd64
   # overlay benchmarks
   iperf3
+  # service proxy: ClientIP affinity sets (ip_set is built into the kernel)
+  ipset
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }

@@ -94,6 +94,9 @@ def _assert_gone(corral: Corral, s: ClusterState) -> None:
     assert not os.path.exists(s.state_dir), "state dir left"
     with open("/proc/self/mountinfo") as f:
         assert s.state_dir not in f.read(), "mounts left in the host namespace"
+    from corral.ebpf import loader
+
+    assert not [n.name for n in s.nodes if loader.pinned(n.name)], "pinned BPF maps left"
 
 
 def _node_run(corral: Corral, name: str, node: str, *cmd: str) -> subprocess.CompletedProcess:

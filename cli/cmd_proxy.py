@@ -1,0 +1,116 @@
+"""`corral proxy`: the service proxy daemon (`--mode iptables`), and `--cleanup`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from typing import Any
+
+from corral.cli.common import CLIError, new_store
+from corral.daemon import options, privileges
+
+DEFAULT_MODE_ENV = "CORRAL_PROXY_MODE"
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return v
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "proxy", help="run the service proxy on this node: service VIPs and NodePorts (a daemon)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("iptables", "ebpf", "auto"),
+        default=os.environ.get(DEFAULT_MODE_ENV) or "iptables",
+        help="how services are programmed: iptables (default), ebpf (not built yet), "
+        f"auto (= iptables for now). Default from ${DEFAULT_MODE_ENV}, which `corral up "
+        "--proxy-mode` sets for its nodes",
+    )
+    p.add_argument(
+        "--node", default=None, help="this node's name (default: $CORRAL_NODE, else the hostname)"
+    )
+    p.add_argument(
+        "--min-sync-period",
+        type=_seconds,
+        default=0.1,
+        metavar="SECONDS",
+        help="at least this long between two syncs: bursts coalesce (default 0.1)",
+    )
+    p.add_argument(
+        "--sync-period",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="a full sync (every rule rewritten, stale ones removed) at least this often "
+        "(default 30)",
+    )
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove every chain, rule, ipset, route and fast-path map entry the proxy "
+        "made, then exit",
+    )
+    p.add_argument(
+        "--service-cidr",
+        default="10.96.0.0/12",
+        help="with --cleanup: the service CIDR whose route the proxy added (default 10.96.0.0/12)",
+    )
+    options.add_daemon_options(p, "proxy")
+    p.set_defaults(func=cmd_proxy, daemon=True)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from corral.proxy import daemon as proxyd
+
+    if os.geteuid() != 0:
+        raise CLIError("corral proxy programs netfilter and must run as root")
+    node = args.node or os.environ.get("CORRAL_NODE") or os.uname().nodename
+    if args.cleanup:
+        for line in proxyd.cleanup(node, args.service_cidr):
+            print(f"removed {line}")
+        return 0
+    try:
+        proxyd.resolve_mode(args.mode)
+    except proxyd.ModeUnavailable as e:
+        raise CLIError(str(e)) from None
+    if args.min_sync_period > args.sync_period or args.sync_period <= 0:
+        raise CLIError("--min-sync-period must not exceed --sync-period, which must be > 0")
+    try:
+        addr = options.http_addr(args, "proxy", "127.0.0.1")
+    except ValueError as e:
+        raise CLIError(f"--metrics-addr {e}") from None
+    debug = options.debug_socket(args, "/run/corral/proxy-debug.sock")
+    store = new_store(args)
+    privileges.apply("proxy")  # before any thread exists: they inherit what we keep
+    asyncio.run(_serve(store, node, args, addr, debug))
+    return 0
+
+
+async def _serve(store: Any, node: str, args: argparse.Namespace, addr: Any, debug: Any) -> None:
+    from corral.api.informer import InformerFactory
+    from corral.daemon.core import Daemon, Informers
+    from corral.proxy.daemon import Proxy
+
+    informers = InformerFactory(store)
+    d = Daemon("proxy", node, store, http_addr=addr, debug_socket=debug, configure_logging=True)
+    d.add("informers", Informers(informers))
+    d.add(
+        "proxy",
+        Proxy(
+            store,
+            informers,
+            node,
+            min_interval=args.min_sync_period,
+            max_interval=args.sync_period,
+        ),
+    )
+    await d.run()

@@ -1,0 +1,628 @@
+"""The service proxy's behaviour on a real `corral up` cluster, once per datapath.
+
+One 3-node cluster per datapath (`bpf`: the eBPF overlay fast path, `kernel`:
+the kernel's VXLAN path), shared by every case of the module, with one set of
+pods: three servers (one per node) behind the `prx-web` Service and a client
+pod on node-1. The servers answer every TCP connection and UDP datagram with
+"<pod name> <client address> <port>", so a case sees which endpoint it reached
+and what source address the endpoint saw. Readiness is a TCP probe on a port a
+server closes when told to over UDP (no shared files), so a case can make an
+endpoint NotReady and ready again in place.
+
+The mode is parametrized through `corral up`'s CORRAL_PROXY_MODE (iptables now;
+the eBPF mode joins the list when it exists). No timing asserts: cases wait for
+the state they need and count outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from cluster_helpers import wait_for
+from conftest import LocalCluster, local_cluster
+
+from corral.api.objects import EndpointSlice, Pod, Service
+from corral.api.store import Store
+
+pytestmark = pytest.mark.slow
+
+MODES = ("iptables",)
+DATAPATHS = ("bpf", "kernel")
+NODEPORT = 30480
+AFFINITY_NET = "172.31.12"  # extra client addresses on a node's lo (outside every corral range)
+
+SERVER = r"""
+import os, socket, threading
+NAME = os.environ["POD"]
+def tcp(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(1024)
+    while True:
+        c, a = s.accept()
+        try: c.sendall(f"{NAME} {a[0]} {port}\n".encode())
+        except OSError: pass
+        c.close()
+def udp(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+    while True:
+        d, a = s.recvfrom(100); s.sendto(f"{NAME} {a[0]} {port}\n".encode(), a)
+health = [None]
+def serve_health(s):
+    while True:
+        try: s.accept()[0].close()
+        except OSError: return
+def set_ready(on):
+    if on and health[0] is None:
+        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", 8081)); s.listen(64); health[0] = s
+        threading.Thread(target=serve_health, args=(s,), daemon=True).start()
+    elif not on and health[0] is not None:
+        health[0].close(); health[0] = None
+for p in (8080, 9090):
+    threading.Thread(target=tcp, args=(p,), daemon=True).start()
+threading.Thread(target=udp, args=(5353,), daemon=True).start()
+set_ready(True)
+ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); ctl.bind(("0.0.0.0", 8082))
+while True:
+    d, a = ctl.recvfrom(100)
+    set_ready(d == b"ready"); ctl.sendto(b"ok", a)
+"""
+
+# argv: HOST PORT COUNT [tcp|udp|udp1] [SRC,SRC,...]: a JSON list of answers ("ERR:<name>")
+# udp1: one socket (one source port) for every datagram, as a DNS client that keeps its port
+CLIENT = r"""
+import errno, json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+kind = sys.argv[4] if len(sys.argv) > 4 else "tcp"
+srcs = sys.argv[5].split(",") if len(sys.argv) > 5 and sys.argv[5] else [None]
+out = []
+def err(e):
+    return "ERR:" + (errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__)
+keep = None
+for i in range(n):
+    for src in srcs:
+        try:
+            if kind == "tcp":
+                s = socket.socket(); s.settimeout(3)
+                if src: s.bind((src, 0))
+                s.connect((host, port)); out.append(s.recv(200).decode().strip()); s.close()
+            else:
+                if kind == "udp1" and keep is None or kind == "udp":
+                    keep = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); keep.settimeout(1)
+                    keep.connect((host, port))
+                keep.send(b"hi"); out.append(keep.recv(200).decode().strip())
+        except OSError as e:
+            out.append(err(e))
+        if kind == "udp1": time.sleep(0.05)
+print(json.dumps(out))
+"""
+
+# a request loop for the restart case: new connections until the stop file's port answers
+LOOP = r"""
+import json, socket, sys, time
+host, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ok = fail = 0; errors = []
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    try:
+        s = socket.create_connection((host, port), timeout=3); s.recv(100); s.close(); ok += 1
+    except OSError as e:
+        fail += 1; errors.append(f"{time.time():.2f} {e}")
+    time.sleep(0.02)
+print(json.dumps({"ok": ok, "fail": fail, "errors": errors[:5]}))
+"""
+
+
+@dataclass
+class Env:
+    c: LocalCluster
+    datapath: str
+    mode: str
+    servers: dict[str, str]  # pod name -> IP
+    client: str
+    client_ip: str
+    vip: str
+
+    def run(self, coro: Any) -> Any:
+        async def go() -> Any:
+            async with Store(self.c.etcd_urls, tls=self.c.state().tls("cli")) as s:
+                return await coro(s)
+
+        return asyncio.run(go())
+
+    def from_pod(self, pod: str, *args: str) -> list[str]:
+        r = self.c.corral("exec", pod, "--", sys.executable, "-c", CLIENT, *args, timeout=180)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def from_node(self, node: str, *args: str) -> list[str]:
+        r = self.c.exec(node, sys.executable, "-c", CLIENT, *args, timeout=180)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def names(self, answers: list[str]) -> list[str]:
+        return [a.split()[0] for a in answers]
+
+    def tell(self, pod: str, what: str) -> None:
+        """Make a server NotReady ("notready") or ready again ("ready")."""
+        ip = self.servers[pod]
+        script = (
+            "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2);"
+            f"s.sendto(b'{what}', ('{ip}', 8082)); s.recv(10)"
+        )
+        r = self.c.exec("node-1", sys.executable, "-c", script)
+        assert r.returncode == 0, r.stderr
+
+    def endpoint_state(self, svc: str = "prx-web") -> dict[str, bool]:
+        """IP -> ready, from the service's EndpointSlice."""
+
+        async def get(s: Store) -> dict[str, bool]:
+            sl = await s.get(EndpointSlice, svc, "default")
+            if sl is None:
+                return {}
+            return {e.addresses[0]: bool(e.conditions.ready) for e in sl.endpoints}
+
+        return self.run(get)
+
+    def set_label(self, pod: str, app: str | None) -> None:
+        def change(p: Pod) -> Pod:
+            p = p.model_copy(deep=True)
+            if app is None:
+                p.metadata.labels.pop("app", None)
+            else:
+                p.metadata.labels["app"] = app
+            return p
+
+        self.run(lambda s: s.modify(Pod, pod, "default", change))
+
+    def patch_service(self, name: str, **spec: Any) -> None:
+        def change(svc: Service) -> Service:
+            d = svc.dump()
+            d["spec"].update(spec)
+            for k, v in list(d["spec"].items()):
+                if v is None:
+                    del d["spec"][k]
+            return Service.model_validate(d)
+
+        self.run(lambda s: s.modify(Service, name, "default", change))
+
+    def ipset_entries(self, node: str) -> int:
+        r = self.c.exec(node, "ipset", "list", "-t")
+        return sum(
+            int(ln.split(":")[1])
+            for ln in r.stdout.splitlines()
+            if ln.startswith("Number of entries")
+        )
+
+
+def _server(name: str, node: str) -> Pod:
+    probe = {"tcpSocket": {"port": 8081}, "periodSeconds": 1, "failureThreshold": 1}
+    return Pod(
+        metadata={"name": name, "labels": {"app": "prx-web", "self": name}},
+        spec={
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "srv",
+                    "command": [sys.executable, "-c", SERVER],
+                    "env": [{"name": "POD", "value": name}],
+                    "ports": [
+                        {"name": "web", "containerPort": 8080},
+                        {"name": "alt", "containerPort": 9090},
+                        {"name": "dns", "containerPort": 5353, "protocol": "UDP"},
+                    ],
+                    "readinessProbe": probe,
+                }
+            ],
+        },
+    )
+
+
+def _service(name: str, selector: dict[str, str], **spec: Any) -> Service:
+    base: dict[str, Any] = {
+        "selector": selector,
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": "web"},
+            {"name": "alt", "port": 90, "targetPort": 9090},
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        ],
+    }
+    base.update(spec)
+    return Service(metadata={"name": name}, spec=base)
+
+
+@contextlib.contextmanager
+def _datapath_env(datapath: str, mode: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("CORRAL_DATAPATH", "CORRAL_PROXY_MODE")}
+    os.environ["CORRAL_DATAPATH"] = datapath
+    os.environ["CORRAL_PROXY_MODE"] = mode
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _reused(state_dir: str) -> Iterator[LocalCluster]:
+    """A cluster someone else started (`corral up`), for iterating on this module."""
+    from corral.cluster.state import load
+
+    s = load(state_dir)
+    assert s is not None, state_dir
+    env = dict(os.environ, CORRAL_STATE_DIR=os.path.dirname(state_dir), CORRAL_CLUSTER=s.name)
+    env.pop("CORRAL_ETCD", None)
+    c = LocalCluster(
+        name=s.name,
+        state_dir=s.state_dir,
+        nodes=[n.name for n in s.nodes],
+        netns={n.name: n.netns for n in s.nodes},
+        ips={n.name: n.ip for n in s.nodes},
+        host_ip=s.host_ip,
+        underlay_cidr=s.underlay_cidr,
+        etcd_urls=list(s.etcd_urls),
+        etcd_node_urls=list(s.etcd_node_urls),
+        env=env,
+    )
+    try:
+        yield c
+    finally:
+
+        async def clean(st: Store) -> None:
+            for kind, names in (
+                (Pod, [f"prx-srv-{i}" for i in range(3)] + ["prx-client"]),
+                (Service, ["prx-web", "prx-none", "prx-self", "prx-again"]),
+            ):
+                for n in names:
+                    with contextlib.suppress(Exception):
+                        await st.delete(kind, n, "default")
+
+        async def go() -> None:
+            async with Store(c.etcd_urls, tls=c.state().tls("cli")) as st:
+                await clean(st)
+
+        asyncio.run(go())  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=[(m, d) for m in MODES for d in DATAPATHS], ids=str)
+def env(request: Any) -> Iterator[Env]:
+    mode, datapath = request.param
+    reuse = os.environ.get("CORRAL_PROXY_TEST_REUSE")  # dev: a running cluster's state dir
+    if reuse and datapath != DATAPATHS[0]:
+        pytest.skip("CORRAL_PROXY_TEST_REUSE runs one datapath")
+    opened = _reused(reuse) if reuse else local_cluster(3)
+    with _datapath_env(datapath, mode), opened as c:
+        e = Env(c, datapath, mode, {}, "prx-client", "", "")
+        pods = [_server(f"prx-srv-{i}", c.nodes[i]) for i in range(3)]
+        pods.append(
+            Pod(
+                metadata={"name": e.client},
+                spec={
+                    "nodeName": c.nodes[0],
+                    "containers": [{"name": "c", "command": ["sleep", "infinity"]}],
+                },
+            )
+        )
+
+        async def create(s: Store) -> None:
+            for p in pods:
+                await s.create(p)
+            await s.create(
+                _service("prx-web", {"app": "prx-web"}, type="NodePort",
+                         ports=[{"name": "http", "port": 80, "targetPort": "web",
+                                 "nodePort": NODEPORT},
+                                {"name": "alt", "port": 90, "targetPort": 9090},
+                                {"name": "dns", "port": 53, "protocol": "UDP",
+                                 "targetPort": 5353}])
+            )  # fmt: skip
+
+        e.run(create)
+
+        async def state(s: Store) -> tuple[dict[str, str], str, str] | None:
+            got = {}
+            for p in pods:
+                pod = await s.get(Pod, p.name, "default")
+                if pod is None or not pod.status.pod_ip or pod.status.phase != "Running":
+                    return None
+                if p.name != e.client and not pod.ready:
+                    return None
+                got[p.name] = pod.status.pod_ip
+            svc = await s.get(Service, "prx-web", "default")
+            if svc is None or not svc.spec.cluster_ip:
+                return None
+            return got, got.pop(e.client), svc.spec.cluster_ip
+
+        e.servers, e.client_ip, e.vip = wait_for(lambda: e.run(state), "pods and service up")
+        wait_for(lambda: sum(e.endpoint_state().values()) == 3, "three ready endpoints")
+        wait_for(
+            lambda: set(e.names(e.from_pod(e.client, e.vip, "80", "20"))) == set(e.servers),
+            "every server reachable through the VIP",
+        )
+        if datapath == "bpf":
+            info = json.loads(c.exec("node-1", "cat", "/run/corral/datapath.json").stdout)
+            assert info["datapath"] == "bpf", info
+        yield e
+
+
+# ---------------------------------------------------------------- cases
+
+
+def test_random_spread_preserves_client_ip_and_multiport(env: Env) -> None:
+    answers = env.from_pod(env.client, env.vip, "80", "300")
+    assert not [a for a in answers if a.startswith("ERR")], answers
+    counts = Counter(env.names(answers))
+    # uniform over 3: mean 100, sd ~8.2; these bounds are ~6 sd wide
+    assert set(counts) == set(env.servers) and all(50 <= n <= 150 for n in counts.values()), counts
+    # the backend sees the client pod's own address (no SNAT), on the named targetPort
+    assert {tuple(a.split()[1:]) for a in answers} == {(env.client_ip, "8080")}
+    alt = env.from_pod(env.client, env.vip, "90", "15")
+    assert {tuple(a.split()[1:]) for a in alt} == {(env.client_ip, "9090")}
+    udp = env.from_pod(env.client, env.vip, "53", "15", "udp")
+    assert {tuple(a.split()[1:]) for a in udp} == {(env.client_ip, "5353")}
+
+
+def test_nodeport_from_another_node(env: Env) -> None:
+    n1 = env.c.ips[env.c.nodes[0]]
+    answers = env.from_node("node-3", n1, str(NODEPORT), "30")
+    assert not [a for a in answers if a.startswith("ERR")], answers
+    assert len(set(env.names(answers))) >= 2  # load-balanced, not just the local pod
+    own = env.from_node("node-2", env.c.ips[env.c.nodes[1]], str(NODEPORT), "5")
+    assert not [a for a in own if a.startswith("ERR")], own
+
+
+def test_no_endpoints_rejects_at_once(env: Env) -> None:
+    env.run(lambda s: s.create(_service("prx-none", {"app": "prx-nobody"})))
+    try:
+        vip = wait_for(
+            lambda: (
+                (svc := env.run(lambda s: s.get(Service, "prx-none", "default")))
+                and svc.spec.cluster_ip
+            ),
+            "a VIP for prx-none",
+        )
+        wait_for(
+            lambda: env.from_pod(env.client, vip, "80", "1") == ["ERR:ECONNREFUSED"],
+            "connections to a service without endpoints to be refused",
+            timeout=30,
+        )
+        assert env.from_pod(env.client, vip, "80", "5") == ["ERR:ECONNREFUSED"] * 5
+        # UDP: ICMP port unreachable, which the kernel rate-limits per client (1/s, burst 6)
+        wait_for(
+            lambda: env.from_pod(env.client, vip, "53", "1", "udp") == ["ERR:ECONNREFUSED"],
+            "UDP to a service without endpoints to be refused",
+            timeout=30,
+        )
+    finally:
+        env.run(lambda s: s.delete(Service, "prx-none", "default"))
+
+
+def test_hairpin_reaches_itself(env: Env) -> None:
+    env.run(lambda s: s.create(_service("prx-self", {"self": "prx-srv-1"})))
+    try:
+        vip = wait_for(
+            lambda: (
+                (svc := env.run(lambda s: s.get(Service, "prx-self", "default")))
+                and svc.spec.cluster_ip
+            ),
+            "a VIP for prx-self",
+        )
+        got = wait_for(
+            lambda: (
+                (a := env.from_pod("prx-srv-1", vip, "80", "3"))
+                and not any(x.startswith("ERR") for x in a)
+                and a
+            ),
+            "the pod to reach itself through its service",
+            timeout=30,
+        )
+        assert set(env.names(got)) == {"prx-srv-1"}
+    finally:
+        env.run(lambda s: s.delete(Service, "prx-self", "default"))
+
+
+def test_udp_and_tcp_fail_over_when_an_endpoint_goes(env: Env) -> None:
+    """UDP from one source port moves at once (its conntrack entry is deleted)."""
+    first = env.names(env.from_pod(env.client, env.vip, "53", "1", "udp1"))[0]
+    assert first in env.servers
+    # a client that keeps its source port keeps its endpoint while it stays
+    script_args = (env.vip, "53", "200", "udp1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "exec", env.client, "--", sys.executable, "-c", CLIENT,
+         *script_args],
+        env=env.c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2.0)  # the loop (~10 s) is under way, stuck to `first`
+        env.set_label(first, None)
+        out, _err = proc.communicate(timeout=120)
+        answers = json.loads(out.strip().splitlines()[-1])
+        names = [a.split()[0] for a in answers if not a.startswith("ERR")]
+        assert names
+        moved = [n for n in names if n != first]
+        assert moved, f"the UDP client never left {first}: {Counter(names)}"
+        # once moved it stays on its new endpoint: it never came back to the removed one
+        assert first not in names[names.index(moved[0]) :]
+        tcp = env.names(env.from_pod(env.client, env.vip, "80", "30"))
+        assert first not in tcp and len(tcp) == 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        env.set_label(first, "prx-web")
+        wait_for(lambda: sum(env.endpoint_state().values()) == 3, "three ready endpoints again")
+
+
+def test_client_ip_affinity_200_clients_timeout_notready_and_switching(env: Env) -> None:
+    node = "node-2"
+    srcs = [f"{AFFINITY_NET}.{i}" for i in range(1, 201)]
+    for ip in srcs:
+        env.c.exec(node, "ip", "addr", "add", f"{ip}/32", "dev", "lo", check=True)
+    try:
+        env.patch_service(
+            "prx-web",
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 3600}},
+        )
+        wait_for(
+            lambda: "CORRAL-AFF-" in env.c.exec(node, "ipset", "list", "-n").stdout,
+            "affinity sets on node-2",
+            timeout=30,
+        )
+        # every one of 200 clients sticks to one endpoint over 3 rounds
+        answers = env.from_node(node, env.vip, "80", "3", "tcp", ",".join(srcs))
+        assert not [a for a in answers if a.startswith("ERR")]
+        by_client: dict[int, set[str]] = {}
+        for i, a in enumerate(answers):
+            by_client.setdefault(i % len(srcs), set()).add(a.split()[0])
+        assert all(len(v) == 1 for v in by_client.values()), by_client
+        spread = Counter(next(iter(v)) for v in by_client.values())
+        assert set(spread) == set(env.servers), spread
+        assert env.ipset_entries(node) >= 200  # more than xt_recent's 100 remembered
+        # an endpoint goes NotReady: its clients move at once, and stick to their new one
+        victim = spread.most_common(1)[0][0]
+        mine = [srcs[i] for i, v in by_client.items() if next(iter(v)) == victim]
+        env.tell(victim, "notready")
+        wait_for(lambda: env.endpoint_state().get(env.servers[victim]) is False, "NotReady")
+        wait_for(
+            lambda: victim not in env.names(env.from_node(node, env.vip, "80", "1", "tcp",
+                                                          ",".join(mine))),
+            "the NotReady endpoint's clients to move", timeout=30,
+        )  # fmt: skip
+        again = env.from_node(node, env.vip, "80", "2", "tcp", ",".join(mine))
+        assert victim not in env.names(again)
+        moved: dict[int, set[str]] = {}
+        for i, a in enumerate(again):
+            moved.setdefault(i % len(mine), set()).add(a.split()[0])
+        assert all(len(v) == 1 for v in moved.values()), moved
+        env.tell(victim, "ready")
+        wait_for(lambda: sum(env.endpoint_state().values()) == 3, "ready again")
+        # a short timeout: a client's entry expires once it is idle that long
+        env.patch_service(
+            "prx-web",
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 2}},
+        )
+        one = srcs[0]
+
+        def remembered() -> bool:
+            r = env.c.exec(node, "ipset", "list")
+            return f"{one} timeout" in r.stdout
+
+        def fresh_entry() -> bool:
+            env.from_node(node, env.vip, "80", "1", "tcp", one)
+            r = env.c.exec(node, "ipset", "list")
+            return any(
+                ln.startswith(f"{one} timeout ") and int(ln.split()[2]) <= 2
+                for ln in r.stdout.splitlines()
+            )
+
+        wait_for(fresh_entry, "an entry with the short timeout", timeout=30)
+        wait_for(lambda: not remembered(), "the idle client's entry to expire", timeout=30)
+        # affinity off: one client spreads again, and the sets are gone
+        env.patch_service("prx-web", sessionAffinity="None", sessionAffinityConfig=None)
+        wait_for(
+            lambda: "CORRAL-AFF-" not in env.c.exec(node, "ipset", "list", "-n").stdout,
+            "the affinity sets to go",
+            timeout=30,
+        )
+        spread_one = env.names(env.from_node(node, env.vip, "80", "30", "tcp", one))
+        assert len(set(spread_one)) >= 2, spread_one
+    finally:
+        env.patch_service("prx-web", sessionAffinity="None", sessionAffinityConfig=None)
+        for ip in srcs:
+            env.c.exec(node, "ip", "addr", "del", f"{ip}/32", "dev", "lo")
+
+
+def test_service_deleted_and_recreated(env: Env) -> None:
+    env.run(lambda s: s.create(_service("prx-again", {"app": "prx-web"})))
+    try:
+        vip = wait_for(
+            lambda: (
+                (svc := env.run(lambda s: s.get(Service, "prx-again", "default")))
+                and svc.spec.cluster_ip
+            ),
+            "a VIP for prx-again",
+        )
+        wait_for(
+            lambda: not any(x.startswith("ERR") for x in env.from_pod(env.client, vip, "80", "3")),
+            "prx-again to answer",
+            timeout=30,
+        )
+        env.run(lambda s: s.delete(Service, "prx-again", "default"))
+        wait_for(
+            lambda: vip not in env.c.exec("node-1", "iptables-save", "-t", "nat").stdout,
+            "prx-again's rules to go",
+            timeout=30,
+        )
+        env.run(lambda s: s.create(_service("prx-again", {"app": "prx-web"}, clusterIP=vip)))
+        wait_for(
+            lambda: not any(x.startswith("ERR") for x in env.from_pod(env.client, vip, "80", "3")),
+            "the recreated prx-again to answer",
+            timeout=30,
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            env.run(lambda s: s.delete(Service, "prx-again", "default"))
+
+
+def test_repair_after_a_flush_by_hand(env: Env) -> None:
+    r = env.c.exec("node-1", "iptables", "-t", "nat", "-F", check=True)
+    assert r.returncode == 0
+    assert "-A CORRAL-SVC-" not in env.c.exec("node-1", "iptables-save", "-t", "nat").stdout
+    wait_for(
+        lambda: (
+            len(env.names(a := env.from_pod(env.client, env.vip, "80", "10"))) == 10
+            and not any(x.startswith("ERR") for x in a)
+        ),
+        "the proxy to repair the flushed rules",
+        timeout=60,
+    )
+
+
+def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
+    c = env.c
+    node = c.nodes[0]
+    proxy = next(d for d in c.state().daemons if d.role == "daemon:proxy" and d.node == node)
+    loop = subprocess.Popen(
+        [sys.executable, "-m", "corral", "exec", env.client, "--", sys.executable, "-c", LOOP,
+         env.vip, "80", "25"],
+        env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # the loop is under way
+        t_kill = time.time()
+        os.kill(proxy.pid, signal.SIGTERM)
+        from corral.node.procs import start_time
+
+        wait_for(lambda: start_time(proxy.pid) is None, "the proxy to stop", timeout=30)
+        up = c.corral(
+            "up", "--name", c.name, "--nodes", "3", "--underlay-cidr", c.underlay_cidr,
+            "--wait", "120", timeout=300,
+        )  # fmt: skip
+        assert up.returncode == 0, up.stderr + up.stdout
+        new = next(d for d in c.state().daemons if d.role == "daemon:proxy" and d.node == node)
+        assert new.pid != proxy.pid
+        out, _err = loop.communicate(timeout=120)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["ok"] > 50 and result["fail"] == 0, (result, f"SIGTERM at {t_kill:.2f}")
+        assert c.log("proxy", node).count("proxy programmed") >= 2
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.wait()

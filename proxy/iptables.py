@@ -1,0 +1,275 @@
+"""The iptables mode: service views -> nat/filter chains, affinity sets, conntrack.
+
+Every sync is at most one `ipset restore` creating the affinity sets new rules
+need, exactly one `iptables-restore --noflush` (through `corral.node.iptables`,
+the one path; the host's binary, so nft and legacy backends both work), then
+one `ipset restore` destroying the sets nothing references any more, and
+`conntrack -D` for UDP flows whose endpoint went away. A partial sync rewrites
+the dispatch chains (CORRAL-SERVICES, CORRAL-NODEPORTS, the filter REJECTs)
+and the chains of the services that changed; a full one rewrites everything,
+re-checks the hook rules and deletes owned chains and sets nobody wants.
+Blocking: the daemon calls these methods in an executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from corral.node import iptables, netns
+from corral.proxy import rules as R
+from corral.proxy.core import ServiceView, usable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncResult:
+    full: bool
+    services: int  # services written
+    lines: int  # rules written
+    seconds: float
+    conntrack_flushes: int = 0
+    sets_created: int = 0
+    sets_destroyed: int = 0
+    chains_deleted: int = 0
+
+
+@dataclass
+class Kernel:
+    """The commands a sync runs, in the proxy's network namespace (None: this one)."""
+
+    namespace: str | None = None
+    calls: list[str] = field(default_factory=list)  # what ran, for tests and debugging
+
+    def _argv(self, argv: list[str]) -> list[str]:
+        return netns.command(self.namespace, argv) if self.namespace else argv
+
+    def restore(self, text: str) -> None:
+        self.calls.append("iptables-restore")
+        # tens of thousands of chains take minutes with iptables-nft on a small machine
+        iptables.restore(self.namespace, text, timeout=max(60.0, len(text) / 20000))
+
+    def ipset(self, text: str) -> None:
+        self.calls.append("ipset-restore")
+        p = subprocess.run(
+            self._argv(["ipset", "restore"]),
+            input=text,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if p.returncode != 0:
+            raise RuntimeError(f"ipset restore failed: {p.stderr.strip()}")
+
+    def ipset_names(self) -> set[str]:
+        p = subprocess.run(
+            self._argv(["ipset", "list", "-n"]), capture_output=True, text=True, check=False
+        )
+        if p.returncode != 0:
+            raise RuntimeError(f"ipset list failed: {p.stderr.strip()}")
+        return {n for n in p.stdout.split() if n.startswith(R.SET_PREFIX)}
+
+    def chains(self, table: str) -> set[str] | None:
+        """Chain names in `table` (None: no such table yet)."""
+        p = iptables.run(self.namespace, ["iptables-save", "-t", table], check=False)
+        if p.returncode != 0:
+            return None
+        return {ln[1:].split()[0] for ln in p.stdout.splitlines() if ln.startswith(":")}
+
+    def has_rule(self, table: str, chain: str, rule: list[str]) -> bool:
+        return iptables.has_rule(self.namespace, table, chain, rule)
+
+    def canary_ok(self) -> bool:
+        for table in ("nat", "filter"):
+            have = iptables.chain_rules(self.namespace, table, R.CANARY)
+            if not have:
+                return False
+        return True
+
+    def conntrack_delete(self, args: list[str]) -> None:
+        self.calls.append("conntrack " + " ".join(args))
+        p = subprocess.run(
+            self._argv(["conntrack", "-D", *args]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        # exit 1 with "0 flow entries have been deleted" is no error
+        if p.returncode != 0 and "flow entries" not in p.stderr:
+            log.warning("conntrack -D %s failed: %s", " ".join(args), p.stderr.strip())
+
+    def remove_hook(self, table: str, hook: str, rule: list[str]) -> bool:
+        changed = False
+        while self.has_rule(table, hook, rule):
+            iptables.run(self.namespace, ["iptables", "-t", table, "-D", hook, *rule])
+            changed = True
+        return changed
+
+
+class IptablesMode:
+    """Programs services into netfilter; keeps what it wrote so partial syncs stay small."""
+
+    name = "iptables"
+
+    def __init__(self, cluster_cidr: str, kernel: Kernel | None = None) -> None:
+        self.cluster_cidr = cluster_cidr
+        self.kernel = kernel or Kernel()
+        self.rules: dict[str, R.ServiceRules] = {}
+        self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
+        self.chains: set[str] | None = None  # owned SVC/SEP chains in the kernel (None: unknown)
+        self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
+
+    def sync(
+        self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
+    ) -> SyncResult:
+        t0 = time.monotonic()
+        k = self.kernel
+        if self.chains is None or self.sets is None:
+            full = True
+        keys = set(views) | set(self.written) if full else set(changed)
+        old = {key: self.written.get(key) for key in keys}
+        prev_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+        for key in keys:
+            v = views.get(key)
+            if v is None:
+                self.rules.pop(key, None)
+            else:
+                self.rules[key] = R.service_rules(v, self.cluster_cidr)
+        wanted_chains: set[str] = set()
+        wanted_sets: dict[str, int] = {}
+        for r in self.rules.values():
+            wanted_chains.update(r.chains)
+            wanted_sets.update(r.sets)
+        hooks = None
+        if full:
+            if self.chains is None:
+                have = k.chains("nat") or set()
+                self.chains = {c for c in have if R.owned_chain(c)}
+            if self.sets is None:
+                self.sets = k.ipset_names()
+            hooks = {
+                (table, hook): k.has_rule(table, hook, rule)
+                for table, hks in (("nat", R.NAT_HOOKS), ("filter", R.FILTER_HOOKS))
+                for hook, rule in hks.items()
+            }
+            delete = self.chains - wanted_chains
+        else:
+            delete = prev_chains - wanted_chains
+        # Only missing sets: `create -exist` fails on a set made with another timeout,
+        # and a set's own timeout does not matter (the SET rule gives each entry its own).
+        new_sets = {s: t for s, t in wanted_sets.items() if s not in self.sets}
+        if new_sets:
+            k.ipset(
+                "".join(
+                    f"create {s} hash:ip timeout {t} -exist\n" for s, t in sorted(new_sets.items())
+                )
+            )
+            self.sets |= set(new_sets)
+        rs = R.build(self.rules, None if full else keys, delete, hooks, fixed=full)
+        k.restore(rs.text)
+        self.chains = (self.chains - delete) | rs.chains
+        stale_sets = self.sets - set(wanted_sets)
+        if stale_sets:
+            k.ipset("".join(f"destroy {s}\n" for s in sorted(stale_sets)))
+            self.sets -= stale_sets
+        flushes = self._clear_udp(old, views)
+        for key in keys:
+            if key in views:
+                self.written[key] = views[key]
+            else:
+                self.written.pop(key, None)
+        return SyncResult(
+            full=full,
+            services=len(keys),
+            lines=rs.lines,
+            seconds=time.monotonic() - t0,
+            conntrack_flushes=flushes,
+            sets_created=len(new_sets),
+            sets_destroyed=len(stale_sets),
+            chains_deleted=len(delete),
+        )
+
+    def _clear_udp(
+        self, old: Mapping[str, ServiceView | None], views: Mapping[str, ServiceView]
+    ) -> int:
+        """Delete UDP flows to endpoints that went away; stale VIP flows when 0 -> >0."""
+        n = 0
+        for key, before in old.items():
+            after = views.get(key)
+            if before is None and after is None:
+                continue
+            ports_before = {sp.id: sp for sp in before.ports} if before else {}
+            for sp in after.ports if after else ():
+                if sp.protocol != "UDP":
+                    continue
+                now = {e.ip for e in usable(after.endpoints_of(sp))}
+                prev_sp = ports_before.get(sp.id)
+                was = (
+                    {e.ip for e in usable(before.endpoints_of(prev_sp))}
+                    if before and prev_sp
+                    else set()
+                )
+                if now and not was:
+                    self.kernel.conntrack_delete(
+                        ["-p", "udp", "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port)]
+                    )
+                    n += 1
+                for ip in sorted(was - now):
+                    self.kernel.conntrack_delete(
+                        ["-p", "udp", "--orig-dst", sp.cluster_ip, "--dst-nat", ip]
+                    )
+                    n += 1
+                    if sp.node_port:
+                        self.kernel.conntrack_delete(
+                            ["-p", "udp", "--orig-port-dst", str(sp.node_port), "--dst-nat", ip]
+                        )
+                        n += 1
+            # ports (or the whole service) gone: their flows go with them
+            after_ids = {sp.id for sp in after.ports} if after else set()
+            for sid, sp in ports_before.items():
+                if sp.protocol == "UDP" and sid not in after_ids and before is not None:
+                    for ip in sorted({e.ip for e in usable(before.endpoints_of(sp))}):
+                        self.kernel.conntrack_delete(
+                            ["-p", "udp", "--orig-dst", sp.cluster_ip, "--dst-nat", ip]
+                        )
+                        n += 1
+        return n
+
+    def canary_ok(self) -> bool:
+        return self.kernel.canary_ok()
+
+    def forget_kernel(self) -> None:
+        """Someone changed the tables by hand: the next (full) sync re-reads what is there."""
+        self.chains = self.sets = None
+
+    def cleanup(self) -> list[str]:
+        """Remove every chain, hook and set the proxy made; what was removed."""
+        k = self.kernel
+        done: list[str] = []
+        for table, hooks in (("nat", R.NAT_HOOKS), ("filter", R.FILTER_HOOKS)):
+            for hook, rule in hooks.items():
+                if k.remove_hook(table, hook, rule):
+                    done.append(f"{table} {hook} jump")
+        by_table: dict[str, set[str]] = {}
+        for table, fixed in (("nat", R.FIXED_NAT), ("filter", R.FIXED_FILTER)):
+            have = k.chains(table) or set()
+            mine = {c for c in have if c in fixed or R.owned_chain(c)}
+            by_table[table] = mine
+            done += [f"{table} chain {c}" for c in sorted(mine)]
+        text = R.cleanup_text(by_table)
+        if text:
+            k.restore(text)
+        sets = k.ipset_names()
+        if sets:
+            k.ipset("".join(f"destroy {s}\n" for s in sorted(sets)))
+            done += [f"ipset {s}" for s in sorted(sets)]
+        self.rules.clear()
+        self.written.clear()
+        self.chains = self.sets = None
+        return done

@@ -1,0 +1,251 @@
+"""The service proxy's pure parts: views from objects, the rule builder, the mode's bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.api.objects import EndpointSlice, Service
+from corral.proxy import rules as R
+from corral.proxy.core import (
+    EndpointInfo,
+    ServicePort,
+    ServiceView,
+    service_ports,
+    slice_endpoints,
+    usable,
+)
+from corral.proxy.iptables import IptablesMode
+
+CIDR = "10.244.0.0/16"
+
+
+def svc(**spec: object) -> Service:
+    base: dict = {"clusterIP": "10.96.0.20", "ports": [{"port": 80, "targetPort": 8080}]}
+    base.update(spec)
+    return Service(metadata={"name": "web", "namespace": "default"}, spec=base)
+
+
+def eps(n: int, port: int = 8080, **cond: bool) -> tuple[EndpointInfo, ...]:
+    return tuple(EndpointInfo(f"10.244.1.{i + 2}", port, **cond) for i in range(n))
+
+
+def view(sp: ServicePort, endpoints: tuple[EndpointInfo, ...]) -> ServiceView:
+    return ServiceView((sp,), ((sp.key, endpoints),) if endpoints else ())
+
+
+SP = ServicePort("default/web", "", "TCP", "10.96.0.20", 80)
+
+
+def test_service_ports_skip_headless_externalname_and_unallocated() -> None:
+    assert service_ports(svc(clusterIP="None", ports=[])) == ()
+    assert service_ports(svc(clusterIP=None)) == ()
+    ext = Service(
+        metadata={"name": "x", "namespace": "default"},
+        spec={"type": "ExternalName", "externalName": "example.com"},
+    )
+    assert service_ports(ext) == ()
+    (p,) = service_ports(svc(sessionAffinity="ClientIP"))
+    assert p.affinity_timeout == 10800 and p.node_port is None
+    (p,) = service_ports(
+        svc(
+            type="NodePort",
+            ports=[{"port": 80, "nodePort": 30080}],
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 5}},
+        )
+    )
+    assert (p.node_port, p.affinity_timeout) == (30080, 5)
+
+
+def test_slices_merge_by_port_name_with_conditions() -> None:
+    def sl(name: str, ip: str, port: int, **cond: bool) -> EndpointSlice:
+        return EndpointSlice(
+            metadata={"name": name, "namespace": "default"},
+            endpoints=[{"addresses": [ip], "conditions": cond}],
+            ports=[{"name": "http", "port": port}],
+        )
+
+    got = slice_endpoints(
+        [
+            sl("a", "10.244.1.2", 8080, ready=True, serving=True),
+            sl("b", "10.244.2.2", 9090, ready=False, serving=True, terminating=True),
+            sl("c", "10.244.1.2", 8080, ready=False),  # listed twice: ready wins
+        ]
+    )
+    assert got == {
+        ("http", "TCP"): (
+            EndpointInfo("10.244.1.2", 8080, True, True, False),
+            EndpointInfo("10.244.2.2", 9090, False, True, True),
+        )
+    }
+
+
+def test_usable_prefers_ready_then_serving_terminating() -> None:
+    ready = EndpointInfo("10.244.1.2", 80)
+    term = EndpointInfo("10.244.1.3", 80, ready=False, serving=True, terminating=True)
+    notready = EndpointInfo("10.244.1.4", 80, ready=False, serving=False)
+    assert usable((ready, term, notready)) == (ready,)
+    assert usable((term, notready)) == (term,)
+    assert usable((notready,)) == ()
+
+
+def test_random_cascade_probabilities() -> None:
+    r = R.service_rules(view(SP, eps(3)), CIDR)
+    svc_rules = r.chains[R.svc_chain(SP)]
+    assert svc_rules[0].startswith(f"-A {R.svc_chain(SP)} ! -s {CIDR} -d 10.96.0.20/32")
+    probs = [ln.split("--probability ")[1].split()[0] for ln in svc_rules if "statistic" in ln]
+    assert [float(p) for p in probs] == pytest.approx([1 / 3, 1 / 2], abs=1e-9)
+    assert "statistic" not in svc_rules[-1]  # the last endpoint takes what is left
+    assert len(r.chains) == 4 and len(r.portals) == 1 and not r.rejects
+    sep = r.chains[R.sep_chain(SP, eps(3)[0])]
+    assert sep[0] == f"-A {R.sep_chain(SP, eps(3)[0])} -s 10.244.1.2/32 -j {R.MARK_MASQ}"
+    assert sep[-1].endswith("-p tcp -m tcp -j DNAT --to-destination 10.244.1.2:8080")
+
+
+def test_no_endpoints_rejects_vip_and_nodeport() -> None:
+    sp = ServicePort("default/web", "", "UDP", "10.96.0.20", 53, node_port=30053)
+    r = R.service_rules(view(sp, ()), CIDR)
+    assert not r.chains and not r.portals
+    assert len(r.rejects) == 2
+    assert all("-j REJECT --reject-with icmp-port-unreachable" in ln for ln in r.rejects)
+    tcp = ServicePort("default/web", "", "TCP", "10.96.0.20", 80)
+    (line,) = R.service_rules(view(tcp, ()), CIDR).rejects
+    assert line.endswith("-j REJECT --reject-with tcp-reset")
+    assert "-m addrtype --dst-type LOCAL -p udp -m udp --dport 30053" in r.rejects[1]
+
+
+def test_affinity_uses_one_set_per_endpoint() -> None:
+    sp = ServicePort("default/web", "", "TCP", "10.96.0.20", 80, affinity_timeout=7)
+    e = eps(2)
+    r = R.service_rules(view(sp, e), CIDR)
+    sets = [R.affinity_set(sp, x) for x in e]
+    assert r.sets == dict.fromkeys(sets, 7)
+    lines = r.chains[R.svc_chain(sp)]
+    sticks = [ln for ln in lines if "--match-set" in ln]
+    assert sticks == [
+        f"-A {R.svc_chain(sp)} -m set --match-set {s} src -j {R.sep_chain(sp, x)}"
+        for s, x in zip(sets, e, strict=True)
+    ]
+    assert lines.index(sticks[-1]) < next(i for i, ln in enumerate(lines) if "statistic" in ln)
+    sep = r.chains[R.sep_chain(sp, e[0])]
+    assert f"-j SET --add-set {sets[0]} src --exist --timeout 7" in " ".join(sep)
+    assert all(len(n) <= 28 for n in [*r.chains, *sets])  # iptables/ipset name limits
+
+
+def test_names_are_deterministic_and_distinct() -> None:
+    other = ServicePort("default/web", "", "UDP", "10.96.0.20", 80)
+    assert R.svc_chain(SP) == R.svc_chain(ServicePort("default/web", "", "TCP", "10.96.0.9", 80))
+    assert R.svc_chain(SP) != R.svc_chain(other)
+    assert R.sep_chain(SP, eps(1)[0]) != R.sep_chain(other, eps(1)[0])
+
+
+def test_multiport_named_target_ports() -> None:
+    s = svc(
+        ports=[
+            {"name": "http", "port": 80, "targetPort": "web"},
+            {"name": "metrics", "port": 9100, "targetPort": 9100},
+        ]
+    )
+    ports = service_ports(s)
+    v = ServiceView(
+        ports,
+        (
+            (("http", "TCP"), eps(2, 8080)),
+            (("metrics", "TCP"), eps(1, 9100)),
+        ),
+    )
+    r = R.service_rules(v, CIDR)
+    assert len(r.portals) == 2
+    dnat = sorted(
+        ln.split("--to-destination ")[1] for c in r.chains.values() for ln in c if "DNAT" in ln
+    )
+    assert dnat == ["10.244.1.2:8080", "10.244.1.2:9100", "10.244.1.3:8080"]
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.texts: list[str] = []
+        self.ipsets: list[str] = []
+
+    def restore(self, text: str) -> None:
+        self.calls.append("iptables-restore")
+        self.texts.append(text)
+
+    def ipset(self, text: str) -> None:
+        self.calls.append("ipset")
+        self.ipsets.append(text)
+
+    def ipset_names(self) -> set[str]:
+        return set()
+
+    def chains(self, table: str) -> set[str]:
+        return {"CORRAL-SVC-STALEONE00000000"} if table == "nat" else set()
+
+    def has_rule(self, table: str, chain: str, rule: list[str]) -> bool:
+        return False
+
+    def conntrack_delete(self, args: list[str]) -> None:
+        self.calls.append("conntrack " + " ".join(args))
+
+
+def test_partial_sync_writes_only_changed_services_and_one_restore() -> None:
+    k = FakeKernel()
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
+    b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
+    views = {"default/a": view(a, eps(3)), "default/b": view(b, eps(2, 53))}
+    first = m.sync(False, views, set())  # nothing known yet: a full sync
+    assert first.full and k.calls.count("iptables-restore") == 1
+    text = k.texts[-1]
+    assert "-X CORRAL-SVC-STALEONE00000000" in text  # a chain nobody wants any more
+    assert text.count("-I PREROUTING 1") == 1 and text.count("-I FORWARD 1") == 1
+    # b loses an endpoint: only b's chains are written, plus the dispatch chains
+    k.calls.clear()
+    views["default/b"] = view(b, eps(1, 53))
+    second = m.sync(False, views, {"default/b"})
+    assert not second.full and k.calls[0] == "iptables-restore"
+    text = k.texts[-1]
+    assert R.svc_chain(a) not in {ln[1:].split()[0] for ln in text.splitlines() if ln[:1] == ":"}
+    assert f":{R.svc_chain(b)} - [0:0]" in text
+    gone = R.sep_chain(b, eps(2, 53)[1])
+    assert f"-X {gone}" in text
+    assert "-I PREROUTING" not in text  # hooks are checked by full syncs only
+    # UDP flows to the endpoint that went away are deleted
+    assert k.calls[1:] == ["conntrack -p udp --orig-dst 10.96.0.2 --dst-nat 10.244.1.3"]
+
+
+def test_udp_service_from_zero_to_some_endpoints_clears_vip_flows() -> None:
+    k = FakeKernel()
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
+    m.sync(True, {"default/b": view(b, ())}, set())
+    k.calls.clear()
+    m.sync(False, {"default/b": view(b, eps(1, 53))}, {"default/b"})
+    assert "conntrack -p udp --orig-dst 10.96.0.2 --orig-port-dst 53" in k.calls
+
+
+def test_affinity_sets_created_before_and_destroyed_after_the_restore() -> None:
+    k = FakeKernel()
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80, affinity_timeout=10)
+    m.sync(True, {"default/a": view(a, eps(2))}, set())
+    assert k.calls == ["ipset", "iptables-restore"]
+    assert k.ipsets[0].count("create CORRAL-AFF-") == 2 and "timeout 10 -exist" in k.ipsets[0]
+    k.calls.clear()
+    # affinity off: the sets go, after the rules that used them
+    plain = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
+    m.sync(False, {"default/a": view(plain, eps(2))}, {"default/a"})
+    assert k.calls == ["iptables-restore", "ipset"]
+    assert k.ipsets[-1].count("destroy CORRAL-AFF-") == 2
+
+
+def test_deleted_service_leaves_no_chains() -> None:
+    k = FakeKernel()
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    m.sync(True, {"default/web": view(SP, eps(2))}, set())
+    assert m.chains and len(m.chains) == 3
+    m.sync(False, {}, {"default/web"})
+    assert m.chains == set()
+    text = k.texts[-1]
+    assert text.count("-X CORRAL-S") == 3
