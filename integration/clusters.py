@@ -57,6 +57,24 @@ class LocalCluster:
     etcd_node_urls: list[str]  # etcd as a process inside a node reaches it
     env: dict[str, str] = field(default_factory=dict)  # env that points `corral` at it
 
+    @classmethod
+    def from_state(cls, state_dir: str, env: dict[str, str]) -> LocalCluster:
+        """The cluster whose state is in `state_dir`; `env` points `corral` at it."""
+        s = load(state_dir)
+        assert s is not None, f"no cluster state in {state_dir}"
+        return cls(
+            name=s.name,
+            state_dir=s.state_dir,
+            nodes=[n.name for n in s.nodes],
+            netns={n.name: n.netns for n in s.nodes},
+            ips={n.name: n.ip for n in s.nodes},
+            host_ip=s.host_ip,
+            underlay_cidr=s.underlay_cidr,
+            etcd_urls=list(s.etcd_urls),
+            etcd_node_urls=list(s.etcd_node_urls),
+            env=env,
+        )
+
     @property
     def logs_dir(self) -> str:
         return os.path.join(self.state_dir, "logs")
@@ -162,20 +180,7 @@ def local_cluster(nodes: int = NODES, *up_args: str) -> Iterator[LocalCluster]:
         )
         if r.returncode != 0:
             pytest.fail(f"corral up failed:\n{r.stderr}{r.stdout}", pytrace=False)
-        s = load(os.path.join(root, name))
-        assert s is not None
-        yield LocalCluster(
-            name=name,
-            state_dir=s.state_dir,
-            nodes=[n.name for n in s.nodes],
-            netns={n.name: n.netns for n in s.nodes},
-            ips={n.name: n.ip for n in s.nodes},
-            host_ip=s.host_ip,
-            underlay_cidr=s.underlay_cidr,
-            etcd_urls=list(s.etcd_urls),
-            etcd_node_urls=list(s.etcd_node_urls),
-            env=env,
-        )
+        yield LocalCluster.from_state(os.path.join(root, name), env)
     finally:  # in-process: works even if the CLI is broken
         local.down(name, os.path.join(root, name), progress=lambda _: None)
         shutil.rmtree(root, ignore_errors=True)

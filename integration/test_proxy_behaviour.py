@@ -264,24 +264,10 @@ def _datapath_env(datapath: str, mode: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _reused(state_dir: str) -> Iterator[LocalCluster]:
     """A cluster someone else started (`corral up`), for iterating on this module."""
-    from corral.cluster.state import load
-
-    s = load(state_dir)
-    assert s is not None, state_dir
-    env = dict(os.environ, CORRAL_STATE_DIR=os.path.dirname(state_dir), CORRAL_CLUSTER=s.name)
+    name = os.path.basename(os.path.abspath(state_dir))
+    env = dict(os.environ, CORRAL_STATE_DIR=os.path.dirname(state_dir), CORRAL_CLUSTER=name)
     env.pop("CORRAL_ETCD", None)
-    c = LocalCluster(
-        name=s.name,
-        state_dir=s.state_dir,
-        nodes=[n.name for n in s.nodes],
-        netns={n.name: n.netns for n in s.nodes},
-        ips={n.name: n.ip for n in s.nodes},
-        host_ip=s.host_ip,
-        underlay_cidr=s.underlay_cidr,
-        etcd_urls=list(s.etcd_urls),
-        etcd_node_urls=list(s.etcd_node_urls),
-        env=env,
-    )
+    c = LocalCluster.from_state(state_dir, env)
     try:
         yield c
     finally:
