@@ -75,6 +75,14 @@ class LocalCluster:
             env=env,
         )
 
+    def up_again(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`corral up` on this running cluster, as an operator repairs one: it restarts
+        what is missing (a killed daemon, etcd) and waits for every node to be Ready."""
+        return self.corral(
+            "up", "--name", self.name, "--nodes", str(len(self.nodes)),
+            "--underlay-cidr", self.underlay_cidr, "--wait", "120", timeout=timeout,
+        )  # fmt: skip
+
     @property
     def logs_dir(self) -> str:
         return os.path.join(self.state_dir, "logs")

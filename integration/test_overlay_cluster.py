@@ -236,18 +236,7 @@ def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_pat
         wait_for(lambda: start_time(agent.pid) is None, "the agent to die")
         seen = count()
         wait_for(lambda: count() > seen + 3, "the stream to go on without an agent")
-        up = cluster.corral(
-            "up",
-            "--name",
-            cluster.name,
-            "--nodes",
-            str(len(cluster.nodes)),
-            "--underlay-cidr",
-            cluster.underlay_cidr,
-            "--wait",
-            "120",
-            timeout=300,
-        )
+        up = cluster.up_again()
         assert up.returncode == 0, up.stderr + up.stdout
         new = next(d for d in cluster.state().daemons if d.role == "daemon:node" and d.node == n2)
         assert new.pid != agent.pid

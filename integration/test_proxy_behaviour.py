@@ -599,10 +599,7 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
         from corral.node.procs import start_time
 
         wait_for(lambda: start_time(proxy.pid) is None, "the proxy to stop", timeout=30)
-        up = c.corral(
-            "up", "--name", c.name, "--nodes", "3", "--underlay-cidr", c.underlay_cidr,
-            "--wait", "120", timeout=300,
-        )  # fmt: skip
+        up = c.up_again()
         assert up.returncode == 0, up.stderr + up.stdout
         new = next(d for d in c.state().daemons if d.role == "daemon:proxy" and d.node == node)
         assert new.pid != proxy.pid

@@ -110,17 +110,6 @@ def test_replicas_spread_scale_and_move_off_a_lost_node(cluster: Any) -> None:
         cluster.corral("delete", "rc", app, "--ignore-not-found", "--grace-period", "1")
         # Bring the lost node back, as the operator would: `corral up` restarts its agent,
         # which registers the node again and tears down the pods deleted meanwhile.
-        up = cluster.corral(
-            "up",
-            "--name",
-            cluster.name,
-            "--nodes",
-            str(len(cluster.nodes)),
-            "--underlay-cidr",
-            cluster.underlay_cidr,
-            "--wait",
-            "120",
-            timeout=300,
-        )
+        up = cluster.up_again()
         assert up.returncode == 0, up.stderr + up.stdout
         wait_for(lambda: not pods_of(cluster, app), "the replicas to be gone", timeout=180)

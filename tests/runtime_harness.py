@@ -307,3 +307,18 @@ async def make_node(
 async def destroy_node(n: Node) -> None:
     await n.stop_runtime(stop_pods=True)
     _sweep(n)
+
+
+def tiny_rootfs(path: str) -> None:
+    """A tiny image root filesystem: dash, the libraries it needs, and /etc/motd."""
+    os.makedirs(os.path.join(path, "bin"))
+    shutil.copy2("/bin/dash", os.path.join(path, "bin", "sh"))
+    out = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True).stdout
+    for word in out.split():
+        if word.startswith("/") and os.path.exists(word):
+            dst = os.path.join(path, word.lstrip("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(word, dst)
+    os.makedirs(os.path.join(path, "etc"))
+    with open(os.path.join(path, "etc", "motd"), "w") as f:
+        f.write("from the image\n")

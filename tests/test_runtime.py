@@ -11,7 +11,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from runtime_harness import (
     pod_exec,
     pod_run,
     ready,
+    tiny_rootfs,
 )
 
 from corral.api.objects import ContainerStatus, Pod
@@ -318,24 +318,9 @@ async def test_failures_are_reported_and_run_to_completion(node: Node) -> None:
         await asyncio.sleep(0.1)
 
 
-def _rootfs(path: str) -> None:
-    """A tiny root filesystem: dash and the libraries it needs."""
-    os.makedirs(os.path.join(path, "bin"))
-    shutil.copy2("/bin/dash", os.path.join(path, "bin", "sh"))
-    out = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True).stdout
-    for word in out.split():
-        if word.startswith("/") and os.path.exists(word):
-            dst = os.path.join(path, word.lstrip("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copy2(word, dst)
-    os.makedirs(os.path.join(path, "etc"))
-    with open(os.path.join(path, "etc", "motd"), "w") as f:
-        f.write("from the image\n")
-
-
 async def test_image_rootfs_with_overlay(node: Node) -> None:
     image = os.path.join(node.tmp, "image")
-    _rootfs(image)
+    tiny_rootfs(image)
     await node.create(
         node.pod(
             "img",

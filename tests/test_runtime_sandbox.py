@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run, ready
+from runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run, ready, tiny_rootfs
 
 from corral.api.objects import Pod
 from corral.api.store import Store, TLSFiles
@@ -310,22 +310,9 @@ def test_both_shims_filter_the_same_calls() -> None:
         assert tuple(int(x) for x in m.group(1).split(",")) == want, name
 
 
-def _rootfs(path: str) -> None:
-    """A tiny root filesystem: dash and the libraries it needs."""
-    os.makedirs(os.path.join(path, "bin"))
-    shutil.copy2("/bin/dash", os.path.join(path, "bin", "sh"))
-    out = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True).stdout
-    for word in out.split():
-        if word.startswith("/") and os.path.exists(word):
-            dst = os.path.join(path, word.lstrip("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            shutil.copy2(word, dst)
-    os.makedirs(os.path.join(path, "etc"))
-
-
 async def test_image_root_read_only_and_not_escapable(shim: str, pod_dir: str) -> None:
     image = os.path.join(pod_dir, "image")
-    _rootfs(image)
+    tiny_rootfs(image)
     script = (
         "echo x > /etc/x && echo WROTE-ETC; echo x > /tmp/x && echo WROTE-TMP; "
         "read l < /etc/hosts; echo $l; cd /..; for f in *; do echo ROOT:$f; done"
