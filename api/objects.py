@@ -897,6 +897,10 @@ class IPAllocation(Model):
     pod_namespace: str | None = None
     pod_name: str | None = None
     created_at: str | None = None
+    # "corral-cni" when corral-cni made the attachment (its host veth is then named
+    # from containerID/ifname, so the node can tell a vanished one); "corral-ipam"
+    # under another plugin. None in records written before the field existed.
+    plugin: str | None = None
 
 
 KINDS: tuple[type[TypedObject], ...] = (

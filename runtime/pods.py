@@ -35,7 +35,15 @@ from corral.api.objects import (
 )
 from corral.api.objects import ContainerStatus as CStatus
 from corral.api.store import Conflict, NotFound, now_iso
-from corral.cni.client import CNIClient, CNIError, RuntimeConf, load_conflist, pod_args, result_ips
+from corral.cni.client import (
+    CNIClient,
+    CNIError,
+    RuntimeConf,
+    is_pod_sandbox,
+    load_conflist,
+    pod_args,
+    result_ips,
+)
 from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import NodeContext
@@ -795,7 +803,8 @@ class PodRuntime:
                 await self._teardown_orphan(s)
         keep = {s.sandbox_id for s in self.saved.values() if s.sandbox_id}
         keep |= {w.saved.sandbox_id for w in self.workers.values() if w.saved.sandbox_id}
-        removed = await self.cni.gc(keep)
+        # Only pod sandboxes: podman or ctr containers on this node share the cache dir.
+        removed = await self.cni.gc(keep, ours=is_pod_sandbox)
         if removed:
             log.info("GC: removed %d CNI attachment(s) of pods that no longer exist", len(removed))
         self._adopting_done.set()

@@ -23,6 +23,9 @@ PKGS=(
   iperf3
   # service proxy: ClientIP affinity sets (ip_set is built into the kernel)
   ipset
+  # real CNI runtimes in the tests (tests/test_cni_runtimes.py): podman (CNI backend)
+  # and containerd's ctr on runc; a static busybox is the containers' root filesystem
+  podman containerd runc busybox-static
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
