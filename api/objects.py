@@ -362,6 +362,25 @@ class SecurityContext(PodSecurityContext):
         return self
 
 
+class LifecycleHandler(Model):
+    """What a lifecycle hook runs: a command in the container, or an HTTP GET to it."""
+
+    exec: ExecAction | None = None
+    http_get: HTTPGetAction | None = None
+
+    @model_validator(mode="after")
+    def _one_handler(self) -> LifecycleHandler:
+        if (self.exec is None) == (self.http_get is None):
+            raise ValueError("lifecycle.preStop needs exactly one of exec or httpGet")
+        return self
+
+
+class Lifecycle(Model):
+    """Only preStop: it runs before SIGTERM, within terminationGracePeriodSeconds."""
+
+    pre_stop: LifecycleHandler | None = None
+
+
 class Container(Model):
     name: DNSLabel
     image: str | None = None
@@ -378,6 +397,7 @@ class Container(Model):
     liveness_probe: Probe | None = None
     startup_probe: Probe | None = None
     security_context: SecurityContext | None = None
+    lifecycle: Lifecycle | None = None
 
     @model_validator(mode="after")
     def _has_command(self) -> Container:
@@ -407,6 +427,10 @@ class Toleration(Model):
 
 class PodSpec(Model):
     containers: list[Container] = Field(min_length=1)
+    # Run one after another, each to exit 0, before the containers start.
+    init_containers: list[Container] = Field(default_factory=list)
+    # The node's own network namespace: no CNI, podIP = hostIP (docs/runtime.md).
+    host_network: bool = False
     restart_policy: Literal["Always", "OnFailure", "Never"] = "Always"
     node_name: str | None = None
     node_selector: Labels = Field(default_factory=dict)
@@ -430,6 +454,28 @@ class PodSpec(Model):
                 raise ValueError(f"container name {c.name!r} is used twice")
             seen.add(c.name)
         return v
+
+    @model_validator(mode="after")
+    def _init_containers(self) -> PodSpec:
+        names = {c.name for c in self.containers}
+        seen: set[str] = set()
+        for c in self.init_containers:
+            if c.name in names or c.name in seen:
+                raise ValueError(
+                    f"initContainers: container name {c.name!r} is used twice "
+                    "(init and app containers share one name space)"
+                )
+            seen.add(c.name)
+            for probe in ("readiness_probe", "liveness_probe", "startup_probe"):
+                if getattr(c, probe) is not None:
+                    field = "".join(w.title() if i else w for i, w in enumerate(probe.split("_")))
+                    raise ValueError(
+                        f"initContainers[{c.name}].{field}: init containers run to completion "
+                        "and take no probes"
+                    )
+            if c.lifecycle is not None:
+                raise ValueError(f"initContainers[{c.name}].lifecycle: not for init containers")
+        return self
 
 
 class PodCondition(Model):
@@ -462,6 +508,7 @@ class PodStatus(Model):
     pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
     start_time: str | None = None
     conditions: list[PodCondition] = Field(default_factory=list)
+    init_container_statuses: list[ContainerStatus] = Field(default_factory=list)
     container_statuses: list[ContainerStatus] = Field(default_factory=list)
 
     def condition(self, type_: str) -> PodCondition | None:

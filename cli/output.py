@@ -60,9 +60,28 @@ def _node_row(n: Node, wide: bool) -> list[str]:
     return row
 
 
+def _init_status(p: Pod) -> str | None:
+    """kubectl's Init:N/M, Init:<reason> while init containers run; None once done."""
+    inits = p.status.init_container_statuses
+    for i, cs in enumerate(inits):
+        term = cs.state.get("terminated") or {}
+        if term and term.get("exitCode") == 0:
+            continue
+        if term:
+            return f"Init:{term.get('reason') or 'ExitCode:' + str(term.get('exitCode'))}"
+        reason = (cs.state.get("waiting") or {}).get("reason")
+        if reason and reason != "PodInitializing":
+            return f"Init:{reason}"
+        return f"Init:{i}/{len(p.spec.init_containers)}"
+    return None
+
+
 def pod_status(p: Pod) -> str:
     if p.metadata.deletion_timestamp:
         return "Terminating"
+    init = _init_status(p)
+    if init is not None:
+        return init
     for cs in p.status.container_statuses:
         waiting = cs.state.get("waiting") or {}
         if waiting.get("reason"):
