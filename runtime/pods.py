@@ -487,14 +487,25 @@ class PodWorker:
         """The init containers, in order, each until it exits 0. False if the pod is
         being deleted or an init container failed for good (restartPolicy Never)."""
         for r in self.init_runners:
-            if r.saved.done and r.saved.state.get("terminated", {}).get("exitCode") == 0:
-                continue
-            r.task = asyncio.create_task(r.run())
-            deleting = asyncio.create_task(self.deleting.wait())
-            await asyncio.wait({r.task, deleting}, return_when=asyncio.FIRST_COMPLETED)
-            deleting.cancel()
-            if self.deleting.is_set() or self.init_failed():
-                return False
+            backoff = self.rt.backoff_base
+            while not (r.saved.done and r.saved.state.get("terminated", {}).get("exitCode") == 0):
+                r.task = asyncio.create_task(r.run())
+                deleting = asyncio.create_task(self.deleting.wait())
+                await asyncio.wait({r.task, deleting}, return_when=asyncio.FIRST_COMPLETED)
+                deleting.cancel()
+                if self.deleting.is_set() or self.init_failed():
+                    return False
+                if r.task.done() and r.task.exception() is not None:  # a runtime bug: retry
+                    log.error(
+                        "pod %s/%s: init container %s: %r",
+                        self.saved.namespace,
+                        self.saved.name,
+                        r.name,
+                        r.task.exception(),
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.deleting.wait(), backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
             self.changed()
         return True
 
