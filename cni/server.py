@@ -138,6 +138,7 @@ class CNIServer:
         self._sock_id: tuple[int, int] | None = None  # (dev, inode) of the socket we bound
         self._unregister: Any = None
         self._next_reap = 0.0
+        self.reaped = 0  # IPs the reaper released (attachments whose netns vanished)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -236,6 +237,7 @@ class CNIServer:
             "conflist": self._conflist,
             "allocated": self.ipam.usage(),
             "inFlight": len(self._locks),
+            "reaped": self.reaped,
         }
 
     def _pool_metrics(self) -> list[Any]:
@@ -435,6 +437,7 @@ class CNIServer:
                     continue
                 got = await self.ipam.release([r.pool], rec.container_id, rec.ifname)
             freed += got
+            self.reaped += len(got)
             gone = self._forget_cached(rec.container_id, rec.ifname)
             log.info(
                 "reaper: %s/%s (pod %s/%s) lost its network namespace without a DEL: released %s%s",
