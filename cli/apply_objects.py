@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from corral.api.namespaces import check_namespaces
 from corral.api.objects import Service, TypedObject
 from corral.api.store import KV, Conflict, Store, batched, kind_prefix, object_key
 
@@ -138,8 +139,11 @@ async def _write_batch(store: Store, batch: list[Planned], gate: asyncio.Semapho
 
 
 async def apply_objects(store: Store, objs: Sequence[TypedObject]) -> list[Planned]:
-    """Create or update every object (see the module's doc); the plan, in order."""
+    """Create or update every object (see the module's doc); the plan, in order.
+    NamespaceError (nothing written) if an object to create is in a namespace that
+    does not exist or is terminating."""
     planned = plan(objs, await read_existing(store, objs))
+    await check_namespaces(store, [p.obj for p in planned if p.before is None])
     writes = [p for p in planned if p.verb != "unchanged"]
     for p in writes:
         if p.before is None:

@@ -7,19 +7,23 @@ import os
 import sys
 from typing import Any
 
-from corral.api.manifest import ManifestError, load_file, resolve_kind
+from pydantic import ValidationError
+
+from corral.api.manifest import ManifestError, format_validation_error, load_file, resolve_kind
+from corral.api.namespaces import BUILTIN, NamespaceError, new_namespace
 from corral.api.objects import (
     Deployment,
     Endpoints,
     EndpointSlice,
+    Namespace,
     NetworkConfig,
     Pod,
     ReplicationController,
     Service,
     TypedObject,
 )
-from corral.api.store import Store
-from corral.cli.apply_objects import Planned, apply_objects
+from corral.api.store import Store, now_iso, object_key
+from corral.cli.apply_objects import Planned, apply_objects, read_existing
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import render
 from corral.control.podlifecycle import delete_pod
@@ -38,6 +42,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("-n", "--namespace", help="namespace for objects that name none")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "create",
+        help="create objects from manifests (an error if one exists), or a namespace",
+        usage="corral create -f FILE [-n NS] | corral create namespace NAME",
+    )
+    p.add_argument("what", nargs="*", metavar="namespace NAME")
+    p.add_argument("-f", "--filename", action="append", metavar="FILE")
+    p.add_argument("-n", "--namespace", help="namespace for objects that name none")
+    p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("get", help="list objects: nodes, pods, services, endpoints, ...")
     p.add_argument("kind", metavar="KIND", help="nodes|pods|services|endpoints|rc|...")
@@ -107,12 +121,51 @@ def cmd_apply(args: argparse.Namespace) -> int:
     async def go() -> list[Planned]:
         async with store_from_args(args) as store:
             await _cluster_checks(store, objs)
-            return await apply_objects(store, objs)
+            try:
+                return await apply_objects(store, objs)
+            except NamespaceError as e:
+                raise CLIError(f"{e}; nothing was applied") from None
 
     planned = run(go)
     sys.stdout.write(
         "".join(f"{type(p.obj).KIND.lower()}/{p.obj.name} {p.verb}\n" for p in planned)
     )
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    if args.filename and args.what:
+        raise CLIError("give either -f FILE or `namespace NAME`, not both")
+    if args.filename:
+        objs = _load_all(args.filename, args.namespace)
+    elif len(args.what) == 2 and args.what[0].lower() in ("namespace", "namespaces", "ns"):
+        try:
+            objs = [new_namespace(args.what[1])]
+        except ValidationError as e:
+            raise CLIError(format_validation_error(e, "namespace")) from None
+    else:
+        raise CLIError(
+            "create needs -f FILE or `namespace NAME` (e.g. `corral create namespace shop`)"
+        )
+
+    async def go() -> list[Planned]:
+        async with store_from_args(args) as store:
+            await _cluster_checks(store, objs)
+            existing = await read_existing(store, objs)
+            for o in objs:
+                if object_key(type(o), o.name, o.namespace) in existing:
+                    where = f" in namespace {o.namespace!r}" if type(o).NAMESPACED else ""
+                    raise CLIError(
+                        f"{type(o).PLURAL} {o.name!r} already exists{where}; nothing was "
+                        "created (`corral apply` updates it)"
+                    )
+            try:
+                return await apply_objects(store, objs)
+            except NamespaceError as e:
+                raise CLIError(f"{e}; nothing was created") from None
+
+    for p in run(go):
+        print(f"{type(p.obj).KIND.lower()}/{p.obj.name} created")
     return 0
 
 
@@ -203,6 +256,9 @@ async def delete_object(
     obj = await store.get(kind, name, ns)
     if obj is None:
         return False
+    if isinstance(obj, Namespace):
+        await delete_namespace(store, obj, force)
+        return True
     if kind is Pod:
         await delete_pod(store, obj, graceful=not force, grace=grace)  # type: ignore[arg-type]
         return True
@@ -218,6 +274,32 @@ async def delete_object(
         await store.delete(Endpoints, name, ns)
         await store.delete(EndpointSlice, name, ns)
     return True
+
+
+async def delete_namespace(store: Store, ns: Namespace, force: bool = False) -> None:
+    """Mark `ns` Terminating: the namespace controller deletes what it holds (pods
+    gracefully), then the namespace. `force`: do that here and now, pods at once."""
+    if ns.name in BUILTIN:
+        raise CLIError(f"namespace {ns.name!r} is built in and may not be deleted")
+
+    def mark(cur: Namespace) -> Namespace | None:
+        if cur.metadata.deletion_timestamp and cur.status.phase == "Terminating":
+            return None
+        cur.metadata.deletion_timestamp = cur.metadata.deletion_timestamp or now_iso()
+        cur.status.phase = "Terminating"
+        return cur
+
+    marked = await store.modify(Namespace, ns.name, None, mark)
+    if force:
+        from corral.control.namespaces import finalize
+
+        if not await finalize(store, marked, force=True):
+            cur = await store.get(Namespace, ns.name)
+            if cur is not None and not await finalize(store, cur, force=True):
+                raise CLIError(
+                    f"namespace {ns.name!r}: not everything could be deleted; see "
+                    f"`corral describe namespace {ns.name}`"
+                )
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

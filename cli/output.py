@@ -12,6 +12,7 @@ from corral.api.objects import (
     Deployment,
     Endpoints,
     EndpointSlice,
+    Namespace,
     Node,
     Pod,
     ReplicationController,
@@ -150,12 +151,21 @@ def _rc_row(r: ReplicationController | Deployment, wide: bool) -> list[str]:
     ]
 
 
+def _ns_row(n: Namespace, wide: bool) -> list[str]:
+    return [
+        n.name,
+        "Terminating" if n.terminating else n.status.phase,
+        age(n.metadata.creation_timestamp),
+    ]
+
+
 def _generic_row(o: TypedObject, wide: bool) -> list[str]:
     return [o.name, age(o.metadata.creation_timestamp)]
 
 
 COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], list[str]]]] = {
     Node: (["NAME", "STATUS", "AGE"], ["INTERNAL-IP", "POD-CIDR"], _node_row),  # type: ignore[dict-item]
+    Namespace: (["NAME", "STATUS", "AGE"], [], _ns_row),  # type: ignore[dict-item]
     Pod: (["NAME", "READY", "STATUS", "RESTARTS", "AGE"], ["IP", "NODE"], _pod_row),  # type: ignore[dict-item]
     Service: (
         ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
