@@ -25,7 +25,7 @@ from corral.api.objects import (
 from corral.api.store import Store, now_iso, object_key
 from corral.cli.apply_objects import Planned, apply_objects, read_existing
 from corral.cli.common import CLIError, run, store_from_args
-from corral.cli.output import render
+from corral.cli.output import WatchPrinter, render
 from corral.control.podlifecycle import delete_pod
 from corral.control.selectors import matches_label_selector, parse_selector
 
@@ -60,6 +60,17 @@ def register(sub: Any) -> None:
     p.add_argument("-A", "--all-namespaces", action="store_true")
     p.add_argument("-o", "--output", choices=["wide", "json", "yaml", "name"])
     p.add_argument("-l", "--selector", help="label selector, e.g. app=web,tier!=db")
+    p.add_argument(
+        "-w", "--watch", action="store_true", help="after the list, print each change as it happens"
+    )
+    p.add_argument(
+        "--watch-only", action="store_true", help="print only the changes, not the list first"
+    )
+    p.add_argument(
+        "--output-watch-events",
+        action="store_true",
+        help="with -w: say what happened to each object (ADDED, MODIFIED, DELETED)",
+    )
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("delete", help="delete objects by kind and name, or from manifests")
@@ -142,7 +153,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         try:
             objs = [new_namespace(args.what[1])]
         except ValidationError as e:
-            raise CLIError(format_validation_error(e, "namespace")) from None
+            raise CLIError(format_validation_error(e, "namespace: metadata.name")) from None
     else:
         raise CLIError(
             "create needs -f FILE or `namespace NAME` (e.g. `corral create namespace shop`)"
@@ -216,6 +227,8 @@ def cmd_get(args: argparse.Namespace) -> int:
     kind = _kind(args.kind)
     ns = None if args.all_namespaces else (args.namespace or "default")
     sel = parse_selector(args.selector)
+    if args.watch or args.watch_only:
+        return watch(args, kind, ns, sel)
 
     async def go() -> list[TypedObject]:
         async with store_from_args(args) as store:
@@ -233,6 +246,57 @@ def cmd_get(args: argparse.Namespace) -> int:
         return 0
     single = len(args.names) == 1
     print(render(kind, objs, args.output, all_namespaces=args.all_namespaces, single=single))
+    return 0
+
+
+def watch(args: argparse.Namespace, kind: type[TypedObject], ns: str | None, sel: Any) -> int:
+    """`get -w`: the list, then every change from the revision it was read at on (a
+    deleted object is printed as it last was), until interrupted."""
+    names = set(args.names)
+
+    def wanted(o: TypedObject) -> bool:
+        if names and o.name not in names:
+            return False
+        return sel is None or matches_label_selector(sel, o.metadata.labels)
+
+    def write(text: str) -> None:
+        print(text, flush=True)
+
+    printer = WatchPrinter(
+        kind,
+        args.output,
+        all_namespaces=args.all_namespaces,
+        events=args.output_watch_events,
+        write=write,
+    )
+    scope = ns if kind.NAMESPACED else None
+
+    async def go() -> None:
+        async with store_from_args(args) as store:
+            objs, rev = await store.list(kind, scope)
+            known = {
+                object_key(kind, o.name, o.namespace): int(o.metadata.resource_version or 0)
+                for o in objs
+            }
+            shown = {o.key_name: o for o in objs if wanted(o)}
+            if not args.watch_only:
+                printer.show(list(shown.values()))
+            async for ev in store.watch(kind, scope, start_revision=rev + 1, known=known):
+                if ev.type == "DELETED":
+                    last = shown.pop(ev.object, None)
+                    if last is not None:
+                        printer.show([last], "DELETED")
+                    continue
+                obj = ev.object
+                if not wanted(obj):
+                    if shown.pop(obj.key_name, None) is not None:
+                        printer.show([obj], "DELETED")  # it left the selection
+                    continue
+                event = "MODIFIED" if obj.key_name in shown else "ADDED"
+                shown[obj.key_name] = obj
+                printer.show([obj], event)
+
+    run(go)
     return 0
 
 
