@@ -381,3 +381,122 @@ def test_get_watch_prints_the_table_then_each_change(corral, watcher) -> None:  
     assert events.until(lambda line: "second" in line) == "DELETED pods/second"
     assert "first" not in " ".join(events.seen)
     out.until(lambda line: line.startswith("second") and "seen" not in line)  # modified row
+
+
+# ------------------------------------------------------------ explain, completion, --help
+
+
+def test_explain_walks_the_object_model(corral) -> None:  # type: ignore[no-untyped-def]
+    r = corral("explain", "pods")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("KIND:     Pod\nVERSION:  v1\n")
+    assert "  spec        <PodSpec> -required-" in r.stdout
+
+    r = corral("explain", "pod.spec.containers.ports")
+    assert "FIELD:    ports <[]ContainerPort>" in r.stdout
+    assert "containerPort  <integer> -required-" in r.stdout
+    assert "protocol       <string> (TCP, UDP, SCTP)" in r.stdout
+
+    r = corral("explain", "pod.spec.restartPolicy")
+    assert "FIELD:    restartPolicy <string> (Always, OnFailure, Never)" in r.stdout
+    assert "When the node restarts a container" in r.stdout
+
+    r = corral("explain", "ns.status", "--recursive")
+    assert "conditions" in r.stdout and "lastTransitionTime" in r.stdout
+
+    r = corral("explain", "svc.spec.typo")
+    assert r.returncode == 1
+    assert "field 'typo' does not exist in Service.spec" in r.stderr and "clusterIP" in r.stderr
+    r = corral("explain", "pod.spec.restartPolicy.x")
+    assert r.returncode == 1 and "pod" not in r.stdout
+    assert "Pod.spec.restartPolicy is a string: it has no fields" in r.stderr
+    r = corral("explain", "widgets")
+    assert r.returncode == 1 and "unknown resource type 'widgets'" in r.stderr
+
+
+def complete(env: dict[str, str], script: str, line: str) -> list[str]:
+    """What bash completes for `line` (the last word is the one being completed)."""
+    words = line.split(" ")
+    prog = (
+        f"source {script}\n"
+        f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+        '_corral; printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    path = f"{Path(sys.executable).parent}:{env['PATH']}"  # `corral` itself, for names
+    r = subprocess.run(
+        ["bash", "-c", prog], env={**env, "PATH": path}, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    return [w for w in r.stdout.split("\n") if w]
+
+
+def test_bash_completion(corral, env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    r = corral("completion", "bash")
+    assert r.returncode == 0 and "complete -F _corral corral" in r.stdout
+    script = tmp_path / "corral.bash"
+    script.write_text(r.stdout)
+    assert complete(env, str(script), "corral ge") == ["get"]
+    assert "label" in complete(env, str(script), "corral ")
+    assert complete(env, str(script), "corral get po") == ["po", "pod", "pods"]
+    assert complete(env, str(script), "corral get pods -o ") == ["wide", "json", "yaml", "name"]
+    assert complete(env, str(script), "corral get pods --watch-o") == ["--watch-only"]
+    assert complete(env, str(script), "corral network s") == ["set", "show"]
+    assert complete(env, str(script), "corral network show -o y") == ["yaml"]
+    assert complete(env, str(script), "corral -n shop ge") == ["get"]
+    assert complete(env, str(script), "corral patch rc web --type ") == [
+        "strategic",
+        "merge",
+        "json",
+    ]
+    # names of live objects, from the cluster
+    assert corral("apply", "-f", "-", stdin=POD.replace("box", "alpha")).returncode == 0
+    assert corral("apply", "-f", "-", stdin=POD.replace("box", "beta")).returncode == 0
+    assert complete(env, str(script), "corral logs a") == ["alpha"]
+    assert complete(env, str(script), "corral describe pods ") == ["alpha", "beta"]
+    assert "default" in complete(env, str(script), "corral get pods -n ")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/zsh").exists(), reason="zsh is not installed")
+def test_zsh_completion_loads(corral, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    script = tmp_path / "_corral"
+    script.write_text(corral("completion", "zsh").stdout)
+    r = subprocess.run(
+        ["zsh", "-c", f"source {script} && whence -w _corral"],
+        text=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and "function" in r.stdout, r.stderr
+
+
+def test_every_help_has_examples_that_parse() -> None:
+    import argparse
+    import shlex
+
+    from corral.cli.common import CLIError
+    from corral.cli.main import build_parser, parse
+
+    parser = build_parser()
+    seen = []
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        seen.append(p.prog)
+        assert p.epilog and p.epilog.startswith("examples:"), f"{p.prog} --help has no examples"
+        assert "examples:" in p.format_help()
+        for line in p.epilog.splitlines()[1:]:
+            line = line.strip()
+            if not line.startswith("corral ") or "--help" in line:
+                continue
+            words = shlex.split(line)[1:]
+            words = words[: words.index(">")] if ">" in words else words  # the shell's
+            try:
+                parse(parser, words)
+            except CLIError as e:
+                raise AssertionError(f"{p.prog}: example {line!r} does not parse: {e}") from None
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in set(action.choices.values()):
+                    walk(child)
+
+    walk(parser)
+    assert {"corral get", "corral patch", "corral network show", "corral completion"} <= set(seen)
