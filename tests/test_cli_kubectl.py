@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from etcd_helpers import on_store
 
-from corral.api.objects import Namespace, Pod, ReplicationController
+from corral.api.objects import ContainerStatus, Namespace, Pod, ReplicationController
 
 RC = textwrap.dedent("""
     apiVersion: v1
@@ -318,6 +318,7 @@ class Lines:
     """A process's stdout, line by line, read by a thread (so a wait can time out)."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
         self.q: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
@@ -500,3 +501,52 @@ def test_every_help_has_examples_that_parse() -> None:
 
     walk(parser)
     assert {"corral get", "corral patch", "corral network show", "corral completion"} <= set(seen)
+
+
+# ------------------------------------------------------------ logs -f
+
+
+def test_logs_follow_prints_new_output_until_the_pod_goes(
+    corral, watcher, etcd_url, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from control_helpers import make_pod
+
+    from corral.node.procs import start_time
+    from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
+
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        logs = tmp_path / "pod" / "logs" / "main"
+        logs.mkdir(parents=True)
+        log = logs / "0.log"
+        log.write_text("one\ntwo\n")
+        pod = make_pod("box")
+        pod.metadata.annotations[ANN_CONTAINERS] = json.dumps(
+            {"main": {"pid": proc.pid, "started": start_time(proc.pid)}}
+        )
+        pod.metadata.annotations[ANN_RUNTIME] = json.dumps(
+            {"node": "n1", "pid": proc.pid, "podDir": str(tmp_path / "pod")}
+        )
+        pod.status.container_statuses = [
+            ContainerStatus(name="main", state={"running": {"startedAt": "now"}})
+        ]
+        on_store(etcd_url, lambda s: s.put(pod))
+
+        out = watcher("logs", "-f", "box")
+        assert out.until(lambda line: line == "two") == "two"
+        with open(log, "a") as f:
+            f.write("three\n")
+        assert out.until(lambda line: line == "three") == "three"  # followed, not re-read
+        assert out.seen == ["one", "two", "three"]
+        on_store(etcd_url, lambda s: s.delete(Pod, "box", "default"))
+        deadline = time.monotonic() + 30
+        p = None
+        while time.monotonic() < deadline:
+            p = out.proc.poll()
+            if p is not None:
+                break
+            time.sleep(0.2)
+        assert p == 0, "logs -f did not end when its pod was deleted"
+    finally:
+        proc.kill()
+        proc.wait()
