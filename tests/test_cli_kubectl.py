@@ -104,6 +104,8 @@ def test_namespaces_are_objects(corral, etcd_url) -> None:  # type: ignore[no-un
     assert ["shop", "Terminating"] in [
         ln.split()[:2] for ln in corral("get", "namespaces").stdout.splitlines()
     ]
+    r = corral("describe", "ns", "shop")
+    assert "Terminating (since" in r.stdout and "  pods: 1" in r.stdout, r.stdout
     r = corral("run", "more", "-n", "shop", "--", "sleep", "1")
     assert r.returncode == 1 and "namespace 'shop' is being terminated" in r.stderr
     # --force does the namespace controller's work at once (pods without waiting)
