@@ -45,10 +45,14 @@ async def ensure_builtin(store: Store) -> list[str]:
     return made
 
 
-async def check_namespaces(store: Store, objs: Iterable[TypedObject]) -> None:
+async def check_namespaces(
+    store: Store, objs: Iterable[TypedObject], coming: Iterable[str] = ()
+) -> None:
     """NamespaceError unless every namespaced object's namespace exists and is not
-    terminating. A built-in namespace that is missing (an etcd no `corral up` has
-    seen) is created, as it always exists in Kubernetes."""
+    terminating, or is one of `coming` (namespaces written with these objects). A
+    built-in namespace that is missing (an etcd no `corral up` has seen) is created, as
+    it always exists in Kubernetes."""
+    coming = set(coming)
     wanted: dict[str, TypedObject] = {}
     for o in objs:
         if type(o).NAMESPACED and o.namespace:
@@ -56,6 +60,8 @@ async def check_namespaces(store: Store, objs: Iterable[TypedObject]) -> None:
     for ns, first in wanted.items():
         what = f"{first.KIND} {first.name!r}" if first.name else first.KIND
         cur = await store.get(Namespace, ns)
+        if cur is None and ns in coming:
+            continue
         if cur is None and ns in BUILTIN:
             with contextlib.suppress(AlreadyExists):
                 await store.create(new_namespace(ns))

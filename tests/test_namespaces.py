@@ -61,6 +61,12 @@ async def test_objects_in_a_missing_or_terminating_namespace_are_refused(store: 
         await check_namespaces(store, [service("api", "shop")])
 
 
+async def test_a_namespace_and_its_objects_in_one_apply(store: Store) -> None:
+    planned = await apply_objects(store, [service("web", "team"), new_namespace("team")])
+    assert [p.verb for p in planned] == ["created", "created"]
+    assert await store.get(Service, "web", "team") is not None
+
+
 async def test_controller_makes_builtins_and_adopts_namespaces_in_use(store: Store) -> None:
     await store.create(make_pod("old", namespace="legacy"))  # a cluster from before Namespaces
     async with running(NamespaceController(store).run()):
