@@ -89,6 +89,7 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         "}",
         "",
         "_corral() {",
+        "    [[ -n ${ZSH_VERSION-} ]] && emulate -L ksh  # 0-based arrays, word splitting",
         "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}",
         "    local verb='' ns='' i w _corral_words='' args=()",
         "    for ((i = 1; i < COMP_CWORD; i++)); do",
@@ -127,7 +128,8 @@ def bash_script(parser: argparse.ArgumentParser) -> str:
         "    fi",
         "    if [[ $cur == -* ]]; then",
         "        local v=_corral_flags_${verb//[^a-zA-Z0-9]/_}",
-        '        COMPREPLY=($(compgen -W "${!v}" -- "$cur")); return 0',
+        r'        eval "local flags=\$$v"  # what ${!v} is in bash, in words zsh reads too',
+        '        COMPREPLY=($(compgen -W "$flags" -- "$cur")); return 0',
         "    fi",
         '    case "$verb" in',
         f"        {'|'.join(KIND_VERBS)})",
@@ -154,7 +156,7 @@ def zsh_script(parser: argparse.ArgumentParser) -> str:
         "#compdef corral\n"
         "# corral completion for zsh, through bashcompinit; made by `corral completion zsh`.\n"
         "# Load it with: source <(corral completion zsh)\n"
-        "autoload -U +X compinit && compinit\n"
+        "(( $+functions[compdef] )) || { autoload -U +X compinit && compinit -i; }\n"
         "autoload -U +X bashcompinit && bashcompinit\n" + bash_script(parser)
     )
 

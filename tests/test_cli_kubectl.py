@@ -460,16 +460,30 @@ def test_bash_completion(corral, env, tmp_path) -> None:  # type: ignore[no-unty
 
 
 @pytest.mark.skipif(not Path("/usr/bin/zsh").exists(), reason="zsh is not installed")
-def test_zsh_completion_loads(corral, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_zsh_completion_offers_what_bash_does(corral, env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """zsh runs the same function through bashcompinit; zsh's own completion filters
+    the candidates by the word typed, so the test filters them the same way."""
     script = tmp_path / "_corral"
     script.write_text(corral("completion", "zsh").stdout)
-    r = subprocess.run(
-        ["zsh", "-c", f"source {script} && whence -w _corral"],
-        text=True,
-        capture_output=True,
-        timeout=60,
-    )
-    assert r.returncode == 0 and "function" in r.stdout, r.stderr
+    for line, want in (
+        ("corral ge", ["get"]),
+        ("corral get pods --watch-o", ["--watch-only"]),
+        ("corral network s", ["set", "show"]),
+        ("corral get pods -o ", ["wide", "json", "yaml", "name"]),
+        ("corral get po", ["po", "pod", "pods"]),
+    ):
+        words = line.split(" ")
+        prog = (
+            f"source {script}\n"
+            f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+            '_corral; print -rl -- "${COMPREPLY[@]}"\n'
+        )
+        r = subprocess.run(
+            ["zsh", "-f", "-c", prog], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        offered = [w for w in r.stdout.split() if w.startswith(words[-1])]
+        assert offered == want, (line, r.stdout)
 
 
 def test_every_help_has_examples_that_parse() -> None:
