@@ -1,10 +1,12 @@
-"""`corral apply`, `corral get`, `corral delete`: objects in etcd, kubectl-style."""
+"""`corral apply`, `create`, `get` (and `-w`), `delete`: objects in etcd, kubectl-style."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -90,6 +92,19 @@ def register(sub: Any) -> None:
         help="remove pods from etcd at once, without waiting for their node",
     )
     p.add_argument("--ignore-not-found", action="store_true")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="return once the objects are gone (pods stopped by their nodes, namespaces "
+        "emptied), not when their deletion has begun",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="with --wait: give up after this long (default 0: no limit)",
+    )
     p.set_defaults(func=cmd_delete)
 
 
@@ -384,14 +399,46 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     async def go() -> int:
         missing = 0
+        deleted = []
         async with store_from_args(args) as store:
             for kind, name, ns in targets:
                 if await delete_object(store, kind, name, ns, args.grace_period, args.force):
-                    print(f"{kind.KIND.lower()}/{name} deleted")
+                    print(f"{kind.KIND.lower()}/{name} deleted", flush=True)
+                    deleted.append((kind, name, ns))
                 elif not args.ignore_not_found:
                     where = f" in namespace {ns!r}" if ns else ""
                     print(f"error: {kind.PLURAL} {name!r} not found{where}", file=sys.stderr)
                     missing += 1
+            if args.wait:
+                await wait_gone(store, deleted, args.timeout)
         return 1 if missing else 0
 
     return run(go)
+
+
+async def wait_gone(
+    store: Store, targets: list[tuple[type[TypedObject], str, str | None]], timeout: float
+) -> None:
+    """Until every target is gone; CLIError naming what is left after `timeout` (0: none)."""
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    left = list(targets)
+    while left:
+        still = []
+        for kind, name, ns in left:
+            if await store.get(kind, name, ns) is not None:
+                still.append((kind, name, ns))
+        left = still
+        if not left:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            what = []
+            for kind, name, ns in left:
+                obj = await store.get(kind, name, ns)
+                why = ""
+                if isinstance(obj, Namespace):
+                    cond = obj.status.condition("NamespaceContentRemaining")
+                    why = f" ({cond.message})" if cond and cond.status == "True" else ""
+                    why = why or " (is `corral controllers` running?)"
+                what.append(f"{kind.KIND.lower()}/{name}{why}")
+            raise CLIError(f"still there after {timeout:g}s: {', '.join(what)}")
+        await asyncio.sleep(0.3)

@@ -64,8 +64,9 @@ EXAMPLES: dict[str, list[str]] = {
         "corral delete pod web-x7k2p",
         "corral delete pod web-x7k2p --grace-period 5",
         "corral delete -f web.yaml",
-        "# and everything in it (pods gracefully)",
+        "# and everything in it (pods gracefully); --wait: until it is gone",
         "corral delete namespace shop",
+        "corral delete namespace shop --wait --timeout 120",
     ],
     "describe": [
         "corral describe pod web-x7k2p",

@@ -108,6 +108,9 @@ def test_namespaces_are_objects(corral, etcd_url) -> None:  # type: ignore[no-un
     assert "Terminating (since" in r.stdout and "  pods: 1" in r.stdout, r.stdout
     r = corral("run", "more", "-n", "shop", "--", "sleep", "1")
     assert r.returncode == 1 and "namespace 'shop' is being terminated" in r.stderr
+    r = corral("delete", "ns", "shop", "--wait", "--timeout", "1")
+    assert r.returncode == 1 and "still there after 1s: namespace/shop" in r.stderr
+    assert "is `corral controllers` running?" in r.stderr
     # --force does the namespace controller's work at once (pods without waiting)
     r = corral("delete", "ns", "shop", "--force")
     assert r.returncode == 0, r.stderr
