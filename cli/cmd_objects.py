@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("get", help="list objects: nodes, pods, services, endpoints, ...")
-    p.add_argument("kind", metavar="KIND", help="nodes|pods|services|endpoints|rc|...")
+    p.add_argument("kind", metavar="KIND", help="nodes|pods|services|endpoints|rc|ns|...")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("-n", "--namespace", default=None)
     p.add_argument("-A", "--all-namespaces", action="store_true")

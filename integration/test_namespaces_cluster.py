@@ -12,7 +12,7 @@ from cluster_helpers import wait_for
 
 pytestmark = pytest.mark.slow
 
-# Pods that ignore SIGTERM: their nodes stop them at the end of the grace period (8 s),
+# Pods that ignore SIGTERM: their nodes stop them at the end of the grace period (30 s),
 # so a graceful stop is seen as pods Terminating while the namespace waits for them.
 SLOW_STOP = """
 apiVersion: v1
@@ -23,7 +23,7 @@ spec:
   template:
     metadata: {labels: {app: slow}}
     spec:
-      terminationGracePeriodSeconds: 8
+      terminationGracePeriodSeconds: 30
       containers:
       - name: slow
         command:
@@ -74,7 +74,7 @@ def test_deleting_a_namespace_stops_its_pods_gracefully(cluster: Any) -> None:
     assert msg["message"].startswith("Some resources are remaining: pods has")
     pods = (_get(cluster, "pods", "-n", ns) or {}).get("items", [])
     assert pods and all(p["metadata"].get("deletionTimestamp") for p in pods)
-    assert {p["metadata"]["deletionGracePeriodSeconds"] for p in pods} == {8}
+    assert {p["metadata"]["deletionGracePeriodSeconds"] for p in pods} == {30}
     assert _get(cluster, "rc", "slow", "-n", ns) is None  # owners went first
 
     # deleting it again is fine; --wait returns once the pods have stopped and it is gone
