@@ -316,6 +316,30 @@ def test_edit_saves_valid_changes_and_keeps_bad_ones_out(corral, etcd_url, tmp_p
     assert rc.spec.replicas == 4 and rc.metadata.labels["x"] == "y"
 
 
+def test_edit_several_objects_as_a_list(corral, etcd_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for name in ("a", "b"):
+        assert corral("apply", "-f", "-", stdin=POD.replace("box", name)).returncode == 0
+    ed = editor(
+        tmp_path,
+        """
+        import yaml
+        doc = yaml.safe_load(text)
+        assert doc['kind'] == 'List', doc
+        for item in doc['items']:
+            item['metadata']['labels']['edited'] = item['metadata']['name']
+        text = yaml.safe_dump(doc)
+        """,
+    )
+    r = corral("edit", "pods", "a", "b", EDITOR=ed)
+    assert r.returncode == 0 and r.stdout == "pod/a edited\npod/b edited\n", r.stderr
+    assert stored(etcd_url, Pod, "b").metadata.labels["edited"] == "b"
+
+    renamed = editor(tmp_path, "text = text.replace('name: a', 'name: c')\n")
+    r = corral("edit", "pods", "a", "b", EDITOR=renamed)
+    assert r.returncode == 1 and "metadata.name: may not be changed (is 'a')" in r.stderr
+    assert stored(etcd_url, Pod, "c") is None
+
+
 # ------------------------------------------------------------ get -w
 
 
