@@ -767,6 +767,59 @@ class Node(TypedObject):
         return c is not None and c.status == "True"
 
 
+# ---------------------------------------------------------------- namespaces
+
+
+class NamespaceCondition(Model):
+    """Why a terminating namespace is not gone yet (NamespaceContentRemaining, ...)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = None
+
+
+class NamespaceSpec(Model):
+    finalizers: list[str] = Field(
+        default_factory=list,
+        description="Accepted for Kubernetes compatibility; corral's namespace controller "
+        "is the only finalizer.",
+    )
+
+
+class NamespaceStatus(Model):
+    phase: Literal["Active", "Terminating"] = Field(
+        default="Active",
+        description="Active, or Terminating once deleted: the namespace controller is "
+        "removing what it holds, then the namespace.",
+    )
+    conditions: list[NamespaceCondition] = Field(default_factory=list)
+
+    def condition(self, type_: str) -> NamespaceCondition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class Namespace(TypedObject):
+    """A scope for names: namespaced objects can only be created in one that exists.
+
+    Deleting it deletes what it holds (pods gracefully), then the namespace itself.
+    """
+
+    KIND: ClassVar[str] = "Namespace"
+    PLURAL: ClassVar[str] = "namespaces"
+    NAMESPACED: ClassVar[bool] = False
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ns", "namespace")
+    NAME_RULE: ClassVar[Any] = staticmethod(_dns1123_label)
+
+    spec: NamespaceSpec = Field(default_factory=NamespaceSpec)
+    status: NamespaceStatus = Field(default_factory=NamespaceStatus)
+
+    @property
+    def terminating(self) -> bool:
+        return self.metadata.deletion_timestamp is not None or self.status.phase == "Terminating"
+
+
 # ---------------------------------------------------------------- controllers
 
 
@@ -952,6 +1005,7 @@ class IPAllocation(Model):
 
 KINDS: tuple[type[TypedObject], ...] = (
     Node,
+    Namespace,
     Pod,
     Service,
     Endpoints,

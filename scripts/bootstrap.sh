@@ -15,6 +15,8 @@ PKGS=(
   dnsutils util-linux procps psmisc curl ca-certificates
   # python venv built on Debian's interpreter (BCC's bindings are built for it)
   python3 python3-venv python3-dev gcc make git
+  # CLI: the shell the zsh completion test loads `corral completion zsh` in
+  zsh
   # CNI: reference plugins and the libcni client the tests build
   containernetworking-plugins golang-go golang-github-appc-cni-dev
   # overlay: the eBPF fast path is compiled by BCC against kernel headers
