@@ -23,6 +23,8 @@ PKGS=(
   iperf3
   # service proxy: ClientIP affinity sets (ip_set is built into the kernel)
   ipset
+  # cluster DNS benchmark: the load generator and the peer server (bench/dns.py)
+  dnsperf unbound
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
