@@ -69,6 +69,7 @@ class Config:
     pods: str = "insecure"
     forward_timeout: float = 2.0
     cache_size: int = 1000
+    fastpath: str = "native"  # or "python" (the same answers, slower)
 
 
 class Latency:
@@ -95,7 +96,7 @@ class Stats:
     def __init__(self) -> None:
         self.queries: dict[tuple[int, int], int] = {}  # (qtype, rcode) -> n, full path
         self.fast_ok: dict[int, int] = {}  # qtype -> NOERROR answers from the fast path
-        self.fast_nx: dict[bytes, int] = {}  # qtype (2 wire bytes) -> fast NXDOMAIN
+        self.fast_nx: dict[int, int] = {}  # qtype -> NXDOMAIN answers from the fast path
         self.dropped = 0  # malformed beyond an answer
         self.formerr = 0
         self.send_errors = 0
@@ -119,8 +120,8 @@ class Stats:
             add(t, rc, n)
         for t, n in self.fast_ok.items():
             add(t, wire.NOERROR, n)
-        for tb, n in self.fast_nx.items():
-            add(struct.unpack("!H", tb)[0], wire.NXDOMAIN, n)
+        for t, n in self.fast_nx.items():
+            add(t, wire.NXDOMAIN, n)
         return out
 
 
@@ -153,6 +154,7 @@ class DNSServer:
         self._pending: set[asyncio.Task] = set()
         self._unregister_metrics: Any = None
         self._nx: tuple[bytes, ...] = ()
+        self.native: Any = None  # the compiled fast path (native.py), if it built
 
     # ------------------------------------------------------------ lifecycle
 
@@ -167,12 +169,18 @@ class DNSServer:
             self.index, self.forwarder, pods=self.config.pods, pod_exists=self._pod_exists
         )
         self._build_nx()
+        if self.config.fastpath == "native":
+            from corral.clusterdns import native
+
+            self.native = await asyncio.get_running_loop().run_in_executor(None, native.load)
         ups = [u for u in self.config.upstreams if not self._is_self(u, dns_ip)]
         if len(ups) != len(self.config.upstreams):
             log.warning("left out upstreams that are this server itself (a forwarding loop)")
         self.forwarder.upstreams = ups
         if not ups:
-            log.warning("no upstream resolvers: names outside %s will get SERVFAIL", self.index.zone)
+            log.warning(
+                "no upstream resolvers: names outside %s will get SERVFAIL", self.index.zone
+            )
         await self._listen()
         self._regs = [
             self.services.on_change(self._service_changed),
@@ -319,6 +327,36 @@ class DNSServer:
         self._nx = (*heads, soa, soa + wire.opt_rr())
 
     def _on_udp(self, sock: socket.socket) -> None:
+        if self.native is None:
+            self._on_udp_python(sock)
+            return
+        index = self.index
+        assert index is not None
+        stats = self.stats
+        t0 = time.perf_counter()
+        try:
+            misses, answered, send_errors = self.native.serve(
+                sock.fileno(),
+                index.fast,
+                index.names,
+                index.ents,
+                index.zone_wire,
+                self._nx,
+                self.resolver is not None and self.resolver.pods != "disabled",
+                self.synced,
+                stats.fast_ok,
+                stats.fast_nx,
+            )
+        except OSError:
+            return
+        if answered:
+            stats.latency["fast"].observe((time.perf_counter() - t0) / answered, answered)
+        stats.send_errors += send_errors
+        for data, addr in misses:
+            self._slow_udp(sock, data, addr)
+
+    def _on_udp_python(self, sock: socket.socket) -> None:
+        """The fast path in Python (what fastpath.c does, when it cannot be built)."""
         recv, send = sock.recvfrom, sock.sendto
         index = self.index
         assert index is not None
@@ -361,7 +399,7 @@ class DNSServer:
                             continue
                         if nx_ok is not None and nx_ok(key):
                             send(data[:2] + nx[(b2 & 1) | edns] + q + nx[4 + (edns >> 1)], addr)
-                            t2 = key[-4:-2]
+                            t2 = (key[-4] << 8) | key[-3]
                             fast_nx[t2] = fast_nx.get(t2, 0) + 1
                             fast_n += 1
                             continue
