@@ -139,10 +139,12 @@ def cmd_dns(args: argparse.Namespace) -> int:
 async def _serve(store: Any, node: str, config: Any, addr: Any, debug: Any) -> None:
     from corral.api.informer import InformerFactory
     from corral.clusterdns.server import DNSServer
+    from corral.control.heap import HeapTuning
     from corral.daemon.core import Daemon, Informers
 
     informers = InformerFactory(store)
     d = Daemon("dns", node, store, http_addr=addr, debug_socket=debug, configure_logging=True)
     d.add("informers", Informers(informers))
     d.add("dns", DNSServer(store, informers, config))
+    d.add("heap", HeapTuning(informers))  # the caches out of the cycle collector; heap trimmed
     await d.run()
