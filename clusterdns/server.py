@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import logging
 import socket
 import struct
@@ -33,8 +34,17 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from corral.api.informer import BY_POD_IP, Informer, InformerFactory, by_pod_ip
-from corral.api.objects import EndpointSlice, NetworkConfig, Pod, Service
-from corral.api.store import Store
+from corral.api.objects import (
+    Endpoint,
+    EndpointConditions,
+    Endpoints,
+    EndpointSlice,
+    NetworkConfig,
+    ObjectMeta,
+    Pod,
+    Service,
+)
+from corral.api.store import Store, kind_prefix, object_key
 from corral.clusterdns import wire
 from corral.clusterdns.answer import Resolver
 from corral.clusterdns.forward import Forwarder
@@ -52,6 +62,52 @@ _QD1 = b"\x00\x01" + b"\x00" * 6
 _QD1_AR1 = b"\x00\x01" + b"\x00" * 5 + b"\x01"
 _OPT_HEAD = b"\x00\x00\x29"
 _LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 2.5)
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedEndpoints:
+    """v1 Endpoints the endpoints controller wrote: its EndpointSlices say the same, so
+    only the name is kept (at 10,000 Services a second copy would double the cache)."""
+
+    namespace: str
+    name: str
+
+
+def decode_endpoints(value: bytes) -> Endpoints | ManagedEndpoints | None:
+    """The raw informer's decoder: Endpoints a user wrote (selector-less Services, which
+    no EndpointSlice mirrors here) in full, the controller's by name only."""
+    try:
+        d = json.loads(value)
+        md = d.get("metadata") or {}
+        if any(r.get("kind") == "Service" for r in md.get("ownerReferences") or []):
+            return ManagedEndpoints(md.get("namespace") or "default", md.get("name") or "")
+        return Endpoints.model_validate(d)
+    except ValueError:
+        return None
+
+
+def slices_from_endpoints(ep: Endpoints) -> list[EndpointSlice]:
+    """A user's v1 Endpoints seen as the EndpointSlices mirroring would make."""
+    out = []
+    for i, sub in enumerate(ep.subsets):
+        eps = [
+            Endpoint.model_construct(
+                addresses=[a.ip],
+                conditions=EndpointConditions.model_construct(ready=ready),
+                hostname=a.hostname,
+            )
+            for ready, addrs in ((True, sub.addresses), (False, sub.not_ready_addresses))
+            for a in addrs
+        ]
+        out.append(
+            EndpointSlice.model_construct(
+                metadata=ObjectMeta(name=f"{ep.name}-{i}", namespace=ep.namespace),
+                address_type="IPv4",
+                endpoints=eps,
+                ports=list(sub.ports),
+            )
+        )
+    return out
 
 
 def by_service_name(s: EndpointSlice) -> list[str]:
@@ -133,6 +189,7 @@ class DNSServer:
         self.services: Informer[Service] = informers.informer(Service)
         self.slices: Informer[EndpointSlice] = informers.informer(EndpointSlice)
         self.slices.add_index(BY_SERVICE_NAME, by_service_name)
+        self.endpoints: Informer[Any] = informers.raw(kind_prefix(Endpoints), decode_endpoints)
         self.pods: Informer[Pod] | None = None
         if config.pods == "verified":
             self.pods = informers.informer(Pod)
@@ -185,6 +242,7 @@ class DNSServer:
         self._regs = [
             self.services.on_change(self._service_changed),
             self.slices.on_change(self._slice_changed),
+            self.endpoints.on_change(self._endpoints_changed),
         ]
         self._unregister_metrics = metrics.register_collector(self.collect)
         self.informers.start()
@@ -239,7 +297,8 @@ class DNSServer:
             ) from None
 
     async def run(self) -> None:
-        await asyncio.gather(*(inf.wait_synced() for inf in (self.services, self.slices)))
+        infs = (self.services, self.slices, self.endpoints)
+        await asyncio.gather(*(inf.wait_synced() for inf in infs))
         await asyncio.gather(*(r.wait_synced() for r in self._regs))
         if self.pods is not None:
             await self.pods.wait_synced()
@@ -300,6 +359,11 @@ class DNSServer:
                 for key in by_service_name(s):
                     self._mark(key)
 
+    def _endpoints_changed(self, old: Any, new: Any) -> None:
+        for e in (old, new):
+            if isinstance(e, Endpoints | ManagedEndpoints):
+                self._mark(f"{e.namespace}/{e.name}")
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self.index is None:
@@ -309,6 +373,10 @@ class DNSServer:
             ns, _, name = key.partition("/")
             svc = self.services.get(name, ns)
             slices = self.slices.by_index(BY_SERVICE_NAME, key) if svc is not None else []
+            if svc is not None and not slices:  # a user's Endpoints, if that is all there is
+                ep = self.endpoints.cache.get(object_key(Endpoints, name, ns))
+                if isinstance(ep, Endpoints):
+                    slices = slices_from_endpoints(ep)
             try:
                 self.index.set_service(key, svc, slices)
             except Exception:  # one odd object must not stop the others

@@ -19,7 +19,7 @@ from dns_helpers import (
     values,
 )
 
-from corral.api.objects import EndpointSlice, NetworkConfig, Service
+from corral.api.objects import Endpoints, EndpointSlice, NetworkConfig, Service
 from corral.api.store import Store
 
 SVC = "web.default.svc.cluster.local."
@@ -259,3 +259,32 @@ async def test_any_query_and_edns_version(store: Store) -> None:
         q = dns.message.make_query(SVC, "A", use_edns=1)
         r = await dns.asyncquery.udp(q, "127.0.0.1", port=server.addresses[0][1], timeout=5)
         assert r.rcode() == 16  # BADVERS
+
+
+async def test_user_written_endpoints_of_a_selectorless_service(store: Store) -> None:
+    await store.create(service("legacy", headless=True, ports=[{"name": "db", "port": 3306}]))
+    await store.create(
+        Endpoints.model_validate(
+            {
+                "metadata": {"name": "legacy", "namespace": "default"},
+                "subsets": [
+                    {
+                        "addresses": [{"ip": "192.168.7.1", "hostname": "primary"}],
+                        "notReadyAddresses": [{"ip": "192.168.7.2", "hostname": "replica"}],
+                        "ports": [{"name": "db", "port": 3306}],
+                    }
+                ],
+            }
+        )
+    )
+    base = "legacy.default.svc.cluster.local."
+    async with dns_server(store) as server:
+        assert values(await ask(server, base)) == ["192.168.7.1"]
+        assert values(await ask(server, "primary." + base)) == ["192.168.7.1"]
+        assert rcode(await ask(server, "replica." + base)) == "NXDOMAIN"
+        srv = await ask(server, "_db._tcp." + base, "SRV")
+        assert values(srv) == [f"0 100 3306 primary.{base}"]
+        # a slice, once there is one, is what counts (as after mirroring)
+        await store.create(endpoint_slice("legacy", [("192.168.7.3", True, "other")]))
+        await caught_up(server, store, EndpointSlice)
+        assert values(await ask(server, base)) == ["192.168.7.3"]
