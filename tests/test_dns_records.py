@@ -3,6 +3,9 @@ TTLs, case, and the index following the watch (a server in this loop, dnspython)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import dns.asyncquery
 import dns.flags
 import dns.message
@@ -19,8 +22,10 @@ from dns_helpers import (
     values,
 )
 
-from corral.api.objects import Endpoints, EndpointSlice, NetworkConfig, Service
+from corral.api.objects import Endpoints, EndpointSlice, NetworkConfig, PodCondition, Service
 from corral.api.store import Store
+from corral.clusterdns.server import DNSServer
+from corral.control.endpoints import EndpointsController
 
 SVC = "web.default.svc.cluster.local."
 
@@ -288,3 +293,42 @@ async def test_user_written_endpoints_of_a_selectorless_service(store: Store) ->
         await store.create(endpoint_slice("legacy", [("192.168.7.3", True, "other")]))
         await caught_up(server, store, EndpointSlice)
         assert values(await ask(server, base)) == ["192.168.7.3"]
+
+
+async def test_what_the_endpoints_controller_writes(store: Store) -> None:
+    """Pods with hostname + subdomain behind a headless Service, through the real
+    endpoints controller: the names a StatefulSet's pods get."""
+    for i, ready in ((0, True), (1, True), (2, False)):
+        p = pod(f"web-{i}", f"10.244.1.{10 + i}")
+        p.metadata.labels = {"app": "web"}
+        p.spec.hostname, p.spec.subdomain = f"web-{i}", "nginx"
+        p.status.conditions = [PodCondition(type="Ready", status="True" if ready else "False")]
+        await store.create(p)
+    headless = service("nginx", headless=True, ports=[{"name": "http", "port": 80}])
+    headless.spec.selector = {"app": "web"}
+    await store.create(headless)
+    ctl = EndpointsController(store)
+    task = asyncio.create_task(ctl.run())
+    base = "nginx.default.svc.cluster.local."
+    try:
+        async with dns_server(store) as server:
+            await wait_for_answer(server, base, 2)
+            assert values(await ask(server, base)) == ["10.244.1.10", "10.244.1.11"]
+            assert values(await ask(server, "web-1." + base)) == ["10.244.1.11"]
+            assert rcode(await ask(server, "web-2." + base)) == "NXDOMAIN"  # not ready
+            assert values(await ask(server, "_http._tcp." + base, "SRV")) == [
+                f"0 50 80 web-0.{base}",
+                f"0 50 80 web-1.{base}",
+            ]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_for_answer(server: DNSServer, name: str, n: int) -> None:
+    for _ in range(500):
+        if len(values(await ask(server, name))) == n:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{name} never had {n} answers")
