@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 BATCH = 256  # datagrams per reader callback before the loop gets a turn
 TCP_IDLE = 10.0  # seconds a TCP client may stay silent between queries
 MAX_PENDING = 1000  # forwarded queries in flight; beyond that, SERVFAIL at once
+MAX_TCP = 512  # open TCP connections; beyond that, new ones are closed at once
 BY_SERVICE_NAME = "dnsServiceName"
 
 _QD1 = b"\x00\x01" + b"\x00" * 6
@@ -211,6 +212,7 @@ class DNSServer:
         self._pending: set[asyncio.Task] = set()
         self._unregister_metrics: Any = None
         self._nx: tuple[bytes, ...] = ()
+        self._tcp_open = 0
         self.native: Any = None  # the compiled fast path (native.py), if it built
 
     # ------------------------------------------------------------ lifecycle
@@ -568,8 +570,9 @@ class DNSServer:
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.tcp_connections += 1
+        self._tcp_open += 1
         try:
-            while True:
+            while self._tcp_open <= MAX_TCP:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
                 (n,) = struct.unpack("!H", head)
                 data = await asyncio.wait_for(reader.readexactly(n), TCP_IDLE)
@@ -589,6 +592,7 @@ class DNSServer:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
+            self._tcp_open -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
