@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dns.message
 import dns.query
-from dns_helpers import free_port, service
+from dns_helpers import endpoint_slice, free_port, service
 from etcd_helpers import on_store
 
 from corral.api.store import Store
@@ -99,6 +99,9 @@ def dig(port: int, *args: str) -> str:
 def put_services(url: str) -> None:
     async def go(s: Store) -> None:
         await s.create(service("web", ip="10.96.0.20", ports=[{"name": "http", "port": 80}]))
+        await s.create(service("ext", external="www.example.net"))
+        await s.create(service("db", headless=True))
+        await s.create(endpoint_slice("db", [("10.244.1.5", True, "db-0")]))
 
     on_store(url, go)
 
@@ -135,13 +138,25 @@ def test_dig_metrics_and_readiness(etcd_url: str) -> None:
         nodata = dig(port, "AAAA", SVC)
         assert "status: NOERROR" in nodata and "ANSWER: 0" in nodata and "SOA" in nodata
         assert "status: SERVFAIL" in dig(port, "example.org")  # upstream down
+        assert dig(port, "+short", "TXT", "dns-version.cluster.local").split() == ['"1.1.0"']
+        assert dig(port, "+short", "NS", "cluster.local").split() == ["ns.dns.cluster.local."]
+        assert dig(port, "+short", "SOA", "cluster.local").split()[:2] == [
+            "ns.dns.cluster.local.",
+            "hostmaster.cluster.local.",
+        ]
+        assert dig(port, "+short", "CNAME", "ext.default.svc.cluster.local").split() == [
+            "www.example.net."
+        ]
+        db = "db-0.db.default.svc.cluster.local"
+        assert dig(port, "+short", db).split() == ["10.244.1.5"]
+        assert dig(port, "+short", "-x", "10.244.1.5").split() == [f"{db}."]
         code, text = http(mport, "/metrics")
         assert code == 200
         assert 'corral_dns_queries_total{rcode="NOERROR",type="A"}' in text
         assert 'corral_dns_queries_total{rcode="NXDOMAIN",type="A"}' in text
         assert "corral_dns_synced 1.0" in text
         assert 'corral_dns_request_duration_seconds_bucket{le="+Inf",path="fast"}' in text
-        assert "corral_dns_index_services 1.0" in text
+        assert "corral_dns_index_services 3.0" in text
         assert "corral_dns_cache_hits_total" in text
         assert http(mport, "/healthz")[0] == 200
         assert proc.poll() is None
