@@ -23,11 +23,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from corral.api.objects import EndpointSlice, Service
 from corral.clusterdns import wire
+from corral.clusterdns.views import ServiceInfo, SliceInfo
 from corral.clusterdns.wire import AAAA, CNAME, NS, PTR, SOA, SRV, TXT, A, Section
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SCHEMA_VERSION = "1.1.0"
 
 # rdata per type per name: what one owner (a Service, or the apex) contributes
@@ -64,33 +63,25 @@ class Owned:
             rds.append(rdata)
 
 
-def endpoint_ready(slice_: EndpointSlice, i: int, publish: bool) -> bool:
-    # An unknown (absent) ready condition means ready, as in Kubernetes.
-    return publish or slice_.endpoints[i].conditions.ready is not False
-
-
-def records_of(svc: Service, slices: Iterable[EndpointSlice], zone: bytes) -> Owned:
+def records_of(svc: ServiceInfo, slices: Iterable[SliceInfo], zone: bytes) -> Owned:
     """Every record of one Service (`zone` in wire form, lower case)."""
     out = Owned()
-    spec = svc.spec
     base = wire.encode_name(f"{svc.name}.{svc.namespace}.svc")[:-1] + zone
-    if spec.type == "ExternalName":
-        if spec.external_name:
-            out.add(base, CNAME, wire.encode_name(spec.external_name.lower()))
+    if svc.type == "ExternalName":
+        if svc.external_name:
+            out.add(base, CNAME, wire.encode_name(svc.external_name.lower()))
         return out
-    if spec.headless:
+    if svc.headless:
         _headless(out, svc, list(slices), base)
         return out
-    ips = [ip for ip in (spec.cluster_ips or [spec.cluster_ip]) if ip and ip != "None"]
-    if not ips:
+    if not svc.cluster_ips:
         return out  # no VIP allocated yet: nothing to serve
-    for ip in dict.fromkeys(ips):
+    for ip in svc.cluster_ips:
         out.add(base, ip_rtype(ip), ip_rdata(ip))
         out.ptrs[ip] = (1, base)
-    for p in spec.ports:
-        if p.name:
-            name = _port_name(p.name, p.protocol, base)
-            out.add(name, SRV, wire.srv_rdata(0, 100, p.port, base))
+    for name, port, proto in svc.ports:
+        if name:
+            out.add(_port_name(name, proto, base), SRV, wire.srv_rdata(0, 100, port, base))
     return out
 
 
@@ -98,17 +89,17 @@ def _port_name(port: str, proto: str, base: bytes) -> bytes:
     return wire.join_labels([b"_" + port.encode(), b"_" + proto.lower().encode()])[:-1] + base
 
 
-def _headless(out: Owned, svc: Service, slices: list[EndpointSlice], base: bytes) -> None:
-    publish = svc.spec.publish_not_ready_addresses
-    ready: list[tuple[str, bytes, EndpointSlice]] = []  # (ip, endpoint name, its slice)
+def _headless(out: Owned, svc: ServiceInfo, slices: list[SliceInfo], base: bytes) -> None:
+    publish = svc.publish_not_ready
+    ready: list[tuple[str, bytes, SliceInfo]] = []  # (ip, endpoint name, its slice)
     for s in sorted(slices, key=lambda s: s.name):
         if s.address_type == "FQDN":
             continue
-        for i, ep in enumerate(s.endpoints):
-            if not endpoint_ready(s, i, publish):
+        for addresses, is_ready, hostname in s.endpoints:
+            if not (is_ready or publish):
                 continue
-            for ip in ep.addresses:
-                label = (ep.hostname or dashed(ip)).lower()
+            for ip in addresses:
+                label = (hostname or dashed(ip)).lower()
                 ready.append((ip, wire.encode_name(label)[:-1] + base, s))
     for ip, epname, _ in ready:
         out.add(base, ip_rtype(ip), ip_rdata(ip))
@@ -118,9 +109,9 @@ def _headless(out: Owned, svc: Service, slices: list[EndpointSlice], base: bytes
             out.ptrs[ip] = rank
     per_port: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
     for _, epname, s in ready:
-        for p in s.ports:
-            if p.name:
-                per_port.setdefault((p.name, p.protocol), []).append((p.port, epname))
+        for name, port, proto in s.ports:
+            if name:
+                per_port.setdefault((name, proto), []).append((port, epname))
     for (pname, proto), targets in per_port.items():
         uniq = sorted(set(targets), key=lambda t: (t[1], t[0]))
         weight = max(1, 100 // len(uniq))
@@ -197,7 +188,7 @@ class ZoneIndex:
 
     # ------------------------------------------------------------ changing
 
-    def set_service(self, key: str, svc: Service | None, slices: Iterable[EndpointSlice]) -> None:
+    def set_service(self, key: str, svc: ServiceInfo | None, slices: Iterable[SliceInfo]) -> None:
         """Replace what Service `key` (ns/name) owns; None removes it."""
         self.set_owner(key, records_of(svc, slices, self.zone_wire) if svc else Owned())
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import logging
 import socket
 import struct
@@ -34,21 +33,20 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from corral.api.informer import BY_POD_IP, Informer, InformerFactory, by_pod_ip
-from corral.api.objects import (
-    Endpoint,
-    EndpointConditions,
-    Endpoints,
-    EndpointSlice,
-    NetworkConfig,
-    ObjectMeta,
-    Pod,
-    Service,
-)
+from corral.api.objects import Endpoints, EndpointSlice, NetworkConfig, Pod, Service
 from corral.api.store import Store, kind_prefix, object_key
 from corral.clusterdns import wire
 from corral.clusterdns.answer import Resolver
 from corral.clusterdns.forward import Forwarder
-from corral.clusterdns.records import SERVICE_NAME_LABEL, ZoneIndex
+from corral.clusterdns.records import ZoneIndex
+from corral.clusterdns.views import (
+    EndpointsInfo,
+    ServiceInfo,
+    SliceInfo,
+    decode_endpoints,
+    decode_service,
+    decode_slice,
+)
 from corral.daemon import metrics
 
 log = logging.getLogger(__name__)
@@ -65,56 +63,9 @@ _OPT_HEAD = b"\x00\x00\x29"
 _LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5, 2.5)
 
 
-@dataclass(frozen=True, slots=True)
-class ManagedEndpoints:
-    """v1 Endpoints the endpoints controller wrote: its EndpointSlices say the same, so
-    only the name is kept (at 10,000 Services a second copy would double the cache)."""
-
-    namespace: str
-    name: str
-
-
-def decode_endpoints(value: bytes) -> Endpoints | ManagedEndpoints | None:
-    """The raw informer's decoder: Endpoints a user wrote (selector-less Services, which
-    no EndpointSlice mirrors here) in full, the controller's by name only."""
-    try:
-        d = json.loads(value)
-        md = d.get("metadata") or {}
-        if any(r.get("kind") == "Service" for r in md.get("ownerReferences") or []):
-            return ManagedEndpoints(md.get("namespace") or "default", md.get("name") or "")
-        return Endpoints.model_validate(d)
-    except ValueError:
-        return None
-
-
-def slices_from_endpoints(ep: Endpoints) -> list[EndpointSlice]:
-    """A user's v1 Endpoints seen as the EndpointSlices mirroring would make."""
-    out = []
-    for i, sub in enumerate(ep.subsets):
-        eps = [
-            Endpoint.model_construct(
-                addresses=[a.ip],
-                conditions=EndpointConditions.model_construct(ready=ready),
-                hostname=a.hostname,
-            )
-            for ready, addrs in ((True, sub.addresses), (False, sub.not_ready_addresses))
-            for a in addrs
-        ]
-        out.append(
-            EndpointSlice.model_construct(
-                metadata=ObjectMeta(name=f"{ep.name}-{i}", namespace=ep.namespace),
-                address_type="IPv4",
-                endpoints=eps,
-                ports=list(sub.ports),
-            )
-        )
-    return out
-
-
-def by_service_name(s: EndpointSlice) -> list[str]:
+def by_service_name(s: SliceInfo) -> list[str]:
     """A slice under the Service its `kubernetes.io/service-name` label names."""
-    name = s.metadata.labels.get(SERVICE_NAME_LABEL)
-    return [f"{s.namespace}/{name}"] if name else []
+    return [f"{s.namespace}/{s.service}"] if s.service else []
 
 
 @dataclass
@@ -187,10 +138,13 @@ class DNSServer:
         self.store = store
         self.informers = informers
         self.config = config
-        self.services: Informer[Service] = informers.informer(Service)
-        self.slices: Informer[EndpointSlice] = informers.informer(EndpointSlice)
+        # Raw informers with slim decoders (views.py): DNS reads a few fields of each.
+        self.services: Informer[ServiceInfo] = informers.raw(kind_prefix(Service), decode_service)
+        self.slices: Informer[SliceInfo] = informers.raw(kind_prefix(EndpointSlice), decode_slice)
         self.slices.add_index(BY_SERVICE_NAME, by_service_name)
-        self.endpoints: Informer[Any] = informers.raw(kind_prefix(Endpoints), decode_endpoints)
+        self.endpoints: Informer[EndpointsInfo] = informers.raw(
+            kind_prefix(Endpoints), decode_endpoints
+        )
         self.pods: Informer[Pod] | None = None
         if config.pods == "verified":
             self.pods = informers.informer(Pod)
@@ -350,20 +304,20 @@ class DNSServer:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _service_changed(self, old: Service | None, new: Service | None) -> None:
+    def _service_changed(self, old: ServiceInfo | None, new: ServiceInfo | None) -> None:
         obj = new or old
         if obj is not None:
-            self._mark(obj.key_name)
+            self._mark(obj.key)
 
-    def _slice_changed(self, old: EndpointSlice | None, new: EndpointSlice | None) -> None:
+    def _slice_changed(self, old: SliceInfo | None, new: SliceInfo | None) -> None:
         for s in (old, new):
             if s is not None:
                 for key in by_service_name(s):
                     self._mark(key)
 
-    def _endpoints_changed(self, old: Any, new: Any) -> None:
+    def _endpoints_changed(self, old: EndpointsInfo | None, new: EndpointsInfo | None) -> None:
         for e in (old, new):
-            if isinstance(e, Endpoints | ManagedEndpoints):
+            if e is not None and not e.managed:
                 self._mark(f"{e.namespace}/{e.name}")
 
     def _flush(self) -> None:
@@ -373,12 +327,12 @@ class DNSServer:
         dirty, self._dirty = self._dirty, set()
         for key in dirty:
             ns, _, name = key.partition("/")
-            svc = self.services.get(name, ns)
+            svc = self.services.cache.get(object_key(Service, name, ns))
             slices = self.slices.by_index(BY_SERVICE_NAME, key) if svc is not None else []
             if svc is not None and not slices:  # a user's Endpoints, if that is all there is
                 ep = self.endpoints.cache.get(object_key(Endpoints, name, ns))
-                if isinstance(ep, Endpoints):
-                    slices = slices_from_endpoints(ep)
+                if ep is not None:
+                    slices = list(ep.subsets)
             try:
                 self.index.set_service(key, svc, slices)
             except Exception:  # one odd object must not stop the others
