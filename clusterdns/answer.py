@@ -15,7 +15,7 @@ from typing import Any
 
 from corral.clusterdns import wire
 from corral.clusterdns.forward import Forwarder
-from corral.clusterdns.records import Rendered, ZoneIndex
+from corral.clusterdns.records import TAIL, Entry, ZoneIndex, sections
 from corral.clusterdns.wire import ANY, CNAME, PTR, Query, Section
 
 POD_MODES = ("disabled", "insecure", "verified")
@@ -90,13 +90,14 @@ class Resolver:
         node = self.index.lookup(key)
         if node is not None:
             if qtype == ANY:
-                rs: list[Rendered] = list(node.values())
+                rs: list[Entry] = list(node.values())
             else:
                 r = node.get(qtype)
                 rs = [r] if r is not None else []
             ans, add = Section(), Section()
             for r in rs:
-                ans, add = ans + r.answer, add + r.additional
+                a, b = sections(r)
+                ans, add = ans + a, add + b
             return wire.NOERROR, ans, add
         if key in self.index.ents:
             return wire.NOERROR, Section(), Section()
@@ -133,13 +134,13 @@ class Resolver:
 
     # ------------------------------------------------------------ ExternalName
 
-    def _chase(self, q: Query, node: dict[int, Rendered], tcp: bool) -> Answer:
+    def _chase(self, q: Query, node: dict[int, Entry], tcp: bool) -> Answer:
         """The CNAME, then its target's records: from the zone, or the upstreams."""
         ans = Section()
         owner = wire.QNAME_PTR
         for _ in range(MAX_CHASE):
             cname = node[CNAME]
-            target = cname.answer.data[12:]  # pointer(2) + type/class/ttl/len(10)
+            target = cname[TAIL][12:]  # pointer(2) + type/class/ttl/len(10), one record
             ans += Section(wire.rr(owner, CNAME, self.index.ttl, target), 1)
             owner = target
             if not self.index.in_zone(target):

@@ -38,6 +38,8 @@ static struct sockaddr_in addrs[BATCH];
 
 static const unsigned char QD1[8] = {0, 1, 0, 0, 0, 0, 0, 0};
 static const unsigned char QD1_AR1[8] = {0, 1, 0, 0, 0, 0, 0, 1};
+/* our OPT record (wire.opt_rr()): root, type 41, 1232 bytes, no flags, no options */
+static const unsigned char OPT[11] = {0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0};
 
 static int bump(PyObject *counts, PyObject *qtype) {
     PyObject *have = PyDict_GetItemWithError(counts, qtype);
@@ -109,8 +111,8 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                           &PyDict_Type, &ents, &zone, &zlen, &PyTuple_Type, &nx, &pods, &synced,
                           &PyDict_Type, &ok_counts, &PyDict_Type, &nx_counts))
         return NULL;
-    if (PyTuple_GET_SIZE(nx) != 6) {
-        PyErr_SetString(PyExc_ValueError, "nx must hold 4 headers and 2 tails");
+    if (PyTuple_GET_SIZE(nx) != 5) {
+        PyErr_SetString(PyExc_ValueError, "nx must hold 4 headers and a tail");
         return NULL;
     }
     PyObject *misses = PyList_New(0);
@@ -159,13 +161,13 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             PyObject *head, *tail;
             int idx = (d[2] & 1) | edns;
             if (e != NULL) {
-                if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 7) {
+                if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) < 6) {
                     if (miss(misses, i) == NULL) goto fail;
                     continue;
                 }
                 head = PyTuple_GET_ITEM(e, idx);
-                tail = PyTuple_GET_ITEM(e, 4 + (edns >> 1));
-                if (bump(ok_counts, PyTuple_GET_ITEM(e, 6)) < 0) goto fail;
+                tail = PyTuple_GET_ITEM(e, 4);
+                if (bump(ok_counts, PyTuple_GET_ITEM(e, 5)) < 0) goto fail;
             } else {
                 int ok = synced ? nx_ok(key, qlen, names, ents, zone, zlen, pods) : 0;
                 if (ok < 0) goto fail;
@@ -174,15 +176,20 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                     continue;
                 }
                 head = PyTuple_GET_ITEM(nx, idx);
-                tail = PyTuple_GET_ITEM(nx, 4 + (edns >> 1));
+                tail = PyTuple_GET_ITEM(nx, 4);
                 PyObject *qt = PyLong_FromLong((key[qlen - 4] << 8) | key[qlen - 3]);
                 if (qt == NULL) goto fail;
                 int rc = bump(nx_counts, qt);
                 Py_DECREF(qt);
                 if (rc < 0) goto fail;
             }
+            if (!PyBytes_Check(head) || !PyBytes_Check(tail)) {
+                if (miss(misses, i) == NULL) goto fail;
+                continue;
+            }
             Py_ssize_t hl = PyBytes_GET_SIZE(head), tl = PyBytes_GET_SIZE(tail);
-            Py_ssize_t total = 2 + hl + qlen + tl;
+            Py_ssize_t ol = edns ? (Py_ssize_t)sizeof OPT : 0;
+            Py_ssize_t total = 2 + hl + qlen + tl + ol;
             if (total > OUTBUF) {
                 if (miss(misses, i) == NULL) goto fail;
                 continue;
@@ -193,6 +200,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             memcpy(o + 2, PyBytes_AS_STRING(head), hl);
             memcpy(o + 2 + hl, d + 12, qlen);
             memcpy(o + 2 + hl + qlen, PyBytes_AS_STRING(tail), tl);
+            if (ol) memcpy(o + 2 + hl + qlen + tl, OPT, ol);
             out_iov[out].iov_base = o;
             out_iov[out].iov_len = total;
             memset(&out_msgs[out].msg_hdr, 0, sizeof out_msgs[out].msg_hdr);

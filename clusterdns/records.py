@@ -119,15 +119,20 @@ def _headless(out: Owned, svc: ServiceInfo, slices: list[SliceInfo], base: bytes
             out.add(_port_name(pname, proto, base), SRV, wire.srv_rdata(0, weight, port, epname))
 
 
-@dataclass(slots=True)
-class Rendered:
-    answer: Section
-    additional: Section
+# One (name, type): the answer's headers (flags + counts, without the ID) indexed by
+# RD | EDNS << 1; the answer and additional records as one run of bytes (our OPT
+# record goes after it when the query had one); the type; the two counts. The same
+# tuple is the fast path's entry (`ZoneIndex.fast`, fastpath.c reads items 0-5).
+Entry = tuple[bytes, bytes, bytes, bytes, bytes, int, int, int]
+TAIL, TYPE, AN, AR = 4, 5, 6, 7
 
 
-# The fast path's entry: headers (flags + counts, without the ID) indexed by
-# RD | EDNS << 1, then the tail without and with our OPT record, then the type.
-FastEntry = tuple[bytes, bytes, bytes, bytes, bytes, bytes, int]
+def sections(e: Entry) -> tuple[Section, Section]:
+    """An entry's answer and additional sections, apart."""
+    tail, pos = e[TAIL], 0
+    for _ in range(e[AN]):  # answer records: a 2-byte pointer owner, then 10 + rdlen
+        pos += 12 + int.from_bytes(tail[pos + 10 : pos + 12], "big")
+    return Section(tail[:pos], e[AN]), Section(tail[pos:], e[AR])
 
 
 class ZoneIndex:
@@ -137,9 +142,9 @@ class ZoneIndex:
         self.zone_labels = wire.labels_of(self.zone_wire)
         self.ttl = ttl
         self.serial = int(time.time())
-        self.names: dict[bytes, dict[int, Rendered]] = {}
+        self.names: dict[bytes, dict[int, Entry]] = {}
         self.ents: dict[bytes, int] = {}  # name -> how many names below it exist
-        self.fast: dict[bytes, FastEntry] = {}
+        self.fast: dict[bytes, Entry] = {}
         self._owned: dict[str, tuple[int, tuple[bytes, ...], dict[str, tuple[int, bytes]]]] = {}
         self._heads: dict[tuple[int, int], tuple[bytes, ...]] = {}  # shared fast-path headers
         self._ptr_candidates: dict[str, dict[str, tuple[int, bytes]]] = {}
@@ -180,7 +185,7 @@ class ZoneIndex:
     @property
     def size(self) -> int:
         """Resource records in the index."""
-        return sum(r.answer.count for node in self.names.values() for r in node.values())
+        return sum(e[AN] for node in self.names.values() for e in node.values())
 
     @property
     def services(self) -> int:
@@ -232,18 +237,26 @@ class ZoneIndex:
             self._ptr_chosen[ip] = want
             self._put_name(name, {PTR: [want]}, {})
 
-    def _render(self, rtype: int, rdatas: list[bytes], names: Names) -> Rendered:
+    def _render(self, rtype: int, rdatas: list[bytes], names: Names) -> Entry:
         ttl = self.ttl
-        answer = b"".join(wire.rr(wire.QNAME_PTR, rtype, ttl, rd) for rd in sorted(rdatas))
-        add = b""
+        tail = b"".join(wire.rr(wire.QNAME_PTR, rtype, ttl, rd) for rd in sorted(rdatas))
         count = 0
         if rtype == SRV:  # the targets' addresses, as CoreDNS gives them
             for target in dict.fromkeys(rd[6:] for rd in sorted(rdatas)):
                 for t in (A, AAAA):
                     for rd in sorted(names.get(target, {}).get(t, [])):
-                        add += wire.rr(target, t, ttl, rd)
+                        tail += wire.rr(target, t, ttl, rd)
                         count += 1
-        return Rendered(Section(answer, len(rdatas)), Section(add, count))
+        an, ar = len(rdatas), count
+        heads = self._heads.get((an, ar))
+        if heads is None:
+            hs = []
+            for edns in (0, 1):
+                for rd in (0, 1):
+                    flags = wire.flags_of(0x0100 * rd, wire.NOERROR, aa=True)
+                    hs.append(struct.pack("!HHHHH", flags, 1, an, 0, ar + edns))
+            heads = self._heads[(an, ar)] = tuple(hs)
+        return (heads[0], heads[1], heads[2], heads[3], tail, rtype, an, ar)
 
     def _put_name(self, name: bytes, rrsets: dict[int, list[bytes]], names: Names) -> None:
         fresh = name not in self.names
@@ -252,8 +265,13 @@ class ZoneIndex:
         self.names[name] = node
         for t in old.keys() - node.keys():
             self.fast.pop(name + struct.pack("!HH", t, 1), None)
-        for t, r in node.items():
-            self._put_fast(name, t, r)
+        for t, e in node.items():
+            key = name + struct.pack("!HH", t, 1)
+            # CNAMEs are chased and answers that may not fit are truncated: the full path
+            if t == CNAME or len(key) + 12 + len(e[TAIL]) + 11 > wire.UDP_PLAIN:
+                self.fast.pop(key, None)
+            else:
+                self.fast[key] = e
         if fresh:
             for anc in self._ancestors(name):
                 self.ents[anc] = self.ents.get(anc, 0) + 1
@@ -282,24 +300,5 @@ class ZoneIndex:
             out.append(name[i:])
         return out
 
-    def _put_fast(self, name: bytes, rtype: int, r: Rendered) -> None:
-        key = name + struct.pack("!HH", rtype, 1)
-        if rtype == CNAME or len(key) + 12 + len(r.answer.data) + len(r.additional.data) + 11 > (
-            wire.UDP_PLAIN
-        ):
-            self.fast.pop(key, None)  # CNAMEs are chased, big answers truncated: slow path
-            return
-        an, ar = r.answer.count, r.additional.count
-        heads = self._heads.get((an, ar))
-        if heads is None:
-            hs = []
-            for edns in (0, 1):
-                for rd in (0, 1):
-                    flags = wire.flags_of(0x0100 * rd, wire.NOERROR, aa=True)
-                    hs.append(struct.pack("!HHHHH", flags, 1, an, 0, ar + edns))
-            heads = self._heads[(an, ar)] = tuple(hs)
-        tail = r.answer.data + r.additional.data
-        self.fast[key] = (*heads, tail, tail + wire.opt_rr(), rtype)
-
-    def lookup(self, key: bytes) -> dict[int, Rendered] | None:
+    def lookup(self, key: bytes) -> dict[int, Entry] | None:
         return self.names.get(key)

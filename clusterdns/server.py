@@ -348,7 +348,7 @@ class DNSServer:
             for rd in (0, 1):
                 flags = wire.flags_of(0x0100 * rd, wire.NXDOMAIN, aa=True)
                 heads.append(struct.pack("!HHHHH", flags, 1, 0, 1, edns))
-        self._nx = (*heads, soa, soa + wire.opt_rr())
+        self._nx = (*heads, soa)
 
     def _on_udp(self, sock: socket.socket) -> None:
         if self.native is None:
@@ -388,6 +388,7 @@ class DNSServer:
         nx_ok = self._nx_ok if self.synced else None
         nx = self._nx
         fast_ok, fast_nx = self.stats.fast_ok, self.stats.fast_nx
+        opt = wire.opt_rr()
         t0 = time.perf_counter()
         fast_n = 0
         for _ in range(BATCH):
@@ -416,13 +417,15 @@ class DNSServer:
                     e = fast_get(key)
                     try:
                         if e is not None:
-                            send(data[:2] + e[(b2 & 1) | edns] + q + e[4 + (edns >> 1)], addr)
-                            t = e[6]
+                            out = data[:2] + e[(b2 & 1) | edns] + q + e[4]
+                            send(out + opt if edns else out, addr)
+                            t = e[5]
                             fast_ok[t] = fast_ok.get(t, 0) + 1
                             fast_n += 1
                             continue
                         if nx_ok is not None and nx_ok(key):
-                            send(data[:2] + nx[(b2 & 1) | edns] + q + nx[4 + (edns >> 1)], addr)
+                            out = data[:2] + nx[(b2 & 1) | edns] + q + nx[4]
+                            send(out + opt if edns else out, addr)
                             t2 = (key[-4] << 8) | key[-3]
                             fast_nx[t2] = fast_nx.get(t2, 0) + 1
                             fast_n += 1
