@@ -24,6 +24,7 @@ from etcd_helpers import on_store
 
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
+from corral.daemon.privileges import KEEP, mask
 
 ROOT = Path(__file__).resolve().parent.parent
 SVC = "web.default.svc.cluster.local"
@@ -160,6 +161,10 @@ def test_dig_metrics_and_readiness(etcd_url: str) -> None:
         assert "corral_dns_cache_hits_total" in text
         assert http(mport, "/healthz")[0] == 200
         assert proc.poll() is None
+        if os.geteuid() == 0:  # root keeps only what port 53 needs
+            with open(f"/proc/{proc.pid}/status") as f:
+                eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+            assert eff == mask(KEEP["dns"] or frozenset())
 
 
 def test_bad_flags_are_clear_errors(etcd_url: str) -> None:
