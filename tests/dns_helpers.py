@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -279,3 +280,42 @@ class StubUpstream:
         self._transport.close()
         self._server.close()
         await self._server.wait_closed()
+
+
+# ------------------------------------------------------------ bad packets
+
+
+def _valid_query(rng: random.Random) -> bytes:
+    name = rng.choice(
+        [
+            "web.default.svc.cluster.local",
+            "nothere.default.svc.cluster.local",
+            "x.example.org",
+            "cluster.local",
+        ]
+    )
+    q = dns.message.make_query(
+        name, rng.choice(["A", "SRV", "AAAA", "PTR"]), use_edns=rng.random() < 0.5
+    )
+    return q.to_wire()
+
+
+def malformed(rng: random.Random) -> bytes:
+    kind = rng.randrange(7)
+    if kind == 0:  # noise of any length
+        return rng.randbytes(rng.randrange(0, 700))
+    good = bytearray(_valid_query(rng))
+    if kind == 1:  # flipped bytes
+        for _ in range(rng.randrange(1, 6)):
+            good[rng.randrange(len(good))] = rng.randrange(256)
+        return bytes(good)
+    if kind == 2:  # cut short
+        return bytes(good[: rng.randrange(len(good))])
+    if kind == 3:  # absurd counts
+        struct.pack_into("!HHHH", good, 4, *(rng.randrange(65536) for _ in range(4)))
+        return bytes(good)
+    if kind == 4:  # a compression loop in the question
+        return bytes(good[:12]) + b"\x01a\xc0\x0c" + b"\x00\x01\x00\x01"
+    if kind == 5:  # a pointer forward, labels too long
+        return bytes(good[:12]) + b"\xc0\xff\x00\x01\x00\x01" + b"\x7f" + b"a" * 127
+    return bytes(good) + rng.randbytes(rng.randrange(1, 40))  # trailing garbage

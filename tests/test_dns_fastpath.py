@@ -4,12 +4,13 @@ the full path does, and leave to it everything they are not sure of."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 
 import dns.message
 import pytest
-from dns_helpers import dns_server, endpoint_slice, service
+from dns_helpers import dns_server, endpoint_slice, malformed, service
 
 from corral.api.store import Store
 from corral.clusterdns import native, wire
@@ -94,3 +95,27 @@ async def test_fast_path_waits_for_the_sync(store: Store) -> None:
         loop = asyncio.get_running_loop()
         [a] = await loop.run_in_executor(None, exchange, server.addresses[0][1], [q])
         assert dns.message.from_wire(a).rcode() == dns.rcode.SERVFAIL
+
+
+@pytest.mark.parametrize("fastpath", ["native", "python"])
+async def test_malformed_packets_on_each_fast_path(store: Store, fastpath: str) -> None:
+    await store.create(service("web", ip="10.96.0.20"))
+    rng = random.Random(fastpath)
+    async with dns_server(store, fastpath=fastpath) as server:
+        port = server.addresses[0][1]
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        try:
+            for i in range(2000):
+                with contextlib.suppress(BlockingIOError):
+                    s.sendto(malformed(rng), ("127.0.0.1", port))
+                if i % 100 == 0:
+                    await asyncio.sleep(0.01)  # let the server read
+        finally:
+            s.close()
+        await asyncio.sleep(0.2)
+        q = dns.message.make_query("web.default.svc.cluster.local", "A").to_wire()
+        loop = asyncio.get_running_loop()
+        [a] = await loop.run_in_executor(None, exchange, port, [q])
+        assert [r.to_text() for rr in dns.message.from_wire(a).answer for r in rr] == ["10.96.0.20"]
+        assert server.stats.dropped + server.stats.formerr > 0

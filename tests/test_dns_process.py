@@ -19,7 +19,7 @@ from pathlib import Path
 
 import dns.message
 import dns.query
-from dns_helpers import endpoint_slice, free_port, service
+from dns_helpers import endpoint_slice, free_port, malformed, service
 from etcd_helpers import on_store
 
 from corral.api.store import Store
@@ -184,35 +184,6 @@ def test_bad_flags_are_clear_errors(etcd_url: str) -> None:
         )
         assert r.returncode != 0 and words in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
-
-
-def _valid_query(rng: random.Random) -> bytes:
-    name = rng.choice([SVC, "nothere.default.svc.cluster.local", "x.example.org", "cluster.local"])
-    q = dns.message.make_query(
-        name, rng.choice(["A", "SRV", "AAAA", "PTR"]), use_edns=rng.random() < 0.5
-    )
-    return q.to_wire()
-
-
-def malformed(rng: random.Random) -> bytes:
-    kind = rng.randrange(7)
-    if kind == 0:  # noise of any length
-        return rng.randbytes(rng.randrange(0, 700))
-    good = bytearray(_valid_query(rng))
-    if kind == 1:  # flipped bytes
-        for _ in range(rng.randrange(1, 6)):
-            good[rng.randrange(len(good))] = rng.randrange(256)
-        return bytes(good)
-    if kind == 2:  # cut short
-        return bytes(good[: rng.randrange(len(good))])
-    if kind == 3:  # absurd counts
-        struct.pack_into("!HHHH", good, 4, *(rng.randrange(65536) for _ in range(4)))
-        return bytes(good)
-    if kind == 4:  # a compression loop in the question
-        return bytes(good[:12]) + b"\x01a\xc0\x0c" + b"\x00\x01\x00\x01"
-    if kind == 5:  # a pointer forward, labels too long
-        return bytes(good[:12]) + b"\xc0\xff\x00\x01\x00\x01" + b"\x7f" + b"a" * 127
-    return bytes(good) + rng.randbytes(rng.randrange(1, 40))  # trailing garbage
 
 
 def test_ten_thousand_malformed_packets(etcd_url: str) -> None:
