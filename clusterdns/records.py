@@ -224,6 +224,8 @@ class ZoneIndex:
 
     def _choose_ptr(self, ip: str) -> None:
         cands = self._ptr_candidates.get(ip) or {}
+        if not cands:
+            self._ptr_candidates.pop(ip, None)
         want = min(cands.values())[1] if cands else None
         have = self._ptr_chosen.get(ip)
         if want == have:
