@@ -1,20 +1,23 @@
 """`DNSServer`: the `corral dns` component (informers -> index -> UDP/TCP answers).
 
-Services and EndpointSlices come from the process's shared informers; each change
-marks its Service dirty and one flush per loop turn re-renders the dirty Services
-into the `ZoneIndex`, so an answer reflects a watch event as soon as the event
-has reached the handler. Before the first full sync every query is answered
+Services, EndpointSlices and v1 Endpoints come from the process's shared
+informers (raw ones with slim decoders, views.py); each change marks its Service
+dirty and one flush per loop turn re-renders the dirty Services into the
+`ZoneIndex`, so an answer reflects a watch event as soon as the event has
+reached the handler. Before the first full sync every query is answered
 SERVFAIL and `/readyz` fails.
 
-UDP is served on the event loop itself: a reader callback drains the socket (up
-to `BATCH` datagrams per turn, so the loop still runs the informers and the
-forwarder). Each datagram first tries the fast path: a query that is exactly one
-question (optionally with an OPT record without options) is looked up, its
-question lower-cased, in `ZoneIndex.fast` and answered by joining the query's ID,
-a pre-built header, the question as sent and the pre-rendered records; a name of
-the zone that does not exist gets the pre-built NXDOMAIN the same way. Anything
-else goes through the full parser and `Resolver`. TCP is an asyncio server on the
-full path (RFC 7766: several queries per connection, an idle timeout).
+UDP is served on the event loop itself: a reader callback drains the socket (so
+the loop still runs the informers and the forwarder between batches). Each
+datagram first tries the fast path: a query that is exactly one question
+(optionally with an OPT record without options) is looked up, its question
+lower-cased, in `ZoneIndex.fast` and answered by joining the query's ID, a
+pre-built header, the question as sent and the pre-rendered records; a name of
+the zone that does not exist gets the pre-built NXDOMAIN the same way. The fast
+path is fastpath.c (recvmmsg/sendmmsg, 64 datagrams a call) when it builds, else
+`_on_udp_python`, which does the same. Anything else goes through the full
+parser and `Resolver`. TCP is an asyncio server on the full path (RFC 7766:
+several queries per connection, an idle timeout).
 """
 
 from __future__ import annotations
