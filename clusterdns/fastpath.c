@@ -3,13 +3,14 @@
  * serve(fd, fast, names, ents, zone, nx, pods, synced, ok_counts, nx_counts)
  *   -> (misses, answered)
  *
+ * Before the first full sync (`synced` false) every datagram is a miss.
  * Reads every datagram waiting on the non-blocking socket `fd` with recvmmsg
  * (up to ROUNDS batches of BATCH), and answers the ones the Python fast path
  * would answer, byte for byte the same (see server.py `_on_udp_python`):
  *   - a QUERY that is exactly one question, or one question and an OPT record
  *     without options, whose lower-cased question is a key of `fast`: ID + the
  *     entry's header + the question as sent + the entry's records;
- *   - when `synced`, a name of `zone` (class IN) that is neither in `names` nor
+ *   - a name of `zone` (class IN) that is neither in `names` nor
  *     in `ents` (and not under pod.<zone> when `pods`): the pre-built NXDOMAIN
  *     from `nx`.
  * The answers go out with sendmmsg to the senders' addresses. Everything else
@@ -144,6 +145,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                          d[len - 1] == 0)
                     edns = 2;
             }
+            if (!synced) edns = -1; /* before the first full sync: SERVFAIL, from Python */
             Py_ssize_t qlen = edns < 0 ? 0 : len - 12 - (edns ? 11 : 0);
             if (qlen < 5 || qlen > (Py_ssize_t)sizeof key) {
                 if (miss(misses, i) == NULL) goto fail;
@@ -169,7 +171,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
                 tail = PyTuple_GET_ITEM(e, 4);
                 if (bump(ok_counts, PyTuple_GET_ITEM(e, 5)) < 0) goto fail;
             } else {
-                int ok = synced ? nx_ok(key, qlen, names, ents, zone, zlen, pods) : 0;
+                int ok = nx_ok(key, qlen, names, ents, zone, zlen, pods);
                 if (ok < 0) goto fail;
                 if (!ok) {
                     if (miss(misses, i) == NULL) goto fail;

@@ -387,8 +387,18 @@ class DNSServer:
         recv, send = sock.recvfrom, sock.sendto
         index = self.index
         assert index is not None
+        if not self.synced:  # the full path answers SERVFAIL until the first full sync
+            for _ in range(BATCH):
+                try:
+                    data, addr = recv(65535)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue
+                self._slow_udp(sock, data, addr)
+            return
         fast_get = index.fast.get
-        nx_ok = self._nx_ok if self.synced else None
+        nx_ok = self._nx_ok
         nx = self._nx
         fast_ok, fast_nx = self.stats.fast_ok, self.stats.fast_nx
         opt = wire.opt_rr()
@@ -426,7 +436,7 @@ class DNSServer:
                             fast_ok[t] = fast_ok.get(t, 0) + 1
                             fast_n += 1
                             continue
-                        if nx_ok is not None and nx_ok(key):
+                        if nx_ok(key):
                             out = data[:2] + nx[(b2 & 1) | edns] + q + nx[4]
                             send(out + opt if edns else out, addr)
                             t2 = (key[-4] << 8) | key[-3]

@@ -10,7 +10,7 @@ import socket
 
 import dns.message
 import pytest
-from dns_helpers import dns_server, endpoint_slice, malformed, service
+from dns_helpers import caught_up, dns_server, endpoint_slice, malformed, service
 
 from corral.api.store import Store
 from corral.clusterdns import native, wire
@@ -88,13 +88,19 @@ async def test_native_python_and_full_paths_agree(store: Store) -> None:
         assert hits >= 30, (fast.stats.fast_ok, fast.stats.fast_nx)
 
 
-async def test_fast_path_waits_for_the_sync(store: Store) -> None:
+@pytest.mark.parametrize("fastpath", ["native", "python"])
+async def test_fast_path_waits_for_the_sync(store: Store, fastpath: str) -> None:
     await store.create(service("web", ip="10.96.0.20"))
-    async with dns_server(store, sync=False) as server:
-        q = dns.message.make_query("nothere.default.svc.cluster.local", "A").to_wire()
+    async with dns_server(store, sync=False, fastpath=fastpath) as server:
+        await caught_up(server, store)  # indexed, but the first full sync is not declared
+        packets = [
+            dns.message.make_query(name, "A", use_edns=edns).to_wire()
+            for name in ("web.default.svc.cluster.local", "nothere.default.svc.cluster.local")
+            for edns in (False, 0)
+        ]
         loop = asyncio.get_running_loop()
-        [a] = await loop.run_in_executor(None, exchange, server.addresses[0][1], [q])
-        assert dns.message.from_wire(a).rcode() == dns.rcode.SERVFAIL
+        got = await loop.run_in_executor(None, exchange, server.addresses[0][1], packets)
+        assert [dns.message.from_wire(a).rcode() for a in got] == [dns.rcode.SERVFAIL] * 4
 
 
 @pytest.mark.parametrize("fastpath", ["native", "python"])

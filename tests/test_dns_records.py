@@ -203,8 +203,11 @@ async def test_pod_records_by_mode(store: Store) -> None:
 async def test_servfail_before_the_first_sync(store: Store) -> None:
     await store.create(service("web", ip="10.96.0.20"))
     async with dns_server(store, sync=False) as server:
+        await caught_up(server, store)  # the index has the Service; the sync is not done
+        assert server.index is not None and server.index.fast
         m = await ask(server, SVC)
         assert rcode(m) == "SERVFAIL" and not server.ready()
+        assert rcode(await ask(server, SVC, edns=0)) == "SERVFAIL"
         assert rcode(await ask(server, "nothere.default.svc.cluster.local.")) == "SERVFAIL"
         assert rcode(await ask(server, SVC, tcp=True)) == "SERVFAIL"
 
