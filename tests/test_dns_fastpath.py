@@ -8,7 +8,9 @@ import contextlib
 import random
 import socket
 
+import dns.flags
 import dns.message
+import dns.rcode
 import pytest
 from dns_helpers import caught_up, dns_server, endpoint_slice, malformed, service
 
