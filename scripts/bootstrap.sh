@@ -28,6 +28,8 @@ PKGS=(
   # real CNI runtimes in the tests (tests/test_cni_runtimes.py): podman (CNI backend)
   # and containerd's ctr on runc; a static busybox is the containers' root filesystem
   podman containerd runc busybox-static
+  # cluster DNS benchmark: the load generator and the peer server (bench/dns.py)
+  dnsperf unbound
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
