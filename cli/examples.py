@@ -41,6 +41,10 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "node remove": ["corral node remove node-3"],
     "proxy": ["corral proxy --etcd http://10.0.0.1:2379 --node worker-1 --mode iptables"],
+    "dns": [
+        "corral dns --etcd http://10.0.0.1:2379 --listen 10.0.0.5:53",
+        "corral dns --etcd http://10.0.0.1:2379 --upstream 1.1.1.1 --pods verified --ttl 10",
+    ],
     "apply": [
         "corral apply -f web.yaml",
         "corral apply -f manifests/ -n shop",
