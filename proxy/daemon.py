@@ -236,9 +236,24 @@ class Proxy:
         if added or removed:
             log.debug("fast path endpoints: +%d -%d", added, removed)
 
+    def resync(self) -> None:
+        """A full sync now, re-reading the tables (the debug socket's `resync`)."""
+        if self.mode is not None:
+            self.mode.forget_kernel()
+        self.runner.run_soon(full=True)
+
     def debug_state(self) -> dict[str, Any]:
+        from corral.netdebug import nodeview
+
         last = self.last
         return {
+            "kernel": {
+                "nat": nodeview.iptables_chains(None, "nat"),
+                "filter": nodeview.iptables_chains(None, "filter"),
+                "ipsets": nodeview.ipsets(None),
+            },
+            "programmed": _programmed(getattr(self.mode, "written", {})),
+            "syncPeriod": self.runner.max_interval,
             "mode": getattr(self.mode, "name", None),
             "services": len(self.tracker.views()),
             "pending": len(self.tracker),
@@ -257,6 +272,26 @@ class Proxy:
                 "conntrackFlushes": last.conntrack_flushes,
             },
         }
+
+
+def _programmed(written: dict[str, ServiceView]) -> list[dict[str, Any]]:
+    """What the mode last wrote, per service port: VIP, port, backends (for `corral net`)."""
+    out = []
+    for key, v in sorted(written.items()):
+        for sp in v.ports:
+            out.append(
+                {
+                    "service": key,
+                    "port": sp.name,
+                    "protocol": sp.protocol,
+                    "clusterIP": sp.cluster_ip,
+                    "servicePort": sp.port,
+                    "nodePort": sp.node_port,
+                    "affinityTimeout": sp.affinity_timeout,
+                    "endpoints": [f"{e.ip}:{e.port}" for e in usable(v.endpoints_of(sp))],
+                }
+            )
+    return out
 
 
 def cleanup(node: str | None, service_cidr: str | None = None) -> list[str]:

@@ -831,6 +831,8 @@ class PodRuntime:
                 f"{w.saved.namespace}/{w.saved.name}": {
                     "uid": uid,
                     "sandbox": w.saved.sandbox_id,
+                    "netns": w.saved.netns,
+                    "ip": w.saved.pod_ip,
                     "adopted": w.adopted,
                     "terminating": w.terminating,
                     "gone": w.gone,
