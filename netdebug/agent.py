@@ -69,6 +69,8 @@ def cmd_sniff(a: argparse.Namespace) -> int:
             return
         if a.vni is not None and rec.get("vni") != a.vni:
             return
+        if a.host and a.host not in ((rec.get("inner") or {}).get("src"), (rec.get("inner") or {}).get("dst")):
+            return
         rec["iface"] = getattr(pkt, "sniffed_on", None) or a.iface[0]
         rec["time"] = float(pkt.time)
         if a.raw:
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dst")
     s.add_argument("--sport", type=int)
     s.add_argument("--vni", type=int)
+    s.add_argument("--host", help="only packets from or to this (inner) address")
     s.add_argument("--count", type=int, default=0)
     s.add_argument("--timeout", type=float, default=0)
     s.add_argument("--raw", action="store_true")
