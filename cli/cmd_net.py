@@ -189,12 +189,15 @@ def collect(
         except NodeUnreachable as e:
             setattr(out[name], f"{daemon}_error", str(e))
 
-    with render.Progress("reading nodes' state") as prog:
-        with concurrent.futures.ThreadPoolExecutor(min(8, 2 * len(nodes) or 1)) as pool:
-            futs = [pool.submit(one, n, d) for n in nodes for d in daemons]
-            for i, f in enumerate(concurrent.futures.as_completed(futs)):
-                f.result()
-                prog.step(f"{i + 1}/{len(futs)} answered")
+    workers = min(8, 2 * len(nodes) or 1)
+    with (
+        render.Progress("reading nodes' state") as prog,
+        concurrent.futures.ThreadPoolExecutor(workers) as pool,
+    ):
+        futs = [pool.submit(one, n, d) for n in nodes for d in daemons]
+        for i, f in enumerate(concurrent.futures.as_completed(futs)):
+            f.result()
+            prog.step(f"{i + 1}/{len(futs)} answered")
     return out
 
 
@@ -504,7 +507,8 @@ def cmd_services(args: argparse.Namespace) -> int:
                         "protocol": k[2],
                         "name": key,
                         "backends": [],
-                        "disagrees": f"missing on this node (etcd: {', '.join(eps) or 'no endpoints'})",
+                        "disagrees": "missing on this node "
+                        f"(etcd: {', '.join(eps) or 'no endpoints'})",
                     }
                 )
         doc[name] = {"mode": ex.mode, "services": rows}
@@ -513,13 +517,17 @@ def cmd_services(args: argparse.Namespace) -> int:
     else:
         out = render.Out()
         for name, d in doc.items():
-            out.line(out.c(f"{name}", "bold") + (f"  ({d.get('mode')} mode)" if "mode" in d else ""))
+            out.line(
+                out.c(f"{name}", "bold") + (f"  ({d.get('mode')} mode)" if "mode" in d else "")
+            )
             if "error" in d:
                 out.line("  " + out.c(d["error"], "red"))
                 continue
             for r in d["services"]:
                 backends = ", ".join(r["backends"]) or ("REJECT" if r.get("reject") else "-")
-                out.line(f"  {r['vip']}:{r['port']}/{r['protocol']:<4} {r['name']:<28} -> {backends}")
+                out.line(
+                    f"  {r['vip']}:{r['port']}/{r['protocol']:<4} {r['name']:<28} -> {backends}"
+                )
                 for a in r.get("affinity") or []:
                     out.line(
                         f"      affinity {a['client']} -> {a['backend']} "
@@ -542,8 +550,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     cv = _read_cluster(args)
     nodes = node_accesses(args, cv)
     try:
-        result = trace.trace(cv, nodes, args.source, args.target, probe=not args.no_probe,
-                             timeout=args.timeout, collect=collect)
+        result = trace.trace(
+            cv,
+            nodes,
+            args.source,
+            args.target,
+            probe=not args.no_probe,
+            timeout=args.timeout,
+            collect=collect,
+        )
     except trace.TraceError as e:
         raise CLIError(str(e)) from None
     if args.output == "json":

@@ -59,8 +59,7 @@ class NodeAccess:
                 ) from None
             except OSError as e:
                 raise NodeUnreachable(
-                    f"{self.name}: the {daemon} daemon does not answer on {path}: "
-                    f"{e.strerror or e}"
+                    f"{self.name}: the {daemon} daemon does not answer on {path}: {e.strerror or e}"
                 ) from None
             except ValueError as e:
                 raise NodeUnreachable(f"{self.name}: {daemon} answered garbage: {e}") from None
@@ -126,7 +125,11 @@ class NodeAccess:
         """How an operator runs a repair command on this node, as text to paste."""
         cmd = argv if isinstance(argv, str) else shlex.join(argv)
         if self.paste:
-            return f"{self.paste} {cmd}" if self.run_dir is not None else f"{self.paste} {shlex.quote(cmd)}"
+            return (
+                f"{self.paste} {cmd}"
+                if self.run_dir is not None
+                else f"{self.paste} {shlex.quote(cmd)}"
+            )
         return cmd
 
 

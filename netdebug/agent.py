@@ -39,7 +39,7 @@ def cmd_sniff(a: argparse.Namespace) -> int:
     _enter(a.netns)
     import logging
 
-    import scapy.layers.inet  # noqa: F401 - bound before the first packet is dissected
+    import scapy.layers.inet
     import scapy.layers.vxlan  # noqa: F401
     from scapy.config import conf
     from scapy.layers.l2 import Ether
@@ -69,7 +69,10 @@ def cmd_sniff(a: argparse.Namespace) -> int:
             return
         if a.vni is not None and rec.get("vni") != a.vni:
             return
-        if a.host and a.host not in ((rec.get("inner") or {}).get("src"), (rec.get("inner") or {}).get("dst")):
+        if a.host and a.host not in (
+            (rec.get("inner") or {}).get("src"),
+            (rec.get("inner") or {}).get("dst"),
+        ):
             return
         rec["iface"] = getattr(pkt, "sniffed_on", None) or a.iface[0]
         rec["time"] = float(pkt.time)
@@ -113,8 +116,16 @@ def cmd_connect(a: argparse.Namespace) -> int:
 
         conf.verb = 0
         r = sr1(IP(dst=a.dst) / ICMP(id=a.sport, seq=1), timeout=a.timeout)
-        out["result"] = "reply" if r is not None and r.haslayer(ICMP) and r[ICMP].type == 0 else (
-            "no reply" if r is None else f"ICMP type {r[ICMP].type}" if r.haslayer(ICMP) else "other"
+        out["result"] = (
+            "reply"
+            if r is not None and r.haslayer(ICMP) and r[ICMP].type == 0
+            else (
+                "no reply"
+                if r is None
+                else f"ICMP type {r[ICMP].type}"
+                if r.haslayer(ICMP)
+                else "other"
+            )
         )
         if r is not None:
             out["from"] = r.src
@@ -158,7 +169,14 @@ def cmd_resolve(a: argparse.Namespace) -> int:
     r.timeout = r.lifetime = a.timeout
     try:
         ans = r.resolve(a.name, "A", search=False)
-        _emit({"name": a.name, "server": a.server, "answers": [x.address for x in ans], "ttl": ans.rrset.ttl})
+        _emit(
+            {
+                "name": a.name,
+                "server": a.server,
+                "answers": [x.address for x in ans],
+                "ttl": ans.rrset.ttl,
+            }
+        )
     except dns.resolver.NXDOMAIN:
         _emit({"name": a.name, "server": a.server, "error": "NXDOMAIN"})
     except dns.exception.Timeout:
@@ -180,7 +198,13 @@ def cmd_conntrack(a: argparse.Namespace) -> int:
         srcs = [v for k, v in fields if k == "src"]
         sports = [v for k, v in fields if k == "sport"]
         if len(srcs) >= 2:
-            flows.append({"backend": srcs[1], "backendPort": int(sports[1]) if len(sports) > 1 else None, "line": ln})
+            flows.append(
+                {
+                    "backend": srcs[1],
+                    "backendPort": int(sports[1]) if len(sports) > 1 else None,
+                    "line": ln,
+                }
+            )
     _emit({"flows": flows, "error": None if flows or p.returncode == 0 else p.stderr.strip()})
     return 0
 

@@ -34,7 +34,9 @@ def interfaces(
     ov = check._component(dumps.node, "overlay")
     ul = (ov.get("underlay") or {}).get("iface")
     if not ul:
-        raise CaptureError(f"{dumps.node and dumps.node.get('node')}: the agent reports no underlay")
+        raise CaptureError(
+            f"{dumps.node and dumps.node.get('node')}: the agent reports no underlay"
+        )
     veths = check.pod_veths(dumps.node)
     if pod:
         p = cv.pod(pod)
@@ -114,7 +116,7 @@ def run(
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(3)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 proc.kill()
         if args.write:
             from scapy.utils import wrpcap

@@ -71,7 +71,9 @@ def check_overlay(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) ->
     if not ov:
         return [Finding(node, "overlay", "the node agent reports no overlay state")]
     if "kernelError" in ov:
-        return [Finding(node, "overlay", f"the agent could not read the kernel: {ov['kernelError']}")]
+        return [
+            Finding(node, "overlay", f"the agent could not read the kernel: {ov['kernelError']}")
+        ]
     k = ov.get("kernel", {})
     own = cv.lease_of(node)
     device = k.get("device")
@@ -107,7 +109,11 @@ def check_overlay(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) ->
     if not device.get("up"):
         out.append(
             Finding(
-                node, "overlay", f"{dev} is down", how="kernel", argv=["ip", "link", "set", dev, "up"]
+                node,
+                "overlay",
+                f"{dev} is down",
+                how="kernel",
+                argv=["ip", "link", "set", dev, "up"],
             )
         )
     if own is not None and own.vtep_mac and str(device.get("mac")).lower() != own.vtep_mac.lower():
@@ -157,11 +163,29 @@ def check_overlay(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) ->
                     node,
                     "overlay",
                     f"route to {r.subnet} ({r.node_name}) "
-                    + ("missing" if have is None else f"is via {have.get('gateway')} dev {have.get('dev')}"),
+                    + (
+                        "missing"
+                        if have is None
+                        else f"is via {have.get('gateway')} dev {have.get('dev')}"
+                    ),
                     want=f"{r.subnet} via {gw} dev {dev} onlink",
-                    have="none" if have is None else f"via {have.get('gateway')} dev {have.get('dev')}",
+                    have="none"
+                    if have is None
+                    else f"via {have.get('gateway')} dev {have.get('dev')}",
                     how="kernel",
-                    argv=["ip", "route", "replace", r.subnet, "via", gw, "dev", dev, "onlink", "proto", "77"],
+                    argv=[
+                        "ip",
+                        "route",
+                        "replace",
+                        r.subnet,
+                        "via",
+                        gw,
+                        "dev",
+                        dev,
+                        "onlink",
+                        "proto",
+                        "77",
+                    ],
                 )
             )
         n = neigh.get(gw)
@@ -175,7 +199,18 @@ def check_overlay(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) ->
                     want=f"{gw} lladdr {mac} permanent",
                     have="none" if n is None else f"{n.get('mac')} {n.get('state')}",
                     how="kernel",
-                    argv=["ip", "neigh", "replace", gw, "lladdr", mac, "dev", dev, "nud", "permanent"],
+                    argv=[
+                        "ip",
+                        "neigh",
+                        "replace",
+                        gw,
+                        "lladdr",
+                        mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    ],
                 )
             )
         dsts = fdb.get(mac)
@@ -189,7 +224,18 @@ def check_overlay(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) ->
                     want=f"{mac} dst {r.public_ip}",
                     have="none" if not dsts else ", ".join(dsts),
                     how="kernel",
-                    argv=["bridge", "fdb", "replace", mac, "dev", dev, "dst", str(r.public_ip), "self", "permanent"],
+                    argv=[
+                        "bridge",
+                        "fdb",
+                        "replace",
+                        mac,
+                        "dev",
+                        dev,
+                        "dst",
+                        str(r.public_ip),
+                        "self",
+                        "permanent",
+                    ],
                 )
             )
     for dst, r in routes.items():
@@ -264,7 +310,9 @@ def check_fastpath(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) -
         pod = link.get("pod")
         if pod is None or not link.get("up"):
             continue
-        if own is not None and ipaddress.ip_address(pod["ip"]) not in ipaddress.ip_network(own.subnet):
+        if own is not None and ipaddress.ip_address(pod["ip"]) not in ipaddress.ip_network(
+            own.subnet
+        ):
             continue
         pods.append((link, pod))
         if "from_pod" not in link.get("programs", []):
@@ -287,7 +335,11 @@ def check_fastpath(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) -
                 continue
             gw = str(ipaddress.ip_network(r.subnet).network_address)
             p = have_peers.get(gw)
-            if p is None or p["underlayIP"] != str(r.public_ip) or p["vtepMAC"] != (r.vtep_mac or "").lower():
+            if (
+                p is None
+                or p["underlayIP"] != str(r.public_ip)
+                or p["vtepMAC"] != (r.vtep_mac or "").lower()
+            ):
                 out.append(
                     Finding(
                         node,
@@ -358,7 +410,13 @@ def check_proxy(cv: ClusterView, node: str, dump: dict[str, Any]) -> list[Findin
     for hook in ("PREROUTING", "OUTPUT"):
         if not any(f"-j {R.SERVICES}" in ln for ln in hooks.get(hook, [])):
             out.append(
-                Finding(node, "proxy", f"nat {hook} does not jump to {R.SERVICES}", fix=fix, how="resync-proxy")
+                Finding(
+                    node,
+                    "proxy",
+                    f"nat {hook} does not jump to {R.SERVICES}",
+                    fix=fix,
+                    how="resync-proxy",
+                )
             )
     want = expected_rules(cv)
     wanted_chains: set[str] = set()
@@ -423,7 +481,13 @@ def check_proxy(cv: ClusterView, node: str, dump: dict[str, Any]) -> list[Findin
         for s in sr.sets:
             if s not in sets:
                 out.append(
-                    Finding(node, "proxy", f"{key}: affinity set {s} is missing", fix=fix, how="resync-proxy")
+                    Finding(
+                        node,
+                        "proxy",
+                        f"{key}: affinity set {s} is missing",
+                        fix=fix,
+                        how="resync-proxy",
+                    )
                 )
     for chain in sorted(nat):
         if R.owned_chain(chain) and chain not in wanted_chains:
@@ -476,7 +540,12 @@ def check_ipam(cv: ClusterView, dumps: dict[str, NodeDumps]) -> list[Finding]:
     for ip, allocs in sorted(by_ip.items()):
         if len(allocs) > 1:
             out.append(
-                Finding(None, "ipam", f"IP {ip} allocated in {len(allocs)} pools: " + ", ".join(a.key for a in allocs))
+                Finding(
+                    None,
+                    "ipam",
+                    f"IP {ip} allocated in {len(allocs)} pools: "
+                    + ", ".join(a.key for a in allocs),
+                )
             )
     veths_by_node = {n: pod_veths(d.node) for n, d in dumps.items() if d.node is not None}
     for a in cv.allocations:
@@ -500,7 +569,11 @@ def check_ipam(cv: ClusterView, dumps: dict[str, NodeDumps]) -> list[Finding]:
         age = _age(a.alloc.created_at)
         if age is not None and age < LEAK_GRACE:
             continue
-        owner = f"{a.alloc.pod_namespace}/{a.alloc.pod_name}" if a.alloc.pod_name else a.alloc.container_id[:12]
+        owner = (
+            f"{a.alloc.pod_namespace}/{a.alloc.pod_name}"
+            if a.alloc.pod_name
+            else a.alloc.container_id[:12]
+        )
         out.append(
             Finding(
                 node,

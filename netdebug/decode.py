@@ -61,7 +61,9 @@ def line(rec: dict[str, Any]) -> str:
     iface = rec.get("iface", "?")
     if "arp" in rec:
         a = rec["arp"]
-        return f"{iface:<16} ARP {'who-has' if a['op'] == 1 else 'is-at'} {a['pdst']} tell {a['psrc']}"
+        return (
+            f"{iface:<16} ARP {'who-has' if a['op'] == 1 else 'is-at'} {a['pdst']} tell {a['psrc']}"
+        )
     inner = rec.get("inner") or {}
     desc = _inner_text(inner)
     if "vni" in rec:
@@ -78,14 +80,20 @@ def _inner_text(i: dict[str, Any]) -> str:
         flags = f" [{i['flags']}]" if i.get("flags") else ""
         return f"{p.upper()} {i['src']}:{i['sport']} > {i['dst']}:{i['dport']}{flags}"
     if p == "icmp":
-        kind = {8: "echo request", 0: "echo reply", 3: "unreachable"}.get(i.get("type"), f"type {i.get('type')}")
-        return f"ICMP {i['src']} > {i['dst']} {kind}" + (f" id {i['id']}" if i.get("id") is not None else "")
+        kind = {8: "echo request", 0: "echo reply", 3: "unreachable"}.get(
+            i.get("type"), f"type {i.get('type')}"
+        )
+        return f"ICMP {i['src']} > {i['dst']} {kind}" + (
+            f" id {i['id']}" if i.get("id") is not None else ""
+        )
     if p == "arp":
         return f"ARP {i['src']} > {i['dst']}"
     return f"IP proto {p} {i.get('src')} > {i.get('dst')}"
 
 
-def matches(rec: dict[str, Any], src: str | None, dst: set[str] | None, sport: int | None = None) -> bool:
+def matches(
+    rec: dict[str, Any], src: str | None, dst: set[str] | None, sport: int | None = None
+) -> bool:
     """Is this (decoded) packet the probe's: inner source/destination (and source port)?"""
     i = rec.get("inner") or {}
     if src is not None and i.get("src") != src:

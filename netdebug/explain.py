@@ -187,7 +187,10 @@ class UnknownExplainer:
         self, dump: dict[str, Any], vip: str, port: int, protocol: str, client: str
     ) -> Decision:
         return Decision(
-            False, None, [], f"the proxy runs mode {self.mode!r}, which corral net cannot explain yet"
+            False,
+            None,
+            [],
+            f"the proxy runs mode {self.mode!r}, which corral net cannot explain yet",
         )
 
 

@@ -137,7 +137,7 @@ def fastpath_maps(fp: Any) -> dict[str, Any]:
     for name in ("from_pod", "from_uplink", "from_overlay"):
         try:
             out["programs"][name] = progs.prog_id(name)
-        except Exception:  # noqa: BLE001 - a debug dump reports what it can
+        except Exception:
             out["programs"][name] = None
     peers = progs.map("peers")
     out["peers"] = sorted(
@@ -160,7 +160,7 @@ def fastpath_maps(fp: Any) -> dict[str, Any]:
         ),
         key=lambda p: p["ip"],
     )
-    out["peerIPs"] = sorted(_ip(k.value) for k in progs.map("peer_ips").keys())
+    out["peerIPs"] = sorted(_ip(k.value) for k in progs.map("peer_ips"))
     return out
 
 

@@ -155,7 +155,9 @@ def trace(
             if ip is None:
                 return Result(f"{ns}/{name}", target, hops)
         else:
-            raise TraceError(f"TO {host!r}: no pod or service of that name in namespace {ns}")
+            raise TraceError(
+                f"TO {host!r}: no pod or service of that name in namespace {ns}"
+            ) from None
     proto = proto or ("tcp" if port else "icmp")
     if proto != "icmp" and port is None:
         raise TraceError(f"TO {target!r}: give a port for {proto} (e.g. {host}:80/{proto})")
@@ -167,7 +169,9 @@ def trace(
         vip = ip
         svc = cv.service_by_ip(ip)
         if d.proxy is None:
-            hops.append(Hop("service", src_node, f"proxy unreachable: {d.proxy_error}", status="broken"))
+            hops.append(
+                Hop("service", src_node, f"proxy unreachable: {d.proxy_error}", status="broken")
+            )
             return result
         ex = explain.explainer(d.proxy)
         dec = ex.decide(explain.proxy_state(d.proxy), ip, port or 0, proto, src_ip)
@@ -187,19 +191,47 @@ def trace(
             return result
         if not dec.candidates:
             if probe:
-                result.probe = _probe(cv, nodes, dumps, src_node, src_ip, netns, src_veth, ip, vip,
-                                      port, proto, [], timeout)
+                result.probe = _probe(
+                    cv,
+                    nodes,
+                    dumps,
+                    src_node,
+                    src_ip,
+                    netns,
+                    src_veth,
+                    ip,
+                    vip,
+                    port,
+                    proto,
+                    [],
+                    timeout,
+                )
                 refused = result.probe.get("result") in ("refused", "no reply")
                 hops[-1].status = "confirmed" if refused else "refuted"
                 hops[-1].seen = f"the probe was {result.probe.get('result')}"
                 result.departure = None if refused else len(hops) - 1
             return result
-        candidates = [b.rsplit(":", 1)[0] for b in ([dec.backend] if dec.backend else dec.candidates)]
+        candidates = [
+            b.rsplit(":", 1)[0] for b in ([dec.backend] if dec.backend else dec.candidates)
+        ]
     # ---- probe first when the backend is random, then plan the path it took
     probed: dict[str, Any] = {}
     if probe:
-        probed = _probe(cv, nodes, dumps, src_node, src_ip, netns, src_veth, ip, vip, port, proto,
-                        candidates, timeout)
+        probed = _probe(
+            cv,
+            nodes,
+            dumps,
+            src_node,
+            src_ip,
+            netns,
+            src_veth,
+            ip,
+            vip,
+            port,
+            proto,
+            candidates,
+            timeout,
+        )
         result.probe = {k: v for k, v in probed.items() if k != "sniffed"}
     dest = candidates[0]
     if vip and probe:
@@ -241,7 +273,16 @@ def _resolve(
     cv: ClusterView, acc: NodeAccess, netns: str | None, name: str, hops: list[Hop]
 ) -> str | None:
     server = str(cv.spec.cluster_dns)
-    argv = [acc.python, "-m", "corral.netdebug.agent", "resolve", "--name", name, "--server", server]
+    argv = [
+        acc.python,
+        "-m",
+        "corral.netdebug.agent",
+        "resolve",
+        "--name",
+        name,
+        "--server",
+        server,
+    ]
     if netns:
         argv += ["--netns", netns]
     try:
@@ -251,7 +292,15 @@ def _resolve(
         doc = {"error": str(e)}
     if doc.get("answers"):
         ip = doc["answers"][0]
-        hops.append(Hop("dns", acc.name, f"{name} -> {ip} (cluster DNS {server}, TTL {doc.get('ttl')})", doc, status="confirmed"))
+        hops.append(
+            Hop(
+                "dns",
+                acc.name,
+                f"{name} -> {ip} (cluster DNS {server}, TTL {doc.get('ttl')})",
+                doc,
+                status="confirmed",
+            )
+        )
         return ip
     err = doc.get("error") or (p.stderr.strip() if "p" in locals() else "no answer")
     why = "no cluster DNS answered" if "no cluster DNS" in str(err) else str(err)
@@ -286,7 +335,15 @@ def _path(
     bpf = ov.get("datapath") == "bpf"
     on_veth = src_veth is not None and "from_pod" in (src_veth.get("programs") or [])
     if lease is None:
-        hops.append(Hop("routing", src_node, f"{dest} is in no node's subnet: the node's own routes (masqueraded if it leaves the cluster network)", status="planned"))
+        hops.append(
+            Hop(
+                "routing",
+                src_node,
+                f"{dest} is in no node's subnet: the node's own routes "
+                "(masqueraded if it leaves the cluster network)",
+                status="planned",
+            )
+        )
         return hops
     dnode = lease.node_name
     dev = cv.device
@@ -294,12 +351,17 @@ def _path(
     if dnode == src_node:
         local = next((p for p in maps.get("pods", []) if p["ip"] == dest), None)
         if bpf and on_veth and local and not via_vip:
-            why = f"fast path: from_pod finds {dest} in the pods map (ifindex {local['ifindex']}) and redirects to it"
+            why = (
+                f"fast path: from_pod finds {dest} in the pods map "
+                f"(ifindex {local['ifindex']}) and redirects to it"
+            )
         else:
             why = "kernel: the cni0 bridge delivers it to the pod's veth" + (
                 " (DNATed by netfilter, so not on the fast path)" if via_vip else ""
             )
-        hops.append(Hop("routing", src_node, f"{dest} is on this node ({lease.subnet}); {why}", probe="src"))
+        hops.append(
+            Hop("routing", src_node, f"{dest} is on this node ({lease.subnet}); {why}", probe="src")
+        )
     else:
         gw = str(ipaddress.ip_network(lease.subnet).network_address)
         peer = next((p for p in maps.get("peers", []) if p["gateway"] == gw), None)
@@ -320,19 +382,31 @@ def _path(
             if not bpf:
                 reasons.append(f"datapath kernel ({ov.get('datapathWhy') or 'fast path off'})")
             elif via_vip:
-                reasons.append("the packet was DNATed by netfilter (iptables proxy), after the veth's program")
+                reasons.append(
+                    "the packet was DNATed by netfilter (iptables proxy), after the veth's program"
+                )
             elif not on_veth:
-                reasons.append(f"from_pod is not attached to {src_veth['name'] if src_veth else 'the veth'}")
+                reasons.append(
+                    f"from_pod is not attached to {src_veth['name'] if src_veth else 'the veth'}"
+                )
             elif not peer:
                 reasons.append(f"no peers map entry for {gw}")
-            why = (
-                f"{'; '.join(reasons)}: route "
-                + (f"{route['dst']} via {route['gateway']} dev {route['dev']}{' onlink' if route['onlink'] else ''}" if route else f"to {lease.subnet} MISSING")
+            why = f"{'; '.join(reasons)}: route " + (
+                f"{route['dst']} via {route['gateway']} dev {route['dev']}"
+                f"{' onlink' if route['onlink'] else ''}"
+                if route
+                else f"to {lease.subnet} MISSING"
             )
             broken = route is None
         hops.append(
-            Hop("routing", src_node, f"{path}: {why}", {"route": route, "peer": peer},
-                probe="src", status="broken" if broken else "planned")
+            Hop(
+                "routing",
+                src_node,
+                f"{path}: {why}",
+                {"route": route, "peer": peer},
+                probe="src",
+                status="broken" if broken else "planned",
+            )
         )
         want_ip = str(lease.public_ip)
         vtep_ok = path == "fast path" or (neigh is not None and fdb == [want_ip])
@@ -342,9 +416,18 @@ def _path(
                 src_node,
                 f"VNI {cv.spec.backend.vni}: inner {src_ip} > {dest}, VTEP MAC {mac or 'MISSING'}"
                 + (f" (neighbour {gw} {neigh['state']})" if neigh else "")
-                + f", FDB {mac} -> {', '.join(fdb) or 'MISSING'}; outer {cv.node_ip(src_node)} > {want_ip}"
-                + ("" if path == "kernel" else " (the fast path's own copy of these, from the peers map)"),
-                {"neighbour": neigh, "fdb": fdb, "lease": {"node": dnode, "publicIP": want_ip, "vtepMAC": lease.vtep_mac}},
+                + f", FDB {mac} -> {', '.join(fdb) or 'MISSING'}; "
+                + f"outer {cv.node_ip(src_node)} > {want_ip}"
+                + (
+                    ""
+                    if path == "kernel"
+                    else " (the fast path's own copy of these, from the peers map)"
+                ),
+                {
+                    "neighbour": neigh,
+                    "fdb": fdb,
+                    "lease": {"node": dnode, "publicIP": want_ip, "vtepMAC": lease.vtep_mac},
+                },
                 probe="out",
                 status="planned" if vtep_ok else "broken",
             )
@@ -356,10 +439,20 @@ def _path(
         dpod = next((p for p in dmaps.get("pods", []) if p["ip"] == dest), None)
         if not dov:
             text = f"{dnode} ({want_ip}): its node agent is unreachable, decapsulation unknown"
-        elif dov.get("datapath") == "bpf" and "from_uplink" in (dlinks.get(ul or "", {}).get("programs") or []) and dpod:
-            text = f"{dnode} ({want_ip}) on {ul}: from_uplink decapsulates and redirects into the pod (pods map ifindex {dpod['ifindex']})"
+        elif (
+            dov.get("datapath") == "bpf"
+            and "from_uplink" in (dlinks.get(ul or "", {}).get("programs") or [])
+            and dpod
+        ):
+            text = (
+                f"{dnode} ({want_ip}) on {ul}: from_uplink decapsulates and redirects into "
+                f"the pod (pods map ifindex {dpod['ifindex']})"
+            )
         else:
-            text = f"{dnode} ({want_ip}) on {ul}: {dev} decapsulates, the kernel routes to cni0 and the pod's veth"
+            text = (
+                f"{dnode} ({want_ip}) on {ul}: {dev} decapsulates, the kernel routes to "
+                "cni0 and the pod's veth"
+            )
         hops.append(Hop("destination node", dnode, text, probe="in"))
     dnode_veth = _veth_of(dumps, dnode, dest)
     hairpin = " (hairpin: the pod is its own backend; the node masquerades the source)"
@@ -399,14 +492,29 @@ def _probe(
     sniffers: list[tuple[str, str, Any]] = []  # (probe id, candidate or *, Popen)
 
     def start(
-        pid: str, key: str, node: str, ifaces: list[str], dst: set[str],
-        pod_ns: str | None = None, hairpin: bool = False,
+        pid: str,
+        key: str,
+        node: str,
+        ifaces: list[str],
+        dst: set[str],
+        pod_ns: str | None = None,
+        hairpin: bool = False,
     ) -> None:
         a = nodes.get(node)
         if a is None or (a.prefix == ["false"] and a.run_dir is None):
             return
-        argv = [a.python, "-m", "corral.netdebug.agent", "sniff",
-                "--dst", ",".join(sorted(dst)), "--count", "1", "--timeout", str(wait + 8)]
+        argv = [
+            a.python,
+            "-m",
+            "corral.netdebug.agent",
+            "sniff",
+            "--dst",
+            ",".join(sorted(dst)),
+            "--count",
+            "1",
+            "--timeout",
+            str(wait + 8),
+        ]
         if not hairpin:  # a hairpinned packet comes back masqueraded: any source
             argv += ["--src", src_ip, "--sport", str(sport)]
         for i in ifaces:
@@ -441,7 +549,7 @@ def _probe(
         lines: dict[int, list[str]] = {k: [] for k in pending}
         ready: set[int] = set()
         while len(ready) < len(pending) and time.monotonic() < deadline:
-            for k, (pid, key, p) in pending.items():
+            for k, (_, _, p) in pending.items():
                 if k in ready:
                     continue
                 r, _, _ = select.select([p.stdout], [], [], 0.05)
@@ -455,21 +563,51 @@ def _probe(
                         lines[k].append(ln)
             prog.step(f"{len(ready)}/{len(pending)} sniffers ready")
         prog.step("sending the probe")
-        argv = [acc.python, "-m", "corral.netdebug.agent", "connect", "--dst", ip,
-                "--proto", proto, "--sport", str(sport), "--timeout", str(timeout)]
+        argv = [
+            acc.python,
+            "-m",
+            "corral.netdebug.agent",
+            "connect",
+            "--dst",
+            ip,
+            "--proto",
+            proto,
+            "--sport",
+            str(sport),
+            "--timeout",
+            str(timeout),
+        ]
         if port:
             argv += ["--port", str(port)]
         if netns:
             argv += ["--netns", netns]
         try:
             p = acc.run(argv, timeout=timeout + 30)
-            res = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {"result": p.stderr.strip()}
+            res = (
+                json.loads(p.stdout.strip().splitlines()[-1])
+                if p.stdout.strip()
+                else {"result": p.stderr.strip()}
+            )
         except (NodeUnreachable, ValueError) as e:
             res = {"result": f"probe failed: {e}"}
         out.update(res)
         if vip and proto != "icmp":
-            cargv = [acc.python, "-m", "corral.netdebug.agent", "conntrack", "--src", src_ip,
-                     "--dst", vip, "--dport", str(port or 0), "--sport", str(sport), "--proto", proto]
+            cargv = [
+                acc.python,
+                "-m",
+                "corral.netdebug.agent",
+                "conntrack",
+                "--src",
+                src_ip,
+                "--dst",
+                vip,
+                "--dport",
+                str(port or 0),
+                "--sport",
+                str(sport),
+                "--proto",
+                proto,
+            ]
             try:
                 cp = acc.run(cargv, timeout=30)
                 out["conntrack"] = json.loads(cp.stdout.strip().splitlines()[-1]).get("flows", [])
@@ -505,7 +643,7 @@ def _probe(
                 out["sniffed"].setdefault(pid, {})
             try:
                 p.wait(2)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 p.kill()
             if pid not in out["sniffed"] or not out["sniffed"][pid]:
                 err = p.stderr.read().strip() if p.stderr else ""
@@ -524,7 +662,9 @@ def print_result(r: Result, out: Out) -> None:
     }
     out.line(out.c(f"trace {r.source} -> {r.target}", "bold"))
     for i, h in enumerate(r.hops):
-        out.line(f"{i + 1:>2} {marks.get(h.status, '?')} {h.step:<17} {h.node or '':<16} {h.decision}")
+        out.line(
+            f"{i + 1:>2} {marks.get(h.status, '?')} {h.step:<17} {h.node or '':<16} {h.decision}"
+        )
         if h.seen:
             out.line(f"{'':<22}{out.c('probe: ' + h.seen, 'dim')}")
         if r.departure == i:
