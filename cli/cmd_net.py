@@ -33,6 +33,13 @@ def _common(p: argparse.ArgumentParser, node: bool = True) -> None:
         "cluster's nodes, or this machine)",
     )
     p.add_argument(
+        "--node-python",
+        default=os.environ.get("CORRAL_NET_PYTHON") or "python3",
+        metavar="PATH",
+        help="with --via: the interpreter on the nodes that has corral installed "
+        "(default $CORRAL_NET_PYTHON, else python3)",
+    )
+    p.add_argument(
         "--cluster",
         default=os.environ.get("CORRAL_CLUSTER") or "corral",
         help="the local cluster's name (default $CORRAL_CLUSTER, else corral)",
@@ -136,7 +143,7 @@ def node_accesses(args: argparse.Namespace, cv: model.ClusterView) -> dict[str, 
     names = sorted(set(cv.nodes) | {x.node_name for x in cv.leases.values()})
     if args.via:
         try:
-            return {n: access.via(n, cv.node_ip(n), args.via) for n in names}
+            return {n: access.via(n, cv.node_ip(n), args.via, args.node_python) for n in names}
         except ValueError as e:
             raise CLIError(str(e)) from None
     local = _local_nodes(args)

@@ -11,8 +11,10 @@ Three ways, one interface (`NodeAccess`):
 - this machine is the node (`--node $(hostname)` on a real node, or
   `CORRAL_NODE`): `/run/corral/*.sock` and plain commands.
 - any other machine: `--via 'ssh root@{ip}'` (or `CORRAL_NET_VIA`), a command
-  template that runs a command on the node (`{node}`, `{ip}` filled in); the
-  sockets are read by running `python3 -m corral.daemon.debug SOCKET` there.
+  template that runs a command on the node (`{node}`, `{ip}` filled in; the
+  command's words follow it, shell-quoted, as ssh expects); the sockets are read
+  by running `python3 -m corral.daemon.debug SOCKET` there (`--node-python` or
+  `CORRAL_NET_PYTHON` names another interpreter, e.g. a venv's).
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ class NodeAccess:
     def argv(self, argv: Sequence[str]) -> list[str]:
         if not self.prefix:
             return list(argv)
-        if self.run_dir is None:  # a remote shell: one quoted command line
-            return [*self.prefix, shlex.join(argv)]
+        if self.run_dir is None:  # through --via: ssh hands its words to a shell there
+            return [*self.prefix, *(shlex.quote(a) for a in argv)]
         return [*self.prefix, *argv]
 
     def run(
