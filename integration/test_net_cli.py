@@ -333,3 +333,25 @@ def test_clear_errors_without_tracebacks(net: LocalCluster) -> None:
     assert "Traceback" not in r.stderr
     if r.returncode != 0:  # no cluster DNS deployed (yet): said plainly
         assert "no cluster DNS answered" in r.stdout, r.stdout
+
+
+def test_via_a_command_template_reaches_nodes_as_on_real_machines(net: LocalCluster) -> None:
+    """`--via` is how `corral net` reaches real nodes (`ssh root@{ip}`); here the template
+    is `corral node-exec`, which runs the same node-side commands inside each node."""
+    env = dict(net.env, CORRAL_NET_PYTHON=sys.executable)
+    via = f"{sys.executable} -m corral node-exec --name {net.name} {{node}} --"
+    node = net.nodes[1]
+    _ok(net.exec(node, "ip", "link", "set", "dev", "corral.1", "mtu", "1310"))
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "net", "check", "--via", via, "-o", "json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    [f] = _json(r)["findings"]
+    assert f["node"] == node and "MTU is 1310" in f["what"]
+    assert f["fix"].startswith(f"{sys.executable} -m corral node-exec"), f["fix"]
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "net", "check", "--via", via, "--fix"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _check(net) == []

@@ -126,13 +126,7 @@ class NodeAccess:
     def shown(self, argv: Sequence[str] | str) -> str:
         """How an operator runs a repair command on this node, as text to paste."""
         cmd = argv if isinstance(argv, str) else shlex.join(argv)
-        if self.paste:
-            return (
-                f"{self.paste} {cmd}"
-                if self.run_dir is not None
-                else f"{self.paste} {shlex.quote(cmd)}"
-            )
-        return cmd
+        return f"{self.paste} {cmd}" if self.paste else cmd
 
 
 def via(name: str, ip: str | None, template: str, python: str = "python3") -> NodeAccess:
