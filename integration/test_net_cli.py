@@ -217,7 +217,8 @@ def _break_fastpath(net: LocalCluster) -> tuple[str, str]:
 def _break_proxy(net: LocalCluster) -> tuple[str, str]:
     node = net.nodes[2]
     save = _ok(net.exec(node, "iptables-save", "-t", "nat")).stdout
-    [chain] = set(re.findall(r"-j (CORRAL-SVC-\w+)", save))
+    web = [ln for ln in save.splitlines() if "default/web cluster IP" in ln]
+    [chain] = set(re.findall(r"-j (CORRAL-SVC-\w+)", "\n".join(web)))
     _ok(net.exec(node, "iptables", "-t", "nat", "-F", chain))
     return node, f"chain {chain} has 0 rule(s)"
 
@@ -346,12 +347,49 @@ def test_via_a_command_template_reaches_nodes_as_on_real_machines(net: LocalClus
         [sys.executable, "-m", "corral", "net", "check", "--via", via, "-o", "json"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    [f] = _json(r)["findings"]
+    findings = _json(r)["findings"]
+    assert len(findings) == 1, findings
+    [f] = findings
     assert f["node"] == node and "MTU is 1310" in f["what"]
     assert f["fix"].startswith(f"{sys.executable} -m corral node-exec"), f["fix"]
     r = subprocess.run(
         [sys.executable, "-m", "corral", "net", "check", "--via", via, "--fix"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _check(net) == []
+
+
+def test_trace_marks_the_first_hop_where_the_probe_stops(net: LocalCluster) -> None:
+    """The kernel path without its FDB entry: the plan says where, the probe agrees."""
+    client = _pod(net, "client")
+    cnode = client["spec"]["nodeName"]
+    far = next(p for p in pods_of(net, "web") if p["spec"]["nodeName"] != cnode)
+    lease = _lease(net, far["spec"]["nodeName"])
+    plan = _json(
+        net.corral("net", "trace", client["metadata"]["name"], far["status"]["podIP"],
+                   "--no-probe", "-o", "json")
+    )  # fmt: skip
+    veth = plan["hops"][0]["state"]["veth"]["name"]
+    net.exec(cnode, "tc", "filter", "del", "dev", veth, "ingress")  # off the fast path
+    _ok(net.exec(cnode, "bridge", "fdb", "del", lease["vtepMAC"], "dev", "corral.1",
+                 "dst", lease["publicIP"], "self"))  # fmt: skip
+    try:
+        target = f"{far['metadata']['name']}:8080"
+        r = net.corral(
+            "net", "trace", client["metadata"]["name"], target, "--timeout", "2", "-o", "json"
+        )  # fmt: skip
+        doc = _json(r)
+        assert r.returncode == 1 and not doc["ok"]
+        assert doc["departure"] == "vxlan encap", doc["hops"]
+        steps = {h["step"]: h for h in doc["hops"]}
+        assert steps["source pod"]["status"] == "confirmed"
+        assert (
+            "kernel" in steps["routing"]["decision"]
+            and "from_pod is not attached" in (steps["routing"]["decision"])
+        )
+        assert "MISSING" in steps["vxlan encap"]["decision"]
+    finally:
+        r = net.corral("net", "check", "--fix")
     assert r.returncode == 0, r.stdout + r.stderr
     assert _check(net) == []

@@ -50,6 +50,9 @@ class Hop:
     status: str = "planned"  # planned, confirmed, refuted, broken (the plan itself fails)
     seen: str = ""
 
+    def __post_init__(self) -> None:
+        self.plan_ok = self.status != "broken"
+
 
 @dataclass
 class Result:
@@ -667,13 +670,16 @@ def print_result(r: Result, out: Out) -> None:
         )
         if h.seen:
             out.line(f"{'':<22}{out.c('probe: ' + h.seen, 'dim')}")
-        if r.departure == i:
+        if r.departure == i and not h.plan_ok:
+            out.line(out.c(f"{'':<5}^ the plan breaks here, and so does the probe", "red"))
+        elif r.departure == i:
             out.line(out.c(f"{'':<5}^ reality departs from the plan here", "red"))
         elif h.status == "broken":
             out.line(out.c(f"{'':<5}^ the plan itself breaks here", "red"))
     if r.probe:
         p = r.probe
-        what = f"{p.get('proto', '').upper()} from port {p.get('sport')}: {p.get('result')}"
+        origin = "echo id" if p.get("proto") == "icmp" else "from port"
+        what = f"{p.get('proto', '').upper()} {origin} {p.get('sport')}: {p.get('result')}"
         if p.get("seconds") is not None:
             what += f" in {p['seconds']}s"
         if r.backend:
