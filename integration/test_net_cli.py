@@ -253,7 +253,7 @@ def test_check_reports_exactly_what_was_broken_and_fix_repairs_it(
     assert _check(net) == [], "the cluster was not clean before breaking it"
     node, what = breaker(net)
     findings = _check(net)
-    assert len(findings) == 1, findings
+    assert len(findings) == 1, [x["what"] for x in findings]
     [f] = findings
     assert f["node"] == node and what in f["what"], f
     assert f["fix"], f  # a command that repairs it
@@ -348,7 +348,7 @@ def test_via_a_command_template_reaches_nodes_as_on_real_machines(net: LocalClus
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     findings = _json(r)["findings"]
-    assert len(findings) == 1, findings
+    assert len(findings) == 1, [x["what"] for x in findings]
     [f] = findings
     assert f["node"] == node and "MTU is 1310" in f["what"]
     assert f["fix"].startswith(f"{sys.executable} -m corral node-exec"), f["fix"]

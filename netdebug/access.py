@@ -73,7 +73,7 @@ class NodeAccess:
                 os.path.join(NODE_RUN_DIR, sock),
                 request,
             ]
-            p = self.run(argv, timeout=timeout + 10)
+            p = self.run(argv, timeout=timeout + 55)  # a remote login and a Python start
             try:
                 doc = json.loads(p.stdout)
             except ValueError:
@@ -94,7 +94,7 @@ class NodeAccess:
         return [*self.prefix, *argv]
 
     def run(
-        self, argv: Sequence[str], timeout: float = 30.0, input: str | None = None
+        self, argv: Sequence[str], timeout: float = 60.0, input: str | None = None
     ) -> subprocess.CompletedProcess:
         full = self.argv(argv)
         try:
