@@ -595,6 +595,20 @@ def check_ipam(cv: ClusterView, dumps: dict[str, NodeDumps]) -> list[Finding]:
                 continue
             if own is not None and ipaddress.ip_address(ip) not in ipaddress.ip_network(own.subnet):
                 continue  # an explicit range outside the node subnet: another pool's
+            users = live_pods.get(ip)
+            if users:
+                out.append(
+                    Finding(
+                        node,
+                        "ipam",
+                        f"IP {ip} is in use by {', '.join(users)} (veth {link['name']}) but not "
+                        "allocated in etcd: another pod may be given it too",
+                        fix=f"corral delete pod {users[0].split('/', 1)[1]} -n "
+                        f"{users[0].split('/', 1)[0]} (its replacement gets a fresh allocation)",
+                        how=None,
+                    )
+                )
+                continue
             out.append(
                 Finding(
                     node,

@@ -158,3 +158,24 @@ async def test_debug_socket_answers_resync(tmp_path) -> None:  # type: ignore[no
         assert "unknown request" in bad["error"]
     finally:
         await srv.stop()
+
+
+def test_an_ip_in_use_but_not_allocated_is_not_called_an_orphan() -> None:
+    from corral.api.objects import Pod
+
+    cv = _view()
+    pod = Pod.model_validate(
+        {
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"containers": [{"name": "c", "image": "x", "command": ["sleep"]}]},
+            "status": {"phase": "Running", "podIP": "10.244.1.7"},
+        }
+    )
+    cv.pods = [pod]
+    link = {"name": "veth1", "pod": {"ip": "10.244.1.7", "mac": "x"}, "up": True}
+    dumps = {"n1": check.NodeDumps(node={"components": {"overlay": {"debug": {"links": [link]}}}})}
+    [f] = check.check_ipam(cv, dumps)
+    assert "in use by default/p" in f.what and "not allocated" in f.what and f.how is None
+    pod.status.pod_ip = None
+    [f] = check.check_ipam(cv, dumps)
+    assert "orphan veth veth1" in f.what
