@@ -4,7 +4,8 @@ Captures on the node's underlay interface and its pods' host veths, never on
 `cni0` or `corral.<VNI>`: the eBPF fast path moves pod traffic between the pod's
 veth and the underlay directly, so those two see nothing of it. VXLAN is decoded
 (VNI, outer and inner addresses, inner protocol and ports), one line per packet.
-The node-side agent (`corral.netdebug.agent sniff --raw`) sends each packet's
+`-o json` prints one document (every packet) when the capture ends. The node-side
+agent (`corral.netdebug.agent sniff --raw`) sends each packet's
 bytes too, so `-w FILE` writes a pcap here, on the operator's machine.
 """
 
@@ -72,6 +73,8 @@ def run(
         argv += ["--timeout", str(args.duration)]
     if args.write:
         argv.append("--raw")
+    names = {str(p.status.pod_ip): p.name for p in cv.pods if p.status.pod_ip}
+    names |= {ip: n for n in cv.nodes if (ip := cv.node_ip(n))}
     proc = acc.popen(argv)
     out = Out()
     packets: list[Any] = []
@@ -108,7 +111,7 @@ def run(
             if json_out:
                 records.append(rec)
             else:
-                out.line(decode.line(rec))
+                out.line(decode.line(rec) + _names(rec, names, out))
     except KeyboardInterrupt:
         pass
     finally:
@@ -127,6 +130,15 @@ def run(
     elif args.write:
         out.line(out.c(f"{len(packets)} packet(s) written to {args.write}", "dim"))
     return 0
+
+
+def _names(rec: dict[str, Any], names: dict[str, str], out: Out) -> str:
+    """`  (client > web-4l4cz)`: who the inner addresses are, as etcd knows them."""
+    i = rec.get("inner") or {}
+    src, dst = names.get(i.get("src", "")), names.get(i.get("dst", ""))
+    if not (src or dst):
+        return ""
+    return out.c(f"  ({src or i.get('src')} > {dst or i.get('dst')})", "dim")
 
 
 def _involves(rec: dict[str, Any], ip: str) -> bool:

@@ -75,7 +75,7 @@ class Result:
         return d
 
 
-_TARGET = re.compile(r"^(?P<host>[^:/]+)(:(?P<port>\d+))?(/(?P<proto>tcp|udp|icmp))?$", re.I)
+_TARGET = re.compile(r"^(?P<host>[^:]+?)(:(?P<port>\d+))?(/(?P<proto>tcp|udp|icmp))?$", re.I)
 
 
 def _ov(dumps: dict[str, check.NodeDumps], node: str) -> dict[str, Any]:

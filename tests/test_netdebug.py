@@ -179,3 +179,17 @@ def test_an_ip_in_use_but_not_allocated_is_not_called_an_orphan() -> None:
     pod.status.pod_ip = None
     [f] = check.check_ipam(cv, dumps)
     assert "orphan veth veth1" in f.what
+
+
+def test_trace_targets_parse() -> None:
+    from corral.netdebug.trace import _TARGET
+
+    def parse(t: str) -> tuple:
+        m = _TARGET.match(t)
+        assert m is not None, t
+        return m["host"], m["port"], m["proto"]
+
+    assert parse("web") == ("web", None, None)
+    assert parse("default/web:80/tcp") == ("default/web", "80", "tcp")
+    assert parse("dns.corral-system.svc.cluster.local:53/udp")[1:] == ("53", "udp")
+    assert parse("10.244.1.2/icmp") == ("10.244.1.2", None, "icmp")
