@@ -4,9 +4,9 @@ Captures on the node's underlay interface and its pods' host veths, never on
 `cni0` or `corral.<VNI>`: the eBPF fast path moves pod traffic between the pod's
 veth and the underlay directly, so those two see nothing of it. VXLAN is decoded
 (VNI, outer and inner addresses, inner protocol and ports), one line per packet.
-`-o json` prints one document (every packet) when the capture ends. The node-side
-agent (`corral.netdebug.agent sniff --raw`) sends each packet's
-bytes too, so `-w FILE` writes a pcap here, on the operator's machine.
+`-o json` prints one document (every packet) when the capture ends. The
+node-side agent (`corral.netdebug.agent sniff --raw`) sends each packet's bytes
+too, so `-w FILE` writes a pcap here, on the operator's machine.
 """
 
 from __future__ import annotations
