@@ -99,6 +99,7 @@ class Proxy:
         self._bpf_have: set[tuple[str, int, str]] | None = None
         self._bpf_note = "not tried"
         self._unregister: Any = None
+        self._forget_kernel = False
 
     def _changed(self) -> None:
         metrics.PROXY_PENDING.set(len(self.tracker))
@@ -149,6 +150,9 @@ class Proxy:
     async def _sync(self, full: bool) -> None:
         assert self.mode is not None
         loop = asyncio.get_running_loop()
+        if full and self._forget_kernel:
+            self._forget_kernel = False
+            self.mode.forget_kernel()
         taken = self.tracker.take()
         metrics.PROXY_PENDING.set(len(self.tracker))
         views = self.tracker.views()
@@ -237,9 +241,11 @@ class Proxy:
             log.debug("fast path endpoints: +%d -%d", added, removed)
 
     def resync(self) -> None:
-        """A full sync now, re-reading the tables (the debug socket's `resync`)."""
-        if self.mode is not None:
-            self.mode.forget_kernel()
+        """A full sync now, re-reading the tables (the debug socket's `resync`).
+
+        The mode forgets what it knows of the kernel at the start of that sync, on
+        the loop, never while a sync runs in the executor."""
+        self._forget_kernel = True
         self.runner.run_soon(full=True)
 
     def debug_state(self) -> dict[str, Any]:
