@@ -92,6 +92,22 @@ def check_overlay(cv: ClusterView, node: str, dump: dict[str, Any], dev: str) ->
             )
         )
         return out
+    spec = cv.spec.backend
+    local = str(own.public_ip) if own is not None else device.get("local")
+    got = (device.get("vni"), device.get("port"), device.get("local"))
+    if got != (spec.vni, spec.port, local):
+        out.append(
+            Finding(
+                node,
+                "overlay",
+                f"{dev} is VNI {got[0]} port {got[1]} local {got[2]}; etcd says VNI {spec.vni} "
+                f"port {spec.port} local {local}",
+                want=f"vni {spec.vni} port {spec.port} local {local}",
+                have=f"vni {got[0]} port {got[1]} local {got[2]}",
+                fix=f"corral net resync {node}",
+                how="resync-node",
+            )
+        )
     want_mtu = cv.spec.backend.mtu or ((ov.get("underlayMTU") or 1500) - VXLAN_OVERHEAD)
     if device.get("mtu") != want_mtu:
         argv = ["ip", "link", "set", "dev", dev, "mtu", str(want_mtu)]
@@ -587,6 +603,24 @@ def check_ipam(cv: ClusterView, dumps: dict[str, NodeDumps]) -> list[Finding]:
                 key=a.key,
             )
         )
+    for node, d in sorted(dumps.items()):
+        pods = _component(d.node, "pods").get("pods", {})
+        veths = veths_by_node.get(node, {})
+        for key, p in sorted(pods.items()):
+            ip = p.get("ip")
+            down = p.get("gone") or p.get("terminating") or p.get("networkDown")
+            if ip and not down and ip not in veths:
+                ns, _, name = key.partition("/")
+                out.append(
+                    Finding(
+                        node,
+                        "ipam",
+                        f"pod {key}'s sandbox has IP {ip} but no veth on {node} carries it: "
+                        "the pod has lost its network",
+                        fix=f"corral delete pod {name} -n {ns} (its replacement is wired afresh)",
+                        how=None,
+                    )
+                )
     allocated = {a.ip for a in cv.allocations}
     for node, veths in sorted(veths_by_node.items()):
         own = cv.lease_of(node)

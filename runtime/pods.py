@@ -833,6 +833,7 @@ class PodRuntime:
                     "sandbox": w.saved.sandbox_id,
                     "netns": w.saved.netns,
                     "ip": w.saved.pod_ip,
+                    "networkDown": w.saved.network_down,
                     "adopted": w.adopted,
                     "terminating": w.terminating,
                     "gone": w.gone,

@@ -73,11 +73,19 @@ def _node_dump(fdb: bool = True, mtu: int = 1450) -> dict:
     mac, addrs = "02:00:00:00:00:01", ["10.244.1.0/32"]
     route = {"dst": "10.244.2.0/24", "gateway": "10.244.2.0", "dev": "corral.1"}
     kernel = {
-        "device": {"mtu": mtu, "up": True, "mac": mac, "addresses": addrs},
+        "device": {
+            "mtu": mtu,
+            "up": True,
+            "mac": mac,
+            "addresses": addrs,
+            "vni": 1,
+            "port": 4789,
+            "local": "10.250.0.1",
+        },
         "routes": [{**route, "onlink": True, "corral": True}],
         "neighbours": [{"ip": "10.244.2.0", "mac": "02:00:00:00:00:02", "state": "permanent"}],
         "fdb": [{"mac": "02:00:00:00:00:02", "dst": "10.250.0.2"}] if fdb else [],
-    }  # fmt: skip
+    }
     return {"components": {"overlay": {"debug": {"kernel": kernel, "underlayMTU": 1500}}}}
 
 
@@ -193,3 +201,18 @@ def test_trace_targets_parse() -> None:
     assert parse("default/web:80/tcp") == ("default/web", "80", "tcp")
     assert parse("dns.corral-system.svc.cluster.local:53/udp")[1:] == ("53", "udp")
     assert parse("10.244.1.2/icmp") == ("10.244.1.2", None, "icmp")
+
+
+def test_a_sandbox_without_its_veth_has_lost_its_network() -> None:
+    cv = _view()
+    pods = {"default/p": {"ip": "10.244.1.7", "gone": False, "terminating": False}}
+    dump = {"components": {"overlay": {"debug": {"links": []}}, "pods": {"debug": {"pods": pods}}}}
+    [f] = check.check_ipam(cv, {"n1": check.NodeDumps(node=dump)})
+    assert "lost its network" in f.what and f.fix.startswith("corral delete pod p")
+
+
+def test_a_device_with_another_vni_is_reported() -> None:
+    d = _node_dump()
+    d["components"]["overlay"]["debug"]["kernel"]["device"]["vni"] = 7
+    [f] = check.check_overlay(_view(), "n1", d, "corral.1")
+    assert "VNI 7" in f.what and f.how == "resync-node"
