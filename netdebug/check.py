@@ -416,6 +416,8 @@ def check_proxy(cv: ClusterView, node: str, dump: dict[str, Any]) -> list[Findin
     fix = f"corral net resync {node} --daemon proxy"
     if not px:
         return [Finding(node, "proxy", "the proxy reports no state")]
+    if px.get("mode") not in (None, "iptables"):
+        return []  # another mode's state is its own to compare (docs/net.md, Explainers)
     kern = px.get("kernel") or {}
     nat = (kern.get("nat") or {}).get("chains", {})
     hooks = (kern.get("nat") or {}).get("hooks", {})
