@@ -257,6 +257,10 @@ def test_check_reports_exactly_what_was_broken_and_fix_repairs_it(
     [f] = findings
     assert f["node"] == node and what in f["what"], f
     assert f["fix"], f  # a command that repairs it
+    if breaker is _break_proxy:  # the node's service table says where it disagrees
+        table = _json(net.corral("net", "services", "--node", node, "-o", "json"))
+        rows = table[node]["services"]
+        assert any(r["name"] == "default/web" and r["disagrees"] for r in rows), rows
     r = net.corral("net", "check", "--fix")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fixed:" in r.stdout
