@@ -53,6 +53,22 @@ def register(sub: Any) -> None:
         "the kernel's path only (kernel). Default from CORRAL_DATAPATH, "
         "which `corral up` passes on to its nodes",
     )
+    p.add_argument(
+        "--resync-interval",
+        type=float,
+        default=float(os.environ.get("CORRAL_NODE_RESYNC") or 10.0),
+        metavar="SECONDS",
+        help="a full overlay repair pass at least this often (default 10, or "
+        "$CORRAL_NODE_RESYNC); `corral net check --fix` asks for one at once",
+    )
+    p.add_argument(
+        "--kernel-events",
+        choices=("on", "off"),
+        default=os.environ.get("CORRAL_NODE_KERNEL_EVENTS") or "on",
+        help="repair as soon as netlink reports a deleted route, neighbour, FDB entry or "
+        "a changed device (default on, or $CORRAL_NODE_KERNEL_EVENTS); off leaves drift "
+        "for the periodic pass, so it can be looked at (`corral net check`)",
+    )
     options.add_daemon_options(p, "node")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
@@ -69,6 +85,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             f"--name {name!r}: a node name must be a DNS name (lowercase letters, "
             "digits, '-' and '.')"
         )
+    if args.resync_interval <= 0:
+        raise CLIError("--resync-interval must be more than 0 seconds")
     comps = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in comps if c not in COMPONENTS]
     if unknown:
@@ -94,7 +112,12 @@ def cmd_node(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
         ),
         underlay_iface=args.underlay_iface,
-        options=NodeOptions(cni_shim=args.cni_shim, datapath=args.datapath),
+        options=NodeOptions(
+            cni_shim=args.cni_shim,
+            datapath=args.datapath,
+            resync_interval=args.resync_interval,
+            kernel_events=args.kernel_events == "on",
+        ),
     )
     try:
         asyncio.run(serve(ctx, comps, http_addr=addr, debug_socket=debug))

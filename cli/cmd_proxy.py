@@ -48,10 +48,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--sync-period",
         type=_seconds,
-        default=30.0,
+        default=os.environ.get("CORRAL_PROXY_SYNC_PERIOD") or 30.0,
         metavar="SECONDS",
         help="a full sync (every rule rewritten, stale ones removed) at least this often "
-        "(default 30)",
+        "(default 30, or $CORRAL_PROXY_SYNC_PERIOD)",
     )
     p.add_argument(
         "--cleanup",

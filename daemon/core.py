@@ -201,6 +201,18 @@ class Daemon:
             "components": comps,
         }
 
+    def resync(self) -> dict[str, Any]:
+        """Ask every component with a `resync()` for a full repair pass now."""
+        asked = []
+        for name, comp in self.components.items():
+            fn = getattr(comp, "resync", None) or getattr(
+                getattr(comp, "current", None), "resync", None
+            )
+            if fn is not None:
+                fn()
+                asked.append(name)
+        return {"resync": asked}
+
     # ------------------------------------------------------------ running
 
     async def run(self) -> None:
@@ -264,7 +276,9 @@ class Daemon:
                     e.strerror or e,
                 )
         if self.debug_socket:
-            debug = DebugServer(self.debug_socket, self.debug_state)
+            debug = DebugServer(
+                self.debug_socket, self.debug_state, actions={"resync": self.resync}
+            )
             try:
                 await debug.start()
                 self.debug = debug

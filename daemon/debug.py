@@ -5,6 +5,11 @@ supervision state and whatever the component's `debug_state()` returns. The
 `corral net` verbs read each node's view through it. The socket is created
 0600 (owner root) in the node's run dir; a stale one from a dead daemon is
 replaced, a live one is left alone.
+
+Requests (one line; none, or `state`, means the state): `resync` asks every
+component that has a `resync()` for a full repair pass now (what `corral net
+check --fix` uses for drift only the daemon can repair, e.g. a detached fast-path
+program or a flushed proxy chain) and answers `{"resync": [component, ...]}`.
 """
 
 from __future__ import annotations
@@ -22,9 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class DebugServer:
-    def __init__(self, path: str, state: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        path: str,
+        state: Callable[[], dict[str, Any]],
+        actions: dict[str, Callable[[], dict[str, Any]]] | None = None,
+    ) -> None:
         self.path = path
         self.state = state
+        self.actions = actions or {}
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -58,10 +69,19 @@ class DebugServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             # A client may send a request line ("state\n"); none is needed.
+            line = b""
             with contextlib.suppress(TimeoutError, ValueError, asyncio.LimitOverrunError):
-                await asyncio.wait_for(reader.readline(), 0.2)
+                line = await asyncio.wait_for(reader.readline(), 0.2)
+            request = line.decode(errors="replace").strip() or "state"
             try:
-                doc = self.state()
+                action = self.actions.get(request)
+                if action is not None:
+                    doc = action()
+                elif request != "state":
+                    known = ", ".join(["state", *sorted(self.actions)])
+                    doc = {"error": f"unknown request {request!r}; known: {known}"}
+                else:
+                    doc = self.state()
             except Exception as e:
                 log.exception("debug state failed")
                 doc = {"error": f"{type(e).__name__}: {e}"}
@@ -75,12 +95,13 @@ class DebugServer:
                 await writer.wait_closed()
 
 
-def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Read one daemon's state from its debug socket (blocking; for the CLI and tests)."""
+def query(path: str, timeout: float = 5.0, request: str = "state") -> dict[str, Any]:
+    """Read one daemon's state (or send another request) over its debug socket
+    (blocking; for the CLI and tests)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(b"state\n")
+        s.sendall(request.encode() + b"\n")
         chunks = []
         while chunk := s.recv(65536):
             chunks.append(chunk)
@@ -88,7 +109,8 @@ def query(path: str, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m corral.daemon.debug [SOCKET]`: print a daemon's state (the node's by default)."""
+    """`python -m corral.daemon.debug [SOCKET [REQUEST]]`: print a daemon's state (the
+    node's by default), or its answer to REQUEST (`resync`)."""
     import sys
 
     from corral.node.context import NodePaths
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     path = args[0] if args else NodePaths().debug_socket
     try:
-        doc = query(path)
+        doc = query(path, request=args[1] if len(args) > 1 else "state")
     except OSError as e:
         print(f"error: cannot read {path}: {e.strerror or e} (is the daemon running here?)")
         return 1

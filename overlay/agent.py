@@ -212,14 +212,15 @@ class OverlayAgent:
         await self._leases_reg.wait_synced()
         await self._start_fastpath()
         await self.reconcile()
-        if self.kernel_events:
-            loop = asyncio.get_running_loop()
-            self._monitor = EventMonitor(
-                self.namespace,
-                self.device,
-                lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key),
-            )
-            self._monitor.start(await self._k(self.kernel.link_index, self.device))
+        # Pod veth events always (the fast path follows pods by them); damage events
+        # (a deleted route, FDB entry...) only repair at once with kernel_events.
+        loop = asyncio.get_running_loop()
+        self._monitor = EventMonitor(
+            self.namespace,
+            self.device,
+            lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key),
+        )
+        self._monitor.start(await self._k(self.kernel.link_index, self.device))
         self._unregister_metrics = metrics.register_collector(self._fastpath_metrics)
         log.info(
             "overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), %s",
@@ -497,6 +498,8 @@ class OverlayAgent:
             self._pod_links.add(int(key))
             self._pods_dirty.set()
             return
+        if not self.kernel_events:
+            return  # drift waits for the periodic pass (or `corral net check --fix`)
         if kind != "link":
             want = self.remotes()
             wanted = {
@@ -675,7 +678,39 @@ class OverlayAgent:
             "datapathWhy": None if fp is not None else self._datapath_why,
             "fastpathPods": fp.pod_count if fp is not None else 0,
             "reconciles": self.reconciles,
+            "mtu": self.mtu if self.underlay else None,
+            "underlayMTU": self.underlay.mtu if self.underlay else None,
+            "vni": self.spec.backend.vni,
+            "port": self.spec.backend.port,
+            "directRouting": self.spec.backend.direct_routing,
+            "resyncInterval": self.resync_interval,
+            "kernelEvents": self.kernel_events,
+            **self._kernel_view(),
         }
+
+    def _kernel_view(self) -> dict[str, Any]:
+        """What the kernel holds (routes, neighbours, FDB, device, links with their tc
+        programs, the fast path's maps), read on the netlink thread for `corral net`."""
+        from corral.netdebug import nodeview
+
+        def read() -> dict[str, Any]:
+            ipr = self.kernel.ipr
+            view: dict[str, Any] = {
+                "kernel": nodeview.overlay(ipr, self.device),
+                "links": nodeview.links(ipr),
+            }
+            if self.fastpath is not None:
+                view["fastpathMaps"] = nodeview.fastpath_maps(self.fastpath)
+            return view
+
+        try:
+            return self._pool.submit(read).result(timeout=5)
+        except Exception as e:  # the rest of the dump is still worth having
+            return {"kernelError": f"{type(e).__name__}: {e}"}
+
+    def resync(self) -> None:
+        """A full repair pass now (the debug socket's `resync`, `corral net check --fix`)."""
+        self.runner.run_soon(full=True)
 
     async def stop(self) -> None:
         """Leave kernel state and the lease as they are: a restart picks both up."""

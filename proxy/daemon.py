@@ -99,6 +99,7 @@ class Proxy:
         self._bpf_have: set[tuple[str, int, str]] | None = None
         self._bpf_note = "not tried"
         self._unregister: Any = None
+        self._forget_kernel = False
 
     def _changed(self) -> None:
         metrics.PROXY_PENDING.set(len(self.tracker))
@@ -149,6 +150,9 @@ class Proxy:
     async def _sync(self, full: bool) -> None:
         assert self.mode is not None
         loop = asyncio.get_running_loop()
+        if full and self._forget_kernel:
+            self._forget_kernel = False
+            self.mode.forget_kernel()
         taken = self.tracker.take()
         metrics.PROXY_PENDING.set(len(self.tracker))
         views = self.tracker.views()
@@ -236,9 +240,26 @@ class Proxy:
         if added or removed:
             log.debug("fast path endpoints: +%d -%d", added, removed)
 
+    def resync(self) -> None:
+        """A full sync now, re-reading the tables (the debug socket's `resync`).
+
+        The mode forgets what it knows of the kernel at the start of that sync, on
+        the loop, never while a sync runs in the executor."""
+        self._forget_kernel = True
+        self.runner.run_soon(full=True)
+
     def debug_state(self) -> dict[str, Any]:
+        from corral.netdebug import nodeview
+
         last = self.last
         return {
+            "kernel": {
+                "nat": nodeview.iptables_chains(None, "nat"),
+                "filter": nodeview.iptables_chains(None, "filter"),
+                "ipsets": nodeview.ipsets(None),
+            },
+            "programmed": _programmed(getattr(self.mode, "written", {})),
+            "syncPeriod": self.runner.max_interval,
             "mode": getattr(self.mode, "name", None),
             "services": len(self.tracker.views()),
             "pending": len(self.tracker),
@@ -257,6 +278,26 @@ class Proxy:
                 "conntrackFlushes": last.conntrack_flushes,
             },
         }
+
+
+def _programmed(written: dict[str, ServiceView]) -> list[dict[str, Any]]:
+    """What the mode last wrote, per service port: VIP, port, backends (for `corral net`)."""
+    out = []
+    for key, v in sorted(written.items()):
+        for sp in v.ports:
+            out.append(
+                {
+                    "service": key,
+                    "port": sp.name,
+                    "protocol": sp.protocol,
+                    "clusterIP": sp.cluster_ip,
+                    "servicePort": sp.port,
+                    "nodePort": sp.node_port,
+                    "affinityTimeout": sp.affinity_timeout,
+                    "endpoints": [f"{e.ip}:{e.port}" for e in usable(v.endpoints_of(sp))],
+                }
+            )
+    return out
 
 
 def cleanup(node: str | None, service_cidr: str | None = None) -> list[str]:

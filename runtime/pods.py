@@ -995,6 +995,9 @@ class PodRuntime:
                 f"{w.saved.namespace}/{w.saved.name}": {
                     "uid": uid,
                     "sandbox": w.saved.sandbox_id,
+                    "netns": w.saved.netns,
+                    "ip": w.saved.pod_ip,
+                    "networkDown": w.saved.network_down,
                     "adopted": w.adopted,
                     "terminating": w.terminating,
                     "gone": w.gone,

@@ -1,0 +1,1 @@
+"""corral net: the network debugging CLI's logic (see docs/net.md)."""
