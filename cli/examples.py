@@ -41,6 +41,28 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "node remove": ["corral node remove node-3"],
     "proxy": ["corral proxy --etcd http://10.0.0.1:2379 --node worker-1 --mode iptables"],
+    "net": [
+        "corral net check",
+        "corral net trace web-q5d6t web:80/tcp",
+        "corral net services --node node-1",
+    ],
+    "net check": [
+        "corral net check",
+        "corral net check --node node-2 --fix",
+        "corral net check -o json",
+    ],
+    "net trace": [
+        "corral net trace web-q5d6t web",
+        "corral net trace default/client-1 10.96.0.10:53/udp",
+        "corral net trace client-1 shop/db-0:5432",
+    ],
+    "net ipam": ["corral net ipam", "corral net ipam --node node-1 --release 10.244.1.7"],
+    "net services": ["corral net services", "corral net services --node node-2 -o json"],
+    "net capture": [
+        "corral net capture --node node-1 -c 20",
+        "corral net capture --node node-2 --pod web-q5d6t -w web.pcap",
+    ],
+    "net resync": ["corral net resync node-1", "corral net resync node-1 --daemon proxy"],
     "dns": [
         "corral dns --etcd http://10.0.0.1:2379 --listen 10.0.0.5:53",
         "corral dns --etcd http://10.0.0.1:2379 --upstream 1.1.1.1 --pods verified --ttl 10",
