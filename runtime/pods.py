@@ -40,7 +40,7 @@ from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import NodeContext
 from corral.overlay import config as netconfig
-from corral.runtime import containers, podstate, probes, sandbox, security
+from corral.runtime import containers, credentials, podstate, probes, sandbox, security
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.podstate import ContainerSaved, PodSaved
 
@@ -177,7 +177,8 @@ class ContainerRunner:
         hidden = security.hidden_paths(w.rt.ctx.paths, getattr(w.rt.ctx.store, "tls", None))
         try:
             sec = security.for_container(w.pod, self.spec, hidden)
-        except security.SecurityError as e:
+            mounts = credentials.mounts(w.pod, w.rt.ctx.paths.credentials_dir)
+        except (security.SecurityError, credentials.CredentialsError) as e:
             raise containers.StartError(str(e)) from None
         return await containers.launch(
             w.dir,
@@ -195,6 +196,7 @@ class ContainerRunner:
             cgroups=w.cgroups.procs_files(self.name),
             image=self.spec.image or None,
             security=sec,
+            mounts=mounts,
         )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:
