@@ -79,6 +79,14 @@ def register(sub: Any) -> None:
         help="the service proxy's mode on every node (default: $CORRAL_PROXY_MODE, else "
         "iptables); passed on to the nodes as CORRAL_PROXY_MODE",
     )
+    p.add_argument(
+        "--dns-replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cluster DNS pods (`corral dns` behind the Service corral-system/dns at the "
+        "cluster DNS address; default 2, or the running count; 0: none)",
+    )
     _name_options(p)
     p.set_defaults(func=cmd_up)
 
@@ -124,6 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         underlay_cidr=args.underlay_cidr,
         state_dir=args.state_dir,
         wait=args.wait,
+        dns_replicas=args.dns_replicas,
     )
     s = _cluster_call(local.up, opts)
     print(local.summary(s))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError, TLSFiles, endpoints_use_tls, parse_endpoints
-from corral.cluster import daemons, nodes, pki, underlay
+from corral.cluster import clusterdns, daemons, nodes, pki, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
@@ -38,6 +38,7 @@ from corral.node.procs import ProcRecord, spawn, start_time, stop
 DEFAULT_NODES = 3
 MAX_NODES = 50
 DEFAULT_UNDERLAY = "10.250.0.0/24"
+MAX_DNS_REPLICAS = 50
 RESERVED = {
     "the cluster (pod) CIDR": ipaddress.ip_network("10.244.0.0/16"),
     "the service CIDR": ipaddress.ip_network("10.96.0.0/12"),
@@ -66,6 +67,7 @@ class UpOptions:
     underlay_cidr: str | None = None
     state_dir: str | None = None
     wait: float = 0.0  # seconds to wait for every Node to become Ready
+    dns_replicas: int | None = None  # cluster DNS pods; None: keep the running count, else 2
     progress: Progress = field(default=_stderr)
 
 
@@ -236,6 +238,15 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
     if urls and opts.etcd_members:
         raise ClusterError("--etcd-members is for the local etcd; an external one has its own")
     _plan_members(s, opts.etcd_members)
+    if opts.dns_replicas is not None and not 0 <= opts.dns_replicas <= MAX_DNS_REPLICAS:
+        raise ClusterError(
+            f"--dns-replicas {opts.dns_replicas}: give 0 (no cluster DNS) to {MAX_DNS_REPLICAS}"
+        )
+    if _dns_wanted(s, opts) and clusterdns.server_available():
+        try:
+            clusterdns.check_visible_to_pods(clusterdns.corral_argv())
+        except clusterdns.DNSSetupError as e:
+            raise ClusterError(str(e)) from None
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -285,8 +296,10 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
         say(f"✓ {n.name} {n.ip} (netns {n.netns})")
 
     _ensure_relay(s, say)
+    _ensure_pod_credentials(s)
     _register_nodes(s, say)
     _ensure_daemons(s, say)
+    _ensure_dns(s, opts, say)
     if opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS):
         _wait_ready(s, opts.wait, say)
     return s
@@ -508,6 +521,67 @@ def _ensure_daemons(s: ClusterState, say: Progress) -> None:
     s.save()
     if not want:
         say("  (no node daemons available yet: `corral node` is not installed)")
+
+
+def _dns_wanted(s: ClusterState, opts: UpOptions) -> bool:
+    if opts.dns_replicas is not None:
+        return opts.dns_replicas > 0
+    return s.dns_replicas != 0
+
+
+def _ensure_pod_credentials(s: ClusterState) -> None:
+    """The DNS pods' etcd client certificate, as the nodes' credential set `etcd-dns`:
+    the `dns` role's on the local etcd, the one given to `up` on an external etcd."""
+    d = os.path.join(s.pod_credentials_dir, clusterdns.CREDENTIALS)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    for p in (s.pod_credentials_dir, d):
+        os.chmod(p, 0o700)
+    tls = s.tls("dns")
+    if tls is None:
+        return  # etcd without TLS: the pods need no certificate
+    for src, name, mode in (
+        (tls.ca, clusterdns.CA, 0o644),
+        (tls.cert, clusterdns.CERT, 0o644),
+        (tls.key, clusterdns.KEY, 0o600),
+    ):
+        if not src:
+            continue
+        with open(src, "rb") as f:
+            data = f.read()
+        dst = os.path.join(d, name)
+        with contextlib.suppress(OSError), open(dst, "rb") as f:
+            if f.read() == data:
+                continue
+        pki.write_file(dst, data, mode)
+
+
+def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:
+    """The cluster DNS Deployment and Service (cluster/clusterdns.py), as asked."""
+    if opts.dns_replicas is not None:
+        s.dns_replicas = opts.dns_replicas
+    on = s.dns_replicas != 0  # a cluster made with --dns-replicas 0 stays without
+    if on and not clusterdns.server_available():
+        say("  (cluster DNS not deployed: this corral has no `dns` command yet)")
+        return
+    if on and any(_is_loopback(h) for h, _ in parse_endpoints(s.etcd_node_urls)):
+        say(
+            "  (cluster DNS not deployed: pods cannot reach an etcd on the nodes' loopback "
+            "relay; give `--etcd` an address the nodes route to)"
+        )
+        return
+    s.corral_argv = clusterdns.corral_argv()
+    s.save()
+    cmd = clusterdns.server_command(s.corral_argv, s.etcd_node_urls, s.tls("dns") is not None)
+
+    async def go() -> str:
+        async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
+            # None keeps the running count (a user's `corral scale`), 2 when creating
+            return await clusterdns.ensure(store, opts.dns_replicas if on else 0, cmd)
+
+    try:
+        say(f"✓ {asyncio.run(go())}")
+    except StoreError as e:
+        raise ClusterError(f"could not write the cluster DNS objects: {e}") from None
 
 
 def node_ready(s: ClusterState) -> dict[str, str]:
