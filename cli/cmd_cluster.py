@@ -168,6 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} {n.ready:<8} {ds}")
     for line in problems:
         print(line)
+    if h.dns is not None:
+        print(h.dns.line() + ("" if h.dns.ok else "  <- not every replica is ready"))
     if not h.ok:
         print(
             "Something is down or unhealthy; `corral up"

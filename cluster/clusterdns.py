@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from corral.api.objects import (
     Deployment,
+    Endpoints,
     NetworkConfig,
     NetworkSpec,
     ObjectMeta,
@@ -237,3 +239,36 @@ def _ours(md: ObjectMeta) -> bool:
 
 def _service_shape(s: Service) -> tuple:
     return (s.spec.selector, [p.dump() for p in s.spec.ports], s.spec.cluster_ip)
+
+
+@dataclass
+class DNSHealth:
+    address: str
+    want: int
+    ready_nodes: list[str]  # the node of each ready endpoint
+
+    @property
+    def ok(self) -> bool:
+        return len(self.ready_nodes) >= self.want
+
+    def line(self) -> str:
+        where = f" ({', '.join(sorted(self.ready_nodes))})" if self.ready_nodes else ""
+        return (
+            f"cluster DNS {self.address} ({NAMESPACE}/{NAME}): "
+            f"{len(self.ready_nodes)}/{self.want} ready{where}"
+        )
+
+
+async def health(store: Store) -> DNSHealth | None:
+    """The DNS Deployment's wanted replicas against the Service's ready endpoints."""
+    dep = await store.get(Deployment, NAME, NAMESPACE)
+    if dep is None:
+        return None
+    svc = await store.get(Service, NAME, NAMESPACE)
+    eps = await store.get(Endpoints, NAME, NAMESPACE)
+    ready: dict[str, str] = {}
+    for sub in eps.subsets if eps is not None else []:
+        for a in sub.addresses:
+            ready[a.ip] = a.node_name or "?"
+    address = (svc.spec.cluster_ip if svc is not None else None) or "(no Service)"
+    return DNSHealth(address, dep.spec.replicas, list(ready.values()))

@@ -776,6 +776,7 @@ class Health:
     nodes: list[NodeHealth]
     relay: bool | None = None  # None: no relay (local etcd, or no loopback endpoint)
     etcd_members: dict[str, bool] = field(default_factory=dict)  # local members' health
+    dns: clusterdns.DNSHealth | None = None  # None: not deployed (or etcd unreachable)
 
     @property
     def ok(self) -> bool:
@@ -783,6 +784,7 @@ class Health:
             self.etcd_ok
             and all(self.etcd_members.values())
             and self.relay is not False
+            and (self.dns is None or self.dns.ok)
             and all(
                 n.netns
                 and n.holder
@@ -792,6 +794,11 @@ class Health:
                 for n in self.nodes
             )
         )
+
+
+async def _dns_health(s: ClusterState) -> clusterdns.DNSHealth | None:
+    async with Store(s.etcd_urls, timeout=3.0, tls=s.tls("cli")) as store:
+        return await clusterdns.health(store)
 
 
 def etcd_healthy(urls: list[str], tls: TLSFiles | None = None) -> tuple[bool, str]:
@@ -850,9 +857,11 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
             for m in s.etcd_members
         }
     ready: dict[str, str] = {}
+    dns = None
     if ok:
         try:
             ready = node_ready(s)
+            dns = asyncio.run(_dns_health(s))
         except (StoreError, OSError) as e:
             ok, err = False, str(e)
     out = []
@@ -878,6 +887,7 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
         nodes=out,
         relay=None if s.relay is None else s.relay.alive(),
         etcd_members=members,
+        dns=dns,
     )
 
 
