@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError, TLSFiles, endpoints_use_tls, parse_endpoints
-from corral.cluster import clusterdns, daemons, nodes, pki, underlay
+from corral.cluster import clusterdns, daemons, etcdauth, nodes, pki, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
@@ -68,6 +68,7 @@ class UpOptions:
     state_dir: str | None = None
     wait: float = 0.0  # seconds to wait for every Node to become Ready
     dns_replicas: int | None = None  # cluster DNS pods; None: keep the running count, else 2
+    etcd_auth: bool = False  # turn on the local etcd's auth: the dns certificate only reads
     progress: Progress = field(default=_stderr)
 
 
@@ -235,6 +236,11 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         s.etcd_node_urls = urls
         t = opts.etcd_tls
         s.etcd_tls = None if t is None else {"ca": t.ca, "cert": t.cert, "key": t.key}
+    if (urls or s.etcd_external) and opts.etcd_auth:
+        raise ClusterError(
+            "--etcd-auth is for the local etcd; an external etcd's users and roles are its "
+            "operator's (see docs/cluster.md, Cluster DNS)"
+        )
     if urls and opts.etcd_members:
         raise ClusterError("--etcd-members is for the local etcd; an external one has its own")
     _plan_members(s, opts.etcd_members)
@@ -282,6 +288,7 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     )
 
     _ensure_etcd(s, say)
+    _ensure_etcd_auth(s, opts, say)
 
     for n in s.nodes:
         underlay.ensure_node_link(s.underlay_netns, n.netns, n.index, n.ip, s.prefixlen)
@@ -352,6 +359,22 @@ def _ensure_etcd(s: ClusterState, say: Progress) -> None:
     s.save()
     what = "" if len(s.etcd_members) == 1 else f"{len(s.etcd_members)} members, "
     say(f"✓ etcd {','.join(s.etcd_urls)} ({what}mutual TLS; nodes use {s.etcd_node_urls[0]})")
+
+
+def _ensure_etcd_auth(s: ClusterState, opts: UpOptions, say: Progress) -> None:
+    """etcd's auth on, once asked (and then for the cluster's life): cluster/etcdauth.py."""
+    if s.etcd_external or not (opts.etcd_auth or s.etcd_auth):
+        return
+    tls = s.tls("cli")
+    assert tls is not None  # the local etcd always runs with TLS
+    try:
+        etcdauth.enable(s.etcd_urls[0], tls)
+    except (etcdauth.EtcdAuthError, subprocess.SubprocessError) as e:
+        raise ClusterError(f"could not turn on etcd's auth: {e}") from None
+    if not s.etcd_auth:
+        s.etcd_auth = True
+        s.save()
+    say("✓ etcd auth on: the dns certificate may only read")
 
 
 def _member_server(s: ClusterState, m: EtcdMember, paths: pki.Paths) -> LocalEtcd:

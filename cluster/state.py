@@ -147,6 +147,8 @@ class ClusterState:
     daemons: list[ProcRecord] = field(default_factory=list)
     # An external etcd's client certificate ({"ca", "cert", "key"}), used by every role.
     etcd_tls: dict[str, str] | None = None
+    # The local etcd's auth is on (`corral up --etcd-auth`): the dns role only reads.
+    etcd_auth: bool = False
     # Cluster DNS replicas as last asked for (`corral up --dns-replicas`; None: the default).
     dns_replicas: int | None = None
     # How pods start corral (the cluster DNS's command): `corral up`'s own interpreter.

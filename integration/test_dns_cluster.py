@@ -164,21 +164,16 @@ def test_a_pod_resolves_services_through_its_search_path(
     assert rc == 0 and out.strip() == "200", out
     rc, out = _exec(c, "client", "getent", "ahostsv4", "nosuch")
     assert rc != 0, out  # an unknown name fails: no wrong answer
-    # TCP too, straight at the VIP
+    # TCP too, straight at the VIP (dnspython, in the venv's interpreter the pods can run)
     q = textwrap.dedent(
         """
-        import socket
-        q = bytes.fromhex("abcd01000001000000000000") + b"".join(
-            bytes([len(x)]) + x.encode() for x in "web.default.svc.cluster.local".split(".")
-        ) + b"\\x00\\x00\\x01\\x00\\x01"
-        s = socket.create_connection(("10.96.0.10", 53), timeout=5)
-        s.sendall(len(q).to_bytes(2, "big") + q)
-        n = int.from_bytes(s.recv(2), "big")
-        r = s.recv(n)
-        print(socket.inet_ntoa(r[-4:]))
+        import dns.message, dns.query
+        q = dns.message.make_query("web.default.svc.cluster.local", "A")
+        r = dns.query.tcp(q, "10.96.0.10", timeout=5)
+        print(r.answer[0][0].address)
         """
     )
-    rc, out = _exec(c, "client", "python3", "-c", q)
+    rc, out = _exec(c, "client", sys.executable, "-c", q)
     assert rc == 0 and out.strip() == web["vip"], out
 
 
@@ -310,6 +305,60 @@ def test_an_ordinary_pod_gets_neither_the_dns_certificate_nor_etcd(
     assert rc == 0 and clusterdns.KEY in out, out
     rc, out = _exec(c, pod, "sh", "-c", f"touch {clusterdns.SECRET_DIR}/x", ns=NS)
     assert rc != 0, out
+
+
+WRITE_WITH_DNS_CERT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from corral.api.store import Store, TLSFiles
+    d = "/run/secrets/corral/etcd-dns/"
+    async def main():
+        tls = TLSFiles(d + "ca.crt", d + "tls.crt", d + "tls.key")
+        async with Store([sys.argv[1]], tls=tls) as s:
+            print("read", len((await s.list_raw("/corral/v1/services/"))[0]))
+            try:
+                await s.put_raw("/corral/test/written-with-the-dns-certificate", b"x")
+                print("WROTE")
+            except Exception as e:
+                print("refused:", e)
+    asyncio.run(main())
+    """
+)
+
+
+def test_etcd_auth_leaves_the_dns_certificate_read_only(
+    dns_cluster: LocalCluster, web: dict
+) -> None:
+    c = dns_cluster
+    pod = dns_pods(c)[0]["metadata"]["name"]
+    url = c.etcd_node_urls[0]
+    rc, out = _exec(c, pod, sys.executable, "-c", WRITE_WITH_DNS_CERT, url, ns=NS)
+    assert rc == 0 and "WROTE" in out, out  # without etcd's auth, a certificate is all
+
+    async def clean() -> None:
+        async with c.store() as store:
+            await store.delete_raw("/corral/test/written-with-the-dns-certificate")
+
+    asyncio.run(clean())
+    r = c.corral(
+        "up", "--name", c.name, "--nodes", str(len(c.nodes)), "--underlay-cidr",
+        c.underlay_cidr, "--wait", "120", "--etcd-auth", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0 and "etcd auth on" in r.stderr, r.stderr
+    rc, out = _exec(c, pod, sys.executable, "-c", WRITE_WITH_DNS_CERT, url, ns=NS)
+    assert rc == 0 and "read " in out and "refused:" in out and "WROTE" not in out, out
+    # Everything else still works: a new Service resolves through the DNS pods, and the
+    # daemons (root in etcd) still write.
+    r = c.corral("expose", "web", "--name", "web-auth", "--port", "81", "--target-port", "8080")
+    assert r.returncode == 0, r.stderr
+    try:
+        wait_for(
+            lambda: _exec(c, "client", "getent", "ahostsv4", "web-auth")[0] == 0,
+            "a Service made under etcd auth resolving",
+        )
+        assert c.corral("status", "--name", c.name).returncode == 0
+    finally:
+        c.corral("delete", "svc", "web-auth")
 
 
 def test_dns_replicas_zero_runs_none(dns_cluster: LocalCluster) -> None:
