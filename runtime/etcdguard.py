@@ -13,8 +13,9 @@ the cluster network, after any DNAT, so a Service pointed at etcd does not help:
 The etcd endpoints are the node's own (its `--etcd`, resolved once; loopback ones
 are the pods' own loopback and need no rule); a credentialed pod is one of this
 node's pods that gets a credential set mounted (runtime/credentials.py). The
-runtime allows a pod's address before its first credentialed container starts,
-and repairs the chain every few seconds (a pod gone, a flushed chain).
+runtime allows a pod's address before its first credentialed container starts and
+takes it out when the pod ends; every 30 s it checks and repairs the chain (three
+`iptables` calls: a flushed chain comes back).
 """
 
 from __future__ import annotations

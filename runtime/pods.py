@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 ANN_CONTAINERS = "corral.dev/containers"  # {name: {pid, started, log}}: for exec/logs
 ANN_RUNTIME = "corral.dev/runtime"  # {node, pid, podDir}: where the files are
 MAX_BACKOFF = 300.0
-GUARD_RESYNC_SECONDS = 5.0  # how often the etcd guard is checked and repaired
+GUARD_RESYNC_SECONDS = 30.0  # how often the etcd guard is checked and repaired
 
 
 def _rv(p: Pod) -> int:
@@ -925,6 +925,8 @@ class PodRuntime:
                     self.finished.pop(next(iter(self.finished)))
                 if self.by_key.get(key) == uid:
                     self.by_key.pop(key, None)
+                if credentials.wanted(w.pod):  # its address may be another pod's next
+                    await self.sync_etcd_guard()
 
     async def _teardown_orphan(self, s: PodSaved) -> None:
         """A pod we ran before a restart that no longer exists: stop and clean up."""
