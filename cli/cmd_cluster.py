@@ -176,7 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in problems:
         print(line)
     if h.dns is not None:
-        print(h.dns.line() + ("" if h.dns.ok else "  <- not every replica is ready"))
+        note = "" if h.dns.ok else "  <- degraded" if h.dns.answering else "  <- DOWN"
+        print(h.dns.line() + note)
     if not h.ok:
         print(
             "Something is down or unhealthy; `corral up"

@@ -249,7 +249,13 @@ class DNSHealth:
 
     @property
     def ok(self) -> bool:
+        """Every replica ready."""
         return len(self.ready_nodes) >= self.want
+
+    @property
+    def answering(self) -> bool:
+        """At least one replica ready (or none wanted): the VIP answers."""
+        return bool(self.ready_nodes) or self.want == 0
 
     def line(self) -> str:
         where = f" ({', '.join(sorted(self.ready_nodes))})" if self.ready_nodes else ""

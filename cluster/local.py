@@ -309,7 +309,30 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     _ensure_dns(s, opts, say)
     if opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS):
         _wait_ready(s, opts.wait, say)
+        _wait_dns(s, opts.wait, say)
     return s
+
+
+def _wait_dns(s: ClusterState, timeout: float, say: Progress) -> None:
+    """Until every cluster DNS replica is ready (pods can resolve names from then on).
+    Only a warning when they are not: the rest of the cluster works without DNS."""
+    deadline = time.monotonic() + timeout
+    h = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(StoreError, OSError):
+            h = asyncio.run(_dns_health(s))
+            if h is None or h.ok:
+                break
+        time.sleep(0.5)
+    if h is None:
+        return
+    if h.ok:
+        say(f"✓ {h.line()}")
+    else:
+        say(
+            f"  {h.line()} after {timeout:.0f}s: see `corral get pods -n {clusterdns.NAMESPACE}` "
+            "and `corral logs -n corral-system POD`"
+        )
 
 
 def _ensure_etcd(s: ClusterState, say: Progress) -> None:
@@ -807,7 +830,7 @@ class Health:
             self.etcd_ok
             and all(self.etcd_members.values())
             and self.relay is not False
-            and (self.dns is None or self.dns.ok)
+            and (self.dns is None or self.dns.answering)
             and all(
                 n.netns
                 and n.holder
