@@ -362,6 +362,25 @@ class SecurityContext(PodSecurityContext):
         return self
 
 
+class LifecycleHandler(Model):
+    """What a lifecycle hook runs: a command in the container, or an HTTP GET to it."""
+
+    exec: ExecAction | None = None
+    http_get: HTTPGetAction | None = None
+
+    @model_validator(mode="after")
+    def _one_handler(self) -> LifecycleHandler:
+        if (self.exec is None) == (self.http_get is None):
+            raise ValueError("lifecycle.preStop needs exactly one of exec or httpGet")
+        return self
+
+
+class Lifecycle(Model):
+    """Only preStop: it runs before SIGTERM, within terminationGracePeriodSeconds."""
+
+    pre_stop: LifecycleHandler | None = None
+
+
 class Container(Model):
     name: DNSLabel
     image: str | None = None
@@ -378,6 +397,7 @@ class Container(Model):
     liveness_probe: Probe | None = None
     startup_probe: Probe | None = None
     security_context: SecurityContext | None = None
+    lifecycle: Lifecycle | None = None
 
     @model_validator(mode="after")
     def _has_command(self) -> Container:
@@ -407,6 +427,10 @@ class Toleration(Model):
 
 class PodSpec(Model):
     containers: list[Container] = Field(min_length=1)
+    # Run one after another, each to exit 0, before the containers start.
+    init_containers: list[Container] = Field(default_factory=list)
+    # The node's own network namespace: no CNI, podIP = hostIP (docs/runtime.md).
+    host_network: bool = False
     restart_policy: Literal["Always", "OnFailure", "Never"] = "Always"
     node_name: str | None = None
     node_selector: Labels = Field(default_factory=dict)
@@ -430,6 +454,28 @@ class PodSpec(Model):
                 raise ValueError(f"container name {c.name!r} is used twice")
             seen.add(c.name)
         return v
+
+    @model_validator(mode="after")
+    def _init_containers(self) -> PodSpec:
+        names = {c.name for c in self.containers}
+        seen: set[str] = set()
+        for c in self.init_containers:
+            if c.name in names or c.name in seen:
+                raise ValueError(
+                    f"initContainers: container name {c.name!r} is used twice "
+                    "(init and app containers share one name space)"
+                )
+            seen.add(c.name)
+            for probe in ("readiness_probe", "liveness_probe", "startup_probe"):
+                if getattr(c, probe) is not None:
+                    field = "".join(w.title() if i else w for i, w in enumerate(probe.split("_")))
+                    raise ValueError(
+                        f"initContainers[{c.name}].{field}: init containers run to completion "
+                        "and take no probes"
+                    )
+            if c.lifecycle is not None:
+                raise ValueError(f"initContainers[{c.name}].lifecycle: not for init containers")
+        return self
 
 
 class PodCondition(Model):
@@ -462,6 +508,7 @@ class PodStatus(Model):
     pod_ips: list[PodIP] = Field(default_factory=list, alias="podIPs")
     start_time: str | None = None
     conditions: list[PodCondition] = Field(default_factory=list)
+    init_container_statuses: list[ContainerStatus] = Field(default_factory=list)
     container_statuses: list[ContainerStatus] = Field(default_factory=list)
 
     def condition(self, type_: str) -> PodCondition | None:
@@ -720,6 +767,59 @@ class Node(TypedObject):
         return c is not None and c.status == "True"
 
 
+# ---------------------------------------------------------------- namespaces
+
+
+class NamespaceCondition(Model):
+    """Why a terminating namespace is not gone yet (NamespaceContentRemaining, ...)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = None
+
+
+class NamespaceSpec(Model):
+    finalizers: list[str] = Field(
+        default_factory=list,
+        description="Accepted for Kubernetes compatibility; corral's namespace controller "
+        "is the only finalizer.",
+    )
+
+
+class NamespaceStatus(Model):
+    phase: Literal["Active", "Terminating"] = Field(
+        default="Active",
+        description="Active, or Terminating once deleted: the namespace controller is "
+        "removing what it holds, then the namespace.",
+    )
+    conditions: list[NamespaceCondition] = Field(default_factory=list)
+
+    def condition(self, type_: str) -> NamespaceCondition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class Namespace(TypedObject):
+    """A scope for names: namespaced objects can only be created in one that exists.
+
+    Deleting it deletes what it holds (pods gracefully), then the namespace itself.
+    """
+
+    KIND: ClassVar[str] = "Namespace"
+    PLURAL: ClassVar[str] = "namespaces"
+    NAMESPACED: ClassVar[bool] = False
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("ns", "namespace")
+    NAME_RULE: ClassVar[Any] = staticmethod(_dns1123_label)
+
+    spec: NamespaceSpec = Field(default_factory=NamespaceSpec)
+    status: NamespaceStatus = Field(default_factory=NamespaceStatus)
+
+    @property
+    def terminating(self) -> bool:
+        return self.metadata.deletion_timestamp is not None or self.status.phase == "Terminating"
+
+
 # ---------------------------------------------------------------- controllers
 
 
@@ -897,10 +997,15 @@ class IPAllocation(Model):
     pod_namespace: str | None = None
     pod_name: str | None = None
     created_at: str | None = None
+    # "corral-cni" when corral-cni made the attachment (its host veth is then named
+    # from containerID/ifname, so the node can tell a vanished one); "corral-ipam"
+    # under another plugin. None in records written before the field existed.
+    plugin: str | None = None
 
 
 KINDS: tuple[type[TypedObject], ...] = (
     Node,
+    Namespace,
     Pod,
     Service,
     Endpoints,

@@ -457,6 +457,11 @@ class Store:
         rev = r.header.revision if getattr(r, "header", None) is not None else await self.revision()
         return kvs, rev
 
+    async def list_keys(self, prefix: str) -> list[str]:
+        """The keys under `prefix`, without their values (a cheap "is anything here")."""
+        r = await self._call(lambda c: c.get_prefix(prefix.encode(), keys_only=True))
+        return [kv.key.decode() for kv in r]
+
     async def revision(self) -> int:
         r = await self._call(lambda c: c.get(b"/corral/"))
         if r is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from bench import cni, control, overlay, pod_startup, services
+from bench import cni, control, dns, overlay, pod_startup, services
 
 RUNS = [
     ("cni", cni.main, []),
@@ -18,6 +18,7 @@ RUNS = [
     ("pod_startup --cluster", pod_startup.main, ["--cluster"]),
     ("control", control.main, []),
     ("services", services.main, []),
+    ("dns", dns.main, []),
 ]
 
 

@@ -24,7 +24,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from corral.api.objects import Service, TypedObject
+from corral.api.namespaces import check_namespaces
+from corral.api.objects import Namespace, Service, TypedObject
 from corral.api.store import KV, Conflict, Store, batched, kind_prefix, object_key
 
 # Fewer objects of one kind and namespace than this are read by key, not by a list.
@@ -138,14 +139,23 @@ async def _write_batch(store: Store, batch: list[Planned], gate: asyncio.Semapho
 
 
 async def apply_objects(store: Store, objs: Sequence[TypedObject]) -> list[Planned]:
-    """Create or update every object (see the module's doc); the plan, in order."""
+    """Create or update every object (see the module's doc); the plan, in order.
+    NamespaceError (nothing written) if an object to create is in a namespace that
+    does not exist or is terminating."""
     planned = plan(objs, await read_existing(store, objs))
+    coming = [o.name for o in objs if isinstance(o, Namespace)]
+    await check_namespaces(store, [p.obj for p in planned if p.before is None], coming)
     writes = [p for p in planned if p.verb != "unchanged"]
     for p in writes:
         if p.before is None:
             Store.prepare_create(p.obj)
         p.data = Store.encode(p.obj)
     gate = asyncio.Semaphore(IN_FLIGHT)
-    batches = batched(writes, size=lambda p: len(p.data) + 128)
-    await asyncio.gather(*(_write_batch(store, b, gate) for b in batches))
+    # Namespaces first: what goes into them is never stored before they are.
+    for group in (
+        [p for p in writes if isinstance(p.obj, Namespace)],
+        [p for p in writes if not isinstance(p.obj, Namespace)],
+    ):
+        batches = batched(group, size=lambda p: len(p.data) + 128)
+        await asyncio.gather(*(_write_batch(store, b, gate) for b in batches))
     return planned

@@ -82,9 +82,17 @@ def _container(pod: Pod, name: str | None) -> str:
                 f"pod {pod.name} has several containers ({', '.join(names)}); choose one with -c"
             )
         return names[0]
-    if name not in names:
-        raise CLIError(f"pod {pod.name} has no container {name!r} (it has: {', '.join(names)})")
+    inits = [c.name for c in pod.spec.init_containers]  # `-c INIT` shows an init container's
+    if name not in names + inits:
+        raise CLIError(
+            f"pod {pod.name} has no container {name!r} (it has: {', '.join(names + inits)})"
+        )
     return name
+
+
+def _status_of(pod: Pod, container: str) -> Any:
+    sts = [*pod.status.container_statuses, *pod.status.init_container_statuses]
+    return next((c for c in sts if c.name == container), None)
 
 
 def _runtime_info(pod: Pod) -> dict[str, Any]:
@@ -111,7 +119,7 @@ def _pod_dir(pod: Pod) -> str:
 
 def _log_file(pod: Pod, container: str, previous: bool) -> str:
     info = _runtime_info(pod)
-    status = next((c for c in pod.status.container_statuses if c.name == container), None)
+    status = _status_of(pod, container)
     restarts = status.restart_count if status else 0
     instance = restarts - 1 if previous else restarts
     if instance < 0:
@@ -159,9 +167,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     cur = run(lambda: _maybe_pod(args))
                     if cur is None or cur.metadata.uid != pod.metadata.uid:
                         return 0
-                    st = next(
-                        (c for c in cur.status.container_statuses if c.name == container), None
-                    )
+                    st = _status_of(cur, container)
                     if (
                         st is None
                         or "running" not in st.state
@@ -176,7 +182,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _restarts(pod: Pod, container: str) -> int:
-    st = next((c for c in pod.status.container_statuses if c.name == container), None)
+    st = _status_of(pod, container)
     return st.restart_count if st else 0
 
 

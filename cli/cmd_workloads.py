@@ -21,7 +21,7 @@ from corral.api.objects import (
 from corral.api.quantity import QuantityError, parse_quantity
 from corral.api.store import AlreadyExists, NotFound, Store
 from corral.cli.cmd_objects import fetch_named
-from corral.cli.common import CLIError, add_command_argument, run, store_from_args
+from corral.cli.common import CLIError, add_command_argument, admit, run, store_from_args
 from corral.cli.describe import describe
 from corral.control.serviceips import AllocationError, Allocator
 
@@ -279,6 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"service {obj.name!r} already exists in namespace "
                     f"{args.namespace!r}; run without --expose"
                 )
+            await admit(store, [obj])
             try:
                 await store.create(obj)
             except AlreadyExists:
@@ -360,6 +361,7 @@ async def expose(store: Store, args: argparse.Namespace) -> Service:
             f"service {svc_name!r} already exists in namespace {args.namespace!r}; "
             "pick another with --name"
         )
+    await admit(store, [svc])
     svc.metadata.uid = str(uuid.uuid4())
     allocator = Allocator(store)
     try:

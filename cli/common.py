@@ -9,6 +9,8 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from corral.api.namespaces import NamespaceError, check_namespaces
+from corral.api.objects import TypedObject
 from corral.api.store import Store, TLSFiles, Unavailable, parse_endpoints
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
@@ -105,6 +107,17 @@ async def store_from_args(args: argparse.Namespace) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+
+
+async def admit(
+    store: Store, objs: list[TypedObject], outcome: str = "nothing was created"
+) -> None:
+    """CLIError (saying `outcome`) if an object is in a namespace that does not exist or
+    is terminating: what every verb that creates objects checks first."""
+    try:
+        await check_namespaces(store, objs)
+    except NamespaceError as e:
+        raise CLIError(f"{e}; {outcome}") from None
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:

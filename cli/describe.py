@@ -13,6 +13,7 @@ import yaml
 from corral.api.objects import (
     Deployment,
     Endpoints,
+    Namespace,
     Node,
     Pod,
     ReplicationController,
@@ -263,6 +264,18 @@ def describe_node(n: Node, pods: list[Pod]) -> str:
     return "\n".join(parts)
 
 
+def describe_namespace(ns: Namespace, counts: dict[str, int]) -> str:
+    status = ns.status.phase
+    if ns.metadata.deletion_timestamp:
+        status = f"Terminating (since {ns.metadata.deletion_timestamp})"
+    parts = [_kv([*_meta(ns), ("Status", status)])]
+    if ns.status.conditions:
+        parts += ["Conditions:", _conditions(ns.status.conditions)]
+    rows = [(plural, n) for plural, n in sorted(counts.items())]
+    parts += ["Resources:", _indent(_kv(rows)) if rows else "  <none>"]
+    return "\n".join(parts)
+
+
 async def describe(store: Store, obj: TypedObject) -> str:
     if isinstance(obj, Pod):
         return describe_pod(obj)
@@ -274,4 +287,8 @@ async def describe(store: Store, obj: TypedObject) -> str:
     if isinstance(obj, Node):
         pods, _ = await store.list(Pod)
         return describe_node(obj, pods)
+    if isinstance(obj, Namespace):
+        from corral.control.namespaces import remaining
+
+        return describe_namespace(obj, await remaining(store, obj.name))
     return _kv(_meta(obj)) + "\n" + yaml.safe_dump(prune(obj.dump()), sort_keys=False).rstrip()

@@ -13,6 +13,16 @@ from typing import NoReturn
 import corral.cli
 from corral import __version__
 from corral.cli.common import CLIError, add_etcd_option
+from corral.cli.examples import epilog
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but an `examples:` epilog keeps its lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(f"corral.cli.{mod.name}")
             module.register(sub)
     _kubectl_habits(sub)
+    _examples(p)
     return p
+
+
+def _examples(parser: argparse.ArgumentParser) -> None:
+    """Every parser's help ends with its examples (cli/examples.py, unless it has its own)."""
+    parser.formatter_class = _HelpFormatter
+    if parser.epilog is None:
+        parser.epilog = epilog(parser.prog.removeprefix("corral").strip())
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _examples(child)
 
 
 def _kubectl_habits(sub: argparse._SubParsersAction) -> None:

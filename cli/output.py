@@ -12,6 +12,7 @@ from corral.api.objects import (
     Deployment,
     Endpoints,
     EndpointSlice,
+    Namespace,
     Node,
     Pod,
     ReplicationController,
@@ -60,9 +61,28 @@ def _node_row(n: Node, wide: bool) -> list[str]:
     return row
 
 
+def _init_status(p: Pod) -> str | None:
+    """kubectl's Init:N/M, Init:<reason> while init containers run; None once done."""
+    inits = p.status.init_container_statuses
+    for i, cs in enumerate(inits):
+        term = cs.state.get("terminated") or {}
+        if term and term.get("exitCode") == 0:
+            continue
+        if term:
+            return f"Init:{term.get('reason') or 'ExitCode:' + str(term.get('exitCode'))}"
+        reason = (cs.state.get("waiting") or {}).get("reason")
+        if reason and reason != "PodInitializing":
+            return f"Init:{reason}"
+        return f"Init:{i}/{len(p.spec.init_containers)}"
+    return None
+
+
 def pod_status(p: Pod) -> str:
     if p.metadata.deletion_timestamp:
         return "Terminating"
+    init = _init_status(p)
+    if init is not None:
+        return init
     for cs in p.status.container_statuses:
         waiting = cs.state.get("waiting") or {}
         if waiting.get("reason"):
@@ -150,12 +170,21 @@ def _rc_row(r: ReplicationController | Deployment, wide: bool) -> list[str]:
     ]
 
 
+def _ns_row(n: Namespace, wide: bool) -> list[str]:
+    return [
+        n.name,
+        "Terminating" if n.terminating else n.status.phase,
+        age(n.metadata.creation_timestamp),
+    ]
+
+
 def _generic_row(o: TypedObject, wide: bool) -> list[str]:
     return [o.name, age(o.metadata.creation_timestamp)]
 
 
 COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], list[str]]]] = {
     Node: (["NAME", "STATUS", "AGE"], ["INTERNAL-IP", "POD-CIDR"], _node_row),  # type: ignore[dict-item]
+    Namespace: (["NAME", "STATUS", "AGE"], [], _ns_row),  # type: ignore[dict-item]
     Pod: (["NAME", "READY", "STATUS", "RESTARTS", "AGE"], ["IP", "NODE"], _pod_row),  # type: ignore[dict-item]
     Service: (
         ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"],
@@ -203,11 +232,74 @@ def render(
         return yaml.safe_dump(data, sort_keys=False).rstrip()
     if fmt == "name":
         return "\n".join(f"{kind.PLURAL}/{o.name}" for o in objs)
-    wide = fmt == "wide"
+    headers, rows = table_rows(kind, objs, fmt == "wide", all_namespaces)
+    return table(headers, rows)
+
+
+def table_rows(
+    kind: type[TypedObject], objs: Sequence[TypedObject], wide: bool, all_namespaces: bool
+) -> tuple[list[str], list[list[str]]]:
+    """The table's headers and one row per object (NAMESPACE first with -A)."""
     headers, extra, row = COLUMNS.get(kind, (["NAME", "AGE"], [], _generic_row))
     headers = headers + (extra if wide else [])
     rows = [row(o, wide) for o in objs]
     if all_namespaces and kind.NAMESPACED:
         headers = ["NAMESPACE", *headers]
         rows = [[o.namespace or "", *r] for o, r in zip(objs, rows, strict=True)]
-    return table(headers, rows)
+    return headers, rows
+
+
+class WatchPrinter:
+    """What `corral get -w` prints: the table (or objects), then one line per change,
+    its columns as wide as those already printed (`events`: an EVENT column first)."""
+
+    def __init__(
+        self,
+        kind: type[TypedObject],
+        fmt: str | None,
+        all_namespaces: bool = False,
+        events: bool = False,
+        write: Callable[[str], None] = print,
+    ) -> None:
+        self.kind, self.fmt, self.all_namespaces, self.events = kind, fmt, all_namespaces, events
+        self.write = write
+        self.widths: list[int] = []
+        self.headed = False
+
+    def _line(self, cells: list[str]) -> str:
+        self.widths += [0] * (len(cells) - len(self.widths))
+        self.widths = [max(w, len(c)) for w, c in zip(self.widths, cells, strict=False)]
+        return "   ".join(c.ljust(self.widths[i]) for i, c in enumerate(cells)).rstrip()
+
+    def show(self, objs: Sequence[TypedObject], event: str = "ADDED") -> None:
+        if not objs:
+            return
+        if self.fmt in ("json", "yaml", "name"):
+            for o in objs:
+                self._one(o, event)
+            return
+        headers, rows = table_rows(self.kind, objs, self.fmt == "wide", self.all_namespaces)
+        if self.events:
+            headers = ["EVENT", *headers]
+            rows = [[event, *r] for r in rows]
+        lines = []
+        if not self.headed:
+            for cells in (headers, *rows):
+                self._line(cells)  # the widths of the whole first table, as `get` has
+            lines.append(self._line(headers))
+            self.headed = True
+        lines += [self._line(r) for r in rows]
+        self.write("\n".join(lines))
+
+    def _one(self, o: TypedObject, event: str) -> None:
+        if self.fmt == "name":
+            text = f"{self.kind.PLURAL}/{o.name}"
+            self.write(f"{event} {text}" if self.events else text)
+            return
+        doc: object = prune(o.dump())
+        if self.events:
+            doc = {"type": event, "object": doc}
+        if self.fmt == "json":
+            self.write(json.dumps(doc, indent=2))
+        else:
+            self.write("---\n" + yaml.safe_dump(doc, sort_keys=False).rstrip())

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from corral.api.namespaces import ensure_builtin
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError, TLSFiles, endpoints_use_tls, parse_endpoints
 from corral.cluster import clusterdns, daemons, etcdauth, nodes, pki, underlay
@@ -538,6 +539,7 @@ def tcp_reachable(ns: str, host: str, port: int, timeout: float = 1.0) -> bool:
 def _register_nodes(s: ClusterState, say: Progress) -> None:
     async def go() -> list[bool]:
         async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
+            await ensure_builtin(store)  # default, kube-system, kube-public, corral-system
             return [await nodes.register(store, s.name, n) for n in s.nodes]
 
     try:

@@ -435,6 +435,17 @@ class Plumber:
 
     # ------------------------------------------------------------ GC
 
+    async def host_veths(self) -> set[str]:
+        """Names of the node's links that follow our host veth pattern."""
+        return await self._run(self._ops, self._host_veths)
+
+    def _host_veths(self) -> set[str]:
+        return {
+            name
+            for link in self.ipr.get_links()
+            if HOST_NAME_RE.match(name := str(link.get("ifname")))
+        }
+
     async def gc(self, bridge: str, valid: set[tuple[str, str]]) -> list[str]:
         return await self._run(self._ops, self._gc, bridge, valid)
 

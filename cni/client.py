@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +133,15 @@ class RuntimeConf:
             or any(c in self.ifname for c in "/: \t\n")
         ):
             raise CNIError(f"invalid interface name {self.ifname!r}", code=7)
+
+
+def is_pod_sandbox(entry: CachedAttachment) -> bool:
+    """Did a pod runtime add this attachment (`pod_args`, the sandbox's own ID as its
+    K8S_POD_INFRA_CONTAINER_ID)? podman and `ctr run --cni` pass no pod UID."""
+    args = dict(entry.cni_args)
+    return bool(args.get("K8S_POD_UID")) and args.get("K8S_POD_INFRA_CONTAINER_ID") == (
+        entry.container_id
+    )
 
 
 def pod_args(namespace: str, name: str, uid: str, infra_id: str) -> list[tuple[str, str]]:
@@ -339,11 +348,17 @@ class CNIClient:
         await self._del_chain(net, rt, entry.result)
         self.cache.delete(entry.network, entry.container_id, entry.ifname)
 
-    async def gc(self, keep: set[str], netns_of: dict[str, str] | None = None) -> list[str]:
-        """DEL every cached attachment whose container ID is not in `keep`."""
+    async def gc(
+        self,
+        keep: set[str],
+        netns_of: dict[str, str] | None = None,
+        ours: Callable[[CachedAttachment], bool] | None = None,
+    ) -> list[str]:
+        """DEL every cached attachment whose container ID is not in `keep` (of those
+        `ours` accepts: the cache dir is shared with every other runtime on the node)."""
         removed = []
         for entry in self.cache.entries():
-            if entry.container_id in keep:
+            if entry.container_id in keep or (ours is not None and not ours(entry)):
                 continue
             try:
                 await self.delete_cached(entry, (netns_of or {}).get(entry.container_id, ""))

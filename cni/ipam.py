@@ -94,7 +94,13 @@ class IPAM:
         return None if kv is None else ipaddress.IPv4Address(kv.value.decode())
 
     async def _try(
-        self, r: Range, ip: Addr4, container_id: str, ifname: str, meta: dict[str, str]
+        self,
+        r: Range,
+        ip: Addr4,
+        container_id: str,
+        ifname: str,
+        meta: dict[str, str],
+        plugin: str | None = None,
     ) -> tuple[bool, Addr4 | None]:
         """One create-if-absent txn; (True, ip) won, (False, existing) if already owned."""
         rec = IPAllocation(
@@ -106,6 +112,7 @@ class IPAM:
             created_at=now_iso(),
             pod_namespace=meta.get("K8S_POD_NAMESPACE"),
             pod_name=meta.get("K8S_POD_NAME"),
+            plugin=plugin,
         )
         ipk, ownk = ipam_ip_key(r.pool, str(ip)), ipam_owner_key(r.pool, container_id, ifname)
         ok, _ = await self.store.txn(
@@ -127,6 +134,7 @@ class IPAM:
         requested: list[Addr4],
         meta: dict[str, str],
         picked: asyncio.Future[Allocated] | None = None,
+        plugin: str | None = None,
     ) -> Allocated:
         """One IP from this range set for the attachment (its existing one if it has one).
 
@@ -159,7 +167,7 @@ class IPAM:
                     "it is the network, broadcast or gateway address, or outside "
                     "rangeStart..rangeEnd",
                 )
-            won, existing = await self._try(r, ip, container_id, ifname, meta)
+            won, existing = await self._try(r, ip, container_id, ifname, meta, plugin)
             if won or existing == ip:
                 self._state(r.pool).used.add(ip)
                 return Allocated(ip, r)
@@ -187,7 +195,7 @@ class IPAM:
                 st.used.add(ip)  # claimed before the await: concurrent ADDs skip it
                 st.cursor = nxt
                 pick(ip, r)
-                won, existing = await self._try(r, ip, container_id, ifname, meta)
+                won, existing = await self._try(r, ip, container_id, ifname, meta, plugin)
                 if won:
                     return Allocated(ip, r)
                 if existing is not None:  # a concurrent ADD for the same attachment won

@@ -20,14 +20,17 @@ import os
 import socket
 import stat
 import time
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import aetcd.exceptions
 from prometheus_client.core import GaugeMetricFamily
 
+from corral.api.objects import IPAllocation
 from corral.api.store import Store, StoreError, Unavailable, pool_id
 from corral.cni import errors as E
-from corral.cni.bridge import Attachment, Plumber
+from corral.cni.bridge import Attachment, Plumber, host_veth_name
 from corral.cni.config import (
     MAX_STDIN,
     SUPPORTED_VERSIONS,
@@ -43,7 +46,7 @@ from corral.cni.config import (
 )
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
-from corral.cni.ipam import IPAM, Allocated
+from corral.cni.ipam import IPAM, Allocated, pool_prefix
 from corral.cni.sources import extra_source
 from corral.daemon import metrics
 from corral.node.context import NodeContext, NodeOptions, NodePaths
@@ -54,6 +57,16 @@ log = logging.getLogger(__name__)
 CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 READ_TIMEOUT = 60.0  # a shim sends its whole request at once; a silent peer is dropped
 DEFAULT_ROUTE = Route(ipaddress.IPv4Network("0.0.0.0/0"))
+REAP_EVERY = 10.0  # s between reaper passes (attachments whose netns vanished)
+REAP_AFTER = 10.0  # s: a younger allocation may belong to an ADD still in progress
+
+
+def _epoch(iso: str | None) -> float:
+    """Seconds since the epoch of an RFC 3339 time; 0 (very old) when unreadable."""
+    try:
+        return datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 async def _read_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -124,6 +137,8 @@ class CNIServer:
         self._conflist: str | None = None
         self._sock_id: tuple[int, int] | None = None  # (dev, inode) of the socket we bound
         self._unregister: Any = None
+        self._next_reap = 0.0
+        self.reaped = 0  # IPs the reaper released (attachments whose netns vanished)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -193,6 +208,12 @@ class CNIServer:
                 await self._bind()
             self._sync_subnet()
             await self._load_pool()
+            if time.monotonic() >= self._next_reap:
+                self._next_reap = time.monotonic() + REAP_EVERY
+                try:
+                    await self.reap_vanished()
+                except Exception as e:  # etcd away: the next pass tries again
+                    log.warning("reaper pass failed: %s", e)
             await asyncio.sleep(0.5)
 
     async def _load_pool(self) -> None:
@@ -216,6 +237,7 @@ class CNIServer:
             "conflist": self._conflist,
             "allocated": self.ipam.usage(),
             "inFlight": len(self._locks),
+            "reaped": self.reaped,
         }
 
     def _pool_metrics(self) -> list[Any]:
@@ -349,24 +371,96 @@ class CNIServer:
             await self._gc(req)
             return None
         # One verb at a time per attachment (a runtime's DEL racing its own ADD).
-        key = (req.container_id, req.ifname)
+        async with self._attachment(req.container_id, req.ifname):
+            if req.command == "ADD":
+                return await self._add(req)
+            if req.command == "DEL":
+                await self._del(req)
+                return None
+            await self._check(req)
+            return None
+
+    @contextlib.asynccontextmanager
+    async def _attachment(self, container_id: str, ifname: str) -> AsyncIterator[None]:
+        """Hold the attachment's lock: ADD, DEL, CHECK and the reaper take turns on it."""
+        key = (container_id, ifname)
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                if req.command == "ADD":
-                    return await self._add(req)
-                if req.command == "DEL":
-                    await self._del(req)
-                    return None
-                await self._check(req)
-                return None
+                yield
         finally:
             lock, users = self._locks[key]
             if users == 1:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+    # ------------------------------------------------------------ reaper
+
+    async def reap_vanished(self, min_age: float = REAP_AFTER) -> list[ipaddress.IPv4Address]:
+        """Release the IPs of corral-cni attachments whose pod network namespace is gone.
+
+        A runtime that loses a container behind its own back (its state wiped, the
+        netns unmounted, the process killed) never sends DEL, and libcni 1.1 runtimes
+        (containerd 1.6, podman 4) send no CNI GC either; containerd 1.6's `ctr` does
+        not even DEL when a detached task is deleted. When a pod's namespace goes, the
+        kernel removes both ends of its veth pair, and corral-cni names the host end
+        from (containerID, ifname): an allocation of this node older than `min_age`
+        whose host veth is missing and which no call holds is such a leftover. Its IP
+        is released, the cached result any runtime kept for it is removed.
+        """
+        r = self.subnet.range
+        if r is None or self.plumber is None:
+            return []
+        kvs, _ = await self.ipam.store.list_raw(pool_prefix(r.pool) + "ips/")
+        recs = []
+        for kv in kvs:
+            with contextlib.suppress(ValueError):
+                rec = IPAllocation.model_validate_json(kv.value)
+                if rec.plugin == "corral-cni" and rec.node_name == self.ctx.node_name:
+                    recs.append(rec)
+        if not recs:
+            return []
+        live = await self.plumber.host_veths()
+        now = time.time()
+        freed = []
+        for rec in recs:
+            if host_veth_name(rec.container_id, rec.ifname) in live:
+                continue
+            if now - _epoch(rec.created_at) < min_age or (rec.container_id, rec.ifname) in (
+                self._locks
+            ):
+                continue  # maybe an ADD still making its pair
+            async with self._attachment(rec.container_id, rec.ifname):
+                if host_veth_name(rec.container_id, rec.ifname) in await self.plumber.host_veths():
+                    continue
+                got = await self.ipam.release([r.pool], rec.container_id, rec.ifname)
+            freed += got
+            self.reaped += len(got)
+            gone = self._forget_cached(rec.container_id, rec.ifname)
+            log.info(
+                "reaper: %s/%s (pod %s/%s) lost its network namespace without a DEL: released %s%s",
+                rec.container_id,
+                rec.ifname,
+                rec.pod_namespace or "-",
+                rec.pod_name or "-",
+                ", ".join(map(str, got)) or "nothing",
+                f", removed cached result {', '.join(gone)}" if gone else "",
+            )
+        return freed
+
+    def _forget_cached(self, container_id: str, ifname: str) -> list[str]:
+        """Remove libcni result caches (`<network>-<containerID>-<ifname>`) of it."""
+        d = os.path.join(self.paths.cni_cache_dir, "results")
+        gone = []
+        with contextlib.suppress(OSError):
+            for name in os.listdir(d):
+                if name.endswith(f"-{container_id}-{ifname}"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(d, name))
+                        gone.append(name)
+        return gone
 
     def _ranges(self, ipc: IPAMConfig) -> list[list[Range]]:
         if ipc.range_sets:
@@ -454,7 +548,13 @@ class CNIServer:
         try:
             for rs in sets:
                 a = await self.ipam.allocate(
-                    rs, req.container_id, req.ifname, ipc.requested, req.cni_args, picked
+                    rs,
+                    req.container_id,
+                    req.ifname,
+                    ipc.requested,
+                    req.cni_args,
+                    picked,
+                    plugin=req.plugin,
                 )
                 got.append((a.ip, a.range))
         except BaseException:

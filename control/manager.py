@@ -12,6 +12,7 @@ from corral.api.informer import InformerFactory, started
 from corral.api.store import Store
 from corral.control.endpoints import EndpointsController
 from corral.control.heap import HeapTuning
+from corral.control.namespaces import NamespaceController
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
 from corral.control.serviceips import ServiceIPController
@@ -39,6 +40,7 @@ CONTROLLERS: dict[str, Callable[[Store, ControllerOptions, InformerFactory], Any
         eviction_timeout=o.pod_eviction_timeout,
         informers=i,
     ),
+    "namespaces": lambda s, o, i: NamespaceController(s, informers=i),
 }
 
 

@@ -9,6 +9,7 @@ made later (gRPC's, executors') inherit the set of the thread that made them.
 What each daemon keeps (README lists the same):
 
     scheduler, controllers   nothing: they only talk to etcd over TCP
+    dns                      NET_BIND_SERVICE (port 53)
     proxy                    NET_ADMIN (netfilter, ipset, conntrack, the service
                              route, the bridge sysctl), NET_RAW (legacy iptables'
                              raw socket), BPF (the fast path's pinned map)
@@ -29,6 +30,7 @@ KEEP: dict[str, frozenset[str] | None] = {
     "controllers": frozenset(),
     "node": None,  # None: keep all
     "proxy": frozenset({"NET_ADMIN", "NET_RAW", "BPF"}),
+    "dns": frozenset({"NET_BIND_SERVICE"}),  # port 53; it only reads etcd and answers
 }
 
 PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24

@@ -196,3 +196,50 @@ def test_pods_cannot_touch_their_node_unless_they_ask(cluster: Any) -> None:
         wait_for(
             lambda: all(get(cluster, n) is None for n in names), "the sandbox test's pods to go"
         )
+
+
+def test_host_network_pod_with_an_init_container(cluster: Any) -> None:
+    """A system-pod shape: hostNetwork, an init container first, served on the node's IP."""
+    sfx = secrets.token_hex(3)
+    name, node, other = f"hn-{sfx}", cluster.nodes[0], cluster.nodes[1]
+    port = 20000 + int(sfx, 16) % 10000
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "hostNetwork": True,
+            "terminationGracePeriodSeconds": 2,
+            "initContainers": [{"name": "setup", "command": ["sh", "-c", "echo set up"]}],
+            "containers": [
+                {
+                    "name": "web",
+                    "command": [sys.executable, "-m", "http.server", str(port)],
+                    "ports": [{"containerPort": port}],
+                    "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
+                    "lifecycle": {"preStop": {"exec": {"command": ["true"]}}},
+                }
+            ],
+        },
+    }
+    r = cluster.corral("apply", "-f", "-", input=json.dumps(manifest))
+    assert r.returncode == 0, r.stderr
+    try:
+        p = wait_for(lambda: (p := get(cluster, name)) and p.ready and p, f"{name} Ready")
+        assert p.status.pod_ip == p.status.host_ip == cluster.ips[node]
+        assert [c.state["terminated"]["reason"] for c in p.status.init_container_statuses] == [
+            "Completed"
+        ]
+        # On the node's own address, from another node: no CNI, no pod subnet.
+        r = cluster.exec(
+            other, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+            f"http://{cluster.ips[node]}:{port}/",
+        )  # fmt: skip
+        assert r.stdout == "200", r
+        r = cluster.corral("get", "pod", name)
+        assert r.returncode == 0 and "Running" in r.stdout, r
+        assert cluster.corral("logs", name, "-c", "setup").stdout == "set up\n"
+    finally:
+        cluster.corral("delete", "pod", name, "--ignore-not-found", "--grace-period", "2")
+        wait_for(lambda: get(cluster, name) is None, f"{name} deleted")

@@ -69,19 +69,24 @@ class PodCgroups:
     def _controllers(self) -> list[str]:
         return [c for c in V1_CONTROLLERS if os.path.isdir(os.path.join(self.root, c))]
 
-    def create(self, limits: dict[str, Limits]) -> None:
-        """Make the pod's dirs (idempotent) and apply each container's limits."""
+    def create(self, limits: dict[str, Limits], init: dict[str, Limits] | None = None) -> None:
+        """Make the pod's dirs (idempotent) and apply each container's limits.
+
+        The pod's memory limit is the sum of its containers' (when each has one), or the
+        largest init container's if that is more: init containers run one at a time,
+        before the others (Kubernetes' effective pod limit)."""
         os.makedirs(self.v2_dir, exist_ok=True)
+        app = limits
+        limits = {**(init or {}), **limits}
         for ctrl in self._controllers():
             for name in limits:
                 os.makedirs(self.v1_dir(ctrl, name), exist_ok=True)
-        mems = [lim.memory for lim in limits.values()]
+        mems = [lim.memory for lim in app.values()]
+        init_mems = [lim.memory for lim in (init or {}).values()]
         if "memory" in self._controllers():
-            if mems and all(m is not None for m in mems):
-                _write(
-                    os.path.join(self.v1_dir("memory"), "memory.limit_in_bytes"),
-                    str(sum(m for m in mems if m is not None)),
-                )
+            if mems and all(m is not None for m in [*mems, *init_mems]):
+                total = max([sum(m for m in mems if m is not None), *init_mems])  # type: ignore[type-var]
+                _write(os.path.join(self.v1_dir("memory"), "memory.limit_in_bytes"), str(total))
             for name, lim in limits.items():
                 if lim.memory is not None:
                     d = self.v1_dir("memory", name)

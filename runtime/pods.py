@@ -32,10 +32,19 @@ from corral.api.objects import (
     PodCondition,
     PodIP,
     PodStatus,
+    Probe,
 )
 from corral.api.objects import ContainerStatus as CStatus
 from corral.api.store import Conflict, NotFound, now_iso
-from corral.cni.client import CNIClient, CNIError, RuntimeConf, load_conflist, pod_args, result_ips
+from corral.cni.client import (
+    CNIClient,
+    CNIError,
+    RuntimeConf,
+    is_pod_sandbox,
+    load_conflist,
+    pod_args,
+    result_ips,
+)
 from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import NodeContext
@@ -69,8 +78,11 @@ def _iso(ts: float) -> str:
 
 
 class ContainerRunner:
-    def __init__(self, worker: PodWorker, spec: Container, saved: ContainerSaved) -> None:
+    def __init__(
+        self, worker: PodWorker, spec: Container, saved: ContainerSaved, init: bool = False
+    ) -> None:
         self.w, self.spec, self.saved = worker, spec, saved
+        self.init = init  # an init container: runs to completion before the others
         self.rec = containers.ContainerRecord.from_dict(saved.record) if saved.record else None
         self.proc: asyncio.subprocess.Process | None = None
         self.adopting = self.rec is not None  # found running after a runtime restart
@@ -126,6 +138,8 @@ class ContainerRunner:
                 w.changed()
                 return
             policy = w.pod.spec.restart_policy
+            if self.init:  # restarted until it succeeds, unless the pod never restarts
+                policy = "Never" if policy == "Never" else "OnFailure"
             if policy == "Never" or (policy == "OnFailure" and exit_code == 0):
                 s.state, s.done = {"terminated": term}, True
                 w.changed()
@@ -198,7 +212,8 @@ class ContainerRunner:
             argv=argv,
             env=self.env(),
             working_dir=self.spec.working_dir,
-            netns=w.saved.netns,
+            # hostNetwork: the shim "enters" its own namespace, the node's.
+            netns=w.saved.netns or "/proc/self/ns/net",
             hostname=w.hostname,
             binds=[
                 (os.path.join(w.dir, "etc", "resolv.conf"), "/etc/resolv.conf"),
@@ -315,12 +330,45 @@ class ContainerRunner:
         t.add_done_callback(self._bg.discard)
 
     async def _kill(self, rec: containers.ContainerRecord) -> None:
-        await containers.stop(rec, self.proc if self.rec is rec else None, self.w.grace())
+        await self._stop(rec, self.proc if self.rec is rec else None, self.w.grace())
 
     async def stop(self, grace: float) -> None:
         rec = self.rec
         if rec is not None:
-            await containers.stop(rec, self.proc, grace)
+            await self._stop(rec, self.proc, grace)
+
+    async def _stop(
+        self, rec: containers.ContainerRecord, proc: asyncio.subprocess.Process | None, grace: float
+    ) -> None:
+        """The kubelet's order: preStop (within the grace period), SIGTERM, then SIGKILL
+        when the grace period is over. A preStop hook that uses it all up leaves the
+        container 2 s after SIGTERM, as the kubelet does."""
+        deadline = time.monotonic() + grace
+        hook = self.spec.lifecycle.pre_stop if self.spec.lifecycle else None
+        if hook is not None and grace > 0 and rec.alive():
+            await self._pre_stop(rec, hook, grace)
+        left = max(deadline - time.monotonic(), 2.0 if hook is not None and grace > 0 else 0.0)
+        await containers.stop(rec, proc, left)
+
+    async def _pre_stop(self, rec: containers.ContainerRecord, hook: Any, grace: float) -> None:
+        w = self.w
+        probe = Probe(exec=hook.exec, http_get=hook.http_get, timeout_seconds=max(1, int(grace)))
+        t0 = time.monotonic()
+        try:
+            # The handler's own timeout ends the hook's process; this one is a backstop.
+            ok, msg = await asyncio.wait_for(self._handler(probe, rec)(), grace + 1)
+        except TimeoutError:
+            ok, msg = False, f"still running after the grace period ({grace:g}s)"
+        except Exception as e:  # a broken hook must not keep the container from stopping
+            ok, msg = False, str(e)
+        log.info(
+            "%s/%s: preStop hook %s in %.0f ms%s",
+            w.pod.name,
+            self.name,
+            "done" if ok else "failed",
+            (time.monotonic() - t0) * 1000,
+            "" if ok else f": {msg}",
+        )
 
 
 class PodWorker:
@@ -329,10 +377,15 @@ class PodWorker:
         uid = pod.metadata.uid or ""
         self.adopted = saved is not None
         self.saved = saved or PodSaved(uid=uid, namespace=pod.namespace or "default", name=pod.name)
-        for c in pod.spec.containers:
+        for c in [*pod.spec.init_containers, *pod.spec.containers]:
             self.saved.containers.setdefault(c.name, ContainerSaved())
         self.dir = podstate.pod_dir(rt.ctx.paths.state_dir, uid)
         self.cgroups = PodCgroups(rt.ctx.node_name, uid)
+        self.host_network = pod.spec.host_network
+        self.init_runners = [
+            ContainerRunner(self, c, self.saved.containers[c.name], init=True)
+            for c in pod.spec.init_containers
+        ]
         self.runners = [
             ContainerRunner(self, c, self.saved.containers[c.name]) for c in pod.spec.containers
         ]
@@ -356,7 +409,26 @@ class PodWorker:
 
     @property
     def hostname(self) -> str:
+        if self.host_network:  # as in Kubernetes: the node's name
+            return self.rt.ctx.node_name[:63].rstrip("-.")
         return (self.pod.spec.hostname or self.pod.name)[:63].rstrip("-.")
+
+    @property
+    def all_runners(self) -> list[ContainerRunner]:
+        return [*self.init_runners, *self.runners]
+
+    def init_failed(self) -> bool:
+        """An init container failed for good (restartPolicy Never): the pod Failed."""
+        return any(
+            r.saved.done and r.saved.state.get("terminated", {}).get("exitCode", 0) != 0
+            for r in self.init_runners
+        )
+
+    def initialized(self) -> bool:
+        return all(
+            r.saved.done and r.saved.state.get("terminated", {}).get("exitCode") == 0
+            for r in self.init_runners
+        )
 
     def grace(self) -> float:
         md = self.pod.metadata
@@ -393,10 +465,17 @@ class PodWorker:
     async def run(self) -> None:
         self.writer = asyncio.create_task(self._write_status_loop())
         try:
-            finished = all(r.saved.done for r in self.runners)  # adopted after it completed
+            # Adopted after it completed (or after an init container failed for good).
+            finished = all(r.saved.done for r in self.runners) or self.init_failed()
             if not self.deleting.is_set() and not finished:
                 await self._ensure_sandbox()
-            if not self.deleting.is_set() and not finished and self.sandbox_error is None:
+            started = not self.deleting.is_set() and not finished and self.sandbox_error is None
+            if started and not await self._run_init():
+                started = False
+                if self.init_failed() and not self.deleting.is_set():
+                    await self._network_down()  # the pod Failed: as for a finished pod
+                    self.changed()
+            if started:
                 for r in self.runners:
                     r.task = asyncio.create_task(r.run())
                 done = asyncio.gather(
@@ -417,8 +496,37 @@ class PodWorker:
             if self.writer is not None:
                 self.writer.cancel()
 
+    async def _run_init(self) -> bool:
+        """The init containers, in order, each until it exits 0. False if the pod is
+        being deleted or an init container failed for good (restartPolicy Never)."""
+        for r in self.init_runners:
+            backoff = self.rt.backoff_base
+            while not (r.saved.done and r.saved.state.get("terminated", {}).get("exitCode") == 0):
+                r.task = asyncio.create_task(r.run())
+                deleting = asyncio.create_task(self.deleting.wait())
+                await asyncio.wait({r.task, deleting}, return_when=asyncio.FIRST_COMPLETED)
+                deleting.cancel()
+                if self.deleting.is_set() or self.init_failed():
+                    return False
+                if r.task.done() and r.task.exception() is not None:  # a runtime bug: retry
+                    log.error(
+                        "pod %s/%s: init container %s: %r",
+                        self.saved.namespace,
+                        self.saved.name,
+                        r.name,
+                        r.task.exception(),
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.deleting.wait(), backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+            self.changed()
+        return True
+
     async def _ensure_sandbox(self) -> None:
         s = self.saved
+        if self.host_network:
+            await self._host_sandbox()
+            return
         if self.adopted and s.netns and netns.exists(s.netns) and not s.network_down:
             self._write_files()
             return
@@ -450,13 +558,42 @@ class PodWorker:
                 backoff = min(backoff * 2, 30.0)
         self.sandbox_error = None
 
+    def _create_cgroups(self) -> None:
+        spec = self.pod.spec
+        self.cgroups.create(
+            {c.name: Limits.of(c) for c in spec.containers},
+            {c.name: Limits.of(c) for c in spec.init_containers},
+        )
+
+    async def _host_sandbox(self) -> None:
+        """hostNetwork: no netns, no CNI; the pod's IP is its node's (retried like a
+        sandbox until the node's address is known)."""
+        s, ctx = self.saved, self.rt.ctx
+        backoff = 0.5
+        while self.rt.host_ip is None and not self.deleting.is_set():
+            self.sandbox_error = ("FailedCreatePodSandBox", "the node has no InternalIP yet")
+            self.changed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.deleting.wait(), backoff)
+            backoff = min(backoff * 2, 30.0)
+            await self.rt.learn_host_ip()
+        if self.deleting.is_set():
+            return
+        self.sandbox_error = None
+        if not self.adopted:
+            await asyncio.get_running_loop().run_in_executor(None, self._create_cgroups)
+        s.sandbox_id, s.netns, s.network_down = "", "", False
+        s.pod_ip, s.start_time = self.rt.host_ip, s.start_time or now_iso()
+        podstate.save(ctx.paths.state_dir, s)
+        self._write_files()
+        self.changed()
+
     async def _setup_sandbox(self) -> None:
         s, ctx = self.saved, self.rt.ctx
         loop = asyncio.get_running_loop()
         self.stages["to-sandbox"] = time.monotonic()
         net = load_conflist(ctx.paths.cni_conf_dir)
-        limits = {c.name: Limits.of(c) for c in self.pod.spec.containers}
-        await loop.run_in_executor(None, self.cgroups.create, limits)
+        await loop.run_in_executor(None, self._create_cgroups)
         s.sandbox_id = secrets.token_hex(32)
         s.netns = sandbox.new_netns_path(ctx.paths.netns_dir)
         s.network, s.network_down = net.name, False
@@ -502,10 +639,11 @@ class PodWorker:
         etc = os.path.join(self.dir, "etc")
         os.makedirs(etc, exist_ok=True)
         ns = p.namespace or "default"
+        policy = p.spec.dns_policy
+        if self.host_network and policy == "ClusterFirst":
+            policy = "Default"  # as the kubelet: ClusterFirstWithHostNet asks for cluster DNS
         files = {
-            "resolv.conf": sandbox.resolv_conf(
-                ns, net.cluster_dns, net.cluster_domain, p.spec.dns_policy
-            ),
+            "resolv.conf": sandbox.resolv_conf(ns, net.cluster_dns, net.cluster_domain, policy),
             "hosts": sandbox.etc_hosts(
                 self.saved.pod_ip, self.hostname, p.spec.subdomain, ns, net.cluster_domain
             ),
@@ -533,8 +671,8 @@ class PodWorker:
         self.terminating = True
         self.changed()
         grace = self.grace()
-        await asyncio.gather(*(r.stop(grace) for r in self.runners))
-        for r in self.runners:
+        await asyncio.gather(*(r.stop(grace) for r in self.all_runners))
+        for r in self.all_runners:
             if r.task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(r.task, 15)
@@ -566,6 +704,22 @@ class PodWorker:
 
     def compute_status(self) -> tuple[PodStatus, dict[str, str]]:
         s = self.saved
+        initialized, init_failed = self.initialized(), self.init_failed()
+        # Not started yet: waiting, for the init containers to finish or to be created.
+        pending = {"waiting": {"reason": "ContainerCreating" if initialized else "PodInitializing"}}
+        init_statuses = []
+        for r in self.init_runners:
+            completed = r.saved.done and r.saved.state.get("terminated", {}).get("exitCode") == 0
+            init_statuses.append(
+                CStatus(
+                    name=r.name,
+                    ready=completed,
+                    started="running" in r.saved.state,
+                    restart_count=r.saved.restart_count,
+                    state=r.saved.state or {"waiting": {"reason": "PodInitializing"}},
+                    last_state=r.saved.last_state,
+                )
+            )
         statuses = []
         for r in self.runners:
             running = "running" in r.saved.state
@@ -575,12 +729,16 @@ class PodWorker:
                     ready=bool(running and r.ready and r.saved.started),
                     started=running and r.saved.started,
                     restart_count=r.saved.restart_count,
-                    state=r.saved.state or {"waiting": {"reason": "ContainerCreating"}},
+                    state=r.saved.state or pending,
                     last_state=r.saved.last_state,
                 )
             )
         done = [r.saved.done for r in self.runners]
-        if all(done):
+        if init_failed:
+            phase = "Failed"
+        elif not initialized:
+            phase = "Pending"
+        elif all(done):
             failed = any(
                 r.saved.state.get("terminated", {}).get("exitCode", 0) != 0 for r in self.runners
             )
@@ -603,7 +761,7 @@ class PodWorker:
         )
         conds = [
             ("PodScheduled", True, None),
-            ("Initialized", True, None),
+            ("Initialized", initialized, None if initialized else "ContainersNotInitialized"),
             ("ContainersReady", all_ready, ready_reason),
             ("Ready", all_ready, ready_reason),
         ]
@@ -628,6 +786,7 @@ class PodWorker:
             pod_ips=[PodIP(ip=s.pod_ip)] if s.pod_ip else [],
             start_time=s.start_time,
             conditions=conditions,
+            init_container_statuses=init_statuses,
             container_statuses=statuses,
         )
         if self.sandbox_error is not None:
@@ -636,7 +795,7 @@ class PodWorker:
             ANN_CONTAINERS: json.dumps(
                 {
                     r.name: {"pid": r.rec.init_pid, "started": r.rec.init_started, "log": r.rec.log}
-                    for r in self.runners
+                    for r in self.all_runners
                     if r.rec is not None
                 },
                 sort_keys=True,
@@ -785,6 +944,10 @@ class PodRuntime:
         self.saved = podstate.load_all(p.state_dir)
         # Build (or find) the native container shim now, not on the first pod's path.
         await asyncio.get_running_loop().run_in_executor(None, containers.native_shim)
+        await self.learn_host_ip()
+
+    async def learn_host_ip(self) -> None:
+        """The node's address (pods' hostIP, and hostNetwork pods' IP)."""
         self.host_ip = self.host_ip or self.ctx.underlay_ip
         if self.host_ip is None:
             with contextlib.suppress(Exception):
@@ -843,7 +1006,8 @@ class PodRuntime:
                 await self._teardown_orphan(s)
         keep = {s.sandbox_id for s in self.saved.values() if s.sandbox_id}
         keep |= {w.saved.sandbox_id for w in self.workers.values() if w.saved.sandbox_id}
-        removed = await self.cni.gc(keep)
+        # Only pod sandboxes: podman or ctr containers on this node share the cache dir.
+        removed = await self.cni.gc(keep, ours=is_pod_sandbox)
         if removed:
             log.info("GC: removed %d CNI attachment(s) of pods that no longer exist", len(removed))
         self._adopting_done.set()

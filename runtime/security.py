@@ -160,6 +160,10 @@ def for_container(pod: Pod, c: Container, hidden: list[str]) -> Security:
             privileged=True, caps=ALL_CAPS_MASK, uid=uid, gid=gid, no_new_privs=False, seccomp=False
         )
     caps = cap_mask(DEFAULT_CAPS)
+    if pod.spec.host_network:
+        # In the node's network namespace NET_RAW would sniff and forge frames on the
+        # node's own links, past the pod guard: only a container that adds it gets it.
+        caps &= ~cap_mask(["NET_RAW"])
     if sc is not None and sc.capabilities is not None:
         if "ALL" in sc.capabilities.drop:
             caps = 0

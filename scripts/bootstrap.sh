@@ -15,6 +15,8 @@ PKGS=(
   dnsutils util-linux procps psmisc curl ca-certificates
   # python venv built on Debian's interpreter (BCC's bindings are built for it)
   python3 python3-venv python3-dev gcc make git
+  # CLI: the shell the zsh completion test loads `corral completion zsh` in
+  zsh
   # CNI: reference plugins and the libcni client the tests build
   containernetworking-plugins golang-go golang-github-appc-cni-dev
   # overlay: the eBPF fast path is compiled by BCC against kernel headers
@@ -23,6 +25,11 @@ PKGS=(
   iperf3
   # service proxy: ClientIP affinity sets (ip_set is built into the kernel)
   ipset
+  # real CNI runtimes in the tests (tests/test_cni_runtimes.py): podman (CNI backend)
+  # and containerd's ctr on runc; a static busybox is the containers' root filesystem
+  podman containerd runc busybox-static
+  # cluster DNS benchmark: the load generator and the peer server (bench/dns.py)
+  dnsperf unbound
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }

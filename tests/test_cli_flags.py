@@ -141,6 +141,7 @@ def test_describe_and_delete_take_flags_after_the_names(corral, etcd_url) -> Non
 
 
 def test_run_keeps_the_commands_own_flags(corral, etcd_url) -> None:  # type: ignore[no-untyped-def]
+    assert corral("create", "namespace", NS)[0] == 0
     rc, _, err = corral(
         "run", "--port", "80", "tool", "-n", NS, "--command", "--", "ls", "-n", "-c"
     )

@@ -95,6 +95,10 @@ def test_apply_get_delete_roundtrip(corral, tmp_path: Path) -> None:
 
 
 def test_apply_from_stdin_and_namespace_flag(corral) -> None:
+    r = corral("apply", "-n", "shop", "-f", "-", stdin=APP)  # no namespace shop yet
+    assert r.returncode == 1 and "namespace 'shop' not found" in r.stderr, r.stderr
+    assert corral("get", "svc", "-n", "shop").stderr.startswith("No resources found")
+    assert corral("create", "namespace", "shop").stdout == "namespace/shop created\n"
     r = corral("apply", "-n", "shop", "-f", "-", stdin=APP)
     assert r.returncode == 0, r.stderr
     assert corral("get", "svc").stderr.startswith("No resources found")

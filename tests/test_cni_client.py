@@ -22,6 +22,7 @@ from corral.cni.client import (
     CNIClient,
     CNIError,
     RuntimeConf,
+    is_pod_sandbox,
     load_conflist,
     pod_args,
     result_ips,
@@ -183,6 +184,26 @@ async def test_gc_deletes_unknown_attachments(env: Env) -> None:
     netns.remove(pods[0])
     assert await env.client.gc(keep=set()) == [cids[0]]
     assert not os.path.exists(os.path.join(env.data_dir, "refnet", ips[0]))
+
+
+async def test_pod_runtime_gc_leaves_other_runtimes_attachments(env: Env) -> None:
+    """The result cache is shared with podman/ctr on the node: the pod runtime's GC
+    (`ours=is_pod_sandbox`) DELs only the pod sandboxes it made."""
+    write_conf(env, "10-ref.conflist", ref_conflist("refnet", "10.244.11.0/24", env.data_dir))
+    net = load_conflist(env.conf_dir)
+    sandbox, other = env.pod_ns(), env.pod_ns()
+    sid, oid = secrets.token_hex(32), secrets.token_hex(32)
+    await env.client.add(net, rt_for(sandbox, sid))
+    podman_like = RuntimeConf(  # what podman 4 passes: no pod UID, no infra ID
+        container_id=oid,
+        netns=netns.path(other),
+        ifname="eth0",
+        args=[("IgnoreUnknown", "1"), ("K8S_POD_NAME", "pm")],
+    )
+    await env.client.add(net, podman_like)
+    assert await env.client.gc(keep=set(), ours=is_pod_sandbox) == [sid]
+    assert [e.container_id for e in env.client.cache.entries()] == [oid]
+    await env.client.delete(net, podman_like)
 
 
 def test_first_config_file_in_name_order(tmp_path: str) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
-from corral.api.objects import Container, Probe
-from corral.runtime import probes, sandbox
+from corral.api.objects import Container, ContainerStatus, Pod, Probe
+from corral.cli.output import pod_status
+from corral.runtime import probes, sandbox, security
 from corral.runtime.cgroups import Limits
 
 
@@ -111,3 +113,84 @@ def test_resolv_conf_and_hosts() -> None:
     assert "10.244.1.5\tweb-0\n" in sandbox.etc_hosts(
         "10.244.1.5", "web-0", None, "default", "cluster.local"
     )
+
+
+def _pod(spec: dict) -> Pod:
+    return Pod.model_validate({"metadata": {"name": "p"}, "spec": spec})
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        (
+            {
+                "initContainers": [{"name": "c", "command": ["true"]}],
+                "containers": [{"name": "c", "command": ["x"]}],
+            },
+            "initContainers: container name 'c' is used twice",
+        ),
+        (
+            {
+                "initContainers": [
+                    {
+                        "name": "i",
+                        "command": ["true"],
+                        "readinessProbe": {"exec": {"command": ["true"]}},
+                    }
+                ],
+                "containers": [{"name": "c", "command": ["x"]}],
+            },
+            "initContainers[i].readinessProbe",
+        ),
+        (
+            {"containers": [{"name": "c", "command": ["x"], "lifecycle": {"preStop": {}}}]},
+            "lifecycle.preStop needs exactly one of exec or httpGet",
+        ),
+        (
+            {
+                "containers": [
+                    {"name": "c", "command": ["x"], "lifecycle": {"postStart": {"exec": {}}}}
+                ]
+            },
+            "lifecycle.postStart",
+        ),
+    ],
+)
+def test_pod_feature_errors_name_the_field(spec: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        _pod(spec)
+
+
+def test_get_pods_status_while_init_containers_run() -> None:
+    p = _pod(
+        {
+            "initContainers": [{"name": "a", "command": ["x"]}, {"name": "b", "command": ["x"]}],
+            "containers": [{"name": "c", "command": ["x"]}],
+        }
+    )
+    done = {"terminated": {"exitCode": 0, "reason": "Completed"}}
+    cases = [
+        ([{}, {}], "Init:0/2"),
+        ([done, {"running": {}}], "Init:1/2"),
+        ([done, {"terminated": {"exitCode": 1, "reason": "Error"}}], "Init:Error"),
+        ([done, {"waiting": {"reason": "CrashLoopBackOff"}}], "Init:CrashLoopBackOff"),
+    ]
+    for states, want in cases:
+        p.status.init_container_statuses = [
+            ContainerStatus(name=n, state=s) for n, s in zip("ab", states, strict=True)
+        ]
+        assert pod_status(p) == want, states
+    p.status.init_container_statuses = [ContainerStatus(name=n, state=done) for n in "ab"]
+    p.status.phase = "Running"
+    assert pod_status(p) == "Running"
+
+
+def test_host_network_containers_lose_net_raw_unless_they_add_it() -> None:
+    spec = {"hostNetwork": True, "containers": [{"name": "c", "command": ["x"]}]}
+    net_raw = 1 << 13
+    assert not security.for_container(_pod(spec), _pod(spec).spec.containers[0], []).caps & net_raw
+    spec["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_RAW"]}}
+    p = _pod(spec)
+    assert security.for_container(p, p.spec.containers[0], []).caps & net_raw
+    p = _pod({"containers": [{"name": "c", "command": ["x"]}]})
+    assert security.for_container(p, p.spec.containers[0], []).caps & net_raw
