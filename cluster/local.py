@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from corral.api.namespaces import ensure_builtin
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError, TLSFiles, endpoints_use_tls, parse_endpoints
-from corral.cluster import clusterdns, daemons, etcdauth, nodes, pki, underlay
+from corral.cluster import daemons, dnsworkload, etcdauth, nodes, pki, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
@@ -249,10 +249,10 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         raise ClusterError(
             f"--dns-replicas {opts.dns_replicas}: give 0 (no cluster DNS) to {MAX_DNS_REPLICAS}"
         )
-    if _dns_wanted(s, opts) and clusterdns.server_available():
+    if _dns_wanted(s, opts) and dnsworkload.server_available():
         try:
-            clusterdns.check_visible_to_pods(clusterdns.corral_argv())
-        except clusterdns.DNSSetupError as e:
+            dnsworkload.check_visible_to_pods(dnsworkload.corral_argv())
+        except dnsworkload.DNSSetupError as e:
             raise ClusterError(str(e)) from None
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
@@ -331,7 +331,7 @@ def _wait_dns(s: ClusterState, timeout: float, say: Progress) -> None:
         say(f"✓ {h.line()}")
     else:
         say(
-            f"  {h.line()} after {timeout:.0f}s: see `corral get pods -n {clusterdns.NAMESPACE}` "
+            f"  {h.line()} after {timeout:.0f}s: see `corral get pods -n {dnsworkload.NAMESPACE}` "
             "and `corral logs -n corral-system POD`"
         )
 
@@ -580,7 +580,7 @@ def _dns_wanted(s: ClusterState, opts: UpOptions) -> bool:
 def _ensure_pod_credentials(s: ClusterState) -> None:
     """The DNS pods' etcd client certificate, as the nodes' credential set `etcd-dns`:
     the `dns` role's on the local etcd, the one given to `up` on an external etcd."""
-    d = os.path.join(s.pod_credentials_dir, clusterdns.CREDENTIALS)
+    d = os.path.join(s.pod_credentials_dir, dnsworkload.CREDENTIALS)
     os.makedirs(d, mode=0o700, exist_ok=True)
     for p in (s.pod_credentials_dir, d):
         os.chmod(p, 0o700)
@@ -588,9 +588,9 @@ def _ensure_pod_credentials(s: ClusterState) -> None:
     if tls is None:
         return  # etcd without TLS: the pods need no certificate
     for src, name, mode in (
-        (tls.ca, clusterdns.CA, 0o644),
-        (tls.cert, clusterdns.CERT, 0o644),
-        (tls.key, clusterdns.KEY, 0o600),
+        (tls.ca, dnsworkload.CA, 0o644),
+        (tls.cert, dnsworkload.CERT, 0o644),
+        (tls.key, dnsworkload.KEY, 0o600),
     ):
         if not src:
             continue
@@ -604,11 +604,11 @@ def _ensure_pod_credentials(s: ClusterState) -> None:
 
 
 def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:
-    """The cluster DNS Deployment and Service (cluster/clusterdns.py), as asked."""
+    """The cluster DNS Deployment and Service (cluster/dnsworkload.py), as asked."""
     if opts.dns_replicas is not None:
         s.dns_replicas = opts.dns_replicas
     on = s.dns_replicas != 0  # a cluster made with --dns-replicas 0 stays without
-    if on and not clusterdns.server_available():
+    if on and not dnsworkload.server_available():
         say("  (cluster DNS not deployed: this corral has no `dns` command yet)")
         return
     if on and any(_is_loopback(h) for h, _ in parse_endpoints(s.etcd_node_urls)):
@@ -617,14 +617,14 @@ def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:
             "relay; give `--etcd` an address the nodes route to)"
         )
         return
-    s.corral_argv = clusterdns.corral_argv()
+    s.corral_argv = dnsworkload.corral_argv()
     s.save()
-    cmd = clusterdns.server_command(s.corral_argv, s.etcd_node_urls, s.tls("dns") is not None)
+    cmd = dnsworkload.server_command(s.corral_argv, s.etcd_node_urls, s.tls("dns") is not None)
 
     async def go() -> str:
         async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
             # None keeps the running count (a user's `corral scale`), 2 when creating
-            return await clusterdns.ensure(store, opts.dns_replicas if on else 0, cmd)
+            return await dnsworkload.ensure(store, opts.dns_replicas if on else 0, cmd)
 
     try:
         say(f"✓ {asyncio.run(go())}")
@@ -824,7 +824,7 @@ class Health:
     nodes: list[NodeHealth]
     relay: bool | None = None  # None: no relay (local etcd, or no loopback endpoint)
     etcd_members: dict[str, bool] = field(default_factory=dict)  # local members' health
-    dns: clusterdns.DNSHealth | None = None  # None: not deployed (or etcd unreachable)
+    dns: dnsworkload.DNSHealth | None = None  # None: not deployed (or etcd unreachable)
 
     @property
     def ok(self) -> bool:
@@ -844,9 +844,9 @@ class Health:
         )
 
 
-async def _dns_health(s: ClusterState) -> clusterdns.DNSHealth | None:
+async def _dns_health(s: ClusterState) -> dnsworkload.DNSHealth | None:
     async with Store(s.etcd_urls, timeout=3.0, tls=s.tls("cli")) as store:
-        return await clusterdns.health(store)
+        return await dnsworkload.health(store)
 
 
 def etcd_healthy(urls: list[str], tls: TLSFiles | None = None) -> tuple[bool, str]:

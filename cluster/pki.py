@@ -11,7 +11,7 @@ etcd auth is turned on later):
     control  the scheduler and the controllers
     cli      the `corral` command run by the operator on the host
     dns      the cluster DNS pods (`corral dns`), which only read; the node runtime
-             mounts it into them alone (cluster/clusterdns.py)
+             mounts it into them alone (cluster/dnsworkload.py)
 
 Keys are ECDSA P-256; the CA lives 10 years, leaf certificates 2.
 """

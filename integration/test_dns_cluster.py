@@ -26,11 +26,11 @@ import pytest
 from cluster_helpers import wait_for
 from clusters import LocalCluster, local_cluster
 
-from corral.cluster import clusterdns
+from corral.cluster import dnsworkload
 
 pytestmark = pytest.mark.slow
 
-NS = clusterdns.NAMESPACE
+NS = dnsworkload.NAMESPACE
 STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dns_standin.py")
 
 
@@ -81,17 +81,17 @@ def _exec(c: LocalCluster, pod: str, *cmd: str, ns: str = "default") -> tuple[in
 @pytest.fixture(scope="module")
 def dns_cluster() -> Iterator[LocalCluster]:
     with local_cluster(3) as c:
-        if not clusterdns.server_available():
+        if not dnsworkload.server_available():
             # No `corral dns` yet: `corral up` left DNS out; deploy the same objects the
             # same way with the stand-in's command.
             s = c.state()
-            cmd = clusterdns.server_command(
+            cmd = dnsworkload.server_command(
                 [sys.executable, STANDIN], s.etcd_node_urls, s.tls("dns") is not None
             )
 
             async def deploy() -> None:
                 async with c.store() as store:
-                    await clusterdns.ensure(store, None, cmd)
+                    await dnsworkload.ensure(store, None, cmd)
 
             asyncio.run(deploy())
         wait_for(lambda: two_ready_on_two_nodes(c), "2 ready DNS endpoints on 2 nodes", 180)
@@ -262,12 +262,12 @@ def test_an_ordinary_pod_gets_neither_the_dns_certificate_nor_etcd(
     dns_cluster: LocalCluster, web: dict
 ) -> None:
     c = dns_cluster
-    creds = os.path.join(c.state_dir, "pod-credentials", clusterdns.CREDENTIALS)
-    assert os.path.exists(os.path.join(creds, clusterdns.KEY))  # there is one on the node
+    creds = os.path.join(c.state_dir, "pod-credentials", dnsworkload.CREDENTIALS)
+    assert os.path.exists(os.path.join(creds, dnsworkload.KEY))  # there is one on the node
     for cmd in (
-        f"ls {clusterdns.SECRET_DIR}",
-        f"cat {clusterdns.SECRET_DIR}/{clusterdns.KEY}",
-        f"cat {creds}/{clusterdns.KEY}",
+        f"ls {dnsworkload.SECRET_DIR}",
+        f"cat {dnsworkload.SECRET_DIR}/{dnsworkload.KEY}",
+        f"cat {creds}/{dnsworkload.KEY}",
         f"ls {creds}",
     ):
         rc, out = _exec(c, "client", "sh", "-c", cmd)
@@ -286,7 +286,7 @@ def test_an_ordinary_pod_gets_neither_the_dns_certificate_nor_etcd(
         "kind": "Pod",
         "metadata": {
             "name": "thief",
-            "annotations": {"corral.dev/credentials": clusterdns.CREDENTIALS},
+            "annotations": {"corral.dev/credentials": dnsworkload.CREDENTIALS},
         },
         "spec": {"containers": [{"name": "c", "command": ["sleep", "3600"]}]},
     }
@@ -304,9 +304,9 @@ def test_an_ordinary_pod_gets_neither_the_dns_certificate_nor_etcd(
         c.corral("delete", "pod", "thief", "--grace-period", "0")
     # The DNS pod itself has them, read-only.
     pod = dns_pods(c)[0]["metadata"]["name"]
-    rc, out = _exec(c, pod, "sh", "-c", f"ls {clusterdns.SECRET_DIR}", ns=NS)
-    assert rc == 0 and clusterdns.KEY in out, out
-    rc, out = _exec(c, pod, "sh", "-c", f"touch {clusterdns.SECRET_DIR}/x", ns=NS)
+    rc, out = _exec(c, pod, "sh", "-c", f"ls {dnsworkload.SECRET_DIR}", ns=NS)
+    assert rc == 0 and dnsworkload.KEY in out, out
+    rc, out = _exec(c, pod, "sh", "-c", f"touch {dnsworkload.SECRET_DIR}/x", ns=NS)
     assert rc != 0, out
 
 

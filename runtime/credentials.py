@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 import re
 
+from corral.api.namespaces import SYSTEM
 from corral.api.objects import Pod
 
-SYSTEM_NAMESPACES = ("corral-system",)
+SYSTEM_NAMESPACES = (SYSTEM,)
 ANNOTATION = "corral.dev/credentials"
 MOUNT_ROOT = "/run/secrets/corral"
 _SET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

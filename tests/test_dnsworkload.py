@@ -1,4 +1,4 @@
-"""The cluster DNS objects `corral up` writes (cluster/clusterdns.py), against a real etcd.
+"""The cluster DNS objects `corral up` writes (cluster/dnsworkload.py), against a real etcd.
 
 The whole-cluster behaviour (pods resolving through them) is in
 integration/test_dns_cluster.py.
@@ -10,9 +10,9 @@ import pytest
 
 from corral.api.objects import Deployment, NetworkConfig, NetworkSpec, Service
 from corral.api.store import Store
-from corral.cluster import clusterdns
+from corral.cluster import dnsworkload
 
-NS, NAME = clusterdns.NAMESPACE, clusterdns.NAME
+NS, NAME = dnsworkload.NAMESPACE, dnsworkload.NAME
 CMD = ["/opt/venv/bin/python", "-m", "corral", "dns"]
 
 
@@ -23,7 +23,7 @@ async def dep(store: Store) -> Deployment:
 
 
 async def test_created_then_kept_as_the_user_scaled_it(store: Store) -> None:
-    said = await clusterdns.ensure(store, None, CMD)
+    said = await dnsworkload.ensure(store, None, CMD)
     assert "created (2 replicas)" in said and "10.96.0.10 created" in said, said
     d = await dep(store)
     pod = d.spec.template
@@ -46,7 +46,7 @@ async def test_created_then_kept_as_the_user_scaled_it(store: Store) -> None:
     ]
     # Nothing to do the second time; a user's scale survives a plain `up`.
     rev = d.metadata.resource_version
-    assert "updated" not in await clusterdns.ensure(store, None, CMD)
+    assert "updated" not in await dnsworkload.ensure(store, None, CMD)
     assert (await dep(store)).metadata.resource_version == rev
 
     def scale(d: Deployment) -> Deployment:
@@ -54,58 +54,58 @@ async def test_created_then_kept_as_the_user_scaled_it(store: Store) -> None:
         return d
 
     await store.modify(Deployment, NAME, NS, scale)  # `corral scale deploy dns --replicas 3`
-    await clusterdns.ensure(store, None, CMD)
+    await dnsworkload.ensure(store, None, CMD)
     assert (await dep(store)).spec.replicas == 3
     # --dns-replicas sets it; a new interpreter path rolls the template.
-    await clusterdns.ensure(store, 1, ["/srv/venv/bin/python", "-m", "corral", "dns"])
+    await dnsworkload.ensure(store, 1, ["/srv/venv/bin/python", "-m", "corral", "dns"])
     d = await dep(store)
     assert d.spec.replicas == 1
     assert d.spec.template.spec.containers[0].command[0] == "/srv/venv/bin/python"
 
 
 async def test_zero_removes_only_what_up_made(store: Store) -> None:
-    await clusterdns.ensure(store, None, CMD)
-    said = await clusterdns.ensure(store, 0, CMD)
+    await dnsworkload.ensure(store, None, CMD)
+    said = await dnsworkload.ensure(store, 0, CMD)
     assert "Deployment and Service removed" in said, said
     assert await store.get(Deployment, NAME, NS) is None
     assert await store.get(Service, NAME, NS) is None
     # A Service `dns` of the user's own (CoreDNS, say) is left alone.
-    mine = clusterdns.service(NetworkSpec())
+    mine = dnsworkload.service(NetworkSpec())
     mine.metadata.labels = {"k8s-app": "kube-dns"}
     await store.create(mine)
-    assert "nothing removed" in await clusterdns.ensure(store, 0, CMD)
+    assert "nothing removed" in await dnsworkload.ensure(store, 0, CMD)
     assert await store.get(Service, NAME, NS) is not None
-    await clusterdns.ensure(store, 2, CMD)  # and not taken over when DNS is back on
+    await dnsworkload.ensure(store, 2, CMD)  # and not taken over when DNS is back on
     svc = await store.get(Service, NAME, NS)
     assert svc is not None and svc.metadata.labels == {"k8s-app": "kube-dns"}
 
 
 async def test_the_vip_follows_network_config(store: Store) -> None:
-    await clusterdns.ensure(store, None, CMD)
+    await dnsworkload.ensure(store, None, CMD)
     spec = NetworkSpec.model_validate({"clusterDNS": "10.96.0.53"})
     await store.put(NetworkConfig(metadata={"name": "cluster"}, spec=spec))
-    said = await clusterdns.ensure(store, None, CMD)
+    said = await dnsworkload.ensure(store, None, CMD)
     assert "10.96.0.53 updated" in said, said
     svc = await store.get(Service, NAME, NS)
     assert svc is not None and svc.spec.cluster_ip == "10.96.0.53"
 
 
 def test_the_interpreter_must_be_visible_to_pods(monkeypatch: pytest.MonkeyPatch) -> None:
-    clusterdns.check_visible_to_pods(clusterdns.corral_argv())  # this test's own venv
+    dnsworkload.check_visible_to_pods(dnsworkload.corral_argv())  # this test's own venv
     for path in ("/root/venv/bin/python", "/home/me/.venv/bin/python"):
-        with pytest.raises(clusterdns.DNSSetupError, match="--dns-replicas 0"):
-            clusterdns.check_visible_to_pods([path, "-m", "corral"])
+        with pytest.raises(dnsworkload.DNSSetupError, match="--dns-replicas 0"):
+            dnsworkload.check_visible_to_pods([path, "-m", "corral"])
     monkeypatch.setenv("CORRAL_STATE_DIR", "/srv/corral-state")
-    with pytest.raises(clusterdns.DNSSetupError, match="hidden from every pod"):
-        clusterdns.check_visible_to_pods(["/srv/corral-state/venv/bin/python"])
+    with pytest.raises(dnsworkload.DNSSetupError, match="hidden from every pod"):
+        dnsworkload.check_visible_to_pods(["/srv/corral-state/venv/bin/python"])
 
 
 def test_the_command_carries_the_credential_paths() -> None:
-    cmd = clusterdns.server_command(["py", "-m", "corral"], ["https://10.1.0.254:2379"], True)
+    cmd = dnsworkload.server_command(["py", "-m", "corral"], ["https://10.1.0.254:2379"], True)
     assert cmd[:5] == ["py", "-m", "corral", "--etcd", "https://10.1.0.254:2379"]
     assert "/run/secrets/corral/etcd-dns/tls.key" in cmd
     assert cmd[cmd.index("dns") :] == [
         "dns", "--listen", "0.0.0.0:53", "--metrics-addr", "0.0.0.0:10275",
     ]  # fmt: skip
-    plain = clusterdns.server_command(["py"], ["http://10.1.0.254:2379"], False)
+    plain = dnsworkload.server_command(["py"], ["http://10.1.0.254:2379"], False)
     assert "--etcd-cafile" not in plain

@@ -119,7 +119,12 @@ def deployment(replicas: int, command: list[str]) -> Deployment:
                             {
                                 "name": "dns",
                                 "command": command,
-                                "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}],
+                                "env": [
+                                    {"name": "PYTHONUNBUFFERED", "value": "1"},
+                                    # the compiled fast path is built on first use into
+                                    # the pod's private /tmp (the node's caches are hidden)
+                                    {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+                                ],
                                 "ports": [
                                     {"name": "dns", "containerPort": 53, "protocol": "UDP"},
                                     {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
