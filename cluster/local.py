@@ -307,9 +307,13 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     _ensure_pod_credentials(s)
     _register_nodes(s, say)
     _ensure_daemons(s, say)
-    _ensure_dns(s, opts, say)
-    if opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS):
+    waiting = opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS)
+    if waiting:
         _wait_ready(s, opts.wait, say)
+    # After the nodes are Ready: pods scheduled while only some were would all land
+    # there, and nothing moves them later.
+    _ensure_dns(s, opts, say)
+    if waiting:
         _wait_dns(s, opts.wait, say)
     return s
 
