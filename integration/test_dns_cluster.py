@@ -1,12 +1,11 @@
 """Cluster DNS as `corral up` runs it: a Deployment in corral-system behind the Service
 `dns` at the cluster DNS address, found by pods through resolv.conf alone.
 
-One 3-node cluster for the module. The DNS pods run `corral dns` when this corral
-has it (then `corral up` deployed them); until then the module deploys the same
-objects, through the same function, with a stand-in server (dns_standin.py: same
-command line, A records from etcd), so the plumbing is tested either way: the
-`dns` client certificate mounted into the DNS pods alone, their reach to etcd,
-probes, spreading, endpoints, the proxy's VIP and its UDP conntrack cleanup.
+One 3-node cluster for the module, whose `corral up` deployed the DNS pods
+(`corral dns`): the `dns` client certificate mounted into them alone, their reach
+to etcd and nobody else's, probes, spreading, endpoints, the proxy's VIP and its
+UDP conntrack cleanup. (Before `corral dns` existed, the same tests ran against
+a stand-in server deployed through the same objects.)
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from corral.cluster import dnsworkload
 pytestmark = pytest.mark.slow
 
 NS = dnsworkload.NAMESPACE
-STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dns_standin.py")
 
 
 def _json(c: LocalCluster, *args: str) -> dict:
@@ -80,20 +78,9 @@ def _exec(c: LocalCluster, pod: str, *cmd: str, ns: str = "default") -> tuple[in
 
 @pytest.fixture(scope="module")
 def dns_cluster() -> Iterator[LocalCluster]:
+    if not dnsworkload.server_available():
+        pytest.skip("this corral has no `corral dns` command, so `corral up` runs no DNS")
     with local_cluster(3) as c:
-        if not dnsworkload.server_available():
-            # No `corral dns` yet: `corral up` left DNS out; deploy the same objects the
-            # same way with the stand-in's command.
-            s = c.state()
-            cmd = dnsworkload.server_command(
-                [sys.executable, STANDIN], s.etcd_node_urls, s.tls("dns") is not None
-            )
-
-            async def deploy() -> None:
-                async with c.store() as store:
-                    await dnsworkload.ensure(store, None, cmd)
-
-            asyncio.run(deploy())
         wait_for(lambda: two_ready_on_two_nodes(c), "2 ready DNS endpoints on 2 nodes", 180)
         yield c
 
