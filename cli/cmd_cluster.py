@@ -79,6 +79,20 @@ def register(sub: Any) -> None:
         help="the service proxy's mode on every node (default: $CORRAL_PROXY_MODE, else "
         "iptables); passed on to the nodes as CORRAL_PROXY_MODE",
     )
+    p.add_argument(
+        "--etcd-auth",
+        action="store_true",
+        help="turn on the local etcd's users and roles, so the cluster DNS pods' "
+        "certificate may only read (costs etcd ~25%% more CPU per write; kept on)",
+    )
+    p.add_argument(
+        "--dns-replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cluster DNS pods (`corral dns` behind the Service corral-system/dns at the "
+        "cluster DNS address; default 2, or the running count; 0: none)",
+    )
     _name_options(p)
     p.set_defaults(func=cmd_up)
 
@@ -124,6 +138,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         underlay_cidr=args.underlay_cidr,
         state_dir=args.state_dir,
         wait=args.wait,
+        dns_replicas=args.dns_replicas,
+        etcd_auth=args.etcd_auth,
     )
     s = _cluster_call(local.up, opts)
     print(local.summary(s))
@@ -159,6 +175,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} {n.ready:<8} {ds}")
     for line in problems:
         print(line)
+    if h.dns is not None:
+        note = "" if h.dns.ok else "  <- degraded" if h.dns.answering else "  <- DOWN"
+        print(h.dns.line() + note)
     if not h.ok:
         print(
             "Something is down or unhealthy; `corral up"

@@ -37,6 +37,14 @@ def register(sub: Any) -> None:
     p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
     p.add_argument("--cni-cache-dir", default="/var/lib/cni")
     p.add_argument(
+        "--pod-credentials-dir",
+        default="/etc/corral/pod-credentials",
+        metavar="DIR",
+        help="credential sets (one subdirectory each) that pods in corral-system may ask "
+        "for with the annotation corral.dev/credentials: NAME; mounted read-only at "
+        "/run/secrets/corral/NAME, hidden from every other pod",
+    )
+    p.add_argument(
         "--cni-shim",
         choices=("native", "python"),
         default="native",
@@ -110,6 +118,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             cni_bin_dir=args.cni_bin_dir,
             cni_cache_dir=args.cni_cache_dir,
             state_dir=args.state_dir,
+            credentials_dir=args.pod_credentials_dir,
         ),
         underlay_iface=args.underlay_iface,
         options=NodeOptions(

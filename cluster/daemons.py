@@ -2,10 +2,11 @@
 
 Each row is a `corral` subcommand, run as `corral --etcd URLS <args>` with the
 etcd URLs as seen from inside the node. `{node}`, `{cluster}`, `{node_ip}` (the
-node's underlay address) and `{node_state}` (a per-node directory that survives
-restarts) are filled in. A row with a `port` serves `/metrics`, `/healthz` and
-`/readyz` there, on its node's address (`--metrics-addr {node_ip}:PORT`), and
-`corral status` asks its `/healthz`. A row whose
+node's underlay address), `{node_state}` (a per-node directory that survives
+restarts) and `{pod_credentials}` (credential sets for system pods) are filled
+in. A row with a `port` serves `/metrics`, `/healthz` and `/readyz` there, on its
+node's address (`--metrics-addr {node_ip}:PORT`), and `corral status` asks its
+`/healthz`. A row whose
 `module` is not importable yet is skipped, so the table can name daemons that
 are still being written.
 
@@ -54,7 +55,17 @@ class Daemon:
 NODE_DAEMONS: list[Daemon] = [
     Daemon(
         "node",
-        ("node", "--name", "{node}", "--state-dir", "{node_state}", "--underlay-iface", "eth0"),
+        (
+            "node",
+            "--name",
+            "{node}",
+            "--state-dir",
+            "{node_state}",
+            "--underlay-iface",
+            "eth0",
+            "--pod-credentials-dir",
+            "{pod_credentials}",
+        ),
         "corral.cli.cmd_node",
         PORTS["node"],
     ),
@@ -95,6 +106,7 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
         "cluster": state.name,
         "node_state": node_state,
         "node_ip": node.ip,
+        "pod_credentials": state.pod_credentials_dir,
     }
     argv = [
         sys.executable,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from corral.api.namespaces import ensure_builtin
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError, TLSFiles, endpoints_use_tls, parse_endpoints
-from corral.cluster import daemons, nodes, pki, underlay
+from corral.cluster import daemons, dnsworkload, etcdauth, nodes, pki, underlay
 from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
@@ -39,6 +39,7 @@ from corral.node.procs import ProcRecord, spawn, start_time, stop
 DEFAULT_NODES = 3
 MAX_NODES = 50
 DEFAULT_UNDERLAY = "10.250.0.0/24"
+MAX_DNS_REPLICAS = 50
 RESERVED = {
     "the cluster (pod) CIDR": ipaddress.ip_network("10.244.0.0/16"),
     "the service CIDR": ipaddress.ip_network("10.96.0.0/12"),
@@ -67,6 +68,8 @@ class UpOptions:
     underlay_cidr: str | None = None
     state_dir: str | None = None
     wait: float = 0.0  # seconds to wait for every Node to become Ready
+    dns_replicas: int | None = None  # cluster DNS pods; None: keep the running count, else 2
+    etcd_auth: bool = False  # turn on the local etcd's auth: the dns certificate only reads
     progress: Progress = field(default=_stderr)
 
 
@@ -234,9 +237,23 @@ def _plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         s.etcd_node_urls = urls
         t = opts.etcd_tls
         s.etcd_tls = None if t is None else {"ca": t.ca, "cert": t.cert, "key": t.key}
+    if (urls or s.etcd_external) and opts.etcd_auth:
+        raise ClusterError(
+            "--etcd-auth is for the local etcd; an external etcd's users and roles are its "
+            "operator's (see docs/cluster.md, Cluster DNS)"
+        )
     if urls and opts.etcd_members:
         raise ClusterError("--etcd-members is for the local etcd; an external one has its own")
     _plan_members(s, opts.etcd_members)
+    if opts.dns_replicas is not None and not 0 <= opts.dns_replicas <= MAX_DNS_REPLICAS:
+        raise ClusterError(
+            f"--dns-replicas {opts.dns_replicas}: give 0 (no cluster DNS) to {MAX_DNS_REPLICAS}"
+        )
+    if _dns_wanted(s, opts) and dnsworkload.server_available():
+        try:
+            dnsworkload.check_visible_to_pods(dnsworkload.corral_argv())
+        except dnsworkload.DNSSetupError as e:
+            raise ClusterError(str(e)) from None
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -272,6 +289,7 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     )
 
     _ensure_etcd(s, say)
+    _ensure_etcd_auth(s, opts, say)
 
     for n in s.nodes:
         underlay.ensure_node_link(s.underlay_netns, n.netns, n.index, n.ip, s.prefixlen)
@@ -286,11 +304,40 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
         say(f"✓ {n.name} {n.ip} (netns {n.netns})")
 
     _ensure_relay(s, say)
+    _ensure_pod_credentials(s)
     _register_nodes(s, say)
     _ensure_daemons(s, say)
-    if opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS):
+    waiting = opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS)
+    if waiting:
         _wait_ready(s, opts.wait, say)
+    # After the nodes are Ready: pods scheduled while only some were would all land
+    # there, and nothing moves them later.
+    _ensure_dns(s, opts, say)
+    if waiting:
+        _wait_dns(s, opts.wait, say)
     return s
+
+
+def _wait_dns(s: ClusterState, timeout: float, say: Progress) -> None:
+    """Until every cluster DNS replica is ready (pods can resolve names from then on).
+    Only a warning when they are not: the rest of the cluster works without DNS."""
+    deadline = time.monotonic() + timeout
+    h = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(StoreError, OSError):
+            h = asyncio.run(_dns_health(s))
+            if h is None or h.ok:
+                break
+        time.sleep(0.5)
+    if h is None:
+        return
+    if h.ok:
+        say(f"✓ {h.line()}")
+    else:
+        say(
+            f"  {h.line()} after {timeout:.0f}s: see `corral get pods -n {dnsworkload.NAMESPACE}` "
+            "and `corral logs -n corral-system POD`"
+        )
 
 
 def _ensure_etcd(s: ClusterState, say: Progress) -> None:
@@ -340,6 +387,22 @@ def _ensure_etcd(s: ClusterState, say: Progress) -> None:
     s.save()
     what = "" if len(s.etcd_members) == 1 else f"{len(s.etcd_members)} members, "
     say(f"✓ etcd {','.join(s.etcd_urls)} ({what}mutual TLS; nodes use {s.etcd_node_urls[0]})")
+
+
+def _ensure_etcd_auth(s: ClusterState, opts: UpOptions, say: Progress) -> None:
+    """etcd's auth on, once asked (and then for the cluster's life): cluster/etcdauth.py."""
+    if s.etcd_external or not (opts.etcd_auth or s.etcd_auth):
+        return
+    tls = s.tls("cli")
+    assert tls is not None  # the local etcd always runs with TLS
+    try:
+        etcdauth.enable(s.etcd_urls[0], tls)
+    except (etcdauth.EtcdAuthError, subprocess.SubprocessError) as e:
+        raise ClusterError(f"could not turn on etcd's auth: {e}") from None
+    if not s.etcd_auth:
+        s.etcd_auth = True
+        s.save()
+    say("✓ etcd auth on: the dns certificate may only read")
 
 
 def _member_server(s: ClusterState, m: EtcdMember, paths: pki.Paths) -> LocalEtcd:
@@ -510,6 +573,67 @@ def _ensure_daemons(s: ClusterState, say: Progress) -> None:
     s.save()
     if not want:
         say("  (no node daemons available yet: `corral node` is not installed)")
+
+
+def _dns_wanted(s: ClusterState, opts: UpOptions) -> bool:
+    if opts.dns_replicas is not None:
+        return opts.dns_replicas > 0
+    return s.dns_replicas != 0
+
+
+def _ensure_pod_credentials(s: ClusterState) -> None:
+    """The DNS pods' etcd client certificate, as the nodes' credential set `etcd-dns`:
+    the `dns` role's on the local etcd, the one given to `up` on an external etcd."""
+    d = os.path.join(s.pod_credentials_dir, dnsworkload.CREDENTIALS)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    for p in (s.pod_credentials_dir, d):
+        os.chmod(p, 0o700)
+    tls = s.tls("dns")
+    if tls is None:
+        return  # etcd without TLS: the pods need no certificate
+    for src, name, mode in (
+        (tls.ca, dnsworkload.CA, 0o644),
+        (tls.cert, dnsworkload.CERT, 0o644),
+        (tls.key, dnsworkload.KEY, 0o600),
+    ):
+        if not src:
+            continue
+        with open(src, "rb") as f:
+            data = f.read()
+        dst = os.path.join(d, name)
+        with contextlib.suppress(OSError), open(dst, "rb") as f:
+            if f.read() == data:
+                continue
+        pki.write_file(dst, data, mode)
+
+
+def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:
+    """The cluster DNS Deployment and Service (cluster/dnsworkload.py), as asked."""
+    if opts.dns_replicas is not None:
+        s.dns_replicas = opts.dns_replicas
+    on = s.dns_replicas != 0  # a cluster made with --dns-replicas 0 stays without
+    if on and not dnsworkload.server_available():
+        say("  (cluster DNS not deployed: this corral has no `dns` command yet)")
+        return
+    if on and any(_is_loopback(h) for h, _ in parse_endpoints(s.etcd_node_urls)):
+        say(
+            "  (cluster DNS not deployed: pods cannot reach an etcd on the nodes' loopback "
+            "relay; give `--etcd` an address the nodes route to)"
+        )
+        return
+    s.corral_argv = dnsworkload.corral_argv()
+    s.save()
+    cmd = dnsworkload.server_command(s.corral_argv, s.etcd_node_urls, s.tls("dns") is not None)
+
+    async def go() -> str:
+        async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
+            # None keeps the running count (a user's `corral scale`), 2 when creating
+            return await dnsworkload.ensure(store, opts.dns_replicas if on else 0, cmd)
+
+    try:
+        say(f"✓ {asyncio.run(go())}")
+    except StoreError as e:
+        raise ClusterError(f"could not write the cluster DNS objects: {e}") from None
 
 
 def node_ready(s: ClusterState) -> dict[str, str]:
@@ -704,6 +828,7 @@ class Health:
     nodes: list[NodeHealth]
     relay: bool | None = None  # None: no relay (local etcd, or no loopback endpoint)
     etcd_members: dict[str, bool] = field(default_factory=dict)  # local members' health
+    dns: dnsworkload.DNSHealth | None = None  # None: not deployed (or etcd unreachable)
 
     @property
     def ok(self) -> bool:
@@ -711,6 +836,7 @@ class Health:
             self.etcd_ok
             and all(self.etcd_members.values())
             and self.relay is not False
+            and (self.dns is None or self.dns.answering)
             and all(
                 n.netns
                 and n.holder
@@ -720,6 +846,11 @@ class Health:
                 for n in self.nodes
             )
         )
+
+
+async def _dns_health(s: ClusterState) -> dnsworkload.DNSHealth | None:
+    async with Store(s.etcd_urls, timeout=3.0, tls=s.tls("cli")) as store:
+        return await dnsworkload.health(store)
 
 
 def etcd_healthy(urls: list[str], tls: TLSFiles | None = None) -> tuple[bool, str]:
@@ -778,9 +909,11 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
             for m in s.etcd_members
         }
     ready: dict[str, str] = {}
+    dns = None
     if ok:
         try:
             ready = node_ready(s)
+            dns = asyncio.run(_dns_health(s))
         except (StoreError, OSError) as e:
             ok, err = False, str(e)
     out = []
@@ -806,6 +939,7 @@ def status(name: str = st.DEFAULT_NAME, state_dir: str | None = None) -> Health:
         nodes=out,
         relay=None if s.relay is None else s.relay.alive(),
         etcd_members=members,
+        dns=dns,
     )
 
 

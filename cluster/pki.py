@@ -7,9 +7,11 @@ across restarts; etcd then runs with `--client-cert-auth` and
 talk to it. Roles (the certificate's CN, which is also etcd's user name if
 etcd auth is turned on later):
 
-    node     every node's daemons (corral node, proxy, dns)
+    node     every node's daemons (corral node, proxy)
     control  the scheduler and the controllers
     cli      the `corral` command run by the operator on the host
+    dns      the cluster DNS pods (`corral dns`), which only read; the node runtime
+             mounts it into them alone (cluster/dnsworkload.py)
 
 Keys are ECDSA P-256; the CA lives 10 years, leaf certificates 2.
 """
@@ -21,7 +23,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-ROLES = ("node", "control", "cli")
+ROLES = ("node", "control", "cli", "dns")
 CA_NAME = "corral local cluster CA"
 
 
@@ -40,7 +42,8 @@ class Paths:
         return os.path.join(self.dir, f"{name}.key")
 
 
-def _write(path: str, data: bytes, mode: int) -> None:
+def write_file(path: str, data: bytes, mode: int) -> None:
+    """Atomically, with `mode` from the start (a key is never readable by others)."""
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
@@ -125,8 +128,8 @@ def _issue(
     from cryptography.hazmat.primitives import serialization
 
     cert = b.sign(key if is_ca else ca_key, hashes.SHA256())
-    _write(paths.key(name), _key_pem(key), 0o600)
-    _write(paths.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file(paths.key(name), _key_pem(key), 0o600)
+    write_file(paths.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _server_ips(paths: Paths) -> set[str]:

@@ -9,6 +9,7 @@ with $CORRAL_STATE_DIR):
 
     state.json            this record
     pki/                  the local etcd's CA and certificates (cluster/pki.py)
+    pod-credentials/      the nodes' --pod-credentials-dir (etcd-dns/: the DNS pods' certificate)
     etcd/, etcd-<i>/      the local etcd's data, per member
     logs/                 etcd.log, holder-<node>.log, <daemon>-<node>.log
     nodes/<node>/         run/, cni-conf/, cni-bin/, cni-cache/, netns/:
@@ -146,6 +147,12 @@ class ClusterState:
     daemons: list[ProcRecord] = field(default_factory=list)
     # An external etcd's client certificate ({"ca", "cert", "key"}), used by every role.
     etcd_tls: dict[str, str] | None = None
+    # The local etcd's auth is on (`corral up --etcd-auth`): the dns role only reads.
+    etcd_auth: bool = False
+    # Cluster DNS replicas as last asked for (`corral up --dns-replicas`; None: the default).
+    dns_replicas: int | None = None
+    # How pods start corral (the cluster DNS's command): `corral up`'s own interpreter.
+    corral_argv: list[str] = field(default_factory=list)
 
     @property
     def pki_dir(self) -> str:
@@ -185,6 +192,11 @@ class ClusterState:
     def etcd_records(self) -> list[ProcRecord]:
         """The local etcd's processes (those started and recorded)."""
         return [m.record for m in self.etcd_members if m.record is not None]
+
+    @property
+    def pod_credentials_dir(self) -> str:
+        """The nodes' `--pod-credentials-dir`: credential sets for system pods."""
+        return os.path.join(self.state_dir, "pod-credentials")
 
     @property
     def logs_dir(self) -> str:

@@ -30,6 +30,7 @@ class NodeInfo:
     node: Node
     requested: Resources = field(default_factory=Resources)
     nonzero_requested: Resources = field(default_factory=Resources)
+    owners: Counter[str] = field(default_factory=Counter)  # controller uid -> its pods here
 
     @property
     def allocatable(self) -> Allocatable:
@@ -38,6 +39,25 @@ class NodeInfo:
     def add_pod(self, pod: Pod) -> None:
         self.requested = self.requested + pod_requests(pod)
         self.nonzero_requested = self.nonzero_requested + pod_nonzero_requests(pod)
+        if owner := controller_uid(pod):
+            self.owners[owner] += 1
+
+
+def controller_uid(pod: Pod) -> str | None:
+    ref = next((r for r in pod.metadata.owner_references if r.controller), None)
+    return ref.uid if ref is not None and ref.uid else None
+
+
+def spread_scores(pod: Pod, infos: list[NodeInfo]) -> list[int]:
+    """kube-scheduler's default spreading: 0..100 per node, higher where fewer pods of the
+    pod's own controller (ReplicationController, Deployment) already run, so replicas
+    land on different nodes when they can (CoreDNS's two replicas, say)."""
+    owner = controller_uid(pod)
+    counts = [info.owners[owner] if owner else 0 for info in infos]
+    most = max(counts, default=0)
+    if most == 0:
+        return [MAX_SCORE] * len(infos)
+    return [MAX_SCORE * (most - c) // most for c in counts]
 
 
 def tolerates(toleration: Toleration, taint: Taint) -> bool:
@@ -137,7 +157,10 @@ def choose_node(pod: Pod, infos: list[NodeInfo], rng: random.Random) -> Decision
             feasible.append(info)
     if not feasible:
         return Decision(None, unschedulable_message(len(infos), reasons))
-    scored = [(score_node(pod, info), info.node.name) for info in feasible]
+    spread = spread_scores(pod, feasible)
+    scored = [
+        (score_node(pod, i) + sp, i.node.name) for i, sp in zip(feasible, spread, strict=True)
+    ]
     best = max(s for s, _ in scored)
     top = sorted(name for s, name in scored if s == best)
     return Decision(rng.choice(top))

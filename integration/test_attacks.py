@@ -179,3 +179,12 @@ def test_spoofed_sources_never_arrive(cluster: LocalCluster, pods: dict) -> None
 def test_a_privileged_pod_behaves_as_asked(cluster: LocalCluster, pods: dict) -> None:
     rc, out = _exec(cluster, "priv", "sh", "-c", "mount -t tmpfs x /mnt && umount /mnt")
     assert rc == 0, out
+
+
+def test_a_pod_cannot_read_the_dns_pods_certificate(cluster: LocalCluster, pods: dict) -> None:
+    # The nodes keep the cluster DNS's etcd certificate for its pods alone
+    # (runtime/credentials.py): an ordinary pod sees neither the node's copy nor a mount.
+    creds = f"{cluster.state_dir}/pod-credentials/etcd-dns"
+    for path in (f"{creds}/tls.key", "/run/secrets/corral/etcd-dns/tls.key"):
+        rc, out = _exec(cluster, "atk", "cat", path)
+        assert rc != 0 and "PRIVATE KEY" not in out, (path, out)

@@ -23,6 +23,8 @@ class NodePaths:
     cni_cache_dir: str = "/var/lib/cni"
     netns_dir: str = "/run/netns"
     state_dir: str = "/var/lib/corral/node"
+    # Credential sets for system pods (runtime/credentials.py): one directory each.
+    credentials_dir: str = "/etc/corral/pod-credentials"
 
     @property
     def subnet_file(self) -> str:

@@ -111,6 +111,8 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         argv += Security.from_dict(spec["security"]).shim_flags()
     for src, dst in spec["binds"]:
         argv += ["-b", src, dst]
+    for src, dst in spec.get("mounts", []):
+        argv += ["-m", src, dst]
     if spec.get("image"):
         argv += ["-i", spec["image"], spec["upper"], spec["work"], spec["rootfs"]]
     for k, v in spec["env"].items():
@@ -184,6 +186,7 @@ async def launch(
     cgroups: list[str],
     image: str | None = None,
     security: Security | None = None,
+    mounts: list[tuple[str, str]] | None = None,
     ready_timeout: float = 30.0,
 ) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     """Start one container instance and wait until its PID 1 exists.
@@ -196,6 +199,9 @@ async def launch(
         raise StartError("no command: set command (or args) for the container")
     if image is not None and not os.path.isdir(image):
         raise StartError(f"image {image!r} is not a root filesystem directory on this node")
+    if mounts and security is not None and security.privileged:
+        # Only a sandbox's private /run is a safe place to mount into (never the node's).
+        raise StartError("read-only directory mounts are for sandboxed containers only")
     cdir = container_dir(pod_dir, name)
     os.makedirs(cdir, mode=0o700, exist_ok=True)
     os.chmod(pod_dir, 0o700)  # specs hold env, logs whatever the container prints
@@ -211,6 +217,7 @@ async def launch(
         "netns": netns,
         "hostname": hostname,
         "binds": binds,
+        "mounts": list(mounts or []),
         "cgroups": cgroups,
         "pid_file": pid_file,
         "status_file": status_file,

@@ -49,7 +49,15 @@ from corral.daemon import metrics
 from corral.node import netns
 from corral.node.context import NodeContext
 from corral.overlay import config as netconfig
-from corral.runtime import containers, podstate, probes, sandbox, security
+from corral.runtime import (
+    containers,
+    credentials,
+    etcdguard,
+    podstate,
+    probes,
+    sandbox,
+    security,
+)
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.podstate import ContainerSaved, PodSaved
 
@@ -58,6 +66,7 @@ log = logging.getLogger(__name__)
 ANN_CONTAINERS = "corral.dev/containers"  # {name: {pid, started, log}}: for exec/logs
 ANN_RUNTIME = "corral.dev/runtime"  # {node, pid, podDir}: where the files are
 MAX_BACKOFF = 300.0
+GUARD_RESYNC_SECONDS = 30.0  # how often the etcd guard is checked and repaired
 
 
 def _rv(p: Pod) -> int:
@@ -191,8 +200,11 @@ class ContainerRunner:
         hidden = security.hidden_paths(w.rt.ctx.paths, getattr(w.rt.ctx.store, "tls", None))
         try:
             sec = security.for_container(w.pod, self.spec, hidden)
-        except security.SecurityError as e:
+            mounts = credentials.mounts(w.pod, w.rt.ctx.paths.credentials_dir)
+        except (security.SecurityError, credentials.CredentialsError) as e:
             raise containers.StartError(str(e)) from None
+        if mounts:  # its address may reach etcd before its first process runs
+            await w.rt.sync_etcd_guard()
         return await containers.launch(
             w.dir,
             self.name,
@@ -210,6 +222,7 @@ class ContainerRunner:
             cgroups=w.cgroups.procs_files(self.name),
             image=self.spec.image or None,
             security=sec,
+            mounts=mounts,
         )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:
@@ -917,6 +930,8 @@ class PodRuntime:
         # Pod events wait for run()'s start-up (orphans torn down, CNI garbage collected):
         # no pod may start a sandbox while the GC decides what to keep.
         self._adopting_done = asyncio.Event()
+        self._etcd_targets: list[tuple[str, int]] | None = None
+        self._guard_lock = asyncio.Lock()
 
     async def start(self) -> None:
         self.network = (await netconfig.load(self.ctx.store)).spec
@@ -947,7 +962,40 @@ class PodRuntime:
         await self.pods.wait_synced()
         if not self._adopting_done.is_set():
             await self._adopt()
-        await asyncio.Event().wait()  # the informer and its handler do the rest
+        while True:  # the informer and its handler do the rest; this repairs the etcd guard
+            await self.sync_etcd_guard()
+            await asyncio.sleep(GUARD_RESYNC_SECONDS)
+
+    async def sync_etcd_guard(self) -> None:
+        """Only this node's pods with credentials reach etcd (runtime/etcdguard.py)."""
+
+        # The pods it runs, and (after a restart, before their workers exist) the pods
+        # bound here as etcd has them: a restart must not cut a DNS pod off.
+        def credentialed(p: Pod) -> bool:
+            return p.namespace in credentials.SYSTEM_NAMESPACES and bool(credentials.wanted(p))
+
+        allowed = {w.saved.pod_ip for w in self.workers.values() if credentialed(w.pod)}
+        allowed |= {
+            p.status.pod_ip
+            for p in self.pods.by_index(BY_NODE, self.ctx.node_name)
+            if credentialed(p) and p.status.phase == "Running"
+        }
+        allowed.discard(None)
+        loop = asyncio.get_running_loop()
+        async with self._guard_lock:
+            try:
+                if self._etcd_targets is None:
+                    eps = getattr(self.ctx.store, "endpoints", [])
+                    self._etcd_targets = await loop.run_in_executor(
+                        None, etcdguard.etcd_targets, eps
+                    )
+                args = (self.ctx.options.netns, self.network.network, self._etcd_targets, allowed)
+                if await loop.run_in_executor(None, etcdguard.sync, *args):
+                    log.info(
+                        "etcd guard: pods allowed to reach etcd: %s", sorted(allowed) or "none"
+                    )
+            except Exception as e:  # never stop pods for it; the next pass retries
+                log.warning("etcd guard: %s: %s", type(e).__name__, e)
 
     async def _adopt(self) -> None:
         """Once, before any pod event is handled: tear down what no longer exists, GC CNI."""
@@ -1044,6 +1092,8 @@ class PodRuntime:
                     self.finished.pop(next(iter(self.finished)))
                 if self.by_key.get(key) == uid:
                     self.by_key.pop(key, None)
+                if credentials.wanted(w.pod):  # its address may be another pod's next
+                    await self.sync_etcd_guard()
 
     async def _teardown_orphan(self, s: PodSaved) -> None:
         """A pod we ran before a restart that no longer exists: stop and clean up."""

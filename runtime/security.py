@@ -120,6 +120,7 @@ def hidden_paths(paths: NodePaths, tls: TLSFiles | None = None) -> list[str]:
                 p.cni_cache_dir,
                 p.netns_dir,
                 p.state_dir,
+                p.credentials_dir,
             )
         }
     root = os.environ.get("CORRAL_STATE_DIR")  # the local cluster's state root (corral up)

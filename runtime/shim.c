@@ -2,7 +2,8 @@
  * an interpreter start per container (~1 ms of CPU instead of ~20 ms).
  *
  *   corral-container-shim -p PIDFILE -s STATUSFILE -n NETNS [-h HOSTNAME] [-w DIR]
- *       [-c CGROUP_PROCS]... [-b SRC DST]... [-i IMAGE UPPER WORK ROOTFS]
+ *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m SRC_DIR DST_DIR]...
+ *       [-i IMAGE UPPER WORK ROOTFS]
  *       [-e NAME=VALUE]... [SECURITY] -- ARGV...
  *   corral-container-shim -X PID [-c CGROUP_PROCS]... [SECURITY] -- ARGV...
  *
@@ -52,6 +53,15 @@
 #define PR_CAP_AMBIENT_CLEAR_ALL 4
 #endif
 #define MOUNT_ATTR_RDONLY_ 1ULL
+#define MOUNT_ATTR_RO_ALL_ 15ULL /* RDONLY NOSUID NODEV NOEXEC */
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#define OPEN_TREE_CLONE_ 1
+#define MOVE_MOUNT_F_EMPTY_PATH_ 4
 
 #define MAXN 256
 
@@ -64,6 +74,8 @@ struct spec {
     int ncgroups;
     const char *binds[MAXN][2];
     int nbinds;
+    const char *mounts[MAXN][2]; /* read-only directory mounts (-m SRC DST) */
+    int nmounts;
     char *env[4096];
     int nenv;
     char **argv;
@@ -308,8 +320,34 @@ static void make_dev(void) {
                "mode=1777,size=65536k");
 }
 
+/* Detached read-only copies of the -m sources, taken before the node's state is hidden
+ * (a source may live under it); attach_mounts() puts them in place at the end. */
+static void clone_mounts(struct spec *s, int *fds) {
+    for (int i = 0; i < s->nmounts; i++) {
+        fds[i] = syscall(SYS_open_tree, AT_FDCWD, s->mounts[i][0], OPEN_TREE_CLONE_ | O_CLOEXEC);
+        if (fds[i] < 0)
+            die_setup("open_tree ", s->mounts[i][0], NULL);
+        unsigned long long attr[4] = {MOUNT_ATTR_RO_ALL_, 0, 0, 0};
+        if (syscall(SYS_mount_setattr, fds[i], "", AT_EMPTY_PATH, attr, sizeof attr) != 0)
+            die_setup("mount_setattr(read-only) ", s->mounts[i][0], NULL);
+    }
+}
+
+static void attach_mounts(struct spec *s, int *fds) {
+    for (int i = 0; i < s->nmounts; i++) {
+        if (mkdir_p(s->mounts[i][1]) != 0)
+            die_setup("mkdir ", s->mounts[i][1], NULL);
+        if (syscall(SYS_move_mount, fds[i], "", AT_FDCWD, s->mounts[i][1],
+                    MOVE_MOUNT_F_EMPTY_PATH_) != 0)
+            die_setup("move_mount onto ", s->mounts[i][1], NULL);
+        close(fds[i]);
+    }
+}
+
 /* The container's own view: the node's state hidden, its files read-only (shim.py). */
 static void setup_sandboxed(struct spec *s) {
+    int mount_fds[MAXN];
+    clone_mounts(s, mount_fds);
     if (s->image) {
         char opts[3 * PATH_MAX + 64], target[PATH_MAX];
         snprintf(opts, sizeof opts, "lowerdir=%s,upperdir=%s,workdir=%s", s->image, s->upper,
@@ -359,6 +397,7 @@ static void setup_sandboxed(struct spec *s) {
                 must_mount("tmpfs", dirs[i], "tmpfs", MS_NOSUID | MS_NODEV,
                            i == 2 ? "mode=755" : "mode=1777");
     }
+    attach_mounts(s, mount_fds);
     if (s->pidns) {
         unsigned long fl = MS_NOSUID | MS_NODEV | MS_NOEXEC;
         const char *ro_paths[] = {"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"};
@@ -673,6 +712,12 @@ int main(int argc, char **argv) {
                 return usage();
             s.binds[s.nbinds][0] = argv[++i];
             s.binds[s.nbinds++][1] = argv[++i];
+            break;
+        case 'm':
+            if (left < 2 || s.nmounts == MAXN)
+                return usage();
+            s.mounts[s.nmounts][0] = argv[++i];
+            s.mounts[s.nmounts++][1] = argv[++i];
             break;
         case 'i':
             if (left < 4)

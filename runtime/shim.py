@@ -7,7 +7,8 @@ the records it writes are `marshal`-encoded dicts.
 It joins the container's cgroups, enters the pod's network namespace, unshares
 UTS/IPC/PID namespaces and forks the container's PID 1, which unshares a mount
 namespace, mounts its root (overlayfs over the image dir, when there is one),
-binds the pod's resolv.conf and hosts, mounts /proc and execs the command. The wrapper stays
+binds the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
+system pod's credentials), mounts /proc and execs the command. The wrapper stays
 outside the PID namespace: it forwards SIGTERM/SIGINT/SIGHUP, records the
 child's PID (`pid_file`) and its exit (`status_file`), and exits with its code.
 If the wrapper is killed, the child gets SIGKILL (PR_SET_PDEATHSIG), and with
@@ -40,6 +41,9 @@ MNT_DETACH, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 2, -100, 0x8000, 1
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 8, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SYS_PIVOT_ROOT, SYS_MOUNT_SETATTR = 155, 442  # x86_64
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # x86_64
+OPEN_TREE_CLONE, O_CLOEXEC, AT_EMPTY_PATH, MOVE_MOUNT_F_EMPTY_PATH = 1, 0o2000000, 0x1000, 4
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 2, 4, 8
 S_IFCHR = 0o020000
 # The minimal /dev of a sandboxed container: (name, major, minor), then symlinks.
 DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9))
@@ -153,8 +157,32 @@ def make_dev() -> None:
     mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
 
 
+def clone_mounts(spec: dict) -> list[tuple[int, str]]:
+    """Detached read-only copies of the spec's `mounts` sources, taken before the node's
+    state is hidden (a source may live under it), attached by attach_mounts() at the end."""
+    out = []
+    for src, dst in spec.get("mounts", []):
+        fd = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(), OPEN_TREE_CLONE | O_CLOEXEC)
+        check(fd if fd < 0 else 0, f"open_tree {src}")
+        ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+        attr = MountAttr(ro, 0, 0, 0)
+        rc = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), 32)
+        check(rc, f"mount_setattr({src}, read-only)")
+        out.append((fd, dst))
+    return out
+
+
+def attach_mounts(clones: list[tuple[int, str]]) -> None:
+    for fd, dst in clones:
+        os.makedirs(dst, mode=0o755, exist_ok=True)
+        rc = libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, dst.encode(), MOVE_MOUNT_F_EMPTY_PATH)
+        check(rc, f"move_mount onto {dst}")
+        os.close(fd)
+
+
 def setup_sandboxed(spec: dict, sec: dict) -> None:
     """The container's own view: the node's state hidden, its files read-only."""
+    clones = clone_mounts(spec)
     image = spec.get("image")
     if image:
         root = spec["rootfs"]
@@ -196,6 +224,7 @@ def setup_sandboxed(spec: dict, sec: dict) -> None:
             if os.path.isdir(d):
                 mode = "755" if d == "/run" else "1777"
                 mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"mode={mode}")
+    attach_mounts(clones)
     if spec.get("pidns"):
         flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         mount("proc", "/proc", "proc", flags)

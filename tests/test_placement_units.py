@@ -14,13 +14,14 @@ import pytest
 from control_helpers import make_node, make_pod
 from pydantic import ValidationError
 
-from corral.api.objects import Node, Pod, Taint, Toleration
+from corral.api.objects import Node, OwnerReference, Pod, Taint, Toleration
 from corral.control.placement import (
     MAX_SCORE,
     NodeInfo,
     choose_node,
     filter_node,
     score_node,
+    spread_scores,
     tolerates,
     unschedulable_message,
     untolerated_taint,
@@ -248,3 +249,27 @@ def test_placing_one_pod_after_another_spreads_them() -> None:
         placed.append(d.node)
         next(n for n in nodes if n.node.name == d.node).add_pod(pod)
     assert placed == ["empty"] * 4
+
+
+# ------------------------------------------------------------ spreading a controller's pods
+
+
+def owned(name: str, uid: str, **kw: Any) -> Pod:
+    p = make_pod(name, **kw)
+    p.metadata.owner_references = [
+        OwnerReference(api_version="apps/v1", kind="Deployment", name="d", uid=uid, controller=True)
+    ]
+    return p
+
+
+def test_replicas_of_one_controller_spread_over_nodes() -> None:
+    # node-a is emptier by requests, yet it already runs the controller's replica:
+    # the next replica goes to node-b (kube-scheduler's default spreading).
+    busy = make_pod("big", requests={"cpu": "1500m", "memory": "3Gi"})
+    a = info(make_node("node-a", cpu="8", memory="16Gi"), owned("dns-1", "u1"))
+    b = info(make_node("node-b"), busy)
+    assert choose_node(owned("dns-2", "u1"), [a, b], random.Random(1)).node == "node-b"
+    # Another controller's pods, or pods without one, are not pushed away by it.
+    assert spread_scores(owned("x", "u2"), [a, b]) == [MAX_SCORE, MAX_SCORE]
+    assert spread_scores(make_pod("y"), [a, b]) == [MAX_SCORE, MAX_SCORE]
+    assert spread_scores(owned("dns-3", "u1"), [a, b]) == [0, MAX_SCORE]

@@ -28,7 +28,7 @@ from corral.api.objects import Pod
 from corral.api.store import Store, TLSFiles
 from corral.cluster.etcd import LocalEtcd
 from corral.node.context import NodePaths
-from corral.runtime import containers, security
+from corral.runtime import containers, credentials, security
 from corral.runtime import shim as shim_py
 from corral.runtime.security import DEFAULT_CAPS, Security, cap_mask
 
@@ -161,6 +161,34 @@ def test_hidden_paths_are_the_nodes_own(monkeypatch: pytest.MonkeyPatch) -> None
     assert "/srv/clusters/c1/nodes/n1/run" not in got
 
 
+def _asking(namespace: str, annotation: str | None) -> Pod:
+    meta: dict = {"name": "p", "namespace": namespace}
+    if annotation is not None:
+        meta["annotations"] = {credentials.ANNOTATION: annotation}
+    return Pod.model_validate(
+        {"metadata": meta, "spec": {"containers": [{"name": "c", "command": ["true"]}]}}
+    )
+
+
+def test_credentials_only_for_system_pods_that_ask(tmp_path: Any) -> None:
+    os.makedirs(tmp_path / "etcd-dns")
+    d = str(tmp_path)
+    assert credentials.mounts(_asking("corral-system", None), d) == []
+    assert credentials.mounts(_asking("corral-system", "etcd-dns"), d) == [
+        (f"{d}/etcd-dns", "/run/secrets/corral/etcd-dns")
+    ]
+    for ns, ann, why in (
+        ("default", "etcd-dns", "only pods in corral-system"),
+        ("corral-system", "nope", "no credential set 'nope'"),
+        ("corral-system", "../pki", "not a credential set name"),
+    ):
+        with pytest.raises(credentials.CredentialsError, match=re.escape(why)):
+            credentials.mounts(_asking(ns, ann), d)
+    # The sets' directory is hidden from every container, wherever it is.
+    paths = NodePaths(credentials_dir="/etc/corral-creds")
+    assert "/etc/corral-creds" in security.hidden_paths(paths)
+
+
 # ---------------------------------------------------------------- the shims
 
 
@@ -185,6 +213,7 @@ async def run(
     sec: Security | None,
     image: str | None = None,
     exec_script: str | None = None,
+    mounts: list[tuple[str, str]] | None = None,
 ) -> tuple[int, str, str]:
     """Run `sh -c script` as a container; with `exec_script`, also exec that into it while
     it runs. (exit code, its output, the exec's output)."""
@@ -207,6 +236,7 @@ async def run(
         cgroups=[],
         image=image,
         security=sec,
+        mounts=mounts,
     )
     exec_out = ""
     if exec_script is not None:
@@ -282,6 +312,37 @@ async def test_added_capability_user_and_privileged(shim: str, pod_dir: str, nod
     assert status_field(out, "NoNewPrivs") == "0"
     assert "MOUNTED" in out and "ADDED" in out and "node state" in out
     assert "WROTE-NODE" in out and os.path.exists(os.path.join(node_dir, "new"))  # as before
+
+
+async def test_credentials_mount_is_read_only_and_the_rest_stays_hidden(
+    shim: str, pod_dir: str, node_dir: str
+) -> None:
+    creds = os.path.join(node_dir, "credentials", "etcd-x")
+    os.makedirs(creds)
+    with open(os.path.join(creds, "tls.key"), "w") as f:
+        f.write("the key\n")
+    os.chmod(os.path.join(creds, "tls.key"), 0o600)
+    dst = "/run/secrets/corral/etcd-x"
+    script = (
+        f"cat {dst}/tls.key; echo x > {dst}/new && echo WROTE-SECRET; "
+        f"grep ' {dst} ' /proc/self/mountinfo; ls -A {node_dir} | sed s/^/LS:/; "
+        f"cat {node_dir}/secret; echo END"
+    )
+    sec = Security(hidden=[node_dir])
+    _, out, _ = await run(pod_dir, script, sec, mounts=[(creds, dst)])
+    assert "END" in out and "the key" in out, out
+    assert "WROTE-SECRET" not in out and "Read-only file system" in out
+    mountinfo = next(ln for ln in out.splitlines() if f" {dst} " in ln)
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(mountinfo.split()[5].split(",")), mountinfo
+    assert "node state" not in out and "LS:" not in out  # its node dir: still hidden
+    _, _, ex = await run(pod_dir, "", sec, mounts=[(creds, dst)], exec_script=f"cat {dst}/tls.key")
+    assert "the key" in ex, ex  # `corral exec` sees what the container sees
+    # Without the mount, the same container has none of it.
+    _, out, _ = await run(pod_dir, f"cat {dst}/tls.key; echo END", sec)
+    assert "END" in out and "the key" not in out, out
+    with pytest.raises(containers.StartError, match="sandboxed containers only"):
+        priv = Security(privileged=True, caps=security.ALL_CAPS_MASK, no_new_privs=False)
+        await run(pod_dir, "true", priv, mounts=[(creds, dst)])
 
 
 async def test_seccomp_filter_unless_unconfined(shim: str, pod_dir: str) -> None:
