@@ -94,6 +94,22 @@ def test_readme_tour(cluster: Any) -> None:
             "the server log to show the client pod IP",
         )
 
+        # By name through the pod's search path: cluster DNS, then the proxy.
+        for name in (app, f"{app}.default", f"{app}.default.svc.cluster.local"):
+            r = cluster.corral(
+                "exec",
+                a["metadata"]["name"],
+                "--",
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"http://{name}/",
+            )
+            assert r.stdout == "200", (name, r.stderr)
+
         # Scale up and down: endpoints follow.
         assert cluster.corral("scale", "rc", app, "--replicas", "4").returncode == 0
         wait_for(lambda: len(endpoint_ips(cluster, app)) == 4, "4 endpoints")
