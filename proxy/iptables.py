@@ -5,9 +5,11 @@ need, exactly one `iptables-restore --noflush` (through `corral.node.iptables`,
 the one path; the host's binary, so nft and legacy backends both work), then
 one `ipset restore` destroying the sets nothing references any more, and
 `conntrack -D` for UDP flows whose endpoint went away. A partial sync rewrites
-the dispatch chains (CORRAL-SERVICES, CORRAL-NODEPORTS, the filter REJECTs)
-and the chains of the services that changed; a full one rewrites everything,
-re-checks the hook rules and deletes owned chains and sets nobody wants.
+the chains of the services that changed and, of the dispatch chains (the top
+CORRAL-SERVICES, the VIP buckets of the changed services, CORRAL-NODEPORTS,
+the filter REJECTs), only those whose rules changed; a full one rewrites
+everything, re-checks the hook rules and deletes owned chains and sets nobody
+wants.
 Blocking: the daemon calls these methods in an executor.
 """
 
@@ -122,8 +124,21 @@ class IptablesMode:
         self.kernel = kernel or Kernel()
         self.rules: dict[str, R.ServiceRules] = {}
         self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
-        self.chains: set[str] | None = None  # owned SVC/SEP chains in the kernel (None: unknown)
+        self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
         self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
+        self.members: dict[int, set[str]] = {}  # bucket -> services with portals in it
+        self.dispatch: dict[R.Chain, list[str]] = {}  # dispatch chains as last written
+
+    def _set_rules(self, key: str, view: ServiceView | None) -> None:
+        old = self.rules.pop(key, None)
+        if old is not None and old.bucket is not None:
+            self.members.get(old.bucket, set()).discard(key)
+        if view is None:
+            return
+        r = R.service_rules(view, self.cluster_cidr)
+        self.rules[key] = r
+        if r.portals and r.bucket is not None:
+            self.members.setdefault(r.bucket, set()).add(key)
 
     def sync(
         self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
@@ -135,16 +150,22 @@ class IptablesMode:
         keys = set(views) | set(self.written) if full else set(changed)
         old = {key: self.written.get(key) for key in keys}
         prev_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+        touched = {self.rules[key].bucket for key in keys if key in self.rules}
+        if full:
+            self.rules.clear()
+            self.members.clear()
         for key in keys:
-            v = views.get(key)
-            if v is None:
-                self.rules.pop(key, None)
-            else:
-                self.rules[key] = R.service_rules(v, self.cluster_cidr)
-        wanted_chains: set[str] = set()
+            self._set_rules(key, views.get(key))
+        touched |= {self.rules[key].bucket for key in keys if key in self.rules}
+        buckets = None if full else {b for b in touched if b is not None}
+        want = R.dispatch_rules(self.rules, buckets, self.members)
+        # a partial sync writes a dispatch chain only when its rules changed
+        changed_only = {c: v for c, v in want.items() if self.dispatch.get(c) != v}
+        dispatch = want if full else changed_only
+        for b in [b for b, ks in self.members.items() if not ks]:
+            del self.members[b]
         wanted_sets: dict[str, int] = {}
         for r in self.rules.values():
-            wanted_chains.update(r.chains)
             wanted_sets.update(r.sets)
         hooks = None
         if full:
@@ -158,9 +179,12 @@ class IptablesMode:
                 for table, hks in (("nat", R.NAT_HOOKS), ("filter", R.FILTER_HOOKS))
                 for hook, rule in hks.items()
             }
+            wanted_chains = {c for r in self.rules.values() for c in r.chains}
+            wanted_chains |= {R.bucket_chain(b) for b in self.members}
             delete = self.chains - wanted_chains
         else:
-            delete = prev_chains - wanted_chains
+            now_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+            delete = prev_chains - now_chains
         # Only missing sets: `create -exist` fails on a set made with another timeout,
         # and a set's own timeout does not matter (the SET rule gives each entry its own).
         new_sets = {s: t for s, t in wanted_sets.items() if s not in self.sets}
@@ -171,9 +195,22 @@ class IptablesMode:
                 )
             )
             self.sets |= set(new_sets)
-        rs = R.build(self.rules, None if full else keys, delete, hooks, fixed=full)
-        k.restore(rs.text)
-        self.chains = (self.chains - delete) | rs.chains
+        rs = R.build(self.rules, None if full else keys, dispatch, delete, hooks, fixed=full)
+        if rs.text:
+            k.restore(rs.text)
+        # what the kernel holds now
+        emptied = {c for (_t, c), v in dispatch.items() if not v and R.owned_chain(c)}
+        made = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+        made |= {c for (t, c), v in dispatch.items() if t == "nat" and R.owned_chain(c) and v}
+        self.chains = (self.chains - delete - emptied) | made
+        if full:
+            self.dispatch = {c: v for c, v in dispatch.items() if v or not R.owned_chain(c[1])}
+        else:
+            for c, v in dispatch.items():
+                if v or not R.owned_chain(c[1]):
+                    self.dispatch[c] = v
+                else:
+                    self.dispatch.pop(c, None)
         stale_sets = self.sets - set(wanted_sets)
         if stale_sets:
             k.ipset("".join(f"destroy {s}\n" for s in sorted(stale_sets)))
@@ -192,7 +229,7 @@ class IptablesMode:
             conntrack_flushes=flushes,
             sets_created=len(new_sets),
             sets_destroyed=len(stale_sets),
-            chains_deleted=len(delete),
+            chains_deleted=len(delete | emptied),
         )
 
     def _clear_udp(
@@ -247,6 +284,7 @@ class IptablesMode:
     def forget_kernel(self) -> None:
         """Someone changed the tables by hand: the next (full) sync re-reads what is there."""
         self.chains = self.sets = None
+        self.dispatch.clear()
 
     def cleanup(self) -> list[str]:
         """Remove every chain, hook and set the proxy made; what was removed."""
@@ -271,5 +309,7 @@ class IptablesMode:
             done += [f"ipset {s}" for s in sorted(sets)]
         self.rules.clear()
         self.written.clear()
+        self.members.clear()
+        self.dispatch.clear()
         self.chains = self.sets = None
         return done
