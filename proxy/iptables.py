@@ -126,19 +126,18 @@ class IptablesMode:
         self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
         self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
         self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
-        self.members: dict[int, set[str]] = {}  # bucket -> services with portals in it
+        self.index = R.Index()  # which services have portals (per bucket), nodePorts, ...
         self.dispatch: dict[R.Chain, list[str]] = {}  # dispatch chains as last written
 
     def _set_rules(self, key: str, view: ServiceView | None) -> None:
         old = self.rules.pop(key, None)
-        if old is not None and old.bucket is not None:
-            self.members.get(old.bucket, set()).discard(key)
+        if old is not None:
+            self.index.discard(key, old)
         if view is None:
             return
         r = R.service_rules(view, self.cluster_cidr)
         self.rules[key] = r
-        if r.portals and r.bucket is not None:
-            self.members.setdefault(r.bucket, set()).add(key)
+        self.index.add(key, r)
 
     def sync(
         self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
@@ -153,20 +152,21 @@ class IptablesMode:
         touched = {self.rules[key].bucket for key in keys if key in self.rules}
         if full:
             self.rules.clear()
-            self.members.clear()
+            self.index = R.Index()
         for key in keys:
             self._set_rules(key, views.get(key))
         touched |= {self.rules[key].bucket for key in keys if key in self.rules}
         buckets = None if full else {b for b in touched if b is not None}
-        want = R.dispatch_rules(self.rules, buckets, self.members)
+        want = R.dispatch_rules(self.rules, buckets, self.index)
         # a partial sync writes a dispatch chain only when its rules changed
         changed_only = {c: v for c, v in want.items() if self.dispatch.get(c) != v}
         dispatch = want if full else changed_only
-        for b in [b for b, ks in self.members.items() if not ks]:
-            del self.members[b]
+        members = self.index.members
+        for b in [b for b, ks in members.items() if not ks]:
+            del members[b]
         wanted_sets: dict[str, int] = {}
-        for r in self.rules.values():
-            wanted_sets.update(r.sets)
+        for key in self.index.sets:
+            wanted_sets.update(self.rules[key].sets)
         hooks = None
         if full:
             if self.chains is None:
@@ -180,7 +180,7 @@ class IptablesMode:
                 for hook, rule in hks.items()
             }
             wanted_chains = {c for r in self.rules.values() for c in r.chains}
-            wanted_chains |= {R.bucket_chain(b) for b in self.members}
+            wanted_chains |= {R.bucket_chain(b) for b in members}
             delete = self.chains - wanted_chains
         else:
             now_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
@@ -309,7 +309,7 @@ class IptablesMode:
             done += [f"ipset {s}" for s in sorted(sets)]
         self.rules.clear()
         self.written.clear()
-        self.members.clear()
+        self.index = R.Index()
         self.dispatch.clear()
         self.chains = self.sets = None
         return done

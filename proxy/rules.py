@@ -228,33 +228,57 @@ def top_rules(buckets: Iterable[int]) -> list[str]:
     return out
 
 
+@dataclass
+class Index:
+    """Which services have which dispatch lines, so a partial sync walks only those."""
+
+    members: dict[int, set[str]] = field(default_factory=dict)  # bucket -> keys with portals
+    nodeports: set[str] = field(default_factory=set)  # keys with nodePort lines
+    rejects: set[str] = field(default_factory=set)  # keys with REJECT lines
+    sets: set[str] = field(default_factory=set)  # keys with affinity sets
+
+    def add(self, key: str, r: ServiceRules) -> None:
+        if r.portals and r.bucket is not None:
+            self.members.setdefault(r.bucket, set()).add(key)
+        for flag, where in ((r.nodeports, self.nodeports), (r.rejects, self.rejects),
+                            (r.sets, self.sets)):  # fmt: skip
+            if flag:
+                where.add(key)
+
+    def discard(self, key: str, r: ServiceRules) -> None:
+        if r.bucket is not None and r.bucket in self.members:
+            self.members[r.bucket].discard(key)
+        for where in (self.nodeports, self.rejects, self.sets):
+            where.discard(key)
+
+    @classmethod
+    def of(cls, per_service: Mapping[str, ServiceRules]) -> Index:
+        ix = cls()
+        for k, r in per_service.items():
+            ix.add(k, r)
+        return ix
+
+
 def dispatch_rules(
     per_service: Mapping[str, ServiceRules],
     buckets: Iterable[int] | None = None,
-    members: Mapping[int, Iterable[str]] | None = None,
+    index: Index | None = None,
 ) -> dict[Chain, list[str]]:
     """The dispatch chains' rules: every one, or with `buckets` the top chain and those.
 
-    `members` (bucket -> service keys with portals) saves the walk over every
-    service; without it the buckets are found from `per_service`. A bucket
-    with no rules is in the result with an empty list: it is to be deleted.
+    `index` (kept by the caller) saves walking every service; a bucket with no
+    rules is in the result with an empty list: it is to be deleted.
     """
-    if members is None:
-        found: dict[int, list[str]] = {}
-        for k, r in per_service.items():
-            if r.portals and r.bucket is not None:
-                found.setdefault(r.bucket, []).append(k)
-        members = found
-    in_use = [b for b, ks in members.items() if ks]
+    ix = index if index is not None else Index.of(per_service)
+    in_use = [b for b, ks in ix.members.items() if ks]
     out: dict[Chain, list[str]] = {NAT_SERVICES: top_rules(in_use)}
     for b in sorted(set(in_use if buckets is None else buckets)):
         lines: list[str] = []
-        for k in sorted(members.get(b, ())):
+        for k in sorted(ix.members.get(b, ())):
             lines += per_service[k].portals
         out[("nat", bucket_chain(b))] = lines
-    keys = sorted(per_service)
-    out[NAT_NODEPORTS] = [ln for k in keys for ln in per_service[k].nodeports]
-    out[FILTER_SERVICES] = [ln for k in keys for ln in per_service[k].rejects]
+    out[NAT_NODEPORTS] = [ln for k in sorted(ix.nodeports) for ln in per_service[k].nodeports]
+    out[FILTER_SERVICES] = [ln for k in sorted(ix.rejects) for ln in per_service[k].rejects]
     return out
 
 
