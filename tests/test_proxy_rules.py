@@ -294,3 +294,24 @@ def test_two_level_dispatch_by_vip_bucket() -> None:
     n = len(k.texts)
     m.sync(False, views, {"default/new"})
     assert len(k.texts) == n
+
+
+def test_fast_path_endpoint_deltas_count_shared_endpoints() -> None:
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from corral.proxy.daemon import Proxy
+
+    st = SimpleNamespace(_ep_of={}, _ep_count=Counter())
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
+    b = ServicePort("default/b", "", "TCP", "10.96.0.2", 80)
+    views = {"default/a": view(a, eps(2)), "default/b": view(b, eps(1))}  # share 10.244.1.2
+    added, gone = Proxy._endpoint_delta(st, views, set(), True)  # type: ignore[arg-type]
+    assert added == {("10.244.1.2", 8080, "TCP"), ("10.244.1.3", 8080, "TCP")} and not gone
+    # a loses both: only the endpoint no other service uses goes
+    views["default/a"] = view(a, ())
+    added, gone = Proxy._endpoint_delta(st, views, {"default/a"}, False)  # type: ignore[arg-type]
+    assert not added and gone == {("10.244.1.3", 8080, "TCP")}
+    del views["default/b"]
+    added, gone = Proxy._endpoint_delta(st, views, {"default/b"}, False)  # type: ignore[arg-type]
+    assert gone == {("10.244.1.2", 8080, "TCP")} and not st._ep_count
