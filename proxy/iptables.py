@@ -185,6 +185,8 @@ class IptablesMode:
         else:
             now_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
             delete = prev_chains - now_chains
+        # owned chains the kernel held before this restore (read on the first sync)
+        before_chains = set(self.chains)
         # Only missing sets: `create -exist` fails on a set made with another timeout,
         # and a set's own timeout does not matter (the SET rule gives each entry its own).
         new_sets = {s: t for s, t in wanted_sets.items() if s not in self.sets}
@@ -215,7 +217,7 @@ class IptablesMode:
         if stale_sets:
             k.ipset("".join(f"destroy {s}\n" for s in sorted(stale_sets)))
             self.sets -= stale_sets
-        flushes = self._clear_udp(old, views)
+        flushes = self._clear_udp(old, views, before_chains)
         for key in keys:
             if key in views:
                 self.written[key] = views[key]
@@ -233,9 +235,17 @@ class IptablesMode:
         )
 
     def _clear_udp(
-        self, old: Mapping[str, ServiceView | None], views: Mapping[str, ServiceView]
+        self,
+        old: Mapping[str, ServiceView | None],
+        views: Mapping[str, ServiceView],
+        kernel_chains: set[str],
     ) -> int:
-        """Delete UDP flows to endpoints that went away; stale VIP flows when 0 -> >0."""
+        """Delete UDP flows to endpoints that went away; stale VIP flows when 0 -> >0.
+
+        A service port whose SVC chain the kernel already held (a restarted
+        proxy finds its predecessor's) had endpoints: its flows are live and
+        DNATed, and deleting them would send replies in flight to nobody.
+        """
         n = 0
         for key, before in old.items():
             after = views.get(key)
@@ -252,7 +262,7 @@ class IptablesMode:
                     if before and prev_sp
                     else set()
                 )
-                if now and not was:
+                if now and not was and R.svc_chain(sp) not in kernel_chains:
                     self.kernel.conntrack_delete(
                         ["-p", "udp", "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port)]
                     )

@@ -315,3 +315,12 @@ def test_fast_path_endpoint_deltas_count_shared_endpoints() -> None:
     del views["default/b"]
     added, gone = Proxy._endpoint_delta(st, views, {"default/b"}, False)  # type: ignore[arg-type]
     assert gone == {("10.244.1.2", 8080, "TCP")} and not st._ep_count
+
+
+def test_restarted_proxy_keeps_udp_flows_of_services_it_finds_programmed() -> None:
+    b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
+    k = FakeKernel()
+    k.chains = lambda table: {R.svc_chain(b)} if table == "nat" else set()  # type: ignore[method-assign]
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    m.sync(True, {"default/b": view(b, eps(1, 53))}, set())
+    assert not [c for c in k.calls if c.startswith("conntrack")]
