@@ -243,7 +243,7 @@ async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[floa
                     node_setup=False,
                     max_interval=3600,
                 )
-                proxy._sync_bpf_map = lambda add, gone, full: None  # type: ignore[method-assign]
+                proxy._sync_bpf_map = lambda *a: None  # type: ignore[method-assign]
                 await proxy.start()
                 task = asyncio.create_task(proxy.run())
                 while not proxy.synced_once:

@@ -35,12 +35,13 @@ from corral.control.supervisor import Supervisor
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.proxy.core import ServiceTracker, ServiceView, usable
-from corral.proxy.iptables import IptablesMode, SyncResult
+from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
 
 log = logging.getLogger(__name__)
 
 MODES = ("iptables", "ebpf", "auto")
 BRIDGE_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+DRAIN_BLIND = 600.0  # seconds a gone endpoint stays in the fast path map when conntrack fails
 
 
 class ModeUnavailable(RuntimeError):
@@ -103,6 +104,9 @@ class Proxy:
         self._bpf_have: set[Endpoint] | None = None
         self._ep_of: dict[str, set[Endpoint]] = {}  # service -> endpoints its rules DNAT to
         self._ep_count: Counter[Endpoint] = Counter()
+        # no rule DNATs to these any more, but conntrack may still hold their flows:
+        # they stay in the fast path's map until it does not (endpoint -> since)
+        self._draining: dict[Endpoint, float] = {}
         self._bpf_note = "not tried"
         self._unregister: Any = None
 
@@ -144,6 +148,8 @@ class Proxy:
             await asyncio.sleep(self.canary_interval)
             if not self.synced_once or self.runner.full_pending:
                 continue
+            if self._draining:
+                self.runner.run_soon()  # its map phase re-checks the draining endpoints
             assert self.mode is not None
             ok = await loop.run_in_executor(None, self.mode.canary_ok)
             if not ok:
@@ -166,7 +172,7 @@ class Proxy:
             added, gone = self._endpoint_delta(views, taken.changed, full)
             await loop.run_in_executor(None, self._sync_bpf_map, added, set(), full)
             result = await loop.run_in_executor(None, self.mode.sync, full, views, taken.changed)
-            await loop.run_in_executor(None, self._sync_bpf_map, set(), gone, False, full)
+            await loop.run_in_executor(None, self._sync_bpf_map, set(), gone, False, full, True)
         except Exception:
             metrics.PROXY_SYNC_ERRORS.inc()
             raise
@@ -242,11 +248,17 @@ class Proxy:
         return added, gone
 
     def _sync_bpf_map(
-        self, add: set[Endpoint], gone: set[Endpoint], reread: bool, prune: bool = False
+        self,
+        add: set[Endpoint],
+        gone: set[Endpoint],
+        reread: bool,
+        prune: bool = False,
+        after: bool = False,
     ) -> None:
-        """Put `add` in the fast path's map (before a restore) and take `gone` out
-        (after). `reread` reads the map first and adds every wanted endpoint it
-        lacks; `prune` (after a full sync's restore) removes every one not wanted."""
+        """Put `add` in the fast path's map (before a restore) and, `after` it, take
+        out those of `gone` (and of the ones not wanted, with `prune`) that conntrack
+        no longer holds flows of. `reread` reads the map first and adds every wanted
+        endpoint it lacks."""
         from corral.ebpf.proxy_endpoints import EndpointsMap
 
         if self._bpf_map is None:
@@ -270,8 +282,11 @@ class Proxy:
             if reread or self._bpf_have is None:
                 self._bpf_have = self._bpf_map.entries()
                 add = add | (set(self._ep_count) - self._bpf_have)
+            for e in add:
+                self._draining.pop(e, None)
             if prune:
                 gone = gone | (self._bpf_have - set(self._ep_count))
+            gone = self._drained(gone) if after else set()
             self._bpf_map.update(add, gone)
             self._bpf_have = (self._bpf_have | add) - gone
         except OSError as e:
@@ -283,6 +298,31 @@ class Proxy:
         if add or gone:
             log.debug("fast path endpoints: +%d -%d", len(add), len(gone))
 
+    def _drained(self, gone: set[Endpoint]) -> set[Endpoint]:
+        """Of the endpoints no rule uses any more (`gone` and those already draining),
+        the ones conntrack holds no DNATed flow of: only those may leave the map.
+
+        An endpoint that goes NotReady or is removed keeps its established
+        connections (conntrack still DNATs them); if the fast path took its
+        replies off the kernel path, a reply from another node would reach the
+        client with the pod's address and the connection would hang.
+        """
+        now = time.monotonic()
+        for e in gone:
+            self._draining.setdefault(e, now)
+        for e in [e for e in self._draining if e in self._ep_count]:
+            del self._draining[e]  # wanted again
+        if not self._draining:
+            return set()
+        live = Kernel().dnat_replies()
+        if live is None:  # conntrack cannot say: keep them a while, then let go
+            done = {e for e, t in self._draining.items() if now - t > DRAIN_BLIND}
+        else:
+            done = {e for e in self._draining if e not in live}
+        for e in done:
+            del self._draining[e]
+        return done
+
     def debug_state(self) -> dict[str, Any]:
         last = self.last
         return {
@@ -291,6 +331,7 @@ class Proxy:
             "pending": len(self.tracker),
             "serviceCIDR": self.service_cidr,
             "fastPathMap": self._bpf_note,
+            "fastPathDraining": len(self._draining),
             "runs": self.runner.runs,
             "fullRuns": self.runner.full_runs,
             "failures": self.runner.failures,

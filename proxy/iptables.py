@@ -40,6 +40,20 @@ class SyncResult:
     chains_deleted: int = 0
 
 
+def parse_dnat_replies(text: str) -> set[tuple[str, int, str]]:
+    """`conntrack -L` lines -> (reply source IP, port, PROTO): the second src=/sport=."""
+    out = set()
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        src = [w[4:] for w in words if w.startswith("src=")]
+        sport = [w[6:] for w in words if w.startswith("sport=")]
+        if len(src) >= 2 and len(sport) >= 2 and sport[1].isdigit():
+            out.add((src[1], int(sport[1]), words[0].upper()))
+    return out
+
+
 @dataclass
 class Kernel:
     """The commands a sync runs, in the proxy's network namespace (None: this one)."""
@@ -105,6 +119,21 @@ class Kernel:
         # exit 1 with "0 flow entries have been deleted" is no error
         if p.returncode != 0 and "flow entries" not in p.stderr:
             log.warning("conntrack -D %s failed: %s", " ".join(args), p.stderr.strip())
+
+    def dnat_replies(self) -> set[tuple[str, int, str]] | None:
+        """(IP, port, PROTO) of the reply side of every DNATed flow conntrack holds:
+        the endpoints that still have connections. None when conntrack cannot say."""
+        p = subprocess.run(
+            self._argv(["conntrack", "-L", "--dst-nat"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if p.returncode != 0:
+            log.warning("conntrack -L --dst-nat failed: %s", p.stderr.strip())
+            return None
+        return parse_dnat_replies(p.stdout)
 
     def remove_hook(self, table: str, hook: str, rule: list[str]) -> bool:
         changed = False

@@ -324,3 +324,15 @@ def test_restarted_proxy_keeps_udp_flows_of_services_it_finds_programmed() -> No
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     m.sync(True, {"default/b": view(b, eps(1, 53))}, set())
     assert not [c for c in k.calls if c.startswith("conntrack")]
+
+
+def test_conntrack_dnat_replies_parse_the_reply_tuple() -> None:
+    from corral.proxy.iptables import parse_dnat_replies
+
+    text = (
+        "tcp      6 431999 ESTABLISHED src=10.244.1.5 dst=10.96.0.10 sport=34567 dport=80 "
+        "src=10.244.2.3 dst=10.244.1.5 sport=8080 dport=34567 [ASSURED] mark=0 use=1\n"
+        "udp      17 29 src=10.244.1.5 dst=10.96.0.53 sport=5000 dport=53 [UNREPLIED] "
+        "src=10.244.3.4 dst=10.244.1.5 sport=5353 dport=5000 mark=0 use=1\n"
+    )
+    assert parse_dnat_replies(text) == {("10.244.2.3", 8080, "TCP"), ("10.244.3.4", 5353, "UDP")}
