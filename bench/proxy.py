@@ -17,7 +17,9 @@ Rounds alternate between the two; the ratio is of the medians. Also printed:
 the partial sync after one service's endpoint changed, at the same size.
 
     python -m bench.proxy [--services 1000,10000] [--rounds 3]
-    python -m bench.proxy --incremental 50 --services 1000   # etcd write -> rules live
+    python -m bench.proxy --incremental 50 --services 1000,10000
+        # an EndpointSlice written to etcd -> a connection through the VIP answered
+        # by the new endpoint (client and listener in their own namespaces)
 """
 
 from __future__ import annotations
@@ -157,98 +159,121 @@ def run(n: int, rounds: int) -> dict[str, float]:
             netns.remove(ns)
 
 
-async def incremental(n: int, changes: int) -> list[float]:
-    """etcd write of an EndpointSlice change -> the proxy's restore done, in seconds.
+# in the client namespace: per line "HOST PORT IP,IP,..." connect again and again until
+# an answer names one of the IPs (the server answers with the address it was reached at)
+UNTIL_ANSWERED = r"""
+import socket, sys, time
+for line in sys.stdin:
+    host, port, want = line.split(); want = set(want.split(",")); n = 0
+    while True:
+        n += 1
+        try:
+            s = socket.create_connection((host, int(port)), timeout=1)
+            got = s.recv(64).decode().strip(); s.close()
+        except OSError:
+            got = ""
+        if got in want:
+            break
+        time.sleep(0.001)
+    print("ok", n, flush=True)
+"""
 
-    A real etcd, the proxy component in this process on the shared informers,
-    its rules in a scratch namespace (node set-up and the BPF map skipped).
+
+async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[float], list[float]]:
+    """EndpointSlice written to etcd -> a connection to the VIP answered by a new endpoint.
+
+    A real etcd; the proxy component in this process on the shared informers,
+    its rules in the node namespace of `bench.proxy_connect.topology` (node
+    set-up and the BPF map skipped). Each change replaces one service's three
+    endpoints by three new addresses; a client in its own namespace connects
+    to the VIP (every ~1 ms, a new connection each time) until the listener
+    answers as one of the new endpoints. Returns those latencies and the
+    proxy's partial sync durations, in seconds.
     """
     import asyncio
     import shutil
     import tempfile
 
+    from bench import proxy_connect as pc
     from corral.api.informer import InformerFactory
     from corral.api.objects import EndpointSlice, Service
     from corral.api.store import Store
     from corral.cluster.etcd import LocalEtcd
     from corral.proxy.daemon import Proxy
 
+    def slice_of(i: int, ips: list[str]) -> EndpointSlice:
+        return EndpointSlice(
+            metadata={
+                "name": f"svc-{i}",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": f"svc-{i}"},
+            },
+            endpoints=[{"addresses": [ip]} for ip in ips],
+            ports=[{"name": "http", "port": pc.TARGET_PORT}],
+        )
+
     tmp = tempfile.mkdtemp(prefix="benchpx-etcd-")
-    ns = f"benchpx-i-{secrets.token_hex(3)}"
     server = LocalEtcd(data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"))
     server.start()
-    netns.add(ns)
     try:
-        async with Store(server.url) as store:
-            sem = asyncio.Semaphore(50)
+        with pc.topology() as topo:
+            async with Store(server.url) as store:
+                sem = asyncio.Semaphore(50)
 
-            async def put(i: int) -> None:
-                vip = f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}"
-                async with sem:
-                    await store.put(
-                        Service(
-                            metadata={"name": f"svc-{i}", "namespace": "default"},
-                            spec={"clusterIP": vip, "ports": [{"name": "http", "port": 80}]},
+                async def put(i: int) -> None:
+                    async with sem:
+                        await store.put(
+                            Service(
+                                metadata={"name": f"svc-{i}", "namespace": "default"},
+                                spec={
+                                    "clusterIP": pc.vip(i),
+                                    "ports": [{"name": "http", "port": pc.PORT}],
+                                },
+                            )
                         )
-                    )
-                    await store.put(slice_of(i, 0))
+                        await store.put(slice_of(i, [pc.endpoint(i, j) for j in range(3)]))
 
-            def slice_of(i: int, gen: int) -> EndpointSlice:
-                return EndpointSlice(
-                    metadata={
-                        "name": f"svc-{i}",
-                        "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": f"svc-{i}"},
-                    },
-                    endpoints=[
-                        {
-                            "addresses": [
-                                f"10.244.{(3 * i + j) // 250 % 250}.{(3 * i + j) % 250 + 2}"
-                            ]
-                        }
-                        for j in range(2)
-                    ]
-                    + [{"addresses": [f"10.245.{gen // 250 % 250}.{gen % 250 + 2}"]}],
-                    ports=[{"name": "http", "port": 8080}],
+                await asyncio.gather(*(put(i) for i in range(n)))
+                informers = InformerFactory(store)
+                proxy = Proxy(
+                    store,
+                    informers,
+                    "bench",
+                    mode=IptablesMode(pc.CLUSTER_CIDR, Kernel(topo.node)),
+                    node_setup=False,
+                    max_interval=3600,
                 )
-
-            await asyncio.gather(*(put(i) for i in range(n)))
-            informers = InformerFactory(store)
-            proxy = Proxy(
-                store,
-                informers,
-                "bench",
-                mode=IptablesMode(CIDR, Kernel(ns)),
-                node_setup=False,
-                max_interval=3600,
-            )
-            proxy._sync_bpf_map = lambda views, full: None  # type: ignore[method-assign]
-            await proxy.start()
-            task = asyncio.create_task(proxy.run())
-            while not proxy.synced_once:
-                await asyncio.sleep(0.05)
-            out = []
-            for c in range(1, changes + 1):
-                i = (c * 7919) % n
-                want = f"10.245.{c // 250 % 250}.{c % 250 + 2}"
-                t0 = time.perf_counter()
-                await store.put(slice_of(i, c))
-                key = f"default/svc-{i}"
-                while True:
-                    v = proxy.mode.written.get(key) if proxy.mode else None
-                    if v is not None and any(e.ip == want for _, eps in v.endpoints for e in eps):
-                        break
-                    await asyncio.sleep(0.002)
-                out.append(time.perf_counter() - t0)
-                await asyncio.sleep(0.05)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await proxy.stop()
-            await informers.stop()
-            return out
+                proxy._sync_bpf_map = lambda *a: None  # type: ignore[method-assign]
+                await proxy.start()
+                task = asyncio.create_task(proxy.run())
+                while not proxy.synced_once:
+                    await asyncio.sleep(0.05)
+                prober = topo.client_process(UNTIL_ANSWERED)
+                assert prober.stdin is not None and prober.stdout is not None
+                loop = asyncio.get_running_loop()
+                answered, syncs = [], []
+                for c in range(1, changes + 1):
+                    i = (c * 7919) % n
+                    new = [f"10.245.{(3 * c + j) // 250 % 250}.{(3 * c + j) % 250 + 2}"
+                           for j in range(3)]  # fmt: skip
+                    runs = proxy.runner.runs
+                    prober.stdin.write(f"{pc.vip(i)} {pc.PORT} {','.join(new)}\n")
+                    prober.stdin.flush()
+                    t0 = time.perf_counter()
+                    await store.put(slice_of(i, new))
+                    line = await loop.run_in_executor(None, prober.stdout.readline)
+                    answered.append(time.perf_counter() - t0)
+                    assert line.startswith("ok"), line
+                    if proxy.runner.runs == runs + 1 and proxy.last and not proxy.last.full:
+                        syncs.append(proxy.last.seconds)
+                    await asyncio.sleep(gap)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await proxy.stop()
+                await informers.stop()
+                return answered, syncs
     finally:
-        netns.remove(ns)
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -262,7 +287,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="CHANGES",
-        help="instead: CHANGES EndpointSlice updates, etcd write -> rules live, p50/p99",
+        help="instead: CHANGES EndpointSlice updates, etcd write -> a connection answered "
+        "by the new endpoint, p50/p99",
     )
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -270,12 +296,17 @@ def main() -> None:
     if args.incremental:
         import asyncio
 
-        print(f"{'services':>8} {'changes':>7} {'p50':>8} {'p99':>8}")
+        from bench.proxy_connect import pct
+
+        print(f"{'services':>8} {'changes':>7} {'p50':>8} {'p99':>8} {'sync p50':>8}")
         for n in (int(x) for x in args.services.split(",")):
-            xs = sorted(asyncio.run(incremental(n, args.incremental)))
-            p50 = xs[len(xs) // 2]
-            p99 = xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
-            print(f"{n:>8} {len(xs):>7} {p50 * 1000:>6.1f}ms {p99 * 1000:>6.1f}ms")
+            xs, syncs = asyncio.run(incremental(n, args.incremental))
+            sync50 = f"{pct(syncs, 0.5) * 1000:>6.1f}ms" if syncs else "-"
+            print(
+                f"{n:>8} {len(xs):>7} {pct(xs, 0.5) * 1000:>6.1f}ms "
+                f"{pct(xs, 0.99) * 1000:>6.1f}ms {sync50:>8}",
+                flush=True,
+            )
         return
     print(
         f"{'services':>8} {'rules':>7} {'first':>7} {'peer 1st':>8} {'full':>7} "

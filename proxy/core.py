@@ -164,6 +164,7 @@ class ServiceTracker:
         self._ports: dict[str, tuple[ServicePort, ...]] = {}
         self._endpoints: dict[str, dict[PortKey, tuple[EndpointInfo, ...]]] = {}
         self.tracker: ChangeTracker[str, ServiceView] = ChangeTracker()
+        self._views: dict[str, ServiceView] = {}  # kept current: a sync reads them all
         self._since: dict[str, float] = {}
         self._regs = [
             self.services.on_change(self._service_changed),
@@ -183,6 +184,9 @@ class ServiceTracker:
         return all(r.has_synced for r in self._regs)
 
     def view(self, key: str) -> ServiceView | None:
+        return self._views.get(key)
+
+    def _compute(self, key: str) -> ServiceView | None:
         ports = self._ports.get(key)
         if not ports:
             return None
@@ -190,10 +194,15 @@ class ServiceTracker:
         return ServiceView(ports, tuple(sorted((k, v) for k, v in eps.items() if v)))
 
     def views(self) -> dict[str, ServiceView]:
-        return {k: v for k in self._ports if (v := self.view(k)) is not None}
+        return dict(self._views)
 
     def _record(self, key: str, old: ServiceView | None) -> None:
-        if self.tracker.record(key, old, self.view(key)):
+        new = self._compute(key)
+        if new is None:
+            self._views.pop(key, None)
+        else:
+            self._views[key] = new
+        if self.tracker.record(key, old, new):
             self._since.setdefault(key, time.time())
         else:
             self._since.pop(key, None)

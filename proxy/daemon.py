@@ -26,6 +26,7 @@ import contextlib
 import ipaddress
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from corral.api.informer import InformerFactory
@@ -34,12 +35,13 @@ from corral.control.supervisor import Supervisor
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.proxy.core import ServiceTracker, ServiceView, usable
-from corral.proxy.iptables import IptablesMode, SyncResult
+from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
 
 log = logging.getLogger(__name__)
 
 MODES = ("iptables", "ebpf", "auto")
 BRIDGE_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+DRAIN_BLIND = 600.0  # seconds a gone endpoint stays in the fast path map when conntrack fails
 
 
 class ModeUnavailable(RuntimeError):
@@ -58,7 +60,10 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def endpoints_of(views: dict[str, ServiceView]) -> set[tuple[str, int, str]]:
+Endpoint = tuple[str, int, str]  # (IP, port, protocol)
+
+
+def endpoints_of(views: dict[str, ServiceView]) -> set[Endpoint]:
     """Every (IP, port, protocol) the rules DNAT to: what the fast path leaves to the kernel."""
     out = set()
     for v in views.values():
@@ -96,7 +101,12 @@ class Proxy:
         self.synced_once = False
         self._route_ok = False
         self._bpf_map: Any = None
-        self._bpf_have: set[tuple[str, int, str]] | None = None
+        self._bpf_have: set[Endpoint] | None = None
+        self._ep_of: dict[str, set[Endpoint]] = {}  # service -> endpoints its rules DNAT to
+        self._ep_count: Counter[Endpoint] = Counter()
+        # no rule DNATs to these any more, but conntrack may still hold their flows:
+        # they stay in the fast path's map until it does not (endpoint -> since)
+        self._draining: dict[Endpoint, float] = {}
         self._bpf_note = "not tried"
         self._unregister: Any = None
         self._forget_kernel = False
@@ -139,6 +149,8 @@ class Proxy:
             await asyncio.sleep(self.canary_interval)
             if not self.synced_once or self.runner.full_pending:
                 continue
+            if self._draining:
+                self.runner.run_soon()  # its map phase re-checks the draining endpoints
             assert self.mode is not None
             ok = await loop.run_in_executor(None, self.mode.canary_ok)
             if not ok:
@@ -159,8 +171,12 @@ class Proxy:
         try:
             if self.node_setup and (full or not self._route_ok):
                 await loop.run_in_executor(None, self._node_setup)
+            # the fast path must hand a new endpoint's replies to conntrack before a
+            # rule DNATs to it, and a gone one's only after no rule does any more
+            added, gone = self._endpoint_delta(views, taken.changed, full)
+            await loop.run_in_executor(None, self._sync_bpf_map, added, set(), full)
             result = await loop.run_in_executor(None, self.mode.sync, full, views, taken.changed)
-            await loop.run_in_executor(None, self._sync_bpf_map, views, full)
+            await loop.run_in_executor(None, self._sync_bpf_map, set(), gone, False, full, True)
         except Exception:
             metrics.PROXY_SYNC_ERRORS.inc()
             raise
@@ -205,10 +221,53 @@ class Proxy:
             ipr.route("replace", dst=self.service_cidr, oif=links[0], scope=253, proto=4)
             self._route_ok = True
 
-    def _sync_bpf_map(self, views: dict[str, ServiceView], full: bool) -> None:
+    def _endpoint_delta(
+        self, views: dict[str, ServiceView], changed: set[str], full: bool
+    ) -> tuple[set[Endpoint], set[Endpoint]]:
+        """Endpoints the rules start and stop DNATing to, from the changed services only
+        (a count per endpoint: two services may share one)."""
+        if full:
+            self._ep_of.clear()
+            self._ep_count.clear()
+            keys = set(views)
+        else:
+            keys = changed
+        added: set[Endpoint] = set()
+        gone: set[Endpoint] = set()
+        for k in keys:
+            v = views.get(k)
+            new = endpoints_of({k: v}) if v is not None else set()
+            old = self._ep_of.pop(k, set())
+            for e in new - old:
+                self._ep_count[e] += 1
+                if self._ep_count[e] == 1:
+                    added.add(e)
+            for e in old - new:
+                self._ep_count[e] -= 1
+                if self._ep_count[e] <= 0:
+                    del self._ep_count[e]
+                    gone.add(e)
+            if new:
+                self._ep_of[k] = new
+        return added, gone
+
+    def _sync_bpf_map(
+        self,
+        add: set[Endpoint],
+        gone: set[Endpoint],
+        reread: bool,
+        prune: bool = False,
+        after: bool = False,
+    ) -> None:
+        """Put `add` in the fast path's map (before a restore) and, `after` it, take
+        out those of `gone` (and of the ones not wanted, with `prune`) that conntrack
+        no longer holds flows of. `reread` reads the map first and adds every wanted
+        endpoint it lacks."""
         from corral.ebpf.proxy_endpoints import EndpointsMap
 
         if self._bpf_map is None:
+            if not add and not reread:
+                return  # not open: the next sync that adds tries again
             try:
                 self._bpf_map = EndpointsMap.open(self.node)
             except OSError as e:
@@ -218,27 +277,55 @@ class Proxy:
             if self._bpf_map is None:
                 self._bpf_note = "no fast path map pinned (kernel datapath, or not loaded yet)"
                 return
-            full = True
+            reread = True
             log.info(
                 "fast path map %s opened: replies of service flows stay on the kernel path",
                 self._bpf_map.path,
             )
-        want = endpoints_of(views)
         try:
-            if full or self._bpf_have is None:
+            if reread or self._bpf_have is None:
                 self._bpf_have = self._bpf_map.entries()
-            add, remove = want - self._bpf_have, self._bpf_have - want
-            self._bpf_map.update(add, remove)
-            self._bpf_have = want
-            added, removed = len(add), len(remove)
+                add = add | (set(self._ep_count) - self._bpf_have)
+            for e in add:
+                self._draining.pop(e, None)
+            if prune:
+                gone = gone | (self._bpf_have - set(self._ep_count))
+            gone = self._drained(gone) if after else set()
+            self._bpf_map.update(add, gone)
+            self._bpf_have = (self._bpf_have | add) - gone
         except OSError as e:
             # the agent may have reloaded with a new pin: reopen next time
             self._bpf_map.close()
             self._bpf_map = self._bpf_have = None
             raise RuntimeError(f"fast path endpoints map: {e}") from e
         self._bpf_note = f"map id {self._bpf_map.id}"
-        if added or removed:
-            log.debug("fast path endpoints: +%d -%d", added, removed)
+        if add or gone:
+            log.debug("fast path endpoints: +%d -%d", len(add), len(gone))
+
+    def _drained(self, gone: set[Endpoint]) -> set[Endpoint]:
+        """Of the endpoints no rule uses any more (`gone` and those already draining),
+        the ones conntrack holds no DNATed flow of: only those may leave the map.
+
+        An endpoint that goes NotReady or is removed keeps its established
+        connections (conntrack still DNATs them); if the fast path took its
+        replies off the kernel path, a reply from another node would reach the
+        client with the pod's address and the connection would hang.
+        """
+        now = time.monotonic()
+        for e in gone:
+            self._draining.setdefault(e, now)
+        for e in [e for e in self._draining if e in self._ep_count]:
+            del self._draining[e]  # wanted again
+        if not self._draining:
+            return set()
+        live = Kernel().dnat_replies()
+        if live is None:  # conntrack cannot say: keep them a while, then let go
+            done = {e for e, t in self._draining.items() if now - t > DRAIN_BLIND}
+        else:
+            done = {e for e in self._draining if e not in live}
+        for e in done:
+            del self._draining[e]
+        return done
 
     def resync(self) -> None:
         """A full sync now, re-reading the tables (the debug socket's `resync`).
@@ -265,6 +352,7 @@ class Proxy:
             "pending": len(self.tracker),
             "serviceCIDR": self.service_cidr,
             "fastPathMap": self._bpf_note,
+            "fastPathDraining": len(self._draining),
             "runs": self.runner.runs,
             "fullRuns": self.runner.full_runs,
             "failures": self.runner.failures,

@@ -5,9 +5,11 @@ need, exactly one `iptables-restore --noflush` (through `corral.node.iptables`,
 the one path; the host's binary, so nft and legacy backends both work), then
 one `ipset restore` destroying the sets nothing references any more, and
 `conntrack -D` for UDP flows whose endpoint went away. A partial sync rewrites
-the dispatch chains (CORRAL-SERVICES, CORRAL-NODEPORTS, the filter REJECTs)
-and the chains of the services that changed; a full one rewrites everything,
-re-checks the hook rules and deletes owned chains and sets nobody wants.
+the chains of the services that changed and, of the dispatch chains (the top
+CORRAL-SERVICES, the VIP buckets of the changed services, CORRAL-NODEPORTS,
+the filter REJECTs), only those whose rules changed; a full one rewrites
+everything, re-checks the hook rules and deletes owned chains and sets nobody
+wants.
 Blocking: the daemon calls these methods in an executor.
 """
 
@@ -36,6 +38,20 @@ class SyncResult:
     sets_created: int = 0
     sets_destroyed: int = 0
     chains_deleted: int = 0
+
+
+def parse_dnat_replies(text: str) -> set[tuple[str, int, str]]:
+    """`conntrack -L` lines -> (reply source IP, port, PROTO): the second src=/sport=."""
+    out = set()
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        src = [w[4:] for w in words if w.startswith("src=")]
+        sport = [w[6:] for w in words if w.startswith("sport=")]
+        if len(src) >= 2 and len(sport) >= 2 and sport[1].isdigit():
+            out.add((src[1], int(sport[1]), words[0].upper()))
+    return out
 
 
 @dataclass
@@ -104,6 +120,21 @@ class Kernel:
         if p.returncode != 0 and "flow entries" not in p.stderr:
             log.warning("conntrack -D %s failed: %s", " ".join(args), p.stderr.strip())
 
+    def dnat_replies(self) -> set[tuple[str, int, str]] | None:
+        """(IP, port, PROTO) of the reply side of every DNATed flow conntrack holds:
+        the endpoints that still have connections. None when conntrack cannot say."""
+        p = subprocess.run(
+            self._argv(["conntrack", "-L", "--dst-nat"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if p.returncode != 0:
+            log.warning("conntrack -L --dst-nat failed: %s", p.stderr.strip())
+            return None
+        return parse_dnat_replies(p.stdout)
+
     def remove_hook(self, table: str, hook: str, rule: list[str]) -> bool:
         changed = False
         while self.has_rule(table, hook, rule):
@@ -122,8 +153,20 @@ class IptablesMode:
         self.kernel = kernel or Kernel()
         self.rules: dict[str, R.ServiceRules] = {}
         self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
-        self.chains: set[str] | None = None  # owned SVC/SEP chains in the kernel (None: unknown)
+        self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
         self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
+        self.index = R.Index()  # which services have portals (per bucket), nodePorts, ...
+        self.dispatch: dict[R.Chain, list[str]] = {}  # dispatch chains as last written
+
+    def _set_rules(self, key: str, view: ServiceView | None) -> None:
+        old = self.rules.pop(key, None)
+        if old is not None:
+            self.index.discard(key, old)
+        if view is None:
+            return
+        r = R.service_rules(view, self.cluster_cidr)
+        self.rules[key] = r
+        self.index.add(key, r)
 
     def sync(
         self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
@@ -135,17 +178,24 @@ class IptablesMode:
         keys = set(views) | set(self.written) if full else set(changed)
         old = {key: self.written.get(key) for key in keys}
         prev_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+        touched = {self.rules[key].bucket for key in keys if key in self.rules}
+        if full:
+            self.rules.clear()
+            self.index = R.Index()
         for key in keys:
-            v = views.get(key)
-            if v is None:
-                self.rules.pop(key, None)
-            else:
-                self.rules[key] = R.service_rules(v, self.cluster_cidr)
-        wanted_chains: set[str] = set()
+            self._set_rules(key, views.get(key))
+        touched |= {self.rules[key].bucket for key in keys if key in self.rules}
+        buckets = None if full else {b for b in touched if b is not None}
+        want = R.dispatch_rules(self.rules, buckets, self.index)
+        # a partial sync writes a dispatch chain only when its rules changed
+        changed_only = {c: v for c, v in want.items() if self.dispatch.get(c) != v}
+        dispatch = want if full else changed_only
+        members = self.index.members
+        for b in [b for b, ks in members.items() if not ks]:
+            del members[b]
         wanted_sets: dict[str, int] = {}
-        for r in self.rules.values():
-            wanted_chains.update(r.chains)
-            wanted_sets.update(r.sets)
+        for key in self.index.sets:
+            wanted_sets.update(self.rules[key].sets)
         hooks = None
         if full:
             if self.chains is None:
@@ -158,9 +208,14 @@ class IptablesMode:
                 for table, hks in (("nat", R.NAT_HOOKS), ("filter", R.FILTER_HOOKS))
                 for hook, rule in hks.items()
             }
+            wanted_chains = {c for r in self.rules.values() for c in r.chains}
+            wanted_chains |= {R.bucket_chain(b) for b in members}
             delete = self.chains - wanted_chains
         else:
-            delete = prev_chains - wanted_chains
+            now_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+            delete = prev_chains - now_chains
+        # owned chains the kernel held before this restore (read on the first sync)
+        before_chains = set(self.chains)
         # Only missing sets: `create -exist` fails on a set made with another timeout,
         # and a set's own timeout does not matter (the SET rule gives each entry its own).
         new_sets = {s: t for s, t in wanted_sets.items() if s not in self.sets}
@@ -171,14 +226,27 @@ class IptablesMode:
                 )
             )
             self.sets |= set(new_sets)
-        rs = R.build(self.rules, None if full else keys, delete, hooks, fixed=full)
-        k.restore(rs.text)
-        self.chains = (self.chains - delete) | rs.chains
+        rs = R.build(self.rules, None if full else keys, dispatch, delete, hooks, fixed=full)
+        if rs.text:
+            k.restore(rs.text)
+        # what the kernel holds now
+        emptied = {c for (_t, c), v in dispatch.items() if not v and R.owned_chain(c)}
+        made = {c for key in keys if key in self.rules for c in self.rules[key].chains}
+        made |= {c for (t, c), v in dispatch.items() if t == "nat" and R.owned_chain(c) and v}
+        self.chains = (self.chains - delete - emptied) | made
+        if full:
+            self.dispatch = {c: v for c, v in dispatch.items() if v or not R.owned_chain(c[1])}
+        else:
+            for c, v in dispatch.items():
+                if v or not R.owned_chain(c[1]):
+                    self.dispatch[c] = v
+                else:
+                    self.dispatch.pop(c, None)
         stale_sets = self.sets - set(wanted_sets)
         if stale_sets:
             k.ipset("".join(f"destroy {s}\n" for s in sorted(stale_sets)))
             self.sets -= stale_sets
-        flushes = self._clear_udp(old, views)
+        flushes = self._clear_udp(old, views, before_chains)
         for key in keys:
             if key in views:
                 self.written[key] = views[key]
@@ -192,13 +260,21 @@ class IptablesMode:
             conntrack_flushes=flushes,
             sets_created=len(new_sets),
             sets_destroyed=len(stale_sets),
-            chains_deleted=len(delete),
+            chains_deleted=len(delete | emptied),
         )
 
     def _clear_udp(
-        self, old: Mapping[str, ServiceView | None], views: Mapping[str, ServiceView]
+        self,
+        old: Mapping[str, ServiceView | None],
+        views: Mapping[str, ServiceView],
+        kernel_chains: set[str],
     ) -> int:
-        """Delete UDP flows to endpoints that went away; stale VIP flows when 0 -> >0."""
+        """Delete UDP flows to endpoints that went away; stale VIP flows when 0 -> >0.
+
+        A service port whose SVC chain the kernel already held (a restarted
+        proxy finds its predecessor's) had endpoints: its flows are live and
+        DNATed, and deleting them would send replies in flight to nobody.
+        """
         n = 0
         for key, before in old.items():
             after = views.get(key)
@@ -215,7 +291,7 @@ class IptablesMode:
                     if before and prev_sp
                     else set()
                 )
-                if now and not was:
+                if now and not was and R.svc_chain(sp) not in kernel_chains:
                     self.kernel.conntrack_delete(
                         ["-p", "udp", "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port)]
                     )
@@ -247,6 +323,7 @@ class IptablesMode:
     def forget_kernel(self) -> None:
         """Someone changed the tables by hand: the next (full) sync re-reads what is there."""
         self.chains = self.sets = None
+        self.dispatch.clear()
 
     def cleanup(self) -> list[str]:
         """Remove every chain, hook and set the proxy made; what was removed."""
@@ -271,5 +348,7 @@ class IptablesMode:
             done += [f"ipset {s}" for s in sorted(sets)]
         self.rules.clear()
         self.written.clear()
+        self.index = R.Index()
+        self.dispatch.clear()
         self.chains = self.sets = None
         return done

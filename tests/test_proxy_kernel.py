@@ -57,7 +57,8 @@ def test_sync_canary_repair_and_cleanup(ns: str) -> None:
     views = {"default/a": view(a, 3), "default/b": view(b, 0)}
     assert mode.sync(False, views, set()).full  # the first sync is full whatever was asked
     nat = sh(ns, "iptables-save", "-t", "nat")
-    assert f"-A {R.SERVICES} -d 10.96.0.1/32" in nat and "--dport 30001" in nat
+    assert f"-A {R.bucket_chain(1)} -d 10.96.0.1/32" in nat and "--dport 30001" in nat
+    assert f"-A {R.SERVICES} -d 0.0.0.1/0.0.0.255 -j {R.bucket_chain(1)}" in nat
     assert '-A PREROUTING -m comment --comment "corral: service portals"' in nat
     assert "default/b has no endpoints" in sh(ns, "iptables-save", "-t", "filter")
     assert sh(ns, "ipset", "list", "-n").split() == sorted(

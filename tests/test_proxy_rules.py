@@ -200,13 +200,13 @@ def test_partial_sync_writes_only_changed_services_and_one_restore() -> None:
     text = k.texts[-1]
     assert "-X CORRAL-SVC-STALEONE00000000" in text  # a chain nobody wants any more
     assert text.count("-I PREROUTING 1") == 1 and text.count("-I FORWARD 1") == 1
-    # b loses an endpoint: only b's chains are written, plus the dispatch chains
+    # b loses an endpoint: only b's chains are written (its portal line is the same)
     k.calls.clear()
     views["default/b"] = view(b, eps(1, 53))
     second = m.sync(False, views, {"default/b"})
     assert not second.full and k.calls[0] == "iptables-restore"
     text = k.texts[-1]
-    assert R.svc_chain(a) not in {ln[1:].split()[0] for ln in text.splitlines() if ln[:1] == ":"}
+    assert R.svc_chain(a) not in declared(text) and R.SERVICES not in declared(text)
     assert f":{R.svc_chain(b)} - [0:0]" in text
     gone = R.sep_chain(b, eps(2, 53)[1])
     assert f"-X {gone}" in text
@@ -244,8 +244,95 @@ def test_deleted_service_leaves_no_chains() -> None:
     k = FakeKernel()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     m.sync(True, {"default/web": view(SP, eps(2))}, set())
-    assert m.chains and len(m.chains) == 3
+    assert m.chains and len(m.chains) == 4  # SVC, 2 SEP, the VIP's bucket
     m.sync(False, {}, {"default/web"})
     assert m.chains == set()
     text = k.texts[-1]
-    assert text.count("-X CORRAL-S") == 3
+    assert text.count("-X CORRAL-S") == 3 and f"-X {R.bucket_chain(20)}" in text
+    # the top chain no longer jumps to the emptied bucket
+    top = [ln for ln in text.splitlines() if ln.startswith(f"-A {R.SERVICES} ")]
+    assert top and not any("CORRAL-BUCKET" in ln for ln in top)
+
+
+def declared(text: str) -> set[str]:
+    return {ln[1:].split()[0] for ln in text.splitlines() if ln[:1] == ":"}
+
+
+def test_two_level_dispatch_by_vip_bucket() -> None:
+    k = FakeKernel()
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    views = {}
+    for i in range(600):  # sequential VIPs spread over all 256 buckets
+        sp = ServicePort(f"default/s{i}", "", "TCP", f"10.96.{i // 256}.{i % 256}", 80)
+        views[sp.service] = view(sp, eps(1))
+    m.sync(True, views, set())
+    text = k.texts[-1]
+    top = [ln for ln in text.splitlines() if ln.startswith(f"-A {R.SERVICES} ")]
+    assert len(top) == 257  # a jump per bucket, then nodePorts
+    assert top[7] == f"-A {R.SERVICES} -d 0.0.0.7/0.0.0.255 -j {R.bucket_chain(7)}"
+    b7 = [ln for ln in text.splitlines() if ln.startswith(f"-A {R.bucket_chain(7)} ")]
+    assert sorted(ln.split()[3] for ln in b7) == ["10.96.0.7/32", "10.96.1.7/32", "10.96.2.7/32"]
+    # an endpoint change rewrites that service's chains only: no dispatch chain
+    sp = views["default/s7"].ports[0]
+    views["default/s7"] = view(sp, eps(2))
+    m.sync(False, views, {"default/s7"})
+    assert declared(k.texts[-1]) == {R.svc_chain(sp)} | {R.sep_chain(sp, e) for e in eps(2)}
+    assert "*filter" not in k.texts[-1]
+    # a new service in a used bucket: its chains and its bucket, not the top chain
+    new = ServicePort("default/new", "", "TCP", "10.96.9.7", 80)
+    views["default/new"] = view(new, eps(1))
+    m.sync(False, views, {"default/new"})
+    d = declared(k.texts[-1])
+    assert R.bucket_chain(7) in d and R.SERVICES not in d and len(d) == 3
+    assert k.texts[-1].count(f"-A {R.bucket_chain(7)} ") == 4
+    # losing its endpoints: the bucket changes and a REJECT appears (filter only)
+    views["default/new"] = view(new, ())
+    m.sync(False, views, {"default/new"})
+    assert "*filter" in k.texts[-1] and "default/new has no endpoints" in k.texts[-1]
+    assert f"-X {R.svc_chain(new)}" in k.texts[-1]
+    # nothing changed: no restore at all
+    n = len(k.texts)
+    m.sync(False, views, {"default/new"})
+    assert len(k.texts) == n
+
+
+def test_fast_path_endpoint_deltas_count_shared_endpoints() -> None:
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from corral.proxy.daemon import Proxy
+
+    st = SimpleNamespace(_ep_of={}, _ep_count=Counter())
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
+    b = ServicePort("default/b", "", "TCP", "10.96.0.2", 80)
+    views = {"default/a": view(a, eps(2)), "default/b": view(b, eps(1))}  # share 10.244.1.2
+    added, gone = Proxy._endpoint_delta(st, views, set(), True)  # type: ignore[arg-type]
+    assert added == {("10.244.1.2", 8080, "TCP"), ("10.244.1.3", 8080, "TCP")} and not gone
+    # a loses both: only the endpoint no other service uses goes
+    views["default/a"] = view(a, ())
+    added, gone = Proxy._endpoint_delta(st, views, {"default/a"}, False)  # type: ignore[arg-type]
+    assert not added and gone == {("10.244.1.3", 8080, "TCP")}
+    del views["default/b"]
+    added, gone = Proxy._endpoint_delta(st, views, {"default/b"}, False)  # type: ignore[arg-type]
+    assert gone == {("10.244.1.2", 8080, "TCP")} and not st._ep_count
+
+
+def test_restarted_proxy_keeps_udp_flows_of_services_it_finds_programmed() -> None:
+    b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
+    k = FakeKernel()
+    k.chains = lambda table: {R.svc_chain(b)} if table == "nat" else set()  # type: ignore[method-assign]
+    m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
+    m.sync(True, {"default/b": view(b, eps(1, 53))}, set())
+    assert not [c for c in k.calls if c.startswith("conntrack")]
+
+
+def test_conntrack_dnat_replies_parse_the_reply_tuple() -> None:
+    from corral.proxy.iptables import parse_dnat_replies
+
+    text = (
+        "tcp      6 431999 ESTABLISHED src=10.244.1.5 dst=10.96.0.10 sport=34567 dport=80 "
+        "src=10.244.2.3 dst=10.244.1.5 sport=8080 dport=34567 [ASSURED] mark=0 use=1\n"
+        "udp      17 29 src=10.244.1.5 dst=10.96.0.53 sport=5000 dport=53 [UNREPLIED] "
+        "src=10.244.3.4 dst=10.244.1.5 sport=5353 dport=5000 mark=0 use=1\n"
+    )
+    assert parse_dnat_replies(text) == {("10.244.2.3", 8080, "TCP"), ("10.244.3.4", 5353, "UDP")}
