@@ -1,0 +1,272 @@
+/* The service proxy's eBPF mode: socket-level load balancing (compiled by BCC;
+ * loaded and fed by ebpf/proxy_sock.py, driven by proxy/ebpf.py).
+ *
+ * Four cgroup sock_addr programs on the node's cgroup2 directory
+ * (/sys/fs/cgroup/unified/corral/<node>, under which every pod has its own
+ * directory), so they run for every pod process of the node and for nobody
+ * else:
+ *
+ *   corral_conn4   connect() of a TCP socket to VIP:port: the destination
+ *                  becomes a backend's own address before the kernel routes
+ *                  anything, so the packets carry the backend IP, need no
+ *                  conntrack NAT and take the overlay fast path unchanged.
+ *   corral_send4   sendto()/sendmsg() of an unconnected UDP socket: the same,
+ *                  per datagram.
+ *   corral_recv4   recvfrom()/recvmsg() on such a socket: a datagram from the
+ *                  backend shows the VIP:port it was sent to.
+ *   corral_peer4   getpeername() of a connected socket: the VIP:port too.
+ *
+ * A connected UDP socket (connect() then send()) is left on the VIP: the
+ * kernel runs no hook for its later send()s, so a translated socket would stay
+ * on one backend for its whole life (what Cilium's users hit with DNS clients).
+ * The node's DNAT rules take it, with their conntrack clean-up on failover.
+ *
+ * Maps (all pinned under /sys/fs/bpf/corral/<node>/, so a restarted proxy
+ * reuses them and connections keep being translated through the restart):
+ *
+ *   proxy_svc      (VIP, port, proto) -> generation, count, flags, timeout.
+ *                  count 0: the service has no usable endpoint: connect() and
+ *                  sendmsg() fail at once with ECONNREFUSED.
+ *   proxy_be       (generation, slot) -> backend address. A service's
+ *                  backends are written under a fresh generation, then its
+ *                  proxy_svc entry is switched in one update: a lookup sees the
+ *                  old set or the new one, never a mix.
+ *   proxy_member   (generation, backend) -> 1: is this backend in the set?
+ *   proxy_aff      LRU (client, VIP, port, proto) -> backend, last use.
+ *                  ClientIP affinity keyed by the client's IP: the socket's
+ *                  bound address when it has one, else the pod's IP from
+ *                  pod_cgroups (filled by the node runtime), else the cgroup
+ *                  id (a process the runtime did not register).
+ *   proxy_rev      LRU (socket cookie, backend) -> VIP:port, for recvmsg and
+ *                  getpeername.
+ *   pod_cgroups    cgroup id -> pod IP, owned by the node runtime
+ *                  (runtime/podcgroups.py), shared with this source.
+ *
+ * Affinity races between CPUs: two connections of one client on two CPUs
+ * must not stick it to two backends. A new entry is inserted with
+ * BPF_NOEXIST; the loser of that race reads the winner's entry and uses its
+ * backend. An expired or invalid entry is replaced by a compare-and-swap of
+ * its backend word; the loser uses what the winner wrote. The last-use time
+ * is one aligned 64-bit store (no read-modify-write of the whole value).
+ *
+ * Addresses and ports are in network byte order everywhere.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/errno.h>
+
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define SVC_AFFINITY 1
+
+/* BCC 0.26 has no wrapper for this helper (kernel 5.19+); cgroup programs have it. */
+static long (*set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
+
+struct svc_key {
+    u32 vip;
+    u16 port;
+    u8 proto;
+    u8 pad;
+};
+
+struct svc {
+    u32 gen;      /* names this set of backends in proxy_be/proxy_member */
+    u16 count;    /* usable backends; 0: refuse */
+    u16 flags;    /* SVC_AFFINITY */
+    u32 timeout;  /* affinity idle timeout, seconds */
+    u32 pad;
+};
+
+struct be_key {
+    u32 gen;
+    u32 slot;
+};
+
+struct backend {
+    u32 ip;
+    u16 port;
+    u16 pad;
+};
+
+struct member_key {
+    u32 gen;
+    u32 ip;
+    u16 port;
+    u16 pad;
+};
+
+struct aff_key {
+    u64 client;   /* an IPv4 address, or (1 << 63) | cgroup id */
+    u32 vip;
+    u16 port;
+    u8 proto;
+    u8 pad;
+};
+
+struct aff {
+    u64 backend;  /* ip | port << 32: one word, swapped atomically */
+    u64 last;     /* bpf_ktime_get_ns() of the last use */
+};
+
+struct rev_key {
+    u64 cookie;
+    u32 ip;
+    u16 port;
+    u16 pad;
+};
+
+struct rev {
+    u32 vip;
+    u16 port;
+    u16 pad;
+};
+
+CORRAL_PINNED("hash", struct svc_key, struct svc, proxy_svc, 131072);
+CORRAL_PINNED("hash", struct be_key, struct backend, proxy_be, 524288);
+CORRAL_PINNED("hash", struct member_key, u8, proxy_member, 524288);
+CORRAL_PINNED("lru_hash", struct aff_key, struct aff, proxy_aff, 262144);
+CORRAL_PINNED("lru_hash", struct rev_key, struct rev, proxy_rev, 262144);
+CORRAL_PINNED("hash", u64, u32, pod_cgroups, 65536);
+
+static __always_inline u64 pack(u32 ip, u16 port) {
+    return (u64)ip | ((u64)port << 32);
+}
+
+static __always_inline int is_member(u32 gen, u64 b) {
+    struct member_key m = {.gen = gen, .ip = (u32)b, .port = (u16)(b >> 32)};
+    return b && proxy_member.lookup(&m) != NULL;
+}
+
+static __always_inline u64 pick(const struct svc *s) {
+    struct be_key k = {.gen = s->gen, .slot = bpf_get_prandom_u32() % s->count};
+    struct backend *b = proxy_be.lookup(&k);
+    return b ? pack(b->ip, b->port) : 0;
+}
+
+/* The client as ClientIP affinity sees it. */
+static __always_inline u64 client_of(u32 bound) {
+    if (bound)
+        return bound;
+    u64 cg = bpf_get_current_cgroup_id();
+    u32 *ip = pod_cgroups.lookup(&cg);
+    return ip ? *ip : ((1ULL << 63) | cg);
+}
+
+static __always_inline u64 sticky(const struct svc *s, struct svc_key *sk, u32 bound) {
+    struct aff_key ak = {.client = client_of(bound), .vip = sk->vip, .port = sk->port,
+                         .proto = sk->proto};
+    u64 now = bpf_ktime_get_ns();
+    u64 ttl = (u64)s->timeout * 1000000000ULL;
+    struct aff *a = proxy_aff.lookup(&ak);
+    if (a) {
+        u64 have = a->backend;
+        if (now - a->last <= ttl && is_member(s->gen, have)) {
+            a->last = now;
+            return have;
+        }
+        u64 fresh = pick(s);
+        if (!fresh)
+            return 0;
+        u64 was = __sync_val_compare_and_swap(&a->backend, have, fresh);
+        a->last = now;
+        if (was != have && is_member(s->gen, was))
+            return was;  /* another CPU replaced it first: follow it */
+        return fresh;
+    }
+    u64 fresh = pick(s);
+    if (!fresh)
+        return 0;
+    struct aff n = {.backend = fresh, .last = now};
+    if (proxy_aff.insert(&ak, &n) == 0)  /* BPF_NOEXIST */
+        return fresh;
+    a = proxy_aff.lookup(&ak);  /* another CPU inserted first: use its choice */
+    if (a && is_member(s->gen, a->backend))
+        return a->backend;
+    return fresh;
+}
+
+/* The backend for (VIP, port, proto), 0 when the address is no service;
+ * *refuse = 1 when it is one without usable endpoints. */
+static __always_inline u64 translate(u32 vip, u32 port, u8 proto, u32 bound, int *refuse) {
+    struct svc_key sk = {.vip = vip, .port = (u16)port, .proto = proto};
+    struct svc *s = proxy_svc.lookup(&sk);
+    if (!s)
+        return 0;
+    if (s->count == 0) {
+        *refuse = 1;
+        return 0;
+    }
+    if (s->flags & SVC_AFFINITY)
+        return sticky(s, &sk, bound);
+    return pick(s);
+}
+
+static __always_inline void remember(void *ctx, u64 b, u32 vip, u32 port) {
+    struct rev_key rk = {.cookie = bpf_get_socket_cookie(ctx), .ip = (u32)b,
+                         .port = (u16)(b >> 32)};
+    struct rev r = {.vip = vip, .port = (u16)port};
+    proxy_rev.update(&rk, &r);
+}
+
+static __always_inline int refused(void) {
+    set_retval(-ECONNREFUSED);
+    return 0;
+}
+
+int corral_conn4(struct bpf_sock_addr *ctx) {
+    if (ctx->protocol != PROTO_TCP)
+        return 1;  /* connected UDP: the node's DNAT takes it (see the top) */
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    u32 vip = ctx->user_ip4, port = ctx->user_port;
+    int refuse = 0;
+    u64 b = translate(vip, port, PROTO_TCP, sk->src_ip4, &refuse);
+    if (refuse)
+        return refused();
+    if (!b)
+        return 1;
+    ctx->user_ip4 = (u32)b;
+    ctx->user_port = (u16)(b >> 32);
+    remember(ctx, b, vip, port);
+    return 1;
+}
+
+int corral_send4(struct bpf_sock_addr *ctx) {
+    if (ctx->protocol != PROTO_UDP)
+        return 1;
+    u32 vip = ctx->user_ip4, port = ctx->user_port;
+    u32 bound = ctx->msg_src_ip4;
+    struct bpf_sock *sk = ctx->sk;
+    if (!bound && sk)
+        bound = sk->src_ip4;
+    int refuse = 0;
+    u64 b = translate(vip, port, PROTO_UDP, bound, &refuse);
+    if (refuse)
+        return refused();
+    if (!b)
+        return 1;
+    ctx->user_ip4 = (u32)b;
+    ctx->user_port = (u16)(b >> 32);
+    remember(ctx, b, vip, port);
+    return 1;
+}
+
+static __always_inline void show_vip(struct bpf_sock_addr *ctx) {
+    struct rev_key rk = {.cookie = bpf_get_socket_cookie(ctx), .ip = ctx->user_ip4,
+                         .port = (u16)ctx->user_port};
+    struct rev *r = proxy_rev.lookup(&rk);
+    if (r) {
+        ctx->user_ip4 = r->vip;
+        ctx->user_port = r->port;
+    }
+}
+
+int corral_recv4(struct bpf_sock_addr *ctx) {
+    show_vip(ctx);
+    return 1;
+}
+
+int corral_peer4(struct bpf_sock_addr *ctx) {
+    show_vip(ctx);
+    return 1;
+}
