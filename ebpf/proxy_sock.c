@@ -45,9 +45,15 @@
  * Affinity races between CPUs: two connections of one client on two CPUs
  * must not stick it to two backends. A new entry is inserted with
  * BPF_NOEXIST; the loser of that race reads the winner's entry and uses its
- * backend. An expired or invalid entry is replaced by a compare-and-swap of
- * its backend word; the loser uses what the winner wrote. The last-use time
- * is one aligned 64-bit store (no read-modify-write of the whole value).
+ * backend. An entry is one 64-bit word (backend address, port, and the time
+ * of last use in ~1.07 s units), so every later change (a refresh, or a new
+ * backend once it expired or its backend left) is a compare-and-swap against
+ * the word the decision was made on: a CPU that loses follows what the winner
+ * wrote. No lock, no read-modify-write of a whole map value (Cilium's
+ * affinity map is updated with plain map updates, which race). Idle expiry
+ * is therefore exact to one unit: an entry goes between timeoutSeconds and
+ * timeoutSeconds + 1.07 s after its last use; timeouts above ~19.5 h
+ * (65534 units) count as 19.5 h.
  *
  * Addresses and ports are in network byte order everywhere.
  */
@@ -57,6 +63,8 @@
 #define PROTO_TCP 6
 #define PROTO_UDP 17
 #define SVC_AFFINITY 1
+#define BACKEND_MASK 0xffffffffffffULL
+#define STAMP_SHIFT 30  /* affinity time unit: 2^30 ns, about 1.07 s */
 
 /* BCC 0.26 has no wrapper for this helper (kernel 5.19+); cgroup programs have it. */
 static long (*set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
@@ -73,7 +81,7 @@ struct svc {
     u16 count;    /* usable backends; 0: refuse */
     u16 flags;    /* SVC_AFFINITY */
     u32 timeout;  /* affinity idle timeout, seconds */
-    u32 pad;
+    u32 epoch;    /* new each time affinity is switched on */
 };
 
 struct be_key {
@@ -99,12 +107,11 @@ struct aff_key {
     u32 vip;
     u16 port;
     u8 proto;
-    u8 pad;
+    u8 epoch;     /* the service's affinity epoch: entries of an earlier "on" never match */
 };
 
 struct aff {
-    u64 backend;  /* ip | port << 32: one word, swapped atomically */
-    u64 last;     /* bpf_ktime_get_ns() of the last use */
+    u64 word;     /* backend ip | port << 32 | last-use stamp << 48 */
 };
 
 struct rev_key {
@@ -151,37 +158,51 @@ static __always_inline u64 client_of(u32 bound) {
     return ip ? *ip : ((1ULL << 63) | cg);
 }
 
+/* An affinity word: the backend and the time of its last use, in one u64 so
+ * that a compare-and-swap decides every change (see the top). */
+static __always_inline u64 word(u64 backend, u16 stamp) {
+    return (backend & BACKEND_MASK) | ((u64)stamp << 48);
+}
+
+static __always_inline int fresh(u64 w, u16 stamp, u32 ttl) {
+    return (u16)(stamp - (u16)(w >> 48)) <= ttl;
+}
+
 static __always_inline u64 sticky(const struct svc *s, struct svc_key *sk, u32 bound) {
     struct aff_key ak = {.client = client_of(bound), .vip = sk->vip, .port = sk->port,
-                         .proto = sk->proto};
-    u64 now = bpf_ktime_get_ns();
-    u64 ttl = (u64)s->timeout * 1000000000ULL;
+                         .proto = sk->proto, .epoch = (u8)s->epoch};
+    u16 stamp = (u16)(bpf_ktime_get_ns() >> STAMP_SHIFT);
+    u64 units = (((u64)s->timeout * 1000000000ULL) >> STAMP_SHIFT) + 1;
+    u32 ttl = units > 0xfffe ? 0xfffe : (u32)units;
     struct aff *a = proxy_aff.lookup(&ak);
     if (a) {
-        u64 have = a->backend;
-        if (now - a->last <= ttl && is_member(s->gen, have)) {
-            a->last = now;
-            return have;
+        u64 w = a->word;
+        if (fresh(w, stamp, ttl) && is_member(s->gen, w & BACKEND_MASK)) {
+            if ((u16)(w >> 48) != stamp) {  /* refresh; a lost race means someone else did */
+                u64 was = __sync_val_compare_and_swap(&a->word, w, word(w, stamp));
+                if (was != w && is_member(s->gen, was & BACKEND_MASK))
+                    return was & BACKEND_MASK;
+            }
+            return w & BACKEND_MASK;
         }
-        u64 fresh = pick(s);
-        if (!fresh)
+        u64 b = pick(s);  /* expired, or its backend left: choose again */
+        if (!b)
             return 0;
-        u64 was = __sync_val_compare_and_swap(&a->backend, have, fresh);
-        a->last = now;
-        if (was != have && is_member(s->gen, was))
-            return was;  /* another CPU replaced it first: follow it */
-        return fresh;
+        u64 was = __sync_val_compare_and_swap(&a->word, w, word(b, stamp));
+        if (was != w && is_member(s->gen, was & BACKEND_MASK))
+            return was & BACKEND_MASK;  /* another CPU replaced it first: follow it */
+        return b;
     }
-    u64 fresh = pick(s);
-    if (!fresh)
+    u64 b = pick(s);
+    if (!b)
         return 0;
-    struct aff n = {.backend = fresh, .last = now};
+    struct aff n = {.word = word(b, stamp)};
     if (proxy_aff.insert(&ak, &n) == 0)  /* BPF_NOEXIST */
-        return fresh;
+        return b;
     a = proxy_aff.lookup(&ak);  /* another CPU inserted first: use its choice */
-    if (a && is_member(s->gen, a->backend))
-        return a->backend;
-    return fresh;
+    if (a && is_member(s->gen, a->word & BACKEND_MASK))
+        return a->word & BACKEND_MASK;
+    return b;
 }
 
 /* The backend for (VIP, port, proto), 0 when the address is no service;

@@ -155,7 +155,7 @@ class SockLB:
             backends = tuple(sorted(slots[i] for i in range(v.count) if i in slots))
             aff = v.timeout if v.flags & SVC_AFFINITY else None
             key = (_ip(k.vip), socket.ntohs(k.port), names.get(k.proto, str(k.proto)))
-            have[key] = _Have(v.gen, Entry(backends, aff), v.pad)
+            have[key] = _Have(v.gen, Entry(backends, aff), v.epoch)
             top = max(top, v.gen)
         self._orphans = {g for g in by_gen if g not in {h.gen for h in have.values()}}
         top = max([top, *by_gen])
@@ -204,11 +204,11 @@ class SockLB:
             # affinity's epoch: kept while affinity stays on, new when it is switched on,
             # so clients remembered before it was off are not honoured again
             kept = had is not None and had.entry.affinity is not None and had.epoch
-            v.pad = (had.epoch if kept else gen) if entry.affinity is not None else 0
+            v.epoch = (had.epoch if kept else gen) if entry.affinity is not None else 0
             svc_items.append((_svc_key(svc, key), v))
             if had is not None:
                 old.append(had)
-            self.have[key] = _Have(gen, entry, v.pad)
+            self.have[key] = _Have(gen, entry, v.epoch)
         # new backends before the service points at them; the old ones after it moved on
         for table, items in ((be, be_items), (member, member_items), (svc, svc_items)):
             if items:
