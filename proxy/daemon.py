@@ -133,12 +133,6 @@ class Proxy:
             else:
                 self.mode = IptablesMode(spec.network)
         log.info("proxy mode %s (%s)", self.mode.name, self.mode_note or "given")
-        if self.mode.name == "iptables" and self.node_setup:
-            # a node switched from the eBPF mode: nothing of it stays behind
-            loop = asyncio.get_running_loop()
-            gone = await loop.run_in_executor(None, _remove_ebpf, self.node)
-            if gone:
-                log.info("eBPF mode leftovers removed: %s", "; ".join(gone))
         self.informers.start()
 
     async def run(self) -> None:
@@ -310,7 +304,7 @@ def cleanup(node: str | None, service_cidr: str | None = None) -> list[str]:
     """Remove everything the proxy made in this namespace (blocking)."""
     done = IptablesMode("0.0.0.0/0").cleanup()
     if node:
-        done += _remove_ebpf(node)
+        done += remove_ebpf(node)
         from corral.ebpf.proxy_endpoints import EndpointsMap
 
         with contextlib.suppress(OSError, ValueError):
@@ -330,8 +324,13 @@ def cleanup(node: str | None, service_cidr: str | None = None) -> list[str]:
     return done
 
 
-def _remove_ebpf(node: str) -> list[str]:
-    """The eBPF mode's programs and pinned maps, gone (blocking; no BCC needed)."""
+def remove_ebpf(node: str) -> list[str]:
+    """The eBPF mode's programs and pinned maps, gone (blocking; no BCC needed).
+
+    Needs CAP_SYS_ADMIN (programs on a cgroup are found by id): `corral proxy
+    --mode iptables` calls it before dropping privileges, so a node switched
+    from the eBPF mode keeps nothing of it.
+    """
     from corral.ebpf import proxy_sock
 
     try:
