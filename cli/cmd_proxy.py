@@ -93,9 +93,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise CLIError(f"--metrics-addr {e}") from None
     debug = options.debug_socket(args, "/run/corral/proxy-debug.sock")
     store = new_store(args)
-    privileges.apply(
-        "proxy-ebpf" if mode == "ebpf" else "proxy"
-    )  # before any thread exists: they inherit what we keep
+    if mode == "iptables":  # a node switched from the eBPF mode keeps nothing of it
+        for line in proxyd.remove_ebpf(node):
+            print(f"eBPF mode leftover removed: {line}", flush=True)
+    # before any thread exists: they inherit what we keep
+    privileges.apply("proxy-ebpf" if mode == "ebpf" else "proxy")
     asyncio.run(_serve(store, node, args, addr, debug))
     return 0
 
