@@ -20,7 +20,7 @@ import os
 from corral.ebpf import loader
 
 MAP = "pod_cgroups"
-MAX_ENTRIES = 65536
+MAX_ENTRIES = 16384  # pods per node
 BPF_MAP_TYPE_HASH = 1
 
 

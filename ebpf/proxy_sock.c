@@ -127,12 +127,20 @@ struct rev {
     u16 pad;
 };
 
-CORRAL_PINNED("hash", struct svc_key, struct svc, proxy_svc, 131072);
-CORRAL_PINNED("hash", struct be_key, struct backend, proxy_be, 524288);
-CORRAL_PINNED("hash", struct member_key, u8, proxy_member, 524288);
-CORRAL_PINNED("lru_hash", struct aff_key, struct aff, proxy_aff, 262144);
-CORRAL_PINNED("lru_hash", struct rev_key, struct rev, proxy_rev, 262144);
-CORRAL_PINNED("hash", u64, u32, pod_cgroups, 65536);
+/* Hash maps grow with their entries (BPF_F_NO_PREALLOC): a node with few services
+ * does not pay for 30k. LRU maps are always preallocated: kept at 64k entries. */
+#ifdef CORRAL_PIN_DIR
+#define GROWING(t, k, v, n, m) BPF_TABLE_PINNED(t, k, v, n, m, CORRAL_PIN_DIR "/" #n, BPF_F_NO_PREALLOC)
+#else
+#define GROWING(t, k, v, n, m) BPF_F_TABLE(t, k, v, n, m, BPF_F_NO_PREALLOC)
+#endif
+
+GROWING("hash", struct svc_key, struct svc, proxy_svc, 131072);
+GROWING("hash", struct be_key, struct backend, proxy_be, 524288);
+GROWING("hash", struct member_key, u8, proxy_member, 524288);
+CORRAL_PINNED("lru_hash", struct aff_key, struct aff, proxy_aff, 65536);
+CORRAL_PINNED("lru_hash", struct rev_key, struct rev, proxy_rev, 65536);
+CORRAL_PINNED("hash", u64, u32, pod_cgroups, 16384);
 
 static __always_inline u64 pack(u32 ip, u16 port) {
     return (u64)ip | ((u64)port << 32);
