@@ -17,6 +17,7 @@ Blocking: proxy/ebpf.py calls this in an executor.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 
 from corral.ebpf import loader, pod_cgroups
 from corral.proxy.core import ServiceView, usable
+
+log = logging.getLogger(__name__)
 
 SOURCE = "proxy_sock.c"
 PROGRAMS = {
@@ -114,7 +117,20 @@ class SockLB:
         fd = pod_cgroups.open_map(self.node)  # the runtime's map: exists before BCC pins
         if fd is not None:
             os.close(fd)
-        self.progs = loader.CgroupPrograms(SOURCE, PROGRAMS, node=self.node)
+        try:
+            self.progs = loader.CgroupPrograms(SOURCE, PROGRAMS, node=self.node)
+        except loader.BPFUnavailable as e:
+            # one of our own maps pinned with another layout (an upgrade): start it afresh;
+            # pods reach services through the node's DNAT rules until the first sync
+            stale = [m for m in MAPS if f"/{m} has " in str(e)]
+            if not stale:
+                raise
+            log.warning("%s: unpinning %s and creating it anew", e, ", ".join(stale))
+            d = loader.pin_dir(self.node)
+            for m in stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, m))
+            self.progs = loader.CgroupPrograms(SOURCE, PROGRAMS, node=self.node)
 
     def attach(self) -> dict[str, str]:
         """Put every program on the node's cgroup (atomic replace of an earlier load's)."""
