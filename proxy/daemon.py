@@ -164,6 +164,8 @@ class Proxy:
     async def stop(self) -> None:
         # like every corral daemon: leave the kernel state; a restart converges on it
         self.tracker.remove()
+        if isinstance(self.mode, EbpfMode):
+            self.mode.sock.close()  # our handles only: the programs stay attached
         if self._bpf_map is not None:
             self._bpf_map.close()
             self._bpf_map = None
