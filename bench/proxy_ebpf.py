@@ -51,21 +51,29 @@ import socket, os
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 8080)); s.listen(4096)
 print("up", flush=True)
-while True:
-    c, _ = s.accept(); c.send(b"x"); c.close()
+while True:  # the client closes first, with a reset: no TIME_WAIT skews later runs
+    c, _ = s.accept(); c.send(b"x")
+    try: c.recv(1)
+    except OSError: pass
+    c.close()
 """
 
-# argv: JSON list of "ip" targets, seconds: JSON {rate, p50_us}
+# argv: "vip" N (services' VIPs, port 80) or "direct" (the endpoints, 8080), seconds
 CLIENT = r"""
-import json, random, socket, sys, time
-targets, secs = json.loads(sys.argv[1]), float(sys.argv[2])
-port = 80 if len(sys.argv) > 3 else 8080
+import json, random, socket, struct, sys, time
+RST = struct.pack("ii", 1, 0)
+kind, n, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+if kind == "vip":
+    targets = [f"10.{96 + i // 65536}.{(i // 256) % 256}.{i % 256}" for i in range(n)]; port = 80
+else:
+    targets = [f"10.244.0.{j + 1}" for j in range(3)]; port = 8080
 lat = []; n = 0; end = time.perf_counter() + secs; rnd = random.Random(1)
 while True:
     t = time.perf_counter()
     if t > end: break
     s = socket.socket(); s.settimeout(5); s.connect((rnd.choice(targets), port))
-    lat.append(time.perf_counter() - t); s.recv(1); s.close(); n += 1
+    lat.append(time.perf_counter() - t); s.recv(1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST); s.close(); n += 1
 lat.sort()
 print(json.dumps({"rate": n / secs, "p50_us": lat[len(lat) // 2] * 1e6}))
 """
@@ -114,14 +122,12 @@ def namespace(tag: str) -> Iterator[tuple[str, subprocess.Popen]]:
         netns.remove(name)
 
 
-def client(ns: str, cgroup: str | None, targets: list[str], secs: float, via_vip: bool) -> dict:
+def client(ns: str, cgroup: str | None, n: int, secs: float, via_vip: bool) -> dict:
     def join() -> None:
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:  # type: ignore[arg-type]
             f.write(str(os.getpid()))
 
-    argv = [sys.executable, "-c", CLIENT, json.dumps(targets), str(secs)]
-    if via_vip:
-        argv.append("vip")
+    argv = [sys.executable, "-c", CLIENT, "vip" if via_vip else "direct", str(n), str(secs)]
     out = subprocess.run(
         netns.command(ns, argv),
         preexec_fn=join if cgroup else None,
@@ -133,12 +139,11 @@ def client(ns: str, cgroup: str | None, targets: list[str], secs: float, via_vip
     return json.loads(out.stdout)
 
 
-def connections(sizes: list[int], secs: float, rounds: int) -> list[dict]:
+def connections(sizes: list[int], secs: float, rounds: int) -> Iterator[dict]:
     run = secrets.token_hex(3)
     node = f"bench-{run}"
     cg = os.path.join(loader.CGROUP2_ROOT, f"corral-bench-{run}")
     os.mkdir(cg)
-    rows = []
     lb = proxy_sock.SockLB(node, cgroup=cg)
     try:
         lb.load()
@@ -150,7 +155,6 @@ def connections(sizes: list[int], secs: float, rounds: int) -> list[dict]:
                 check=True,
             )
             ipt = IptablesMode(CIDR, Kernel(iname))
-            direct = [f"10.244.0.{j + 1}" for j in range(3)]
             for n in sizes:
                 vs = views(n)
                 t0 = time.perf_counter()
@@ -159,28 +163,27 @@ def connections(sizes: list[int], secs: float, rounds: int) -> list[dict]:
                 t0 = time.perf_counter()
                 ipt.sync(True, vs, set(vs))
                 t_ipt = time.perf_counter() - t0
-                vips = [vip(i) for i in range(n)]
                 got: dict[str, list[dict]] = {}
-                for _ in range(rounds):
-                    for key, ns, cgroup, targets, is_vip in (
-                        ("ebpf_vip", ens, cg, vips, True),
-                        ("ebpf_direct", ens, cg, direct, False),
-                        ("ipt_vip", ins, None, vips, True),
-                        ("ipt_direct", ins, None, direct, False),
-                    ):
-                        got.setdefault(key, []).append(client(ns, cgroup, targets, secs, is_vip))
+                variants = [
+                    ("ebpf_vip", ens, cg, True),
+                    ("ebpf_direct", ens, cg, False),
+                    ("ipt_vip", ins, None, True),
+                    ("ipt_direct", ins, None, False),
+                ]
+                for r in range(rounds):  # the order flips each round
+                    for key, ns, cgroup, is_vip in variants if r % 2 == 0 else variants[::-1]:
+                        got.setdefault(key, []).append(client(ns, cgroup, n, secs, is_vip))
                 med = {
                     k: {m: statistics.median(r[m] for r in v) for m in ("rate", "p50_us")}
                     for k, v in got.items()
                 }
                 mem = lb.map_memory()
-                rows.append({"services": n, "map_s": t_map, "ipt_s": t_ipt, "mem": mem, **med})
+                yield {"services": n, "map_s": t_map, "ipt_s": t_ipt, "mem": mem, **med}
     finally:
         lb.close()
         proxy_sock.remove_all(node, cg)
         os.rmdir(cg)
         loader.remove_pins(node)
-    return rows
 
 
 async def programming(n: int, changes: int) -> list[float]:
