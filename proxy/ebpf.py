@@ -26,6 +26,7 @@ diffs against what the maps hold.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -75,6 +76,7 @@ class EbpfMode:
     ) -> None:
         self.node = node
         self.iptables = IptablesMode(cluster_cidr, kernel)
+        self.behind = _Behind(self.iptables)
         self.sock = sock or proxy_sock.SockLB(node)
         self.loaded = False
         self.attached = False
@@ -108,10 +110,13 @@ class EbpfMode:
                 )
             self.entries_written += n
         self.last_map_seconds = time.monotonic() - t0
-        result = self.iptables.sync(full, views, changed)
-        result.lines += n
-        result.seconds += self.last_map_seconds
-        return result
+        if not self.loaded:  # the rules serve pods too until the programs are on
+            result = self.iptables.sync(full, views, changed)
+            result.lines += n
+            result.seconds += self.last_map_seconds
+            return result
+        self.behind.submit(full, views, changed)
+        return SyncResult(full, len(changed), n, self.last_map_seconds)
 
     def canary_ok(self) -> bool:
         if self.attached and not self.sock.attached_ok():
@@ -121,6 +126,7 @@ class EbpfMode:
         return self.iptables.canary_ok()
 
     def forget_kernel(self) -> None:
+        self.behind.wait_idle()  # not under a running iptables sync
         self.iptables.forget_kernel()
         self.sock.have = None
 
@@ -136,4 +142,86 @@ class EbpfMode:
             "servicePorts": len(self.sock.have or {}),
             "entriesWritten": self.entries_written,
             "batches": self.sock.batches,
+            "iptablesBehind": self.behind.debug(),
+        }
+
+
+class _Behind:
+    """The iptables half of a loaded eBPF mode, on its own thread.
+
+    Pods depend on the maps only, so a restore that takes a second at 10k
+    services must not hold up the next map update: syncs hand their views
+    here and return; the thread coalesces whatever arrived meanwhile into one
+    iptables sync (the union of changed keys, full if any asked), and retries
+    a failure as a full sync.
+    """
+
+    def __init__(self, mode: IptablesMode) -> None:
+        self.mode = mode
+        self._cv = threading.Condition()
+        self._views: Mapping[str, ServiceView] | None = None
+        self._changed: set[str] = set()
+        self._full = False
+        self._thread: threading.Thread | None = None
+        self.busy = False
+        self.runs = self.errors = 0
+        self.last: SyncResult | None = None
+
+    def submit(self, full: bool, views: Mapping[str, ServiceView], changed: set[str]) -> None:
+        with self._cv:
+            self._views, self._full = views, self._full or full
+            self._changed |= changed
+            self._cv.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="proxy-iptables", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        from corral.daemon import metrics
+
+        while True:
+            with self._cv:
+                while self._views is None:
+                    self._cv.wait()
+                views, full, changed = self._views, self._full, self._changed
+                self._views, self._full, self._changed = None, False, set()
+                self.busy = True
+            try:
+                self.last = self.mode.sync(full, views, changed)
+                self.runs += 1
+            except Exception as e:  # logged, counted and retried
+                self.errors += 1
+                metrics.PROXY_SYNC_ERRORS.inc()
+                log.warning("iptables rules of the eBPF mode: %s; retrying as a full sync", e)
+                time.sleep(0.5)
+                with self._cv:
+                    if self._views is None:
+                        self._views = views
+                    self._full = True
+                    self._changed |= changed
+            finally:
+                with self._cv:
+                    self.busy = self._views is not None
+                    self._cv.notify_all()
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Until nothing is pending or running (tests, the bench)."""
+        end = time.monotonic() + timeout
+        with self._cv:
+            while self.busy or self._views is not None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def debug(self) -> dict[str, Any]:
+        last = self.last
+        return {
+            "runs": self.runs,
+            "errors": self.errors,
+            "busy": self.busy,
+            "lastSeconds": None if last is None else round(last.seconds, 4),
         }

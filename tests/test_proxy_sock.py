@@ -299,6 +299,25 @@ def test_pod_ip_from_the_runtime_keys_affinity(lb: SockLB, ns: str, cgroup: str)
     assert pod_cgroups.lookup(NODE, a) is None
 
 
+def test_ebpf_mode_maps_at_once_iptables_rules_behind(lb: SockLB, ns: str, cgroup: str) -> None:
+    """EbpfMode: a sync programs the maps before returning; the DNAT rules follow on a thread."""
+    from corral.proxy.ebpf import EbpfMode
+    from corral.proxy.iptables import Kernel
+
+    name = os.path.basename(ns)
+    mode = EbpfMode("10.244.0.0/16", NODE, sock=lb, kernel=Kernel(name))
+    mode.loaded = mode.attached = True
+    views = {"default/web": view(VIP, BACKENDS)}
+    result = mode.sync(True, views, set(views))
+    assert result.lines > 0 and lb.have and (VIP, 80, "TCP") in lb.have
+    assert mode.behind.wait_idle(120) and mode.behind.errors == 0
+    nat = subprocess.run(
+        netns.command(name, ["iptables-save", "-t", "nat"]), capture_output=True, text=True
+    ).stdout
+    assert f"-d {VIP}/32" in nat
+    mode.iptables.cleanup()
+
+
 def test_restart_reuses_pins_and_leaves_unchanged_services_alone(
     lb: SockLB, ns: str, cgroup: str
 ) -> None:
