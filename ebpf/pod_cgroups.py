@@ -13,6 +13,7 @@ Key u64 cgroup id, value u32 IPv4 in network order.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -119,3 +120,15 @@ def lookup(node: str, cgroup_dir: str) -> str | None:
         return socket.inet_ntoa(v.value.to_bytes(4, "little"))
     finally:
         os.close(fd)
+
+
+def unpin(node: str) -> bool:
+    """Remove the pin (the node's pods are gone); the node's pin folder too when empty."""
+    path = pin_path(node)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
+    return True

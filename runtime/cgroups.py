@@ -194,7 +194,15 @@ def _rmdir(path: str) -> bool:
 
 
 def remove_node_dirs(node: str, root: str = CGROUP_ROOT) -> None:
-    """Remove the node's (empty) cgroup subtrees, and corral/ itself when empty."""
+    """Remove the node's (empty) cgroup subtrees, and corral/ itself when empty.
+
+    With them goes the node's pod_cgroups map (no pod cgroup is left to name).
+    """
+    if root == CGROUP_ROOT:
+        from corral.ebpf import pod_cgroups
+
+        with contextlib.suppress(OSError, ValueError):
+            pod_cgroups.unpin(node)
     ctrls = [os.path.join(root, c) for c in V1_CONTROLLERS] + [unified_root(root)]
     for base in ctrls:
         _rmdir(os.path.join(base, "corral", node, "pods"))
