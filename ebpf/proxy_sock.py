@@ -108,6 +108,7 @@ class SockLB:
         self._next_gen = 1
         self._owner: dict[SvcKey, str] = {}  # which service a port entry belongs to
         self._orphans: set[int] = set()
+        self._used: set[int] = set()  # generations a service points at
         self.batches = 0  # batch syscalls issued (for tests and the debug dump)
 
     # ------------------------------------------------------------ load and attach
@@ -176,16 +177,17 @@ class SockLB:
         self._orphans = {g for g in by_gen if g not in {h.gen for h in have.values()}}
         top = max([top, *by_gen])
         self._next_gen = top + 1 if top < 0xFFFFFFFF else 1
+        self._used = {h.gen for h in have.values()}
         self.have = have
         return have
 
     def _gen(self) -> int:
-        assert self.have is not None
-        used = {h.gen for h in self.have.values()}
+        used = self._used
         g = self._next_gen
         while g == 0 or g in used:
             g = (g + 1) & 0xFFFFFFFF
         self._next_gen = (g + 1) & 0xFFFFFFFF
+        used.add(g)
         return g
 
     def apply(self, want: Mapping[SvcKey, Entry | None]) -> int:
@@ -233,6 +235,7 @@ class SockLB:
         if svc_gone:
             loader.delete_batch(svc, svc_gone)
             self.batches += 1
+        self._used.difference_update(h.gen for h in old)
         self._free(old, self._orphans)
         self._orphans = set()
         return len(be_items) + len(svc_items) + len(svc_gone)
