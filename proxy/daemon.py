@@ -171,6 +171,8 @@ class Proxy:
             self._bpf_map = None
 
     def ready(self) -> bool:
+        if isinstance(self.mode, EbpfMode):
+            return self.synced_once and self.mode.ready()
         return self.synced_once
 
     async def _canary_loop(self) -> None:

@@ -110,13 +110,13 @@ class EbpfMode:
                 )
             self.entries_written += n
         self.last_map_seconds = time.monotonic() - t0
-        if not self.loaded:  # the rules serve pods too until the programs are on
-            result = self.iptables.sync(full, views, changed)
-            result.lines += n
-            result.seconds += self.last_map_seconds
-            return result
+        # the rules (which serve pods too until the programs are on) follow behind
         self.behind.submit(full, views, changed)
         return SyncResult(full, len(changed), n, self.last_map_seconds)
+
+    def ready(self) -> bool:
+        """Services are served: the programs are on, or the first iptables sync is done."""
+        return self.attached or self.behind.runs > 0
 
     def canary_ok(self) -> bool:
         if self.attached and not self.sock.attached_ok():
