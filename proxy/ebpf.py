@@ -123,6 +123,8 @@ class EbpfMode:
             log.warning("eBPF proxy programs gone from %s: reattaching", self.sock.cgroup)
             self.attached = False
             return False
+        if self.behind.runs == 0 or self.behind.busy:
+            return True  # the rules are being written behind: nothing to judge yet
         return self.iptables.canary_ok()
 
     def forget_kernel(self) -> None:
