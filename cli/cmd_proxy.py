@@ -31,8 +31,10 @@ def register(sub: Any) -> None:
         "--mode",
         choices=("iptables", "ebpf", "auto"),
         default=os.environ.get(DEFAULT_MODE_ENV) or "iptables",
-        help="how services are programmed: iptables (default), ebpf (not built yet), "
-        f"auto (= iptables for now). Default from ${DEFAULT_MODE_ENV}, which `corral up "
+        help="how services are programmed: iptables (default), ebpf (pods' connections "
+        "translated at connect() by BPF programs on the node's cgroup; NodePort and the "
+        "node's own traffic keep iptables rules), auto (ebpf when it can load here, else "
+        f"iptables, saying why). Default from ${DEFAULT_MODE_ENV}, which `corral up "
         "--proxy-mode` sets for its nodes",
     )
     p.add_argument(
@@ -56,8 +58,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--cleanup",
         action="store_true",
-        help="remove every chain, rule, ipset, route and fast-path map entry the proxy "
-        "made, then exit",
+        help="remove every chain, rule, ipset, route, fast-path map entry, eBPF program and "
+        "pinned map the proxy made (whichever mode made them), then exit",
     )
     p.add_argument(
         "--service-cidr",
@@ -79,9 +81,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             print(f"removed {line}")
         return 0
     try:
-        proxyd.resolve_mode(args.mode)
+        mode, why = proxyd.resolve_mode(args.mode)
     except proxyd.ModeUnavailable as e:
         raise CLIError(str(e)) from None
+    args.resolved_mode, args.mode_why = mode, why
     if args.min_sync_period > args.sync_period or args.sync_period <= 0:
         raise CLIError("--min-sync-period must not exceed --sync-period, which must be > 0")
     try:
@@ -90,7 +93,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise CLIError(f"--metrics-addr {e}") from None
     debug = options.debug_socket(args, "/run/corral/proxy-debug.sock")
     store = new_store(args)
-    privileges.apply("proxy")  # before any thread exists: they inherit what we keep
+    if mode == "iptables":  # a node switched from the eBPF mode keeps nothing of it
+        for line in proxyd.remove_ebpf(node):
+            print(f"eBPF mode leftover removed: {line}", flush=True)
+    # before any thread exists: they inherit what we keep
+    privileges.apply("proxy-ebpf" if mode == "ebpf" else "proxy")
     asyncio.run(_serve(store, node, args, addr, debug))
     return 0
 
@@ -111,6 +118,9 @@ async def _serve(store: Any, node: str, args: argparse.Namespace, addr: Any, deb
             node,
             min_interval=args.min_sync_period,
             max_interval=args.sync_period,
+            mode_name=args.resolved_mode,
+            fallback=args.mode == "auto",
+            mode_note=args.mode_why,
         ),
     )
     await d.run()

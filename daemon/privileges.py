@@ -12,7 +12,8 @@ What each daemon keeps (README lists the same):
     dns                      NET_BIND_SERVICE (port 53)
     proxy                    NET_ADMIN (netfilter, ipset, conntrack, the service
                              route, the bridge sysctl), NET_RAW (legacy iptables'
-                             raw socket), BPF (the fast path's pinned map)
+                             raw socket), BPF (the fast path's pinned map);
+                             --mode ebpf also SYS_ADMIN (cgroup programs by id)
     node                     everything: it makes sandboxes (namespaces, mounts,
                              cgroups), programs netlink, iptables and BPF, and
                              must be able to grant a privileged pod all of it
@@ -31,6 +32,8 @@ KEEP: dict[str, frozenset[str] | None] = {
     "node": None,  # None: keep all
     "proxy": frozenset({"NET_ADMIN", "NET_RAW", "BPF"}),
     "dns": frozenset({"NET_BIND_SERVICE"}),  # port 53; it only reads etcd and answers
+    # + SYS_ADMIN: finding programs on a cgroup by id (BPF_PROG_GET_FD_BY_ID) needs it
+    "proxy-ebpf": frozenset({"NET_ADMIN", "NET_RAW", "BPF", "SYS_ADMIN"}),
 }
 
 PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24

@@ -9,9 +9,12 @@ and what source address the endpoint saw. Readiness is a TCP probe on a port a
 server closes when told to over UDP (no shared files), so a case can make an
 endpoint NotReady and ready again in place.
 
-The mode is parametrized through `corral up`'s CORRAL_PROXY_MODE (iptables now;
-the eBPF mode joins the list when it exists). No timing asserts: cases wait for
-the state they need and count outcomes.
+The mode is parametrized through `corral up`'s CORRAL_PROXY_MODE (iptables,
+ebpf): one cluster per (mode, datapath). In the eBPF mode pods' connections
+are translated by the socket programs and host-network clients, NodePort and
+connected UDP keep the iptables rules (docs/proxy.md), so the shared cases pass
+unchanged; the `ebpf`-only cases at the end check what is specific to it. No
+timing asserts: cases wait for the state they need and count outcomes.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from corral.api.store import Store
 
 pytestmark = pytest.mark.slow
 
-MODES = ("iptables",)
+MODES = ("iptables", "ebpf")
 DATAPATHS = ("bpf", "kernel")
 NODEPORT = 30480
 AFFINITY_NET = "172.31.12"  # extra client addresses on a node's lo (outside every corral range)
@@ -322,8 +325,10 @@ def _reused(state_dir: str) -> Iterator[LocalCluster]:
 def env(request: Any) -> Iterator[Env]:
     mode, datapath = request.param
     reuse = os.environ.get("CORRAL_PROXY_TEST_REUSE")  # dev: a running cluster's state dir
-    if reuse and datapath != DATAPATHS[0]:
-        pytest.skip("CORRAL_PROXY_TEST_REUSE runs one datapath")
+    if reuse and (
+        datapath != DATAPATHS[0] or mode != os.environ.get("CORRAL_PROXY_MODE", MODES[0])
+    ):
+        pytest.skip("CORRAL_PROXY_TEST_REUSE runs one datapath and the mode of $CORRAL_PROXY_MODE")
     opened = _reused(reuse) if reuse else local_cluster(3)
     with _datapath_env(datapath, mode), opened as c:
         e = Env(c, datapath, mode, {}, "prx-client", "", "")
@@ -685,3 +690,84 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
         if loop.poll() is None:
             loop.kill()
             loop.wait()
+
+
+# ---------------------------------------------------------------- eBPF mode only
+
+
+def _ebpf_left(env: Env, node: str) -> tuple[list[str], list[str]]:
+    """(corral programs on the node's cgroup, the proxy's pinned maps) on the host's view."""
+    from corral.ebpf import loader, proxy_sock
+
+    full = env.c.node(node)
+    progs = sorted(p.name for p in loader.cgroup_programs(proxy_sock.node_cgroup(full)))
+    return progs, [m for m in loader.pinned(full) if m in proxy_sock.MAPS]
+
+
+def _stop_proxy(env: Env, node: str) -> None:
+    from corral.node.procs import start_time
+
+    full = env.c.node(node)
+    proxy = next(d for d in env.c.state().daemons if d.role == "daemon:proxy" and d.node == full)
+    os.kill(proxy.pid, signal.SIGTERM)
+    wait_for(lambda: start_time(proxy.pid) is None, "the proxy to stop", timeout=30)
+
+
+def _up_with_mode(env: Env, mode: str) -> None:
+    c = env.c
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "up", "--name", c.name, "--nodes", str(len(c.nodes)),
+         "--underlay-cidr", c.underlay_cidr, "--wait", "120"],
+        env=dict(c.env, CORRAL_PROXY_MODE=mode), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
+
+
+def _reaches(env: Env) -> bool:
+    a = env.from_pod(env.client, env.vip, "80", "5")
+    return len(a) == 5 and not any(x.startswith("ERR") for x in a)
+
+
+def test_ebpf_pods_translated_in_the_socket_host_processes_not(env: Env) -> None:
+    if env.mode != "ebpf":
+        pytest.skip("eBPF mode only")
+    progs, pins = _ebpf_left(env, "node-1")
+    assert progs == ["corral_conn4", "corral_peer4", "corral_recv4", "corral_send4"], progs
+    from corral.ebpf import proxy_sock
+
+    assert sorted(pins) == sorted(proxy_sock.MAPS)
+    env.c.exec("node-1", "conntrack", "-F")
+    answers = env.from_pod(env.client, env.vip, "80", "20")
+    assert not [a for a in answers if a.startswith("ERR")], answers
+    # the pod's packets carried the backend's address: no flow to the VIP from the pod
+    ct = env.c.exec("node-1", "conntrack", "-L", "-p", "tcp", "--orig-dst", env.vip).stdout
+    assert f"src={env.client_ip} " not in ct, ct
+    # a process outside the node's cgroup (the node's own) is not translated by the
+    # programs: it reaches the service through the DNAT rules, a flow to the VIP
+    host = env.from_node("node-1", env.vip, "80", "3")
+    assert not [a for a in host if a.startswith("ERR")], host
+    ct = env.c.exec("node-1", "conntrack", "-L", "-p", "tcp", "--orig-dst", env.vip).stdout
+    assert f"dst={env.vip} " in ct, ct
+
+
+def test_ebpf_mode_switch_and_cleanup_leave_nothing_behind(env: Env) -> None:
+    """Last: it restarts node-1's proxy in the iptables mode, cleans up, and back."""
+    if env.mode != "ebpf":
+        pytest.skip("eBPF mode only")
+    try:
+        _stop_proxy(env, "node-1")
+        _up_with_mode(env, "iptables")
+        wait_for(lambda: _ebpf_left(env, "node-1") == ([], []), "no eBPF program or pin left")
+        wait_for(lambda: _reaches(env), "the service through the iptables mode")
+        _stop_proxy(env, "node-1")
+        full = env.c.node("node-1")
+        r = env.c.exec("node-1", sys.executable, "-m", "corral", "proxy", "--cleanup",
+                       "--node", full)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert _ebpf_left(env, "node-1") == ([], [])
+        nat = env.c.exec("node-1", "iptables-save", "-t", "nat").stdout
+        assert "CORRAL-SVC-" not in nat and "CORRAL-SERVICES" not in nat
+    finally:
+        _up_with_mode(env, "ebpf")
+    wait_for(lambda: len(_ebpf_left(env, "node-1")[0]) == 4, "the eBPF programs back")
+    wait_for(lambda: _reaches(env), "the service through the eBPF mode again")

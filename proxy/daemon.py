@@ -35,6 +35,7 @@ from corral.control.supervisor import Supervisor
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.proxy.core import ServiceTracker, ServiceView, usable
+from corral.proxy.ebpf import EbpfMode
 from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,25 @@ class ModeUnavailable(RuntimeError):
     pass
 
 
-def resolve_mode(mode: str) -> str:
-    if mode == "auto":
-        return "iptables"  # until the eBPF mode lands
-    if mode == "ebpf":
-        raise ModeUnavailable(
-            "--mode ebpf is not built yet (its own issue); use --mode iptables (or auto)"
-        )
-    if mode != "iptables":
+def resolve_mode(mode: str) -> tuple[str, str]:
+    """The mode to run and why: `auto` is ebpf when it can load here, else iptables.
+
+    `--mode ebpf` where it cannot run raises ModeUnavailable saying what is missing.
+    """
+    if mode not in MODES:
         raise ModeUnavailable(f"--mode {mode!r}: choose from {', '.join(MODES)}")
-    return mode
+    if mode == "iptables":
+        return mode, "asked for"
+    from corral.proxy.ebpf import preflight
+
+    why = preflight()
+    if mode == "ebpf":
+        if why:
+            raise ModeUnavailable(f"--mode ebpf cannot run here: {why}")
+        return mode, "asked for"
+    if why:
+        return "iptables", f"auto: the eBPF mode cannot run here ({why})"
+    return "ebpf", "auto: BCC, kernel headers, cgroup2 and bpffs are present"
 
 
 Endpoint = tuple[str, int, str]  # (IP, port, protocol)
@@ -82,8 +92,11 @@ class Proxy:
         min_interval: float = 0.1,
         max_interval: float = 30.0,
         canary_interval: float = 5.0,
-        mode: IptablesMode | None = None,
+        mode: IptablesMode | EbpfMode | None = None,
         node_setup: bool = True,
+        mode_name: str = "iptables",
+        fallback: bool = False,
+        mode_note: str = "",
     ) -> None:
         self.store = store
         self.informers = informers
@@ -91,6 +104,9 @@ class Proxy:
         self.canary_interval = canary_interval
         self.node_setup = node_setup
         self.mode = mode
+        self.mode_name = mode_name
+        self.fallback = fallback  # auto: an eBPF load failure falls back to iptables
+        self.mode_note = mode_note
         self.tracker = ServiceTracker(informers, self._changed)
         self.runner = BoundedFrequencyRunner(
             "proxy", self._sync, min_interval, max_interval, retry_initial=0.5, run_at_start=True
@@ -123,24 +139,51 @@ class Proxy:
         self.service_cidr = str(ipaddress.ip_network(spec.service_cidr))
         self.device = config.device_name(spec.backend.vni)
         if self.mode is None:
-            self.mode = IptablesMode(spec.network)
+            if self.mode_name == "ebpf":
+                self.mode = EbpfMode(spec.network, self.node)
+            else:
+                self.mode = IptablesMode(spec.network)
+        log.info("proxy mode %s (%s)", self.mode.name, self.mode_note or "given")
         self.informers.start()
 
     async def run(self) -> None:
         await self.tracker.wait_synced()
         async with Supervisor() as sv:
+            if isinstance(self.mode, EbpfMode):
+                sv.start(self._load_ebpf(), "proxy-ebpf-load")
             sv.start(self.runner.run(), "proxy-runner")
             sv.start(self._canary_loop(), "proxy-canary")
             await sv.wait()
 
+    async def _load_ebpf(self) -> None:
+        """Compile in the background; the iptables rules serve pods until it is done."""
+        assert isinstance(self.mode, EbpfMode)
+        from corral.ebpf.loader import BPFUnavailable, CgroupError
+        from corral.proxy.ebpf import explain
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.mode.load)
+        except (BPFUnavailable, CgroupError, OSError) as e:
+            msg = explain(e)
+            if not self.fallback:
+                raise RuntimeError(f"--mode ebpf: {msg}") from None
+            self.mode_note = f"auto: eBPF load failed, iptables only ({msg})"
+            log.warning("%s", self.mode_note)
+            return
+        self.runner.run_soon(full=True)
+
     async def stop(self) -> None:
         # like every corral daemon: leave the kernel state; a restart converges on it
         self.tracker.remove()
+        if isinstance(self.mode, EbpfMode):
+            self.mode.sock.close()  # our handles only: the programs stay attached
         if self._bpf_map is not None:
             self._bpf_map.close()
             self._bpf_map = None
 
     def ready(self) -> bool:
+        if isinstance(self.mode, EbpfMode):
+            return self.synced_once and self.mode.ready()
         return self.synced_once
 
     async def _canary_loop(self) -> None:
@@ -167,7 +210,7 @@ class Proxy:
             self.mode.forget_kernel()
         taken = self.tracker.take()
         metrics.PROXY_PENDING.set(len(self.tracker))
-        views = self.tracker.views()
+        views = self.tracker.views()  # a snapshot of the tracker's current views
         try:
             if self.node_setup and (full or not self._route_ok):
                 await loop.run_in_executor(None, self._node_setup)
@@ -348,6 +391,8 @@ class Proxy:
             "programmed": _programmed(getattr(self.mode, "written", {})),
             "syncPeriod": self.runner.max_interval,
             "mode": getattr(self.mode, "name", None),
+            "modeNote": self.mode_note,
+            "ebpf": self.mode.debug() if isinstance(self.mode, EbpfMode) else None,
             "services": len(self.tracker.views()),
             "pending": len(self.tracker),
             "serviceCIDR": self.service_cidr,
@@ -392,6 +437,7 @@ def cleanup(node: str | None, service_cidr: str | None = None) -> list[str]:
     """Remove everything the proxy made in this namespace (blocking)."""
     done = IptablesMode("0.0.0.0/0").cleanup()
     if node:
+        done += remove_ebpf(node)
         from corral.ebpf.proxy_endpoints import EndpointsMap
 
         with contextlib.suppress(OSError, ValueError):
@@ -409,3 +455,19 @@ def cleanup(node: str | None, service_cidr: str | None = None) -> list[str]:
             ipr.route("del", dst=service_cidr, proto=4)
             done.append(f"route {service_cidr}")
     return done
+
+
+def remove_ebpf(node: str) -> list[str]:
+    """The eBPF mode's programs and pinned maps, gone (blocking; no BCC needed).
+
+    Needs CAP_SYS_ADMIN (programs on a cgroup are found by id): `corral proxy
+    --mode iptables` calls it before dropping privileges, so a node switched
+    from the eBPF mode keeps nothing of it.
+    """
+    from corral.ebpf import proxy_sock
+
+    try:
+        return proxy_sock.remove_all(node)
+    except (OSError, ValueError) as e:
+        log.warning("cannot remove the eBPF mode's programs and maps: %s", e)
+        return []

@@ -11,6 +11,7 @@ hugetlb; where cgroup2 has memory/cpu, their files are written there too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 from corral.api.objects import Container
 from corral.api.quantity import cpu_millis, memory_bytes
+
+log = logging.getLogger(__name__)
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 V1_CONTROLLERS = ("memory", "cpu", "pids")
@@ -102,6 +105,31 @@ class PodCgroups:
                     quota = max(1000, lim.cpu_quota_millis * CFS_PERIOD_US // 1000)
                     _write(os.path.join(d, "cpu.cfs_quota_us"), str(quota))
 
+    def register_ip(self, ip: str | None) -> None:
+        """Tell the eBPF proxy which IP this pod's cgroup stands for (ClientIP affinity).
+
+        Best effort: without a BPF filesystem or libbpf the pod still runs, and the
+        proxy then keys the pod's affinity by its cgroup id instead.
+        """
+        if not ip or self.root != CGROUP_ROOT:  # a test's fake hierarchy: no kernel cgroup
+            return
+        from corral.ebpf import pod_cgroups
+
+        try:
+            pod_cgroups.set_ip(self.node, self.v2_dir, ip)
+        except (OSError, ValueError) as e:
+            log.debug("pod %s: cgroup -> IP for the eBPF proxy not recorded: %s", self.uid, e)
+
+    def _unregister_ip(self) -> None:
+        if self.root != CGROUP_ROOT:
+            return
+        from corral.ebpf import pod_cgroups
+
+        try:
+            pod_cgroups.forget(self.node, self.v2_dir)
+        except (OSError, ValueError) as e:
+            log.debug("pod %s: cgroup -> IP for the eBPF proxy not removed: %s", self.uid, e)
+
     def procs_files(self, container: str) -> list[str]:
         """The cgroup.procs files a container's first process writes itself into."""
         files = [
@@ -140,6 +168,7 @@ class PodCgroups:
     def remove(self, timeout: float = 5.0) -> bool:
         """SIGKILL anything left in the pod's cgroups, then remove them (leaves first)."""
         deadline = time.monotonic() + timeout
+        self._unregister_ip()  # while the directory (its id) still exists
         while True:
             for pid in self.pids():
                 with contextlib.suppress(ProcessLookupError):
@@ -170,7 +199,15 @@ def _rmdir(path: str) -> bool:
 
 
 def remove_node_dirs(node: str, root: str = CGROUP_ROOT) -> None:
-    """Remove the node's (empty) cgroup subtrees, and corral/ itself when empty."""
+    """Remove the node's (empty) cgroup subtrees, and corral/ itself when empty.
+
+    With them goes the node's pod_cgroups map (no pod cgroup is left to name).
+    """
+    if root == CGROUP_ROOT:
+        from corral.ebpf import pod_cgroups
+
+        with contextlib.suppress(OSError, ValueError):
+            pod_cgroups.unpin(node)
     ctrls = [os.path.join(root, c) for c in V1_CONTROLLERS] + [unified_root(root)]
     for base in ctrls:
         _rmdir(os.path.join(base, "corral", node, "pods"))

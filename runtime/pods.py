@@ -612,6 +612,7 @@ class PodWorker:
             raise
         ips = result_ips(result)
         s.pod_ip = ips[0] if ips else None
+        await loop.run_in_executor(None, self.cgroups.register_ip, s.pod_ip)  # eBPF proxy
         self.stages["cni-add"] = time.monotonic()
         self._write_files()
         log.info(
