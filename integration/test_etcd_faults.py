@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def fc() -> Iterator[LocalCluster]:
-    with local_cluster(3) as c:
+    with local_cluster(3, "--dns-replicas", "0") as c:  # no DNS needed: a faster up
         r = c.corral("run", "steady", "--replicas", "3", "--command", "--", "sleep", "3600")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: _running(c) == 3, "3 steady pods Running")

@@ -329,7 +329,7 @@ def env(request: Any) -> Iterator[Env]:
         datapath != DATAPATHS[0] or mode != os.environ.get("CORRAL_PROXY_MODE", MODES[0])
     ):
         pytest.skip("CORRAL_PROXY_TEST_REUSE runs one datapath and the mode of $CORRAL_PROXY_MODE")
-    opened = _reused(reuse) if reuse else local_cluster(3)
+    opened = _reused(reuse) if reuse else local_cluster(3, "--dns-replicas", "0")
     with _datapath_env(datapath, mode), opened as c:
         e = Env(c, datapath, mode, {}, "prx-client", "", "")
         pods = [_server(f"prx-srv-{i}", c.nodes[i]) for i in range(3)]

@@ -438,7 +438,7 @@ def check_proxy(cv: ClusterView, node: str, dump: dict[str, Any]) -> list[Findin
             )
     want = expected_rules(cv)
     wanted_chains: set[str] = set()
-    portals = " ".join(nat.get(R.SERVICES, []))
+    top = " ".join(nat.get(R.SERVICES, []))
     rejects = " ".join(filt.get(R.SERVICES, []))
     for key, sr in sorted(want.items()):
         for chain, rules in sr.chains.items():
@@ -470,14 +470,28 @@ def check_proxy(cv: ClusterView, node: str, dump: dict[str, Any]) -> list[Findin
                         how="resync-proxy",
                     )
                 )
-        for line in sr.portals:
-            target = line.split("-j ")[-1].strip()
-            if f"-j {target}" not in portals:
+        if sr.bucket is not None and sr.portals:
+            bucket = R.bucket_chain(sr.bucket)
+            wanted_chains.add(bucket)
+            if f"-j {bucket}" not in top:
                 out.append(
                     Finding(
                         node,
                         "proxy",
-                        f"{key}: no {R.SERVICES} rule jumps to {target}{pending}",
+                        f"{key}: no {R.SERVICES} rule jumps to its bucket {bucket}{pending}",
+                        fix=fix,
+                        how="resync-proxy",
+                    )
+                )
+        for line in sr.portals:
+            target = line.split("-j ")[-1].strip()
+            bucket = R.bucket_chain(sr.bucket) if sr.bucket is not None else R.SERVICES
+            if f"-j {target}" not in " ".join(nat.get(bucket, [])):
+                out.append(
+                    Finding(
+                        node,
+                        "proxy",
+                        f"{key}: no {bucket} rule jumps to {target}{pending}",
                         want=line,
                         fix=fix,
                         how="resync-proxy",

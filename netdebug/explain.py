@@ -83,7 +83,14 @@ class IptablesExplainer:
         filt = (kern.get("filter") or {}).get("chains", {})
         sets = kern.get("ipsets") or {}
         out: list[ServiceEntry] = []
-        for line in nat.get(R.SERVICES, []):
+        # portals: in the bucket chains CORRAL-SERVICES dispatches to (proxy/rules.py)
+        portals = [
+            line
+            for chain in sorted(nat)
+            if chain == R.SERVICES or chain.startswith(R.BUCKET_PREFIX)
+            for line in nat[chain]
+        ]
+        for line in portals:
             w = line.split()
             target = _word(w, "-j") or ""
             dst, dport = _word(w, "-d"), _word(w, "--dport")
