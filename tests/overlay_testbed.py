@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.cluster import underlay
+from corral.ebpf import loader
 from corral.node import netns
 from corral.node.podveth import pod_alias
 from corral.overlay.vxlan import Kernel
@@ -301,4 +302,7 @@ class Testbed:
         for ns in reversed(self._namespaces):
             with contextlib.suppress(Exception):
                 netns.remove(ns)
+        for n in self.nodes:  # the fast path pins maps per node name (ebpf/loader.py)
+            with contextlib.suppress(Exception):
+                loader.remove_pins(n.name)
         shutil.rmtree(self.tmp, ignore_errors=True)
