@@ -38,7 +38,8 @@ from corral.api.objects import (
     Service,
     TypedObject,
 )
-from corral.api.store import AlreadyExists, Conflict, NotFound, Store, kind_prefix, now_iso
+from corral.api.store import AlreadyExists, Conflict, NotFound, Store, kind_prefix
+from corral.control import conditions
 from corral.control.podlifecycle import delete_pod
 from corral.daemon.runner import BoundedFrequencyRunner
 
@@ -59,24 +60,9 @@ assert set(NAMESPACED) == set(DELETE_ORDER), "a new namespaced kind needs a plac
 
 def set_condition(ns: Namespace, type_: str, status: str, reason: str, message: str) -> bool:
     """Set one condition; True if it changed (the transition time moves on a flip)."""
-    cur = ns.status.condition(type_)
-    if cur is None:
-        ns.status.conditions.append(
-            NamespaceCondition(
-                type=type_,
-                status=status,  # type: ignore[arg-type]
-                reason=reason,
-                message=message,
-                last_transition_time=now_iso(),
-            )
-        )
-        return True
-    if (cur.status, cur.reason, cur.message) == (status, reason, message):
-        return False
-    if cur.status != status:
-        cur.last_transition_time = now_iso()
-    cur.status, cur.reason, cur.message = status, reason, message  # type: ignore[assignment]
-    return True
+    return conditions.set_condition(
+        ns.status.conditions, NamespaceCondition, type_, status, reason, message
+    )
 
 
 async def remaining(store: Store, ns: str) -> dict[str, int]:
