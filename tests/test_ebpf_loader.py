@@ -10,16 +10,14 @@ Tests run in file order on the shared load.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from answer_helpers import answering_netns
 from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader
@@ -77,37 +75,8 @@ def progs(loads: list[loader.CgroupPrograms]) -> loader.CgroupPrograms:
 @pytest.fixture(scope="module")
 def ns() -> Iterator[str]:
     """A namespace with lo up and two TCP listeners that answer with their own port."""
-    path = os.path.join(netns.NETNS_DIR, f"corral-test-bpf-{RUN}")
-    netns.create_pinned(path)
-    listeners = []
-    try:
-        with netns.entered(path):
-            for port in (ASKED, REDIRECTED):
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                s.listen(16)
-                listeners.append(s)
-        for s in listeners:
-            threading.Thread(target=_answer, args=(s,), daemon=True).start()
+    with answering_netns(f"corral-test-bpf-{RUN}", (ASKED, REDIRECTED), backlog=16) as path:
         yield path
-    finally:
-        for s in listeners:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        netns.remove_pinned(path)
-
-
-def _answer(s: socket.socket) -> None:
-    port = s.getsockname()[1]
-    while True:
-        try:
-            c, _ = s.accept()
-        except OSError:
-            return
-        with c:
-            c.sendall(str(port).encode())
 
 
 CLIENT = (

@@ -9,19 +9,17 @@ Pins of the test node and the cgroup go in finalizers.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from answer_helpers import answering_netns
 from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader, pod_cgroups, proxy_sock
@@ -70,55 +68,10 @@ print(json.dumps(out))
 """
 
 
-def _answer_tcp(s: socket.socket) -> None:
-    port = s.getsockname()[1]
-    while True:
-        try:
-            c, _ = s.accept()
-        except OSError:
-            return
-        with c:
-            c.sendall(str(port).encode())
-
-
-def _answer_udp(s: socket.socket) -> None:
-    port = s.getsockname()[1]
-    while True:
-        try:
-            _, a = s.recvfrom(100)
-            if not a:  # shut down
-                return
-            s.sendto(str(port).encode(), a)
-        except OSError:
-            return
-
-
 @pytest.fixture(scope="module")
 def ns() -> Iterator[str]:
-    path = os.path.join(netns.NETNS_DIR, f"corral-test-sock-{RUN}")
-    netns.create_pinned(path)
-    socks = []
-    try:
-        with netns.entered(path):
-            for port in TCP_PORTS:
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.bind(("127.0.0.1", port))
-                s.listen(256)
-                socks.append(s)
-                threading.Thread(target=_answer_tcp, args=(s,), daemon=True).start()
-            for port in UDP_PORTS:
-                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                u.bind(("127.0.0.1", port))
-                socks.append(u)
-                threading.Thread(target=_answer_udp, args=(u,), daemon=True).start()
+    with answering_netns(f"corral-test-sock-{RUN}", TCP_PORTS, UDP_PORTS) as path:
         yield path
-    finally:
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        netns.remove_pinned(path)
 
 
 @pytest.fixture(scope="module")
