@@ -39,7 +39,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.ebpf import loader
 from corral.ebpf.loader import BPFUnavailable, unavailable
-from corral.ebpf.pinned_map import ARRAY, HASH, PERCPU_ARRAY, BpfMap, MapSpec, ip_key, set_mac
+from corral.ebpf.pinned_map import (
+    ARRAY,
+    HASH,
+    PERCPU_ARRAY,
+    BpfMap,
+    MapSpec,
+    ip_key,
+    ip_of,
+    set_mac,
+)
 from corral.node.podveth import parse_pod_alias, pod_extra_source
 
 
@@ -312,6 +321,36 @@ class FastPath:
         table = self._map("stats")
         return {name: sum(table.get(len(STATS) + i)) for i, name in enumerate(DROPS)}
 
+    def describe(self) -> dict[str, Any]:
+        """The programs' ids and the maps as the programs read them (for `corral net`)."""
+        if self.progs is None or not self.maps:
+            return {}
+        progs: dict[str, int | None] = {}
+        for name in PROGRAMS:
+            try:
+                progs[name] = self.progs.prog_id(name)
+            except Exception:
+                progs[name] = None
+        peers = [
+            {
+                "gateway": ip_of(k),
+                "underlayIP": ip_of(v.ip),
+                "vtepMAC": _mac(v.vtep_mac),
+                "nexthop": ip_of(v.nexthop) if v.nexthop else None,
+            }
+            for k, v in self._map("peers").items()
+        ]
+        pods = [
+            {"ip": ip_of(k), "ifindex": int(v.ifindex), "podMAC": _mac(v.pod_mac)}
+            for k, v in self._map("pods").items()
+        ]
+        return {
+            "programs": progs,
+            "peers": sorted(peers, key=lambda p: str(p["gateway"])),
+            "pods": sorted(pods, key=lambda p: str(p["ip"])),
+            "peerIPs": sorted(ip_of(k) for k in self._map("peer_ips")),
+        }
+
     # ------------------------------------------------------------ hooks
 
     def attach_fixed(self, ipr: Any, replace: bool = False) -> list[str]:
@@ -336,6 +375,10 @@ class FastPath:
         if self._pods:
             changes.append(f"fast path: from_pod attached to {len(self._pods)} pod veth(s)")
         return changes
+
+
+def _mac(raw: Any) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
 
 
 def detach_all(ipr: Any) -> list[str]:

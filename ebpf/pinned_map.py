@@ -148,8 +148,9 @@ def _as(cls: Any, v: Any) -> Any:
     return cls(*v) if isinstance(v, tuple) else cls(v)
 
 
-def _out(cls: Any, obj: Any) -> Any:
-    return obj.value if issubclass(cls, ctypes._SimpleCData) else obj
+def _out(obj: Any) -> Any:
+    # arrays of scalars index to Python ints already
+    return obj.value if isinstance(obj, ctypes._SimpleCData) else obj
 
 
 def _array(cls: Any, values: Sequence[Any]) -> Any:
@@ -266,9 +267,9 @@ class BpfMap:
     def _decode_value(self, buf: Any, at: int = 0) -> Any:
         t = self.spec.value
         if not self.spec.per_cpu:
-            return _out(t, t.from_buffer_copy(buf, at))
+            return _out(t.from_buffer_copy(buf, at))
         n = possible_cpus()
-        return [_out(t, t.from_buffer_copy(buf, at + i * self._vsize)) for i in range(n)]
+        return [_out(t.from_buffer_copy(buf, at + i * self._vsize)) for i in range(n)]
 
     def _encode_value(self, v: Any) -> Any:
         """A buffer the kernel reads a value from (per-CPU: `v` on every CPU, or a list)."""
@@ -323,7 +324,7 @@ class BpfMap:
             if rc == -errno.ENOENT:
                 return
             libbpf.check(rc, f"{self.where}: get next key")
-            yield _out(t, nxt)
+            yield _out(nxt)
             cur = nxt
 
     def __iter__(self) -> Iterator[Any]:
@@ -365,7 +366,7 @@ class BpfMap:
                     return None
                 libbpf.check(rc, f"{self.where}: BPF_MAP_LOOKUP_BATCH")
             for i in range(cnt.value):
-                out.append((_out(kt, keys[i]), self._decode_value(vals, i * self._vsize)))
+                out.append((_out(keys[i]), self._decode_value(vals, i * self._vsize)))
             if rc < 0:  # ENOENT: that was the last of them
                 return out
             start = ctypes.byref(token)

@@ -9,6 +9,7 @@ Pins of the test node and the cgroup go in finalizers.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from answer_helpers import answering_netns
 from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader, pod_cgroups, proxy_sock
-from corral.ebpf.pinned_map import ip_key
+from corral.ebpf.pinned_map import LRU_HASH, BpfMap, MapSpec, ip_key
 from corral.ebpf.proxy_sock import Entry, SockLB
 from corral.node import netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
@@ -301,3 +302,22 @@ def test_cleanup_detaches_and_unpins(lb: SockLB, cgroup: str) -> None:
     assert loader.cgroup_programs(cgroup) == []
     assert not lb.attached_ok()
     assert set(loader.pinned(NODE)) <= {"pod_cgroups"}  # the runtime's map stays
+
+
+def test_own_maps_of_an_older_layout_are_made_anew(cgroup: str) -> None:
+    """An upgrade changed a proxy map's struct: the load unpins the old one and starts afresh."""
+    node = f"{NODE}-old"
+    path = os.path.join(loader.pin_dir(node), "proxy_rev")
+    old = MapSpec("proxy_rev", LRU_HASH, ctypes.c_uint64, ctypes.c_uint32, 1024)
+    with BpfMap.pinned(path, old) as m:
+        m.put(1, 2)
+        old_id = m.id
+    s = SockLB(node, cgroup=cgroup)
+    try:
+        s.load()  # not attached: the module's load owns the cgroup
+        assert s.map_id("proxy_rev") != old_id and len(s.maps["proxy_rev"]) == 0
+        with BpfMap.open(path, proxy_sock.SPECS["proxy_rev"]) as now:  # type: ignore[union-attr]
+            assert now.id == s.map_id("proxy_rev")
+    finally:
+        s.close()
+        loader.remove_pins(node)
