@@ -124,11 +124,6 @@ def unavailable() -> str | None:
 # ------------------------------------------------------------------ kernel objects
 
 
-def map_info(fd: int) -> libbpf.MapInfo:
-    """The kernel's view of a map: `.id`, `.type`, `.key_size`, `.value_size`, `.max_entries`."""
-    return pinned_map.info(fd)
-
-
 def prog_info(fd: int) -> libbpf.ProgInfo:
     return libbpf.obj_info(fd, libbpf.ProgInfo())
 
@@ -273,7 +268,7 @@ class _Loaded:
 
     def map_id(self, name: str) -> int:
         """The kernel's id of map `name` (the same across loads when it is pinned)."""
-        return int(map_info(self.map(name).map_fd).id)
+        return int(pinned_map.info(self.map(name).map_fd).id)
 
     def prog_id(self, name: str) -> int:
         return int(prog_info(self.fns[name].fd).id)
