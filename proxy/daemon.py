@@ -465,9 +465,10 @@ def remove_ebpf(node: str) -> list[str]:
     from the eBPF mode keeps nothing of it.
     """
     from corral.ebpf import proxy_sock
+    from corral.proxy.ebpf import node_cgroup
 
     try:
-        return proxy_sock.remove_all(node)
+        return proxy_sock.remove_all(node, node_cgroup(node))
     except (OSError, ValueError) as e:
         log.warning("cannot remove the eBPF mode's programs and maps: %s", e)
         return []

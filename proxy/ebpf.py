@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from corral.ebpf import loader, proxy_sock
-from corral.proxy.core import ServiceView
+from corral.proxy.core import ServiceView, usable
 from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,33 @@ def preflight() -> str | None:
     if why:
         return why
     try:
-        if loader._statfs_type(loader.BPFFS) != loader.BPF_FS_MAGIC:
-            loader.ensure_bpffs()
+        loader.ensure_bpffs()
     except OSError as e:
         return f"no BPF filesystem at {loader.BPFFS} ({e}): mount -t bpf bpf {loader.BPFFS}"
     return None
+
+
+def node_cgroup(node: str) -> str:
+    """The node's cgroup2 directory, where the programs attach (every pod lives below)."""
+    from corral.runtime.cgroups import node_unified_dir
+
+    return node_unified_dir(node)
+
+
+def sock_entries(
+    views: Mapping[str, ServiceView], names: Iterable[str]
+) -> dict[str, dict[proxy_sock.SvcKey, proxy_sock.Entry]]:
+    """The socket programs' records of these services (a name without a view: none)."""
+    out: dict[str, dict[proxy_sock.SvcKey, proxy_sock.Entry]] = {}
+    for name in names:
+        view, got = views.get(name), out.setdefault(name, {})
+        for sp in view.ports if view is not None else ():
+            if sp.protocol in proxy_sock.PROTOCOLS:
+                eps = usable(view.endpoints_of(sp))  # type: ignore[union-attr]
+                backends = tuple(sorted({(e.ip, e.port) for e in eps}))
+                entry = proxy_sock.Entry(backends[: proxy_sock.MAX_BACKENDS], sp.affinity_timeout)
+                got[(sp.cluster_ip, sp.port, sp.protocol)] = entry
+    return out
 
 
 def explain(e: Exception) -> str:
@@ -77,7 +99,7 @@ class EbpfMode:
         self.node = node
         self.iptables = IptablesMode(cluster_cidr, kernel)
         self.behind = _Behind(self.iptables)
-        self.sock = sock or proxy_sock.SockLB(node)
+        self.sock = sock or proxy_sock.SockLB(node, node_cgroup(node))
         self.loaded = False
         self.attached = False
         self.entries_written = 0
@@ -98,7 +120,9 @@ class EbpfMode:
         # the iptables restore of the same change costs afterwards
         t0, n = time.monotonic(), 0
         if self.loaded:
-            n = self.sock.sync(views, None if full or not self.attached else changed)
+            every = full or not self.attached
+            records = sock_entries(views, views if every else changed)
+            n = self.sock.sync(records, None if every else changed)
             if not self.attached:
                 how = self.sock.attach()
                 self.attached = True
@@ -133,7 +157,7 @@ class EbpfMode:
         self.sock.have = None
 
     def cleanup(self) -> list[str]:
-        return self.iptables.cleanup() + proxy_sock.remove_all(self.node)
+        return self.iptables.cleanup() + proxy_sock.remove_all(self.node, self.sock.cgroup)
 
     def debug(self) -> dict[str, Any]:
         return {
