@@ -216,3 +216,64 @@ def test_a_device_with_another_vni_is_reported() -> None:
     d["components"]["overlay"]["debug"]["kernel"]["device"]["vni"] = 7
     [f] = check.check_overlay(_view(), "n1", d, "corral.1")
     assert "VNI 7" in f.what and f.how == "resync-node"
+
+
+# ------------------------------------------------------------ the check table's pure parts
+
+
+def test_compare_functions_say_nothing_when_both_sides_agree() -> None:
+    route = {"gateway": "10.244.2.0", "dev": "corral.1"}
+    assert check._route("10.244.2.0/24", ("10.244.2.0", "corral.1", "n2"), route) is None
+    d = check._route("10.244.2.0/24", ("10.244.2.0", "corral.1", "n2"), None)
+    assert d is not None and d.what == "route to 10.244.2.0/24 (n2) missing" and d.have == "none"
+    d = check._route("10.244.2.0/24", ("10.244.2.0", "corral.1", "n2"), {**route, "dev": "eth0"})
+    assert d is not None and d.what.endswith("is via 10.244.2.0 dev eth0")
+    neigh = {"mac": "02:00:00:00:00:02", "state": "permanent"}
+    assert check._neighbour("10.244.2.0", ("02:00:00:00:00:02", "n2"), neigh) is None
+    d = check._neighbour("10.244.2.0", ("02:00:00:00:00:02", "n2"), {**neigh, "state": "stale"})
+    assert d is not None and d.have == "02:00:00:00:00:02 stale"
+    assert check._fdb("02:00:00:00:00:02", ("10.250.0.2", "n2"), ["10.250.0.2"]) is None
+    d = check._fdb("02:00:00:00:00:02", ("10.250.0.2", "n2"), ["10.250.0.2", "10.250.0.9"])
+    assert d is not None and "points at 10.250.0.2, 10.250.0.9" in d.what
+    assert check._mtu("corral.1", 1450, 1450) is None
+    assert check._vtep_mac("corral.1", "02:AA:00:00:00:01", "02:aa:00:00:00:01") is None
+
+
+def test_an_entry_walks_etcds_keys_or_the_nodes_and_skips_what_etcd_does_not_ask() -> None:
+    side = check.NodeSide(_view(), "n1", {}, "corral.1")
+    missing = check.Compared(
+        "x", "overlay", lambda s: {"a": 1, "b": 2}, lambda s: {"a": 1, "c": 3},
+        lambda k, w, h: None if w == h else check.Diff(f"{k}: {w} vs {h}"),
+        lambda s, k, w, h: check.Repair("kernel", ["fix", k]),
+    )  # fmt: skip
+    [f] = missing.findings(side)
+    assert (f.node, f.what, f.argv) == ("n1", "b: 2 vs None", ["fix", "b"])
+    stale = check.Compared(
+        "x", "overlay", lambda s: {"a": 1}, lambda s: {("a", 1): 1, ("c", 1): 3},
+        check._stale(lambda k, h: f"stale {k[0]}"), lambda s, k, w, h: check.Repair(),
+        walk="have", match=lambda k: k[0],
+    )  # fmt: skip
+    assert [f.what for f in stale.findings(side)] == ["stale c"]
+    unasked = check.Compared("x", "overlay", lambda s: None, lambda s: {"c": 3}, stale.compare,
+                             stale.fix, walk="have")  # fmt: skip
+    assert unasked.findings(side) == []
+
+
+def test_every_table_entry_has_its_own_name() -> None:
+    names = [c.name for t in (check.OVERLAY, check.FASTPATH, check.PROXY, check.IPAM) for c in t]
+    assert len(names) == len(set(names))
+
+
+def test_a_node_port_service_without_endpoints_is_compared_by_its_vip() -> None:
+    sp = ServicePort("default/empty", "", "TCP", VIP, 80, node_port=30080)
+    sr = R.service_rules(ServiceView((sp,)), "10.244.0.0/16")
+    assert len(sr.rejects) == 2  # the VIP's REJECT and the node port's
+    cv = _view()
+    cv.views = lambda: {"default/empty": ServiceView((sp,))}  # type: ignore[method-assign]
+    hooks = {h: [f"-A {h} -j {R.SERVICES}"] for h in ("PREROUTING", "OUTPUT")}
+    kernel = {"nat": {"chains": {}, "hooks": hooks}, "filter": {"chains": {R.SERVICES: []}}}
+    dump = {"components": {"proxy": {"debug": {"mode": "iptables", "kernel": kernel}}}}
+    [f] = check.check_proxy(cv, "n1", dump)
+    assert f.what == f"default/empty: no REJECT for {VIP}/32 (a service without endpoints)"
+    kernel["filter"]["chains"][R.SERVICES] = sr.rejects
+    assert check.check_proxy(cv, "n1", dump) == []
