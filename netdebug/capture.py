@@ -26,6 +26,7 @@ from corral.netdebug import check, decode
 from corral.netdebug.access import NodeAccess
 from corral.netdebug.model import ClusterView
 from corral.netdebug.render import JsonStream, Out, Progress
+from corral.netdebug.trace import agent_argv
 
 DLT_EN10MB = 1  # pcap link type: Ethernet
 
@@ -77,24 +78,14 @@ def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) 
             signal.signal(s, h)
 
 
-def agent_argv(
+def sniffer_argv(
     acc: NodeAccess, ifaces: list[str], pod_ip: str | None, args: argparse.Namespace
 ) -> list[str]:
     """The node-side sniffer: it applies the filters, `-c` and `--duration` itself."""
-    argv = [acc.python, "-m", "corral.netdebug.agent", "sniff"]
-    for i in ifaces:
-        argv += ["--iface", i]
-    if pod_ip:
-        argv += ["--host", pod_ip]
-    if args.vni is not None:
-        argv += ["--vni", str(args.vni)]
-    if args.count:
-        argv += ["--count", str(args.count)]
-    if args.duration:
-        argv += ["--timeout", str(args.duration)]
-    if args.write:
-        argv.append("--raw")
-    return argv
+    return agent_argv(
+        acc, "sniff", iface=ifaces, host=pod_ip, vni=args.vni, count=args.count or None,
+        timeout=args.duration or None, raw=bool(args.write),
+    )  # fmt: skip
 
 
 class PcapFile:
@@ -136,7 +127,7 @@ def run(
     json_out = args.output == "json"
     out = Out()
     with stop_on_signals():
-        proc = acc.popen(agent_argv(acc, ifaces, pod_ip, args))
+        proc = acc.popen(sniffer_argv(acc, ifaces, pod_ip, args))
         pcap = PcapFile(args.write) if args.write else None
         doc = JsonStream({"node": acc.name, "interfaces": ifaces}, "packets") if json_out else None
         try:

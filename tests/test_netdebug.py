@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from typing import Any
 
 from corral.api.objects import IPAllocation, NetworkSpec, SubnetLease
 from corral.daemon.debug import DebugServer, query
@@ -277,3 +278,67 @@ def test_a_node_port_service_without_endpoints_is_compared_by_its_vip() -> None:
     assert f.what == f"default/empty: no REJECT for {VIP}/32 (a service without endpoints)"
     kernel["filter"]["chains"][R.SERVICES] = sr.rejects
     assert check.check_proxy(cv, "n1", dump) == []
+
+
+# ------------------------------------------------------------ trace's hop steps
+
+
+def _tracer(fast: bool, route: bool = True) -> Any:
+    from corral.netdebug import trace
+
+    veth = {"name": "veth1", "pod": {"ip": "10.244.1.5"}, "programs": ["from_pod"] if fast else []}
+    kernel = {
+        "routes": [{"dst": "10.244.2.0/24", "gateway": "10.244.2.0", "dev": "corral.1",
+                    "onlink": True}] if route else [],
+        "neighbours": [{"ip": "10.244.2.0", "mac": "02:00:00:00:00:02", "state": "permanent"}],
+        "fdb": [{"mac": "02:00:00:00:00:02", "dst": "10.250.0.2"}],
+    }  # fmt: skip
+    peers = [{"gateway": "10.244.2.0", "underlayIP": "10.250.0.2", "vtepMAC": "02:00:00:00:00:02"}]
+    ov = {"datapath": "bpf", "links": [veth], "kernel": kernel, "fastpathMaps": {"peers": peers}}
+    n1 = check.NodeDumps(node={"components": {"overlay": {"debug": ov}}})
+    dumps = {"n1": n1, "n2": check.NodeDumps()}
+    src = trace.Source("default", "c", "n1", "10.244.1.5", n1, veth, None)
+    return trace.Tracer(_view(), {}, dumps, src, 1.0)
+
+
+def test_trace_plans_the_fast_path_or_the_kernels_and_says_why() -> None:
+    from corral.netdebug import trace
+
+    hops = trace._path(_tracer(fast=True), "10.244.2.7", via_vip=False)
+    assert [h.step for h in hops] == [
+        "routing", "vxlan encap", "destination node", "destination pod",
+    ]  # fmt: skip
+    assert hops[0].decision.startswith("fast path: from_pod on veth1 encapsulates itself")
+    assert hops[1].status == "planned" and "fast path's own copy" in hops[1].decision
+    assert "node agent is unreachable" in hops[2].decision
+    assert hops[3].status == "broken" and "MISSING" in hops[3].decision  # no veth known on n2
+    [routing, *_] = trace._path(_tracer(fast=False, route=False), "10.244.2.7", via_vip=False)
+    assert routing.status == "broken"
+    assert routing.decision == (
+        "kernel: from_pod is not attached to veth1: route to 10.244.2.0/24 MISSING"
+    )
+    [routing, *_] = trace._path(_tracer(fast=True), "10.244.2.7", via_vip=True)
+    assert routing.decision.startswith("kernel: the packet was DNATed by netfilter")
+
+
+def test_trace_confirms_the_hops_whose_sniffer_saw_the_probe() -> None:
+    from corral.netdebug import trace
+
+    hops = [trace.Hop(step, "n1", "", probe=p) for step, p in
+            (("a", "src"), ("b", "out"), ("c", "in"), ("d", None))]  # fmt: skip
+    sniffed = {"src": {"*": "seen"}, "out": {"_error": "no such device"}, "in": {"10.9.9.9": "x"}}
+    trace._confirm(hops, sniffed, "10.244.2.7")
+    assert [h.status for h in hops] == ["confirmed", "unchecked", "refuted", "planned"]
+    assert trace._first(hops, ("refuted", "broken")) == 2
+
+
+def test_agent_argv_leaves_out_unset_flags_and_repeats_lists() -> None:
+    from corral.netdebug.access import NodeAccess
+    from corral.netdebug.trace import agent_argv
+
+    acc = NodeAccess("n1", python="py")
+    argv = agent_argv(acc, "sniff", iface=["eth0", "veth1"], host=None, vni=0, raw=True, x=False)
+    assert argv == [
+        "py", "-m", "corral.netdebug.agent", "sniff",
+        "--iface", "eth0", "--iface", "veth1", "--vni", "0", "--raw",
+    ]  # fmt: skip
