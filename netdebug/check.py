@@ -306,40 +306,33 @@ def _vtep_mac(dev: str, w: str, h: str) -> Diff | None:
     return Diff(f"{dev} VTEP MAC {h} is not the lease's {w}", want=w, have=h)
 
 
+def _differs(label: str, want: str, now: str | None, verb: str = "is") -> Diff:
+    """`LABEL missing` or `LABEL is NOW` (the node's value), with both sides' text."""
+    return Diff(f"{label} " + (f"{verb} {now}" if now else "missing"), want, now or "none")
+
+
 def _route(subnet: str, w: tuple[str, str, str], h: dict | None) -> Diff | None:
     gw, dev, who = w
     if h is not None and h.get("gateway") == gw and h.get("dev") == dev:
         return None
-    via = "" if h is None else f"via {h.get('gateway')} dev {h.get('dev')}"
-    return Diff(
-        f"route to {subnet} ({who}) " + (f"is {via}" if h else "missing"),
-        want=f"{subnet} via {gw} dev {dev} onlink",
-        have=via or "none",
-    )
+    now = None if h is None else f"via {h.get('gateway')} dev {h.get('dev')}"
+    return _differs(f"route to {subnet} ({who})", f"{subnet} via {gw} dev {dev} onlink", now)
 
 
 def _neighbour(gw: str, w: tuple[str, str], h: dict | None) -> Diff | None:
     mac, who = w
     if h is not None and str(h.get("mac")).lower() == mac and h.get("state") == "permanent":
         return None
-    now = "" if h is None else f"{h.get('mac')} {h.get('state')}"
-    return Diff(
-        f"neighbour {gw} ({who}'s VTEP) " + (f"is {now}" if now else "missing"),
-        want=f"{gw} lladdr {mac} permanent",
-        have=now or "none",
-    )
+    now = None if h is None else f"{h.get('mac')} {h.get('state')}"
+    return _differs(f"neighbour {gw} ({who}'s VTEP)", f"{gw} lladdr {mac} permanent", now)
 
 
 def _fdb(mac: str, w: tuple[str, str], h: list[str] | None) -> Diff | None:
     dst, who = w
     if h == [dst]:
         return None
-    return Diff(
-        f"FDB entry {mac} -> {dst} ({who}) "
-        + ("missing" if not h else f"points at {', '.join(h)}"),
-        want=f"{mac} dst {dst}",
-        have="none" if not h else ", ".join(h),
-    )
+    now = ", ".join(h or [])
+    return _differs(f"FDB entry {mac} -> {dst} ({who})", f"{mac} dst {dst}", now, "points at")
 
 
 def _fdb_by_mac(s: NodeSide) -> dict[str, list[str]]:
@@ -517,23 +510,17 @@ def _peer(gw: str, w: SubnetLease, h: dict | None) -> Diff | None:
     mac = (w.vtep_mac or "").lower()
     if h is not None and h["underlayIP"] == str(w.public_ip) and h["vtepMAC"] == mac:
         return None
-    now = "" if h is None else f"{h['underlayIP']} {h['vtepMAC']}"
-    return Diff(
-        f"peers map entry for {w.subnet} ({w.node_name}) " + (f"is {now}" if now else "missing"),
-        want=f"{gw} -> {w.public_ip} {w.vtep_mac}",
-        have=now or "none",
-    )
+    now = None if h is None else f"{h['underlayIP']} {h['vtepMAC']}"
+    label = f"peers map entry for {w.subnet} ({w.node_name})"
+    return _differs(label, f"{gw} -> {w.public_ip} {w.vtep_mac}", now)
 
 
 def _pod_entry(ip: str, w: dict, h: dict | None) -> Diff | None:
     if h is not None and h["ifindex"] == w["index"]:
         return None
-    now = "" if h is None else f"ifindex {h['ifindex']}"
-    return Diff(
-        f"pods map entry for {ip} " + (f"points at {now}" if now else "missing"),
-        want=f"{ip} -> ifindex {w['index']} ({w['name']})",
-        have=now or "none",
-    )
+    now = None if h is None else f"ifindex {h['ifindex']}"
+    want = f"{ip} -> ifindex {w['index']} ({w['name']})"
+    return _differs(f"pods map entry for {ip}", want, now, "points at")
 
 
 FASTPATH: tuple[Compared[NodeSide], ...] = (
