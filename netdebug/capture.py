@@ -61,21 +61,37 @@ class Stopped(Exception):
     """SIGTERM or SIGHUP arrived: stop as Ctrl-C does (the pcap is closed, not lost)."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def stop_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
-    """Within: these signals raise `Stopped` in the main thread, as SIGINT raises
+def stop_on_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise `Stopped` in the main thread, as SIGINT raises
     KeyboardInterrupt, so a `timeout`, a supervisor or a closed terminal ends the
-    capture through its `finally`."""
+    capture through its `finally`; one that lands after that is swallowed here."""
 
     def raise_stopped(signum: int, frame: object) -> None:
         raise Stopped(signal.Signals(signum).name)
 
-    before = {s: signal.signal(s, raise_stopped) for s in signals}
+    before = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
     try:
         yield
+    except (KeyboardInterrupt, Stopped):
+        pass
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and the stop signals wait while a packet is written (they land right
+    after it), so the pcap never ends in half a record."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *STOP_SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def sniffer_argv(
@@ -143,19 +159,19 @@ def run(
                     continue
                 raw = rec.pop("raw", None)
                 if raw and pcap is not None:
-                    pcap.write(raw, rec.get("time", time.time()))
+                    with signals_held():
+                        pcap.write(raw, rec.get("time", time.time()))
                 if doc is not None:
                     doc.item(rec)
                 else:
                     out.line(decode.line(rec) + _names(rec, names, out))
-        except (KeyboardInterrupt, Stopped):
-            pass
         finally:
-            _stop(proc)
-            if pcap is not None:
-                pcap.close()
-            if doc is not None:
-                doc.close()
+            with signals_held():  # a second Ctrl-C or SIGTERM waits for the files to close
+                _stop(proc)
+                if pcap is not None:
+                    pcap.close()
+                if doc is not None:
+                    doc.close()
     if pcap is not None and not json_out:
         out.line(out.c(f"{pcap.count} packet(s) written to {pcap.path}", "dim"))
     return 0

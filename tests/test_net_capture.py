@@ -121,8 +121,13 @@ def _pings(pcap: Any) -> list[Any]:
     return [p for p in pkts if p.haslayer(ICMP) and p[IP].src == PEER_IP]
 
 
-def test_sigterm_leaves_a_whole_pcap_written_as_packets_came(
-    node: dict, ping: None, tmp_path: Any
+@pytest.mark.parametrize(
+    "signals",
+    [(signal.SIGTERM,), (signal.SIGHUP,), (signal.SIGTERM, signal.SIGTERM)],
+    ids=["term", "hup", "term-twice"],
+)
+def test_sigterm_or_sighup_leaves_a_whole_pcap_written_as_packets_came(
+    node: dict, ping: None, tmp_path: Any, signals: tuple[signal.Signals, ...]
 ) -> None:
     pcap = tmp_path / "term.pcap"
     cap = _capture(node, pcap)
@@ -133,7 +138,8 @@ def test_sigterm_leaves_a_whole_pcap_written_as_packets_came(
             lambda: p if len(p := _pings(pcap)) >= 3 else None, what="pings in the pcap"
         )
         assert cap.poll() is None
-        cap.send_signal(signal.SIGTERM)
+        for sig in signals:
+            cap.send_signal(sig)
         out, err = cap.communicate(timeout=30)
     finally:
         if cap.poll() is None:
