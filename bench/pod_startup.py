@@ -4,7 +4,7 @@ Two modes, both printing p50/p99 per pod against the Kubernetes pod-startup
 SLO (p99 <= 5 s) and the corral target (p99 <= 1 s):
 
 - default: one node namespace runs the pod runtime alone
-  (`corral.runtime.standalone`) with the reference bridge + host-local +
+  (`corral node --components pods`) with the reference bridge + host-local +
   loopback plugins; the pods are bound to it directly (no scheduler). A pod's
   latency is from its create call returning to the watch seeing it Ready.
 - `--cluster`: a throwaway 3-node `corral up` cluster (corral's own CNI, overlay,
