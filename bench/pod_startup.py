@@ -142,7 +142,7 @@ async def run_cluster(args: argparse.Namespace) -> int:
     import secrets
     import subprocess
 
-    from corral.cluster import local
+    from corral.cluster import down, local
 
     root = tempfile.mkdtemp(prefix="corral-bench-cluster-")
     name = "bps" + secrets.token_hex(3)
@@ -228,7 +228,7 @@ async def run_cluster(args: argparse.Namespace) -> int:
         await store.close()
         return 0
     finally:
-        await asyncio.to_thread(local.down, name, os.path.join(root, name), lambda _: None)
+        await asyncio.to_thread(down.down, name, os.path.join(root, name), lambda _: None)
         shutil.rmtree(root, ignore_errors=True)
 
 
