@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import re
 from typing import Any
@@ -114,6 +115,11 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise CLIError("--resync-interval must be more than 0 seconds")
     if args.restart_backoff <= 0:
         raise CLIError("--restart-backoff must be more than 0 seconds")
+    if args.underlay_ip is not None:
+        try:
+            ipaddress.IPv4Address(args.underlay_ip)
+        except ValueError:
+            raise CLIError(f"--underlay-ip {args.underlay_ip!r}: give an IPv4 address") from None
     comps = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in comps if c not in COMPONENTS]
     if unknown:
