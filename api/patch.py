@@ -23,10 +23,8 @@ from corral.api.fields import field_named, model_of
 MERGE_KEYS: dict[tuple[str, str], str] = {
     ("PodSpec", "containers"): "name",
     ("PodSpec", "initContainers"): "name",
-    ("PodSpec", "volumes"): "name",
     ("Container", "ports"): "containerPort",
     ("Container", "env"): "name",
-    ("Container", "volumeMounts"): "mountPath",
     ("ServiceSpec", "ports"): "port",
     ("NodeSpec", "taints"): "key",
     ("NodeStatus", "conditions"): "type",

@@ -4,7 +4,7 @@ Two modes, both printing p50/p99 per pod against the Kubernetes pod-startup
 SLO (p99 <= 5 s) and the corral target (p99 <= 1 s):
 
 - default: one node namespace runs the pod runtime alone
-  (`corral.runtime.standalone`) with the reference bridge + host-local +
+  (`corral node --components pods`) with the reference bridge + host-local +
   loopback plugins; the pods are bound to it directly (no scheduler). A pod's
   latency is from its create call returning to the watch seeing it Ready.
 - `--cluster`: a throwaway 3-node `corral up` cluster (corral's own CNI, overlay,
@@ -142,7 +142,7 @@ async def run_cluster(args: argparse.Namespace) -> int:
     import secrets
     import subprocess
 
-    from corral.cluster import local
+    from corral.cluster import down, local
 
     root = tempfile.mkdtemp(prefix="corral-bench-cluster-")
     name = "bps" + secrets.token_hex(3)
@@ -228,7 +228,7 @@ async def run_cluster(args: argparse.Namespace) -> int:
         await store.close()
         return 0
     finally:
-        await asyncio.to_thread(local.down, name, os.path.join(root, name), lambda _: None)
+        await asyncio.to_thread(down.down, name, os.path.join(root, name), lambda _: None)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from corral.cli.common import CLIError, add_command_argument, etcd_tls
-from corral.cluster import local
+from corral.cluster import down, health, local, plan, up
 from corral.cluster.state import DEFAULT_NAME
 
 T = TypeVar("T")
@@ -31,7 +31,7 @@ def _name_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cluster_call(fn: Callable[..., T], *args: Any) -> T:
-    """Call into corral.cluster.local, turning its user-facing errors into CLI errors."""
+    """Call into corral.cluster, turning its user-facing errors into CLI errors."""
     try:
         return fn(*args)
     except local.ClusterError as e:
@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
         "--nodes",
         type=int,
         default=None,
-        help=f"number of nodes, 1-{local.MAX_NODES} (default: {local.DEFAULT_NODES}, "
+        help=f"number of nodes, 1-{plan.MAX_NODES} (default: {plan.DEFAULT_NODES}, "
         "or the running cluster's)",
     )
     p.add_argument(
@@ -63,7 +63,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--underlay-cidr",
         default=None,
-        help=f"addresses of the nodes' network (default: {local.DEFAULT_UNDERLAY})",
+        help=f"addresses of the nodes' network (default: {plan.DEFAULT_UNDERLAY})",
     )
     p.add_argument(
         "--wait",
@@ -129,7 +129,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CLIError("--wait must be 0 or more seconds")
     if args.proxy_mode:
         os.environ["CORRAL_PROXY_MODE"] = args.proxy_mode  # reaches the nodes' daemons
-    opts = local.UpOptions(
+    opts = plan.UpOptions(
         name=args.name,
         nodes=args.nodes,
         etcd=_urls(getattr(args, "etcd", None)),
@@ -141,36 +141,36 @@ def cmd_up(args: argparse.Namespace) -> int:
         dns_replicas=args.dns_replicas,
         etcd_auth=args.etcd_auth,
     )
-    s = _cluster_call(local.up, opts)
-    print(local.summary(s))
+    s = _cluster_call(up.up, opts)
+    print(up.summary(s))
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    found = _cluster_call(local.down, args.name, args.state_dir)
+    found = _cluster_call(down.down, args.name, args.state_dir)
     print(f"Cluster {args.name!r} removed." if found else f"No cluster {args.name!r} to remove.")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    h = _cluster_call(local.status, args.name, args.state_dir)
+    h = _cluster_call(health.status, args.name, args.state_dir)
     mark = {True: "ok", False: "DOWN"}
     etcd = mark[h.etcd_ok] + ("" if h.etcd_ok else f" ({h.etcd_error})")
     relay = "" if h.relay is None else f", relay into the nodes {mark[h.relay]}"
     print(f"cluster {h.name}: etcd {','.join(h.etcd_urls)} {etcd}{relay}")
     if h.etcd_members:
-        up = sum(h.etcd_members.values())
+        healthy = sum(h.etcd_members.values())
         each = " ".join(f"{k}={mark[v]}" for k, v in h.etcd_members.items())
-        print(f"etcd members: {up} of {len(h.etcd_members)} healthy ({each})")
+        print(f"etcd members: {healthy} of {len(h.etcd_members)} healthy ({each})")
     print(f"{'NODE':<20} {'IP':<15} {'NETNS':<6} {'HOLDER':<7} {'READY':<8} DAEMONS")
     problems = []
     for n in h.nodes:
         shown = []
         for k, alive in sorted(n.daemons.items()):
-            health = n.healthz.get(k, "ok" if alive else "")
-            shown.append(f"{k}={'DOWN' if not alive else 'ok' if health == 'ok' else 'UNHEALTHY'}")
-            if alive and health != "ok":
-                problems.append(f"  {k} on {n.name}: {health}")
+            why = n.healthz.get(k, "ok" if alive else "")
+            shown.append(f"{k}={'DOWN' if not alive else 'ok' if why == 'ok' else 'UNHEALTHY'}")
+            if alive and why != "ok":
+                problems.append(f"  {k} on {n.name}: {why}")
         ds = " ".join(shown) or "-"
         print(f"{n.name:<20} {n.ip:<15} {mark[n.netns]:<6} {mark[n.holder]:<7} {n.ready:<8} {ds}")
     for line in problems:

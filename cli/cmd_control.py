@@ -7,8 +7,12 @@ import asyncio
 from typing import Any
 
 from corral.cli.common import CLIError, new_store
-from corral.control.manager import CONTROLLERS, ControllerOptions, serve
-from corral.control.scheduler import Scheduler
+from corral.control.manager import (
+    CONTROLLERS,
+    ControllerOptions,
+    serve_controllers,
+    serve_scheduler,
+)
 from corral.daemon import options, privileges
 
 
@@ -63,15 +67,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    _serve(
-        args,
-        "scheduler",
-        {
-            "scheduler": lambda store, informers: Scheduler(
-                store, seed=args.seed, informers=informers
-            )
-        },
-    )
+    store, addr, debug = _daemon(args, "scheduler")
+    asyncio.run(serve_scheduler(store, seed=args.seed, http_addr=addr, debug_socket=debug))
     return 0
 
 
@@ -88,15 +85,14 @@ def cmd_controllers(args: argparse.Namespace) -> int:
         pod_eviction_timeout=args.pod_eviction_timeout,
         seed=args.seed,
     )
-    comps = {
-        n: (lambda store, informers, n=n: CONTROLLERS[n](store, opts, informers)) for n in names
-    }
-    _serve(args, "controllers", comps)
+    store, addr, debug = _daemon(args, "controllers")
+    asyncio.run(serve_controllers(store, names, opts, http_addr=addr, debug_socket=debug))
     return 0
 
 
-def _serve(args: argparse.Namespace, name: str, comps: dict[str, Any]) -> None:
-    """Run a control-plane daemon; it waits for etcd rather than failing without it."""
+def _daemon(args: argparse.Namespace, name: str) -> tuple[Any, tuple[str, int] | None, str | None]:
+    """The store, metrics address and debug socket of a control-plane daemon, its
+    capabilities dropped (it only talks to etcd). It waits for etcd rather than failing."""
     try:
         addr = options.http_addr(args, name, "127.0.0.1")
     except ValueError as e:
@@ -104,4 +100,4 @@ def _serve(args: argparse.Namespace, name: str, comps: dict[str, Any]) -> None:
     debug = options.debug_socket(args, f"/run/corral/{name}-debug.sock")
     store = new_store(args)
     privileges.apply(name)  # before any thread exists: they inherit what we keep
-    asyncio.run(serve(store, name, comps, http_addr=addr, debug_socket=debug))
+    return store, addr, debug

@@ -127,24 +127,12 @@ def cmd_dns(args: argparse.Namespace) -> int:
     debug = options.debug_socket(args, "/run/corral/dns-debug.sock")
     store = new_store(args)
     privileges.apply("dns")  # before any thread exists: they inherit what we keep
+    from corral.clusterdns.serve import serve
+
     try:
-        asyncio.run(_serve(store, node, config, addr, debug))
+        asyncio.run(serve(store, node, config, http_addr=addr, debug_socket=debug))
     except RuntimeError as e:
         if str(e).startswith("cannot listen"):
             raise CLIError(str(e)) from None
         raise
     return 0
-
-
-async def _serve(store: Any, node: str, config: Any, addr: Any, debug: Any) -> None:
-    from corral.api.informer import InformerFactory
-    from corral.clusterdns.server import DNSServer
-    from corral.control.heap import HeapTuning
-    from corral.daemon.core import Daemon, Informers
-
-    informers = InformerFactory(store)
-    d = Daemon("dns", node, store, http_addr=addr, debug_socket=debug, configure_logging=True)
-    d.add("informers", Informers(informers))
-    d.add("dns", DNSServer(store, informers, config))
-    d.add("heap", HeapTuning(informers))  # the caches out of the cycle collector; heap trimmed
-    await d.run()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import re
 from typing import Any
 
 from corral.cli.common import CLIError, new_store
 from corral.daemon import options
-from corral.node.context import NodeContext, NodeOptions, NodePaths
 from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
+from corral.runtime.nodesetup import node_context
 
 
 def register(sub: Any) -> None:
@@ -21,6 +22,11 @@ def register(sub: Any) -> None:
         "--underlay-iface",
         default=None,
         help="interface carrying node-to-node traffic (default: the default route's)",
+    )
+    p.add_argument(
+        "--underlay-ip",
+        default=None,
+        help="this node's address on the underlay (default: --underlay-iface's IPv4 address)",
     )
     p.add_argument(
         "--components",
@@ -37,7 +43,11 @@ def register(sub: Any) -> None:
     p.add_argument("--cni-bin-dir", default="/opt/cni/bin")
     p.add_argument("--cni-cache-dir", default="/var/lib/cni")
     p.add_argument(
+        "--netns-dir", default="/run/netns", help="where pod network namespaces are pinned"
+    )
+    p.add_argument(
         "--pod-credentials-dir",
+        dest="credentials_dir",
         default="/etc/corral/pod-credentials",
         metavar="DIR",
         help="credential sets (one subdirectory each) that pods in corral-system may ask "
@@ -77,6 +87,14 @@ def register(sub: Any) -> None:
         "a changed device (default on, or $CORRAL_NODE_KERNEL_EVENTS); off leaves drift "
         "for the periodic pass, so it can be looked at (`corral net check`)",
     )
+    p.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="first delay before a failed container is restarted, doubling up to 5 minutes "
+        "(default 10)",
+    )
     options.add_daemon_options(p, "node")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
@@ -95,6 +113,13 @@ def cmd_node(args: argparse.Namespace) -> int:
         )
     if args.resync_interval <= 0:
         raise CLIError("--resync-interval must be more than 0 seconds")
+    if args.restart_backoff <= 0:
+        raise CLIError("--restart-backoff must be more than 0 seconds")
+    if args.underlay_ip is not None:
+        try:
+            ipaddress.IPv4Address(args.underlay_ip)
+        except ValueError:
+            raise CLIError(f"--underlay-ip {args.underlay_ip!r}: give an IPv4 address") from None
     comps = [c.strip() for c in args.components.split(",") if c.strip()]
     unknown = [c for c in comps if c not in COMPONENTS]
     if unknown:
@@ -109,25 +134,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from corral.ebpf.loader import BPFUnavailable  # imported here: it loads pyroute2
     from corral.overlay.config import ConfigError
 
-    ctx = NodeContext(
-        node_name=name,
-        store=new_store(args),
-        paths=NodePaths(
-            run_dir=args.run_dir,
-            cni_conf_dir=args.cni_conf_dir,
-            cni_bin_dir=args.cni_bin_dir,
-            cni_cache_dir=args.cni_cache_dir,
-            state_dir=args.state_dir,
-            credentials_dir=args.pod_credentials_dir,
-        ),
-        underlay_iface=args.underlay_iface,
-        options=NodeOptions(
-            cni_shim=args.cni_shim,
-            datapath=args.datapath,
-            resync_interval=args.resync_interval,
-            kernel_events=args.kernel_events == "on",
-        ),
-    )
+    ctx = node_context(name, new_store(args), args)  # each flag sets the field it names
     try:
         asyncio.run(serve(ctx, comps, http_addr=addr, debug_socket=debug))
     except (NodeSetupError, ConfigError, BPFUnavailable) as e:

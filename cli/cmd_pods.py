@@ -23,7 +23,7 @@ from corral.api.objects import Pod
 from corral.cli.common import CLIError, add_command_argument, run, store_from_args
 from corral.node.procs import start_time
 from corral.runtime.containers import DEFAULT_PATH, exec_argv
-from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
+from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
 
 
 def register(sub: Any) -> None:

@@ -72,6 +72,7 @@ def register(sub: Any) -> None:
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     from corral.proxy import daemon as proxyd
+    from corral.proxy.serve import serve
 
     if os.geteuid() != 0:
         raise CLIError("corral proxy programs netfilter and must run as root")
@@ -84,7 +85,6 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         mode, why = proxyd.resolve_mode(args.mode)
     except proxyd.ModeUnavailable as e:
         raise CLIError(str(e)) from None
-    args.resolved_mode, args.mode_why = mode, why
     if args.min_sync_period > args.sync_period or args.sync_period <= 0:
         raise CLIError("--min-sync-period must not exceed --sync-period, which must be > 0")
     try:
@@ -98,29 +98,17 @@ def cmd_proxy(args: argparse.Namespace) -> int:
             print(f"eBPF mode leftover removed: {line}", flush=True)
     # before any thread exists: they inherit what we keep
     privileges.apply("proxy-ebpf" if mode == "ebpf" else "proxy")
-    asyncio.run(_serve(store, node, args, addr, debug))
-    return 0
-
-
-async def _serve(store: Any, node: str, args: argparse.Namespace, addr: Any, debug: Any) -> None:
-    from corral.api.informer import InformerFactory
-    from corral.daemon.core import Daemon, Informers
-    from corral.proxy.daemon import Proxy
-
-    informers = InformerFactory(store)
-    d = Daemon("proxy", node, store, http_addr=addr, debug_socket=debug, configure_logging=True)
-    d.add("informers", Informers(informers))
-    d.add(
-        "proxy",
-        Proxy(
+    asyncio.run(
+        serve(
             store,
-            informers,
             node,
-            min_interval=args.min_sync_period,
-            max_interval=args.sync_period,
-            mode_name=args.resolved_mode,
+            mode=mode,
             fallback=args.mode == "auto",
-            mode_note=args.mode_why,
-        ),
+            mode_note=why,
+            min_sync_period=args.min_sync_period,
+            sync_period=args.sync_period,
+            http_addr=addr,
+            debug_socket=debug,
+        )
     )
-    await d.run()
+    return 0

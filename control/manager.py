@@ -15,6 +15,7 @@ from corral.control.heap import HeapTuning
 from corral.control.namespaces import NamespaceController
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
+from corral.control.scheduler import Scheduler
 from corral.control.serviceips import ServiceIPController
 from corral.control.supervisor import Supervisor
 from corral.daemon.core import Daemon, Informers, Restartable
@@ -94,3 +95,31 @@ async def serve(
         d.add(cname, Restartable(lambda make=make: make(store, informers)))
     d.add("heap", HeapTuning(informers))
     await d.run()
+
+
+async def serve_scheduler(
+    store: Store,
+    *,
+    seed: int | None = None,
+    http_addr: tuple[str, int] | None,
+    debug_socket: str | None,
+) -> None:
+    """`corral scheduler`: the scheduler until SIGTERM (`seed` breaks ties repeatably)."""
+
+    def make(s: Store, informers: InformerFactory) -> Scheduler:
+        return Scheduler(s, seed=seed, informers=informers)
+
+    await serve(store, "scheduler", {"scheduler": make}, http_addr, debug_socket)
+
+
+async def serve_controllers(
+    store: Store,
+    names: list[str],
+    options: ControllerOptions,
+    *,
+    http_addr: tuple[str, int] | None,
+    debug_socket: str | None,
+) -> None:
+    """`corral controllers`: the named controllers (keys of CONTROLLERS) until SIGTERM."""
+    comps = {n: (lambda s, i, n=n: CONTROLLERS[n](s, options, i)) for n in names}
+    await serve(store, "controllers", comps, http_addr, debug_socket)

@@ -5,8 +5,8 @@
 | node        | 10271 |
 | scheduler   | 10272 |
 | controllers | 10273 |
-| proxy       | 10274 (reserved) |
-| dns         | 10275 (reserved) |
+| proxy       | 10274 |
+| dns         | 10275 |
 
 One HTTP server per daemon serves `/metrics`, `/healthz` and `/readyz`. The node
 daemon listens on its own underlay (InternalIP) address, the others on

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from corral.api.store import Store
-from corral.cluster import local
+from corral.cluster import down, local
 from corral.cluster.state import ClusterState, load
 
 NODES = 3
@@ -190,5 +190,5 @@ def local_cluster(nodes: int = NODES, *up_args: str) -> Iterator[LocalCluster]:
             pytest.fail(f"corral up failed:\n{r.stderr}{r.stdout}", pytrace=False)
         yield LocalCluster.from_state(os.path.join(root, name), env)
     finally:  # in-process: works even if the CLI is broken
-        local.down(name, os.path.join(root, name), progress=lambda _: None)
+        down.down(name, os.path.join(root, name), progress=lambda _: None)
         shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,7 @@ from cluster_helpers import pods_of, wait_for
 from clusters import LocalCluster, local_cluster
 
 from corral.runtime.containers import nsenter_argv
-from corral.runtime.pods import ANN_CONTAINERS
+from corral.runtime.podstatus import ANN_CONTAINERS
 
 pytestmark = pytest.mark.slow
 

@@ -3,9 +3,13 @@
 Layout (hybrid hierarchy, as on this machine):
     /sys/fs/cgroup/<memory|cpu|pids>/corral/<node>/<pod-uid>/<container>   v1 limits
     /sys/fs/cgroup/unified/corral/<node>/pods/<pod-uid>                     cgroup2 dir
-The cgroup2 directory is where the eBPF proxy attaches; every process of the
-pod joins it. Limits go to v1 controllers, since cgroup2 here carries only
-hugetlb; where cgroup2 has memory/cpu, their files are written there too.
+Every process of the pod joins its cgroup2 directory (the container shim writes
+itself into each `cgroup.procs`), which is what the eBPF proxy's programs and
+its pod_cgroups map key on; no controller file is written there. Limits go to
+the v1 controllers only: memory.limit_in_bytes (and memsw, where swap is
+accounted), cpu.shares and the CFS quota; pids gets a directory but no limit.
+On a machine whose memory and cpu controllers are on cgroup2 (no v1
+hierarchy), pods run without limits (docs/runtime.md).
 """
 
 from __future__ import annotations

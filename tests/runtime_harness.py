@@ -1,9 +1,9 @@
 """A test-made node for the pod runtime: used by tests/test_runtime.py and bench/pod_startup.py.
 
-A "node" network namespace runs `python -m corral.runtime.standalone` (the
-PodRuntime alone) with its paths in a temp dir and a conflist for the reference
-bridge + host-local + loopback plugins; Pods go to a real etcd, reached from
-inside the node through corral's relay (corral.cluster.relay).
+A "node" network namespace runs `corral node --components pods` (the node agent
+with only its pod runtime) with its paths in a temp dir and a conflist for the
+reference bridge + host-local + loopback plugins; Pods go to a real etcd, reached
+from inside the node through corral's relay (corral.cluster.relay).
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ class Node:
     def start_runtime(self) -> None:
         assert self.relay is not None
         argv = [
-            *netns.command(self.ns, [sys.executable, "-m", "corral.runtime.standalone"]),
-            "--node",
+            *netns.command(self.ns, [sys.executable, "-m", "corral", "node"]),
+            "--components",
+            "pods",
+            "--name",
             self.name,
             "--etcd",
             self.etcd_url,
@@ -82,10 +84,12 @@ class Node:
             self.cache_dir,
             "--run-dir",
             os.path.join(self.tmp, "run"),
-            "--host-ip",
+            "--underlay-ip",
             "10.250.0.1",
             "--restart-backoff",
             str(self.restart_backoff),
+            "--metrics-addr",
+            "off",
         ]
         self.log = os.path.join(self.tmp, "runtime.log")
         with open(self.log, "ab") as out:
@@ -101,11 +105,12 @@ class Node:
                 raise AssertionError(f"runtime not ready; log:\n{self.runtime_log()}")
             await asyncio.sleep(0.05)
 
-    async def stop_runtime(self, stop_pods: bool = False) -> None:
+    async def stop_runtime(self) -> None:
+        """Stop the runtime; like any node agent stopped, it leaves the pods running."""
         if self.proc is None:
             return
         # nsenter execs the runtime, so this PID is the runtime itself.
-        self.proc.send_signal(signal.SIGUSR1 if stop_pods else signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 60
         while self.proc.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -205,7 +210,8 @@ def _add_node_ns(ns: str) -> None:
 
 
 def _sweep(n: Node) -> None:
-    """Whatever the runtime left behind (it should be nothing): processes, cgroups, mounts."""
+    """What the runtime leaves behind when stopped: the pods (their processes, found
+    through their cgroups, as `corral down` finds them), sandboxes and mounts."""
     for uid_dir in _glob_dirs(os.path.join(cg.CGROUP_ROOT, "memory", "corral", n.name)):
         cg.PodCgroups(n.name, os.path.basename(uid_dir)).remove()
     for uid_dir in _glob_dirs(os.path.join(cg.node_unified_dir(n.name), "pods")):
@@ -305,7 +311,7 @@ async def make_node(
 
 
 async def destroy_node(n: Node) -> None:
-    await n.stop_runtime(stop_pods=True)
+    await n.stop_runtime()
     _sweep(n)
 
 

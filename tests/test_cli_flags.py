@@ -20,7 +20,7 @@ from corral.api.objects import Pod, Service
 from corral.api.store import Store
 from corral.cli.main import build_parser, main, parse
 from corral.node.procs import start_time
-from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
+from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
 
 NS = "shop"
 

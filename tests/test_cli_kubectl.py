@@ -555,7 +555,7 @@ def test_logs_follow_prints_new_output_until_the_pod_goes(
     from control_helpers import make_pod
 
     from corral.node.procs import start_time
-    from corral.runtime.pods import ANN_CONTAINERS, ANN_RUNTIME
+    from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
 
     proc = subprocess.Popen(["sleep", "300"])
     try:

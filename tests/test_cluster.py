@@ -24,7 +24,7 @@ import pytest
 
 from corral.api.objects import Node
 from corral.api.store import Store, TLSFiles
-from corral.cluster import local, underlay
+from corral.cluster import down, underlay
 from corral.cluster.local import unused_underlay_cidr
 from corral.cluster.state import ClusterState, host_veth, load
 from corral.node import netns
@@ -71,7 +71,7 @@ def cluster_name(corral: Corral) -> Iterator[str]:
     name = "t" + secrets.token_hex(3)
     yield name
     # In-process, so cleanup works even while the CLI as a whole does not import.
-    local.down(name, str(corral.root / name), progress=lambda _: None)
+    down.down(name, str(corral.root / name), progress=lambda _: None)
 
 
 def _up(corral: Corral, name: str, *extra: str) -> ClusterState:
@@ -386,11 +386,11 @@ def test_node_exec_errors_name_the_fix(corral: Corral, cluster_name: str) -> Non
 
 
 def test_non_root_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from corral.cluster import local
+    from corral.cluster import local, plan, up
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(local.ClusterError, match="needs root"):
-        local.up(local.UpOptions(name="x"))
+        up.up(plan.UpOptions(name="x"))
 
 
 def test_down_stops_the_pods_of_its_nodes(corral: Corral, cluster_name: str) -> None:

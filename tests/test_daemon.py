@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.objects import Node
 from corral.api.store import Store
-from corral.cluster import local
+from corral.cluster import health
 from corral.cluster.etcd import LocalEtcd
 from corral.daemon import debug as debug_client
 from corral.daemon.core import Daemon, Timings
@@ -157,7 +157,7 @@ async def test_healthz_fails_while_a_component_crash_loops(etcd: LocalEtcd, tmp_
         assert d.states["flaky"].restarts >= 1
         assert d.http is not None  # what `corral status` shows for it
         why = await asyncio.to_thread(
-            local.daemon_healthz, f"http://127.0.0.1:{d.http.port}/healthz"
+            health.daemon_healthz, f"http://127.0.0.1:{d.http.port}/healthz"
         )
         assert why.startswith("component/flaky failed: ") and "the disk is on fire" in why
 

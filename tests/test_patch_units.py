@@ -119,3 +119,13 @@ def test_parse_patch_takes_json_or_yaml() -> None:
     assert parse_patch("a: 1\nb: [x]") == {"a": 1, "b": ["x"]}
     with pytest.raises(PatchError, match="neither JSON nor YAML"):
         parse_patch("a: [")
+
+
+def test_every_merge_key_names_a_list_the_model_has() -> None:
+    from corral.api import objects
+    from corral.api.fields import field_named, is_list
+    from corral.api.patch import MERGE_KEYS, SET_LISTS
+
+    for model_name, field in [*MERGE_KEYS, *SET_LISTS]:
+        found = field_named(getattr(objects, model_name), field)
+        assert found is not None and is_list(found[1].annotation), (model_name, field)

@@ -1,7 +1,7 @@
 """The node runtime with real pods: processes, the reference CNI plugins, cgroups, etcd.
 
 Each test gets a fresh node (tests/runtime_harness.py): a network namespace
-running the PodRuntime alone against the reference bridge + host-local +
+running the node agent's pod runtime alone against the reference bridge + host-local +
 loopback plugins, and the real etcd.
 """
 

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists(f"{REF_BIN}/bridge"), reason="reference CNI plugins not installed"
 )
 PY = "/usr/bin/python3"
-HOST_IP = "10.250.0.1"  # the harness's --host-ip
+HOST_IP = "10.250.0.1"  # the harness node's --underlay-ip
 
 
 @pytest.fixture
