@@ -10,7 +10,8 @@ from typing import Any
 
 from corral.cli.common import CLIError, new_store
 from corral.daemon import options
-from corral.node.context import NodeContext, NodeOptions, NodePaths
+from corral.daemon.nodecontext import NodeContext
+from corral.node.context import NodeOptions, NodePaths
 from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
 
 
@@ -106,8 +107,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(f"--metrics-addr {e}") from None
     debug = options.debug_socket(args, "")  # "": <run dir>/debug.sock
+    from corral.api.netconfig import ConfigError
     from corral.ebpf.loader import BPFUnavailable  # imported here: it loads pyroute2
-    from corral.overlay.config import ConfigError
 
     ctx = NodeContext(
         node_name=name,

@@ -33,6 +33,7 @@ from corral.cluster import state as st
 from corral.cluster.etcd import EtcdError, LocalEtcd, free_port
 from corral.cluster.etcd import health as etcd_health
 from corral.cluster.state import ClusterState, EtcdMember, NodeState
+from corral.common.files import write_atomic
 from corral.node import netns
 from corral.node.procs import ProcRecord, spawn, start_time, stop
 
@@ -604,7 +605,7 @@ def _ensure_pod_credentials(s: ClusterState) -> None:
         with contextlib.suppress(OSError), open(dst, "rb") as f:
             if f.read() == data:
                 continue
-        pki.write_file(dst, data, mode)
+        write_atomic(dst, data, mode)
 
 
 def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from corral.api.netconfig import VXLAN_OVERHEAD
 from corral.netdebug.model import ClusterView
-from corral.overlay.config import VXLAN_OVERHEAD
 from corral.proxy import rules as R
 
 LEAK_GRACE = 30.0  # seconds: a younger allocation may be an ADD in flight

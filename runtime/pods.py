@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from corral.api import netconfig
 from corral.api.informer import BY_NODE, Informer, Registration, by_node
 from corral.api.objects import (
     Container,
@@ -46,9 +47,8 @@ from corral.cni.client import (
     result_ips,
 )
 from corral.daemon import metrics
+from corral.daemon.nodecontext import NodeContext
 from corral.node import netns
-from corral.node.context import NodeContext
-from corral.overlay import config as netconfig
 from corral.runtime import (
     containers,
     credentials,

@@ -16,7 +16,8 @@ import signal
 
 from corral.api.store import Store
 from corral.daemon.core import Daemon, Informers
-from corral.node.context import NodeContext, NodeOptions, NodePaths
+from corral.daemon.nodecontext import NodeContext
+from corral.node.context import NodeOptions, NodePaths
 from corral.runtime.pods import PodRuntime
 
 

@@ -1,4 +1,4 @@
-"""A small structured-concurrency helper for the control-plane daemons.
+"""A small structured-concurrency helper for every daemon (`Supervisor`, `cancel_and_wait`).
 
 Like asyncio.TaskGroup, but without Python 3.11's TaskGroup, which was seen
 to hang on cancellation after its children had all finished.
