@@ -373,9 +373,6 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         await cancel_and_wait(self._tasks)
-        for t in self._tasks:  # collect what they raised so asyncio does not warn
-            if t.done() and not t.cancelled():
-                t.exception()
         self._tasks = []
         for name in reversed(list(self.components)):
             st = self.states[name]
