@@ -43,8 +43,8 @@ import aetcd.exceptions
 import aetcd.utils
 import grpc
 
+from corral.api import metrics
 from corral.api.objects import TypedObject
-from corral.daemon import metrics
 
 log = logging.getLogger(__name__)
 

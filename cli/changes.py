@@ -18,9 +18,9 @@ from pydantic import ValidationError
 
 from corral.api.manifest import format_validation_error, resolve_kind
 from corral.api.objects import Pod, Service, TypedObject
+from corral.api.selectors import matches_label_selector, parse_selector
 from corral.api.store import Conflict, NotFound, Store
 from corral.cli.common import CLIError
-from corral.control.selectors import matches_label_selector, parse_selector
 
 Change = Callable[[TypedObject], dict[str, Any] | None]  # None: nothing to change
 

@@ -8,13 +8,14 @@ from typing import Any
 
 import yaml
 
+from corral.api import netconfig
 from corral.api.manifest import ManifestError, load_file
 from corral.api.objects import NetworkConfig, NetworkSpec, Node
 from corral.api.store import Store
 from corral.cli import common
 from corral.cli.common import CLIError
 from corral.cli.output import table
-from corral.overlay import config, lease
+from corral.overlay import lease
 
 _ON_OFF = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
@@ -101,8 +102,8 @@ def _usage(p: argparse.ArgumentParser) -> int:
 
 
 async def _show(store: Store) -> tuple[NetworkConfig | None, list[tuple[str, Any]]]:
-    cfg = await store.get(NetworkConfig, config.CONFIG_NAME)
-    leases = sorted(await config.list_leases(store), key=lambda le: le.node_name)
+    cfg = await store.get(NetworkConfig, netconfig.CONFIG_NAME)
+    leases = sorted(await netconfig.list_leases(store), key=lambda le: le.node_name)
     return cfg, [(le.subnet, le) for le in leases]
 
 
@@ -135,7 +136,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     print(f"services:     {spec.service_cidr}  dns {spec.cluster_dns}  {spec.cluster_domain}")
     print(
-        f"backend:      {b.type} vni {b.vni} port {b.port} device {config.device_name(b.vni)}"
+        f"backend:      {b.type} vni {b.vni} port {b.port} device {netconfig.device_name(b.vni)}"
         f"  directRouting {'on' if b.direct_routing else 'off'}"
         f"  mtu {b.mtu or 'underlay-50'}"
     )
@@ -170,10 +171,10 @@ def _spec_from_file(path: str) -> dict[str, Any]:
     cfgs = [o for o in objs if isinstance(o, NetworkConfig)]
     if len(cfgs) != 1 or len(objs) != 1:
         raise CLIError(f"{path}: expected exactly one NetworkConfig object")
-    if cfgs[0].name not in ("", config.CONFIG_NAME):
+    if cfgs[0].name not in ("", netconfig.CONFIG_NAME):
         raise CLIError(
             f"{path}: the cluster's NetworkConfig is named "
-            f"{config.CONFIG_NAME!r}, not {cfgs[0].name!r}"
+            f"{netconfig.CONFIG_NAME!r}, not {cfgs[0].name!r}"
         )
     return cfgs[0].spec.dump()
 
@@ -191,15 +192,15 @@ def cmd_set(args: argparse.Namespace) -> int:
             base = (
                 _spec_from_file(args.filename)
                 if args.filename
-                else (await config.load(store)).spec.dump()
+                else (await netconfig.load(store)).spec.dump()
             )
             for k, v in flags.items():
                 path, conv = _FIELDS[k]
                 _set_path(base, path, conv(v))
             try:
-                spec = config.parse_spec(base)
-                return await config.set_config(store, spec)
-            except config.ConfigError as e:
+                spec = netconfig.parse_spec(base)
+                return await netconfig.set_config(store, spec)
+            except netconfig.ConfigError as e:
                 raise CLIError(f"network config refused: {e}") from None
 
     cfg, changed = common.run(go)

@@ -131,8 +131,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(f"--metrics-addr {e}") from None
     debug = options.debug_socket(args, "")  # "": <run dir>/debug.sock
+    from corral.api.netconfig import ConfigError
     from corral.ebpf.loader import BPFUnavailable  # imported here: it loads pyroute2
-    from corral.overlay.config import ConfigError
 
     ctx = node_context(name, new_store(args), args)  # each flag sets the field it names
     try:

@@ -24,12 +24,12 @@ from corral.api.objects import (
     Service,
     TypedObject,
 )
+from corral.api.selectors import matches_label_selector, parse_selector
 from corral.api.store import Store, now_iso, object_key
 from corral.cli.apply_objects import Planned, apply_objects, read_existing
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import WatchPrinter, render
 from corral.control.podlifecycle import delete_pod
-from corral.control.selectors import matches_label_selector, parse_selector
 
 
 def register(sub: Any) -> None:
@@ -197,7 +197,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 async def _cluster_checks(store: Store, objs: list[TypedObject]) -> None:
     """Checks that need the cluster's state, all done before anything is written."""
-    from corral.overlay.config import ConfigError, check_config
+    from corral.api.netconfig import ConfigError, check_config
 
     for obj in objs:
         if isinstance(obj, NetworkConfig):

@@ -20,6 +20,7 @@ from corral.api.objects import (
     Service,
     TypedObject,
 )
+from corral.api.selectors import format_selector
 from corral.api.store import Store
 from corral.cli.output import age, pod_status, prune, table
 from corral.control.resources import (
@@ -29,7 +30,6 @@ from corral.control.resources import (
     node_allocatable,
     pod_requests,
 )
-from corral.control.selectors import format_selector
 
 
 def _kv(items: Iterable[tuple[str, object]]) -> str:

@@ -11,6 +11,7 @@ runtime mounts read-only into them alone (runtime/credentials.py).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -68,15 +69,12 @@ def check_visible_to_pods(argv: Sequence[str], extra_hidden: Sequence[str] = ())
 
 
 def server_available() -> bool:
-    """Whether this corral has the `dns` command (the server) at all."""
-    from corral.cli.main import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:
-        choices = getattr(action, "choices", None)
-        if isinstance(choices, dict) and "dns" in choices:
-            return True
-    return False
+    """Whether this corral has the DNS server at all (found without importing it, as
+    cluster/daemons.py finds each daemon: nothing here may import the CLI above it)."""
+    try:
+        return importlib.util.find_spec("corral.clusterdns.server") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def server_command(argv: Sequence[str], etcd_urls: Sequence[str], tls: bool) -> list[str]:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from corral.api.objects import Node, NodeAddress, NodeCondition, NodeStatus, ObjectMeta
 from corral.api.store import AlreadyExists, Store, now_iso
 from corral.cluster.state import ClusterState, NodeState
+from corral.common.labels import HOSTNAME_LABEL
 from corral.node import netns
 from corral.node.procs import ProcRecord, spawn, start_time
 
@@ -244,7 +245,7 @@ def node_object(cluster: str, node: NodeState) -> Node:
     resources = node_capacity()
     return Node(
         metadata=ObjectMeta(
-            name=node.name, labels={CLUSTER_LABEL: cluster, "kubernetes.io/hostname": node.name}
+            name=node.name, labels={CLUSTER_LABEL: cluster, HOSTNAME_LABEL: node.name}
         ),
         status=NodeStatus(
             addresses=[

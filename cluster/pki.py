@@ -23,6 +23,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from corral.common.files import write_atomic
+
 ROLES = ("node", "control", "cli", "dns")
 CA_NAME = "corral local cluster CA"
 
@@ -40,16 +42,6 @@ class Paths:
 
     def key(self, name: str) -> str:
         return os.path.join(self.dir, f"{name}.key")
-
-
-def write_file(path: str, data: bytes, mode: int) -> None:
-    """Atomically, with `mode` from the start (a key is never readable by others)."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _new_key():  # type: ignore[no-untyped-def]
@@ -128,8 +120,8 @@ def _issue(
     from cryptography.hazmat.primitives import serialization
 
     cert = b.sign(key if is_ca else ca_key, hashes.SHA256())
-    write_file(paths.key(name), _key_pem(key), 0o600)
-    write_file(paths.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(paths.key(name), _key_pem(key), 0o600)
+    write_atomic(paths.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _server_ips(paths: Paths) -> set[str]:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from corral.api.store import TLSFiles
 from corral.cluster import pki
+from corral.common.files import write_atomic
 from corral.node.procs import ProcRecord
 
 DEFAULT_NAME = "corral"
@@ -244,12 +245,7 @@ class ClusterState:
         """
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
-        tmp = self.path + ".tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.to_dict(), indent=2), 0o600, fsync=True)
 
 
 def load(state_dir: str) -> ClusterState | None:

@@ -23,7 +23,6 @@ from corral.cluster import (
     health,
     local,
     nodes,
-    pki,
     plan,
     underlay,
 )
@@ -31,6 +30,7 @@ from corral.cluster import state as st
 from corral.cluster.local import ClusterError, Progress
 from corral.cluster.plan import UpOptions
 from corral.cluster.state import ClusterState
+from corral.common.files import write_atomic
 from corral.node.procs import ProcRecord, stop
 
 
@@ -181,7 +181,7 @@ def _ensure_pod_credentials(s: ClusterState) -> None:
         with contextlib.suppress(OSError), open(dst, "rb") as f:
             if f.read() == data:
                 continue
-        pki.write_file(dst, data, mode)
+        write_atomic(dst, data, mode)
 
 
 def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:

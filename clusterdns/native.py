@@ -8,17 +8,15 @@ fast path written in Python, which answers byte for byte the same.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from types import ModuleType
+
+from corral.common.native import build_cached
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastpath.c")
 ENV = "CORRAL_DNS_FASTPATH"
@@ -42,40 +40,16 @@ def load() -> ModuleType | None:
 
 
 def _build() -> str:
-    with open(SRC, "rb") as f:
-        src = f.read()
-    tag = f"{sys.version}|{sysconfig.get_config_var('EXT_SUFFIX')}".encode()
-    digest = hashlib.sha256(src + tag).hexdigest()[:16]
-    cache = os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "corral"
-    )
-    out = os.path.join(cache, f"dnsfast-{digest}.so")
-    if os.path.exists(out):
-        return out
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) to build clusterdns/fastpath.c")
     include = sysconfig.get_paths()["include"]
-    if not os.path.exists(os.path.join(include, "Python.h")):
-        raise RuntimeError(f"no Python.h in {include} (install python3-dev)")
-    os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".dnsfast-", suffix=".so")
-    os.close(fd)
+    tag = f"{sys.version}|{sysconfig.get_config_var('EXT_SUFFIX')}".encode()
     try:
-        r = subprocess.run(
-            [cc, "-O2", "-Wall", "-shared", "-fPIC", f"-I{include}", "-o", tmp, SRC],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        return build_cached(
+            SRC, "dnsfast", ["-shared", "-fPIC", f"-I{include}"], tag=tag, suffix=".so"
         )
-        if r.returncode != 0:
-            raise RuntimeError(f"building clusterdns/fastpath.c failed: {r.stderr.strip()}")
-        os.replace(tmp, out)  # atomic: concurrent builders end with the same file
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return out
+    except RuntimeError:
+        if not os.path.exists(os.path.join(include, "Python.h")):
+            raise RuntimeError(f"no Python.h in {include} (install python3-dev)") from None
+        raise
 
 
 def _load(path: str) -> ModuleType:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from corral.api.informer import InformerFactory
 from corral.api.store import Store
 from corral.clusterdns.server import Config, DNSServer
-from corral.control.heap import HeapTuning
 from corral.daemon.core import Daemon, Informers
+from corral.daemon.heap import HeapTuning
 
 
 async def serve(

@@ -50,7 +50,7 @@ from corral.clusterdns.views import (
     decode_service,
     decode_slice,
 )
-from corral.daemon import metrics
+from corral.common.metrics import register_collector
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class DNSServer:
             self.slices.on_change(self._slice_changed),
             self.endpoints.on_change(self._endpoints_changed),
         ]
-        self._unregister_metrics = metrics.register_collector(self.collect)
+        self._unregister_metrics = register_collector(self.collect)
         self.informers.start()
         log.info(
             "dns serving %s on %s (ttl %ds, pods %s, upstreams %s)",

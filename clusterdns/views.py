@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.api.objects import EndpointSlice, Service
-
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+from corral.common.labels import SERVICE_NAME_LABEL
 
 Port = tuple[str | None, int, str]  # (name, port, protocol)
 Address = tuple[tuple[str, ...], bool, str | None]  # (IPs, ready, hostname)

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from corral.common.files import write_atomic
+
 CACHE_KIND = "cniCacheV1"
 
 
@@ -69,11 +71,7 @@ class ResultCache:
     def put(self, entry: CachedAttachment) -> None:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         p = self.path(entry.network, entry.container_id, entry.ifname)
-        tmp = p + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(entry.to_json()))  # one write; json.dump writes per chunk
-        os.replace(tmp, p)
+        write_atomic(p, json.dumps(entry.to_json()), 0o600)
 
     def get(self, network: str, container_id: str, ifname: str) -> CachedAttachment | None:
         try:

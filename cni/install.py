@@ -14,27 +14,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from corral.common.files import write_atomic
+from corral.common.native import build_cached
+
 log = logging.getLogger(__name__)
 SHIM_NAMES = ("corral-cni", "corral-ipam")
 CONFLIST_NAME = "10-corral.conflist"
 NETWORK_NAME = "corral"
 # libcni 1.1 (containerd 1.6, CRI-O, podman 4) reads conflists up to 1.0.0.
 CONFLIST_VERSION = "1.0.0"
-
-
-def _write_atomic(path: str, data: str, mode: int) -> None:
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".corral-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def shim_script(socket_path: str) -> str:
@@ -69,28 +57,11 @@ def shim_source(socket_path: str, python: str | None = None) -> str:
 
 
 def build_native_shim(socket_path: str, out_path: str) -> None:
-    """Compile cni/shim.c (same wire format as shim.py) with the socket path baked in."""
-    src = Path(__file__).parent / "shim.c"
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) to build the native CNI shim")
-    r = subprocess.run(
-        [
-            cc,
-            "-O2",
-            "-Wall",
-            f"-DCORRAL_SOCKET={json.dumps(socket_path)}",
-            "-o",
-            out_path,
-            str(src),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"building the native CNI shim failed: {r.stderr.strip()}")
+    """Copy cni/shim.c (same wire format as shim.py), built with the socket path baked
+    in (cached per path: `corral.common.native`), to `out_path`."""
+    flags = [f"-DCORRAL_SOCKET={json.dumps(socket_path)}"]
+    built = build_cached(str(Path(__file__).parent / "shim.c"), "cni-shim", flags)
+    shutil.copyfile(built, out_path)
 
 
 def install_shims(bin_dir: str, socket_path: str, native: bool = False) -> list[str]:
@@ -130,7 +101,7 @@ def install_shims(bin_dir: str, socket_path: str, native: bool = False) -> list[
                 continue
         except (OSError, ValueError):  # absent, or the native shim
             pass
-        _write_atomic(path, src, 0o755)
+        write_atomic(path, src, 0o755, make_dirs=True)
         out.append(path)
     return out
 
@@ -167,5 +138,5 @@ def write_conflist(conf_dir: str, subnet: dict[str, Any], bin_dir: str | None = 
             return path
     except OSError:
         pass
-    _write_atomic(path, data, 0o644)
+    write_atomic(path, data, 0o644, make_dirs=True)
     return path

@@ -48,8 +48,10 @@ from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
 from corral.cni.ipam import IPAM, Allocated, pool_prefix
 from corral.cni.sources import extra_source
+from corral.common.metrics import register_collector
 from corral.daemon import metrics
-from corral.node.context import NodeContext, NodeOptions, NodePaths
+from corral.daemon.nodecontext import NodeContext
+from corral.node.context import NodeOptions, NodePaths
 
 # stdin plus the environment; anything longer is refused before it is parsed
 MAX_REQUEST = MAX_STDIN + 64 * 1024
@@ -152,7 +154,7 @@ class CNIServer:
         self.plumber = Plumber(self.ctx.options.netns)
         await self._bind()
         self._sync_subnet()
-        self._unregister = metrics.register_collector(self._pool_metrics)
+        self._unregister = register_collector(self._pool_metrics)
 
     async def _bind(self) -> None:
         """Serve the CNI socket (root-only), replacing a stale one a dead daemon left."""

@@ -62,16 +62,15 @@ from corral.api.objects import (
     ServicePort,
     TypedObject,
 )
+from corral.api.selectors import matches
 from corral.api.store import AlreadyExists, Conflict, Store, batched
+from corral.common.labels import ENDPOINTSLICE_MANAGED_BY_LABEL, SERVICE_NAME_LABEL
+from corral.common.supervisor import Supervisor
 from corral.control.podlifecycle import finished, terminating
-from corral.control.selectors import matches
-from corral.control.supervisor import Supervisor
 from corral.control.workqueue import WorkQueue, run_batch_worker
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 MANAGED_BY = "endpointslice-controller.corral.dev"
 
 PortKey = tuple[tuple[str | None, int, str, str | None], ...]
@@ -221,7 +220,7 @@ def build_slices(svc: Service, pods: list[Pod]) -> list[EndpointSlice]:
             metadata=ObjectMeta(
                 name=slice_name(svc, key, i == 0),
                 namespace=svc.namespace,
-                labels={SERVICE_NAME_LABEL: svc.name, MANAGED_BY_LABEL: MANAGED_BY},
+                labels={SERVICE_NAME_LABEL: svc.name, ENDPOINTSLICE_MANAGED_BY_LABEL: MANAGED_BY},
                 owner_references=_owner(svc),
             ),
             endpoints=groups.get(key, []),
@@ -269,7 +268,7 @@ def by_service(s: EndpointSlice) -> list[str]:
     """A slice this controller manages, under its Service (`ns/name`)."""
     labels = s.metadata.labels
     name = labels.get(SERVICE_NAME_LABEL)
-    if name and labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+    if name and labels.get(ENDPOINTSLICE_MANAGED_BY_LABEL) == MANAGED_BY:
         return [f"{s.namespace}/{name}"]
     return []
 

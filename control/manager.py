@@ -10,15 +10,15 @@ from typing import Any
 
 from corral.api.informer import InformerFactory, started
 from corral.api.store import Store
+from corral.common.supervisor import Supervisor
 from corral.control.endpoints import EndpointsController
-from corral.control.heap import HeapTuning
 from corral.control.namespaces import NamespaceController
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
 from corral.control.scheduler import Scheduler
 from corral.control.serviceips import ServiceIPController
-from corral.control.supervisor import Supervisor
 from corral.daemon.core import Daemon, Informers, Restartable
+from corral.daemon.heap import HeapTuning
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,9 @@ from corral.api.objects import (
     ReplicationController,
     ReplicationControllerStatus,
 )
+from corral.api.selectors import matches, matches_label_selector
 from corral.api.store import AlreadyExists, Conflict, NotFound, Store
+from corral.common.supervisor import Supervisor
 from corral.control.podlifecycle import delete_pod, finished, parse_time, terminating
 from corral.control.rollout import (
     TEMPLATE_HASH_LABEL,
@@ -39,8 +41,6 @@ from corral.control.rollout import (
     strategy,
     template_hash,
 )
-from corral.control.selectors import matches, matches_label_selector
-from corral.control.supervisor import Supervisor
 from corral.control.workqueue import WorkQueue, run_worker
 
 log = logging.getLogger(__name__)

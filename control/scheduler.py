@@ -15,9 +15,9 @@ import random
 from corral.api.informer import Informer, InformerFactory, started
 from corral.api.objects import Node, Pod
 from corral.api.store import Conflict, NotFound, Store
+from corral.common.supervisor import Supervisor
 from corral.control.conditions import set_pod_condition
 from corral.control.placement import NodeInfo, choose_node
-from corral.control.supervisor import Supervisor
 from corral.control.workqueue import WorkQueue, run_worker
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from corral.api.informer import Informer, InformerFactory, started
 from corral.api.objects import NetworkConfig, NetworkSpec, Service
 from corral.api.store import PREFIX, AlreadyExists, Store, batched, object_key
-from corral.control.supervisor import Supervisor
+from corral.common.supervisor import Supervisor
 from corral.control.workqueue import WorkQueue, run_batch_worker
 
 log = logging.getLogger(__name__)

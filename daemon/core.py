@@ -32,6 +32,7 @@ from typing import Any
 
 from corral.api.informer import InformerFactory
 from corral.api.store import Store, Unavailable
+from corral.common.supervisor import cancel_and_wait
 from corral.daemon import logs, metrics
 from corral.daemon.debug import DebugServer
 from corral.daemon.health import Check, ComponentState, EtcdState, Report
@@ -371,12 +372,7 @@ class Daemon:
                 delay = min(delay * 2, t.restart_max)
 
     async def _shutdown(self) -> None:
-        from corral.control.supervisor import cancel_and_wait
-
         await cancel_and_wait(self._tasks)
-        for t in self._tasks:  # collect what they raised so asyncio does not warn
-            if t.done() and not t.cancelled():
-                t.exception()
         self._tasks = []
         for name in reversed(list(self.components)):
             st = self.states[name]

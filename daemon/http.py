@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from corral.common.metrics import REGISTRY
 from corral.daemon.health import Report
-from corral.daemon.metrics import REGISTRY
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from corral.api.netconfig import VXLAN_OVERHEAD
 from corral.api.objects import SubnetLease
 from corral.netdebug.model import Allocation, ClusterView
-from corral.overlay.config import VXLAN_OVERHEAD
 from corral.proxy import rules as R
 
 LEAK_GRACE = 30.0  # seconds: a younger allocation may be an ADD in flight

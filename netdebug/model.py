@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from corral.api import netconfig
 from corral.api.objects import (
     EndpointSlice,
     IPAllocation,
@@ -16,9 +17,9 @@ from corral.api.objects import (
     SubnetLease,
 )
 from corral.api.store import PREFIX, SUBNETS_PREFIX, Store
-from corral.overlay import config, lease
+from corral.common.labels import SERVICE_NAME_LABEL
+from corral.overlay import lease
 from corral.proxy.core import (
-    SERVICE_NAME_LABEL,
     ServiceView,
     service_ports,
     slice_endpoints,
@@ -49,7 +50,7 @@ class ClusterView:
 
     @property
     def device(self) -> str:
-        return config.device_name(self.spec.backend.vni)
+        return netconfig.device_name(self.spec.backend.vni)
 
     def lease_of(self, node: str) -> SubnetLease | None:
         return next((x for x in self.leases.values() if x.node_name == node), None)
@@ -106,7 +107,7 @@ def _finished(p: Pod) -> bool:
 
 
 async def read(store: Store) -> ClusterView:
-    cfg = await store.get(NetworkConfig, config.CONFIG_NAME)
+    cfg = await store.get(NetworkConfig, netconfig.CONFIG_NAME)
     spec = cfg.spec if cfg is not None else NetworkSpec()
     nodes, _ = await store.list(Node)
     kvs, _ = await store.list_raw(SUBNETS_PREFIX)

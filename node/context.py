@@ -1,13 +1,11 @@
-"""What every node component is handed: identity, store, the node's paths and options."""
+"""A node's paths and options: what its components are configured with, apart from the
+store (`corral.daemon.nodecontext.NodeContext` carries both to each component)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
-
-from corral.api.informer import InformerFactory
-from corral.api.store import Store
 
 Datapath = Literal["auto", "bpf", "kernel"]
 DATAPATHS: tuple[Datapath, ...] = ("auto", "bpf", "kernel")
@@ -55,20 +53,3 @@ class NodeOptions:
     def __post_init__(self) -> None:
         if self.datapath not in DATAPATHS:
             raise ValueError(f"datapath {self.datapath!r}: use one of {', '.join(DATAPATHS)}")
-
-
-@dataclass
-class NodeContext:
-    node_name: str
-    store: Store
-    paths: NodePaths = field(default_factory=NodePaths)
-    underlay_iface: str | None = None  # found from the default route when None
-    underlay_ip: str | None = None
-    options: NodeOptions = field(default_factory=NodeOptions)
-    # The process's one informer per kind, shared by its components. Components
-    # start it; whoever made the context stops it (before closing the store).
-    informers: InformerFactory = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.informers is None:
-            self.informers = InformerFactory(self.store)

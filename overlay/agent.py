@@ -28,11 +28,11 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from corral.api import netconfig as config
 from corral.api.informer import Informer, Registration
 from corral.api.objects import (
     NetworkConfig,
@@ -52,35 +52,21 @@ from corral.api.store import (
     subnet_key,
 )
 from corral.api.tracker import ChangeTracker
+from corral.common.files import write_json_atomic
+from corral.common.metrics import counter_family, register_collector
 from corral.daemon import metrics
+from corral.daemon.nodecontext import NodeContext
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.ebpf import overlay_fastpath as fastpath
 from corral.node import netns, podguard
-from corral.node.context import DATAPATHS, NodeContext, NodeOptions, NodePaths
-from corral.overlay import config, guard, lease, masq, notrack
+from corral.node.context import DATAPATHS, NodeOptions, NodePaths
+from corral.overlay import guard, lease, masq, notrack
 from corral.overlay.vxlan import DeviceSpec, EventMonitor, Kernel, Remote, Underlay, random_mac
 
 log = logging.getLogger("corral.overlay.agent")
 
 STATE_FILE = "overlay.json"
 DATAPATH_FILE = "datapath.json"
-
-
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    """Write `data` so readers see the old file or the new one, never half of one."""
-    d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class OverlayAgent:
@@ -221,7 +207,7 @@ class OverlayAgent:
             lambda kind, key: loop.call_soon_threadsafe(self._on_kernel_event, kind, key),
         )
         self._monitor.start(await self._k(self.kernel.link_index, self.device))
-        self._unregister_metrics = metrics.register_collector(self._fastpath_metrics)
+        self._unregister_metrics = register_collector(self._fastpath_metrics)
         log.info(
             "overlay ready: node %s subnet %s on %s (%s), %s mtu %d, %d peer(s), %s",
             self.ctx.node_name,
@@ -650,7 +636,7 @@ class OverlayAgent:
         if fp is None:
             return []
         return [
-            metrics.counter_family(
+            counter_family(
                 "corral_fastpath_packets",
                 "Packets the eBPF fast path handled since it was loaded, by counter",
                 "counter",
@@ -691,13 +677,14 @@ class OverlayAgent:
     def _kernel_view(self) -> dict[str, Any]:
         """What the kernel holds (routes, neighbours, FDB, device, links with their tc
         programs, the fast path's maps), read on the netlink thread for `corral net`."""
-        from corral.netdebug import nodeview
+        from corral.ebpf.loader import attached
+        from corral.node import nodeview
 
         def read() -> dict[str, Any]:
             ipr = self.kernel.ipr
             view: dict[str, Any] = {
                 "kernel": nodeview.overlay(ipr, self.device),
-                "links": nodeview.links(ipr),
+                "links": nodeview.links(ipr, attached),
             }
             if self.fastpath is not None:
                 view["fastpathMaps"] = nodeview.fastpath_maps(self.fastpath)

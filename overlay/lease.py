@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from corral.api.netconfig import leasable_subnets
 from corral.api.objects import NetworkSpec, SubnetLease
 from corral.api.store import (
     KV,
@@ -28,7 +29,6 @@ from corral.api.store import (
     now_iso,
     subnet_key,
 )
-from corral.overlay.config import leasable_subnets
 
 log = logging.getLogger(__name__)
 

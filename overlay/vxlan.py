@@ -28,13 +28,11 @@ from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
 
 from corral.node import netns
 from corral.node.podveth import POD_ALIAS_PREFIX
+from corral.node.routes import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_CORRAL
 
 log = logging.getLogger(__name__)
 
-RTPROT_CORRAL = 77
-RTNH_F_ONLINK = 4
 NTF_SELF = 2
-MAIN_TABLE = 254
 
 
 class KernelError(RuntimeError):

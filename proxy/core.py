@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from corral.api.informer import Informer, InformerFactory
 from corral.api.objects import EndpointSlice, Service
 from corral.api.tracker import ChangeTracker
+from corral.common.labels import SERVICE_NAME_LABEL
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 BY_SERVICE = "proxy-service"
 
 PortKey = tuple[str, str]  # (service port name or "", protocol)

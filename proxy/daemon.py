@@ -31,7 +31,7 @@ from typing import Any
 
 from corral.api.informer import InformerFactory
 from corral.api.store import Store
-from corral.control.supervisor import Supervisor
+from corral.common.supervisor import Supervisor
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.proxy.core import ServiceTracker, ServiceView, usable
@@ -132,7 +132,7 @@ class Proxy:
         self.runner.run_soon()
 
     async def start(self) -> None:
-        from corral.overlay import config
+        from corral.api import netconfig as config
 
         cfg = await config.load(self.store)
         spec = cfg.spec
@@ -379,7 +379,7 @@ class Proxy:
         self.runner.run_soon(full=True)
 
     def debug_state(self) -> dict[str, Any]:
-        from corral.netdebug import nodeview
+        from corral.node import nodeview
 
         last = self.last
         return {

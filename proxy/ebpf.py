@@ -55,7 +55,7 @@ def preflight() -> str | None:
 
 def node_cgroup(node: str) -> str:
     """The node's cgroup2 directory, where the programs attach (every pod lives below)."""
-    from corral.runtime.cgroups import node_unified_dir
+    from corral.node.cgroups import node_unified_dir
 
     return node_unified_dir(node)
 

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 from corral.api.objects import Node, NodeAddress, NodeCondition, NodeStatus
 from corral.api.store import AlreadyExists, NotFound, now_iso
+from corral.common.labels import HOSTNAME_LABEL
 from corral.daemon.core import Daemon, Informers, Timings
+from corral.daemon.nodecontext import NodeContext
 from corral.daemon.options import PORTS
-from corral.node.context import NodeContext
 
 log = logging.getLogger("corral.node")
 
@@ -172,7 +173,7 @@ class NodeAgent:
             await self.ctx.store.modify(Node, name, None, change)
         except NotFound:
             node = Node(
-                metadata={"name": name, "labels": {"kubernetes.io/hostname": name}},
+                metadata={"name": name, "labels": {HOSTNAME_LABEL: name}},
                 status=self._status(None),
             )
             with contextlib.suppress(AlreadyExists):

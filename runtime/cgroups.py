@@ -23,21 +23,12 @@ from dataclasses import dataclass
 
 from corral.api.objects import Container
 from corral.api.quantity import cpu_millis, memory_bytes
+from corral.node.cgroups import CGROUP_ROOT, node_unified_dir, unified_root
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = "/sys/fs/cgroup"
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 CFS_PERIOD_US = 100_000
-
-
-def unified_root(root: str = CGROUP_ROOT) -> str:
-    u = os.path.join(root, "unified")
-    return u if os.path.isfile(os.path.join(u, "cgroup.controllers")) else root
-
-
-def node_unified_dir(node: str, root: str = CGROUP_ROOT) -> str:
-    return os.path.join(unified_root(root), "corral", node)
 
 
 @dataclass

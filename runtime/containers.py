@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import marshal
 import os
@@ -25,10 +24,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from corral.common.files import write_atomic
+from corral.common.native import build_cached
 from corral.node.procs import start_time
 from corral.runtime import shim
 from corral.runtime.security import Security
@@ -47,44 +47,11 @@ def native_shim() -> str | None:
     path = None
     if os.environ.get("CORRAL_CONTAINER_SHIM", "native") != "python":
         try:
-            path = _build_native_shim()
+            path = build_cached(NATIVE_SHIM_SRC, "container-shim")
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("using the Python container shim (slower start): %s", e)
     _native_shim.append(path)
     return path
-
-
-def _build_native_shim() -> str:
-    with open(NATIVE_SHIM_SRC, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache = os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "corral"
-    )
-    out = os.path.join(cache, f"container-shim-{digest}")
-    if os.access(out, os.X_OK):
-        return out
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) to build runtime/shim.c")
-    os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".container-shim-")
-    os.close(fd)
-    try:
-        r = subprocess.run(
-            [cc, "-O2", "-Wall", "-o", tmp, NATIVE_SHIM_SRC],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if r.returncode != 0:
-            raise RuntimeError(f"building runtime/shim.c failed: {r.stderr.strip()}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # atomic: concurrent builders end with the same file
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return out
 
 
 def shim_argv(spec: dict, spec_path: str) -> list[str]:
@@ -235,7 +202,7 @@ async def launch(
             work=os.path.join(layer, "work"),
             rootfs=os.path.join(layer, "rootfs"),
         )
-    _write_private(spec_path, marshal.dumps(spec))
+    write_atomic(spec_path, marshal.dumps(spec), 0o600)
     log = log_path(pod_dir, name, instance)
     os.makedirs(os.path.dirname(log), mode=0o700, exist_ok=True)
     with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
@@ -275,14 +242,6 @@ async def launch(
         log=log,
     )
     return rec, proc
-
-
-def _write_private(path: str, data: bytes) -> None:
-    """Write `path` as a 0600 file (replacing one that may have been wider)."""
-    tmp = path + ".tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def exit_info(

@@ -13,7 +13,8 @@ import dataclasses
 from typing import Any
 
 from corral.api.store import Store
-from corral.node.context import NodeContext, NodeOptions, NodePaths
+from corral.daemon.nodecontext import NodeContext
+from corral.node.context import NodeOptions, NodePaths
 
 
 def _given(cls: type, settings: Any) -> dict[str, Any]:

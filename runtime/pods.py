@@ -18,12 +18,12 @@ import logging
 import os
 from typing import Any
 
+from corral.api import netconfig
 from corral.api.informer import BY_NODE, Informer, Registration, by_node
 from corral.api.objects import NetworkConfig, NetworkSpec, Node, Pod
 from corral.cni.client import CNIClient, CNIError, is_pod_sandbox
+from corral.daemon.nodecontext import NodeContext
 from corral.node import netns
-from corral.node.context import NodeContext
-from corral.overlay import config as netconfig
 from corral.runtime import containers, credentials, etcdguard, podstate
 from corral.runtime.cgroups import PodCgroups
 from corral.runtime.podstate import PodSaved

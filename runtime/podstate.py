@@ -14,6 +14,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from corral.common.files import write_atomic
+
 
 @dataclass
 class ContainerSaved:
@@ -70,10 +72,7 @@ def save(state_dir: str, s: PodSaved) -> None:
     if not os.path.isdir(d):
         os.makedirs(pods_dir(state_dir), mode=0o700, exist_ok=True)
         os.makedirs(d, mode=0o700, exist_ok=True)
-    tmp = os.path.join(d, "state.json.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(s.dumps())  # one write; json.dump writes chunk by chunk
-    os.replace(tmp, os.path.join(d, "state.json"))
+    write_atomic(os.path.join(d, "state.json"), s.dumps(), 0o600)
 
 
 def load_all(state_dir: str) -> dict[str, PodSaved]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from corral.common.files import write_atomic
 from corral.node import netns
 
 REF_PLUGINS = "/usr/lib/cni"
@@ -180,9 +181,7 @@ class CNINode:
             "ipMasq": ip_masq,
             "node": self.name,
         }
-        tmp = self.run_dir / ".subnet.json"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.run_dir / "subnet.json")
+        write_atomic(str(self.run_dir / "subnet.json"), json.dumps(data))
 
     # ------------------------------------------------------------ pods and calls
 

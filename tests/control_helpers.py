@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from corral.api.objects import Node, Pod, PodIP
 from corral.api.store import Store, now_iso
+from corral.common.supervisor import cancel_and_wait
 from corral.control.conditions import set_pod_condition
-from corral.control.supervisor import cancel_and_wait
 
 T = TypeVar("T")
 

@@ -793,7 +793,7 @@ async def test_heap_tuning_freezes_the_caches_once_synced(store: Store) -> None:
     import gc
 
     from corral.api.informer import InformerFactory
-    from corral.control.heap import HeapTuning
+    from corral.daemon.heap import HeapTuning
 
     await store.create(_bulk_service(1))
     thresholds = gc.get_threshold()

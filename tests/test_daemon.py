@@ -22,8 +22,9 @@ from corral.cluster import health
 from corral.cluster.etcd import LocalEtcd
 from corral.daemon import debug as debug_client
 from corral.daemon.core import Daemon, Timings
+from corral.daemon.nodecontext import NodeContext
 from corral.daemon.options import PORTS, parse_addr
-from corral.node.context import NodeContext, NodePaths
+from corral.node.context import NodePaths
 
 FAST = Timings(
     restart_initial=0.05,
@@ -316,7 +317,7 @@ async def _ready_is(ready: Callable[[], Awaitable[tuple[str, str, str]]], want: 
 
 
 def _value(name: str, **labels: str) -> float:
-    from corral.daemon.metrics import REGISTRY
+    from corral.common.metrics import REGISTRY
 
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

@@ -13,11 +13,10 @@ from typing import Any
 from control_helpers import make_pod
 
 from corral.api.objects import Pod, Service, ServicePort
+from corral.common.labels import ENDPOINTSLICE_MANAGED_BY_LABEL, SERVICE_NAME_LABEL
 from corral.control.conditions import set_pod_condition
 from corral.control.endpoints import (
     MANAGED_BY,
-    MANAGED_BY_LABEL,
-    SERVICE_NAME_LABEL,
     build_endpoints,
     build_slices,
     pod_ports,
@@ -230,7 +229,10 @@ def test_slice_names_labels_owner_and_ports() -> None:
     assert first.name == "web"
     assert re.fullmatch(r"web-[0-9a-f]{6}", second.name)
     for sl in slices:
-        assert sl.metadata.labels == {SERVICE_NAME_LABEL: "web", MANAGED_BY_LABEL: MANAGED_BY}
+        assert sl.metadata.labels == {
+            SERVICE_NAME_LABEL: "web",
+            ENDPOINTSLICE_MANAGED_BY_LABEL: MANAGED_BY,
+        }
         assert sl.metadata.owner_references[0].uid == "svc-uid"
         assert sl.address_type == "IPv4"
     ports = sorted((sl.ports[0].port, sl.endpoints[0].addresses[0]) for sl in slices)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from corral.api import netconfig as config
 from corral.api.objects import NetworkConfig, NetworkSpec, Node, NodeAddress, NodeStatus
 from corral.api.store import Store, subnet_key
 from corral.cli.main import main as cli_main
 from corral.cluster.etcd import LocalEtcd
 from corral.node import iptables, netns, podguard
-from corral.overlay import config, guard, lease, masq, notrack
+from corral.overlay import guard, lease, masq, notrack
 
 
 def spec(**kw: object) -> NetworkSpec:

@@ -1,4 +1,4 @@
-"""A small structured-concurrency helper for the control-plane daemons.
+"""A small structured-concurrency helper for every daemon (`Supervisor`, `cancel_and_wait`).
 
 Like asyncio.TaskGroup, but without Python 3.11's TaskGroup, which was seen
 to hang on cancellation after its children had all finished.
@@ -19,6 +19,7 @@ async def cancel_and_wait(tasks: list[asyncio.Task], timeout: float = 10.0) -> b
 
     The cancellation is repeated: Python 3.11's asyncio.wait_for (used inside
     the etcd client) can swallow one that lands as its inner call completes.
+    What the stopped tasks raised is collected, so asyncio does not warn of it.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -34,10 +35,13 @@ async def cancel_and_wait(tasks: list[asyncio.Task], timeout: float = 10.0) -> b
                 timeout,
                 ", ".join(t.get_name() for t in pending),
             )
-            return False
+            break
         _, still = await asyncio.wait(pending, timeout=min(1.0, left))
         pending = list(still)
-    return True
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()
+    return not pending
 
 
 class Supervisor:
@@ -52,9 +56,6 @@ class Supervisor:
 
     async def __aexit__(self, *exc: object) -> None:
         await cancel_and_wait(self.tasks, self.stop_timeout)
-        for t in self.tasks:  # collect what they raised so asyncio does not warn
-            if t.done() and not t.cancelled():
-                t.exception()
 
     def start(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
         t = asyncio.create_task(coro, name=name)

@@ -1,19 +1,21 @@
 """A node's own view of its network, as its daemons' debug sockets report it.
 
 The node agent and the proxy call these from their `debug_state()`; `corral net`
-compares the result with etcd. Everything here only reads. The shapes are plain
-JSON so a `corral net` of another version (or an operator with `jq`) can read
-them.
+compares the result with etcd. Everything here only reads, and imports only the
+rest of `node/`. The shapes are plain JSON so a `corral net` of another version
+(or an operator with `jq`) can read them.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 from corral.node import iptables, netns
 from corral.node.podveth import parse_pod_alias
+from corral.node.routes import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_CORRAL
 
 IFF_UP = 1
 NUD_NAMES = {
@@ -28,14 +30,11 @@ NUD_NAMES = {
 }
 
 
-def _attached(ipr: Any, index: int) -> list[str]:
-    from corral.ebpf import loader
-
-    return loader.attached(ipr, index)
-
-
-def links(ipr: Any) -> list[dict[str, Any]]:
-    """Every link: name, index, kind, MTU, up, MAC, corral's tc programs, pod tag."""
+def links(
+    ipr: Any, programs: Callable[[Any, int], list[str]] | None = None
+) -> list[dict[str, Any]]:
+    """Every link: name, index, kind, MTU, up, MAC, pod tag, and the tc programs
+    `programs(ipr, index)` names on it (the eBPF loader's `attached`)."""
     out = []
     for link in ipr.get_links():
         info = link.get_attr("IFLA_LINKINFO")
@@ -49,7 +48,7 @@ def links(ipr: Any) -> list[dict[str, Any]]:
             "mtu": link.get_attr("IFLA_MTU"),
             "up": bool(link["flags"] & IFF_UP),
             "mac": link.get_attr("IFLA_ADDRESS"),
-            "programs": _attached(ipr, link["index"]),
+            "programs": programs(ipr, link["index"]) if programs else [],
         }
         if tag is not None:
             entry["pod"] = {"ip": tag[0], "mac": tag[1]}
@@ -60,8 +59,6 @@ def links(ipr: Any) -> list[dict[str, Any]]:
 def overlay(ipr: Any, device: str) -> dict[str, Any]:
     """The VXLAN device, and the routes, neighbours and FDB entries on it (all of them,
     not only corral's: a stray entry is what a debugger wants to see)."""
-    from corral.overlay.vxlan import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_CORRAL
-
     found = ipr.link_lookup(ifname=device)
     out: dict[str, Any] = {"device": None, "routes": [], "neighbours": [], "fdb": []}
     if found:
