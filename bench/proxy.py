@@ -199,7 +199,7 @@ async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[floa
     from corral.api.objects import EndpointSlice, Service
     from corral.api.store import Store
     from corral.cluster.etcd import LocalEtcd
-    from corral.proxy.daemon import Proxy
+    from corral.proxy.component import Proxy
 
     def slice_of(i: int, ips: list[str]) -> EndpointSlice:
         return EndpointSlice(
@@ -243,7 +243,6 @@ async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[floa
                     node_setup=False,
                     max_interval=3600,
                 )
-                proxy._sync_bpf_map = lambda *a: None  # type: ignore[method-assign]
                 await proxy.start()
                 task = asyncio.create_task(proxy.run())
                 while not proxy.synced_once:

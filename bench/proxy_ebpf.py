@@ -198,7 +198,7 @@ async def programming(n: int, changes: int) -> list[float]:
     from corral.api.objects import EndpointSlice, Service
     from corral.api.store import Store
     from corral.cluster.etcd import LocalEtcd
-    from corral.proxy.daemon import Proxy
+    from corral.proxy.component import Proxy
     from corral.proxy.ebpf import EbpfMode
 
     tmp = tempfile.mkdtemp(prefix="benchpe-etcd-")
@@ -242,7 +242,6 @@ async def programming(n: int, changes: int) -> list[float]:
             await asyncio.gather(*(put(i) for i in range(n)))
             informers = InformerFactory(store)
             proxy = Proxy(store, informers, node, mode=mode, node_setup=False, max_interval=3600)
-            proxy._sync_bpf_map = lambda views, full: None  # type: ignore[method-assign]
             await proxy.start()
             task = asyncio.create_task(proxy.run())
             while not (proxy.synced_once and mode.attached):

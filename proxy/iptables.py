@@ -10,7 +10,9 @@ CORRAL-SERVICES, the VIP buckets of the changed services, CORRAL-NODEPORTS,
 the filter REJECTs), only those whose rules changed; a full one rewrites
 everything, re-checks the hook rules and deletes owned chains and sets nobody
 wants.
-Blocking: the daemon calls these methods in an executor.
+When the proxy runs it on a node (`for_node`), the fast path's endpoint map is
+fed around each restore (proxy/fastpath_endpoints.py).
+Blocking: the proxy component calls these methods in an executor.
 """
 
 from __future__ import annotations
@@ -18,26 +20,18 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from corral.node import iptables, netns
+from corral.proxy import fastpath_endpoints
 from corral.proxy import rules as R
 from corral.proxy.core import ServiceView, usable
+from corral.proxy.fastpath_endpoints import FastPathEndpoints
+from corral.proxy.mode import ModeContext, SyncResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SyncResult:
-    full: bool
-    services: int  # services written
-    lines: int  # rules written
-    seconds: float
-    conntrack_flushes: int = 0
-    sets_created: int = 0
-    sets_destroyed: int = 0
-    chains_deleted: int = 0
 
 
 def parse_dnat_replies(text: str) -> set[tuple[str, int, str]]:
@@ -144,19 +138,73 @@ class Kernel:
 
 
 class IptablesMode:
-    """Programs services into netfilter; keeps what it wrote so partial syncs stay small."""
+    """Programs services into netfilter; keeps what it wrote so partial syncs stay small.
 
-    name = "iptables"
+    A `ProxyMode` (proxy/mode.py). With `fast_path`, the fast path's endpoint map is
+    fed before and after each restore."""
 
-    def __init__(self, cluster_cidr: str, kernel: Kernel | None = None) -> None:
+    name: ClassVar[str] = "iptables"
+    privileges: ClassVar[str] = "proxy"
+    auto_rank: ClassVar[int] = 10
+    includes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        cluster_cidr: str,
+        kernel: Kernel | None = None,
+        fast_path: FastPathEndpoints | None = None,
+    ) -> None:
         self.cluster_cidr = cluster_cidr
         self.kernel = kernel or Kernel()
+        self.fast_path = fast_path
         self.rules: dict[str, R.ServiceRules] = {}
         self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
         self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
         self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
         self.index = R.Index()  # which services have portals (per bucket), nodePorts, ...
         self.dispatch: dict[R.Chain, list[str]] = {}  # dispatch chains as last written
+        self.synced = False
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None  # iptables-restore, ipset and conntrack are what bootstrap.sh installs
+
+    @classmethod
+    def for_node(cls, ctx: ModeContext) -> IptablesMode:
+        kernel = Kernel()
+        return cls(ctx.cluster_cidr, kernel, FastPathEndpoints(ctx.node, kernel.dnat_replies))
+
+    @classmethod
+    def cleanup_node(cls, node: str) -> list[str]:
+        return cls("0.0.0.0/0").cleanup() + fastpath_endpoints.clear(node)
+
+    async def run(self, ask_full_sync: Callable[[], None]) -> None:
+        return None  # nothing in the background: syncs do everything
+
+    def ready(self) -> bool:
+        return self.synced
+
+    def wants_sync(self) -> bool:
+        return self.fast_path is not None and self.fast_path.draining
+
+    def close(self) -> None:
+        if self.fast_path is not None:
+            self.fast_path.close()
+
+    def debug(self) -> dict[str, Any]:
+        from corral.netdebug import nodeview  # moving to node/ (issue 20, section 1)
+
+        ns = self.kernel.namespace
+        out: dict[str, Any] = {
+            "kernel": {
+                "nat": nodeview.iptables_chains(ns, "nat"),
+                "filter": nodeview.iptables_chains(ns, "filter"),
+                "ipsets": nodeview.ipsets(ns),
+            }
+        }
+        if self.fast_path is not None:
+            out.update(self.fast_path.debug())
+        return out
 
     def _set_rules(self, key: str, view: ServiceView | None) -> None:
         old = self.rules.pop(key, None)
@@ -173,9 +221,14 @@ class IptablesMode:
     ) -> SyncResult:
         t0 = time.monotonic()
         k = self.kernel
+        changed = set(changed)
         if self.chains is None or self.sets is None:
             full = True
-        keys = set(views) | set(self.written) if full else set(changed)
+        if self.fast_path is not None:
+            # the fast path hands a new endpoint's replies to conntrack before a rule
+            # DNATs to it, and a gone one's only after no rule does any more
+            self.fast_path.before(views, changed, full)
+        keys = set(views) | set(self.written) if full else changed
         old = {key: self.written.get(key) for key in keys}
         prev_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
         touched = {self.rules[key].bucket for key in keys if key in self.rules}
@@ -252,6 +305,9 @@ class IptablesMode:
                 self.written[key] = views[key]
             else:
                 self.written.pop(key, None)
+        if self.fast_path is not None:
+            self.fast_path.after(full)
+        self.synced = True
         return SyncResult(
             full=full,
             services=len(keys),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from corral.api.objects import EndpointSlice, Service
@@ -297,24 +299,58 @@ def test_two_level_dispatch_by_vip_bucket() -> None:
 
 
 def test_fast_path_endpoint_deltas_count_shared_endpoints() -> None:
-    from collections import Counter
-    from types import SimpleNamespace
+    from corral.proxy.fastpath_endpoints import FastPathEndpoints
 
-    from corral.proxy.daemon import Proxy
-
-    st = SimpleNamespace(_ep_of={}, _ep_count=Counter())
+    fp = FastPathEndpoints("n1", lambda: set())
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
     b = ServicePort("default/b", "", "TCP", "10.96.0.2", 80)
     views = {"default/a": view(a, eps(2)), "default/b": view(b, eps(1))}  # share 10.244.1.2
-    added, gone = Proxy._endpoint_delta(st, views, set(), True)  # type: ignore[arg-type]
+    added, gone = fp.delta(views, set(), True)
     assert added == {("10.244.1.2", 8080, "TCP"), ("10.244.1.3", 8080, "TCP")} and not gone
     # a loses both: only the endpoint no other service uses goes
     views["default/a"] = view(a, ())
-    added, gone = Proxy._endpoint_delta(st, views, {"default/a"}, False)  # type: ignore[arg-type]
+    added, gone = fp.delta(views, {"default/a"}, False)
     assert not added and gone == {("10.244.1.3", 8080, "TCP")}
     del views["default/b"]
-    added, gone = Proxy._endpoint_delta(st, views, {"default/b"}, False)  # type: ignore[arg-type]
-    assert gone == {("10.244.1.2", 8080, "TCP")} and not st._ep_count
+    added, gone = fp.delta(views, {"default/b"}, False)
+    assert gone == {("10.244.1.2", 8080, "TCP")} and not fp._ep_count
+
+
+def test_iptables_mode_feeds_the_fast_path_around_its_restore() -> None:
+    """New endpoints enter the map before the restore; a gone one leaves after it, and
+    only once conntrack holds no flow of it (it drains)."""
+    from corral.proxy.fastpath_endpoints import FastPathEndpoints
+
+    k = FakeKernel()
+    live: set[tuple[str, int, str]] = set()
+    fp = FastPathEndpoints("n1", lambda: live)
+    events: list[str] = []
+
+    class FakeMap:
+        id, path = 7, "/sys/fs/bpf/corral/n1/proxy_endpoints"
+        have: set[tuple[str, int, str]] = set()
+
+        def entries(self) -> set[tuple[str, int, str]]:
+            return set(self.have)
+
+        def update(self, add: Any, gone: Any) -> None:
+            events.append(f"map +{len(add)} -{len(gone)} after {len(k.texts)} restore(s)")
+            self.have = (self.have | set(add)) - set(gone)
+
+        def close(self) -> None:
+            pass
+
+    fp._map = m = FakeMap()
+    mode = IptablesMode(CIDR, k, fp)  # type: ignore[arg-type]
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
+    mode.sync(True, {"default/a": view(a, eps(2))}, set())
+    assert events[0] == "map +2 -0 after 0 restore(s)" and len(m.have) == 2
+    live.add(("10.244.1.3", 8080, "TCP"))  # a connection to the endpoint about to go
+    mode.sync(False, {"default/a": view(a, eps(1))}, {"default/a"})
+    assert len(m.have) == 2 and fp.draining and mode.wants_sync()
+    live.clear()
+    mode.sync(False, {"default/a": view(a, eps(1))}, set())
+    assert m.have == {("10.244.1.2", 8080, "TCP")} and not mode.wants_sync()
 
 
 def test_restarted_proxy_keeps_udp_flows_of_services_it_finds_programmed() -> None:
