@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from corral.ebpf import loader, proxy_sock
 from corral.node import netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
-from corral.proxy.iptables import IptablesMode, Kernel
+from corral.proxy.iptables import IptablesMode, Netfilter
 
 CIDR = "10.244.0.0/16"
 PORT = 8080
@@ -154,7 +154,7 @@ def connections(sizes: list[int], secs: float, rounds: int, iptables_upto: int) 
                 netns.command(iname, ["ip", "route", "add", "10.96.0.0/12", "dev", "lo"]),
                 check=True,
             )
-            ipt = IptablesMode(CIDR, Kernel(iname))
+            ipt = IptablesMode(CIDR, Netfilter(iname))
             for n in sizes:
                 vs = views(n)
                 t0 = time.perf_counter()
@@ -210,7 +210,7 @@ async def programming(n: int, changes: int) -> list[float]:
     server = LocalEtcd(data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"))
     server.start()
     netns.add(ns)
-    mode = EbpfMode(CIDR, node, proxy_sock.SockLB(node, cgroup=cg), Kernel(ns))
+    mode = EbpfMode(CIDR, node, proxy_sock.SockLB(node, cgroup=cg), Netfilter(ns))
 
     def slice_of(i: int, gen: int) -> EndpointSlice:
         return EndpointSlice(

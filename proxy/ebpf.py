@@ -40,7 +40,7 @@ from corral.daemon.runner import BoundedFrequencyRunner
 from corral.ebpf import loader, proxy_sock
 from corral.proxy.core import ServiceView
 from corral.proxy.fastpath_endpoints import FastPathEndpoints
-from corral.proxy.iptables import IptablesMode, Kernel
+from corral.proxy.iptables import IptablesMode, Netfilter
 from corral.proxy.mode import ModeContext, SyncResult
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,13 @@ class EbpfMode:
         cluster_cidr: str,
         node: str,
         sock: proxy_sock.SockLB | None = None,
-        kernel: Kernel | None = None,
+        netfilter: Netfilter | None = None,
         *,
         fast_path: FastPathEndpoints | None = None,
         fallback: bool = False,
     ) -> None:
         self.node = node
-        self.iptables = IptablesMode(cluster_cidr, kernel, fast_path)
+        self.iptables = IptablesMode(cluster_cidr, netfilter, fast_path)
         self.sock = sock or proxy_sock.SockLB(node)
         self.fallback = fallback  # --mode auto: a failed load leaves the iptables rules alone
         self.loaded = False
@@ -129,9 +129,9 @@ class EbpfMode:
 
     @classmethod
     def for_node(cls, ctx: ModeContext) -> EbpfMode:
-        kernel = Kernel()
-        fast_path = FastPathEndpoints(ctx.node, kernel.dnat_replies)
-        return cls(ctx.cluster_cidr, ctx.node, None, kernel, fast_path=fast_path,
+        nf = Netfilter()
+        fast_path = FastPathEndpoints(ctx.node, nf.dnat_replies)
+        return cls(ctx.cluster_cidr, ctx.node, None, nf, fast_path=fast_path,
                    fallback=ctx.fallback)  # fmt: skip
 
     @classmethod

@@ -49,8 +49,9 @@ def parse_dnat_replies(text: str) -> set[tuple[str, int, str]]:
 
 
 @dataclass
-class Kernel:
-    """The commands a sync runs, in the proxy's network namespace (None: this one)."""
+class Netfilter:
+    """The netfilter commands a sync runs (iptables-restore, ipset, conntrack), in the
+    proxy's network namespace (None: this one)."""
 
     namespace: str | None = None
     calls: list[str] = field(default_factory=list)  # what ran, for tests and debugging
@@ -151,11 +152,11 @@ class IptablesMode:
     def __init__(
         self,
         cluster_cidr: str,
-        kernel: Kernel | None = None,
+        netfilter: Netfilter | None = None,
         fast_path: FastPathEndpoints | None = None,
     ) -> None:
         self.cluster_cidr = cluster_cidr
-        self.kernel = kernel or Kernel()
+        self.netfilter = netfilter or Netfilter()
         self.fast_path = fast_path
         self.rules: dict[str, R.ServiceRules] = {}
         self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
@@ -171,8 +172,8 @@ class IptablesMode:
 
     @classmethod
     def for_node(cls, ctx: ModeContext) -> IptablesMode:
-        kernel = Kernel()
-        return cls(ctx.cluster_cidr, kernel, FastPathEndpoints(ctx.node, kernel.dnat_replies))
+        nf = Netfilter()
+        return cls(ctx.cluster_cidr, nf, FastPathEndpoints(ctx.node, nf.dnat_replies))
 
     @classmethod
     def cleanup_node(cls, node: str) -> list[str]:
@@ -194,7 +195,7 @@ class IptablesMode:
     def debug(self) -> dict[str, Any]:
         from corral.netdebug import nodeview  # moving to node/ (issue 20, section 1)
 
-        ns = self.kernel.namespace
+        ns = self.netfilter.namespace
         out: dict[str, Any] = {
             "kernel": {
                 "nat": nodeview.iptables_chains(ns, "nat"),
@@ -220,7 +221,7 @@ class IptablesMode:
         self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
     ) -> SyncResult:
         t0 = time.monotonic()
-        k = self.kernel
+        k = self.netfilter
         changed = set(changed)
         if self.chains is None or self.sets is None:
             full = True
@@ -348,17 +349,17 @@ class IptablesMode:
                     else set()
                 )
                 if now and not was and R.svc_chain(sp) not in kernel_chains:
-                    self.kernel.conntrack_delete(
+                    self.netfilter.conntrack_delete(
                         ["-p", "udp", "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port)]
                     )
                     n += 1
                 for ip in sorted(was - now):
-                    self.kernel.conntrack_delete(
+                    self.netfilter.conntrack_delete(
                         ["-p", "udp", "--orig-dst", sp.cluster_ip, "--dst-nat", ip]
                     )
                     n += 1
                     if sp.node_port:
-                        self.kernel.conntrack_delete(
+                        self.netfilter.conntrack_delete(
                             ["-p", "udp", "--orig-port-dst", str(sp.node_port), "--dst-nat", ip]
                         )
                         n += 1
@@ -367,14 +368,14 @@ class IptablesMode:
             for sid, sp in ports_before.items():
                 if sp.protocol == "UDP" and sid not in after_ids and before is not None:
                     for ip in sorted({e.ip for e in usable(before.endpoints_of(sp))}):
-                        self.kernel.conntrack_delete(
+                        self.netfilter.conntrack_delete(
                             ["-p", "udp", "--orig-dst", sp.cluster_ip, "--dst-nat", ip]
                         )
                         n += 1
         return n
 
     def canary_ok(self) -> bool:
-        return self.kernel.canary_ok()
+        return self.netfilter.canary_ok()
 
     def forget_kernel(self) -> None:
         """Someone changed the tables by hand: the next (full) sync re-reads what is there."""
@@ -383,7 +384,7 @@ class IptablesMode:
 
     def cleanup(self) -> list[str]:
         """Remove every chain, hook and set the proxy made; what was removed."""
-        k = self.kernel
+        k = self.netfilter
         done: list[str] = []
         for table, hooks in (("nat", R.NAT_HOOKS), ("filter", R.FILTER_HOOKS)):
             for hook, rule in hooks.items():

@@ -164,7 +164,7 @@ def test_multiport_named_target_ports() -> None:
     assert dnat == ["10.244.1.2:8080", "10.244.1.2:9100", "10.244.1.3:8080"]
 
 
-class FakeKernel:
+class FakeNetfilter:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.texts: list[str] = []
@@ -192,7 +192,7 @@ class FakeKernel:
 
 
 def test_partial_sync_writes_only_changed_services_and_one_restore() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
@@ -218,7 +218,7 @@ def test_partial_sync_writes_only_changed_services_and_one_restore() -> None:
 
 
 def test_udp_service_from_zero_to_some_endpoints_clears_vip_flows() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
     m.sync(True, {"default/b": view(b, ())}, set())
@@ -228,7 +228,7 @@ def test_udp_service_from_zero_to_some_endpoints_clears_vip_flows() -> None:
 
 
 def test_affinity_sets_created_before_and_destroyed_after_the_restore() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80, affinity_timeout=10)
     m.sync(True, {"default/a": view(a, eps(2))}, set())
@@ -243,7 +243,7 @@ def test_affinity_sets_created_before_and_destroyed_after_the_restore() -> None:
 
 
 def test_deleted_service_leaves_no_chains() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     m.sync(True, {"default/web": view(SP, eps(2))}, set())
     assert m.chains and len(m.chains) == 4  # SVC, 2 SEP, the VIP's bucket
@@ -261,7 +261,7 @@ def declared(text: str) -> set[str]:
 
 
 def test_two_level_dispatch_by_vip_bucket() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     views = {}
     for i in range(600):  # sequential VIPs spread over all 256 buckets
@@ -321,7 +321,7 @@ def test_iptables_mode_feeds_the_fast_path_around_its_restore() -> None:
     only once conntrack holds no flow of it (it drains)."""
     from corral.proxy.fastpath_endpoints import FastPathEndpoints
 
-    k = FakeKernel()
+    k = FakeNetfilter()
     live: set[tuple[str, int, str]] = set()
     fp = FastPathEndpoints("n1", lambda: live)
     events: list[str] = []
@@ -355,7 +355,7 @@ def test_iptables_mode_feeds_the_fast_path_around_its_restore() -> None:
 
 def test_restarted_proxy_keeps_udp_flows_of_services_it_finds_programmed() -> None:
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
-    k = FakeKernel()
+    k = FakeNetfilter()
     k.chains = lambda table: {R.svc_chain(b)} if table == "nat" else set()  # type: ignore[method-assign]
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     m.sync(True, {"default/b": view(b, eps(1, 53))}, set())

@@ -257,10 +257,10 @@ def test_ebpf_mode_maps_at_once_iptables_rules_behind(lb: SockLB, ns: str, cgrou
     """EbpfMode: a sync programs the maps before returning; the DNAT rules follow on the
     iptables half's own runner."""
     from corral.proxy.ebpf import EbpfMode
-    from corral.proxy.iptables import Kernel
+    from corral.proxy.iptables import Netfilter
 
     name = os.path.basename(ns)
-    mode = EbpfMode("10.244.0.0/16", NODE, sock=lb, kernel=Kernel(name))
+    mode = EbpfMode("10.244.0.0/16", NODE, sock=lb, netfilter=Netfilter(name))
     mode.loaded = mode.attached = True
     views = {"default/web": view(VIP, BACKENDS)}
 
