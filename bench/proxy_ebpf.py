@@ -259,7 +259,7 @@ async def programming(n: int, changes: int) -> list[float]:
                         break
                     await asyncio.sleep(0.001)
                 out.append(time.perf_counter() - t0)
-                # the iptables half of the sync runs behind, on its own thread: the next
+                # the iptables half of the sync runs behind, on its own runner: the next
                 # change does not wait for it
                 await asyncio.sleep(0.2)
             task.cancel()

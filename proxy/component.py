@@ -117,7 +117,7 @@ class Proxy:
         assert self.mode is not None
         await self.tracker.wait_synced()
         async with Supervisor() as sv:
-            sv.start(self.mode.run(self.resync), f"proxy-{self.mode.name}")
+            sv.start(self.mode.run(self._ask_full_sync), f"proxy-{self.mode.name}")
             sv.start(self.runner.run(), "proxy-runner")
             sv.start(self._canary_loop(), "proxy-canary")
             await sv.wait()
@@ -206,12 +206,14 @@ class Proxy:
             ipr.route("replace", dst=self.service_cidr, oif=links[0], scope=253, proto=ROUTE_PROTO)
             self._route_ok = True
 
+    def _ask_full_sync(self) -> None:
+        self.runner.run_soon(full=True)
+
     def resync(self) -> None:
         """A full sync now, re-reading the tables (the debug socket's `resync`).
 
         The mode forgets what it knows of the kernel at the start of that sync, on
-        the loop, never while a sync runs in the executor. Also the canary's repair,
-        and what a mode asks for through `run`'s `ask_full_sync`."""
+        the loop, never while a sync runs in the executor. Also the canary's repair."""
         self._forget_kernel = True
         self.runner.run_soon(full=True)
 

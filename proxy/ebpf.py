@@ -59,8 +59,7 @@ def preflight() -> str | None:
     if why:
         return why
     try:
-        if loader._statfs_type(loader.BPFFS) != loader.BPF_FS_MAGIC:
-            loader.ensure_bpffs()
+        loader.ensure_bpffs()  # mounted already: nothing to do
     except OSError as e:
         return f"no BPF filesystem at {loader.BPFFS} ({e}): mount -t bpf bpf {loader.BPFFS}"
     return None

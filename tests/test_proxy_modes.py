@@ -141,3 +141,51 @@ def test_unknown_mode_is_refused_by_the_cli() -> None:
 
     with pytest.raises(CLIError, match=r"invalid choice: 'ipvs'.*'iptables', 'ebpf'"):
         build_parser().parse_args(["proxy", "--mode", "ipvs"])
+
+
+def test_the_component_drives_a_mode_through_the_interface_only() -> None:
+    """Sync, debug dump, readiness and the canary's repair, with a mode it has never heard of."""
+    import asyncio
+
+    from corral.api.informer import InformerFactory
+    from corral.proxy.component import Proxy
+
+    class Flushed(NullMode):
+        forgot = 0
+        canary = True
+
+        def canary_ok(self) -> bool:
+            return self.canary
+
+        def forget_kernel(self) -> None:
+            self.forgot += 1
+
+    mode = Flushed(ModeContext("n1", "10.244.0.0/16"))
+    proxy = Proxy(None, InformerFactory(None), "n1", mode=mode, node_setup=False)  # type: ignore[arg-type]
+
+    async def until(cond: Callable[[], bool]) -> None:
+        for _ in range(1000):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("never happened")
+
+    async def go() -> None:
+        assert not proxy.ready()
+        proxy.canary_interval = 0.01
+        tasks = [asyncio.create_task(proxy.runner.run()), asyncio.create_task(proxy._canary_loop())]
+        try:
+            await until(proxy.ready)
+            assert proxy.last is not None and proxy.last.full and mode.forgot == 0
+            dump = proxy.debug_state()
+            assert dump["mode"] == "null" and dump["null"] is True
+            # the canary fails: a repair, a full sync that first makes the mode forget
+            mode.canary = False
+            await until(lambda: mode.forgot > 0)
+            assert proxy.runner.full_runs >= 2
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    asyncio.run(go())
+    proxy.tracker.remove()
