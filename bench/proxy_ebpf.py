@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from corral.ebpf import loader, proxy_sock
 from corral.node import netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
+from corral.proxy.ebpf import sock_entries
 from corral.proxy.iptables import IptablesMode, Netfilter
 
 CIDR = "10.244.0.0/16"
@@ -158,7 +159,7 @@ def connections(sizes: list[int], secs: float, rounds: int, iptables_upto: int) 
             for n in sizes:
                 vs = views(n)
                 t0 = time.perf_counter()
-                lb.sync(vs, None)
+                lb.sync(sock_entries(vs, vs), None)  # the conversion EbpfMode makes too
                 t_map = time.perf_counter() - t0
                 with_ipt = n <= iptables_upto
                 t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def register(sub: Any) -> None:
     p = verbs.add_parser(
         "capture",
         help="live VXLAN-decoding capture on a node's underlay and pod veths",
-        usage="corral net capture --node N [--pod P] [--vni V] [-w FILE] [-c COUNT]",
+        usage="corral net capture --node N [--pod P] [--vni V] [-w FILE] [-c COUNT] [--duration S]",
     )
     _common(p)
     p.add_argument("--pod", help="only this pod's traffic (its veth, and its IP on the underlay)")

@@ -20,7 +20,8 @@ Maps a source declares with `CORRAL_PINNED(type, key, leaf, name, max)` are
 pinned at /sys/fs/bpf/corral/<node>/<name> when the load names a node: the
 next load of any source naming that map reuses the pinned one (same map id,
 entries kept), which is BCC's BPF_TABLE_PINNED. Without a node they are plain
-maps. `remove_pins(node)` removes them.
+maps. `remove_pins(node)` removes them. Python reads and writes a load's maps
+through `open_map(spec)`: a typed `pinned_map.BpfMap`, not BCC's tables.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import errno
 import os
 import re
 import shutil
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
+
+from corral.ebpf import libbpf, pinned_map
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRIO = 0xC0DE
@@ -53,7 +55,6 @@ BPF_FS_MAGIC = 0xCAFE4A11
 CGROUP2_SUPER_MAGIC = 0x63677270
 BPF_F_ALLOW_MULTI = 1 << 1
 BPF_F_REPLACE = 1 << 2
-ENOTSUPP = 524  # the kernel's own "not supported" (no batch ops for this map type)
 
 # prog types and attach types from uapi/linux/bpf.h
 SCHED_CLS, CGROUP_SKB, CGROUP_SOCK, CGROUP_SOCK_ADDR = 3, 8, 9, 18
@@ -91,6 +92,19 @@ class BPFUnavailable(RuntimeError):
     """BCC or the kernel headers are missing, or a program did not compile or load."""
 
 
+class PinLayoutError(BPFUnavailable):
+    """Maps pinned for the node are laid out otherwise than the source declares them."""
+
+    def __init__(self, directory: str, stale: Mapping[str, list[str]]) -> None:
+        self.stale = dict(stale)  # map name -> what differs
+        what = "; ".join(f"{directory}/{n}: {', '.join(d)}" for n, d in self.stale.items())
+        node = os.path.basename(directory)
+        super().__init__(
+            f"pinned map {what} (the source declares otherwise): migrate it or "
+            f"remove_pins({node!r}) (its entries are lost)"
+        )
+
+
 class CgroupError(RuntimeError):
     """A cgroup attach or detach was refused (by corral's rules or by the kernel)."""
 
@@ -107,124 +121,11 @@ def unavailable() -> str | None:
     return None
 
 
-# ------------------------------------------------------------------ syscalls
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libbpf: Any = None
+# ------------------------------------------------------------------ kernel objects
 
 
-def _bpf() -> Any:
-    """libbpf 1.x (libbcc's own dependency): attach with flags, query, info by fd.
-
-    Its functions return -errno. BCC 0.26's Python side has no query, no
-    BPF_F_REPLACE and no program-by-id, so those come from here.
-    """
-    global _libbpf
-    if _libbpf is None:
-        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        u32p = ctypes.POINTER(ctypes.c_uint32)
-        lib.bpf_prog_query.argtypes = [
-            ctypes.c_int, ctypes.c_int, ctypes.c_uint32, u32p, u32p, u32p,
-        ]  # fmt: skip
-        lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-        lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, u32p]
-        lib.bpf_prog_attach_opts.argtypes = [
-            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_AttachOpts),
-        ]  # fmt: skip
-        lib.bpf_prog_detach2.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-        _libbpf = lib
-    return _libbpf
-
-
-_bcc_lib: Any = None
-
-
-def _bcc_tables() -> Any:
-    """libbcc's table descriptions, with prototypes (BCC's Python declares few of them)."""
-    global _bcc_lib
-    if _bcc_lib is None:
-        lib = ctypes.CDLL("libbcc.so.0")
-        for fn, res in (
-            ("bpf_table_fd", ctypes.c_int),
-            ("bpf_table_type", ctypes.c_int),
-            ("bpf_table_key_size", ctypes.c_size_t),
-            ("bpf_table_leaf_size", ctypes.c_size_t),
-            ("bpf_table_max_entries", ctypes.c_size_t),
-        ):
-            getattr(lib, fn).restype = res
-            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        _bcc_lib = lib
-    return _bcc_lib
-
-
-class _AttachOpts(ctypes.Structure):
-    # libbpf 1.1's struct bpf_prog_attach_opts; `sz` keeps newer libbpf compatible
-    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("replace_fd", ctypes.c_int)]
-
-
-class _ProgInfo(ctypes.Structure):
-    """The head of struct bpf_prog_info (the kernel fills what fits)."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("tag", ctypes.c_uint8 * 8),
-        ("jited_prog_len", ctypes.c_uint32),
-        ("xlated_prog_len", ctypes.c_uint32),
-        ("jited_prog_insns", ctypes.c_uint64),
-        ("xlated_prog_insns", ctypes.c_uint64),
-        ("load_time", ctypes.c_uint64),
-        ("created_by_uid", ctypes.c_uint32),
-        ("nr_map_ids", ctypes.c_uint32),
-        ("map_ids", ctypes.c_uint64),
-        ("name", ctypes.c_char * 16),
-    ]
-
-
-class _MapInfo(ctypes.Structure):
-    """The head of struct bpf_map_info."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * 16),
-    ]
-
-
-def _check(rc: int, what: str) -> int:
-    if rc < 0:
-        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
-    return rc
-
-
-def _info(fd: int, info: ctypes.Structure) -> Any:
-    n = ctypes.c_uint32(ctypes.sizeof(info))
-    _check(
-        _bpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)), "bpf_obj_get_info"
-    )
-    return info
-
-
-def map_info(fd: int) -> _MapInfo:
-    """The kernel's view of a map: `.id`, `.type`, `.key_size`, `.value_size`, `.max_entries`."""
-    return _info(fd, _MapInfo())
-
-
-def prog_info(fd: int) -> _ProgInfo:
-    return _info(fd, _ProgInfo())
-
-
-def _statfs_type(path: str) -> int:
-    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
-    if _libc.statfs(path.encode(), buf) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"statfs {path}: {os.strerror(e)}")
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+def prog_info(fd: int) -> libbpf.ProgInfo:
+    return libbpf.obj_info(fd, libbpf.ProgInfo())
 
 
 # ------------------------------------------------------------------ bpffs and pins
@@ -237,12 +138,15 @@ def ensure_bpffs(path: str = BPFFS) -> bool:
     bpffs: do this on the host before node mount namespaces are made (they
     copy the host's mounts), or pins made inside one die with it.
     """
-    if _statfs_type(path) == BPF_FS_MAGIC:
+    if bpffs_mounted(path):
         return False
-    if _libc.mount(b"bpf", path.encode(), b"bpf", 0, b"mode=0700") != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mount -t bpf bpf {path}: {os.strerror(e)}")
+    libbpf.mount("bpf", path, "bpf", "mode=0700")
     return True
+
+
+def bpffs_mounted(path: str = BPFFS) -> bool:
+    """Whether `path` is a BPF filesystem (OSError when it cannot be looked at)."""
+    return libbpf.statfs_type(path) == BPF_FS_MAGIC
 
 
 def pin_dir(node: str) -> str:
@@ -327,40 +231,44 @@ class _Loaded:
             raise BPFUnavailable(f"cannot load {path}: {e}") from e
 
     def _check_pins(self) -> None:
-        """Refuse a pinned map whose kernel layout is not what the source declares.
+        """Refuse pinned maps whose kernel layout is not what the source declares.
 
         BCC reuses whatever is pinned at the path without comparing (a changed
         struct would be read and written at the wrong size).
         """
         if self.node is None:
             return
-        lib, mod = _bcc_tables(), self.bpf.module
+        lib, mod = libbpf.bcc_tables(), self.bpf.module
+        stale: dict[str, list[str]] = {}
         for pin in pinned(self.node):
             name = pin.encode()
             fd = lib.bpf_table_fd(mod, name)
             if fd < 0:  # pinned by another source, not used by this one
                 continue
-            got = map_info(fd)
-            want = (
+            want = pinned_map.Layout(
                 lib.bpf_table_type(mod, name),
                 lib.bpf_table_key_size(mod, name),
                 lib.bpf_table_leaf_size(mod, name),
                 lib.bpf_table_max_entries(mod, name),
             )
-            have = (got.type, got.key_size, got.value_size, got.max_entries)
-            if have != want:
-                raise BPFUnavailable(
-                    f"pinned map {os.path.join(pin_dir(self.node), pin)} has "
-                    f"(type, key, value, max entries) {have}, the source declares {want}: "
-                    f"migrate it or remove_pins({self.node!r}) (its entries are lost)"
-                )
+            diff = want.differences(pinned_map.Layout.of_fd(fd))
+            if diff:
+                stale[pin] = diff
+        if stale:
+            raise PinLayoutError(pin_dir(self.node), stale)
 
     def map(self, name: str) -> Any:
+        """BCC's table `name` (for what BpfMap does not do, e.g. BCC's own helpers)."""
         return self.bpf[name.encode()]
+
+    def open_map(self, spec: pinned_map.MapSpec) -> pinned_map.BpfMap:
+        """Map `spec.name` of this load as a BpfMap, its layout checked against `spec`."""
+        where = os.path.join(pin_dir(self.node), spec.name) if self.node else spec.name
+        return pinned_map.BpfMap.of_fd(self.map(spec.name).map_fd, spec, where)
 
     def map_id(self, name: str) -> int:
         """The kernel's id of map `name` (the same across loads when it is pinned)."""
-        return int(map_info(self.map(name).map_fd).id)
+        return int(pinned_map.info(self.map(name).map_fd).id)
 
     def prog_id(self, name: str) -> int:
         return int(prog_info(self.fns[name].fd).id)
@@ -416,7 +324,7 @@ def _cgroup_fd(path: str, attaching: bool) -> int:
     """An O_DIRECTORY fd on cgroup2 directory `path`; attaching refuses a cgroup2 root."""
     real = os.path.realpath(path)
     try:
-        kind = _statfs_type(real)
+        kind = libbpf.statfs_type(real)
     except OSError as e:
         raise CgroupError(f"no cgroup at {path}: {e.strerror}") from e
     if kind != CGROUP2_SUPER_MAGIC:
@@ -431,7 +339,7 @@ def _cgroup_fd(path: str, attaching: bool) -> int:
 
 def _query(cg: int, attach: int) -> list[int]:
     """Ids of the programs attached directly to the cgroup at this attach type."""
-    lib, size = _bpf(), 64  # BPF_CGROUP_MAX_PROGS
+    lib, size = libbpf.bpf(), 64  # BPF_CGROUP_MAX_PROGS
     while True:
         ids = (ctypes.c_uint32 * size)()
         cnt, flags = ctypes.c_uint32(size), ctypes.c_uint32(0)
@@ -439,13 +347,13 @@ def _query(cg: int, attach: int) -> list[int]:
         if rc == -errno.ENOSPC:
             size *= 4
             continue
-        _check(rc, "BPF_PROG_QUERY")
+        libbpf.check(rc, "BPF_PROG_QUERY")
         return list(ids[: cnt.value])
 
 
 @contextlib.contextmanager
 def _prog_by_id(prog_id: int) -> Any:
-    fd = _bpf().bpf_prog_get_fd_by_id(prog_id)
+    fd = libbpf.bpf().bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         raise OSError(-fd, f"program {prog_id}: {os.strerror(-fd)}")
     try:
@@ -477,25 +385,29 @@ def cgroup_programs(cgroup: str, everyone: bool = False) -> list[CgroupProgram]:
 
 
 def detach_cgroup(
-    cgroup: str, names: Iterable[str] | None = None, ids: Iterable[int] | None = None
+    cgroup: str,
+    names: Iterable[str] | None = None,
+    ids: Iterable[int] | None = None,
+    everyone: bool = False,
 ) -> list[CgroupProgram]:
     """Detach corral's programs from `cgroup`: all of them, or those named or with these ids.
 
     An id that is not a corral program attached there is refused before
-    anything is detached; nobody else's program is ever touched.
+    anything is detached; nobody else's program is touched unless `everyone`
+    (for a cgroup the caller made itself, e.g. a test's).
     """
     want_names = set(names) if names is not None else None
     want_ids = set(ids) if ids is not None else None
-    everyone = cgroup_programs(cgroup, everyone=True)
+    attached = cgroup_programs(cgroup, everyone=True)
     if want_ids is not None:
-        known = {p.id: p for p in everyone}
+        known = {p.id: p for p in attached}
         bad = [i for i in sorted(want_ids) if i not in known or not known[i].ours]
         if bad:
             raise CgroupError(f"programs {bad} are not corral programs attached to {cgroup}")
     chosen = [
         p
-        for p in everyone
-        if p.ours
+        for p in attached
+        if (p.ours or everyone)
         and (want_names is None or p.name in want_names)
         and (want_ids is None or p.id in want_ids)
     ]
@@ -503,7 +415,7 @@ def detach_cgroup(
     try:
         for p in chosen:
             with _prog_by_id(p.id) as fd:
-                rc = _bpf().bpf_prog_detach2(fd, cg, HOOKS[p.hook][1])
+                rc = libbpf.bpf().bpf_prog_detach2(fd, cg, HOOKS[p.hook][1])
             if rc < 0 and -rc != errno.ENOENT:  # ENOENT: someone detached it meanwhile
                 raise CgroupError(f"detach {p.name} ({p.id}) from {cgroup}: {os.strerror(-rc)}")
     finally:
@@ -556,20 +468,20 @@ class CgroupPrograms(_Loaded):
                 stale, result = [p for p in old if p.id != mine], "unchanged"
             elif old:
                 with _prog_by_id(old[0].id) as old_fd:
-                    opts = _AttachOpts(ctypes.sizeof(_AttachOpts), 0, old_fd)
+                    opts = libbpf.AttachOpts(ctypes.sizeof(libbpf.AttachOpts), 0, old_fd)
                     opts.flags = BPF_F_ALLOW_MULTI | BPF_F_REPLACE
-                    rc = _bpf().bpf_prog_attach_opts(fn.fd, cg, attach, ctypes.byref(opts))
+                    rc = libbpf.bpf().bpf_prog_attach_opts(fn.fd, cg, attach, ctypes.byref(opts))
                 stale, result = old[1:], "replaced"
             else:
-                opts = _AttachOpts(ctypes.sizeof(_AttachOpts), BPF_F_ALLOW_MULTI, 0)
-                rc = _bpf().bpf_prog_attach_opts(fn.fd, cg, attach, ctypes.byref(opts))
+                opts = libbpf.AttachOpts(ctypes.sizeof(libbpf.AttachOpts), BPF_F_ALLOW_MULTI, 0)
+                rc = libbpf.bpf().bpf_prog_attach_opts(fn.fd, cg, attach, ctypes.byref(opts))
                 stale, result = [], "attached"
             if result != "unchanged" and rc < 0:
                 hint = " (a program there without BPF_F_ALLOW_MULTI?)" if -rc == errno.EPERM else ""
                 raise CgroupError(f"attach {name} to {cgroup} ({hook}): {os.strerror(-rc)}{hint}")
             for p in stale:  # duplicates of ours, from a crash between attach and replace
                 with _prog_by_id(p.id) as fd:
-                    _bpf().bpf_prog_detach2(fd, cg, attach)
+                    libbpf.bpf().bpf_prog_detach2(fd, cg, attach)
         finally:
             os.close(cg)
         return result
@@ -577,108 +489,6 @@ class CgroupPrograms(_Loaded):
     def detach(self, cgroup: str, name: str) -> bool:
         """Detach corral's program `name` from `cgroup`, whichever load put it there."""
         return bool(detach_cgroup(cgroup, names=[name]))
-
-
-# ------------------------------------------------------------------ batch map updates
-
-
-def _as(cls: Any, v: Any) -> Any:
-    return v if isinstance(v, cls) else cls(v)
-
-
-def _array(cls: Any, values: list[Any]) -> Any:
-    """A ctypes array of `cls` from instances or plain values (ints, for scalar types).
-
-    Plain values go straight into the array: making a ctypes object per
-    entry first costs more than the syscall itself.
-    """
-    try:
-        return (cls * len(values))(*values)
-    except TypeError:
-        return (cls * len(values))(*(_as(cls, v) for v in values))
-
-
-def _batch_call(fn: Any, *args: Any) -> tuple[int, int]:
-    """(error or 0, count done) of a libbcc batch call over `n` = args[-1] entries."""
-    cnt = args[-1]
-    rc = fn(*args[:-1], ctypes.byref(cnt))
-    if rc == 0:
-        return 0, cnt.value
-    return (-rc if rc < 0 else ctypes.get_errno()), cnt.value
-
-
-def _unsupported(err: int, done: int) -> bool:
-    # ENOTSUPP: no batch op for this map type; EINVAL before anything: an old kernel
-    return err in (ENOTSUPP, errno.EOPNOTSUPP) or (err == errno.EINVAL and done == 0)
-
-
-def _percpu(table: Any) -> bool:
-    from bcc import table as t
-
-    return isinstance(table, t.PerCpuHash | t.PerCpuArray | t.LruPerCpuHash)
-
-
-def update_batch(table: Any, items: Iterable[tuple[Any, Any]], fallback: bool = True) -> str:
-    """Write many (key, leaf) pairs in one BPF_MAP_UPDATE_BATCH; "batch" or "loop".
-
-    Keys and leaves are the table's ctypes (`table.Key(...)`, `table.Leaf()`)
-    or what those accept (ints). Map types or kernels without the batch
-    syscall get one update per entry, unless `fallback` is False.
-    """
-    from bcc.libbcc import lib
-
-    pairs = list(items)
-    if not pairs:
-        return "batch"
-    if not _percpu(table):
-        keys = _array(table.Key, [k for k, _ in pairs])
-        leaves = _array(table.Leaf, [v for _, v in pairs])
-        err, done = _batch_call(
-            lib.bpf_update_batch, table.map_fd, ctypes.byref(keys), ctypes.byref(leaves),
-            ctypes.c_uint32(len(pairs)),
-        )  # fmt: skip
-        if not err:
-            return "batch"
-        if not (fallback and _unsupported(err, done)):
-            raise OSError(
-                err, f"BPF_MAP_UPDATE_BATCH ({done}/{len(pairs)} done): {os.strerror(err)}"
-            )
-    elif not fallback:
-        raise OSError(ENOTSUPP, "no batch updates of per-CPU maps here")
-    for k, v in pairs:
-        table[_as(table.Key, k)] = _as(table.Leaf, v)
-    return "loop"
-
-
-def delete_batch(table: Any, keys: Iterable[Any], fallback: bool = True) -> str:
-    """Delete many keys in one BPF_MAP_DELETE_BATCH; keys not there are skipped.
-
-    Array entries cannot be deleted: they are zeroed (as BCC's `del` does),
-    which is one batch update.
-    """
-    from bcc import table as t
-    from bcc.libbcc import lib
-
-    ks = list(keys)
-    if isinstance(table, t.ArrayBase):
-        return update_batch(table, [(k, table.Leaf()) for k in ks], fallback)
-    while ks:
-        arr = _array(table.Key, ks)
-        err, done = _batch_call(
-            lib.bpf_delete_batch, table.map_fd, ctypes.byref(arr), ctypes.c_uint32(len(ks))
-        )
-        if not err:
-            return "batch"
-        if err == errno.ENOENT:  # keys[done] is not there: skip it, go on with the rest
-            ks = ks[done + 1 :]
-            continue
-        if not (fallback and _unsupported(err, done)):
-            raise OSError(err, f"BPF_MAP_DELETE_BATCH: {os.strerror(err)}")
-        for k in ks:
-            with contextlib.suppress(KeyError):
-                del table[_as(table.Key, k)]
-        return "loop"
-    return "batch"
 
 
 def attached(ipr: Any, index: int) -> list[str]:
@@ -708,20 +518,3 @@ def detach_everywhere(ipr: Any) -> list[str]:
                     raise
             gone.append(str(link.get_attr("IFLA_IFNAME")))
     return gone
-
-
-def ip_key(ip: str) -> int:
-    """An IPv4 address as the u32 whose memory holds it in network byte order."""
-    return int.from_bytes(socket.inet_aton(ip), "little")
-
-
-def set_mac(field: Any, mac: str) -> None:
-    """Fill a BCC `u8[6]` field from "aa:bb:..."."""
-    for i, b in enumerate(bytes.fromhex(mac.replace(":", ""))):
-        field[i] = b
-
-
-def forget(table: Any, ip: str) -> None:
-    """Delete the entry keyed by IPv4 `ip` from a BCC hash map, if it is there."""
-    with contextlib.suppress(KeyError):
-        del table[table.Key(ip_key(ip))]

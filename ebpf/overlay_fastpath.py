@@ -28,7 +28,6 @@ flow the node's conntrack DNATed, which only the kernel path un-DNATs.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ipaddress
 import socket
@@ -39,7 +38,17 @@ from typing import Any, Protocol
 from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.ebpf import loader
-from corral.ebpf.loader import BPFUnavailable, ip_key, set_mac, unavailable
+from corral.ebpf.loader import BPFUnavailable, unavailable
+from corral.ebpf.pinned_map import (
+    ARRAY,
+    HASH,
+    PERCPU_ARRAY,
+    BpfMap,
+    MapSpec,
+    ip_key,
+    ip_of,
+    set_mac,
+)
 from corral.node.podveth import parse_pod_alias, pod_extra_source
 
 
@@ -62,6 +71,47 @@ STATS = ("encapsulated", "decapsulated", "local", "to_kernel")
 # the programs' drop counters (stats slots after STATS), see corral.overlay.guard
 DROPS = ("spoofed", "vxlan_from_pods", "vxlan_foreign", "not_ipv4")
 IFF_UP = 1
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+MAC = u8 * 6
+
+
+class Config(ctypes.Structure):
+    """struct config of overlay_fastpath.c (addresses and port in network order)."""
+
+    _fields_ = [
+        *((n, u32) for n in ("cluster_net", "cluster_mask", "subnet", "subnet_mask")),
+        *((n, u32) for n in ("uplink", "local_ip", "vni")),
+        ("port", u16),
+        ("vtep_mac", MAC),
+    ]
+
+
+class Pod(ctypes.Structure):
+    _fields_ = [("ifindex", u32), ("pod_mac", MAC), ("host_mac", MAC)]
+
+
+class Peer(ctypes.Structure):
+    _fields_ = [("ip", u32), ("nexthop", u32), ("vtep_mac", MAC), ("pad", u8 * 2)]
+
+
+class Source(ctypes.Structure):
+    _fields_ = [
+        ("ip", u32), ("extra_net", u32), ("extra_mask", u32), ("mac", MAC), ("pad", u8 * 2),
+    ]  # fmt: skip
+
+
+SPECS = {
+    s.name: s
+    for s in (
+        MapSpec("config", ARRAY, u32, Config, 1),
+        MapSpec("pods", HASH, u32, Pod, 4096),
+        MapSpec("peers", HASH, u32, Peer, 16384),
+        MapSpec("veths", HASH, u32, Source, 4096),
+        MapSpec("peer_ips", HASH, u32, u8, 16384),
+        MapSpec("stats", PERCPU_ARRAY, u32, u64, 8),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +138,7 @@ class FastPath:
         # corral proxy fills through ebpf/proxy_endpoints.py) under that node's pin dir
         self.node = node
         self.progs: loader.TCPrograms | None = None
+        self.maps: dict[str, BpfMap] = {}
         self.settings: Settings | None = None
         self._peers: dict[str, Remote] = {}
         self._pods: dict[str, tuple[int, str, str]] = {}  # pod IP -> (ifindex, pod MAC, host MAC)
@@ -98,28 +149,35 @@ class FastPath:
     def load(self) -> None:
         """Compile and load the programs; BPFUnavailable says why not."""
         self.progs = loader.TCPrograms(SOURCE, PROGRAMS, node=self.node)
+        try:
+            self.maps = {name: self.progs.open_map(spec) for name, spec in SPECS.items()}
+        except OSError as e:
+            self.close()
+            raise BPFUnavailable(f"fast path maps: {e}") from e
 
     def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
         if self.progs is not None:
             self.progs.close()
             self.progs = None
 
-    def _map(self, name: str) -> Any:
-        assert self.progs is not None, "load() first"
-        return self.progs.map(name)
+    def _map(self, name: str) -> BpfMap:
+        assert self.maps, "load() first"
+        return self.maps[name]
 
     # ------------------------------------------------------------ maps
 
     def configure(self, s: Settings) -> None:
         net, sub = ipaddress.IPv4Network(s.cluster), ipaddress.IPv4Network(s.subnet)
-        table = self._map("config")
-        c = table.Leaf()
+        c = Config()
         c.cluster_net, c.cluster_mask = ip_key(str(net.network_address)), ip_key(str(net.netmask))
         c.subnet, c.subnet_mask = ip_key(str(sub.network_address)), ip_key(str(sub.netmask))
         c.uplink, c.local_ip, c.vni = s.uplink_index, ip_key(s.local_ip), s.vni
         c.port = socket.htons(s.port)
         set_mac(c.vtep_mac, s.vtep_mac)
-        table[ctypes.c_int(0)] = c
+        self._map("config").put(0, c)
         self.settings = s
 
     def sync_peers(self, remotes: list[Remote], on_link: Callable[[str], bool]) -> list[str]:
@@ -134,17 +192,16 @@ class FastPath:
         changes: list[str] = []
         for subnet, old in list(self._peers.items()):
             if subnet not in want:
-                loader.forget(table, old.gateway)
+                table.delete(ip_key(old.gateway))
                 del self._peers[subnet]
                 changes.append(f"fast path: peer {subnet} removed")
         for subnet, r in want.items():
             if self._peers.get(subnet) == r:
                 continue
-            v = table.Leaf()
-            v.ip = ip_key(r.public_ip)
+            v = Peer(ip_key(r.public_ip))
             v.nexthop = v.ip if on_link(r.public_ip) else 0
             set_mac(v.vtep_mac, r.vtep_mac)
-            table[table.Key(ip_key(r.gateway))] = v
+            table.put(ip_key(r.gateway), v)
             self._peers[subnet] = r
             changes.append(f"fast path: peer {subnet} via {r.public_ip}")
         return changes
@@ -154,10 +211,10 @@ class FastPath:
         table = self._map("peer_ips")
         changes: list[str] = []
         for ip in sorted(self._peer_ips - ips):
-            loader.forget(table, ip)
+            table.delete(ip_key(ip))
             changes.append(f"fast path: VXLAN from {ip} no longer accepted")
         for ip in sorted(ips - self._peer_ips):
-            table[table.Key(ip_key(ip))] = ctypes.c_uint8(1)
+            table.put(ip_key(ip), 1)
             changes.append(f"fast path: VXLAN from {ip} accepted")
         self._peer_ips = set(ips)
         return changes
@@ -215,23 +272,20 @@ class FastPath:
             self.progs.attach(ipr, index, "from_pod")
             changes.append(f"fast path: from_pod attached for pod {ip}")
         if not known:
-            table = self._map("pods")
-            v = table.Leaf()
-            v.ifindex = index
+            v = Pod(index)
             set_mac(v.pod_mac, pod_mac)
             set_mac(v.host_mac, host_mac)
-            table[table.Key(ip_key(ip))] = v
+            self._map("pods").put(ip_key(ip), v)
             self._pods[ip] = entry
             changes.append(f"fast path: pod {ip} on ifindex {index}")
         return changes
 
     def _drop_pod(self, ip: str) -> list[str]:
-        loader.forget(self._map("pods"), ip)
+        self._map("pods").delete(ip_key(ip))
         index = self._pods.pop(ip)[0]
         if self._sources.get(index, ("",))[0] == ip:
             del self._sources[index]
-            with contextlib.suppress(KeyError):
-                del self._map("veths")[ctypes.c_uint32(index)]
+            self._map("veths").delete(index)
         return [f"fast path: pod {ip} removed"]
 
     def _set_source(self, index: int, ip: str, mac: str) -> list[str]:
@@ -239,14 +293,12 @@ class FastPath:
         extra = self._extra.get(index)
         if self._sources.get(index) == (ip, mac, extra):
             return []
-        table = self._map("veths")
-        v = table.Leaf()
-        v.ip = ip_key(ip)
+        v = Source(ip_key(ip))
         if extra:
             net = ipaddress.IPv4Network(extra)
             v.extra_net, v.extra_mask = ip_key(str(net.network_address)), ip_key(str(net.netmask))
         set_mac(v.mac, mac)
-        table[ctypes.c_uint32(index)] = v
+        self._map("veths").put(index, v)
         self._sources[index] = (ip, mac, extra)
         also = f" and {extra}" if extra else ""
         return [f"fast path: ifindex {index} may send only from {ip} {mac}{also}"]
@@ -262,12 +314,42 @@ class FastPath:
     def stats(self) -> dict[str, int]:
         """Packets handled since load, summed over CPUs."""
         table = self._map("stats")
-        return {name: int(sum(table[ctypes.c_int(i)])) for i, name in enumerate(STATS)}
+        return {name: sum(table.get(i)) for i, name in enumerate(STATS)}
 
     def drops(self) -> dict[str, int]:
         """Packets the programs dropped since load (spoofed, VXLAN...), summed over CPUs."""
         table = self._map("stats")
-        return {name: int(sum(table[ctypes.c_int(len(STATS) + i)])) for i, name in enumerate(DROPS)}
+        return {name: sum(table.get(len(STATS) + i)) for i, name in enumerate(DROPS)}
+
+    def describe(self) -> dict[str, Any]:
+        """The programs' ids and the maps as the programs read them (for `corral net`)."""
+        if self.progs is None or not self.maps:
+            return {}
+        progs: dict[str, int | None] = {}
+        for name in PROGRAMS:
+            try:
+                progs[name] = self.progs.prog_id(name)
+            except Exception:
+                progs[name] = None
+        peers = [
+            {
+                "gateway": ip_of(k),
+                "underlayIP": ip_of(v.ip),
+                "vtepMAC": _mac(v.vtep_mac),
+                "nexthop": ip_of(v.nexthop) if v.nexthop else None,
+            }
+            for k, v in self._map("peers").items()
+        ]
+        pods = [
+            {"ip": ip_of(k), "ifindex": int(v.ifindex), "podMAC": _mac(v.pod_mac)}
+            for k, v in self._map("pods").items()
+        ]
+        return {
+            "programs": progs,
+            "peers": sorted(peers, key=lambda p: str(p["gateway"])),
+            "pods": sorted(pods, key=lambda p: str(p["ip"])),
+            "peerIPs": sorted(ip_of(k) for k in self._map("peer_ips")),
+        }
 
     # ------------------------------------------------------------ hooks
 
@@ -293,6 +375,10 @@ class FastPath:
         if self._pods:
             changes.append(f"fast path: from_pod attached to {len(self._pods)} pod veth(s)")
         return changes
+
+
+def _mac(raw: Any) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
 
 
 def detach_all(ipr: Any) -> list[str]:

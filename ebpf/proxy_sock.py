@@ -3,13 +3,17 @@
 `SockLB` compiles the source with BCC, pins its maps under
 /sys/fs/bpf/corral/<node>/ (a restarted proxy reuses them: same map ids,
 entries kept, traffic translated through the restart), attaches the four
-sock_addr programs to the node's cgroup2 directory
-(/sys/fs/cgroup/unified/corral/<node>, never the root), and writes service
+sock_addr programs to the node's cgroup2 directory (the caller says which:
+/sys/fs/cgroup/unified/corral/<node>, never the root), and writes service
 entries: for each changed service port the backends go in under a fresh
 generation (one batch), then the service entry switches to it (one batch),
 then the old generation's entries go (one batch). Unchanged services are
 never touched. `read_kernel()` rebuilds what is programmed from the pinned
 maps, so a restarted proxy diffs against the kernel, not against nothing.
+
+Services come as plain records, service name -> {(VIP, port, protocol):
+`Entry`}; the proxy turns its views into them (proxy/ebpf.py). The maps are
+`pinned_map.BpfMap`s over the load's tables, typed by the C structs below.
 
 Blocking: proxy/ebpf.py calls this in an executor.
 """
@@ -17,14 +21,24 @@ Blocking: proxy/ebpf.py calls this in an executor.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from corral.ebpf import loader, pod_cgroups
-from corral.proxy.core import ServiceView, usable
+from corral.ebpf import libbpf, loader, pinned_map, pod_cgroups
+from corral.ebpf.pinned_map import (
+    BPF_F_NO_PREALLOC,
+    HASH,
+    LRU_HASH,
+    BpfMap,
+    MapSpec,
+    ip_key,
+    ip_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +49,6 @@ PROGRAMS = {
     "corral_recv4": "recvmsg4",
     "corral_peer4": "getpeername4",
 }
-MAPS = ("proxy_svc", "proxy_be", "proxy_member", "proxy_aff", "proxy_rev")  # the proxy's pins
 PROTOCOLS = {"TCP": 6, "UDP": 17}  # SCTP stays on the node's DNAT rules
 SVC_AFFINITY = 1
 MAX_BACKENDS = 0xFFFF
@@ -47,47 +60,53 @@ SvcKey = tuple[str, int, str]  # (VIP, port, protocol)
 class Entry:
     """What one service port's map entries say."""
 
-    backends: tuple[tuple[str, int], ...]  # (IP, port), sorted; () refuses
-    affinity: int | None = None  # idle timeout in seconds; None: no ClientIP affinity
+    backends: tuple[tuple[str, int], ...]  # (IP, port), sorted, at most MAX_BACKENDS; () refuses
+    affinity: int | None = None  # ClientIP affinity's idle timeout in seconds; None: none
 
 
-def entries(view: ServiceView | None) -> dict[SvcKey, Entry]:
-    """The map entries a service's view asks for (TCP and UDP ports with a VIP)."""
-    out: dict[SvcKey, Entry] = {}
-    if view is None:
-        return out
-    for sp in view.ports:
-        if sp.protocol not in PROTOCOLS:
-            continue
-        eps = usable(view.endpoints_of(sp))
-        backends = tuple(sorted({(e.ip, e.port) for e in eps}))[:MAX_BACKENDS]
-        out[(sp.cluster_ip, sp.port, sp.protocol)] = Entry(backends, sp.affinity_timeout)
-    return out
+# the C structs of proxy_sock.c, field for field
+def _struct(name: str, fields: list[tuple[str, Any]]) -> Any:
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
 
 
-def node_cgroup(node: str) -> str:
-    """The node's cgroup2 directory, where the programs attach (every pod lives below)."""
-    from corral.runtime.cgroups import node_unified_dir
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+SvcKeyC = _struct("svc_key", [("vip", u32), ("port", u16), ("proto", u8), ("pad", u8)])
+Svc = _struct(
+    "svc", [("gen", u32), ("count", u16), ("flags", u16), ("timeout", u32), ("epoch", u32)]
+)
+BeKey = _struct("be_key", [("gen", u32), ("slot", u32)])
+Backend = _struct("backend", [("ip", u32), ("port", u16), ("pad", u16)])
+MemberKey = _struct("member_key", [("gen", u32), ("ip", u32), ("port", u16), ("pad", u16)])
+AffKey = _struct(
+    "aff_key", [("client", u64), ("vip", u32), ("port", u16), ("proto", u8), ("epoch", u8)]
+)
+Aff = _struct("aff", [("word", u64)])
+RevKey = _struct("rev_key", [("cookie", u64), ("ip", u32), ("port", u16), ("pad", u16)])
+Rev = _struct("rev", [("vip", u32), ("port", u16), ("pad", u16)])
 
-    return node_unified_dir(node)
+SPECS = {
+    s.name: s
+    for s in (
+        MapSpec("proxy_svc", HASH, SvcKeyC, Svc, 131072, BPF_F_NO_PREALLOC),
+        MapSpec("proxy_be", HASH, BeKey, Backend, 524288, BPF_F_NO_PREALLOC),
+        MapSpec("proxy_member", HASH, MemberKey, u8, 524288, BPF_F_NO_PREALLOC),
+        MapSpec("proxy_aff", LRU_HASH, AffKey, Aff, 65536),
+        MapSpec("proxy_rev", LRU_HASH, RevKey, Rev, 65536),
+    )
+}
+MAPS = tuple(SPECS)  # the proxy's pins
 
 
 def cgroup2_missing() -> str | None:
     """Why there is no cgroup2 hierarchy to attach to, or None."""
     root = loader.CGROUP2_ROOT
-    try:
-        if loader._statfs_type(root) == loader.CGROUP2_SUPER_MAGIC:
+    with contextlib.suppress(OSError):
+        if libbpf.statfs_type(root) == loader.CGROUP2_SUPER_MAGIC:
             return None
-    except OSError:
-        pass
     return (
         f"no cgroup2 hierarchy at {root}: mount one "
         f"(mount -t cgroup2 none {root}) or use --mode iptables"
     )
-
-
-def _ip(v: int) -> str:
-    return socket.inet_ntoa(v.to_bytes(4, "little"))
 
 
 @dataclass
@@ -98,12 +117,17 @@ class _Have:
 
 
 class SockLB:
-    """The loaded programs and their pinned maps, for one node."""
+    """The loaded programs and their pinned maps, for one node.
 
-    def __init__(self, node: str, cgroup: str | None = None) -> None:
+    `cgroup` is the node's cgroup2 directory, where the programs attach (every
+    pod of the node lives below it).
+    """
+
+    def __init__(self, node: str, cgroup: str) -> None:
         self.node = node
-        self.cgroup = cgroup or node_cgroup(node)
+        self.cgroup = cgroup
         self.progs: loader.CgroupPrograms | None = None
+        self.maps: dict[str, BpfMap] = {}
         self.have: dict[SvcKey, _Have] | None = None  # None: not read from the kernel yet
         self._next_gen = 1
         self._owner: dict[SvcKey, str] = {}  # which service a port entry belongs to
@@ -115,23 +139,26 @@ class SockLB:
 
     def load(self) -> None:
         """Compile and load (about a second of CPU); BPFUnavailable says why not."""
-        fd = pod_cgroups.open_map(self.node)  # the runtime's map: exists before BCC pins
-        if fd is not None:
-            os.close(fd)
+        m = pod_cgroups.open_map(self.node)  # the runtime's map: exists before BCC pins
+        if m is not None:
+            m.close()
         try:
             self.progs = loader.CgroupPrograms(SOURCE, PROGRAMS, node=self.node)
-        except loader.BPFUnavailable as e:
-            # one of our own maps pinned with another layout (an upgrade): start it afresh;
+        except loader.PinLayoutError as e:
+            # our own maps pinned with another layout (an upgrade): start them afresh;
             # pods reach services through the node's DNAT rules until the first sync
-            stale = [m for m in MAPS if f"/{m} has " in str(e)]
-            if not stale:
+            if not set(e.stale) <= set(MAPS):
                 raise
-            log.warning("%s: unpinning %s and creating it anew", e, ", ".join(stale))
-            d = loader.pin_dir(self.node)
-            for m in stale:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(d, m))
+            log.warning("%s: unpinning %s and creating it anew", e, ", ".join(e.stale))
+            for name in e.stale:
+                pinned_map.unpin(os.path.join(loader.pin_dir(self.node), name))
             self.progs = loader.CgroupPrograms(SOURCE, PROGRAMS, node=self.node)
+        try:
+            self.maps = {name: self.progs.open_map(spec) for name, spec in SPECS.items()}
+            self.maps[pod_cgroups.MAP] = self.progs.open_map(pod_cgroups.SPEC)
+        except OSError as e:
+            self.close()
+            raise loader.BPFUnavailable(f"proxy maps: {e}") from e
 
     def attach(self) -> dict[str, str]:
         """Put every program on the node's cgroup (atomic replace of an earlier load's)."""
@@ -148,30 +175,31 @@ class SockLB:
         return set(PROGRAMS) <= names
 
     def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
         if self.progs is not None:
             self.progs.close()
             self.progs = None
 
-    def _map(self, name: str) -> object:
-        assert self.progs is not None, "load() first"
-        return self.progs.map(name)
+    def map_id(self, name: str) -> int:
+        return self.maps[name].id
 
     # ------------------------------------------------------------ maps
 
     def read_kernel(self) -> dict[SvcKey, _Have]:
         """What the pinned maps program now (after a restart: the previous run's entries)."""
-        svc, be = self._map("proxy_svc"), self._map("proxy_be")
         by_gen: dict[int, dict[int, tuple[str, int]]] = {}
-        for k, v in _items(be):
-            by_gen.setdefault(k.gen, {})[k.slot] = (_ip(v.ip), socket.ntohs(v.port))
+        for k, v in self.maps["proxy_be"].items():
+            by_gen.setdefault(k.gen, {})[k.slot] = (ip_of(v.ip), socket.ntohs(v.port))
         names = {n: p for p, n in PROTOCOLS.items()}
         have: dict[SvcKey, _Have] = {}
         top = 0
-        for k, v in _items(svc):
+        for k, v in self.maps["proxy_svc"].items():
             slots = by_gen.get(v.gen, {})
             backends = tuple(sorted(slots[i] for i in range(v.count) if i in slots))
             aff = v.timeout if v.flags & SVC_AFFINITY else None
-            key = (_ip(k.vip), socket.ntohs(k.port), names.get(k.proto, str(k.proto)))
+            key = (ip_of(k.vip), socket.ntohs(k.port), names.get(k.proto, str(k.proto)))
             have[key] = _Have(v.gen, Entry(backends, aff), v.epoch)
             top = max(top, v.gen)
         self._orphans = {g for g in by_gen if g not in {h.gen for h in have.values()}}
@@ -195,13 +223,15 @@ class SockLB:
         if self.have is None:
             self.read_kernel()
         assert self.have is not None
-        svc, be, member = self._map("proxy_svc"), self._map("proxy_be"), self._map("proxy_member")
-        be_items, member_items, svc_items, svc_gone, old = [], [], [], [], []
+        be_items: list[tuple[Any, Any]] = []
+        member_items: list[tuple[Any, int]] = []
+        svc_items: list[tuple[Any, Any]] = []
+        svc_gone, old = [], []
         for key, entry in want.items():
             had = self.have.get(key)
             if entry is None:
                 if had is not None:
-                    svc_gone.append(_svc_key(svc, key))
+                    svc_gone.append(_svc_key(key))
                     old.append(had)
                     del self.have[key]
                 continue
@@ -209,31 +239,28 @@ class SockLB:
                 continue
             gen = self._gen()
             for slot, (ip, port) in enumerate(entry.backends):
-                b = be.Leaf()
-                b.ip, b.port = loader.ip_key(ip), socket.htons(port)
-                be_items.append((be.Key(gen, slot), b))
-                m = member.Key()
-                m.gen, m.ip, m.port = gen, b.ip, b.port
-                member_items.append((m, 1))
-            v = svc.Leaf()
-            v.gen, v.count = gen, len(entry.backends)
+                b = Backend(ip_key(ip), socket.htons(port))
+                be_items.append((BeKey(gen, slot), b))
+                member_items.append((MemberKey(gen, b.ip, b.port), 1))
+            v = Svc(gen, len(entry.backends))
             v.flags = SVC_AFFINITY if entry.affinity is not None else 0
             v.timeout = entry.affinity or 0
             # affinity's epoch: kept while affinity stays on, new when it is switched on,
             # so clients remembered before it was off are not honoured again
             kept = had is not None and had.entry.affinity is not None and had.epoch
             v.epoch = (had.epoch if kept else gen) if entry.affinity is not None else 0
-            svc_items.append((_svc_key(svc, key), v))
+            svc_items.append((_svc_key(key), v))
             if had is not None:
                 old.append(had)
             self.have[key] = _Have(gen, entry, v.epoch)
         # new backends before the service points at them; the old ones after it moved on
-        for table, items in ((be, be_items), (member, member_items), (svc, svc_items)):
+        for name, items in (("proxy_be", be_items), ("proxy_member", member_items),
+                            ("proxy_svc", svc_items)):  # fmt: skip
             if items:
-                loader.update_batch(table, items)
+                self.maps[name].update_batch(items)
                 self.batches += 1
         if svc_gone:
-            loader.delete_batch(svc, svc_gone)
+            self.maps["proxy_svc"].delete_batch(svc_gone)
             self.batches += 1
         self._used.difference_update(h.gen for h in old)
         self._free(old, self._orphans)
@@ -241,31 +268,34 @@ class SockLB:
         return len(be_items) + len(svc_items) + len(svc_gone)
 
     def _free(self, old: Iterable[_Have], gens: set[int]) -> None:
-        be, member = self._map("proxy_be"), self._map("proxy_member")
+        be, member = self.maps["proxy_be"], self.maps["proxy_member"]
         be_keys, member_keys = [], []
         for h in old:
             for slot, (ip, port) in enumerate(h.entry.backends):
-                be_keys.append(be.Key(h.gen, slot))
-                m = member.Key()
-                m.gen, m.ip, m.port = h.gen, loader.ip_key(ip), socket.htons(port)
-                member_keys.append(m)
+                be_keys.append(BeKey(h.gen, slot))
+                member_keys.append(MemberKey(h.gen, ip_key(ip), socket.htons(port)))
         if gens:  # generations nobody points at (a crash between two batches)
-            be_keys += [k for k, _ in _items(be) if k.gen in gens]
-            member_keys += [k for k, _ in _items(member) if k.gen in gens]
-        for table, keys in ((be, be_keys), (member, member_keys)):
+            be_keys += [k for k in be if k.gen in gens]
+            member_keys += [k for k in member if k.gen in gens]
+        for m, keys in ((be, be_keys), (member, member_keys)):
             if keys:
-                loader.delete_batch(table, keys)
+                m.delete_batch(keys)
                 self.batches += 1
 
-    def sync(self, views: Mapping[str, ServiceView], changed: Iterable[str] | None) -> int:
-        """Program the changed services (None: every one, and remove ports nobody wants)."""
+    def sync(
+        self, services: Mapping[str, Mapping[SvcKey, Entry]], changed: Iterable[str] | None
+    ) -> int:
+        """Program the changed services (None: every one, and remove ports nobody wants).
+
+        `services` maps a service's name to its ports' entries; a changed name
+        it lacks is a service gone.
+        """
         if changed is None or self.have is None:
             self.read_kernel()
             assert self.have is not None
             want: dict[SvcKey, Entry | None] = dict.fromkeys(self.have)
             self._owner = {}
-            for name, v in views.items():
-                got = entries(v)
+            for name, got in services.items():
                 want.update(got)
                 self._owner.update(dict.fromkeys(got, name))
             return self.apply(want)
@@ -275,55 +305,37 @@ class SockLB:
         for k in want:
             del self._owner[k]
         for name in keys:
-            got = entries(views.get(name))
+            got = services.get(name, {})
             want.update(got)
             self._owner.update(dict.fromkeys(got, name))
         return self.apply(want)
 
     def map_memory(self) -> dict[str, int]:
         """Kernel memory of each map (bytes, from its fd's `memlock`)."""
-        out = {}
-        for name in (*MAPS, pod_cgroups.MAP):
-            fd = self._map(name).map_fd  # type: ignore[attr-defined]
-            with open(f"/proc/self/fdinfo/{fd}") as f:
-                for line in f:
-                    if line.startswith("memlock:"):
-                        out[name] = int(line.split()[1])
-        return out
+        return {name: m.memlock() for name, m in self.maps.items()}
 
 
-def _svc_key(table: object, key: SvcKey) -> object:
+def _svc_key(key: SvcKey) -> Any:
     ip, port, proto = key
-    k = table.Key()  # type: ignore[attr-defined]
-    k.vip, k.port, k.proto = loader.ip_key(ip), socket.htons(port), PROTOCOLS[proto]
-    return k
+    return SvcKeyC(ip_key(ip), socket.htons(port), PROTOCOLS[proto])
 
 
-def _items(table: object) -> list[tuple[object, object]]:
-    try:
-        return list(table.items_lookup_batch())  # type: ignore[attr-defined]
-    except Exception:  # no batch lookup for this map or kernel: walk it
-        return list(table.items())  # type: ignore[attr-defined]
-
-
-def remove_all(node: str, cgroup: str | None = None) -> list[str]:
+def remove_all(node: str, cgroup: str) -> list[str]:
     """Detach the programs from the node's cgroup and unpin the proxy's maps (--cleanup).
 
     pod_cgroups stays: it is the node runtime's (its entries describe running pods).
     """
     done = []
-    cg = cgroup or node_cgroup(node)
     with contextlib.suppress(loader.CgroupError):
-        for p in loader.detach_cgroup(cg, names=list(PROGRAMS)):
-            done.append(f"eBPF program {p.name} ({p.hook}) from {cg}")
+        for p in loader.detach_cgroup(cgroup, names=list(PROGRAMS)):
+            done.append(f"eBPF program {p.name} ({p.hook}) from {cgroup}")
     with contextlib.suppress(ValueError):
         d = loader.pin_dir(node)
         for name in MAPS:
             path = os.path.join(d, name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            if pinned_map.unpin(path):
                 done.append(f"pinned map {path}")
     return done
 
 
-__all__ = ["Entry", "SockLB", "cgroup2_missing", "entries", "remove_all"]
+__all__ = ["Entry", "SockLB", "SvcKey", "cgroup2_missing", "remove_all"]

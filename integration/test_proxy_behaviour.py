@@ -705,9 +705,10 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
 def _ebpf_left(env: Env, node: str) -> tuple[list[str], list[str]]:
     """(corral programs on the node's cgroup, the proxy's pinned maps) on the host's view."""
     from corral.ebpf import loader, proxy_sock
+    from corral.proxy.ebpf import node_cgroup
 
     full = env.c.node(node)
-    progs = sorted(p.name for p in loader.cgroup_programs(proxy_sock.node_cgroup(full)))
+    progs = sorted(p.name for p in loader.cgroup_programs(node_cgroup(full)))
     return progs, [m for m in loader.pinned(full) if m in proxy_sock.MAPS]
 
 

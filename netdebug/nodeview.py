@@ -120,48 +120,9 @@ def overlay(ipr: Any, device: str) -> dict[str, Any]:
     return out
 
 
-def _mac(raw: Any) -> str:
-    return ":".join(f"{b:02x}" for b in bytes(raw))
-
-
-def _ip(u32: int) -> str:
-    return socket.inet_ntoa(int(u32).to_bytes(4, "little"))
-
-
 def fastpath_maps(fp: Any) -> dict[str, Any]:
-    """The fast path's maps as the programs read them (BCC tables of a FastPath)."""
-    progs = getattr(fp, "progs", None)
-    if progs is None:
-        return {}
-    out: dict[str, Any] = {"programs": {}}
-    for name in ("from_pod", "from_uplink", "from_overlay"):
-        try:
-            out["programs"][name] = progs.prog_id(name)
-        except Exception:
-            out["programs"][name] = None
-    peers = progs.map("peers")
-    out["peers"] = sorted(
-        (
-            {
-                "gateway": _ip(k.value),
-                "underlayIP": _ip(v.ip),
-                "vtepMAC": _mac(v.vtep_mac),
-                "nexthop": _ip(v.nexthop) if v.nexthop else None,
-            }
-            for k, v in peers.items()
-        ),
-        key=lambda p: p["gateway"],
-    )
-    pods = progs.map("pods")
-    out["pods"] = sorted(
-        (
-            {"ip": _ip(k.value), "ifindex": int(v.ifindex), "podMAC": _mac(v.pod_mac)}
-            for k, v in pods.items()
-        ),
-        key=lambda p: p["ip"],
-    )
-    out["peerIPs"] = sorted(_ip(k.value) for k in progs.map("peer_ips"))
-    return out
+    """The fast path's maps as the programs read them (ebpf/overlay_fastpath.py's FastPath)."""
+    return fp.describe() if fp is not None else {}
 
 
 # ------------------------------------------------------------ the proxy's netfilter

@@ -30,8 +30,37 @@ class Out:
         print(text, file=self.stream)
 
 
+def _json(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=True, default=str)
+
+
 def dump_json(doc: Any) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    print(_json(doc))
+
+
+class JsonStream:
+    """`dump_json(head | {key: items})`, the same text, written item by item as items come
+    (a capture's packets): nothing is kept, and what was written is whole once closed.
+    `key` must sort after every key of `head`."""
+
+    def __init__(self, head: dict[str, Any], key: str, stream: TextIO | None = None) -> None:
+        assert all(k < key for k in head), "the streamed list is the document's last key"
+        self.stream = stream or sys.stdout
+        self._n = 0
+        opening = _json(head)[:-2] if head else "{"  # without its closing "\n}"
+        self._write(opening + ("," if head else "") + f"\n  {json.dumps(key)}: [")
+
+    def item(self, doc: Any) -> None:
+        text = _json(doc).replace("\n", "\n    ")
+        self._write(("," if self._n else "") + "\n    " + text)
+        self._n += 1
+
+    def close(self) -> None:
+        self._write(("\n  ]" if self._n else "]") + "\n}\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
 
 class Progress:

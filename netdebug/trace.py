@@ -25,12 +25,14 @@ import json
 import random
 import re
 import select
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from corral.netdebug import check, explain
+from corral.api.objects import SubnetLease
+from corral.netdebug import check, decode, explain
 from corral.netdebug.access import NodeAccess, NodeUnreachable
 from corral.netdebug.model import ClusterView
 from corral.netdebug.render import Out, Progress
@@ -94,6 +96,79 @@ def _pod_netns(dumps: dict[str, check.NodeDumps], node: str, ns: str, name: str)
     return (pods.get(f"{ns}/{name}") or {}).get("netns") or None
 
 
+def agent_argv(acc: NodeAccess, verb: str, **flags: Any) -> list[str]:
+    """The node-side agent's command line on `acc`'s node: `--flag value` per keyword
+    (None and False left out, True given bare, a list repeated)."""
+    argv = [acc.python, "-m", "corral.netdebug.agent", verb]
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        if v is None or v is False:
+            continue
+        if v is True:
+            argv.append(flag)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                argv += [flag, str(x)]
+        else:
+            argv += [flag, str(v)]
+    return argv
+
+
+@dataclass
+class Source:
+    """The traced pod, as etcd and its node agent know it."""
+
+    ns: str
+    name: str
+    node: str
+    ip: str
+    dumps: check.NodeDumps
+    veth: dict[str, Any] | None
+    netns: str | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.ns}/{self.name}"
+
+
+@dataclass
+class Target:
+    ip: str
+    port: int | None
+    proto: str
+    label: str  # TO as the result shows it: host:port/proto
+    vip: str | None = None  # the IP, when it is a service VIP
+
+
+@dataclass
+class Tracer:
+    """One trace's facts: etcd, the nodes' dumps, the source pod."""
+
+    cv: ClusterView
+    nodes: dict[str, NodeAccess]
+    dumps: dict[str, check.NodeDumps]
+    src: Source
+    timeout: float
+
+    @property
+    def src_ov(self) -> dict[str, Any]:
+        return _ov(self.dumps, self.src.node)
+
+    @property
+    def maps(self) -> dict[str, Any]:
+        return self.src_ov.get("fastpathMaps") or {}
+
+    @property
+    def bpf(self) -> bool:
+        return self.src_ov.get("datapath") == "bpf"
+
+    @property
+    def on_veth(self) -> bool:
+        """from_pod is on the source pod's veth: its packets take the fast path."""
+        v = self.src.veth
+        return v is not None and "from_pod" in (v.get("programs") or [])
+
+
 def trace(
     cv: ClusterView,
     nodes: dict[str, NodeAccess],
@@ -103,6 +178,46 @@ def trace(
     timeout: float = 3.0,
     collect: Callable[..., dict[str, check.NodeDumps]] | None = None,
 ) -> Result:
+    """The hops in order: source pod, [dns], [service], routing, [vxlan encap,
+    destination node], destination pod; each confirmed or refuted by the probe."""
+    ns, name = _source_pod(cv, source)
+    host, port, proto = _parse_target(target)
+    assert collect is not None
+    dumps = collect(nodes)
+    t = Tracer(cv, nodes, dumps, _source(cv, dumps, ns, name), timeout)
+    hops = [_source_hop(t.src)]
+    tgt = _target(t, host, port, proto, target, hops)
+    if tgt is None:
+        return Result(t.src.key, target, hops)
+    result = Result(t.src.key, tgt.label, hops)
+    candidates = [tgt.ip]
+    if tgt.vip:
+        found = _service(t, tgt, result, probe)
+        if found is None:
+            return result
+        candidates = found
+    # probe first when the backend is random, then plan the path it took
+    probed = Probe(t, tgt, candidates).run() if probe else {}
+    if probe:
+        result.probe = {k: v for k, v in probed.items() if k != "sniffed"}
+    dest = _destination(t, tgt, result, probed, candidates, probe)
+    hops += _path(t, dest, via_vip=tgt.vip is not None)
+    if probe:
+        _confirm(hops, probed.get("sniffed", {}), dest)
+        result.departure = _first(hops, ("refuted", "broken"))
+    else:
+        result.departure = _first(hops, ("broken",))
+    return result
+
+
+def _first(hops: list[Hop], statuses: tuple[str, ...]) -> int | None:
+    return next((i for i, h in enumerate(hops) if h.status in statuses), None)
+
+
+# ------------------------------------------------------------ FROM and TO
+
+
+def _source_pod(cv: ClusterView, source: str) -> tuple[str, str]:
     ns, _, name = source.rpartition("/")
     ns = ns or "default"
     src = cv.pod(name, ns)
@@ -110,42 +225,54 @@ def trace(
         raise TraceError(f"pod {ns}/{name} not found (corral get pods -n {ns})")
     if not src.spec.node_name or not src.status.pod_ip:
         raise TraceError(f"pod {ns}/{name} has no node or IP yet ({src.status.phase})")
+    return ns, name
+
+
+def _parse_target(target: str) -> tuple[str, int | None, str]:
     m = _TARGET.match(target)
     if not m:
         raise TraceError(
             f"TO {target!r}: give a pod, service, DNS name, VIP or IP, optionally :PORT and "
             "/tcp, /udp or /icmp (e.g. web:80/tcp)"
         )
-    host, port, proto = m["host"], int(m["port"]) if m["port"] else None, (m["proto"] or "").lower()
-    src_node, src_ip = src.spec.node_name, str(src.status.pod_ip)
-    assert collect is not None
-    dumps = collect(nodes)
-    d = dumps.get(src_node)
+    return m["host"], int(m["port"]) if m["port"] else None, (m["proto"] or "").lower()
+
+
+def _source(cv: ClusterView, dumps: dict[str, check.NodeDumps], ns: str, name: str) -> Source:
+    pod = cv.pod(name, ns)
+    assert pod is not None and pod.spec.node_name
+    node, ip = pod.spec.node_name, str(pod.status.pod_ip)
+    d = dumps.get(node)
     if d is None or d.node is None:
         raise TraceError(
-            f"source node {src_node} unreachable: {d.node_error if d else 'not in the cluster'}"
+            f"source node {node} unreachable: {d.node_error if d else 'not in the cluster'}"
         )
-    hops: list[Hop] = []
-    src_veth = _veth_of(dumps, src_node, src_ip)
-    netns = _pod_netns(dumps, src_node, ns, name)
-    hops.append(
-        Hop(
-            "source pod",
-            src_node,
-            f"{ns}/{name} {src_ip}, host veth {src_veth['name'] if src_veth else '?'}",
-            {"veth": src_veth, "netns": netns},
-            probe="src" if src_veth else None,
-            status="planned" if src_veth else "broken",
-        )
+    return Source(
+        ns, name, node, ip, d, _veth_of(dumps, node, ip), _pod_netns(dumps, node, ns, name)
     )
-    # ---- what TO is
-    ip: str | None = None
-    shown = host
+
+
+def _source_hop(src: Source) -> Hop:
+    return Hop(
+        "source pod",
+        src.node,
+        f"{src.key} {src.ip}, host veth {src.veth['name'] if src.veth else '?'}",
+        {"veth": src.veth, "netns": src.netns},
+        probe="src" if src.veth else None,
+        status="planned" if src.veth else "broken",
+    )
+
+
+def _target(
+    t: Tracer, host: str, port: int | None, proto: str, target: str, hops: list[Hop]
+) -> Target | None:
+    """What TO is: an IP, a service (its VIP, and its first port unless given), a pod or
+    a DNS name the cluster DNS answers (a `dns` hop). None: the name did not resolve."""
     try:
         ip = str(ipaddress.IPv4Address(host))
     except ValueError:
-        svc = cv.service(host, ns)
-        pod = cv.pod(host, ns)
+        svc = t.cv.service(host, t.src.ns)
+        pod = t.cv.pod(host, t.src.ns)
         if svc is not None and svc.spec.cluster_ip:
             ip = svc.spec.cluster_ip
             if port is None and svc.spec.ports:
@@ -154,158 +281,40 @@ def trace(
         elif pod is not None and pod.status.pod_ip:
             ip = str(pod.status.pod_ip)
         elif "." in host:
-            ip = _resolve(cv, nodes[src_node], netns, host, hops)
-            if ip is None:
-                return Result(f"{ns}/{name}", target, hops)
+            found = _resolve(t.cv, t.nodes[t.src.node], t.src.netns, host, hops)
+            if found is None:
+                return None
+            ip = found
         else:
             raise TraceError(
-                f"TO {host!r}: no pod or service of that name in namespace {ns}"
+                f"TO {host!r}: no pod or service of that name in namespace {t.src.ns}"
             ) from None
     proto = proto or ("tcp" if port else "icmp")
     if proto != "icmp" and port is None:
         raise TraceError(f"TO {target!r}: give a port for {proto} (e.g. {host}:80/{proto})")
-    result = Result(f"{ns}/{name}", f"{shown}:{port}/{proto}" if port else f"{shown}/{proto}", hops)
-    # ---- the service decision
-    vip = None
-    candidates = [ip]
-    if ipaddress.ip_address(ip) in ipaddress.ip_network(cv.spec.service_cidr):
-        vip = ip
-        svc = cv.service_by_ip(ip)
-        if d.proxy is None:
-            hops.append(
-                Hop("service", src_node, f"proxy unreachable: {d.proxy_error}", status="broken")
-            )
-            return result
-        ex = explain.explainer(d.proxy)
-        dec = ex.decide(explain.proxy_state(d.proxy), ip, port or 0, proto, src_ip)
-        what = f"{svc.namespace}/{svc.name}" if svc else "no Service in etcd has this VIP"
-        hops.append(
-            Hop(
-                "service",
-                src_node,
-                f"{what} {ip}:{port}/{proto}: {dec.why}",
-                {"mode": ex.mode, "rule": dec.rule, "candidates": dec.candidates, **dec.state},
-                probe="conntrack" if dec.candidates else "refused",
-                status="planned" if dec.found else "broken",
-            )
-        )
-        result.planned_backend = dec.backend
-        if not dec.found:
-            return result
-        if not dec.candidates:
-            if probe:
-                result.probe = _probe(
-                    cv,
-                    nodes,
-                    dumps,
-                    src_node,
-                    src_ip,
-                    netns,
-                    src_veth,
-                    ip,
-                    vip,
-                    port,
-                    proto,
-                    [],
-                    timeout,
-                )
-                refused = result.probe.get("result") in ("refused", "no reply")
-                hops[-1].status = "confirmed" if refused else "refuted"
-                hops[-1].seen = f"the probe was {result.probe.get('result')}"
-                result.departure = None if refused else len(hops) - 1
-            return result
-        candidates = [
-            b.rsplit(":", 1)[0] for b in ([dec.backend] if dec.backend else dec.candidates)
-        ]
-    # ---- probe first when the backend is random, then plan the path it took
-    probed: dict[str, Any] = {}
-    if probe:
-        probed = _probe(
-            cv,
-            nodes,
-            dumps,
-            src_node,
-            src_ip,
-            netns,
-            src_veth,
-            ip,
-            vip,
-            port,
-            proto,
-            candidates,
-            timeout,
-        )
-        result.probe = {k: v for k, v in probed.items() if k != "sniffed"}
-    dest = candidates[0]
-    if vip and probe:
-        flows = probed.get("conntrack") or []
-        if flows:
-            result.backend = f"{flows[0]['backend']}:{flows[0]['backendPort']}"
-            dest = flows[0]["backend"]
-            h = hops[-1]
-            if result.planned_backend and result.planned_backend != result.backend:
-                h.status, h.seen = "refuted", f"conntrack: the node chose {result.backend}"
-            else:
-                h.status, h.seen = "confirmed", f"conntrack: the node chose {result.backend}"
-        else:
-            hops[-1].status = "refuted"
-            hops[-1].seen = "no conntrack entry for the probe's flow on " + src_node
-    elif vip and result.planned_backend:
-        dest = result.planned_backend.rsplit(":", 1)[0]
-    hops += _path(cv, dumps, src_node, src_ip, src_veth, dest, bool(vip))
-    if probe:
-        sniffed = probed.get("sniffed", {})
-        for h in hops:
-            if h.probe in sniffed:
-                got = sniffed[h.probe].get(dest) or sniffed[h.probe].get("*")
-                if got:
-                    h.status, h.seen = "confirmed", got
-                elif sniffed[h.probe].get("_error"):
-                    h.status, h.seen = "unchecked", sniffed[h.probe]["_error"]
-                else:
-                    h.status, h.seen = "refuted", "the probe's packet was not seen here"
-        result.departure = next(
-            (i for i, h in enumerate(hops) if h.status in ("refuted", "broken")), None
-        )
-    else:
-        result.departure = next((i for i, h in enumerate(hops) if h.status == "broken"), None)
-    return result
+    label = f"{host}:{port}/{proto}" if port else f"{host}/{proto}"
+    in_services = ipaddress.ip_address(ip) in ipaddress.ip_network(t.cv.spec.service_cidr)
+    return Target(ip, port, proto, label, ip if in_services else None)
 
 
 def _resolve(
     cv: ClusterView, acc: NodeAccess, netns: str | None, name: str, hops: list[Hop]
 ) -> str | None:
     server = str(cv.spec.cluster_dns)
-    argv = [
-        acc.python,
-        "-m",
-        "corral.netdebug.agent",
-        "resolve",
-        "--name",
-        name,
-        "--server",
-        server,
-    ]
-    if netns:
-        argv += ["--netns", netns]
+    argv = agent_argv(acc, "resolve", name=name, server=server, netns=netns)
+    err = "no answer"
     try:
         p = acc.run(argv, timeout=20)
         doc = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
+        err = p.stderr.strip()
     except (NodeUnreachable, ValueError) as e:
         doc = {"error": str(e)}
     if doc.get("answers"):
         ip = doc["answers"][0]
-        hops.append(
-            Hop(
-                "dns",
-                acc.name,
-                f"{name} -> {ip} (cluster DNS {server}, TTL {doc.get('ttl')})",
-                doc,
-                status="confirmed",
-            )
-        )
+        how = f"{name} -> {ip} (cluster DNS {server}, TTL {doc.get('ttl')})"
+        hops.append(Hop("dns", acc.name, how, doc, status="confirmed"))
         return ip
-    err = doc.get("error") or (p.stderr.strip() if "p" in locals() else "no answer")
+    err = doc.get("error") or err
     why = "no cluster DNS answered" if "no cluster DNS" in str(err) else str(err)
     hops.append(
         Hop(
@@ -320,182 +329,298 @@ def _resolve(
     return None
 
 
-def _path(
-    cv: ClusterView,
-    dumps: dict[str, check.NodeDumps],
-    src_node: str,
-    src_ip: str,
-    src_veth: dict[str, Any] | None,
-    dest: str,
-    via_vip: bool,
-) -> list[Hop]:
-    hops: list[Hop] = []
-    lease = cv.lease_for_ip(dest)
-    pod = cv.pod_by_ip(dest)
-    pod_name = f"{pod.namespace}/{pod.name}" if pod else "no pod in etcd"
-    ov = _ov(dumps, src_node)
-    maps = ov.get("fastpathMaps") or {}
-    bpf = ov.get("datapath") == "bpf"
-    on_veth = src_veth is not None and "from_pod" in (src_veth.get("programs") or [])
-    if lease is None:
+# ------------------------------------------------------------ the service decision
+
+
+def _service(t: Tracer, tgt: Target, result: Result, probe: bool) -> list[str] | None:
+    """The source node's proxy decision for a VIP (a `service` hop): the backends the
+    probe may reach, or None when the trace ends here."""
+    d, hops = t.src.dumps, result.hops
+    if d.proxy is None:
         hops.append(
-            Hop(
-                "routing",
-                src_node,
-                f"{dest} is in no node's subnet: the node's own routes "
-                "(masqueraded if it leaves the cluster network)",
-                status="planned",
-            )
+            Hop("service", t.src.node, f"proxy unreachable: {d.proxy_error}", status="broken")
         )
-        return hops
-    dnode = lease.node_name
-    dev = cv.device
-    kern = ov.get("kernel") or {}
-    if dnode == src_node:
-        local = next((p for p in maps.get("pods", []) if p["ip"] == dest), None)
-        if bpf and on_veth and local and not via_vip:
-            why = (
-                f"fast path: from_pod finds {dest} in the pods map "
-                f"(ifindex {local['ifindex']}) and redirects to it"
-            )
-        else:
-            why = "kernel: the cni0 bridge delivers it to the pod's veth" + (
-                " (DNATed by netfilter, so not on the fast path)" if via_vip else ""
-            )
-        hops.append(
-            Hop("routing", src_node, f"{dest} is on this node ({lease.subnet}); {why}", probe="src")
-        )
-    else:
-        gw = str(ipaddress.ip_network(lease.subnet).network_address)
-        peer = next((p for p in maps.get("peers", []) if p["gateway"] == gw), None)
-        route = next((r for r in kern.get("routes", []) if r["dst"] == lease.subnet), None)
-        neigh = next((n for n in kern.get("neighbours", []) if n["ip"] == gw), None)
-        mac = (neigh or {}).get("mac") or (peer or {}).get("vtepMAC")
-        fdb = [f["dst"] for f in kern.get("fdb", []) if mac and f["mac"] == mac]
-        if bpf and on_veth and peer and not via_vip:
-            path = "fast path"
-            why = (
-                f"from_pod on {src_veth['name']} encapsulates itself: peers map {gw} -> "
-                f"{peer['underlayIP']} VTEP {peer['vtepMAC']}, out of the underlay"
-            )
-            broken = False
-        else:
-            path = "kernel"
-            reasons = []
-            if not bpf:
-                reasons.append(f"datapath kernel ({ov.get('datapathWhy') or 'fast path off'})")
-            elif via_vip:
-                reasons.append(
-                    "the packet was DNATed by netfilter (iptables proxy), after the veth's program"
-                )
-            elif not on_veth:
-                reasons.append(
-                    f"from_pod is not attached to {src_veth['name'] if src_veth else 'the veth'}"
-                )
-            elif not peer:
-                reasons.append(f"no peers map entry for {gw}")
-            why = f"{'; '.join(reasons)}: route " + (
-                f"{route['dst']} via {route['gateway']} dev {route['dev']}"
-                f"{' onlink' if route['onlink'] else ''}"
-                if route
-                else f"to {lease.subnet} MISSING"
-            )
-            broken = route is None
-        hops.append(
-            Hop(
-                "routing",
-                src_node,
-                f"{path}: {why}",
-                {"route": route, "peer": peer},
-                probe="src",
-                status="broken" if broken else "planned",
-            )
-        )
-        want_ip = str(lease.public_ip)
-        vtep_ok = path == "fast path" or (neigh is not None and fdb == [want_ip])
-        hops.append(
-            Hop(
-                "vxlan encap",
-                src_node,
-                f"VNI {cv.spec.backend.vni}: inner {src_ip} > {dest}, VTEP MAC {mac or 'MISSING'}"
-                + (f" (neighbour {gw} {neigh['state']})" if neigh else "")
-                + f", FDB {mac} -> {', '.join(fdb) or 'MISSING'}; "
-                + f"outer {cv.node_ip(src_node)} > {want_ip}"
-                + (
-                    ""
-                    if path == "kernel"
-                    else " (the fast path's own copy of these, from the peers map)"
-                ),
-                {
-                    "neighbour": neigh,
-                    "fdb": fdb,
-                    "lease": {"node": dnode, "publicIP": want_ip, "vtepMAC": lease.vtep_mac},
-                },
-                probe="out",
-                status="planned" if vtep_ok else "broken",
-            )
-        )
-        dov = _ov(dumps, dnode)
-        dmaps = dov.get("fastpathMaps") or {}
-        dlinks = {link["name"]: link for link in dov.get("links", [])}
-        ul = (dov.get("underlay") or {}).get("iface")
-        dpod = next((p for p in dmaps.get("pods", []) if p["ip"] == dest), None)
-        if not dov:
-            text = f"{dnode} ({want_ip}): its node agent is unreachable, decapsulation unknown"
-        elif (
-            dov.get("datapath") == "bpf"
-            and "from_uplink" in (dlinks.get(ul or "", {}).get("programs") or [])
-            and dpod
-        ):
-            text = (
-                f"{dnode} ({want_ip}) on {ul}: from_uplink decapsulates and redirects into "
-                f"the pod (pods map ifindex {dpod['ifindex']})"
-            )
-        else:
-            text = (
-                f"{dnode} ({want_ip}) on {ul}: {dev} decapsulates, the kernel routes to "
-                "cni0 and the pod's veth"
-            )
-        hops.append(Hop("destination node", dnode, text, probe="in"))
-    dnode_veth = _veth_of(dumps, dnode, dest)
-    hairpin = " (hairpin: the pod is its own backend; the node masquerades the source)"
+        return None
+    svc = t.cv.service_by_ip(tgt.ip)
+    ex = explain.explainer(d.proxy)
+    dec = ex.decide(explain.proxy_state(d.proxy), tgt.ip, tgt.port or 0, tgt.proto, t.src.ip)
+    what = f"{svc.namespace}/{svc.name}" if svc else "no Service in etcd has this VIP"
     hops.append(
         Hop(
-            "destination pod",
-            dnode,
-            f"{pod_name} {dest} behind veth {dnode_veth['name'] if dnode_veth else 'MISSING'}"
-            + (hairpin if dest == src_ip else ""),
-            {"veth": dnode_veth},
-            probe="pod",
-            status="planned" if dnode_veth else "broken",
+            "service",
+            t.src.node,
+            f"{what} {tgt.ip}:{tgt.port}/{tgt.proto}: {dec.why}",
+            {"mode": ex.mode, "rule": dec.rule, "candidates": dec.candidates, **dec.state},
+            probe="conntrack" if dec.candidates else "refused",
+            status="planned" if dec.found else "broken",
         )
     )
-    return hops
+    result.planned_backend = dec.backend
+    if not dec.found:
+        return None
+    if not dec.candidates:
+        if probe:
+            _expect_refusal(t, tgt, result)
+        return None
+    return [b.rsplit(":", 1)[0] for b in ([dec.backend] if dec.backend else dec.candidates)]
 
 
-def _probe(
-    cv: ClusterView,
-    nodes: dict[str, NodeAccess],
-    dumps: dict[str, check.NodeDumps],
-    src_node: str,
-    src_ip: str,
-    netns: str | None,
-    src_veth: dict[str, Any] | None,
-    ip: str,
-    vip: str | None,
-    port: int | None,
-    proto: str,
-    candidates: list[str],
-    timeout: float,
-) -> dict[str, Any]:
-    """Start the sniffers, send one real packet from the pod, read what each saw."""
-    sport = random.randint(40000, 59999)
-    acc = nodes[src_node]
-    wait = timeout + 2
-    sniffers: list[tuple[str, str, Any]] = []  # (probe id, candidate or *, Popen)
+def _expect_refusal(t: Tracer, tgt: Target, result: Result) -> None:
+    """A service without endpoints: the probe is refused (TCP reset) or unanswered."""
+    result.probe = Probe(t, tgt, []).run()
+    refused = result.probe.get("result") in ("refused", "no reply")
+    h = result.hops[-1]
+    h.status = "confirmed" if refused else "refuted"
+    h.seen = f"the probe was {result.probe.get('result')}"
+    result.departure = None if refused else len(result.hops) - 1
 
-    def start(
-        pid: str,
+
+def _destination(
+    t: Tracer, tgt: Target, result: Result, probed: dict, candidates: list[str], probe: bool
+) -> str:
+    """The IP the path is planned to: for a service, the backend the node's conntrack
+    says the probe went to (which confirms or refutes the `service` hop), else the
+    planned one."""
+    dest = candidates[0]
+    if tgt.vip and probe:
+        h = result.hops[-1]
+        flows = probed.get("conntrack") or []
+        if not flows:
+            h.status, h.seen = "refuted", "no conntrack entry for the probe's flow on " + t.src.node
+            return dest
+        result.backend = f"{flows[0]['backend']}:{flows[0]['backendPort']}"
+        agrees = not result.planned_backend or result.planned_backend == result.backend
+        h.status = "confirmed" if agrees else "refuted"
+        h.seen = f"conntrack: the node chose {result.backend}"
+        return flows[0]["backend"]
+    if tgt.vip and result.planned_backend:
+        return result.planned_backend.rsplit(":", 1)[0]
+    return dest
+
+
+def _confirm(hops: list[Hop], sniffed: dict[str, dict[str, str]], dest: str) -> None:
+    """Each hop with a sniffer: confirmed if it saw the probe's packet, else refuted (or
+    unchecked, when the sniffer itself failed)."""
+    for h in hops:
+        if h.probe not in sniffed:
+            continue
+        seen = sniffed[h.probe]
+        got = seen.get(dest) or seen.get("*")
+        if got:
+            h.status, h.seen = "confirmed", got
+        elif seen.get("_error"):
+            h.status, h.seen = "unchecked", seen["_error"]
+        else:
+            h.status, h.seen = "refuted", "the probe's packet was not seen here"
+
+
+# ------------------------------------------------------------ the path
+
+
+def _path(t: Tracer, dest: str, via_vip: bool) -> list[Hop]:
+    lease = t.cv.lease_for_ip(dest)
+    if lease is None:
+        text = (
+            f"{dest} is in no node's subnet: the node's own routes "
+            "(masqueraded if it leaves the cluster network)"
+        )
+        return [Hop("routing", t.src.node, text, status="planned")]
+    if lease.node_name == t.src.node:
+        hops = [_local_routing(t, dest, lease, via_vip)]
+    else:
+        r = _remote(t, lease, via_vip)
+        hops = [_remote_routing(t, r, via_vip), _encap(t, r, dest), _decap(t, r, dest)]
+    return [*hops, _destination_pod(t, dest, lease.node_name)]
+
+
+def _local_routing(t: Tracer, dest: str, lease: SubnetLease, via_vip: bool) -> Hop:
+    local = next((p for p in t.maps.get("pods", []) if p["ip"] == dest), None)
+    if t.bpf and t.on_veth and local and not via_vip:
+        why = (
+            f"fast path: from_pod finds {dest} in the pods map "
+            f"(ifindex {local['ifindex']}) and redirects to it"
+        )
+    else:
+        why = "kernel: the cni0 bridge delivers it to the pod's veth" + (
+            " (DNATed by netfilter, so not on the fast path)" if via_vip else ""
+        )
+    return Hop(
+        "routing", t.src.node, f"{dest} is on this node ({lease.subnet}); {why}", probe="src"
+    )
+
+
+@dataclass
+class Remote:
+    """The source node's state for reaching another node's subnet."""
+
+    lease: SubnetLease
+    gw: str
+    peer: dict[str, Any] | None  # its fast-path peers map entry
+    route: dict[str, Any] | None
+    neigh: dict[str, Any] | None
+    mac: str | None  # the remote VTEP's MAC
+    fdb: list[str]  # the FDB's underlay IPs for that MAC
+    fast: bool  # the fast path encapsulates (else the kernel's VXLAN device)
+
+    @property
+    def node(self) -> str:
+        return self.lease.node_name
+
+    @property
+    def underlay_ip(self) -> str:
+        return str(self.lease.public_ip)
+
+
+def _remote(t: Tracer, lease: SubnetLease, via_vip: bool) -> Remote:
+    kern = t.src_ov.get("kernel") or {}
+    gw = str(ipaddress.ip_network(lease.subnet).network_address)
+    peer = next((p for p in t.maps.get("peers", []) if p["gateway"] == gw), None)
+    route = next((r for r in kern.get("routes", []) if r["dst"] == lease.subnet), None)
+    neigh = next((n for n in kern.get("neighbours", []) if n["ip"] == gw), None)
+    mac = (neigh or {}).get("mac") or (peer or {}).get("vtepMAC")
+    fdb = [f["dst"] for f in kern.get("fdb", []) if mac and f["mac"] == mac]
+    fast = bool(t.bpf and t.on_veth and peer and not via_vip)
+    return Remote(lease, gw, peer, route, neigh, mac, fdb, fast)
+
+
+def _remote_routing(t: Tracer, r: Remote, via_vip: bool) -> Hop:
+    if r.fast:
+        assert t.src.veth is not None and r.peer is not None
+        why = (
+            f"fast path: from_pod on {t.src.veth['name']} encapsulates itself: peers map "
+            f"{r.gw} -> {r.peer['underlayIP']} VTEP {r.peer['vtepMAC']}, out of the underlay"
+        )
+    else:
+        route = r.route
+        why = f"kernel: {_why_not_fast(t, r, via_vip)}: route " + (
+            f"{route['dst']} via {route['gateway']} dev {route['dev']}"
+            f"{' onlink' if route['onlink'] else ''}"
+            if route
+            else f"to {r.lease.subnet} MISSING"
+        )
+    return Hop(
+        "routing",
+        t.src.node,
+        why,
+        {"route": r.route, "peer": r.peer},
+        probe="src",
+        status="broken" if not r.fast and r.route is None else "planned",
+    )
+
+
+def _why_not_fast(t: Tracer, r: Remote, via_vip: bool) -> str:
+    if not t.bpf:
+        return f"datapath kernel ({t.src_ov.get('datapathWhy') or 'fast path off'})"
+    if via_vip:
+        return "the packet was DNATed by netfilter (iptables proxy), after the veth's program"
+    if not t.on_veth:
+        return f"from_pod is not attached to {t.src.veth['name'] if t.src.veth else 'the veth'}"
+    if not r.peer:
+        return f"no peers map entry for {r.gw}"
+    return ""
+
+
+def _encap(t: Tracer, r: Remote, dest: str) -> Hop:
+    vtep_ok = r.fast or (r.neigh is not None and r.fdb == [r.underlay_ip])
+    return Hop(
+        "vxlan encap",
+        t.src.node,
+        f"VNI {t.cv.spec.backend.vni}: inner {t.src.ip} > {dest}, VTEP MAC {r.mac or 'MISSING'}"
+        + (f" (neighbour {r.gw} {r.neigh['state']})" if r.neigh else "")
+        + f", FDB {r.mac} -> {', '.join(r.fdb) or 'MISSING'}; "
+        + f"outer {t.cv.node_ip(t.src.node)} > {r.underlay_ip}"
+        + (" (the fast path's own copy of these, from the peers map)" if r.fast else ""),
+        {
+            "neighbour": r.neigh,
+            "fdb": r.fdb,
+            "lease": {"node": r.node, "publicIP": r.underlay_ip, "vtepMAC": r.lease.vtep_mac},
+        },
+        probe="out",
+        status="planned" if vtep_ok else "broken",
+    )
+
+
+def _decap(t: Tracer, r: Remote, dest: str) -> Hop:
+    dov = _ov(t.dumps, r.node)
+    links = {link["name"]: link for link in dov.get("links", [])}
+    ul = (dov.get("underlay") or {}).get("iface")
+    dpod = next(
+        (p for p in (dov.get("fastpathMaps") or {}).get("pods", []) if p["ip"] == dest), None
+    )
+    at = f"{r.node} ({r.underlay_ip})"
+    if not dov:
+        text = f"{at}: its node agent is unreachable, decapsulation unknown"
+    elif (
+        dov.get("datapath") == "bpf"
+        and "from_uplink" in (links.get(ul or "", {}).get("programs") or [])
+        and dpod
+    ):
+        text = (
+            f"{at} on {ul}: from_uplink decapsulates and redirects into "
+            f"the pod (pods map ifindex {dpod['ifindex']})"
+        )
+    else:
+        text = (
+            f"{at} on {ul}: {t.cv.device} decapsulates, the kernel routes to "
+            "cni0 and the pod's veth"
+        )
+    return Hop("destination node", r.node, text, probe="in")
+
+
+def _destination_pod(t: Tracer, dest: str, dnode: str) -> Hop:
+    pod = t.cv.pod_by_ip(dest)
+    pod_name = f"{pod.namespace}/{pod.name}" if pod else "no pod in etcd"
+    veth = _veth_of(t.dumps, dnode, dest)
+    hairpin = " (hairpin: the pod is its own backend; the node masquerades the source)"
+    return Hop(
+        "destination pod",
+        dnode,
+        f"{pod_name} {dest} behind veth {veth['name'] if veth else 'MISSING'}"
+        + (hairpin if dest == t.src.ip else ""),
+        {"veth": veth},
+        probe="pod",
+        status="planned" if veth else "broken",
+    )
+
+
+# ------------------------------------------------------------ the probe
+
+
+@dataclass
+class Sniffer:
+    probe: str  # the hop's probe id: src, out, in, pod
+    key: str  # the candidate backend it watches for, or * (any)
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    ready: bool = False
+
+
+class Probe:
+    """One real packet from the source pod, with a sniffer on each hop that should see
+    it; `run()` says what the connection did and what each sniffer saw."""
+
+    def __init__(self, t: Tracer, tgt: Target, candidates: list[str]) -> None:
+        self.t, self.tgt, self.candidates = t, tgt, candidates
+        self.sport = random.randint(40000, 59999)
+        self.wait = t.timeout + 2
+        self.sniffers: list[Sniffer] = []
+
+    def run(self) -> dict[str, Any]:
+        self._start_sniffers()
+        out: dict[str, Any] = {"sport": self.sport, "sniffed": {}}
+        with Progress("probing: starting sniffers") as prog:
+            self._await_ready(prog)
+            prog.step("sending the probe")
+            out.update(self._send())
+            if self.tgt.vip and self.tgt.proto != "icmp":
+                out["conntrack"] = self._conntrack()
+            prog.step("reading the sniffers")
+            out["sniffed"] = self._read()
+        return out
+
+    def _start(
+        self,
+        probe: str,
         key: str,
         node: str,
         ifaces: list[str],
@@ -503,156 +628,124 @@ def _probe(
         pod_ns: str | None = None,
         hairpin: bool = False,
     ) -> None:
-        a = nodes.get(node)
+        a = self.t.nodes.get(node)
         if a is None or (a.prefix == ["false"] and a.run_dir is None):
             return
-        argv = [
-            a.python,
-            "-m",
-            "corral.netdebug.agent",
-            "sniff",
-            "--dst",
-            ",".join(sorted(dst)),
-            "--count",
-            "1",
-            "--timeout",
-            str(wait + 8),
-        ]
+        flags: dict[str, Any] = {"dst": ",".join(sorted(dst)), "count": 1}
+        flags["timeout"] = self.wait + 8
         if not hairpin:  # a hairpinned packet comes back masqueraded: any source
-            argv += ["--src", src_ip, "--sport", str(sport)]
-        for i in ifaces:
-            argv += ["--iface", i]
-        if pod_ns:
-            argv += ["--netns", pod_ns]
-        sniffers.append((pid, key, a.popen(argv)))
+            flags |= {"src": self.t.src.ip, "sport": self.sport}
+        argv = agent_argv(a, "sniff", **flags, iface=ifaces, netns=pod_ns)
+        self.sniffers.append(Sniffer(probe, key, a.popen(argv)))
 
-    first_dst = {vip or ip}
-    if src_veth:
-        start("src", "*", src_node, [src_veth["name"]], first_dst)
-    ul = (_ov(dumps, src_node).get("underlay") or {}).get("iface") or "eth0"
-    remote = [c for c in candidates if (x := cv.lease_for_ip(c)) and x.node_name != src_node]
-    if remote:
-        start("out", "*", src_node, [ul], set(remote))
-    for c in candidates:
-        lease = cv.lease_for_ip(c)
-        pod = cv.pod_by_ip(c)
-        if lease is None:
-            continue
-        dn = lease.node_name
-        if dn != src_node:
-            dul = (_ov(dumps, dn).get("underlay") or {}).get("iface") or "eth0"
-            start("in", c, dn, [dul], {c})
-        pns = _pod_netns(dumps, dn, pod.namespace, pod.name) if pod else None
-        if pns:
-            start("pod", c, dn, ["eth0"], {c}, pns, hairpin=c == src_ip)
-    out: dict[str, Any] = {"sport": sport, "sniffed": {}}
-    with Progress("probing: starting sniffers") as prog:
-        deadline = time.monotonic() + 30
-        pending = {id(p): (pid, key, p) for pid, key, p in sniffers}
-        lines: dict[int, list[str]] = {k: [] for k in pending}
-        ready: set[int] = set()
-        while len(ready) < len(pending) and time.monotonic() < deadline:
-            for k, (_, _, p) in pending.items():
-                if k in ready:
-                    continue
-                r, _, _ = select.select([p.stdout], [], [], 0.05)
-                if r:
-                    ln = p.stdout.readline()
-                    if not ln:
-                        ready.add(k)  # exited: its stderr says why
-                    elif '"ready"' in ln:
-                        ready.add(k)
-                    else:
-                        lines[k].append(ln)
-            prog.step(f"{len(ready)}/{len(pending)} sniffers ready")
-        prog.step("sending the probe")
-        argv = [
-            acc.python,
-            "-m",
-            "corral.netdebug.agent",
-            "connect",
-            "--dst",
-            ip,
-            "--proto",
-            proto,
-            "--sport",
-            str(sport),
-            "--timeout",
-            str(timeout),
+    def _start_sniffers(self) -> None:
+        """On the source veth, the source node's underlay (to remote candidates), each
+        remote candidate's node underlay and each candidate pod's own interface."""
+        cv, src = self.t.cv, self.t.src
+        if src.veth:
+            self._start("src", "*", src.node, [src.veth["name"]], {self.tgt.vip or self.tgt.ip})
+        ul = (self.t.src_ov.get("underlay") or {}).get("iface") or "eth0"
+        remote = [
+            c for c in self.candidates if (x := cv.lease_for_ip(c)) and x.node_name != src.node
         ]
-        if port:
-            argv += ["--port", str(port)]
-        if netns:
-            argv += ["--netns", netns]
-        try:
-            p = acc.run(argv, timeout=timeout + 30)
-            res = (
-                json.loads(p.stdout.strip().splitlines()[-1])
-                if p.stdout.strip()
-                else {"result": p.stderr.strip()}
-            )
-        except (NodeUnreachable, ValueError) as e:
-            res = {"result": f"probe failed: {e}"}
-        out.update(res)
-        if vip and proto != "icmp":
-            cargv = [
-                acc.python,
-                "-m",
-                "corral.netdebug.agent",
-                "conntrack",
-                "--src",
-                src_ip,
-                "--dst",
-                vip,
-                "--dport",
-                str(port or 0),
-                "--sport",
-                str(sport),
-                "--proto",
-                proto,
-            ]
-            try:
-                cp = acc.run(cargv, timeout=30)
-                out["conntrack"] = json.loads(cp.stdout.strip().splitlines()[-1]).get("flows", [])
-            except (NodeUnreachable, ValueError, IndexError):
-                out["conntrack"] = []
-        prog.step("reading the sniffers")
-        end = time.monotonic() + wait
-        for k, (pid, key, p) in pending.items():
-            left = max(0.1, end - time.monotonic())
-            got = None
-            try:
-                r, _, _ = select.select([p.stdout], [], [], left)
+        if remote:
+            self._start("out", "*", src.node, [ul], set(remote))
+        for c in self.candidates:
+            lease = cv.lease_for_ip(c)
+            if lease is None:
+                continue
+            dn = lease.node_name
+            if dn != src.node:
+                dul = (_ov(self.t.dumps, dn).get("underlay") or {}).get("iface") or "eth0"
+                self._start("in", c, dn, [dul], {c})
+            pod = cv.pod_by_ip(c)
+            pns = _pod_netns(self.t.dumps, dn, pod.namespace, pod.name) if pod else None
+            if pns:
+                self._start("pod", c, dn, ["eth0"], {c}, pns, hairpin=c == src.ip)
+
+    def _await_ready(self, prog: Progress) -> None:
+        deadline = time.monotonic() + 30
+        while not all(s.ready for s in self.sniffers) and time.monotonic() < deadline:
+            for s in self.sniffers:
+                if s.ready:
+                    continue
+                r, _, _ = select.select([s.proc.stdout], [], [], 0.05)
                 if r:
-                    ln = p.stdout.readline()
-                    if ln:
-                        lines[k].append(ln)
-            finally:
-                p.terminate()
-            for ln in lines[k]:
+                    ln = s.proc.stdout.readline() if s.proc.stdout else ""
+                    if not ln or '"ready"' in ln:
+                        s.ready = True  # ready, or exited (its stderr says why)
+                    else:
+                        s.lines.append(ln)
+            prog.step(f"{sum(s.ready for s in self.sniffers)}/{len(self.sniffers)} sniffers ready")
+
+    def _on_source(self, argv: list[str], timeout: float) -> dict[str, Any]:
+        """Run an agent verb on the source node: its last JSON line."""
+        p = self.t.nodes[self.t.src.node].run(argv, timeout=timeout)
+        if not p.stdout.strip():
+            return {"result": p.stderr.strip()}
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    def _send(self) -> dict[str, Any]:
+        src, tgt = self.t.src, self.tgt
+        acc = self.t.nodes[src.node]
+        argv = agent_argv(
+            acc, "connect", dst=tgt.ip, proto=tgt.proto, sport=self.sport,
+            timeout=self.t.timeout, port=tgt.port or None, netns=src.netns,
+        )  # fmt: skip
+        try:
+            return self._on_source(argv, self.t.timeout + 30)
+        except (NodeUnreachable, ValueError) as e:
+            return {"result": f"probe failed: {e}"}
+
+    def _conntrack(self) -> list[dict[str, Any]]:
+        """The node's conntrack entry of the probe's own flow: the backend it chose."""
+        argv = agent_argv(
+            self.t.nodes[self.t.src.node], "conntrack", src=self.t.src.ip, dst=self.tgt.vip,
+            dport=self.tgt.port or 0, sport=self.sport, proto=self.tgt.proto,
+        )  # fmt: skip
+        try:
+            return self._on_source(argv, 30).get("flows", [])
+        except (NodeUnreachable, ValueError, IndexError):
+            return []
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        """probe id -> {candidate or *: the packet seen, or _error: why not known}."""
+        sniffed: dict[str, dict[str, str]] = {}
+        end = time.monotonic() + self.wait
+        for s in self.sniffers:
+            seen = sniffed.setdefault(s.probe, {})
+            self._last_line(s, max(0.1, end - time.monotonic()))
+            got = None
+            for ln in s.lines:
                 try:
                     rec = json.loads(ln)
                 except ValueError:
                     continue
                 if "error" in rec:
-                    out["sniffed"].setdefault(pid, {})["_error"] = rec["error"]
+                    seen["_error"] = rec["error"]
                 elif rec.get("inner"):
-                    from corral.netdebug.decode import line
-
-                    got = line(rec)
+                    got = decode.line(rec)
             if got:
-                out["sniffed"].setdefault(pid, {})[key] = got
-            else:
-                out["sniffed"].setdefault(pid, {})
+                seen[s.key] = got
             try:
-                p.wait(2)
-            except Exception:
-                p.kill()
-            if pid not in out["sniffed"] or not out["sniffed"][pid]:
-                err = p.stderr.read().strip() if p.stderr else ""
-                if err and k not in ready:
-                    out["sniffed"][pid]["_error"] = err.splitlines()[-1]
-    return out
+                s.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                s.proc.kill()
+            if not seen:
+                err = s.proc.stderr.read().strip() if s.proc.stderr else ""
+                if err and not s.ready:
+                    seen["_error"] = err.splitlines()[-1]
+        return sniffed
+
+    @staticmethod
+    def _last_line(s: Sniffer, timeout: float) -> None:
+        """Wait up to `timeout` for the sniffer's packet, then stop it."""
+        try:
+            r, _, _ = select.select([s.proc.stdout], [], [], timeout)
+            if r and s.proc.stdout is not None and (ln := s.proc.stdout.readline()):
+                s.lines.append(ln)
+        finally:
+            s.proc.terminate()
 
 
 def print_result(r: Result, out: Out) -> None:

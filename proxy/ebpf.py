@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.ebpf import loader, proxy_sock
-from corral.proxy.core import ServiceView
+from corral.proxy.core import ServiceView, usable
 from corral.proxy.fastpath_endpoints import FastPathEndpoints
 from corral.proxy.iptables import IptablesMode, Netfilter
 from corral.proxy.mode import ModeContext, SyncResult
@@ -63,6 +63,29 @@ def preflight() -> str | None:
     except OSError as e:
         return f"no BPF filesystem at {loader.BPFFS} ({e}): mount -t bpf bpf {loader.BPFFS}"
     return None
+
+
+def node_cgroup(node: str) -> str:
+    """The node's cgroup2 directory, where the programs attach (every pod lives below)."""
+    from corral.runtime.cgroups import node_unified_dir
+
+    return node_unified_dir(node)
+
+
+def sock_entries(
+    views: Mapping[str, ServiceView], names: Iterable[str]
+) -> dict[str, dict[proxy_sock.SvcKey, proxy_sock.Entry]]:
+    """The socket programs' records of these services (a name without a view: none)."""
+    out: dict[str, dict[proxy_sock.SvcKey, proxy_sock.Entry]] = {}
+    for name in names:
+        view, got = views.get(name), out.setdefault(name, {})
+        for sp in view.ports if view is not None else ():
+            if sp.protocol in proxy_sock.PROTOCOLS:
+                eps = usable(view.endpoints_of(sp))  # type: ignore[union-attr]
+                backends = tuple(sorted({(e.ip, e.port) for e in eps}))
+                entry = proxy_sock.Entry(backends[: proxy_sock.MAX_BACKENDS], sp.affinity_timeout)
+                got[(sp.cluster_ip, sp.port, sp.protocol)] = entry
+    return out
 
 
 def explain(e: Exception) -> str:
@@ -93,7 +116,7 @@ class EbpfMode:
     ) -> None:
         self.node = node
         self.iptables = IptablesMode(cluster_cidr, netfilter, fast_path)
-        self.sock = sock or proxy_sock.SockLB(node)
+        self.sock = sock or proxy_sock.SockLB(node, node_cgroup(node))
         self.fallback = fallback  # --mode auto: a failed load leaves the iptables rules alone
         self.loaded = False
         self.attached = False
@@ -138,7 +161,7 @@ class EbpfMode:
         """The programs and pinned maps (no BCC needed; CAP_SYS_ADMIN: programs on a
         cgroup are found by id). The iptables half is the iptables mode's to remove."""
         try:
-            return proxy_sock.remove_all(node)
+            return proxy_sock.remove_all(node, node_cgroup(node))
         except (OSError, ValueError) as e:
             log.warning("cannot remove the eBPF mode's programs and maps: %s", e)
             return []
@@ -224,7 +247,8 @@ class EbpfMode:
     # ------------------------------------------------------------ the one place for the maps
 
     def _write_maps(self, views: Mapping[str, ServiceView], changed: set[str] | None) -> int:
-        return self.sock.sync(views, changed)
+        records = sock_entries(views, views if changed is None else changed)
+        return self.sock.sync(records, changed)
 
     def _attach(self) -> None:
         how = self.sock.attach()

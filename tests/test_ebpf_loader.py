@@ -1,4 +1,4 @@
-"""corral.ebpf.loader against the real kernel: cgroup attach/detach, pinned maps, batch updates.
+"""corral.ebpf.loader on the real kernel: cgroup attach/detach, pinned maps, BCC maps as BpfMaps.
 
 Everything happens in a cgroup2 directory made under /sys/fs/cgroup/unified for
 this run (never the root) and, for traffic, in a network namespace made for it;
@@ -10,6 +10,7 @@ Tests run in file order on the shared load.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -21,6 +22,15 @@ from answer_helpers import answering_netns
 from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader
+from corral.ebpf.pinned_map import (
+    ARRAY,
+    HASH,
+    LPM_TRIE,
+    PERCPU_ARRAY,
+    LayoutMismatch,
+    MapSpec,
+    ip_key,
+)
 from corral.node import netns
 
 pytestmark = NEEDS_ROOT_AND_BCC
@@ -32,6 +42,8 @@ PROXY_HOOKS = {
     "corral_recvmsg4": "recvmsg4",
     "corral_getpeer4": "getpeername4",
 }
+u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+PORTS = MapSpec("ports", HASH, u32, u32, 64)
 ASKED, REDIRECTED = 8001, 8002  # listeners inside the test namespace answer with their port
 RUN = uuid.uuid4().hex[:8]
 NODE = f"test-{RUN}"
@@ -45,13 +57,7 @@ def cgroup() -> Iterator[str]:
         yield path
     finally:
         # the test's own cgroup: whatever is attached to it was attached by this file
-        cg = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for p in loader.cgroup_programs(path, everyone=True):
-                with loader._prog_by_id(p.id) as fd:
-                    loader._bpf().bpf_prog_detach2(fd, cg, loader.HOOKS[p.hook][1])
-        finally:
-            os.close(cg)
+        loader.detach_cgroup(path, everyone=True)
         os.rmdir(path)  # the children have exited: the cgroup is empty
 
 
@@ -138,7 +144,8 @@ def test_connect4_redirects_only_inside_the_cgroup(
     progs: loader.CgroupPrograms, cgroup: str, ns: str
 ) -> None:
     assert loader.pinned(NODE) == ["counts", "ports"]
-    assert loader.update_batch(progs.map("ports"), [(ASKED, REDIRECTED)]) == "batch"
+    with progs.open_map(PORTS) as ports:
+        assert ports.update_batch([(ASKED, REDIRECTED)]) == "batch"
     assert reached(ns, cgroup) == ASKED  # nothing attached yet
     assert progs.attach(cgroup, "corral_connect4") == "attached"
     assert progs.attach(cgroup, "corral_sock") == "attached"
@@ -156,41 +163,30 @@ def test_connect4_redirects_only_inside_the_cgroup(
     assert counts[counts.Key(1)].value >= 1  # the client's socket seen at creation
 
 
-def test_batch_updates_hash_and_array(progs: loader.CgroupPrograms) -> None:
-    h = progs.map("bulk_hash")
-    assert loader.update_batch(h, [(i, i * 10) for i in range(1000)], fallback=False) == "batch"
-    assert len(h) == 1000 and h[h.Key(999)].value == 9990
-    assert loader.update_batch(h, [(5, 1), (1000, 7)], fallback=False) == "batch"  # overwrite + add
-    assert h[h.Key(5)].value == 1 and h[h.Key(1000)].value == 7
-    # keys that are not there (2000, 2001) are skipped, the rest deleted
-    doomed = [*range(0, 1000, 2), 2000, 2001, 1000]
-    assert loader.delete_batch(h, doomed, fallback=False) == "batch"
-    assert sorted(k.value for k in h) == list(range(1, 1000, 2))
-    assert loader.delete_batch(h, [], fallback=False) == "batch"
+def test_bcc_maps_through_the_typed_wrapper(progs: loader.CgroupPrograms) -> None:
+    """A load's tables as BpfMaps: layout checked against the spec, batch calls on them."""
+    with progs.open_map(MapSpec("bulk_hash", HASH, u32, u64, 65536)) as h:
+        assert h.update_batch([(i, i * 10) for i in range(1000)], fallback=False) == "batch"
+        assert len(h) == 1000 and h.get(999) == 9990
+        assert progs.map("bulk_hash")[progs.map("bulk_hash").Key(999)].value == 9990  # BCC's
+        assert h.delete_batch([*range(0, 1000, 2), 2000], fallback=False) == "batch"
+        assert sorted(h) == list(range(1, 1000, 2))
+    with progs.open_map(MapSpec("bulk_array", ARRAY, u32, u64, 65536)) as a:
+        assert a.update_batch([(i, i + 1) for i in range(0, 5000, 5)], fallback=False) == "batch"
+        assert a.get(4995) == 4996 and a.get(4996) == 0
 
-    a = progs.map("bulk_array")
-    assert (
-        loader.update_batch(a, [(i, i + 1) for i in range(0, 5000, 5)], fallback=False) == "batch"
-    )
-    assert a[a.Key(4995)].value == 4996 and a[a.Key(4996)].value == 0
-    assert loader.delete_batch(a, [0, 5, 10], fallback=False) == "batch"  # arrays: zeroed
-    assert [a[a.Key(i)].value for i in (0, 5, 10, 15)] == [0, 0, 0, 16]
-    with pytest.raises(OSError):
-        loader.update_batch(a, [(70000, 1)], fallback=False)  # past the array's end
+    class Prefix(ctypes.Structure):
+        _fields_ = [("len", u32), ("ip", u32)]
 
-    trie = progs.map("bulk_lpm")  # struct keys; 6.18 has batch ops for LPM tries too
-    nets = [(trie.Key(24, loader.ip_key(f"10.96.{i}.0")), i) for i in range(10)]
-    assert loader.update_batch(trie, nets, fallback=False) == "batch"
-    assert trie[trie.Key(32, loader.ip_key("10.96.7.9"))].value == 7  # longest prefix match
-    assert loader.delete_batch(trie, [k for k, _ in nets[:5]], fallback=False) == "batch"
-    assert len(list(trie.keys())) == 5  # BCC tries have no len()
-
-    per_cpu = progs.map("bulk_percpu")  # the loader does not batch per-CPU leaves: it loops
-    leaf = per_cpu.Leaf(*[3] * len(per_cpu.Leaf()))
-    with pytest.raises(OSError):
-        loader.update_batch(per_cpu, [(1, leaf)], fallback=False)
-    assert loader.update_batch(per_cpu, [(1, leaf), (2, leaf)]) == "loop"
-    assert sum(per_cpu[per_cpu.Key(2)]) == 3 * len(leaf)
+    with progs.open_map(MapSpec("bulk_lpm", LPM_TRIE, Prefix, u32, 64, 1)) as trie:
+        assert trie.update_batch([((24, ip_key("10.96.7.0")), 7)]) == "batch"
+        assert trie.get((32, ip_key("10.96.7.9"))) == 7
+    with progs.open_map(MapSpec("bulk_percpu", PERCPU_ARRAY, u32, u64, 16)) as pc:
+        assert pc.update_batch([(1, 3), (2, 3)]) == "loop"
+        assert set(pc.get(2)) == {3}
+    # a Python spec that drifted from the C source is refused, saying what differs
+    with pytest.raises(LayoutMismatch, match=r"bulk_hash: value size 8, not 4"):
+        progs.open_map(MapSpec("bulk_hash", HASH, u32, u32, 65536))
 
 
 def test_reload_reuses_pinned_maps_and_replaces_in_place(
@@ -254,7 +250,7 @@ def test_detach_leaves_other_programs_and_restores(
 
 def test_pinned_map_of_another_layout_refused(loads: list[loader.CgroupPrograms]) -> None:
     """BCC would reuse it as is; the loader refuses and says what to do."""
-    with pytest.raises(loader.BPFUnavailable, match=r"pinned map .*/ports .*remove_pins"):
+    with pytest.raises(loader.PinLayoutError, match=r"/ports: max entries 64, not 128"):
         loader.CgroupPrograms(SOURCE, PROGRAMS, node=NODE, cflags=["-DPORTS_MAX=128"])
     ports = loads[-1].map("ports")
     assert ports[ports.Key(ASKED)].value == REDIRECTED  # untouched

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
+from typing import Any
 
 from corral.api.objects import IPAllocation, NetworkSpec, SubnetLease
 from corral.daemon.debug import DebugServer, query
@@ -216,3 +217,128 @@ def test_a_device_with_another_vni_is_reported() -> None:
     d["components"]["overlay"]["debug"]["kernel"]["device"]["vni"] = 7
     [f] = check.check_overlay(_view(), "n1", d, "corral.1")
     assert "VNI 7" in f.what and f.how == "resync-node"
+
+
+# ------------------------------------------------------------ the check table's pure parts
+
+
+def test_compare_functions_say_nothing_when_both_sides_agree() -> None:
+    route = {"gateway": "10.244.2.0", "dev": "corral.1"}
+    assert check._route("10.244.2.0/24", ("10.244.2.0", "corral.1", "n2"), route) is None
+    d = check._route("10.244.2.0/24", ("10.244.2.0", "corral.1", "n2"), None)
+    assert d is not None and d.what == "route to 10.244.2.0/24 (n2) missing" and d.have == "none"
+    d = check._route("10.244.2.0/24", ("10.244.2.0", "corral.1", "n2"), {**route, "dev": "eth0"})
+    assert d is not None and d.what.endswith("is via 10.244.2.0 dev eth0")
+    neigh = {"mac": "02:00:00:00:00:02", "state": "permanent"}
+    assert check._neighbour("10.244.2.0", ("02:00:00:00:00:02", "n2"), neigh) is None
+    d = check._neighbour("10.244.2.0", ("02:00:00:00:00:02", "n2"), {**neigh, "state": "stale"})
+    assert d is not None and d.have == "02:00:00:00:00:02 stale"
+    assert check._fdb("02:00:00:00:00:02", ("10.250.0.2", "n2"), ["10.250.0.2"]) is None
+    d = check._fdb("02:00:00:00:00:02", ("10.250.0.2", "n2"), ["10.250.0.2", "10.250.0.9"])
+    assert d is not None and "points at 10.250.0.2, 10.250.0.9" in d.what
+    assert check._mtu("corral.1", 1450, 1450) is None
+    assert check._vtep_mac("corral.1", "02:AA:00:00:00:01", "02:aa:00:00:00:01") is None
+
+
+def test_an_entry_walks_etcds_keys_or_the_nodes_and_skips_what_etcd_does_not_ask() -> None:
+    side = check.NodeSide(_view(), "n1", {}, "corral.1")
+    missing = check.Compared(
+        "x", "overlay", lambda s: {"a": 1, "b": 2}, lambda s: {"a": 1, "c": 3},
+        lambda k, w, h: None if w == h else check.Diff(f"{k}: {w} vs {h}"),
+        lambda s, k, w, h: check.Repair("kernel", ["fix", k]),
+    )  # fmt: skip
+    [f] = missing.findings(side)
+    assert (f.node, f.what, f.argv) == ("n1", "b: 2 vs None", ["fix", "b"])
+    stale = check.Compared(
+        "x", "overlay", lambda s: {"a": 1}, lambda s: {("a", 1): 1, ("c", 1): 3},
+        check._stale(lambda k, h: f"stale {k[0]}"), lambda s, k, w, h: check.Repair(),
+        walk="have", match=lambda k: k[0],
+    )  # fmt: skip
+    assert [f.what for f in stale.findings(side)] == ["stale c"]
+    unasked = check.Compared("x", "overlay", lambda s: None, lambda s: {"c": 3}, stale.compare,
+                             stale.fix, walk="have")  # fmt: skip
+    assert unasked.findings(side) == []
+
+
+def test_every_table_entry_has_its_own_name() -> None:
+    names = [c.name for t in (check.OVERLAY, check.FASTPATH, check.PROXY, check.IPAM) for c in t]
+    assert len(names) == len(set(names))
+
+
+def test_a_node_port_service_without_endpoints_is_compared_by_its_vip() -> None:
+    sp = ServicePort("default/empty", "", "TCP", VIP, 80, node_port=30080)
+    sr = R.service_rules(ServiceView((sp,)), "10.244.0.0/16")
+    assert len(sr.rejects) == 2  # the VIP's REJECT and the node port's
+    cv = _view()
+    cv.views = lambda: {"default/empty": ServiceView((sp,))}  # type: ignore[method-assign]
+    hooks = {h: [f"-A {h} -j {R.SERVICES}"] for h in ("PREROUTING", "OUTPUT")}
+    kernel = {"nat": {"chains": {}, "hooks": hooks}, "filter": {"chains": {R.SERVICES: []}}}
+    dump = {"components": {"proxy": {"debug": {"mode": "iptables", "kernel": kernel}}}}
+    [f] = check.check_proxy(cv, "n1", dump)
+    assert f.what == f"default/empty: no REJECT for {VIP}/32 (a service without endpoints)"
+    kernel["filter"]["chains"][R.SERVICES] = sr.rejects
+    assert check.check_proxy(cv, "n1", dump) == []
+
+
+# ------------------------------------------------------------ trace's hop steps
+
+
+def _tracer(fast: bool, route: bool = True) -> Any:
+    from corral.netdebug import trace
+
+    veth = {"name": "veth1", "pod": {"ip": "10.244.1.5"}, "programs": ["from_pod"] if fast else []}
+    kernel = {
+        "routes": [{"dst": "10.244.2.0/24", "gateway": "10.244.2.0", "dev": "corral.1",
+                    "onlink": True}] if route else [],
+        "neighbours": [{"ip": "10.244.2.0", "mac": "02:00:00:00:00:02", "state": "permanent"}],
+        "fdb": [{"mac": "02:00:00:00:00:02", "dst": "10.250.0.2"}],
+    }  # fmt: skip
+    peers = [{"gateway": "10.244.2.0", "underlayIP": "10.250.0.2", "vtepMAC": "02:00:00:00:00:02"}]
+    ov = {"datapath": "bpf", "links": [veth], "kernel": kernel, "fastpathMaps": {"peers": peers}}
+    n1 = check.NodeDumps(node={"components": {"overlay": {"debug": ov}}})
+    dumps = {"n1": n1, "n2": check.NodeDumps()}
+    src = trace.Source("default", "c", "n1", "10.244.1.5", n1, veth, None)
+    return trace.Tracer(_view(), {}, dumps, src, 1.0)
+
+
+def test_trace_plans_the_fast_path_or_the_kernels_and_says_why() -> None:
+    from corral.netdebug import trace
+
+    hops = trace._path(_tracer(fast=True), "10.244.2.7", via_vip=False)
+    assert [h.step for h in hops] == [
+        "routing", "vxlan encap", "destination node", "destination pod",
+    ]  # fmt: skip
+    assert hops[0].decision.startswith("fast path: from_pod on veth1 encapsulates itself")
+    assert hops[1].status == "planned" and "fast path's own copy" in hops[1].decision
+    assert "node agent is unreachable" in hops[2].decision
+    assert hops[3].status == "broken" and "MISSING" in hops[3].decision  # no veth known on n2
+    [routing, *_] = trace._path(_tracer(fast=False, route=False), "10.244.2.7", via_vip=False)
+    assert routing.status == "broken"
+    assert routing.decision == (
+        "kernel: from_pod is not attached to veth1: route to 10.244.2.0/24 MISSING"
+    )
+    [routing, *_] = trace._path(_tracer(fast=True), "10.244.2.7", via_vip=True)
+    assert routing.decision.startswith("kernel: the packet was DNATed by netfilter")
+
+
+def test_trace_confirms_the_hops_whose_sniffer_saw_the_probe() -> None:
+    from corral.netdebug import trace
+
+    hops = [trace.Hop(step, "n1", "", probe=p) for step, p in
+            (("a", "src"), ("b", "out"), ("c", "in"), ("d", None))]  # fmt: skip
+    sniffed = {"src": {"*": "seen"}, "out": {"_error": "no such device"}, "in": {"10.9.9.9": "x"}}
+    trace._confirm(hops, sniffed, "10.244.2.7")
+    assert [h.status for h in hops] == ["confirmed", "unchecked", "refuted", "planned"]
+    assert trace._first(hops, ("refuted", "broken")) == 2
+
+
+def test_agent_argv_leaves_out_unset_flags_and_repeats_lists() -> None:
+    from corral.netdebug.access import NodeAccess
+    from corral.netdebug.trace import agent_argv
+
+    acc = NodeAccess("n1", python="py")
+    argv = agent_argv(acc, "sniff", iface=["eth0", "veth1"], host=None, vni=0, raw=True, x=False)
+    assert argv == [
+        "py", "-m", "corral.netdebug.agent", "sniff",
+        "--iface", "eth0", "--iface", "veth1", "--vni", "0", "--raw",
+    ]  # fmt: skip

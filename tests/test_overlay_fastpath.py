@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from overlay_testbed import Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
+from corral.ebpf import overlay_fastpath as fastpath
 from corral.node import netns
 
 pytestmark = NEEDS_ROOT_AND_BCC
@@ -314,3 +316,48 @@ def test_a_deleted_pod_leaves_the_map(bed: Testbed) -> None:
     )
     bed.node(FAST).pods.remove(extra)
     assert bed.ping(pod(bed, KERNEL), pod(bed, FAST).ip)
+
+
+@dataclass(frozen=True)
+class _Remote:
+    subnet: str
+    public_ip: str
+    vtep_mac: str
+
+    @property
+    def gateway(self) -> str:
+        return self.subnet.split("/")[0][:-1] + "0"
+
+
+def test_maps_hold_what_the_agent_said() -> None:
+    """A load of its own (no node, no pins): config, peers and peer IPs as the programs see them."""
+    fp = fastpath.FastPath()
+    fp.load()
+    try:
+        mac = "02:00:00:00:00:01"
+        fp.configure(
+            fastpath.Settings("10.244.0.0/16", "10.244.1.0/24", 2, "172.31.0.1", 7, 4789, mac, 3)
+        )
+        c = fp.maps["config"].get(0)
+        assert (c.vni, c.port, bytes(c.vtep_mac)) == (7, 0xB512, bytes.fromhex("020000000001"))
+        a = _Remote("10.244.2.0/24", "172.31.0.2", "02:00:00:00:00:02")
+        b = _Remote("10.244.3.0/24", "172.31.0.3", "02:00:00:00:00:03")
+        fp.sync_peers([a, b], on_link=lambda ip: ip == a.public_ip)
+        fp.sync_peer_ips({a.public_ip, b.public_ip})
+        d = fp.describe()
+        assert [(p["gateway"], p["nexthop"]) for p in d["peers"]] == [
+            ("10.244.2.0", "172.31.0.2"),
+            ("10.244.3.0", None),
+        ]
+        assert d["peerIPs"] == ["172.31.0.2", "172.31.0.3"]
+        assert fp.sync_peers([b], on_link=lambda ip: False) == [
+            "fast path: peer 10.244.2.0/24 removed"
+        ]
+        fp.sync_peer_ips({b.public_ip})
+        d = fp.describe()
+        assert [p["gateway"] for p in d["peers"]] == ["10.244.3.0"]
+        assert d["peerIPs"] == ["172.31.0.3"] and d["pods"] == []
+        assert fp.stats() == dict.fromkeys(fastpath.STATS, 0)
+    finally:
+        fp.close()
+    assert fp.maps == {} and fp.describe() == {}

@@ -10,6 +10,7 @@ Pins of the test node and the cgroup go in finalizers.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from answer_helpers import answering_netns
 from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader, pod_cgroups, proxy_sock
+from corral.ebpf.pinned_map import LRU_HASH, BpfMap, MapSpec, ip_key
 from corral.ebpf.proxy_sock import Entry, SockLB
 from corral.node import netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
@@ -127,7 +129,15 @@ def view(vip: str, backends: tuple, affinity: int | None = None) -> ServiceView:
     return ServiceView((sp,), ((sp.key, eps),) if eps else ())
 
 
+def web(backends: tuple, affinity: int | None = None, vip: str = VIP) -> dict:
+    """The socket programs' records of a one-port TCP service default/web."""
+    return {"default/web": {(vip, 80, "TCP"): Entry(tuple(sorted(backends)), affinity)}}
+
+
 def test_entries_from_views() -> None:
+    """The proxy's conversion of its views into the records SockLB takes."""
+    from corral.proxy.ebpf import sock_entries
+
     sp = ServicePort("ns/a", "", "UDP", "10.96.0.9", 53)
     sctp = ServicePort("ns/a", "s", "SCTP", "10.96.0.9", 99)
     v = ServiceView(
@@ -139,12 +149,14 @@ def test_entries_from_views() -> None:
             ),
         ),
     )
-    assert proxy_sock.entries(v) == {("10.96.0.9", 53, "UDP"): Entry((("10.244.1.2", 5353),))}
-    assert proxy_sock.entries(None) == {}
+    assert sock_entries({"ns/a": v}, ["ns/a", "ns/gone"]) == {
+        "ns/a": {("10.96.0.9", 53, "UDP"): Entry((("10.244.1.2", 5353),))},
+        "ns/gone": {},
+    }
 
 
 def test_spread_peer_name_and_outside_the_cgroup(lb: SockLB, ns: str, cgroup: str) -> None:
-    assert lb.sync({"default/web": view(VIP, BACKENDS)}, None) > 0
+    assert lb.sync(web(BACKENDS), None) > 0
     answers = run(ns, cgroup, *[["tcp", VIP, 80]] * 60)
     assert not [a for a in answers if a.startswith("ERR")], answers
     counts = Counter(port_of(a) for a in answers)
@@ -156,9 +168,8 @@ def test_spread_peer_name_and_outside_the_cgroup(lb: SockLB, ns: str, cgroup: st
 
 
 def test_no_endpoints_refused_at_once_tcp_and_udp(lb: SockLB, ns: str, cgroup: str) -> None:
-    sp_t = ServicePort("default/none", "t", "TCP", NONE_VIP, 80)
-    sp_u = ServicePort("default/none", "u", "UDP", NONE_VIP, 53)
-    lb.sync({"default/none": ServiceView((sp_t, sp_u))}, ["default/none"])
+    refused = {(NONE_VIP, 80, "TCP"): Entry(()), (NONE_VIP, 53, "UDP"): Entry(())}
+    lb.sync({"default/none": refused}, ["default/none"])
     assert run(ns, cgroup, ["tcp", NONE_VIP, 80], ["udp", NONE_VIP, 53]) == ["ERR:ECONNREFUSED"] * 2
     lb.sync({}, ["default/none"])
     assert all(k[0] != NONE_VIP for k in lb.read_kernel())
@@ -167,16 +178,12 @@ def test_no_endpoints_refused_at_once_tcp_and_udp(lb: SockLB, ns: str, cgroup: s
 def test_unconnected_udp_per_datagram_and_reply_shows_the_vip(
     lb: SockLB, ns: str, cgroup: str
 ) -> None:
-    sp = ServicePort("default/dns", "dns", "UDP", VIP, 53)
-    eps = tuple(EndpointInfo(ip, port) for ip, port in UDP_BACKENDS)
-    views = {"default/dns": ServiceView((sp,), ((sp.key, eps),))}
-    lb.sync(views, ["default/dns"])
+    lb.sync({"default/dns": {(VIP, 53, "UDP"): Entry(UDP_BACKENDS)}}, ["default/dns"])
     answers = run(ns, cgroup, *[["udp", VIP, 53]] * 30)
     assert {a.split()[1] for a in answers} == {f"{VIP}:53"}, answers
     assert len({port_of(a) for a in answers}) >= 2
     # a backend leaves: the next datagram already avoids it
-    views = {"default/dns": ServiceView((sp,), ((sp.key, eps[:1]),))}
-    lb.sync(views, ["default/dns"])
+    lb.sync({"default/dns": {(VIP, 53, "UDP"): Entry(UDP_BACKENDS[:1])}}, ["default/dns"])
     assert {port_of(a) for a in run(ns, cgroup, *[["udp", VIP, 53]] * 10)} == {UDP_PORTS[0]}
     lb.sync({}, ["default/dns"])
 
@@ -192,7 +199,7 @@ def test_affinity_200_clients_failover_timeout_and_switching(
     lb: SockLB, ns: str, cgroup: str
 ) -> None:
     srcs = [f"127.0.1.{i}" for i in range(1, 201)]
-    views = {"default/web": view(VIP, BACKENDS, affinity=3600)}
+    views = web(BACKENDS, affinity=3600)
     lb.sync(views, ["default/web"])
     answers = run(ns, cgroup, *[["tcp", VIP, 80, s] for _ in range(3) for s in srcs])
     assert not [a for a in answers if a.startswith("ERR")]
@@ -203,8 +210,7 @@ def test_affinity_200_clients_failover_timeout_and_switching(
     # a backend goes (NotReady or removed): its clients move at once and stick to the new one
     victim = spread.most_common(1)[0][0]
     mine = [srcs[i] for i, v in sticky.items() if next(iter(v)) == victim]
-    lb.sync({"default/web": view(VIP, tuple(b for b in BACKENDS if b[1] != victim), 3600)},
-            ["default/web"])  # fmt: skip
+    lb.sync(web(tuple(b for b in BACKENDS if b[1] != victim), 3600), ["default/web"])
     moved = _by_client(run(ns, cgroup, *[["tcp", VIP, 80, s] for _ in range(2) for s in mine]),
                        len(mine))  # fmt: skip
     assert all(len(v) == 1 and victim not in v for v in moved.values()), moved
@@ -214,13 +220,13 @@ def test_affinity_200_clients_failover_timeout_and_switching(
     again = run(ns, cgroup, *[["tcp", VIP, 80, s] for s in others])
     assert [port_of(a) for a in again] == [next(iter(sticky[srcs.index(s)])) for s in others]
     # a short timeout: an idle client's entry expires and it is placed at random again
-    lb.sync({"default/web": view(VIP, BACKENDS, affinity=1)}, ["default/web"])
+    lb.sync(web(BACKENDS, affinity=1), ["default/web"])
     first = [port_of(a) for a in run(ns, cgroup, *[["tcp", VIP, 80, s] for s in srcs[:30]])]
     time.sleep(2.5)
     later = [port_of(a) for a in run(ns, cgroup, *[["tcp", VIP, 80, s] for s in srcs[:30]])]
     assert first != later  # 30 fresh random picks all equal to the old ones: 3**-30
     # affinity off: one client spreads; on again: old entries are not honoured
-    lb.sync({"default/web": view(VIP, BACKENDS)}, ["default/web"])
+    lb.sync(web(BACKENDS), ["default/web"])
     assert len({port_of(a) for a in run(ns, cgroup, *[["tcp", VIP, 80, srcs[0]]] * 30)}) >= 2
     lb.sync(views, ["default/web"])
     epochs = {h.epoch for k, h in lb.read_kernel().items() if k[0] == VIP and k[1] == 80}
@@ -229,7 +235,7 @@ def test_affinity_200_clients_failover_timeout_and_switching(
 
 def test_concurrent_connections_of_a_new_client_agree(lb: SockLB, ns: str, cgroup: str) -> None:
     """The CPU race: a client's first connections, made at once, all land on one backend."""
-    lb.sync({"default/web": view(VIP, BACKENDS, affinity=3600)}, ["default/web"])
+    lb.sync(web(BACKENDS, affinity=3600), ["default/web"])
     ops = [["burst", VIP, 80, f"127.0.2.{i}", 8] for i in range(1, 41)]
     for i, got in enumerate(run(ns, cgroup, *ops)):
         assert not [a for a in got if a.startswith("ERR")], got
@@ -243,12 +249,10 @@ def test_pod_ip_from_the_runtime_keys_affinity(lb: SockLB, ns: str, cgroup: str)
         os.makedirs(d, exist_ok=True)
         pod_cgroups.set_ip(NODE, d, "10.244.9.9")
     assert pod_cgroups.lookup(NODE, a) == "10.244.9.9"
-    lb.sync({"default/web": view(VIP, BACKENDS, affinity=3600)}, ["default/web"])
+    lb.sync(web(BACKENDS, affinity=3600), ["default/web"])
     got = {port_of(x) for d in (a, b) for x in run(ns, d, *[["tcp", VIP, 80]] * 5)}
     assert len(got) == 1
-    keys = {loader.ip_key("10.244.9.9")}
-    aff = lb._map("proxy_aff")
-    assert any(k.client in keys for k, _ in aff.items())  # type: ignore[attr-defined]
+    assert any(k.client == ip_key("10.244.9.9") for k in lb.maps["proxy_aff"])
     assert pod_cgroups.forget(NODE, a) and pod_cgroups.forget(NODE, b)
     assert pod_cgroups.lookup(NODE, a) is None
 
@@ -289,15 +293,15 @@ def test_ebpf_mode_maps_at_once_iptables_rules_behind(lb: SockLB, ns: str, cgrou
 def test_restart_reuses_pins_and_leaves_unchanged_services_alone(
     lb: SockLB, ns: str, cgroup: str
 ) -> None:
-    lb.sync({"default/web": view(VIP, BACKENDS)}, None)
-    ids = {n: lb.progs.map_id(n) for n in proxy_sock.MAPS}  # type: ignore[union-attr]
+    lb.sync(web(BACKENDS), None)
+    ids = {n: lb.map_id(n) for n in proxy_sock.MAPS}
     before = lb.read_kernel()
     again = SockLB(NODE, cgroup=cgroup)
     again.load()
     try:
-        assert {n: again.progs.map_id(n) for n in proxy_sock.MAPS} == ids  # type: ignore[union-attr]
+        assert {n: again.map_id(n) for n in proxy_sock.MAPS} == ids
         assert again.read_kernel() == before
-        assert again.sync({"default/web": view(VIP, BACKENDS)}, None) == 0  # nothing to write
+        assert again.sync(web(BACKENDS), None) == 0  # nothing to write
         assert again.attach() == dict.fromkeys(proxy_sock.PROGRAMS, "replaced")
         assert {port_of(a) for a in run(ns, cgroup, *[["tcp", VIP, 80]] * 20)} <= set(TCP_PORTS)
         mem = again.map_memory()
@@ -313,3 +317,22 @@ def test_cleanup_detaches_and_unpins(lb: SockLB, cgroup: str) -> None:
     assert loader.cgroup_programs(cgroup) == []
     assert not lb.attached_ok()
     assert set(loader.pinned(NODE)) <= {"pod_cgroups"}  # the runtime's map stays
+
+
+def test_own_maps_of_an_older_layout_are_made_anew(cgroup: str) -> None:
+    """An upgrade changed a proxy map's struct: the load unpins the old one and starts afresh."""
+    node = f"{NODE}-old"
+    path = os.path.join(loader.pin_dir(node), "proxy_rev")
+    old = MapSpec("proxy_rev", LRU_HASH, ctypes.c_uint64, ctypes.c_uint32, 1024)
+    with BpfMap.pinned(path, old) as m:
+        m.put(1, 2)
+        old_id = m.id
+    s = SockLB(node, cgroup=cgroup)
+    try:
+        s.load()  # not attached: the module's load owns the cgroup
+        assert s.map_id("proxy_rev") != old_id and len(s.maps["proxy_rev"]) == 0
+        with BpfMap.open(path, proxy_sock.SPECS["proxy_rev"]) as now:  # type: ignore[union-attr]
+            assert now.id == s.map_id("proxy_rev")
+    finally:
+        s.close()
+        loader.remove_pins(node)
