@@ -36,7 +36,7 @@ import time
 
 from corral.node import iptables, netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
-from corral.proxy.iptables import IptablesMode, Kernel
+from corral.proxy.iptables import IptablesMode, Netfilter
 
 CIDR = "10.244.0.0/16"
 
@@ -120,7 +120,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
         netns.add(ns)
     try:
         vs = views(n)
-        mode = IptablesMode(CIDR, Kernel(ns_c))
+        mode = IptablesMode(CIDR, Netfilter(ns_c))
         first = timed(lambda: mode.sync(True, vs, set()))
         text = kube_proxy_ruleset(vs)
         peer_first = timed(lambda: iptables.restore(ns_p, text, timeout=3600))
@@ -199,7 +199,7 @@ async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[floa
     from corral.api.objects import EndpointSlice, Service
     from corral.api.store import Store
     from corral.cluster.etcd import LocalEtcd
-    from corral.proxy.daemon import Proxy
+    from corral.proxy.component import Proxy
 
     def slice_of(i: int, ips: list[str]) -> EndpointSlice:
         return EndpointSlice(
@@ -239,11 +239,10 @@ async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[floa
                     store,
                     informers,
                     "bench",
-                    mode=IptablesMode(pc.CLUSTER_CIDR, Kernel(topo.node)),
+                    mode=IptablesMode(pc.CLUSTER_CIDR, Netfilter(topo.node)),
                     node_setup=False,
                     max_interval=3600,
                 )
-                proxy._sync_bpf_map = lambda *a: None  # type: ignore[method-assign]
                 await proxy.start()
                 task = asyncio.create_task(proxy.run())
                 while not proxy.synced_once:

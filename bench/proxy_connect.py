@@ -168,9 +168,9 @@ def topology(prefix: str = "benchpx") -> Iterator[Topology]:
 
 def program_iptables(t: Topology, vs: dict[str, ServiceView]) -> Callable[[], None]:
     """One full sync of the iptables mode in the node namespace; returns its cleanup."""
-    from corral.proxy.iptables import IptablesMode, Kernel
+    from corral.proxy.iptables import IptablesMode, Netfilter
 
-    mode = IptablesMode(CLUSTER_CIDR, Kernel(t.node))
+    mode = IptablesMode(CLUSTER_CIDR, Netfilter(t.node))
     mode.sync(True, vs, set())
     return lambda: None  # the namespace goes with the topology
 

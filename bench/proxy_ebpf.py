@@ -42,7 +42,7 @@ from corral.ebpf import loader, proxy_sock
 from corral.node import netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
 from corral.proxy.ebpf import sock_entries
-from corral.proxy.iptables import IptablesMode, Kernel
+from corral.proxy.iptables import IptablesMode, Netfilter
 
 CIDR = "10.244.0.0/16"
 PORT = 8080
@@ -155,7 +155,7 @@ def connections(sizes: list[int], secs: float, rounds: int, iptables_upto: int) 
                 netns.command(iname, ["ip", "route", "add", "10.96.0.0/12", "dev", "lo"]),
                 check=True,
             )
-            ipt = IptablesMode(CIDR, Kernel(iname))
+            ipt = IptablesMode(CIDR, Netfilter(iname))
             for n in sizes:
                 vs = views(n)
                 t0 = time.perf_counter()
@@ -199,7 +199,7 @@ async def programming(n: int, changes: int) -> list[float]:
     from corral.api.objects import EndpointSlice, Service
     from corral.api.store import Store
     from corral.cluster.etcd import LocalEtcd
-    from corral.proxy.daemon import Proxy
+    from corral.proxy.component import Proxy
     from corral.proxy.ebpf import EbpfMode
 
     tmp = tempfile.mkdtemp(prefix="benchpe-etcd-")
@@ -211,7 +211,7 @@ async def programming(n: int, changes: int) -> list[float]:
     server = LocalEtcd(data_dir=os.path.join(tmp, "data"), log_path=os.path.join(tmp, "etcd.log"))
     server.start()
     netns.add(ns)
-    mode = EbpfMode(CIDR, node, proxy_sock.SockLB(node, cgroup=cg), Kernel(ns))
+    mode = EbpfMode(CIDR, node, proxy_sock.SockLB(node, cgroup=cg), Netfilter(ns))
 
     def slice_of(i: int, gen: int) -> EndpointSlice:
         return EndpointSlice(
@@ -243,7 +243,6 @@ async def programming(n: int, changes: int) -> list[float]:
             await asyncio.gather(*(put(i) for i in range(n)))
             informers = InformerFactory(store)
             proxy = Proxy(store, informers, node, mode=mode, node_setup=False, max_interval=3600)
-            proxy._sync_bpf_map = lambda views, full: None  # type: ignore[method-assign]
             await proxy.start()
             task = asyncio.create_task(proxy.run())
             while not (proxy.synced_once and mode.attached):
@@ -261,7 +260,7 @@ async def programming(n: int, changes: int) -> list[float]:
                         break
                     await asyncio.sleep(0.001)
                 out.append(time.perf_counter() - t0)
-                # the iptables half of the sync runs behind, on its own thread: the next
+                # the iptables half of the sync runs behind, on its own runner: the next
                 # change does not wait for it
                 await asyncio.sleep(0.2)
             task.cancel()

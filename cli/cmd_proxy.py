@@ -1,4 +1,4 @@
-"""`corral proxy`: the service proxy daemon (`--mode iptables`), and `--cleanup`."""
+"""`corral proxy`: the service proxy daemon (`--mode`, proxy/mode.py), and `--cleanup`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from corral.cli.common import CLIError, new_store
 from corral.daemon import options, privileges
+from corral.proxy import mode as modes
 
 DEFAULT_MODE_ENV = "CORRAL_PROXY_MODE"
 
@@ -29,7 +30,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--mode",
-        choices=("iptables", "ebpf", "auto"),
+        choices=modes.names(),
         default=os.environ.get(DEFAULT_MODE_ENV) or "iptables",
         help="how services are programmed: iptables (default), ebpf (pods' connections "
         "translated at connect() by BPF programs on the node's cgroup; NodePort and the "
@@ -71,19 +72,19 @@ def register(sub: Any) -> None:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from corral.proxy import daemon as proxyd
+    from corral.proxy import component
     from corral.proxy.serve import serve
 
     if os.geteuid() != 0:
         raise CLIError("corral proxy programs netfilter and must run as root")
     node = args.node or os.environ.get("CORRAL_NODE") or os.uname().nodename
     if args.cleanup:
-        for line in proxyd.cleanup(node, args.service_cidr):
+        for line in component.cleanup(node, args.service_cidr):
             print(f"removed {line}")
         return 0
     try:
-        mode, why = proxyd.resolve_mode(args.mode)
-    except proxyd.ModeUnavailable as e:
+        mode, why = modes.resolve(args.mode)
+    except modes.ModeUnavailable as e:
         raise CLIError(str(e)) from None
     if args.min_sync_period > args.sync_period or args.sync_period <= 0:
         raise CLIError("--min-sync-period must not exceed --sync-period, which must be > 0")
@@ -93,16 +94,16 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         raise CLIError(f"--metrics-addr {e}") from None
     debug = options.debug_socket(args, "/run/corral/proxy-debug.sock")
     store = new_store(args)
-    if mode == "iptables":  # a node switched from the eBPF mode keeps nothing of it
-        for line in proxyd.remove_ebpf(node):
-            print(f"eBPF mode leftover removed: {line}", flush=True)
+    # a node switched from another mode keeps nothing of it (before privileges go)
+    for line in modes.remove_other_modes(mode, node):
+        print(f"{line} removed (left by another proxy mode)", flush=True)
     # before any thread exists: they inherit what we keep
-    privileges.apply("proxy-ebpf" if mode == "ebpf" else "proxy")
+    privileges.apply(mode.privileges)
     asyncio.run(
         serve(
             store,
             node,
-            mode=mode,
+            mode=mode.name,
             fallback=args.mode == "auto",
             mode_note=why,
             min_sync_period=args.min_sync_period,

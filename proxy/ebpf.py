@@ -1,7 +1,6 @@
 """The eBPF mode: pods' service connections translated at connect()/sendmsg() in BPF.
 
-On the same core as the iptables mode (the daemon hands both the same views
-and changed keys). Two parts:
+A `ProxyMode` (proxy/mode.py), on the same core as the iptables mode. Two parts:
 
 - `SockLB` (ebpf/proxy_sock.py): sock_addr programs on the node's cgroup2
   directory translate VIP:port to a backend for every pod process of the
@@ -15,9 +14,13 @@ and changed keys). Two parts:
   (see ebpf/proxy_sock.c) and SCTP. Pods' TCP and unconnected UDP never
   reach those rules: their packets already carry the backend's address.
 
-The programs are compiled in the background (`load()`, about a second of CPU,
-run by the daemon in an executor); until they are attached the iptables
-rules serve pods too, so nothing waits for BCC. A restarted proxy finds the
+The programs are compiled in the background (`run()` calls `load()` in an
+executor, about a second of CPU); until they are attached the iptables rules
+serve pods too, so nothing waits for BCC. Once they are, a sync writes the
+maps and returns: the iptables half runs behind on its own
+`BoundedFrequencyRunner` (changes that arrive meanwhile coalesce into one
+restore; a failure is retried as a full sync), so pods follow a change in
+milliseconds whatever a restore costs. A restarted proxy finds the
 previous run's programs attached and maps pinned: traffic is translated all
 through the restart, and the new load replaces the programs atomically and
 diffs against what the maps hold.
@@ -25,17 +28,26 @@ diffs against what the maps hold.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
+from corral.daemon import metrics
+from corral.daemon.runner import BoundedFrequencyRunner
 from corral.ebpf import loader, proxy_sock
 from corral.proxy.core import ServiceView, usable
-from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
+from corral.proxy.fastpath_endpoints import FastPathEndpoints
+from corral.proxy.iptables import IptablesMode, Netfilter
+from corral.proxy.mode import ModeContext, SyncResult
 
 log = logging.getLogger(__name__)
+
+# the iptables half follows the syncs it is handed; the component's own periodic
+# full sync reaches it as one of those, so its runner has no period of its own
+RULES_MAX_INTERVAL = 24 * 3600.0
 
 
 def preflight() -> str | None:
@@ -47,7 +59,7 @@ def preflight() -> str | None:
     if why:
         return why
     try:
-        loader.ensure_bpffs()
+        loader.ensure_bpffs()  # mounted already: nothing to do
     except OSError as e:
         return f"no BPF filesystem at {loader.BPFFS} ({e}): mount -t bpf bpf {loader.BPFFS}"
     return None
@@ -87,23 +99,98 @@ def explain(e: Exception) -> str:
 
 
 class EbpfMode:
-    name = "ebpf"
+    name: ClassVar[str] = "ebpf"
+    privileges: ClassVar[str] = "proxy-ebpf"
+    auto_rank: ClassVar[int] = 20
+    includes: ClassVar[tuple[str, ...]] = ("iptables",)  # its rules are part of this mode
 
     def __init__(
         self,
         cluster_cidr: str,
         node: str,
         sock: proxy_sock.SockLB | None = None,
-        kernel: Kernel | None = None,
+        netfilter: Netfilter | None = None,
+        *,
+        fast_path: FastPathEndpoints | None = None,
+        fallback: bool = False,
     ) -> None:
         self.node = node
-        self.iptables = IptablesMode(cluster_cidr, kernel)
-        self.behind = _Behind(self.iptables)
+        self.iptables = IptablesMode(cluster_cidr, netfilter, fast_path)
         self.sock = sock or proxy_sock.SockLB(node, node_cgroup(node))
+        self.fallback = fallback  # --mode auto: a failed load leaves the iptables rules alone
         self.loaded = False
         self.attached = False
+        self.note = ""
         self.entries_written = 0
         self.last_map_seconds = 0.0
+        self._maps_written: Mapping[str, ServiceView] = {}
+        # the iptables half: syncs hand it their views and changed keys (under _lock,
+        # from the executor) and ask its runner for a run (on the loop)
+        self.rules = BoundedFrequencyRunner(
+            "proxy-ebpf-iptables",
+            self._write_rules,
+            min_interval=0.0,
+            max_interval=RULES_MAX_INTERVAL,
+            retry_initial=0.5,
+            retry_max=30.0,
+        )
+        self._lock = threading.Lock()
+        self._views: Mapping[str, ServiceView] | None = None
+        self._changed: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._forget = False
+        self.rules_busy = False
+        self.rules_synced = 0
+        self.rules_last: SyncResult | None = None
+
+    # ------------------------------------------------------------ the registry's side
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return preflight()
+
+    @classmethod
+    def for_node(cls, ctx: ModeContext) -> EbpfMode:
+        nf = Netfilter()
+        fast_path = FastPathEndpoints(ctx.node, nf.dnat_replies)
+        return cls(ctx.cluster_cidr, ctx.node, None, nf, fast_path=fast_path,
+                   fallback=ctx.fallback)  # fmt: skip
+
+    @classmethod
+    def cleanup_node(cls, node: str) -> list[str]:
+        """The programs and pinned maps (no BCC needed; CAP_SYS_ADMIN: programs on a
+        cgroup are found by id). The iptables half is the iptables mode's to remove."""
+        try:
+            return proxy_sock.remove_all(node, node_cgroup(node))
+        except (OSError, ValueError) as e:
+            log.warning("cannot remove the eBPF mode's programs and maps: %s", e)
+            return []
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, ask_full_sync: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        rules = asyncio.create_task(self.rules.run(), name="proxy-ebpf-iptables")
+        try:
+            if not self.loaded:
+                await self._load(ask_full_sync)
+            await rules
+        finally:
+            rules.cancel()
+
+    async def _load(self, ask_full_sync: Callable[[], None]) -> None:
+        """Compile in the background; the iptables rules serve pods until it is done."""
+        assert self._loop is not None
+        try:
+            await self._loop.run_in_executor(None, self.load)
+        except (loader.BPFUnavailable, loader.CgroupError, OSError) as e:
+            msg = explain(e)
+            if not self.fallback:
+                raise RuntimeError(f"--mode ebpf: {msg}") from None
+            self.note = f"auto: eBPF load failed, iptables only ({msg})"
+            log.warning("%s", self.note)
+            return
+        ask_full_sync()
 
     def load(self) -> None:
         """Compile and load the programs (blocking, ~1 s); raises BPFUnavailable."""
@@ -120,134 +207,107 @@ class EbpfMode:
         # the iptables restore of the same change costs afterwards
         t0, n = time.monotonic(), 0
         if self.loaded:
-            every = full or not self.attached
-            records = sock_entries(views, views if every else changed)
-            n = self.sock.sync(records, None if every else changed)
+            n = self._write_maps(views, None if full or not self.attached else changed)
+            self._maps_written = views
             if not self.attached:
-                how = self.sock.attach()
-                self.attached = True
-                log.info(
-                    "eBPF proxy programs on %s (%s); maps pinned under %s",
-                    self.sock.cgroup,
-                    ", ".join(f"{k} {v}" for k, v in sorted(how.items())),
-                    loader.pin_dir(self.node),
-                )
+                self._attach()
             self.entries_written += n
         self.last_map_seconds = time.monotonic() - t0
         # the rules (which serve pods too until the programs are on) follow behind
-        self.behind.submit(full, views, changed)
+        with self._lock:
+            self._views = views
+            self._changed |= changed
+        assert self._loop is not None, "run() first"
+        self._loop.call_soon_threadsafe(self.rules.run_soon, full)
         return SyncResult(full, len(changed), n, self.last_map_seconds)
+
+    async def _write_rules(self, full: bool) -> None:
+        """One run of the iptables half: the latest views, every key changed since."""
+        assert self._loop is not None
+        if self._forget:
+            self._forget = False
+            self.iptables.forget_kernel()
+            full = True
+        with self._lock:
+            views, changed, self._changed = self._views, self._changed, set()
+        if views is None:
+            return  # no sync handed anything yet
+        self.rules_busy = True
+        try:
+            self.rules_last = await self._loop.run_in_executor(
+                None, self.iptables.sync, full, views, changed
+            )
+        except Exception:
+            metrics.PROXY_SYNC_ERRORS.inc()
+            raise  # the runner logs it and retries with a full sync
+        finally:
+            self.rules_busy = False
+        self.rules_synced += 1
+
+    # ------------------------------------------------------------ the one place for the maps
+
+    def _write_maps(self, views: Mapping[str, ServiceView], changed: set[str] | None) -> int:
+        records = sock_entries(views, views if changed is None else changed)
+        return self.sock.sync(records, changed)
+
+    def _attach(self) -> None:
+        how = self.sock.attach()
+        self.attached = True
+        log.info(
+            "eBPF proxy programs on %s (%s); maps pinned under %s",
+            self.sock.cgroup,
+            ", ".join(f"{k} {v}" for k, v in sorted(how.items())),
+            loader.pin_dir(self.node),
+        )
+
+    # ------------------------------------------------------------ the rest of ProxyMode
+
+    @property
+    def written(self) -> Mapping[str, ServiceView]:
+        return self._maps_written if self.attached else self.iptables.written
 
     def ready(self) -> bool:
         """Services are served: the programs are on, or the first iptables sync is done."""
-        return self.attached or self.behind.runs > 0
+        return self.attached or self.rules_synced > 0
+
+    def wants_sync(self) -> bool:
+        return self.iptables.wants_sync()
 
     def canary_ok(self) -> bool:
         if self.attached and not self.sock.attached_ok():
             log.warning("eBPF proxy programs gone from %s: reattaching", self.sock.cgroup)
             self.attached = False
             return False
-        if self.behind.runs == 0 or self.behind.busy:
+        if self.rules_synced == 0 or self.rules_busy:
             return True  # the rules are being written behind: nothing to judge yet
         return self.iptables.canary_ok()
 
     def forget_kernel(self) -> None:
-        self.behind.wait_idle()  # not under a running iptables sync
-        self.iptables.forget_kernel()
+        self._forget = True  # the iptables half forgets at the start of its next run
         self.sock.have = None
 
-    def cleanup(self) -> list[str]:
-        return self.iptables.cleanup() + proxy_sock.remove_all(self.node, self.sock.cgroup)
+    def close(self) -> None:
+        self.sock.close()  # our handles only: the programs stay attached
+        self.iptables.close()
 
     def debug(self) -> dict[str, Any]:
+        last = self.rules_last
         return {
-            "loaded": self.loaded,
-            "attached": self.attached,
-            "cgroup": self.sock.cgroup,
-            "pins": loader.pin_dir(self.node),
-            "servicePorts": len(self.sock.have or {}),
-            "entriesWritten": self.entries_written,
-            "batches": self.sock.batches,
-            "iptablesBehind": self.behind.debug(),
-        }
-
-
-class _Behind:
-    """The iptables half of a loaded eBPF mode, on its own thread.
-
-    Pods depend on the maps only, so a restore that takes a second at 10k
-    services must not hold up the next map update: syncs hand their views
-    here and return; the thread coalesces whatever arrived meanwhile into one
-    iptables sync (the union of changed keys, full if any asked), and retries
-    a failure as a full sync.
-    """
-
-    def __init__(self, mode: IptablesMode) -> None:
-        self.mode = mode
-        self._cv = threading.Condition()
-        self._views: Mapping[str, ServiceView] | None = None
-        self._changed: set[str] = set()
-        self._full = False
-        self._thread: threading.Thread | None = None
-        self.busy = False
-        self.runs = self.errors = 0
-        self.last: SyncResult | None = None
-
-    def submit(self, full: bool, views: Mapping[str, ServiceView], changed: set[str]) -> None:
-        with self._cv:
-            self._views, self._full = views, self._full or full
-            self._changed |= changed
-            self._cv.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="proxy-iptables", daemon=True
-                )
-                self._thread.start()
-
-    def _run(self) -> None:
-        from corral.daemon import metrics
-
-        while True:
-            with self._cv:
-                while self._views is None:
-                    self._cv.wait()
-                views, full, changed = self._views, self._full, self._changed
-                self._views, self._full, self._changed = None, False, set()
-                self.busy = True
-            try:
-                self.last = self.mode.sync(full, views, changed)
-                self.runs += 1
-            except Exception as e:  # logged, counted and retried
-                self.errors += 1
-                metrics.PROXY_SYNC_ERRORS.inc()
-                log.warning("iptables rules of the eBPF mode: %s; retrying as a full sync", e)
-                time.sleep(0.5)
-                with self._cv:
-                    if self._views is None:
-                        self._views = views
-                    self._full = True
-                    self._changed |= changed
-            finally:
-                with self._cv:
-                    self.busy = self._views is not None
-                    self._cv.notify_all()
-
-    def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Until nothing is pending or running (tests, the bench)."""
-        end = time.monotonic() + timeout
-        with self._cv:
-            while self.busy or self._views is not None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(left)
-        return True
-
-    def debug(self) -> dict[str, Any]:
-        last = self.last
-        return {
-            "runs": self.runs,
-            "errors": self.errors,
-            "busy": self.busy,
-            "lastSeconds": None if last is None else round(last.seconds, 4),
+            **self.iptables.debug(),
+            "ebpf": {
+                "loaded": self.loaded,
+                "attached": self.attached,
+                "note": self.note,
+                "cgroup": self.sock.cgroup,
+                "pins": loader.pin_dir(self.node),
+                "servicePorts": len(self.sock.have or {}),
+                "entriesWritten": self.entries_written,
+                "batches": self.sock.batches,
+                "iptablesBehind": {
+                    "runs": self.rules.runs,
+                    "errors": self.rules.failures,
+                    "busy": self.rules_busy,
+                    "lastSeconds": None if last is None else round(last.seconds, 4),
+                },
+            },
         }

@@ -10,7 +10,9 @@ CORRAL-SERVICES, the VIP buckets of the changed services, CORRAL-NODEPORTS,
 the filter REJECTs), only those whose rules changed; a full one rewrites
 everything, re-checks the hook rules and deletes owned chains and sets nobody
 wants.
-Blocking: the daemon calls these methods in an executor.
+When the proxy runs it on a node (`for_node`), the fast path's endpoint map is
+fed around each restore (proxy/fastpath_endpoints.py).
+Blocking: the proxy component calls these methods in an executor.
 """
 
 from __future__ import annotations
@@ -18,26 +20,18 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from corral.node import iptables, netns
+from corral.proxy import fastpath_endpoints
 from corral.proxy import rules as R
 from corral.proxy.core import ServiceView, usable
+from corral.proxy.fastpath_endpoints import FastPathEndpoints
+from corral.proxy.mode import ModeContext, SyncResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SyncResult:
-    full: bool
-    services: int  # services written
-    lines: int  # rules written
-    seconds: float
-    conntrack_flushes: int = 0
-    sets_created: int = 0
-    sets_destroyed: int = 0
-    chains_deleted: int = 0
 
 
 def parse_dnat_replies(text: str) -> set[tuple[str, int, str]]:
@@ -55,8 +49,9 @@ def parse_dnat_replies(text: str) -> set[tuple[str, int, str]]:
 
 
 @dataclass
-class Kernel:
-    """The commands a sync runs, in the proxy's network namespace (None: this one)."""
+class Netfilter:
+    """The netfilter commands a sync runs (iptables-restore, ipset, conntrack), in the
+    proxy's network namespace (None: this one)."""
 
     namespace: str | None = None
     calls: list[str] = field(default_factory=list)  # what ran, for tests and debugging
@@ -144,19 +139,73 @@ class Kernel:
 
 
 class IptablesMode:
-    """Programs services into netfilter; keeps what it wrote so partial syncs stay small."""
+    """Programs services into netfilter; keeps what it wrote so partial syncs stay small.
 
-    name = "iptables"
+    A `ProxyMode` (proxy/mode.py). With `fast_path`, the fast path's endpoint map is
+    fed before and after each restore."""
 
-    def __init__(self, cluster_cidr: str, kernel: Kernel | None = None) -> None:
+    name: ClassVar[str] = "iptables"
+    privileges: ClassVar[str] = "proxy"
+    auto_rank: ClassVar[int] = 10
+    includes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        cluster_cidr: str,
+        netfilter: Netfilter | None = None,
+        fast_path: FastPathEndpoints | None = None,
+    ) -> None:
         self.cluster_cidr = cluster_cidr
-        self.kernel = kernel or Kernel()
+        self.netfilter = netfilter or Netfilter()
+        self.fast_path = fast_path
         self.rules: dict[str, R.ServiceRules] = {}
         self.written: dict[str, ServiceView] = {}  # what the kernel holds, per service
         self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
         self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
         self.index = R.Index()  # which services have portals (per bucket), nodePorts, ...
         self.dispatch: dict[R.Chain, list[str]] = {}  # dispatch chains as last written
+        self.synced = False
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None  # iptables-restore, ipset and conntrack are what bootstrap.sh installs
+
+    @classmethod
+    def for_node(cls, ctx: ModeContext) -> IptablesMode:
+        nf = Netfilter()
+        return cls(ctx.cluster_cidr, nf, FastPathEndpoints(ctx.node, nf.dnat_replies))
+
+    @classmethod
+    def cleanup_node(cls, node: str) -> list[str]:
+        return cls("0.0.0.0/0").cleanup() + fastpath_endpoints.clear(node)
+
+    async def run(self, ask_full_sync: Callable[[], None]) -> None:
+        return None  # nothing in the background: syncs do everything
+
+    def ready(self) -> bool:
+        return self.synced
+
+    def wants_sync(self) -> bool:
+        return self.fast_path is not None and self.fast_path.draining
+
+    def close(self) -> None:
+        if self.fast_path is not None:
+            self.fast_path.close()
+
+    def debug(self) -> dict[str, Any]:
+        from corral.node import nodeview
+
+        ns = self.netfilter.namespace
+        out: dict[str, Any] = {
+            "kernel": {
+                "nat": nodeview.iptables_chains(ns, "nat"),
+                "filter": nodeview.iptables_chains(ns, "filter"),
+                "ipsets": nodeview.ipsets(ns),
+            }
+        }
+        if self.fast_path is not None:
+            out.update(self.fast_path.debug())
+        return out
 
     def _set_rules(self, key: str, view: ServiceView | None) -> None:
         old = self.rules.pop(key, None)
@@ -172,10 +221,15 @@ class IptablesMode:
         self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
     ) -> SyncResult:
         t0 = time.monotonic()
-        k = self.kernel
+        k = self.netfilter
+        changed = set(changed)
         if self.chains is None or self.sets is None:
             full = True
-        keys = set(views) | set(self.written) if full else set(changed)
+        if self.fast_path is not None:
+            # the fast path hands a new endpoint's replies to conntrack before a rule
+            # DNATs to it, and a gone one's only after no rule does any more
+            self.fast_path.before(views, changed, full)
+        keys = set(views) | set(self.written) if full else changed
         old = {key: self.written.get(key) for key in keys}
         prev_chains = {c for key in keys if key in self.rules for c in self.rules[key].chains}
         touched = {self.rules[key].bucket for key in keys if key in self.rules}
@@ -252,6 +306,9 @@ class IptablesMode:
                 self.written[key] = views[key]
             else:
                 self.written.pop(key, None)
+        if self.fast_path is not None:
+            self.fast_path.after(full)
+        self.synced = True
         return SyncResult(
             full=full,
             services=len(keys),
@@ -292,17 +349,17 @@ class IptablesMode:
                     else set()
                 )
                 if now and not was and R.svc_chain(sp) not in kernel_chains:
-                    self.kernel.conntrack_delete(
+                    self.netfilter.conntrack_delete(
                         ["-p", "udp", "--orig-dst", sp.cluster_ip, "--orig-port-dst", str(sp.port)]
                     )
                     n += 1
                 for ip in sorted(was - now):
-                    self.kernel.conntrack_delete(
+                    self.netfilter.conntrack_delete(
                         ["-p", "udp", "--orig-dst", sp.cluster_ip, "--dst-nat", ip]
                     )
                     n += 1
                     if sp.node_port:
-                        self.kernel.conntrack_delete(
+                        self.netfilter.conntrack_delete(
                             ["-p", "udp", "--orig-port-dst", str(sp.node_port), "--dst-nat", ip]
                         )
                         n += 1
@@ -311,14 +368,14 @@ class IptablesMode:
             for sid, sp in ports_before.items():
                 if sp.protocol == "UDP" and sid not in after_ids and before is not None:
                     for ip in sorted({e.ip for e in usable(before.endpoints_of(sp))}):
-                        self.kernel.conntrack_delete(
+                        self.netfilter.conntrack_delete(
                             ["-p", "udp", "--orig-dst", sp.cluster_ip, "--dst-nat", ip]
                         )
                         n += 1
         return n
 
     def canary_ok(self) -> bool:
-        return self.kernel.canary_ok()
+        return self.netfilter.canary_ok()
 
     def forget_kernel(self) -> None:
         """Someone changed the tables by hand: the next (full) sync re-reads what is there."""
@@ -327,7 +384,7 @@ class IptablesMode:
 
     def cleanup(self) -> list[str]:
         """Remove every chain, hook and set the proxy made; what was removed."""
-        k = self.kernel
+        k = self.netfilter
         done: list[str] = []
         for table, hooks in (("nat", R.NAT_HOOKS), ("filter", R.FILTER_HOOKS)):
             for hook, rule in hooks.items():

@@ -1,4 +1,4 @@
-"""`corral proxy`'s daemon: the proxy (proxy/daemon.py) on the skeleton, with its own
+"""`corral proxy`'s daemon: the proxy (proxy/component.py) on the skeleton, with its own
 informers (Service, EndpointSlice). `corral proxy` calls `serve`, after the
 process-wide steps only a fresh process may take (the eBPF mode's leftovers
 removed, capabilities dropped before any thread exists)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from corral.api.informer import InformerFactory
 from corral.api.store import Store
 from corral.daemon.core import Daemon, Informers
-from corral.proxy.daemon import Proxy
+from corral.proxy.component import Proxy
 
 
 async def serve(
@@ -23,7 +23,7 @@ async def serve(
     http_addr: tuple[str, int] | None,
     debug_socket: str | None,
 ) -> None:
-    """Run the proxy of `node` in `mode` (resolved: iptables or ebpf) until SIGTERM,
+    """Run the proxy of `node` in `mode` (a registered mode's name, proxy/mode.py) until SIGTERM,
     serving /metrics and health on `http_addr` and its state on `debug_socket` (None:
     not at all). `fallback` (`--mode auto`): an eBPF load failure falls back to iptables;
     `mode_note` says why the mode was chosen (for the logs and the debug dump).

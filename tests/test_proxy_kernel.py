@@ -21,7 +21,7 @@ from corral.api.store import Store
 from corral.node import netns
 from corral.proxy import rules as R
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceTracker, ServiceView
-from corral.proxy.iptables import IptablesMode, Kernel
+from corral.proxy.iptables import IptablesMode, Netfilter
 
 CIDR = "10.244.0.0/16"
 
@@ -53,7 +53,7 @@ def view(sp: ServicePort, n: int) -> ServiceView:
 def test_sync_canary_repair_and_cleanup(ns: str) -> None:
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80, node_port=30001, affinity_timeout=9)
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
-    mode = IptablesMode(CIDR, Kernel(ns))
+    mode = IptablesMode(CIDR, Netfilter(ns))
     views = {"default/a": view(a, 3), "default/b": view(b, 0)}
     assert mode.sync(False, views, set()).full  # the first sync is full whatever was asked
     nat = sh(ns, "iptables-save", "-t", "nat")

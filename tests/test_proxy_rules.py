@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from corral.api.objects import EndpointSlice, Service
@@ -162,7 +164,7 @@ def test_multiport_named_target_ports() -> None:
     assert dnat == ["10.244.1.2:8080", "10.244.1.2:9100", "10.244.1.3:8080"]
 
 
-class FakeKernel:
+class FakeNetfilter:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.texts: list[str] = []
@@ -190,7 +192,7 @@ class FakeKernel:
 
 
 def test_partial_sync_writes_only_changed_services_and_one_restore() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
@@ -216,7 +218,7 @@ def test_partial_sync_writes_only_changed_services_and_one_restore() -> None:
 
 
 def test_udp_service_from_zero_to_some_endpoints_clears_vip_flows() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
     m.sync(True, {"default/b": view(b, ())}, set())
@@ -226,7 +228,7 @@ def test_udp_service_from_zero_to_some_endpoints_clears_vip_flows() -> None:
 
 
 def test_affinity_sets_created_before_and_destroyed_after_the_restore() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80, affinity_timeout=10)
     m.sync(True, {"default/a": view(a, eps(2))}, set())
@@ -241,7 +243,7 @@ def test_affinity_sets_created_before_and_destroyed_after_the_restore() -> None:
 
 
 def test_deleted_service_leaves_no_chains() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     m.sync(True, {"default/web": view(SP, eps(2))}, set())
     assert m.chains and len(m.chains) == 4  # SVC, 2 SEP, the VIP's bucket
@@ -259,7 +261,7 @@ def declared(text: str) -> set[str]:
 
 
 def test_two_level_dispatch_by_vip_bucket() -> None:
-    k = FakeKernel()
+    k = FakeNetfilter()
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     views = {}
     for i in range(600):  # sequential VIPs spread over all 256 buckets
@@ -297,29 +299,63 @@ def test_two_level_dispatch_by_vip_bucket() -> None:
 
 
 def test_fast_path_endpoint_deltas_count_shared_endpoints() -> None:
-    from collections import Counter
-    from types import SimpleNamespace
+    from corral.proxy.fastpath_endpoints import FastPathEndpoints
 
-    from corral.proxy.daemon import Proxy
-
-    st = SimpleNamespace(_ep_of={}, _ep_count=Counter())
+    fp = FastPathEndpoints("n1", lambda: set())
     a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
     b = ServicePort("default/b", "", "TCP", "10.96.0.2", 80)
     views = {"default/a": view(a, eps(2)), "default/b": view(b, eps(1))}  # share 10.244.1.2
-    added, gone = Proxy._endpoint_delta(st, views, set(), True)  # type: ignore[arg-type]
+    added, gone = fp.delta(views, set(), True)
     assert added == {("10.244.1.2", 8080, "TCP"), ("10.244.1.3", 8080, "TCP")} and not gone
     # a loses both: only the endpoint no other service uses goes
     views["default/a"] = view(a, ())
-    added, gone = Proxy._endpoint_delta(st, views, {"default/a"}, False)  # type: ignore[arg-type]
+    added, gone = fp.delta(views, {"default/a"}, False)
     assert not added and gone == {("10.244.1.3", 8080, "TCP")}
     del views["default/b"]
-    added, gone = Proxy._endpoint_delta(st, views, {"default/b"}, False)  # type: ignore[arg-type]
-    assert gone == {("10.244.1.2", 8080, "TCP")} and not st._ep_count
+    added, gone = fp.delta(views, {"default/b"}, False)
+    assert gone == {("10.244.1.2", 8080, "TCP")} and not fp._ep_count
+
+
+def test_iptables_mode_feeds_the_fast_path_around_its_restore() -> None:
+    """New endpoints enter the map before the restore; a gone one leaves after it, and
+    only once conntrack holds no flow of it (it drains)."""
+    from corral.proxy.fastpath_endpoints import FastPathEndpoints
+
+    k = FakeNetfilter()
+    live: set[tuple[str, int, str]] = set()
+    fp = FastPathEndpoints("n1", lambda: live)
+    events: list[str] = []
+
+    class FakeMap:
+        id, path = 7, "/sys/fs/bpf/corral/n1/proxy_endpoints"
+        have: set[tuple[str, int, str]] = set()
+
+        def entries(self) -> set[tuple[str, int, str]]:
+            return set(self.have)
+
+        def update(self, add: Any, gone: Any) -> None:
+            events.append(f"map +{len(add)} -{len(gone)} after {len(k.texts)} restore(s)")
+            self.have = (self.have | set(add)) - set(gone)
+
+        def close(self) -> None:
+            pass
+
+    fp._map = m = FakeMap()
+    mode = IptablesMode(CIDR, k, fp)  # type: ignore[arg-type]
+    a = ServicePort("default/a", "", "TCP", "10.96.0.1", 80)
+    mode.sync(True, {"default/a": view(a, eps(2))}, set())
+    assert events[0] == "map +2 -0 after 0 restore(s)" and len(m.have) == 2
+    live.add(("10.244.1.3", 8080, "TCP"))  # a connection to the endpoint about to go
+    mode.sync(False, {"default/a": view(a, eps(1))}, {"default/a"})
+    assert len(m.have) == 2 and fp.draining and mode.wants_sync()
+    live.clear()
+    mode.sync(False, {"default/a": view(a, eps(1))}, set())
+    assert m.have == {("10.244.1.2", 8080, "TCP")} and not mode.wants_sync()
 
 
 def test_restarted_proxy_keeps_udp_flows_of_services_it_finds_programmed() -> None:
     b = ServicePort("default/b", "", "UDP", "10.96.0.2", 53)
-    k = FakeKernel()
+    k = FakeNetfilter()
     k.chains = lambda table: {R.svc_chain(b)} if table == "nat" else set()  # type: ignore[method-assign]
     m = IptablesMode(CIDR, k)  # type: ignore[arg-type]
     m.sync(True, {"default/b": view(b, eps(1, 53))}, set())

@@ -9,6 +9,7 @@ Pins of the test node and the cgroup go in finalizers.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -257,17 +258,31 @@ def test_pod_ip_from_the_runtime_keys_affinity(lb: SockLB, ns: str, cgroup: str)
 
 
 def test_ebpf_mode_maps_at_once_iptables_rules_behind(lb: SockLB, ns: str, cgroup: str) -> None:
-    """EbpfMode: a sync programs the maps before returning; the DNAT rules follow on a thread."""
+    """EbpfMode: a sync programs the maps before returning; the DNAT rules follow on the
+    iptables half's own runner."""
     from corral.proxy.ebpf import EbpfMode
-    from corral.proxy.iptables import Kernel
+    from corral.proxy.iptables import Netfilter
 
     name = os.path.basename(ns)
-    mode = EbpfMode("10.244.0.0/16", NODE, sock=lb, kernel=Kernel(name))
+    mode = EbpfMode("10.244.0.0/16", NODE, sock=lb, netfilter=Netfilter(name))
     mode.loaded = mode.attached = True
     views = {"default/web": view(VIP, BACKENDS)}
-    result = mode.sync(True, views, set(views))
-    assert result.lines > 0 and lb.have and (VIP, 80, "TCP") in lb.have
-    assert mode.behind.wait_idle(120) and mode.behind.errors == 0
+
+    async def go() -> None:
+        task = asyncio.create_task(mode.run(lambda: None))
+        try:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, mode.sync, True, views, set(views))
+            assert result.lines > 0 and lb.have and (VIP, 80, "TCP") in lb.have
+            for _ in range(1200):
+                if mode.rules_synced or mode.rules.failures:
+                    break
+                await asyncio.sleep(0.1)
+            assert mode.rules_synced == 1 and mode.rules.failures == 0
+        finally:
+            task.cancel()
+
+    asyncio.run(go())
     nat = subprocess.run(
         netns.command(name, ["iptables-save", "-t", "nat"]), capture_output=True, text=True
     ).stdout
