@@ -77,6 +77,13 @@ def register(sub: Any) -> None:
         "a changed device (default on, or $CORRAL_NODE_KERNEL_EVENTS); off leaves drift "
         "for the periodic pass, so it can be looked at (`corral net check`)",
     )
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="do the kernel work in this network namespace (a name or path) while talking "
+        "to etcd from this one (tests, debugging)",
+    )
+    p.add_argument("--lease-ttl", type=int, default=30, metavar="SECONDS", help="subnet lease TTL")
     options.add_daemon_options(p, "node")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`
@@ -126,6 +133,8 @@ def cmd_node(args: argparse.Namespace) -> int:
             datapath=args.datapath,
             resync_interval=args.resync_interval,
             kernel_events=args.kernel_events == "on",
+            netns=args.netns,
+            lease_ttl=args.lease_ttl,
         ),
     )
     try:

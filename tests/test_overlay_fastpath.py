@@ -22,7 +22,7 @@ from overlay_testbed import Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
-from corral.node import netns
+from corral.node import netlink, netns
 
 pytestmark = NEEDS_ROOT_AND_BCC
 
@@ -51,7 +51,7 @@ def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
 def programs(tb: Testbed, i: int) -> dict[str, list[str]]:
     """corral's tc programs per link name in node i."""
     k = tb.node(i)
-    with netns.ipr(k.ns) as ipr:
+    with netlink.iproute(k.ns) as ipr:
         return {
             str(link.get_attr("IFLA_IFNAME")): progs
             for link in ipr.get_links()
@@ -61,7 +61,7 @@ def programs(tb: Testbed, i: int) -> dict[str, list[str]]:
 
 def device_packets(tb: Testbed, i: int) -> int:
     """Packets corral.1 sent plus received in node i."""
-    with netns.ipr(tb.node(i).ns) as ipr:
+    with netlink.iproute(tb.node(i).ns) as ipr:
         link = ipr.get_links(ipr.link_lookup(ifname="corral.1")[0])[0]
         st = link.get_attr("IFLA_STATS64")
         return int(st["rx_packets"]) + int(st["tx_packets"])
