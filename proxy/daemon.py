@@ -34,6 +34,7 @@ from corral.api.store import Store
 from corral.control.supervisor import Supervisor
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
+from corral.node import sysctl
 from corral.proxy.core import ServiceTracker, ServiceView, usable
 from corral.proxy.ebpf import EbpfMode
 from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
@@ -41,7 +42,7 @@ from corral.proxy.iptables import IptablesMode, Kernel, SyncResult
 log = logging.getLogger(__name__)
 
 MODES = ("iptables", "ebpf", "auto")
-BRIDGE_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 DRAIN_BLIND = 600.0  # seconds a gone endpoint stays in the fast path map when conntrack fails
 
 
@@ -244,11 +245,7 @@ class Proxy:
 
     def _node_setup(self) -> None:
         with contextlib.suppress(OSError):
-            with open(BRIDGE_NF) as f:
-                on = f.read().strip() == "1"
-            if not on:
-                with open(BRIDGE_NF, "w") as f:
-                    f.write("1\n")
+            if sysctl.ensure(BRIDGE_NF, "1"):
                 log.info("net.bridge.bridge-nf-call-iptables set to 1")
         self._ensure_route()
 
