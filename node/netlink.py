@@ -34,11 +34,6 @@ from corral.node import netns
 if TYPE_CHECKING:
     from pyroute2.netlink.exceptions import NetlinkError
 
-# Routes corral installs carry this protocol number (`ip route` shows `proto 77`).
-RTPROT_CORRAL = 77
-RTNH_F_ONLINK = 4
-MAIN_TABLE = 254
-
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10  # acks carry only the header of the failed request

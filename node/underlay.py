@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from socket import AF_INET
 from typing import Any
 
-from corral.node.netlink import MAIN_TABLE, ipv4_addrs
+from corral.node.netlink import ipv4_addrs
+from corral.node.routes import MAIN_TABLE
 
 
 class UnderlayError(RuntimeError):

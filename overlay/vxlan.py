@@ -26,8 +26,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
 
 from corral.node import netlink
-from corral.node.netlink import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_CORRAL
 from corral.node.podveth import POD_ALIAS_PREFIX
+from corral.node.routes import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_CORRAL
 from corral.node.underlay import Underlay
 
 log = logging.getLogger(__name__)
