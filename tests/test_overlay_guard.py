@@ -45,7 +45,9 @@ def other(i: int) -> int:
 @pytest.fixture(scope="module")
 def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
     etcd_do(etcd.url, lambda s: s.delete_prefix_raw("/corral/"))
-    tb = Testbed(etcd.url, nodes=2)
+    # Tests here stop an agent for as long as their attacks take; a short lease would
+    # expire meanwhile and the other node would stop taking the stopped one's traffic.
+    tb = Testbed(etcd.url, nodes=2, lease_ttl=30)
     try:
         tb.start_agent(FAST, wait=False, extra=["--datapath", "bpf"])
         tb.start_agent(KERNEL, wait=False, extra=["--datapath", "kernel"])
