@@ -26,10 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from corral.api.store import StoreError, Unavailable
 from corral.cni import errors as E
 from corral.cni.bridge import Plumber
-from corral.cni.config import (
-    MAX_STDIN,
-    parse_request,
-)
+from corral.cni.config import MAX_STDIN, parse_request
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
 from corral.cni.ipam import IPAM
