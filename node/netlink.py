@@ -57,6 +57,52 @@ _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 
 
+# ------------------------------------------------------------ opening netlink
+
+
+def raw_socket(ns: str | None = None, protocol: int = NETLINK_ROUTE) -> socket.socket:
+    """A netlink socket of `protocol` in namespace `ns` (None: this thread's own).
+
+    Made by a thread that entered the namespace for the call: the socket keeps
+    the namespace, no process is forked.
+    """
+    if not ns:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
+    with netns.entered(ns):
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
+
+
+def iproute(ns: str | None = None, sock: socket.socket | None = None) -> Any:
+    """pyroute2's IPRoute in namespace `ns` (None: this thread's own); close it after use.
+
+    `sock`: a `raw_socket(ns)` made beforehand, for a listener that must be woken
+    from another thread (shutting the socket down ends its blocking read).
+    """
+    from pyroute2 import IPRoute
+
+    if sock is None and not ns:
+        return IPRoute()
+    return IPRoute(use_socket=sock or raw_socket(ns))
+
+
+def ipv4_addrs(ipr: Any, index: int) -> list[tuple[str, int]]:
+    """(address, prefix length) of every IPv4 address on link `index`, through `ipr`."""
+    return [
+        (a.get("IFA_ADDRESS"), a["prefixlen"])
+        for a in ipr.get_addr(family=socket.AF_INET, index=index)
+    ]
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC (so a new link's MAC needs no read-back)."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+# ------------------------------------------------------------ the packed fast path
+
+
 def attr(kind: int, payload: bytes) -> bytes:
     n = 4 + len(payload)
     return struct.pack("=HH", n, kind) + payload + b"\0" * (-n % 4)
@@ -175,46 +221,6 @@ def add_route(
         body += attr(RTA_DST, dst.network_address.packed)
     body += attr(RTA_GATEWAY, gateway.packed) + attr(RTA_OIF, struct.pack("=I", oif))
     return Request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body, ignore)
-
-
-def raw_socket(ns: str | None = None, protocol: int = NETLINK_ROUTE) -> socket.socket:
-    """A netlink socket of `protocol` in namespace `ns` (None: this thread's own).
-
-    Made by a thread that entered the namespace for the call: the socket keeps
-    the namespace, no process is forked.
-    """
-    if not ns:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
-    with netns.entered(ns):
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
-
-
-def iproute(ns: str | None = None, sock: socket.socket | None = None) -> Any:
-    """pyroute2's IPRoute in namespace `ns` (None: this thread's own); close it after use.
-
-    `sock`: a `raw_socket(ns)` made beforehand, for a listener that must be woken
-    from another thread (shutting the socket down ends its blocking read).
-    """
-    from pyroute2 import IPRoute
-
-    if sock is None and not ns:
-        return IPRoute()
-    return IPRoute(use_socket=sock or raw_socket(ns))
-
-
-def ipv4_addrs(ipr: Any, index: int) -> list[tuple[str, int]]:
-    """(address, prefix length) of every IPv4 address on link `index`, through `ipr`."""
-    return [
-        (a.get("IFA_ADDRESS"), a["prefixlen"])
-        for a in ipr.get_addr(family=socket.AF_INET, index=index)
-    ]
-
-
-def random_mac() -> str:
-    """A random unicast, locally administered MAC (so a new link's MAC needs no read-back)."""
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFE) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
 
 
 class Socket:
