@@ -44,7 +44,7 @@ from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
 from corral.node import netns
 from corral.overlay import lease as leases
-from corral.overlay.vxlan import Kernel
+from corral.overlay.vxlan import VxlanNetlink
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -141,7 +141,7 @@ def throughput(tb: Testbed, seconds: int, rounds: int, pin: bool) -> dict[str, A
     return out
 
 
-def _present(k: Kernel, index: int, subnet: str, mac: str) -> bool:
+def _present(k: VxlanNetlink, index: int, subnet: str, mac: str) -> bool:
     """Route and FDB entry for `subnet` are in place (a route lookup first: it is cheap)."""
     gw = subnet.split("/")[0]
     probe = gw[:-1] + "7"  # an address inside the subnet
@@ -166,7 +166,7 @@ def convergence(tb: Testbed, extra: int, trials: int) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
     store = Store(tb.etcd_url)
     loop.run_until_complete(store.connect())
-    kernels = [Kernel(n.ns) for n in tb.nodes]
+    kernels = [VxlanNetlink(n.ns) for n in tb.nodes]
     idx = [k.link_index("corral.1") or 0 for k in kernels]
 
     def wait_all(rec: SubnetLease, present: bool, t0: float, limit: float = 30) -> float:

@@ -95,6 +95,13 @@ def register(sub: Any) -> None:
         help="first delay before a failed container is restarted, doubling up to 5 minutes "
         "(default 10)",
     )
+    p.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="do the kernel work in this network namespace (a name or path) while talking "
+        "to etcd from this one (tests, debugging)",
+    )
+    p.add_argument("--lease-ttl", type=int, default=30, metavar="SECONDS", help="subnet lease TTL")
     options.add_daemon_options(p, "node")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`

@@ -13,16 +13,10 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 
-from corral.node import netns
+from corral.node import netlink, netns
 
 # pyroute2 costs ~0.2 s to import and every CLI command imports this module
 # (through local_etcd_urls): import it only where netlink is used.
-
-
-def _iproute():  # type: ignore[no-untyped-def]
-    from pyroute2 import IPRoute as _IPRoute
-
-    return _IPRoute()
 
 
 def _nl_errors() -> type[Exception]:
@@ -40,7 +34,7 @@ NODE_IF = "eth0"
 def host_networks() -> list[tuple[str, ipaddress.IPv4Network]]:
     """(interface, network) of every IPv4 address in the host namespace."""
     out = []
-    with _iproute() as ipr:
+    with netlink.iproute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         for a in ipr.get_addr(family=2):
             addr = a.get_attr("IFA_ADDRESS")
@@ -51,7 +45,7 @@ def host_networks() -> list[tuple[str, ipaddress.IPv4Network]]:
 
 def addresses(ifname: str) -> list[str]:
     """IPv4 addresses of a host-namespace interface ([] if there is none)."""
-    with _iproute() as ipr:
+    with netlink.iproute() as ipr:
         idx = _link(ipr, ifname)
         if idx is None:
             return []
@@ -72,7 +66,7 @@ def _ensure_addr(ipr, idx: int, ip: str, prefixlen: int) -> None:  # type: ignor
 
 def ensure_bridge(ns: str) -> None:
     netns.add(ns)
-    with netns.ipr(ns) as ipr:
+    with netlink.iproute(ns) as ipr:
         lo = _link(ipr, "lo")
         if lo is not None:
             ipr.link("set", index=lo, state="up")
@@ -88,9 +82,9 @@ def _attach(ipr, name: str) -> None:  # type: ignore[no-untyped-def]
 
 def ensure_host_link(underlay_ns: str, veth: str, host_ip: str, prefixlen: int) -> None:
     """The host's one veth into the underlay, holding the host's underlay address."""
-    with netns.ipr(underlay_ns) as uipr:
+    with netlink.iproute(underlay_ns) as uipr:
         if _link(uipr, HOST_PEER) is None:
-            with _iproute() as ipr:
+            with netlink.iproute() as ipr:
                 stale = _link(ipr, veth)
                 if stale is not None:  # its peer is gone: a left-over of an old cluster
                     ipr.link("del", index=stale)
@@ -101,7 +95,7 @@ def ensure_host_link(underlay_ns: str, veth: str, host_ip: str, prefixlen: int) 
                     peer={"ifname": HOST_PEER, "net_ns_fd": underlay_ns},
                 )
         _attach(uipr, HOST_PEER)
-    with _iproute() as ipr:
+    with netlink.iproute() as ipr:
         idx = _link(ipr, veth)
         if idx is None:
             raise RuntimeError(f"host interface {veth} is missing although its peer exists")
@@ -121,12 +115,12 @@ def ensure_node_link(
     unreachable, unless `default_via` names a router (a test's switch)."""
     netns.add(node_ns)
     peer = f"n{index}"
-    with netns.ipr(node_ns) as nipr:
+    with netlink.iproute(node_ns) as nipr:
         lo = _link(nipr, "lo")
         if lo is not None:
             nipr.link("set", index=lo, state="up")
         if _link(nipr, NODE_IF) is None:
-            with netns.ipr(underlay_ns) as uipr:
+            with netlink.iproute(underlay_ns) as uipr:
                 if _link(uipr, peer) is not None:  # half of an old pair
                     uipr.link("del", index=_link(uipr, peer))
                 uipr.link(
@@ -145,13 +139,13 @@ def ensure_node_link(
                     nipr.route("replace", dst="0.0.0.0/0", gateway=default_via)
             elif [r["type"] for r in routes] != [RTN_UNREACHABLE]:
                 nipr.route("replace", dst="0.0.0.0/0", type="unreachable")
-    with netns.ipr(underlay_ns) as uipr:
+    with netlink.iproute(underlay_ns) as uipr:
         _attach(uipr, peer)
 
 
 def remove_host_link(veth: str) -> bool:
     """Delete the host's underlay veth (its peer goes with it). True if there was one."""
-    with _iproute() as ipr:
+    with netlink.iproute() as ipr:
         idx = _link(ipr, veth)
         if idx is None:
             return False

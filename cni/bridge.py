@@ -6,8 +6,9 @@ end up, on the bridge, pod end created straight in the pod, both with MTU and a
 MAC we chose, so nothing is read back; hairpin rides in the same batch); the pod
 end is configured on the same thread through a socket opened in the pod's
 namespace (setns), in two batches: look up + up, then address, lo up and routes.
-These hot-path messages go through `rtnl` (a few struct-packed requests, ~1 ms
-of Python less per request than pyroute2); the rest stays on pyroute2.
+These hot-path messages go through `corral.node.netlink.Socket` (a few
+struct-packed requests, ~1 ms of Python less per request than pyroute2); the
+rest stays on pyroute2 (`netlink.iproute`).
 Deleting a veth takes the kernel ~17 ms (RCU), so DEL takes the pair down
 synchronously and a second "reaper" thread deletes it by ifindex afterwards; an
 ADD for the same attachment waits for that first.
@@ -31,26 +32,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.cni import errors as E
-from corral.cni import rtnl
 from corral.cni.config import Addr4, BridgeConfig, Net4, Route
 from corral.cni.errors import CNIError
-from corral.node import iptables, podguard
-from corral.node import netns as nsutil
+from corral.node import iptables, netlink, netns, podguard, sysctl
+from corral.node.netlink import random_mac
 from corral.node.podveth import parse_pod_alias, pod_alias
 
 log = logging.getLogger(__name__)
 HOST_NAME_RE = re.compile(r"^veth[0-9a-f]{11}$")
-
-
-def random_mac() -> str:
-    """A random unicast, locally administered MAC (so the result needs no read-back)."""
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFE) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -89,17 +81,17 @@ class Plumber:
         self._pending: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def _init_thread(self) -> None:
-        nsutil.enter_thread(self.netns)  # a daemon outside its node's namespace (tests)
-        self._local.ipr = IPRoute()
-        self._local.nl = rtnl.Socket()
+        netns.enter_thread(self.netns)  # a daemon outside its node's namespace (tests)
+        self._local.ipr = netlink.iproute()
+        self._local.nl = netlink.Socket()
         self._local.nsfd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
 
     @property
-    def ipr(self) -> IPRoute:
+    def ipr(self) -> Any:
         return self._local.ipr
 
     @property
-    def nl(self) -> rtnl.Socket:
+    def nl(self) -> netlink.Socket:
         return self._local.nl
 
     async def _run(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
@@ -136,7 +128,7 @@ class Plumber:
         if kind != "bridge":
             raise CNIError(E.INVALID_CONFIG, f"{bc.bridge} exists and is a {kind}, not a bridge")
         if bc.is_gateway:
-            self._enable_forwarding()
+            sysctl.ensure("net.ipv4.ip_forward", "1")  # as the reference's isGateway does
             have = {(a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=idx)}
             if (str(gw), subnet.prefixlen) not in have:
                 with contextlib.suppress(NetlinkError):
@@ -174,19 +166,6 @@ class Plumber:
         for key in [k for k in self._bridges if k[0] == bridge and k[1] == str(gw)]:
             del self._bridges[key]
         return True
-
-    @staticmethod
-    def _enable_forwarding() -> None:
-        """The node routes for its pods (as the reference bridge's isGateway does).
-
-        /proc/sys/net follows the opening thread's namespace: this is the node's.
-        """
-        path = "/proc/sys/net/ipv4/ip_forward"
-        with open(path) as f:
-            if f.read().strip() == "1":
-                return
-        with open(path, "w") as f:
-            f.write("1")
 
     def _ensure_masq(self, subnet: Net4, cluster: Net4 | None) -> None:
         """One MASQUERADE rule per pod subnet for traffic leaving the cluster network."""
@@ -244,7 +223,7 @@ class Plumber:
 
     def _delete_leftover(self, name: str) -> bool:
         try:
-            self.nl.call([rtnl.del_link(name=name)])
+            self.nl.call([netlink.del_link(name=name)])
             return True
         except NetlinkError as e:
             if e.code != errno.ENODEV:
@@ -266,13 +245,13 @@ class Plumber:
                 try:
                     # The alias tells the node's eBPF fast path which pod is behind the veth.
                     reqs = [
-                        rtnl.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac),
-                        rtnl.set_alias(
+                        netlink.veth(host, att.mtu, host_mac, br, att.ifname, fd, pod_mac),
+                        netlink.set_alias(
                             host, pod_alias(str(att.address), pod_mac, att.extra_source)
                         ),
                     ]
                     if bc.hairpin:
-                        reqs.append(rtnl.hairpin(host))
+                        reqs.append(netlink.hairpin(host))
                     created, *port = self.nl.batch(reqs)
                     if isinstance(created, NetlinkError):
                         raise created
@@ -318,20 +297,20 @@ class Plumber:
 
     def _configure(self, att: Attachment) -> None:
         try:
-            with nsutil.entered(att.netns):
-                c = rtnl.Socket()
-            with c:
+            with netlink.Socket(att.netns) as c:
                 # EEXIST on a route: another attachment of this pod already has it.
-                link, _ = c.call([rtnl.get_link(att.ifname), rtnl.link_up(att.ifname)])
-                idx = rtnl.ifindex(link)
+                link, _ = c.call([netlink.get_link(att.ifname), netlink.link_up(att.ifname)])
+                idx = netlink.ifindex(link)
                 c.call(
                     [
-                        rtnl.add_address(
+                        netlink.add_address(
                             idx, ipaddress.IPv4Interface(f"{att.address}/{att.subnet.prefixlen}")
                         ),
-                        rtnl.link_up("lo", ignore=(errno.ENODEV,)),
+                        netlink.link_up("lo", ignore=(errno.ENODEV,)),
                         *(
-                            rtnl.add_route(r.dst, r.gw or att.gateway, idx, ignore=(errno.EEXIST,))
+                            netlink.add_route(
+                                r.dst, r.gw or att.gateway, idx, ignore=(errno.EEXIST,)
+                            )
                             for r in att.routes
                         ),
                     ]
@@ -372,16 +351,16 @@ class Plumber:
 
     def _down(self, name: str) -> int | None:
         try:
-            link, _ = self.nl.call([rtnl.get_link(name), rtnl.link_down(name)])
+            link, _ = self.nl.call([netlink.get_link(name), netlink.link_down(name)])
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 raise
             return None
-        return rtnl.ifindex(link)
+        return netlink.ifindex(link)
 
     def _reap(self, idx: int, host: str = "") -> None:
         try:
-            self.nl.call([rtnl.del_link(idx)])
+            self.nl.call([netlink.del_link(idx)])
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 log.warning("deleting veth index %d: %s", idx, e)
@@ -410,28 +389,24 @@ class Plumber:
             raise fail(f"host veth {host} is not attached to {bc.bridge}")
         if hl.get("operstate") == "DOWN" or not hl["flags"] & 1:
             raise fail(f"host veth {host} is down")
-        with nsutil.entered(att.netns):
-            c = IPRoute()
-            try:
-                idx = c.link_lookup(ifname=att.ifname)
-                if not idx:
-                    raise fail(f"interface {att.ifname} is missing in {att.netns}")
-                addrs = {(a.get("address"), a["prefixlen"]) for a in c.get_addr(index=idx[0])}
-                if (str(att.address), att.subnet.prefixlen) not in addrs:
-                    raise fail(f"{att.ifname} does not hold {att.address}/{att.subnet.prefixlen}")
-                for r in att.routes:
-                    kw: dict[str, Any] = {"dst_len": r.dst.prefixlen}
-                    if r.dst.prefixlen:
-                        kw["dst"] = str(r.dst.network_address)
-                    found = [
-                        x
-                        for x in c.get_routes(family=2, table=254, **kw)
-                        if x.get("gateway") == str(r.gw or att.gateway)
-                    ]
-                    if not found:
-                        raise fail(f"route {r.dst} via {r.gw or att.gateway} is missing")
-            finally:
-                c.close()
+        with netlink.iproute(att.netns) as c:
+            idx = c.link_lookup(ifname=att.ifname)
+            if not idx:
+                raise fail(f"interface {att.ifname} is missing in {att.netns}")
+            addrs = {(a.get("address"), a["prefixlen"]) for a in c.get_addr(index=idx[0])}
+            if (str(att.address), att.subnet.prefixlen) not in addrs:
+                raise fail(f"{att.ifname} does not hold {att.address}/{att.subnet.prefixlen}")
+            for r in att.routes:
+                kw: dict[str, Any] = {"dst_len": r.dst.prefixlen}
+                if r.dst.prefixlen:
+                    kw["dst"] = str(r.dst.network_address)
+                found = [
+                    x
+                    for x in c.get_routes(family=2, table=254, **kw)
+                    if x.get("gateway") == str(r.gw or att.gateway)
+                ]
+                if not found:
+                    raise fail(f"route {r.dst} via {r.gw or att.gateway} is missing")
 
     # ------------------------------------------------------------ GC
 

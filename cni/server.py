@@ -2,73 +2,47 @@
 
 It installs the shims into the CNI bin dir, serves a root-only unix socket, writes
 the node's conflist once the overlay has leased a subnet (subnet.json), and answers
-every CNI verb with the node's long-lived etcd and netlink connections.
-
-Also a standalone daemon for tests and debugging:
-    python -m corral.cni.server --etcd http://127.0.0.1:2379 --node n1 --run-dir DIR ...
+every CNI verb (cni/verbs.py) with the node's long-lived etcd and netlink
+connections; a reaper (cni/reaper.py) releases what no DEL ever will.
+`corral node --components cni` runs it alone (`--netns` for the kernel work in
+another namespace: tests, debugging).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import aetcd.exceptions
 from prometheus_client.core import GaugeMetricFamily
 
-from corral.api.objects import IPAllocation
-from corral.api.store import Store, StoreError, Unavailable, pool_id
+from corral.api.store import StoreError, Unavailable
 from corral.cni import errors as E
-from corral.cni.bridge import Attachment, Plumber, host_veth_name
-from corral.cni.config import (
-    MAX_STDIN,
-    SUPPORTED_VERSIONS,
-    IPAMConfig,
-    Net4,
-    Range,
-    Request,
-    Route,
-    parse_bridge,
-    parse_ipam,
-    parse_request,
-    version_tuple,
-)
+from corral.cni.bridge import Plumber
+from corral.cni.config import MAX_STDIN, parse_request
 from corral.cni.errors import CNIError
 from corral.cni.install import install_shims, write_conflist
-from corral.cni.ipam import IPAM, Allocated, pool_prefix
-from corral.cni.sources import extra_source
+from corral.cni.ipam import IPAM
+from corral.cni.reaper import Reaper
+from corral.cni.subnet import NodeSubnet
+from corral.cni.verbs import Verbs
 from corral.common.metrics import register_collector
 from corral.daemon import metrics
 from corral.daemon.nodecontext import NodeContext
-from corral.node.context import NodeOptions, NodePaths
+from corral.node.context import NodePaths
 
 # stdin plus the environment; anything longer is refused before it is parsed
 MAX_REQUEST = MAX_STDIN + 64 * 1024
 log = logging.getLogger(__name__)
 CNI_VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 READ_TIMEOUT = 60.0  # a shim sends its whole request at once; a silent peer is dropped
-DEFAULT_ROUTE = Route(ipaddress.IPv4Network("0.0.0.0/0"))
-REAP_EVERY = 10.0  # s between reaper passes (attachments whose netns vanished)
-REAP_AFTER = 10.0  # s: a younger allocation may belong to an ADD still in progress
-
-
-def _epoch(iso: str | None) -> float:
-    """Seconds since the epoch of an RFC 3339 time; 0 (very old) when unreadable."""
-    try:
-        return datetime.fromisoformat(str(iso).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
 
 
 async def _read_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -77,52 +51,6 @@ async def _read_bounded(reader: asyncio.StreamReader, limit: int) -> bytes:
     while len(data) < limit and (chunk := await reader.read(limit - len(data))):
         data += chunk
     return bytes(data)
-
-
-class NodeSubnet:
-    """subnet.json as written by the overlay, re-read when the file changes."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self.data: dict[str, Any] | None = None
-        self.range: Range | None = None
-        self.network: Net4 | None = None
-
-    def refresh(self) -> bool:
-        """Re-read if changed; True if the content changed."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            changed = self.data is not None
-            self._stamp, self.data, self.range, self.network = None, None, None, None
-            return changed
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return False
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-            net = ipaddress.IPv4Network(data["subnet"])
-            network = ipaddress.IPv4Network(data.get("network") or data["subnet"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring %s until it is valid: %s", self.path, e)
-            return False  # half-written or bad: keep the previous view, retry later
-        self._stamp, self.data, self.network = stamp, data, network
-        self.range = Range(net, net[1], net[-2], net[1])
-        return True
-
-    @property
-    def mtu(self) -> int:
-        return int((self.data or {}).get("mtu") or 1500)
-
-
-def convert_result(result: dict[str, Any], version: str) -> dict[str, Any]:
-    """A 1.x result in the shape of `version` (0.3.x/0.4.0 tag each IP with version 4)."""
-    out = dict(result, cniVersion=version)
-    if version_tuple(version) < (1, 0, 0):
-        out["ips"] = [dict(ip, version="4") for ip in result.get("ips", [])]
-    return out
 
 
 class CNIServer:
@@ -134,13 +62,12 @@ class CNIServer:
         self.subnet = NodeSubnet(self.paths.subnet_file)
         self.ipam = IPAM(ctx.store, ctx.node_name)
         self.plumber: Plumber | None = None
+        self.verbs: Verbs | None = None
+        self.reaper: Reaper | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self._conflist: str | None = None
         self._sock_id: tuple[int, int] | None = None  # (dev, inode) of the socket we bound
         self._unregister: Any = None
-        self._next_reap = 0.0
-        self.reaped = 0  # IPs the reaper released (attachments whose netns vanished)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -152,6 +79,8 @@ class CNIServer:
             native=self.ctx.options.cni_shim == "native",
         )
         self.plumber = Plumber(self.ctx.options.netns)
+        self.verbs = Verbs(self.ctx, self.subnet, self.ipam, self.plumber)
+        self.reaper = Reaper(self.verbs, self.paths.cni_cache_dir)
         await self._bind()
         self._sync_subnet()
         self._unregister = register_collector(self._pool_metrics)
@@ -210,12 +139,8 @@ class CNIServer:
                 await self._bind()
             self._sync_subnet()
             await self._load_pool()
-            if time.monotonic() >= self._next_reap:
-                self._next_reap = time.monotonic() + REAP_EVERY
-                try:
-                    await self.reap_vanished()
-                except Exception as e:  # etcd away: the next pass tries again
-                    log.warning("reaper pass failed: %s", e)
+            if self.reaper is not None:
+                await self.reaper.maybe_reap()
             await asyncio.sleep(0.5)
 
     async def _load_pool(self) -> None:
@@ -238,8 +163,8 @@ class CNIServer:
             "subnet": self.subnet.data,
             "conflist": self._conflist,
             "allocated": self.ipam.usage(),
-            "inFlight": len(self._locks),
-            "reaped": self.reaped,
+            "inFlight": len(self.verbs.locks) if self.verbs else 0,
+            "reaped": self.reaper.reaped if self.reaper else 0,
         }
 
     def _pool_metrics(self) -> list[Any]:
@@ -277,7 +202,7 @@ class CNIServer:
         if self.plumber is not None:
             await self.plumber.drain()
             await asyncio.get_running_loop().run_in_executor(None, self.plumber.close)
-            self.plumber = None
+            self.plumber = self.verbs = self.reaper = None
 
     def _sync_subnet(self) -> None:
         self.subnet.refresh()
@@ -341,7 +266,9 @@ class CNIServer:
         try:
             req = parse_request(plugin, env, stdin)
             version = req.cni_version
-            result = await self.dispatch(req)
+            if self.verbs is None:
+                raise CNIError(E.TRY_AGAIN_LATER, "the CNI server is starting or stopping")
+            result = await self.verbs.dispatch(req)
             log.debug(
                 "%s %s %s/%s: %.1f ms",
                 plugin,
@@ -359,423 +286,3 @@ class CNIServer:
         except Exception as e:
             log.exception("CNI %s %s failed", plugin, env.get("CNI_COMMAND"))
             return 1, CNIError(E.INTERNAL, f"internal error: {e}").to_json(version), ""
-
-    # ------------------------------------------------------------ verbs
-
-    async def dispatch(self, req: Request) -> dict[str, Any] | None:
-        if req.command == "VERSION":
-            return {"cniVersion": req.cni_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
-        self.subnet.refresh()
-        if req.command == "STATUS":
-            await self._status(req)
-            return None
-        if req.command == "GC":
-            await self._gc(req)
-            return None
-        # One verb at a time per attachment (a runtime's DEL racing its own ADD).
-        async with self._attachment(req.container_id, req.ifname):
-            if req.command == "ADD":
-                return await self._add(req)
-            if req.command == "DEL":
-                await self._del(req)
-                return None
-            await self._check(req)
-            return None
-
-    @contextlib.asynccontextmanager
-    async def _attachment(self, container_id: str, ifname: str) -> AsyncIterator[None]:
-        """Hold the attachment's lock: ADD, DEL, CHECK and the reaper take turns on it."""
-        key = (container_id, ifname)
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    # ------------------------------------------------------------ reaper
-
-    async def reap_vanished(self, min_age: float = REAP_AFTER) -> list[ipaddress.IPv4Address]:
-        """Release the IPs of corral-cni attachments whose pod network namespace is gone.
-
-        A runtime that loses a container behind its own back (its state wiped, the
-        netns unmounted, the process killed) never sends DEL, and libcni 1.1 runtimes
-        (containerd 1.6, podman 4) send no CNI GC either; containerd 1.6's `ctr` does
-        not even DEL when a detached task is deleted. When a pod's namespace goes, the
-        kernel removes both ends of its veth pair, and corral-cni names the host end
-        from (containerID, ifname): an allocation of this node older than `min_age`
-        whose host veth is missing and which no call holds is such a leftover. Its IP
-        is released, the cached result any runtime kept for it is removed.
-        """
-        r = self.subnet.range
-        if r is None or self.plumber is None:
-            return []
-        kvs, _ = await self.ipam.store.list_raw(pool_prefix(r.pool) + "ips/")
-        recs = []
-        for kv in kvs:
-            with contextlib.suppress(ValueError):
-                rec = IPAllocation.model_validate_json(kv.value)
-                if rec.plugin == "corral-cni" and rec.node_name == self.ctx.node_name:
-                    recs.append(rec)
-        if not recs:
-            return []
-        live = await self.plumber.host_veths()
-        now = time.time()
-        freed = []
-        for rec in recs:
-            if host_veth_name(rec.container_id, rec.ifname) in live:
-                continue
-            if now - _epoch(rec.created_at) < min_age or (rec.container_id, rec.ifname) in (
-                self._locks
-            ):
-                continue  # maybe an ADD still making its pair
-            async with self._attachment(rec.container_id, rec.ifname):
-                if host_veth_name(rec.container_id, rec.ifname) in await self.plumber.host_veths():
-                    continue
-                got = await self.ipam.release([r.pool], rec.container_id, rec.ifname)
-            freed += got
-            self.reaped += len(got)
-            gone = self._forget_cached(rec.container_id, rec.ifname)
-            log.info(
-                "reaper: %s/%s (pod %s/%s) lost its network namespace without a DEL: released %s%s",
-                rec.container_id,
-                rec.ifname,
-                rec.pod_namespace or "-",
-                rec.pod_name or "-",
-                ", ".join(map(str, got)) or "nothing",
-                f", removed cached result {', '.join(gone)}" if gone else "",
-            )
-        return freed
-
-    def _forget_cached(self, container_id: str, ifname: str) -> list[str]:
-        """Remove libcni result caches (`<network>-<containerID>-<ifname>`) of it."""
-        d = os.path.join(self.paths.cni_cache_dir, "results")
-        gone = []
-        with contextlib.suppress(OSError):
-            for name in os.listdir(d):
-                if name.endswith(f"-{container_id}-{ifname}"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(d, name))
-                        gone.append(name)
-        return gone
-
-    def _ranges(self, ipc: IPAMConfig) -> list[list[Range]]:
-        if ipc.range_sets:
-            self._check_ranges(ipc.range_sets)
-            return ipc.range_sets
-        if self.subnet.range is None:
-            raise CNIError(
-                E.TRY_AGAIN_LATER,
-                "this node has no subnet lease yet",
-                f"waiting for {self.subnet.path} from the overlay",
-            )
-        return [[self.subnet.range]]
-
-    def _check_ranges(self, sets: list[list[Range]]) -> None:
-        """Explicit ranges stay inside the cluster network, clear of node addresses.
-
-        Anything else would hand a pod an address the overlay does not route to it,
-        or one of the underlay's (a node's own IP), which a pod must never hold.
-        """
-        network = self.subnet.network
-        if network is None:
-            raise CNIError(
-                E.TRY_AGAIN_LATER,
-                "this node has no subnet lease yet, so explicit ranges cannot be checked",
-                f"waiting for {self.subnet.path} from the overlay",
-            )
-        node_ips = {ipaddress.IPv4Address(ip) for ip in (self.ctx.underlay_ip,) if ip}
-        for i, rs in enumerate(sets):
-            for j, r in enumerate(rs):
-                where = f"ipam.ranges[{i}][{j}]"
-                if not r.subnet.subnet_of(network):
-                    raise CNIError(
-                        E.INVALID_CONFIG,
-                        f"{where}.subnet {r.subnet} is outside the cluster network {network}",
-                        "pods get addresses from the cluster network only",
-                    )
-                if any(r.start <= ip <= r.end for ip in node_ips):
-                    raise CNIError(
-                        E.INVALID_CONFIG,
-                        f"{where} includes this node's own address",
-                        "pick a range clear of node and underlay addresses",
-                    )
-
-    @staticmethod
-    def _prev_ips(req: Request) -> dict[str, ipaddress.IPv4Address]:
-        """pool -> IP for the addresses in prevResult (what the runtime cached from ADD)."""
-        out = {}
-        for ip in (req.prev_result or {}).get("ips", []) or []:
-            with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):
-                iface = ipaddress.IPv4Interface(ip["address"])
-                out[pool_id(str(iface.network))] = iface.ip
-        return out
-
-    def _pools(self, req: Request, ipc: IPAMConfig) -> list[str]:
-        pools = [r.pool for s in ipc.range_sets for r in s]
-        if not ipc.range_sets and self.subnet.range is not None:
-            pools.append(self.subnet.range.pool)
-        pools += list(self._prev_ips(req))
-        return list(dict.fromkeys(pools))
-
-    async def _status(self, req: Request) -> None:
-        ipc = parse_ipam(req.conf, {}) if req.conf else IPAMConfig()
-        if not ipc.range_sets and self.subnet.range is None:
-            raise CNIError(
-                E.PLUGIN_NOT_AVAILABLE,
-                "this node has no subnet lease yet",
-                f"waiting for {self.subnet.path} from the overlay",
-            )
-        try:
-            await asyncio.wait_for(self.ctx.store.revision(), 2)
-        except (StoreError, TimeoutError, OSError, aetcd.exceptions.ClientError) as e:
-            raise CNIError(E.PLUGIN_NOT_AVAILABLE, "etcd is not answering", str(e)) from None
-
-    def _routes(self, ipc: IPAMConfig) -> list[Route]:
-        return ipc.routes if ipc.routes is not None else [DEFAULT_ROUTE]
-
-    async def _allocate(
-        self,
-        req: Request,
-        ipc: IPAMConfig,
-        sets: list[list[Range]],
-        picked: asyncio.Future[Allocated] | None = None,
-    ) -> list[tuple[ipaddress.IPv4Address, Range]]:
-        got: list[tuple[ipaddress.IPv4Address, Range]] = []
-        try:
-            for rs in sets:
-                a = await self.ipam.allocate(
-                    rs,
-                    req.container_id,
-                    req.ifname,
-                    ipc.requested,
-                    req.cni_args,
-                    picked,
-                    plugin=req.plugin,
-                )
-                got.append((a.ip, a.range))
-        except BaseException:
-            await self.ipam.release([r.pool for _, r in got], req.container_id, req.ifname)
-            raise
-        return got
-
-    async def _add(self, req: Request) -> dict[str, Any]:
-        ipc = parse_ipam(req.conf, req.cni_args)
-        if req.plugin == "corral-ipam":
-            got = await self._allocate(req, ipc, self._ranges(ipc))
-            res = {
-                "ips": [
-                    {"address": f"{ip}/{r.subnet.prefixlen}", "gateway": str(r.gateway)}
-                    for ip, r in got
-                ],
-                "routes": [rt.to_dict() for rt in self._routes(ipc)],
-                "dns": req.conf.get("dns") or {},
-            }
-            return convert_result(res, req.cni_version)
-        bc = parse_bridge(req.conf)
-        sets = self._ranges(ipc)
-        if len(sets) != 1:
-            raise CNIError(
-                E.UNSUPPORTED_FIELD,
-                f"corral-cni takes one IPv4 range set in ipam.ranges, not {len(sets)}",
-            )
-        assert self.plumber is not None
-        routes = self._routes(ipc)
-        rng0 = sets[0][0]
-        att = Attachment(
-            req.container_id,
-            req.ifname,
-            req.netns,
-            rng0.start,
-            rng0.subnet,
-            rng0.gateway,
-            routes,
-            bc.mtu or self.subnet.mtu,
-            extra_source(req.cni_args, self.subnet.network),
-        )
-        # The kernel makes and configures the pair with the free IP the allocator
-        # picked while etcd commits it; only a committed IP is ever returned.
-        picked: asyncio.Future[Allocated] = asyncio.get_running_loop().create_future()
-        alloc = asyncio.ensure_future(self._allocate(req, ipc, sets, picked))
-        try:
-            await asyncio.wait((picked, alloc), return_when=asyncio.FIRST_COMPLETED)
-            if picked.done():
-                guess = picked.result()
-                att.address, att.subnet, att.gateway = (
-                    guess.ip,
-                    guess.range.subnet,
-                    guess.range.gateway,
-                )
-            else:  # a requested IP: granted (or refused) before anything is made
-                [(ip, rng)] = await alloc
-                att.address, att.subnet, att.gateway = ip, rng.subnet, rng.gateway
-            res = await self.plumber.attach(bc, att, self.subnet.network)
-        except BaseException:
-            got = await asyncio.gather(alloc, return_exceptions=True)
-            if not isinstance(got[0], BaseException):
-                await self.ipam.release([r.pool for _, r in got[0]], req.container_id, req.ifname)
-            raise
-        try:
-            [(ip, rng)] = await alloc
-        except BaseException:
-            await self.plumber.undo(req.container_id, req.ifname)
-            raise
-        if (ip, rng.subnet, rng.gateway) != (att.address, att.subnet, att.gateway):
-            # Rare: etcd granted another IP (the attachment already held one, or a
-            # concurrent allocator won the pick). Redo the pair with the granted one.
-            att.address, att.subnet, att.gateway = ip, rng.subnet, rng.gateway
-            try:
-                await self.plumber.undo(req.container_id, req.ifname)
-                res = await self.plumber.attach(bc, att, self.subnet.network)
-            except BaseException:
-                await self.ipam.release([rng.pool], req.container_id, req.ifname)
-                raise
-        prev = req.prev_result or {}
-        ifaces = list(prev.get("interfaces") or [])
-        base = len(ifaces)
-        res["interfaces"] = ifaces + res["interfaces"]
-        mine = {
-            "address": f"{ip}/{rng.subnet.prefixlen}",
-            "gateway": str(rng.gateway),
-            "interface": base + 2,
-        }
-        res["ips"] = [*(prev.get("ips") or []), mine]
-        res["routes"] = list(prev.get("routes") or []) + [
-            {"dst": str(r.dst), "gw": str(r.gw or rng.gateway)} for r in routes
-        ]
-        res["dns"] = req.conf.get("dns") or prev.get("dns") or {}
-        return convert_result(res, req.cni_version)
-
-    async def _del(self, req: Request) -> None:
-        ipc = parse_ipam(req.conf, {})
-        pools = self._pools(req, ipc) or await self.ipam.pools_of(req.container_id, req.ifname)
-        release = self.ipam.release(pools, req.container_id, req.ifname, self._prev_ips(req))
-        if req.plugin == "corral-cni":
-            bc = parse_bridge(req.conf)
-            assert self.plumber is not None
-            await asyncio.gather(self.plumber.delete(req.container_id, req.ifname), release)
-            own = self.subnet.range.subnet if self.subnet.range is not None else None
-            if bc.is_gateway:
-                for r in {r.subnet: r for rs in ipc.range_sets for r in rs}.values():
-                    if r.subnet != own:
-                        await self.plumber.release_gateway(bc.bridge, r.gateway, r.subnet)
-        else:
-            await release
-
-    async def _check(self, req: Request) -> None:
-        ipc = parse_ipam(req.conf, req.cni_args)
-        prev = req.prev_result
-        if prev is None:
-            raise CNIError(E.INVALID_CONFIG, "CHECK needs prevResult in the configuration")
-        ips = prev.get("ips") or []
-        ifaces = prev.get("interfaces") or []
-        mine = [
-            ip
-            for ip in ips
-            if isinstance(ip.get("interface"), int)
-            and 0 <= ip["interface"] < len(ifaces)
-            and ifaces[ip["interface"]].get("name") == req.ifname
-            and ifaces[ip["interface"]].get("sandbox")
-        ]
-        if req.plugin == "corral-ipam":
-            mine = ips
-        if not mine:
-            raise CNIError(E.CHECK_FAILED, f"prevResult has no address for {req.ifname}")
-        addr = ipaddress.IPv4Interface(mine[0]["address"])
-        held = await self.ipam.lookup(pool_id(str(addr.network)), req.container_id, req.ifname)
-        if held != addr.ip:
-            raise CNIError(
-                E.CHECK_FAILED,
-                f"{req.container_id}/{req.ifname} does not hold "
-                f"{addr.ip} in the IPAM store (holds {held or 'nothing'})",
-            )
-        if req.plugin == "corral-ipam":
-            return
-        bc = parse_bridge(req.conf)
-        gw = ipaddress.IPv4Address(mine[0].get("gateway") or addr.network[1])
-        att = Attachment(
-            req.container_id, req.ifname, req.netns, addr.ip, addr.network, gw, self._routes(ipc), 0
-        )
-        assert self.plumber is not None
-        await self.plumber.check(bc, att)
-
-    async def _gc(self, req: Request) -> None:
-        valid = req.valid_attachments()
-        ipc = parse_ipam(req.conf, {})
-        freed = await self.ipam.gc(self._pools(req, ipc), valid)
-        gone: list[str] = []
-        if req.plugin == "corral-cni":
-            bc = parse_bridge(req.conf)
-            assert self.plumber is not None
-            gone = await self.plumber.gc(bc.bridge, valid)
-        if freed or gone:
-            log.info("GC released %d IPs and %d veths", len(freed), len(gone))
-
-
-# ---------------------------------------------------------------- standalone daemon
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m corral.cni.server", description="Serve corral-cni/corral-ipam for one node."
-    )
-    p.add_argument("--etcd", default=os.environ.get("CORRAL_ETCD", "http://127.0.0.1:2379"))
-    p.add_argument("--node", required=True, help="this node's name")
-    d = NodePaths()
-    p.add_argument("--run-dir", default=d.run_dir)
-    p.add_argument("--conf-dir", default=d.cni_conf_dir)
-    p.add_argument("--bin-dir", default=d.cni_bin_dir)
-    p.add_argument("--cache-dir", default=d.cni_cache_dir)
-    p.add_argument(
-        "--netns",
-        help="do the kernel work in this network namespace (name or "
-        "path) while talking to etcd from the current one; for tests and debugging",
-    )
-    p.add_argument(
-        "--shim",
-        choices=("python", "native"),
-        default="native",
-        help="install the C forwarder (default) or the Python shim",
-    )
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
-
-
-async def _serve_forever(args: argparse.Namespace) -> int:
-    from corral.daemon.core import Daemon  # the one daemon skeleton
-
-    store = Store(args.etcd)
-    paths = NodePaths(
-        run_dir=args.run_dir,
-        cni_conf_dir=args.conf_dir,
-        cni_bin_dir=args.bin_dir,
-        cni_cache_dir=args.cache_dir,
-    )
-    options = NodeOptions(netns=args.netns or None, cni_shim=args.shim)
-    ctx = NodeContext(node_name=args.node, store=store, paths=paths, options=options)
-    daemon = Daemon("cni", args.node, store, configure_logging=True)
-    daemon.add("cni", CNIServer(ctx))
-    await daemon.run()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    try:
-        return asyncio.run(_serve_forever(args))
-    except ValueError as e:
-        log.error("%s", e)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -199,7 +199,7 @@ STREAM_CLIENT = (
 def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_path: Any) -> None:
     """A TCP stream over the overlay into node-2 survives its agent's SIGKILL and restart."""
     from corral.node.procs import start_time
-    from corral.overlay.vxlan import Kernel
+    from corral.overlay.vxlan import VxlanNetlink
 
     n1, n2 = cluster.nodes[0], cluster.nodes[1]
     target = subnet_info(cluster, n1)["subnet"].split("/")[0]  # node-1's corral.1 address
@@ -207,7 +207,7 @@ def test_kill_9_and_restart_of_a_node_agent_keeps_a_stream(cluster: Any, tmp_pat
     def overlay_state() -> dict[str, Any]:
         out = {}
         for n in (n1, n2):
-            k = Kernel(cluster.netns[n])
+            k = VxlanNetlink(cluster.netns[n])
             try:
                 out[n] = k.snapshot("corral.1")
             finally:

@@ -1,7 +1,8 @@
 """Network namespace helpers: the one way corral creates, enters and removes them.
 
 Namespaces are named files under /run/netns (as `ip netns` makes them), so an
-operator can inspect anything corral made with ordinary tools.
+operator can inspect anything corral made with ordinary tools. Netlink inside a
+namespace: `corral.node.netlink`; sysctls: `corral.node.sysctl`.
 """
 
 from __future__ import annotations
@@ -132,37 +133,6 @@ def list_names(prefix: str = "") -> list[str]:
         return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
     except FileNotFoundError:
         return []
-
-
-def ipr(name: str):  # type: ignore[no-untyped-def]
-    """A pyroute2 netlink socket inside namespace `name` (use as a context manager).
-
-    For scripts and tests. Inside an asyncio daemon use `iproute()`: pyroute2's
-    NetNS forks a helper and signals it, and the child's signal reaches the
-    parent's loop through the shared wakeup fd.
-    """
-    from pyroute2 import NetNS
-
-    return NetNS(path(name))
-
-
-def netlink_socket(name: str | None, protocol: int = 0) -> socket.socket:
-    """A raw netlink socket bound to namespace `name` (None: this thread's own).
-
-    Made by a thread that entered the namespace for the call: the socket keeps
-    the namespace, no process is forked, so it is safe under asyncio.
-    """
-    if not name:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
-    with entered(name):
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
-
-
-def iproute(name: str | None):  # type: ignore[no-untyped-def]
-    """A pyroute2 IPRoute on `netlink_socket(name)`: the daemon-safe netlink handle."""
-    from pyroute2 import IPRoute
-
-    return IPRoute(use_socket=netlink_socket(name)) if name else IPRoute()
 
 
 def enter_thread(name: str | None) -> None:

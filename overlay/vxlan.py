@@ -2,7 +2,7 @@
 
 Every method here is blocking and idempotent: it compares what the kernel has
 with what is wanted and changes only the difference, so re-running it against
-working state touches nothing. Call all methods of one `Kernel` from one
+working state touches nothing. Call all methods of one `VxlanNetlink` from one
 thread (pyroute2's sync API runs its own event loop).
 
 Routes corral installs carry the routing protocol number RTPROT_CORRAL (`ip
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -26,30 +25,18 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NUD_PERMANENT
 
-from corral.node import netns
+from corral.node import netlink
 from corral.node.podveth import POD_ALIAS_PREFIX
 from corral.node.routes import MAIN_TABLE, RTNH_F_ONLINK, RTPROT_CORRAL
+from corral.node.underlay import Underlay
 
 log = logging.getLogger(__name__)
 
 NTF_SELF = 2
 
 
-class KernelError(RuntimeError):
-    """The kernel state cannot be set up (no underlay, wrong device...); the message says why."""
-
-
-@dataclass(frozen=True)
-class Underlay:
-    iface: str
-    index: int
-    ip: str
-    mtu: int
-    networks: tuple[str, ...]
-
-    def on_link(self, ip: str) -> bool:
-        addr = ipaddress.ip_address(ip)
-        return any(addr in ipaddress.ip_network(n) for n in self.networks)
+class DeviceMissing(RuntimeError):
+    """The VXLAN device is gone (a pass found it deleted); the next full pass makes it."""
 
 
 @dataclass(frozen=True)
@@ -77,15 +64,9 @@ class DeviceSpec:
     subnet: str  # this node's subnet; the device gets its .0/32
 
 
-def random_mac() -> str:
-    """A random locally administered unicast MAC."""
-    b = bytearray(secrets.token_bytes(6))
-    b[0] = (b[0] & 0xFE) | 0x02
-    return ":".join(f"{x:02x}" for x in b)
-
-
-class Kernel:
-    """Netlink in `namespace` (a name under /run/netns or a path); None means this one."""
+class VxlanNetlink:
+    """The VXLAN device and its per-peer entries, over one netlink socket in
+    `namespace` (a name under /run/netns or a path; None: this thread's own)."""
 
     def __init__(self, namespace: str | None = None) -> None:
         self.namespace = namespace
@@ -94,7 +75,7 @@ class Kernel:
     @property
     def ipr(self) -> Any:
         if self._sock is None:
-            self._sock = netns.iproute(self.namespace)
+            self._sock = netlink.iproute(self.namespace)
         return self._sock
 
     def close(self) -> None:
@@ -108,50 +89,6 @@ class Kernel:
     def link_index(self, name: str) -> int | None:
         found = self.ipr.link_lookup(ifname=name)
         return found[0] if found else None
-
-    def _ipv4_addrs(self, index: int) -> list[tuple[str, int]]:
-        return [
-            (a.get("IFA_ADDRESS"), a["prefixlen"])
-            for a in self.ipr.get_addr(family=AF_INET, index=index)
-        ]
-
-    def find_underlay(self, iface: str | None = None, ip: str | None = None) -> Underlay:
-        """The underlay interface and address: as given, or the default route's."""
-        index: int | None = None
-        if iface:
-            index = self.link_index(iface)
-            if index is None:
-                raise KernelError(f"underlay interface {iface!r} does not exist")
-        elif ip:
-            for a in self.ipr.get_addr(family=AF_INET):
-                if a.get("IFA_ADDRESS") == ip:
-                    index = a["index"]
-            if index is None:
-                raise KernelError(f"no interface has the underlay address {ip}")
-        else:
-            for r in self.ipr.get_routes(family=AF_INET, table=MAIN_TABLE):
-                if r["dst_len"] == 0 and r.get("RTA_OIF"):
-                    index = r.get("RTA_OIF")
-                    break
-            if index is None:
-                raise KernelError(
-                    "there is no IPv4 default route to find the underlay "
-                    "interface from; name it with --underlay-iface"
-                )
-        link = self.ipr.get_links(index)[0]
-        addrs = self._ipv4_addrs(index)
-        if ip is None:
-            if not addrs:
-                raise KernelError(
-                    f"underlay interface {link.get('IFLA_IFNAME')} has no IPv4 address"
-                )
-            ip = addrs[0][0]
-        elif ip not in [a for a, _ in addrs]:
-            raise KernelError(
-                f"underlay interface {link.get('IFLA_IFNAME')} does not have the address {ip}"
-            )
-        nets = tuple(str(ipaddress.ip_interface(f"{a}/{p}").network) for a, p in addrs)
-        return Underlay(link.get("IFLA_IFNAME"), index, ip, link.get("IFLA_MTU"), nets)
 
     def device_mac(self, name: str) -> str | None:
         index = self.link_index(name)
@@ -210,7 +147,7 @@ class Kernel:
             self.ipr.link("set", index=index, state="up")
             changes.append(f"set {spec.name} up")
         want = str(ipaddress.ip_network(spec.subnet).network_address)
-        have = self._ipv4_addrs(index)
+        have = netlink.ipv4_addrs(self.ipr, index)
         for addr, plen in have:
             if (addr, plen) != (want, 32):
                 self.ipr.addr("del", index=index, address=addr, prefixlen=plen)
@@ -232,7 +169,7 @@ class Kernel:
         """
         index = self.link_index(device)
         if index is None:
-            raise KernelError(f"device {device} is missing")
+            raise DeviceMissing(f"device {device} is missing")
         changes: list[str] = []
         encap = [r for r in remotes if not (direct_routing and underlay.on_link(r.public_ip))]
         direct = [r for r in remotes if r not in encap]
@@ -325,7 +262,7 @@ class Kernel:
         """
         index = self.link_index(device)
         if index is None:
-            raise KernelError(f"device {device} is missing")
+            raise DeviceMissing(f"device {device} is missing")
         changes: list[str] = []
 
         def direct(r: Remote) -> bool:
@@ -418,7 +355,7 @@ class Kernel:
             "local": data.get("IFLA_VXLAN_LOCAL"),
             "port": data.get("IFLA_VXLAN_PORT"),
             "learning": data.get("IFLA_VXLAN_LEARNING"),
-            "addresses": sorted(f"{a}/{p}" for a, p in self._ipv4_addrs(index)),
+            "addresses": sorted(f"{a}/{p}" for a, p in netlink.ipv4_addrs(self.ipr, index)),
         }
         out["neighbours"] = sorted(
             (n.get("NDA_DST"), n.get("NDA_LLADDR"), n["state"])
@@ -471,7 +408,7 @@ class EventMonitor:
     def start(self, index: int | None) -> None:
         """Start listening; `index` is the device's current ifindex."""
         self.index = index
-        self._raw = netns.netlink_socket(self.namespace)
+        self._raw = netlink.raw_socket(self.namespace)
         self._thread.start()
 
     def stop(self) -> None:
@@ -480,10 +417,9 @@ class EventMonitor:
             self._raw.shutdown(socket.SHUT_RDWR)
 
     def _run(self) -> None:
-        from pyroute2 import IPRoute
         from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 
-        self._sock = IPRoute(use_socket=self._raw)  # made and used on this thread only
+        self._sock = netlink.iproute(sock=self._raw)  # made and used on this thread only
         self._sock.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE)
         index = self.index
         while not self._stopped.is_set():

@@ -36,14 +36,14 @@ from corral.api.store import Store
 from corral.common.supervisor import Supervisor
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
-from corral.node import netns
+from corral.node import netlink, sysctl
 from corral.proxy import mode as modes
 from corral.proxy.core import ServiceTracker, ServiceView, usable
 from corral.proxy.mode import ModeContext, ProxyMode, SyncResult
 
 log = logging.getLogger(__name__)
 
-BRIDGE_NF = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+BRIDGE_NF = "net.bridge.bridge-nf-call-iptables"
 NETWORK_CONFIG = "cluster"  # the cluster's one NetworkConfig (api/objects.py)
 ROUTE_PROTO = 4  # static
 
@@ -188,17 +188,13 @@ class Proxy:
 
     def _node_setup(self) -> None:
         with contextlib.suppress(OSError):
-            with open(BRIDGE_NF) as f:
-                on = f.read().strip() == "1"
-            if not on:
-                with open(BRIDGE_NF, "w") as f:
-                    f.write("1\n")
+            if sysctl.ensure(BRIDGE_NF, "1"):
                 log.info("net.bridge.bridge-nf-call-iptables set to 1")
         self._ensure_route()
 
     def _ensure_route(self) -> None:
         assert self.service_cidr and self.device
-        with netns.iproute(None) as ipr:
+        with netlink.iproute(None) as ipr:
             links = ipr.link_lookup(ifname=self.device)
             if not links:
                 self._route_ok = False  # no overlay device yet: the next sync tries again
@@ -271,7 +267,7 @@ def cleanup(node: str, service_cidr: str | None = None) -> list[str]:
     if service_cidr:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with netns.iproute(None) as ipr, contextlib.suppress(NetlinkError):
+        with netlink.iproute(None) as ipr, contextlib.suppress(NetlinkError):
             ipr.route("del", dst=service_cidr, proto=ROUTE_PROTO)
             done.append(f"route {service_cidr}")
     return done

@@ -25,6 +25,7 @@ from corral.common.labels import HOSTNAME_LABEL
 from corral.daemon.core import Daemon, Informers, Timings
 from corral.daemon.nodecontext import NodeContext
 from corral.daemon.options import PORTS
+from corral.node import netlink, underlay
 
 log = logging.getLogger("corral.node")
 
@@ -54,17 +55,14 @@ def load_component(name: str, ctx: NodeContext) -> Component:
     return getattr(importlib.import_module(module), cls)(ctx)
 
 
-def underlay_address(iface: str | None = None) -> tuple[str, str]:
-    """(interface, IPv4 address) of `iface`, or of the default route's interface."""
-    from corral.overlay.vxlan import Kernel, KernelError  # the overlay's one lookup
-
-    kernel = Kernel()
+def underlay_address(iface: str | None = None, ns: str | None = None) -> tuple[str, str]:
+    """(interface, IPv4 address) of `iface`, or of the default route's interface, in
+    namespace `ns` (None: this one)."""
     try:
-        found = kernel.find_underlay(iface)
-    except KernelError as e:
+        with netlink.iproute(ns) as ipr:
+            found = underlay.find(ipr, iface)
+    except underlay.UnderlayError as e:
         raise NodeSetupError(str(e)) from None
-    finally:
-        kernel.close()
     return found.iface, found.ip
 
 
@@ -197,7 +195,9 @@ class NodeAgent:
         """Before anything else: find the underlay address (the HTTP server binds to it)."""
         if self.ctx.underlay_ip is None:
             loop = asyncio.get_running_loop()
-            iface, ip = await loop.run_in_executor(None, underlay_address, self.ctx.underlay_iface)
+            iface, ip = await loop.run_in_executor(
+                None, underlay_address, self.ctx.underlay_iface, self.ctx.options.netns
+            )
             self.ctx.underlay_iface, self.ctx.underlay_ip = iface, ip
         for d in (self.ctx.paths.run_dir, self.ctx.paths.state_dir):
             os.makedirs(d, exist_ok=True)

@@ -1,7 +1,7 @@
 """Test set-up for the CNI plugins: a node namespace running the CNI daemon, pods, clients.
 
 A `CNINode` is a network namespace with its own run/conf/bin/cache dirs under a
-tmp dir and a `python -m corral.cni.server` process inside it. CNI calls are made
+tmp dir and a `corral node --components cni --netns` process for it. CNI calls are made
 the way a runtime makes them: the libcni Go client (tests/libcni_client, built
 once per session) or the installed shim, both run inside the node namespace.
 """
@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from corral.common.files import write_atomic
-from corral.node import netns
+from corral.node import netlink, netns
 
 REF_PLUGINS = "/usr/lib/cni"
 CLIENT_SRC = Path(__file__).parent / "libcni_client"
@@ -112,26 +112,35 @@ class CNINode:
         argv = [
             sys.executable,
             "-m",
-            "corral.cni.server",
+            "corral",
+            "node",
+            "--components",
+            "cni",
             "--etcd",
             self.etcd_url,
-            "--node",
+            "--name",
             self.name,
             "--run-dir",
             str(self.run_dir),
-            "--conf-dir",
+            "--state-dir",
+            str(self.tmp / "state"),
+            "--cni-conf-dir",
             str(self.conf_dir),
-            "--bin-dir",
+            "--cni-bin-dir",
             str(self.bin_dir),
-            "--cache-dir",
+            "--cni-cache-dir",
             str(self.cache_dir),
             "--netns",
             self.name,
-            "--shim",
+            "--underlay-iface",
+            "lo",  # the node namespace has no default route to find one from
+            "--metrics-addr",
+            "off",
+            "--cni-shim",
             self.shim,
         ]
         if os.environ.get("CORRAL_CNI_DEBUG"):  # per-call timings in daemon.log
-            argv.append("-v")
+            argv.append("-vv")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
         log.close()
         wait_until(lambda: self._answers() or self._died(), 60, "the CNI daemon socket")
@@ -302,7 +311,7 @@ class CNINode:
 
     def _links(self, ns: str | None = None) -> dict[str, dict[str, Any]]:
         out = {}
-        with netns.ipr(ns or self.name) as ipr:
+        with netlink.iproute(ns or self.name) as ipr:
             addrs: dict[int, list[str]] = {}
             for a in ipr.get_addr(family=2):
                 addrs.setdefault(a["index"], []).append(f"{a.get('address')}/{a['prefixlen']}")
@@ -320,7 +329,7 @@ class CNINode:
 
     def default_gateways(self, pod: str) -> list[str]:
         def read() -> list[str]:
-            with netns.ipr(pod) as ipr:
+            with netlink.iproute(pod) as ipr:
                 return [
                     r.get("gateway")
                     for r in ipr.get_routes(family=2, table=254)
@@ -333,7 +342,7 @@ class CNINode:
         """Bridge port ifindex -> IFLA_BRPORT_MODE (1 = hairpin) in the node."""
 
         def read() -> dict[int, int]:
-            with netns.ipr(self.name) as ipr:
+            with netlink.iproute(self.name) as ipr:
                 return {
                     p["index"]: p.get_nested("IFLA_PROTINFO", "IFLA_BRPORT_MODE")
                     for p in ipr.brport("dump")

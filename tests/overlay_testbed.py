@@ -2,7 +2,7 @@
 
 One "switch" namespace holds a bridge; each node namespace has `eth0` on it
 (172.30.0.<i>/24, default route via the switch's .254) and runs an overlay
-agent as a separate process (`python -m corral.overlay.agent --netns ...`),
+agent as a separate process (`corral node --components overlay --netns ...`),
 started from the host namespace so it reaches etcd on loopback. Pods are plain
 namespaces with a veth on the node's `cni0` bridge, plumbed by hand the way the
 CNI plugin would (gateway .1, MTU from subnet.json, the host veth's alias).
@@ -29,10 +29,11 @@ from typing import Any
 
 from corral.cluster import underlay
 from corral.ebpf import loader
-from corral.node import netns
+from corral.node import netlink, netns
 from corral.node.podveth import pod_alias
-from corral.overlay.vxlan import Kernel
+from corral.overlay.vxlan import VxlanNetlink
 
+CORRAL = [sys.executable, "-m", "corral"]
 UNDERLAY = ipaddress.ip_network("172.30.0.0/24")
 SWITCH_IP = "172.30.0.254"
 
@@ -116,7 +117,7 @@ class Testbed:
     def _ns(self, name: str) -> str:
         netns.add(name)
         self._namespaces.append(name)
-        with netns.ipr(name) as ipr:
+        with netlink.iproute(name) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         return name
 
@@ -124,7 +125,7 @@ class Testbed:
         """The switch is corral up's underlay bridge, with the gateway address on it."""
         self._namespaces.append(self.switch)
         underlay.ensure_bridge(self.switch)
-        with netns.ipr(self.switch) as ipr:
+        with netlink.iproute(self.switch) as ipr:
             br = ipr.link_lookup(ifname=underlay.BRIDGE)[0]
             ipr.addr("add", index=br, address=SWITCH_IP, prefixlen=24)
         for i in range(1, count + 1):
@@ -157,10 +158,11 @@ class Testbed:
     def start_agent(self, i: int, wait: bool = True, extra: list[str] | None = None) -> SimNode:
         n = self.node(i)
         argv = [
-            sys.executable,
-            "-m",
-            "corral.overlay.agent",
-            "--node",
+            *CORRAL,
+            "node",
+            "--components",
+            "overlay",
+            "--name",
             n.name,
             "--etcd",
             self.etcd_url,
@@ -170,10 +172,12 @@ class Testbed:
             n.state_dir,
             "--run-dir",
             n.run_dir,
-            "--resync",
+            "--resync-interval",
             str(self.resync),
             "--lease-ttl",
             str(self.lease_ttl),
+            "--metrics-addr",
+            "off",
             *(extra or []),
         ]
         logf = open(n.log_path, "ab")  # noqa: SIM115 - the child keeps it
@@ -241,13 +245,13 @@ class Testbed:
         gw = str(subnet.network_address + 1)
         name = f"p{i}x{host}"
         ns = self._ns(f"ovp{i}x{host}-{self.sfx}")
-        with netns.ipr(n.ns) as ipr:
+        with netlink.iproute(n.ns) as ipr:
             if not ipr.link_lookup(ifname="cni0"):
                 ipr.link("add", ifname="cni0", kind="bridge")
                 br = ipr.link_lookup(ifname="cni0")[0]
                 ipr.addr("add", index=br, address=gw, prefixlen=subnet.prefixlen)
                 ipr.link("set", index=br, state="up", mtu=info["mtu"])
-        with netns.ipr(ns) as ipr:
+        with netlink.iproute(ns) as ipr:
             ipr.link(
                 "add",
                 ifname="eth0",
@@ -260,7 +264,7 @@ class Testbed:
             ipr.link("set", index=eth, state="up")
             ipr.route("add", dst="0.0.0.0/0", gateway=gw)
             pod_mac = ipr.get_links(eth)[0].get_attr("IFLA_ADDRESS")
-        with netns.ipr(n.ns) as ipr:
+        with netlink.iproute(n.ns) as ipr:
             v = ipr.link_lookup(ifname=f"v{name}")[0]
             ipr.link(
                 "set",
@@ -287,7 +291,7 @@ class Testbed:
         return p.returncode == 0
 
     def snapshot(self, i: int, vni: int = 1) -> dict[str, Any]:
-        k = Kernel(self.node(i).ns)
+        k = VxlanNetlink(self.node(i).ns)
         try:
             return k.snapshot(f"corral.{vni}")
         finally:

@@ -24,7 +24,7 @@ from typing import Any
 
 from corral.api.objects import Pod
 from corral.api.store import Store, now_iso
-from corral.node import netns
+from corral.node import netlink, netns
 from corral.runtime import cgroups as cg
 from corral.runtime import containers
 
@@ -205,7 +205,7 @@ def pod_exec(p: Pod, argv: list[str], container: str | None = None) -> str:
 
 def _add_node_ns(ns: str) -> None:
     netns.add(ns)
-    with netns.ipr(ns) as ipr:
+    with netlink.iproute(ns) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
 
 

@@ -15,7 +15,7 @@ from corral.cni.config import make_range, parse_cni_args, parse_ipam, parse_requ
 from corral.cni.errors import CNIError
 from corral.cni.install import conflist, shim_script, shim_source
 from corral.cni.ipam import IPAM
-from corral.cni.server import convert_result
+from corral.cni.verbs import convert_result
 
 ENV = {
     "CNI_COMMAND": "ADD",

@@ -16,8 +16,8 @@ from corral.api.objects import NetworkConfig, NetworkSpec, Node, NodeAddress, No
 from corral.api.store import Store, subnet_key
 from corral.cli.main import main as cli_main
 from corral.cluster.etcd import LocalEtcd
-from corral.node import iptables, netns, podguard
-from corral.overlay import guard, lease, masq, notrack
+from corral.node import iptables, netns, podguard, sysctl
+from corral.overlay import guard, host, lease, masq, notrack
 
 
 def spec(**kw: object) -> NetworkSpec:
@@ -223,6 +223,28 @@ def scratch_ns() -> Iterator[str]:
         yield name
     finally:
         netns.remove(name)
+
+
+def test_sysctl_names_map_to_proc_sys_paths() -> None:
+    assert sysctl.path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
+    # a dotted name keeps the dot of an interface name written with a slash
+    assert sysctl.path("net.ipv4.conf.eth0/100.forwarding") == (
+        "/proc/sys/net/ipv4/conf/eth0.100/forwarding"
+    )
+    assert sysctl.path("net/ipv4/conf/eth0.100/rp_filter") == (
+        "/proc/sys/net/ipv4/conf/eth0.100/rp_filter"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
+def test_host_settings_turn_forwarding_on_in_the_node_namespace_only(scratch_ns: str) -> None:
+    host_before = sysctl.read("net.ipv4.ip_forward")
+    assert sysctl.read("net.ipv4.ip_forward", scratch_ns) == "0"  # a new namespace's default
+    spec = NetworkSpec(network="10.244.0.0/16")
+    assert "IPv4 forwarding on" in host.apply(scratch_ns, spec, ip_forward=True)
+    assert sysctl.read("net.ipv4.ip_forward", scratch_ns) == "1"
+    assert host.apply(scratch_ns, spec, ip_forward=True) == []  # nothing left to change
+    assert sysctl.read("net.ipv4.ip_forward") == host_before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")

@@ -183,9 +183,9 @@ def set_config(bed: Testbed, **changes: Any) -> None:
 
 
 def _ipr(bed: Testbed, i: int) -> Any:
-    from corral.node import netns
+    from corral.node import netlink
 
-    return netns.ipr(bed.node(i).ns)
+    return netlink.iproute(bed.node(i).ns)
 
 
 def test_hand_made_damage_is_repaired(bed: Testbed) -> None:

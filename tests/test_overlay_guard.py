@@ -26,7 +26,7 @@ from overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, pod
 from overlay_testbed import Pod, SimNode, Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
-from corral.node import iptables, netns, podguard
+from corral.node import iptables, netlink, netns, podguard
 from corral.node.podveth import pod_alias
 from corral.overlay import guard
 
@@ -45,7 +45,9 @@ def other(i: int) -> int:
 @pytest.fixture(scope="module")
 def bed(etcd: LocalEtcd) -> Iterator[Testbed]:
     etcd_do(etcd.url, lambda s: s.delete_prefix_raw("/corral/"))
-    tb = Testbed(etcd.url, nodes=2)
+    # Tests here stop an agent for as long as their attacks take; a short lease would
+    # expire meanwhile and the other node would stop taking the stopped one's traffic.
+    tb = Testbed(etcd.url, nodes=2, lease_ttl=30)
     try:
         tb.start_agent(FAST, wait=False, extra=["--datapath", "bpf"])
         tb.start_agent(KERNEL, wait=False, extra=["--datapath", "kernel"])
@@ -95,7 +97,7 @@ def vtep_mac(tb: Testbed, i: int) -> str:
 
 
 def ifindex(tb: Testbed, i: int, p: Pod) -> int:
-    with netns.ipr(tb.node(i).ns) as ipr:
+    with netlink.iproute(tb.node(i).ns) as ipr:
         return int(ipr.link_lookup(ifname=f"v{p.name}")[0])
 
 
@@ -229,7 +231,7 @@ def test_ordinary_traffic_still_flows(bed: Testbed, x: int, listen: Any) -> None
 def test_guard_state_is_there_and_idempotent(bed: Testbed) -> None:
     for i in (FAST, KERNEL):
         ns = bed.node(i).ns
-        with netns.ipr(ns) as ipr:
+        with netlink.iproute(ns) as ipr:
             pods = podguard.pods_from_links(ipr.get_links())
         assert {p.ip for p in pods.values()} == {p.ip for p in bed.node(i).pods}
         assert podguard.sync(ns, pods) == []  # nothing left to change
@@ -360,7 +362,7 @@ def test_a_pod_cannot_poison_its_nodes_arp(bed: Testbed, x: int) -> None:
     assert bed.ping(node.ns, neighbour.ip)  # the node has a neighbour entry for it
 
     def mac_of(ip: str) -> str | None:
-        with netns.ipr(node.ns) as ipr:
+        with netlink.iproute(node.ns) as ipr:
             for n in ipr.get_neighbours(family=2, dst=ip):
                 return str(n.get_attr("NDA_LLADDR"))
         return None

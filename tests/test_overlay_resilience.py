@@ -16,7 +16,7 @@ from overlay_testbed import Testbed, wait_for
 
 from corral.api.store import Store, subnet_key
 from corral.cluster.etcd import LocalEtcd
-from corral.node import netns
+from corral.node import netlink
 from corral.overlay import lease as leases
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
@@ -100,16 +100,16 @@ def test_netlink_events_trigger_repair_without_waiting(private: tuple[LocalEtcd,
     idx = good["device"]["index"]
     dst, gw, _, _ = good["routes"][0]
     mac, remote_ip = good["fdb"][0]
-    with netns.ipr(tb.node(1).ns) as ipr:
+    with netlink.iproute(tb.node(1).ns) as ipr:
         ipr.route("del", dst=dst, gateway=gw, oif=idx)
     wait_for(lambda: tb.snapshot(1) == good, DEADLINE, "the route to come back")
-    with netns.ipr(tb.node(1).ns) as ipr:
+    with netlink.iproute(tb.node(1).ns) as ipr:
         ipr.fdb("del", ifindex=idx, lladdr=mac, dst=remote_ip)
     wait_for(lambda: tb.snapshot(1) == good, DEADLINE, "the FDB entry to come back")
-    with netns.ipr(tb.node(1).ns) as ipr:
+    with netlink.iproute(tb.node(1).ns) as ipr:
         ipr.link("set", index=idx, address="02:de:ad:be:ef:02")
     wait_for(lambda: tb.snapshot(1) == good, DEADLINE, "the VTEP MAC to be restored")
-    with netns.ipr(tb.node(1).ns) as ipr:
+    with netlink.iproute(tb.node(1).ns) as ipr:
         ipr.link("del", index=idx)
     wait_for(
         lambda: (

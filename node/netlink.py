@@ -1,21 +1,38 @@
-"""A minimal rtnetlink socket for the ADD hot path: a handful of requests, sent in batches.
+"""Netlink, in one place: how corral opens it in a namespace, and the packed fast path.
 
-pyroute2 costs ~1 ms of Python per request (message classes, an event loop per
-call); these few messages packed with `struct` cost microseconds, and a batch of
-requests goes to the kernel in one sendmsg and comes back as one ack each. The
-kernel handles the messages of a batch in order, exactly as if sent one by one.
-Errors are raised as pyroute2's NetlinkError so callers handle both alike.
-Everything else (dumps, bridge set-up, CHECK, GC) stays on pyroute2.
+Two ways to talk rtnetlink, for two needs:
+
+- `iproute(ns)`: pyroute2's IPRoute in namespace `ns` (None: the calling thread's
+  own). Everything that reads or changes links, addresses, routes, neighbours,
+  FDB and tc goes through it. The socket is made by a thread that entered the
+  namespace for the call (`corral.node.netns.entered`), so nothing is forked and
+  it is safe under asyncio (pyroute2's own `NetNS` forks a helper and signals
+  it, and the child's signal reaches the parent's loop through the shared
+  wakeup fd). Blocking: call it from a thread or an executor.
+- `Socket(ns)`: a handful of requests packed with `struct`, sent in batches,
+  for the CNI ADD/DEL hot path. pyroute2 costs ~1 ms of Python per request
+  (message classes, an event loop per call); these cost microseconds, and a
+  batch goes to the kernel in one sendmsg and comes back as one ack each. The
+  kernel handles the messages of a batch in order, exactly as if sent one by
+  one. Errors are raised as pyroute2's NetlinkError so callers handle both alike.
+
+pyroute2 is imported only when used (~0.2 s): every CLI command imports modules
+that import this one.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from pyroute2.netlink.exceptions import NetlinkError
+from corral.node import netns
+
+if TYPE_CHECKING:
+    from pyroute2.netlink.exceptions import NetlinkError
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -38,6 +55,52 @@ _HDR = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
+
+
+# ------------------------------------------------------------ opening netlink
+
+
+def raw_socket(ns: str | None = None, protocol: int = NETLINK_ROUTE) -> socket.socket:
+    """A netlink socket of `protocol` in namespace `ns` (None: this thread's own).
+
+    Made by a thread that entered the namespace for the call: the socket keeps
+    the namespace, no process is forked.
+    """
+    if not ns:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
+    with netns.entered(ns):
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
+
+
+def iproute(ns: str | None = None, sock: socket.socket | None = None) -> Any:
+    """pyroute2's IPRoute in namespace `ns` (None: this thread's own); close it after use.
+
+    `sock`: a `raw_socket(ns)` made beforehand, for a listener that must be woken
+    from another thread (shutting the socket down ends its blocking read).
+    """
+    from pyroute2 import IPRoute
+
+    if sock is None and not ns:
+        return IPRoute()
+    return IPRoute(use_socket=sock or raw_socket(ns))
+
+
+def ipv4_addrs(ipr: Any, index: int) -> list[tuple[str, int]]:
+    """(address, prefix length) of every IPv4 address on link `index`, through `ipr`."""
+    return [
+        (a.get("IFA_ADDRESS"), a["prefixlen"])
+        for a in ipr.get_addr(family=socket.AF_INET, index=index)
+    ]
+
+
+def random_mac() -> str:
+    """A random unicast, locally administered MAC (so a new link's MAC needs no read-back)."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+# ------------------------------------------------------------ the packed fast path
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -161,10 +224,14 @@ def add_route(
 
 
 class Socket:
-    """An rtnetlink socket in the namespace of the thread that makes it."""
+    """The packed fast path: an rtnetlink socket in namespace `ns` (None: this thread's)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    def __init__(self, ns: str | None = None) -> None:
+        if ns:
+            with netns.entered(ns):
+                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        else:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         try:
             self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
             self.sock.bind((0, 0))
@@ -188,6 +255,8 @@ class Socket:
         The kernel carries on after a failed request: callers that need "stop at the
         first failure" put only independent requests in one batch.
         """
+        from pyroute2.netlink.exceptions import NetlinkError
+
         first = self.seq + 1
         out = bytearray()
         for r in reqs:
@@ -229,6 +298,8 @@ class Socket:
 
     def call(self, reqs: list[Request]) -> list[bytes]:
         """batch(), raising the first error."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
         res = self.batch(reqs)
         for r in res:
             if isinstance(r, NetlinkError):
