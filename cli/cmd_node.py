@@ -11,8 +11,8 @@ from typing import Any
 
 from corral.cli.common import CLIError, new_store
 from corral.daemon import options
-from corral.runtime.agent import COMPONENTS, NodeSetupError, serve
-from corral.runtime.nodesetup import node_context
+from corral.nodeagent.agent import COMPONENTS, NodeSetupError, serve
+from corral.nodeagent.context import node_context
 
 
 def register(sub: Any) -> None:

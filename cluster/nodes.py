@@ -240,7 +240,7 @@ def remove_pod_cgroups(node: str) -> int:
 
 
 def node_object(cluster: str, node: NodeState) -> Node:
-    from corral.runtime.agent import node_capacity
+    from corral.nodeagent.agent import node_capacity
 
     resources = node_capacity()
     return Node(

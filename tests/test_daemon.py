@@ -272,7 +272,7 @@ async def test_metrics_parse_and_count_etcd_requests(etcd: LocalEtcd, tmp_path) 
 
 
 async def test_node_ready_follows_component_health(store: Store, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from corral.runtime import agent
+    from corral.nodeagent import agent
 
     comp = Flaky()
     monkeypatch.setattr(agent, "load_component", lambda name, ctx: comp)

@@ -52,6 +52,7 @@ def test_wheel_holds_only_corral_packages(tmp_path: Path) -> None:
         "cluster",
         "cli",
         "netdebug",
+        "nodeagent",
     ):
         assert f"corral/{folder}/__init__.py" in names
     assert "corral/clusterdns/fastpath.c" in names  # built on first use
@@ -77,6 +78,7 @@ LAYERS: dict[str, int] = {
     "clusterdns": 5,
     "control": 5,
     "apiserver": 5,
+    "nodeagent": 6,  # `corral node`: overlay, CNI server and pods composed into one daemon
     "netdebug": 6,  # `corral net`: reads every component
     "cluster": 7,  # `corral up`'s local cluster
     "cli": 8,
