@@ -137,6 +137,7 @@ class EbpfMode:
         self._lock = threading.Lock()
         self._views: Mapping[str, ServiceView] | None = None
         self._changed: set[str] = set()
+        self._full_pending = False  # a full sync asked for before run() started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._forget = False
         self.rules_busy = False
@@ -169,8 +170,12 @@ class EbpfMode:
     # ------------------------------------------------------------ running
 
     async def run(self, ask_full_sync: Callable[[], None]) -> None:
-        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            handed = self._views is not None  # a sync came before the loop ran
         rules = asyncio.create_task(self.rules.run(), name="proxy-ebpf-iptables")
+        if handed:
+            self.rules.run_soon(self._full_pending)
         try:
             if not self.loaded:
                 await self._load(ask_full_sync)
@@ -217,8 +222,10 @@ class EbpfMode:
         with self._lock:
             self._views = views
             self._changed |= changed
-        assert self._loop is not None, "run() first"
-        self._loop.call_soon_threadsafe(self.rules.run_soon, full)
+            loop = self._loop
+            self._full_pending |= full
+        if loop is not None:  # else run(), when it starts, hands the rules to the runner
+            loop.call_soon_threadsafe(self.rules.run_soon, full)
         return SyncResult(full, len(changed), n, self.last_map_seconds)
 
     async def _write_rules(self, full: bool) -> None:
@@ -230,6 +237,7 @@ class EbpfMode:
             full = True
         with self._lock:
             views, changed, self._changed = self._views, self._changed, set()
+            self._full_pending = False
         if views is None:
             return  # no sync handed anything yet
         self.rules_busy = True

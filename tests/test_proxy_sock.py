@@ -257,23 +257,31 @@ def test_pod_ip_from_the_runtime_keys_affinity(lb: SockLB, ns: str, cgroup: str)
     assert pod_cgroups.lookup(NODE, a) is None
 
 
-def test_ebpf_mode_maps_at_once_iptables_rules_behind(lb: SockLB, ns: str, cgroup: str) -> None:
+@pytest.mark.parametrize("first", ["run", "sync"])
+def test_ebpf_mode_maps_at_once_iptables_rules_behind(
+    lb: SockLB, ns: str, cgroup: str, first: str
+) -> None:
     """EbpfMode: a sync programs the maps before returning; the DNAT rules follow on the
-    iptables half's own runner."""
+    iptables half's own runner, also when the sync came before the mode's loop ran."""
     from corral.proxy.ebpf import EbpfMode
     from corral.proxy.iptables import Netfilter
 
     name = os.path.basename(ns)
     mode = EbpfMode("10.244.0.0/16", NODE, sock=lb, netfilter=Netfilter(name))
     mode.loaded = mode.attached = True
-    views = {"default/web": view(VIP, BACKENDS)}
+    vip = VIP if first == "run" else "10.96.201.3"  # the maps outlive one case: its own VIP
+    views = {"default/web": view(vip, BACKENDS)}
 
     async def go() -> None:
+        loop = asyncio.get_running_loop()
+        if first == "sync":
+            result = await loop.run_in_executor(None, mode.sync, True, views, set(views))
         task = asyncio.create_task(mode.run(lambda: None))
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, mode.sync, True, views, set(views))
-            assert result.lines > 0 and lb.have and (VIP, 80, "TCP") in lb.have
+            if first == "run":
+                await asyncio.sleep(0.1)  # the mode's loop is running
+                result = await loop.run_in_executor(None, mode.sync, True, views, set(views))
+            assert result.lines > 0 and lb.have and (vip, 80, "TCP") in lb.have
             for _ in range(1200):
                 if mode.rules_synced or mode.rules.failures:
                     break
@@ -286,7 +294,7 @@ def test_ebpf_mode_maps_at_once_iptables_rules_behind(lb: SockLB, ns: str, cgrou
     nat = subprocess.run(
         netns.command(name, ["iptables-save", "-t", "nat"]), capture_output=True, text=True
     ).stdout
-    assert f"-d {VIP}/32" in nat
+    assert f"-d {vip}/32" in nat
     mode.iptables.cleanup()
 
 
