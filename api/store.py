@@ -72,6 +72,14 @@ class Unavailable(StoreError):
     """No etcd endpoint answered."""
 
 
+class Compacted(StoreError):
+    """The revision asked for was compacted away (an API server answers 410 Expired)."""
+
+    def __init__(self, revision: int, compacted: int = 0) -> None:
+        super().__init__(f"revision {revision} was compacted (now at {compacted or '?'})")
+        self.revision, self.compacted = revision, compacted
+
+
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -213,6 +221,19 @@ class RawEvent:
     key: str
     value: bytes | None
     revision: int
+
+
+@dataclass
+class ChangeEvent:
+    """One etcd change with the value before it (a watch with prev_kv), for a consumer
+    that must see DELETED with the last state or selector transitions."""
+
+    type: Literal["PUT", "DELETE"]
+    key: str
+    value: bytes | None
+    prev_value: bytes | None
+    revision: int
+    create_revision: int
 
 
 @dataclass
@@ -564,6 +585,74 @@ class Store:
             return ok, rev
 
         return await self._call(run)
+
+    async def range_raw(
+        self, start: str, end: str, limit: int = 0, revision: int = 0
+    ) -> tuple[list[KV], int, bool]:
+        """The keys in [start, end) in key order, at most `limit` (0: all), read at
+        `revision` (0: now): (kvs, the revision read at, whether more keys follow).
+        Compacted when `revision` is gone (a paged list resumed too late)."""
+        from aetcd import rpc
+
+        req = rpc.RangeRequest(
+            key=start.encode(), range_end=end.encode(), limit=limit, revision=revision
+        )
+
+        async def run(c: aetcd.Client) -> Any:
+            await c.connect()
+            try:
+                return await c.kvstub.Range(req, timeout=c._timeout, metadata=c.metadata)
+            except rpc.AioRpcError as e:
+                if "compacted" in (e.details() or ""):
+                    raise Compacted(revision) from None
+                aetcd.exceptions._handle_exception(e)
+
+        r = await self._call(run)
+        kvs = [
+            KV(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease)
+            for kv in r.kvs
+        ]
+        return kvs, r.header.revision, bool(r.more)
+
+    async def changes(self, prefix: str, start_revision: int) -> AsyncIterator[ChangeEvent]:
+        """Every change under `prefix` from `start_revision` on, each with its previous
+        value, on one etcd watch: no re-list and no reconnect. Compacted when
+        `start_revision` is gone; Unavailable when the stream breaks. For a consumer that
+        must tell its own client so (an API server's watch: 410 Expired, or the client
+        re-watches), unlike `watch_prefix_raw`, which hides both."""
+        client, gen = await self._current()
+        try:
+            w = await client.watch(
+                prefix.encode(),
+                range_end=aetcd.utils.prefix_range_end(prefix.encode()),
+                start_revision=start_revision,
+                prev_kv=True,
+            )
+        except _WATCH_ERRORS as e:
+            raise Unavailable(f"etcd watch on {prefix}: {e}") from e
+        try:
+            async for ev in self._events(w, gen):
+                prev = ev.prev_kv.value if ev.prev_kv is not None else None
+                if ev.kind == "DELETE":
+                    yield ChangeEvent(
+                        "DELETE", ev.kv.key.decode(), None, prev, ev.kv.mod_revision, 0
+                    )
+                else:
+                    yield ChangeEvent(
+                        "PUT",
+                        ev.kv.key.decode(),
+                        ev.kv.value,
+                        prev,
+                        ev.kv.mod_revision,
+                        ev.kv.create_revision,
+                    )
+        except aetcd.exceptions.RevisionCompactedError as e:
+            raise Compacted(start_revision, e.compacted_revision) from None
+        except _WATCH_ERRORS as e:
+            raise Unavailable(f"etcd watch on {prefix}: {e}") from e
+        finally:
+            with contextlib.suppress(Exception):
+                await w.cancel()
 
     # ------------------------------------------------------------ leases
 

@@ -84,13 +84,17 @@ def _issue(
     ips: tuple[str, ...] = (),
     dns: tuple[str, ...] = (),
     days: int = 730,
+    orgs: tuple[str, ...] = (),
 ) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
+        + [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
     now = datetime.datetime.now(datetime.UTC)
     b = (
         x509.CertificateBuilder()
@@ -160,9 +164,18 @@ def ensure(dir: str, server_ips: list[str]) -> Paths:
     return paths
 
 
-def issue_client(dir: str, name: str, cn: str) -> Paths:
-    """Another client certificate from the same CA (tests use one for a stranger)."""
+def issue_client(dir: str, name: str, cn: str, orgs: tuple[str, ...] = ()) -> Paths:
+    """Another client certificate from the same CA (tests use one for a stranger; the
+    API server's admin is CN=admin, O=system:masters, as kubeadm's)."""
     paths = Paths(dir)
     ca, ca_key = _load(paths, "ca")
-    _issue(paths, name, cn, ca, ca_key, client=True)
+    _issue(paths, name, cn, ca, ca_key, client=True, orgs=orgs)
+    return paths
+
+
+def issue_server(dir: str, name: str, cn: str, ips: list[str], dns: tuple[str, ...] = ()) -> Paths:
+    """A serving certificate from the same CA for `ips` and `dns` (the API server's)."""
+    paths = Paths(dir)
+    ca, ca_key = _load(paths, "ca")
+    _issue(paths, name, cn, ca, ca_key, server=True, ips=tuple(sorted(set(ips))), dns=dns)
     return paths

@@ -7,6 +7,7 @@
 | controllers | 10273 |
 | proxy       | 10274 |
 | dns         | 10275 |
+| apiserver   | 10276 |
 
 One HTTP server per daemon serves `/metrics`, `/healthz` and `/readyz`. The node
 daemon listens on its own underlay (InternalIP) address, the others on
@@ -25,6 +26,7 @@ PORTS: dict[str, int] = {
     "controllers": 10273,
     "proxy": 10274,
     "dns": 10275,
+    "apiserver": 10276,
 }
 
 OFF = ("0", "off", "none", "")

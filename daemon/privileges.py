@@ -8,7 +8,8 @@ made later (gRPC's, executors') inherit the set of the thread that made them.
 
 What each daemon keeps (README lists the same):
 
-    scheduler, controllers   nothing: they only talk to etcd over TCP
+    scheduler, controllers,  nothing: they only talk to etcd over TCP (the API server
+    apiserver                also serves HTTPS on an unprivileged port, 6443)
     dns                      NET_BIND_SERVICE (port 53)
     proxy                    NET_ADMIN (netfilter, ipset, conntrack, the service
                              route, the bridge sysctl), NET_RAW (legacy iptables'
@@ -29,6 +30,7 @@ from corral.api.objects import CAPABILITIES  # by bit number
 KEEP: dict[str, frozenset[str] | None] = {
     "scheduler": frozenset(),
     "controllers": frozenset(),
+    "apiserver": frozenset(),
     "node": None,  # None: keep all
     "proxy": frozenset({"NET_ADMIN", "NET_RAW", "BPF"}),
     "dns": frozenset({"NET_BIND_SERVICE"}),  # port 53; it only reads etcd and answers

@@ -1,0 +1,1 @@
+"""The Kubernetes REST API over corral's etcd store (`corral apiserver`)."""

@@ -1,0 +1,537 @@
+"""The verbs on the store, in wire form: what kube-apiserver's registry/rest and etcd3
+storage do, for the kinds in the registry.
+
+Objects travel as dicts (their JSON). A write is validated by the kind's model
+(corral.api.objects), which also fills defaults, and stored with `Store.encode`, so
+what the API writes is what corral's own CLI and daemons read. `resourceVersion` is
+the etcd mod revision of the object's key; an update is a CAS on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import copy
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd.utils
+from pydantic import ValidationError
+
+from corral.api.namespaces import BUILTIN, new_namespace
+from corral.api.objects import TypedObject
+from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merge
+from corral.api.store import (
+    KV,
+    AlreadyExists,
+    Compacted,
+    Conflict,
+    Store,
+    now_iso,
+)
+from corral.apiserver import errors
+from corral.apiserver.registry import BY_KIND, Resource
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Match = Callable[[Obj], bool] | None
+# etcd refuses requests over 1.5 MiB (--max-request-bytes); so does kube-apiserver.
+MAX_OBJECT_BYTES = 3 * 512 * 1024
+
+PATCH_TYPES = {
+    "application/json-patch+json": "json",
+    "application/merge-patch+json": "merge",
+    "application/strategic-merge-patch+json": "strategic",
+    "application/apply-patch+yaml": "apply",
+}
+
+
+def wire(kv: KV | bytes, revision: int | None = None) -> Obj:
+    """A stored value as the API returns it: its JSON with resourceVersion set."""
+    value = kv.value if isinstance(kv, KV) else kv
+    obj = json.loads(value)
+    rev = kv.mod_revision if isinstance(kv, KV) else revision
+    obj.setdefault("metadata", {})["resourceVersion"] = str(rev)
+    return obj
+
+
+def _continue_token(revision: int, start: str) -> str:
+    raw = json.dumps({"v": 1, "rv": revision, "start": start}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_continue(token: str, prefix: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        d = json.loads(raw)
+        rev, start = int(d["rv"]), str(d["start"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise errors.bad_request(
+            "continue key is not valid: not a token this server made"
+        ) from None
+    if not start.startswith(prefix) or rev <= 0:
+        raise errors.bad_request("continue key is not valid: it was made for another list")
+    return rev, start
+
+
+@dataclass
+class ListResult:
+    items: list[Obj]
+    revision: int
+    continue_token: str = ""
+    remaining: int | None = None
+
+    def meta(self) -> Obj:
+        m: Obj = {"resourceVersion": str(self.revision)}
+        if self.continue_token:
+            m["continue"] = self.continue_token
+        if self.remaining is not None:
+            m["remainingItemCount"] = self.remaining
+        return m
+
+
+@dataclass
+class WatchState:
+    """What a watch has processed so far: a BOOKMARK may carry `revision`."""
+
+    revision: int = 0
+    events: int = 0
+
+
+class Storage:
+    """The verbs of every registered resource over one Store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # ------------------------------------------------------------ reading
+
+    async def get(self, res: Resource, ns: str | None, name: str) -> Obj:
+        kv = await self.store.get_raw(res.key(name, ns))
+        if kv is None:
+            raise errors.not_found(res.plural, res.group, name)
+        return wire(kv)
+
+    async def list(
+        self,
+        res: Resource,
+        ns: str | None,
+        match: Match = None,
+        limit: int = 0,
+        continue_token: str = "",
+        revision: int = 0,
+    ) -> ListResult:
+        """One page (`limit` matching items, 0: all) at one etcd revision; the token
+        resumes at the same revision (410 once it is compacted)."""
+        prefix = res.prefix(ns)
+        end = aetcd.utils.prefix_range_end(prefix.encode()).decode()
+        start = prefix
+        if continue_token:
+            revision, start = _parse_continue(continue_token, prefix)
+        items: list[Obj] = []
+        batch = 0 if limit <= 0 else max(limit, 50)
+        while True:
+            try:
+                kvs, rev, more = await self.store.range_raw(start, end, batch, revision)
+            except Compacted:
+                raise errors.expired(
+                    "The provided continue parameter is too old to display a consistent list "
+                    "result. You can start a new list without the continue parameter."
+                    if continue_token
+                    else f"too old resource version: {revision}"
+                ) from None
+            revision = revision or rev
+            for i, kv in enumerate(kvs):
+                obj = wire(kv)
+                if match is None or match(obj):
+                    items.append(obj)
+                if limit and len(items) == limit:
+                    if i + 1 < len(kvs) or more:
+                        return ListResult(items, revision, _continue_token(revision, kv.key + "\0"))
+                    return ListResult(items, revision)
+            if not more or not kvs:
+                return ListResult(items, revision)
+            start = kvs[-1].key + "\0"
+
+    # ------------------------------------------------------------ validation
+
+    def validate(self, res: Resource, doc: Obj, name: str = "") -> TypedObject:
+        try:
+            return res.model.model_validate(doc)
+        except ValidationError as e:
+            raise errors.invalid(
+                res.kind,
+                res.group,
+                name or (doc.get("metadata") or {}).get("name") or "",
+                errors.causes_of(e),
+            ) from None
+
+    def check_body(self, res: Resource, doc: Any, ns: str | None, name: str | None) -> Obj:
+        """The body's type, kind, apiVersion, namespace and name against the request's."""
+        if not isinstance(doc, dict):
+            raise errors.bad_request(
+                f"the body must be a {res.kind} object, not {type(doc).__name__}"
+            )
+        kind = doc.get("kind") or res.kind
+        api_version = doc.get("apiVersion") or res.group_version
+        if kind != res.kind or api_version != res.group_version:
+            raise errors.bad_request(
+                f"the API version in the data ({api_version}) and kind ({kind}) do not match "
+                f"the expected {res.group_version} {res.kind}"
+            )
+        doc = dict(doc, kind=kind, apiVersion=api_version)
+        md = doc.get("metadata")
+        if md is None:
+            md = {}
+        if not isinstance(md, dict):
+            raise errors.bad_request("metadata must be an object")
+        md = dict(md)
+        doc["metadata"] = md
+        if res.namespaced:
+            if md.get("namespace") and ns and md["namespace"] != ns:
+                raise errors.bad_request(
+                    "the namespace of the provided object does not match the namespace sent "
+                    "on the request"
+                )
+            md["namespace"] = ns or md.get("namespace") or "default"
+        elif md.get("namespace"):
+            md.pop("namespace")
+        if name is not None and md.get("name") and md["name"] != name:
+            raise errors.bad_request(
+                f"the name of the object ({md['name']}) does not match the name on the URL ({name})"
+            )
+        if name is not None:
+            md["name"] = name
+        return doc
+
+    async def _check_namespace(self, res: Resource, ns: str | None) -> None:
+        """NamespaceLifecycle: no new objects in a missing or terminating namespace."""
+        if not res.namespaced or not ns:
+            return
+        kv = await self.store.get_raw(BY_KIND["Namespace"].key(ns, None))
+        if kv is None:
+            if ns in BUILTIN:
+                with contextlib.suppress(AlreadyExists):
+                    await self.store.create(new_namespace(ns))
+                return
+            raise errors.not_found("namespaces", "", ns)
+        cur = json.loads(kv.value)
+        if (cur.get("metadata") or {}).get("deletionTimestamp"):
+            raise errors.APIError(
+                403,
+                "Forbidden",
+                f'{res.plural} "{ns}" is forbidden: unable to create new content in namespace '
+                f"{ns} because it is being terminated",
+            )
+
+    # ------------------------------------------------------------ writing
+
+    async def create(self, res: Resource, ns: str | None, body: Any) -> Obj:
+        doc = self.check_body(res, body, ns, None)
+        md = doc["metadata"]
+        if md.get("resourceVersion"):
+            raise errors.bad_request("resourceVersion should not be set on objects to be created")
+        if not md.get("name") and not md.get("generateName"):
+            raise errors.invalid(
+                res.kind, res.group, "", [("metadata.name", "name or generateName is required")]
+            )
+        for k in ("uid", "creationTimestamp", "deletionTimestamp", "generation"):
+            md.pop(k, None)
+        obj = self.validate(res, doc)
+        await self._check_namespace(res, obj.namespace)
+        key = self.store.prepare_create(obj)
+        value = self.store.encode(obj)
+        self._check_size(value)
+        try:
+            rev = await self.store.create_raw(key, value)
+        except AlreadyExists:
+            raise errors.already_exists(res.plural, res.group, obj.name) from None
+        return wire(value, rev)
+
+    @staticmethod
+    def _check_size(value: bytes) -> None:
+        if len(value) > MAX_OBJECT_BYTES:
+            raise errors.too_large(MAX_OBJECT_BYTES)
+
+    async def update(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        body: Any,
+        subresource: str = "",
+    ) -> Obj:
+        """PUT: replace the object (its status kept), or only its status (`status`)."""
+        doc = self.check_body(res, body, ns, name)
+        precondition = doc["metadata"].get("resourceVersion") or None
+        return await self._write(res, ns, name, lambda _cur: doc, precondition, subresource)
+
+    async def patch(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        content_type: str,
+        body: bytes,
+        subresource: str = "",
+    ) -> Obj:
+        kind = PATCH_TYPES.get(content_type)
+        if kind is None:
+            raise errors.unsupported_media_type(content_type)
+        if kind == "apply":
+            raise errors.unsupported_media_type(
+                f"{content_type} (server-side apply is not served yet; use client-side "
+                "kubectl apply)"
+            )
+        try:
+            patch = json.loads(body)
+        except ValueError as e:
+            raise errors.bad_request(f"the patch is not valid JSON: {e}") from None
+
+        def apply(cur: Obj) -> Obj:
+            try:
+                if kind == "json":
+                    out = json_patch(cur, patch)
+                elif kind == "merge":
+                    if not isinstance(patch, dict):
+                        raise PatchError("a merge patch is a JSON object")
+                    out = merge_patch(cur, patch)
+                else:
+                    if not isinstance(patch, dict):
+                        raise PatchError("a strategic merge patch is a JSON object")
+                    out = strategic_merge(cur, patch, res.model)
+            except PatchError as e:
+                raise errors.APIError(422, "Invalid", str(e)) from None
+            if not isinstance(out, dict):
+                raise errors.bad_request("the patch does not leave an object")
+            return self.check_body(res, out, ns, name)
+
+        precondition = None
+        if isinstance(patch, dict):
+            precondition = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
+        return await self._write(res, ns, name, apply, precondition, subresource)
+
+    async def _write(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        change: Callable[[Obj], Obj],
+        precondition: str | None,
+        subresource: str,
+    ) -> Obj:
+        """Read, change, validate, CAS; retried when nobody asked for a precondition."""
+        key = res.key(name, ns)
+        for _ in range(20):
+            kv = await self.store.get_raw(key)
+            if kv is None:
+                raise errors.not_found(res.plural, res.group, name)
+            if precondition is not None and precondition != str(kv.mod_revision):
+                raise errors.conflict(res.plural, res.group, name)
+            cur = wire(kv)
+            new = change(copy.deepcopy(cur))
+            new = self._carry(res, cur, new, subresource)
+            obj = self.validate(res, new, name)
+            old_obj = res.model.model_validate_json(kv.value)
+            if getattr(old_obj, "spec", None) != getattr(obj, "spec", None):
+                obj.metadata.generation = (old_obj.metadata.generation or 1) + 1
+            value = self.store.encode(obj)
+            if value == kv.value:
+                return cur  # nothing changed: no write, the same resourceVersion
+            self._check_size(value)
+            try:
+                rev = await self.store.cas_raw(key, value, kv.mod_revision)
+            except Conflict:
+                if precondition is not None:
+                    raise errors.conflict(res.plural, res.group, name) from None
+                await asyncio.sleep(0.005)
+                continue
+            return wire(value, rev)
+        raise errors.conflict(res.plural, res.group, name)
+
+    @staticmethod
+    def _carry(res: Resource, cur: Obj, new: Obj, subresource: str) -> Obj:
+        """What a write may not change: identity always; status through the main
+        resource, everything but status through `status`."""
+        if subresource == "status":
+            out = copy.deepcopy(cur)
+            if "status" in new:
+                out["status"] = new["status"]
+            else:
+                out.pop("status", None)
+            new = out
+        elif "status" in res.subresources:
+            if "status" in cur:
+                new["status"] = cur["status"]
+            else:
+                new.pop("status", None)
+        md, old = new.setdefault("metadata", {}), cur.get("metadata") or {}
+        for k in (
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ):
+            if k in old:
+                md[k] = old[k]
+            else:
+                md.pop(k, None)
+        md.pop("resourceVersion", None)
+        return new
+
+    # ------------------------------------------------------------ deleting
+
+    async def delete(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        options: Obj,
+    ) -> Obj:
+        """DELETE: the object's last state. A pod on a node is marked (its node stops
+        it within the grace period, then removes it), a namespace turns Terminating (the
+        namespace controller empties it), a controller takes its pods along unless the
+        propagation policy is Orphan, a Service its Endpoints and EndpointSlice."""
+        key = res.key(name, ns)
+        pre = options.get("preconditions") or {}
+        grace = options.get("gracePeriodSeconds")
+        for _ in range(20):
+            kv = await self.store.get_raw(key)
+            if kv is None:
+                raise errors.not_found(res.plural, res.group, name)
+            if pre.get("resourceVersion") and pre["resourceVersion"] != str(kv.mod_revision):
+                raise errors.conflict(res.plural, res.group, name)
+            cur = wire(kv)
+            md = cur["metadata"]
+            if pre.get("uid") and pre["uid"] != md.get("uid"):
+                raise errors.conflict(res.plural, res.group, name)
+            if res.kind == "Namespace":
+                if name in BUILTIN:
+                    raise errors.APIError(
+                        403,
+                        "Forbidden",
+                        f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                    )
+                if md.get("deletionTimestamp"):
+                    return cur
+                return await self._mark(res, kv, cur, {"status": {"phase": "Terminating"}})
+            graceful = res.kind == "Pod" and (cur.get("spec") or {}).get("nodeName")
+            if graceful and grace != 0:
+                if md.get("deletionTimestamp"):
+                    return cur
+                secs = (
+                    grace
+                    if grace is not None
+                    else cur["spec"].get("terminationGracePeriodSeconds", 30)
+                )
+                return await self._mark(
+                    res, kv, cur, {"metadata": {"deletionGracePeriodSeconds": secs}}
+                )
+            try:
+                await self.store.delete_raw(key, kv.mod_revision)
+            except Conflict:
+                continue
+            await self._cascade(res, ns, cur, options.get("propagationPolicy"))
+            return cur
+        raise errors.conflict(res.plural, res.group, name)
+
+    async def _mark(self, res: Resource, kv: KV, cur: Obj, more: Obj) -> Obj:
+        new = merge_patch(copy.deepcopy(cur), more)
+        new["metadata"]["deletionTimestamp"] = now_iso()
+        new["metadata"].pop("resourceVersion", None)
+        obj = self.validate(res, new)
+        value = self.store.encode(obj)
+        try:
+            rev = await self.store.cas_raw(kv.key, value, kv.mod_revision)
+        except Conflict:
+            raise errors.conflict(res.plural, res.group, obj.name) from None
+        return wire(value, rev)
+
+    async def _cascade(self, res: Resource, ns: str | None, cur: Obj, policy: str | None) -> None:
+        """The garbage collector's part, until there is one: what the CLI's delete does."""
+        if res.kind == "Service":
+            for kind in ("Endpoints", "EndpointSlice"):
+                await self.store.delete_raw(BY_KIND[kind].key(cur["metadata"]["name"], ns))
+        if res.kind in ("ReplicationController", "Deployment") and policy != "Orphan":
+            uid = cur["metadata"].get("uid")
+            pods = BY_KIND["Pod"]
+            listed = await self.list(pods, ns)
+            for p in listed.items:
+                refs = p["metadata"].get("ownerReferences") or []
+                if any(r.get("uid") == uid for r in refs):
+                    with contextlib.suppress(errors.APIError):
+                        await self.delete(pods, ns, p["metadata"]["name"], {})
+
+    # ------------------------------------------------------------ watching
+
+    async def watch(
+        self,
+        res: Resource,
+        ns: str | None,
+        resource_version: str | None,
+        match: Match,
+        state: WatchState,
+    ) -> AsyncIterator[Obj]:
+        """Watch events as dicts ({"type", "object"}). Without a resourceVersion (or "0"),
+        ADDED for every current object first. An object that starts matching the
+        selectors comes as ADDED, one that stops as DELETED (its last matching state),
+        a deletion as DELETED with the last state. A compacted resourceVersion ends the
+        watch with an ERROR event carrying a 410 Expired Status."""
+        prefix = res.prefix(ns)
+        if not resource_version or resource_version == "0":
+            listed = await self.list(res, ns, match)
+            state.revision = listed.revision
+            for obj in listed.items:
+                yield {"type": "ADDED", "object": obj}
+        else:
+            try:
+                state.revision = int(resource_version)
+            except ValueError:
+                raise errors.bad_request(
+                    f"resourceVersion {resource_version!r} is not valid: use one a list or "
+                    "watch returned"
+                ) from None
+        try:
+            async for ev in self.store.changes(prefix, state.revision + 1):
+                state.revision = ev.revision
+                out = self._event(ev.value, ev.prev_value, ev.revision, match)
+                if out is not None:
+                    state.events += 1
+                    yield out
+        except Compacted as e:
+            yield {
+                "type": "ERROR",
+                "object": errors.expired(
+                    f"too old resource version: {state.revision} ({e.compacted})"
+                ).status(),
+            }
+
+    @staticmethod
+    def _event(value: bytes | None, prev: bytes | None, rev: int, match: Match) -> Obj | None:
+        new = wire(value, rev) if value is not None else None
+        old = wire(prev, rev) if prev is not None else None
+        new_ok = new is not None and (match is None or match(new))
+        old_ok = old is not None and (match is None or match(old))
+        if new_ok:
+            return {"type": "MODIFIED" if old_ok else "ADDED", "object": new}
+        if old_ok:
+            return {"type": "DELETED", "object": old}
+        return None
+
+
+def bookmark(res: Resource, revision: int) -> Obj:
+    return {
+        "type": "BOOKMARK",
+        "object": {
+            "kind": res.kind,
+            "apiVersion": res.group_version,
+            "metadata": {"resourceVersion": str(revision)},
+        },
+    }

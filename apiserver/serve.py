@@ -1,0 +1,72 @@
+"""`corral apiserver`'s daemon: the API server (apiserver/server.py) on the skeleton.
+
+`corral apiserver` parses kube-apiserver's flags into `serve`'s arguments; tests
+await `serve` (or build `APIServer` themselves) in-process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from corral.api.store import Store
+from corral.apiserver.rest import Storage
+from corral.apiserver.server import APIServer, tls_context
+from corral.daemon.core import Daemon
+
+
+def build(
+    store: Store,
+    *,
+    bind_address: str,
+    secure_port: int,
+    tls_cert_file: str,
+    tls_private_key_file: str,
+    client_ca_file: str | None,
+    bookmark_interval: float = 60.0,
+) -> APIServer:
+    """The API server component (not started): HTTPS with client-certificate
+    authentication when `client_ca_file` is given."""
+    ctx = tls_context(tls_cert_file, tls_private_key_file, client_ca_file)
+    return APIServer(
+        Storage(store),
+        bind_address,
+        secure_port,
+        ctx,
+        bookmark_interval=bookmark_interval,
+    )
+
+
+async def serve(
+    store: Store,
+    *,
+    bind_address: str,
+    secure_port: int,
+    tls_cert_file: str,
+    tls_private_key_file: str,
+    client_ca_file: str | None,
+    http_addr: tuple[str, int] | None,
+    debug_socket: str | None,
+    node: str | None = None,
+) -> None:
+    """Serve the Kubernetes API on https://`bind_address`:`secure_port` until SIGTERM;
+    /healthz, /readyz and /livez on that port report the skeleton's checks (etcd
+    answering, the server started), and /metrics lives on `http_addr`."""
+    api = build(
+        store,
+        bind_address=bind_address,
+        secure_port=secure_port,
+        tls_cert_file=tls_cert_file,
+        tls_private_key_file=tls_private_key_file,
+        client_ca_file=client_ca_file,
+    )
+    d = Daemon(
+        "apiserver",
+        node or os.environ.get("CORRAL_NODE") or os.uname().nodename,
+        store,
+        http_addr=http_addr,
+        debug_socket=debug_socket,
+        configure_logging=True,
+    )
+    api.health, api.readiness = d.health, d.readiness
+    d.add("apiserver", api)
+    await d.run()
