@@ -632,7 +632,8 @@ class Store:
             raise Unavailable(f"etcd watch on {prefix}: {e}") from e
         try:
             async for ev in self._events(w, gen):
-                prev = ev.prev_kv.value if ev.prev_kv is not None else None
+                # aetcd wraps an absent prev_kv (a create) as an empty KeyValue
+                prev = ev.prev_kv.value if ev.prev_kv is not None and ev.prev_kv.key else None
                 if ev.kind == "DELETE":
                     yield ChangeEvent(
                         "DELETE", ev.kv.key.decode(), None, prev, ev.kv.mod_revision, 0
