@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from corral.api.namespaces import ensure_builtin
 from corral.api.store import StoreError, Unavailable
 from corral.apiserver import discovery, errors, openapi, registry, table
 from corral.apiserver.registry import Resource
@@ -39,6 +40,9 @@ WATCH_TIMEOUT = 1800.0  # --min-request-timeout's default
 class User:
     name: str
     groups: tuple[str, ...]
+
+
+USER = web.RequestKey("user", User)
 
 
 def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
@@ -168,6 +172,8 @@ class APIServer:
     # ------------------------------------------------------------ component
 
     async def start(self) -> None:
+        # kube-apiserver's system namespaces: default, kube-system, kube-public (+ corral's)
+        await ensure_builtin(self.storage.store)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -217,7 +223,7 @@ class APIServer:
             user = user_of(request)
             if user is None:
                 return error_response(errors.unauthorized())
-            request["user"] = user
+            request[USER] = user
         try:
             return await handler(request)
         except errors.APIError as e:
