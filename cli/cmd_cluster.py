@@ -105,6 +105,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
+        "kubeconfig", help="print the local cluster's kubeconfig (the API server's admin)"
+    )
+    _name_options(p)
+    p.set_defaults(func=cmd_kubeconfig)
+
+    p = sub.add_parser(
         "node-exec",
         help="run a command on a node of the local cluster",
         usage="corral node-exec [--name CLUSTER] NODE -- COMMAND [ARGS...]",
@@ -149,6 +155,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     found = _cluster_call(down.down, args.name, args.state_dir)
     print(f"Cluster {args.name!r} removed." if found else f"No cluster {args.name!r} to remove.")
+    return 0
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    from corral.cluster import kubeconfig
+
+    s = local.load_state(args.name, args.state_dir)
+    if s is None:
+        raise CLIError(f"no cluster {args.name!r}; start one with `corral up --name {args.name}`")
+    try:
+        with open(kubeconfig.path(s)) as f:
+            sys.stdout.write(f.read())
+    except FileNotFoundError:
+        raise CLIError(
+            f"cluster {args.name!r} has no kubeconfig yet; `corral up --name {args.name}` "
+            "writes it"
+        ) from None
     return 0
 
 

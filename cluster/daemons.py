@@ -2,9 +2,9 @@
 
 Each row is a `corral` subcommand, run as `corral --etcd URLS <args>` with the
 etcd URLs as seen from inside the node. `{node}`, `{cluster}`, `{node_ip}` (the
-node's underlay address), `{node_state}` (a per-node directory that survives
-restarts) and `{pod_credentials}` (credential sets for system pods) are filled
-in. A row with a `port` serves `/metrics`, `/healthz` and `/readyz` there, on its
+node's underlay address), `{pki}` (the cluster's certificates), `{node_state}` (a
+per-node directory that survives restarts) and `{pod_credentials}` (credential sets
+for system pods) are filled in. A row with a `port` serves `/metrics`, `/healthz` and `/readyz` there, on its
 node's address (`--metrics-addr {node_ip}:PORT`), and `corral status` asks its
 `/healthz`. A row whose
 `module` is not importable yet is skipped, so the table can name daemons that
@@ -73,6 +73,27 @@ NODE_DAEMONS: list[Daemon] = [
     Daemon("proxy", ("proxy", "--node", "{node}"), "corral.cli.cmd_proxy", PORTS["proxy"]),
 ]
 CLUSTER_DAEMONS: list[Daemon] = [
+    # first: the API server on node-1's address, with the certificates cluster/kubeconfig.py
+    # made (the `control` etcd identity: it reads and writes every kind)
+    Daemon(
+        "apiserver",
+        (
+            "apiserver",
+            "--bind-address",
+            "{node_ip}",
+            "--secure-port",
+            "6443",
+            "--tls-cert-file",
+            "{pki}/apiserver.crt",
+            "--tls-private-key-file",
+            "{pki}/apiserver.key",
+            "--client-ca-file",
+            "{pki}/ca.crt",
+        ),
+        "corral.cli.cmd_apiserver",
+        PORTS["apiserver"],
+        "control",
+    ),
     Daemon("scheduler", ("scheduler",), "corral.cli.cmd_control", PORTS["scheduler"], "control"),
     Daemon(
         "controllers", ("controllers",), "corral.cli.cmd_control", PORTS["controllers"], "control"
@@ -85,10 +106,11 @@ def by_name(name: str) -> Daemon | None:
 
 
 def wanted(state: ClusterState) -> list[tuple[Daemon, NodeState]]:
-    """Every (daemon, node) pair that should be running."""
+    """Every (daemon, node) pair that should be running, the API server first."""
     out = [(d, n) for n in state.nodes for d in NODE_DAEMONS if d.available()]
     if state.nodes:
-        out += [(d, state.nodes[0]) for d in CLUSTER_DAEMONS if d.available()]
+        first = [(d, state.nodes[0]) for d in CLUSTER_DAEMONS if d.available()]
+        out = first[:1] + out + first[1:]
     return out
 
 
@@ -107,6 +129,7 @@ def start(state: ClusterState, d: Daemon, node: NodeState) -> ProcRecord:
         "node_state": node_state,
         "node_ip": node.ip,
         "pod_credentials": state.pod_credentials_dir,
+        "pki": state.pki_dir,
     }
     argv = [
         sys.executable,

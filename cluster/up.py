@@ -21,6 +21,7 @@ from corral.cluster import (
     dnsworkload,
     etcdsetup,
     health,
+    kubeconfig,
     local,
     nodes,
     plan,
@@ -93,6 +94,7 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     etcdsetup.ensure_relay(s, say)
     _ensure_pod_credentials(s)
     _register_nodes(s, say)
+    say(f"✓ kubeconfig {kubeconfig.ensure(s)} (API server {kubeconfig.server_url(s)})")
     _ensure_daemons(s, say)
     waiting = opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS)
     if waiting:
@@ -243,6 +245,7 @@ def summary(s: ClusterState) -> str:
         f"Cluster {s.name!r} is up: {len(s.nodes)} nodes ({names}), etcd "
         f"{','.join(s.etcd_urls)}.\n"
         f"  {env}corral get nodes              # list the nodes\n"
+        f"  kubectl --kubeconfig {kubeconfig.path(s)} get nodes   # the Kubernetes API\n"
         f"  corral status{flag}               # health of etcd, nodes and daemons\n"
         f"  corral node-exec{flag} {s.nodes[0].name} -- ip addr   # run a command on a node\n"
         f"  corral down{flag}                 # remove everything\n"
