@@ -5,10 +5,9 @@ etcd URLs as seen from inside the node. `{node}`, `{cluster}`, `{node_ip}` (the
 node's underlay address), `{pki}` (the cluster's certificates), `{node_state}` (a
 per-node directory that survives restarts) and `{pod_credentials}` (credential sets
 for system pods) are filled in. A row with a `port` serves `/metrics`, `/healthz`
-and `/readyz` there, on its node's address (`--metrics-addr {node_ip}:PORT`), and `corral status` asks its
-`/healthz`. A row whose
-`module` is not importable yet is skipped, so the table can name daemons that
-are still being written.
+and `/readyz` there, on its node's address (`--metrics-addr {node_ip}:PORT`), and
+`corral status` asks its `/healthz`. A row whose `module` is not importable yet is
+skipped, so the table can name daemons that are still being written.
 
 NODE_DAEMONS run once per node, inside the node (its network and mount
 namespaces); CLUSTER_DAEMONS run once, on node-1 (like a control-plane node).
