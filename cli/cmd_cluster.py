@@ -169,8 +169,7 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
             sys.stdout.write(f.read())
     except FileNotFoundError:
         raise CLIError(
-            f"cluster {args.name!r} has no kubeconfig yet; `corral up --name {args.name}` "
-            "writes it"
+            f"cluster {args.name!r} has no kubeconfig yet; `corral up --name {args.name}` writes it"
         ) from None
     return 0
 
