@@ -39,7 +39,7 @@ def ensure(s: ClusterState) -> str:
     and the kubeconfig; made when missing or when node-1's address changed."""
     paths = pki.Paths(s.pki_dir)
     ips = ["127.0.0.1", s.nodes[0].ip]
-    if pki.server_ips(paths, SERVER) != set(ips):
+    if pki.cert_ips(paths, SERVER) != set(ips):
         pki.issue_server(s.pki_dir, SERVER, "kube-apiserver", ips, DNS_NAMES)
     if not os.path.exists(paths.key(ADMIN)):
         pki.issue_client(s.pki_dir, ADMIN, "kubernetes-admin", ("system:masters",))

@@ -128,7 +128,7 @@ def _issue(
     write_atomic(paths.cert(name), cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def server_ips(paths: Paths, name: str = "etcd") -> set[str]:
+def cert_ips(paths: Paths, name: str = "etcd") -> set[str]:
     """The IP addresses certificate `name` is valid for (empty when it is missing)."""
     from cryptography import x509
 
@@ -155,7 +155,7 @@ def ensure(dir: str, server_ips: list[str]) -> Paths:
                     os.unlink(p)
     ca, ca_key = _load(paths, "ca")
     ips = tuple(sorted({"127.0.0.1", *server_ips}))
-    if not os.path.exists(paths.key("etcd")) or server_ips(paths) != set(ips):
+    if not os.path.exists(paths.key("etcd")) or cert_ips(paths) != set(ips):
         _issue(
             paths, "etcd", "etcd", ca, ca_key, server=True, client=True, ips=ips, dns=("localhost",)
         )
