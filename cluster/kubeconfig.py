@@ -37,7 +37,7 @@ def server_url(s: ClusterState) -> str:
 def ensure(s: ClusterState) -> str:
     """The API server's certificate (for node-1's address and loopback), the admin's,
     and the kubeconfig; made when missing or when node-1's address changed."""
-    paths = pki.Paths(s.pki_dir)
+    paths = pki.ensure_ca(s.pki_dir)  # an external etcd without TLS made no CA yet
     ips = ["127.0.0.1", s.nodes[0].ip]
     if pki.cert_ips(paths, SERVER) != set(ips):
         pki.issue_server(s.pki_dir, SERVER, "kube-apiserver", ips, DNS_NAMES)

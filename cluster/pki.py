@@ -140,19 +140,25 @@ def cert_ips(paths: Paths, name: str = "etcd") -> set[str]:
     return {str(i) for i in san.get_values_for_type(x509.IPAddress)}
 
 
-def ensure(dir: str, server_ips: list[str]) -> Paths:
-    """The CA, etcd's certificate (valid for `server_ips` and loopback) and a client
-    certificate per role; made when missing, kept when present (re-issued for etcd only
-    when its addresses changed)."""
+def ensure_ca(dir: str) -> Paths:
+    """The cluster CA in `dir`, made when missing; a new CA removes every certificate
+    the old one signed (useless now), so the callers issue them again."""
     paths = Paths(dir)
     os.makedirs(dir, mode=0o700, exist_ok=True)
     os.chmod(dir, 0o700)
     if not (os.path.exists(paths.cert("ca")) and os.path.exists(paths.key("ca"))):
         _issue(paths, "ca", CA_NAME, None, None, is_ca=True, days=3650)
-        for stale in ("etcd", *ROLES):  # signed by another CA: useless now
-            for p in (paths.cert(stale), paths.key(stale)):
-                if os.path.exists(p):
-                    os.unlink(p)
+        for f in os.listdir(dir):
+            if f.endswith((".crt", ".key")) and f not in ("ca.crt", "ca.key"):
+                os.unlink(os.path.join(dir, f))
+    return paths
+
+
+def ensure(dir: str, server_ips: list[str]) -> Paths:
+    """The CA, etcd's certificate (valid for `server_ips` and loopback) and a client
+    certificate per role; made when missing, kept when present (re-issued for etcd only
+    when its addresses changed)."""
+    paths = ensure_ca(dir)
     ca, ca_key = _load(paths, "ca")
     ips = tuple(sorted({"127.0.0.1", *server_ips}))
     if not os.path.exists(paths.key("etcd")) or cert_ips(paths) != set(ips):
