@@ -6,13 +6,13 @@ the records it writes are `marshal`-encoded dicts.
 
 It joins the container's cgroups, enters the pod's network namespace, unshares
 UTS/IPC/PID namespaces and forks the container's PID 1, which unshares a mount
-namespace, mounts its root (overlayfs over the image dir, when there is one),
-binds the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
-system pod's credentials, noexec, and corral's own files, executable), mounts /proc and execs the command. The wrapper stays
-outside the PID namespace: it forwards SIGTERM/SIGINT/SIGHUP, records the
-child's PID (`pid_file`) and its exit (`status_file`), and exits with its code.
-If the wrapper is killed, the child gets SIGKILL (PR_SET_PDEATHSIG), and with
-it every process of the PID namespace.
+namespace, mounts its root (overlayfs over the image dir, when there is one), binds
+the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
+system pod's credentials, noexec, and corral's own files, executable), mounts /proc
+and execs the command. The wrapper stays outside the PID namespace: it forwards
+SIGTERM/SIGINT/SIGHUP, records the child's PID (`pid_file`) and its exit
+(`status_file`), and exits with its code. If the wrapper is killed, the child gets
+SIGKILL (PR_SET_PDEATHSIG), and with it every process of the PID namespace.
 
 Unless the spec's `security` says privileged, PID 1's mount namespace hides the
 node: the host's mounts read-only, empty read-only tmpfs over the `hidden` paths,
