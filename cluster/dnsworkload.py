@@ -4,15 +4,16 @@ Service `dns` at NetworkConfig's clusterDNS address (docs/dns.md, "Running it").
 `corral up` writes both objects; the replication controller, the scheduler, the
 node runtimes, the endpoints controller and the proxies do the rest, so the
 `nameserver` in every pod's resolv.conf answers. The pods run `corral dns` with the
-same interpreter as `corral up` (containers without an image run on the node's
-own filesystem), and read etcd with the `dns` client certificate, which the node
-runtime mounts read-only into them alone (runtime/credentials.py).
+same interpreter as `corral up` (containers without an image run on the node's own
+filesystem; the node runtime mounts corral's venv and package folders read-only into
+them, wherever corral is checked out: runtime/corralfiles.py), and read etcd with
+the `dns` client certificate, which the node runtime mounts read-only into them
+alone (runtime/credentials.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +27,7 @@ from corral.api.objects import (
     Service,
 )
 from corral.api.store import Store
-from corral.node.context import NodePaths
-from corral.runtime import credentials, security
+from corral.runtime import corralfiles, credentials
 
 NAMESPACE = "corral-system"
 NAME = "dns"
@@ -41,31 +41,9 @@ SECRET_DIR = f"{credentials.MOUNT_ROOT}/{CREDENTIALS}"
 CA, CERT, KEY = "ca.crt", "tls.crt", "tls.key"
 
 
-class DNSSetupError(RuntimeError):
-    """Cluster DNS cannot run this way (the message names the fix)."""
-
-
 def corral_argv() -> list[str]:
     """How a pod starts corral: this interpreter, as `corral up` itself runs."""
     return [sys.executable, "-m", "corral"]
-
-
-def check_visible_to_pods(argv: Sequence[str], extra_hidden: Sequence[str] = ()) -> None:
-    """DNSSetupError unless the interpreter and corral's code are visible inside a pod
-    (a pod without an image sees the node's files, minus the paths every pod has hidden)."""
-    import corral
-
-    hidden = [*security.hidden_paths(NodePaths()), *extra_hidden]
-    code = os.path.dirname(os.path.abspath(corral.__file__))
-    for path in (argv[0], os.path.realpath(argv[0]), code, os.path.realpath(code)):
-        for h in hidden:
-            if path == h or path.startswith(h.rstrip("/") + "/"):
-                raise DNSSetupError(
-                    f"cluster DNS runs `{' '.join(argv)}` inside pods, and pods cannot see "
-                    f"{path} (under {h}, which is hidden from every pod). Install corral "
-                    "somewhere pods can read (e.g. a venv under /opt or /srv), or run "
-                    "`corral up --dns-replicas 0` to go without cluster DNS"
-                )
 
 
 def server_available() -> bool:
@@ -107,7 +85,11 @@ def deployment(replicas: int, command: list[str]) -> Deployment:
                 "template": {
                     "metadata": {
                         "labels": labels,
-                        "annotations": {credentials.ANNOTATION: CREDENTIALS},
+                        "annotations": {
+                            credentials.ANNOTATION: CREDENTIALS,
+                            # the interpreter and corral's code, wherever installed
+                            corralfiles.ANNOTATION: "true",
+                        },
                     },
                     "spec": {
                         # the node's resolv.conf: its nameservers are the upstreams

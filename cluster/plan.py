@@ -8,7 +8,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from corral.api.store import TLSFiles, endpoints_use_tls, parse_endpoints
-from corral.cluster import dnsworkload, etcdsetup, underlay
+from corral.cluster import etcdsetup, underlay
 from corral.cluster import state as st
 from corral.cluster.local import ClusterError, Progress, on_stderr
 from corral.cluster.state import ClusterState, NodeState
@@ -101,11 +101,6 @@ def plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         raise ClusterError(
             f"--dns-replicas {opts.dns_replicas}: give 0 (no cluster DNS) to {MAX_DNS_REPLICAS}"
         )
-    if _dns_wanted(s, opts) and dnsworkload.server_available():
-        try:
-            dnsworkload.check_visible_to_pods(dnsworkload.corral_argv())
-        except dnsworkload.DNSSetupError as e:
-            raise ClusterError(str(e)) from None
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -116,12 +111,6 @@ def plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
             )
         )
     return s
-
-
-def _dns_wanted(s: ClusterState, opts: UpOptions) -> bool:
-    if opts.dns_replicas is not None:
-        return opts.dns_replicas > 0
-    return s.dns_replicas != 0
 
 
 def _parse_cidr(cidr: str, nodes_wanted: int, own_veth: str) -> ipaddress.IPv4Network:

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +25,7 @@ import cni_runtimes
 import pytest
 from cluster_helpers import wait_for
 from clusters import LocalCluster, local_cluster
+from podcmd import POD_PYTHON
 
 from corral.api.objects import IPAllocation, Pod, Service
 
@@ -86,7 +86,7 @@ def web(rt_cluster: LocalCluster) -> Iterator[dict[str, str]]:
                 "containers": [
                     {
                         "name": "web",
-                        "command": [sys.executable, "-m", "http.server", "8080"],
+                        "command": [POD_PYTHON, "-m", "http.server", "8080"],
                         "ports": [{"containerPort": 8080, "name": "web"}],
                         "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                     }

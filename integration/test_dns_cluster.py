@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import pytest
 from cluster_helpers import wait_for
 from clusters import LocalCluster, local_cluster
+from podcmd import POD_PYTHON
 
 from corral.cluster import dnsworkload
 
@@ -90,7 +91,7 @@ def web(dns_cluster: LocalCluster) -> Iterator[dict]:
     c = dns_cluster
     r = c.corral(
         "run", "web", "--replicas", "2", "--port", "8080",
-        "--command", "--", sys.executable, "-m", "http.server", "8080",
+        "--command", "--", POD_PYTHON, "-m", "http.server", "8080",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     r = c.corral("expose", "web", "--port", "80", "--target-port", "8080")
@@ -151,16 +152,31 @@ def test_a_pod_resolves_services_through_its_search_path(
     assert rc == 0 and out.strip() == "200", out
     rc, out = _exec(c, "client", "getent", "ahostsv4", "nosuch")
     assert rc != 0, out  # an unknown name fails: no wrong answer
-    # TCP too, straight at the VIP (dnspython, in the venv's interpreter the pods can run)
+    # TCP too, straight at the VIP (the node's interpreter, its standard library only)
     q = textwrap.dedent(
         """
-        import dns.message, dns.query
-        q = dns.message.make_query("web.default.svc.cluster.local", "A")
-        r = dns.query.tcp(q, "10.96.0.10", timeout=5)
-        print(r.answer[0][0].address)
+        import socket, struct
+        name = "web.default.svc.cluster.local"
+        q = bytes.fromhex("abcd01000001000000000000") + b"".join(
+            bytes([len(x)]) + x.encode() for x in name.split(".")
+        ) + b"\\0\\0\\1\\0\\1"
+        s = socket.create_connection(("10.96.0.10", 53), timeout=5)
+        s.sendall(struct.pack("!H", len(q)) + q)
+        buf = b""
+        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+            chunk = s.recv(4096)
+            assert chunk, "closed early"
+            buf += chunk
+        r = buf[2:]
+        assert r[:2] == q[:2] and struct.unpack("!H", r[6:8])[0] >= 1, r
+        i = len(q)  # the question, echoed; then the first answer (a name pointer)
+        assert r[i] & 0xC0 == 0xC0, r
+        rtype, _, _, rdlen = struct.unpack("!HHIH", r[i + 2 : i + 12])
+        assert rtype == 1 and rdlen == 4, r
+        print(socket.inet_ntoa(r[i + 12 : i + 16]))
         """
     )
-    rc, out = _exec(c, "client", sys.executable, "-c", q)
+    rc, out = _exec(c, "client", POD_PYTHON, "-c", q)
     assert rc == 0 and out.strip() == web["vip"], out
 
 
@@ -322,7 +338,9 @@ def test_etcd_auth_leaves_the_dns_certificate_read_only(
     c = dns_cluster
     pod = dns_pods(c)[0]["metadata"]["name"]
     url = c.etcd_node_urls[0]
-    rc, out = _exec(c, pod, sys.executable, "-c", WRITE_WITH_DNS_CERT, url, ns=NS)
+    # The DNS pod's own interpreter (corral's venv, mounted into it: runtime/corralfiles.py)
+    python = dns_pods(c)[0]["spec"]["containers"][0]["command"][0]
+    rc, out = _exec(c, pod, python, "-c", WRITE_WITH_DNS_CERT, url, ns=NS)
     assert rc == 0 and "WROTE" in out, out  # without etcd's auth, a certificate is all
 
     async def clean() -> None:
@@ -335,7 +353,7 @@ def test_etcd_auth_leaves_the_dns_certificate_read_only(
         c.underlay_cidr, "--wait", "120", "--etcd-auth", timeout=300,
     )  # fmt: skip
     assert r.returncode == 0 and "etcd auth on" in r.stderr, r.stderr
-    rc, out = _exec(c, pod, sys.executable, "-c", WRITE_WITH_DNS_CERT, url, ns=NS)
+    rc, out = _exec(c, pod, python, "-c", WRITE_WITH_DNS_CERT, url, ns=NS)
     assert rc == 0 and "read " in out and "refused:" in out and "WROTE" not in out, out
     # Everything else still works: a new Service resolves through the DNS pods, and the
     # daemons (root in etcd) still write.

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from cluster_helpers import wait_for
+from podcmd import POD_PYTHON
 
 from corral.api.objects import Node, Pod
 from corral.api.store import SUBNETS_PREFIX
@@ -90,7 +91,7 @@ def test_pods_on_different_nodes_talk_without_nat(cluster: Any) -> None:
             metadata={"name": names[0]},
             spec={
                 "nodeName": cluster.nodes[0],
-                "containers": [{"name": "c", "command": [sys.executable, "-c", SERVER]}],
+                "containers": [{"name": "c", "command": [POD_PYTHON, "-c", SERVER]}],
             },
         ),
         Pod(
@@ -125,9 +126,7 @@ def test_pods_on_different_nodes_talk_without_nat(cluster: Any) -> None:
         seen = wait_for(
             lambda: (
                 (
-                    r := cluster.corral(
-                        "exec", names[1], "--", sys.executable, "-c", CLIENT, srv_ip
-                    )
+                    r := cluster.corral("exec", names[1], "--", POD_PYTHON, "-c", CLIENT, srv_ip)
                 ).returncode
                 == 0
                 and r.stdout.strip()

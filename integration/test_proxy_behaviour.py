@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 from cluster_helpers import wait_for
 from conftest import LocalCluster, local_cluster
+from podcmd import POD_PYTHON
 
 from corral.api.objects import EndpointSlice, Pod, Service
 from corral.api.store import Store
@@ -178,7 +179,7 @@ class Env:
         return asyncio.run(go())
 
     def from_pod(self, pod: str, *args: str) -> list[str]:
-        r = self.c.corral("exec", pod, "--", sys.executable, "-c", CLIENT, *args, timeout=180)
+        r = self.c.corral("exec", pod, "--", POD_PYTHON, "-c", CLIENT, *args, timeout=180)
         assert r.returncode == 0, r.stderr + r.stdout
         return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -252,7 +253,7 @@ def _server(name: str, node: str) -> Pod:
             "containers": [
                 {
                     "name": "srv",
-                    "command": [sys.executable, "-c", SERVER],
+                    "command": [POD_PYTHON, "-c", SERVER],
                     "env": [{"name": "POD", "value": name}],
                     "ports": [
                         {"name": "web", "containerPort": 8080},
@@ -474,7 +475,7 @@ def test_udp_and_tcp_fail_over_when_an_endpoint_goes(env: Env) -> None:
     # a client that keeps its source port keeps its endpoint while it stays
     script_args = (env.vip, "53", "200", "udp1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", "exec", env.client, "--", sys.executable, "-c", CLIENT,
+        [sys.executable, "-m", "corral", "exec", env.client, "--", POD_PYTHON, "-c", CLIENT,
          *script_args],
         env=env.c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -503,7 +504,7 @@ def test_established_connection_outlives_its_endpoint_going_notready(env: Env) -
     """A NotReady endpoint gets no new connections; its open ones go on (conntrack),
     also when its replies come back over the fast path (a pod on another node)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", "exec", env.client, "--", sys.executable, "-c", HOLD,
+        [sys.executable, "-m", "corral", "exec", env.client, "--", POD_PYTHON, "-c", HOLD,
          env.vip, "70", "20"],
         env=env.c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -664,7 +665,7 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
     node = c.nodes[0]
     proxy = next(d for d in c.state().daemons if d.role == "daemon:proxy" and d.node == node)
     loop = subprocess.Popen(
-        [sys.executable, "-m", "corral", "exec", env.client, "--", sys.executable, "-c", LOOP,
+        [sys.executable, "-m", "corral", "exec", env.client, "--", POD_PYTHON, "-c", LOOP,
          env.vip, "80", "25"],
         env=c.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -7,11 +7,11 @@ import ipaddress
 import json
 import os
 import secrets
-import sys
 from typing import Any
 
 import pytest
 from cluster_helpers import wait_for
+from podcmd import POD_PYTHON
 
 from corral.api.objects import Pod
 
@@ -46,7 +46,7 @@ def test_pods_on_every_node_run_answer_and_go_away(cluster: Any) -> None:
                                     {
                                         "name": "web",
                                         "env": [{"name": "WHO", "value": name}],
-                                        "command": [sys.executable, "-m", "http.server", "8080"],
+                                        "command": [POD_PYTHON, "-m", "http.server", "8080"],
                                         "ports": [{"containerPort": 8080, "name": "http"}],
                                         "readinessProbe": {
                                             "httpGet": {"port": "http"},
@@ -215,7 +215,7 @@ def test_host_network_pod_with_an_init_container(cluster: Any) -> None:
             "containers": [
                 {
                     "name": "web",
-                    "command": [sys.executable, "-m", "http.server", str(port)],
+                    "command": [POD_PYTHON, "-m", "http.server", str(port)],
                     "ports": [{"containerPort": port}],
                     "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
                     "lifecycle": {"preStop": {"exec": {"command": ["true"]}}},

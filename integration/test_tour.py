@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-import sys
 from typing import Any
 
 import pytest
 from cluster_helpers import pods_of, wait_for
+from podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_readme_tour(cluster: Any) -> None:
         "8080",
         "--command",
         "--",
-        sys.executable,
+        POD_PYTHON,
         "-m",
         "http.server",
         "8080",

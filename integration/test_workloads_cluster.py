@@ -7,11 +7,11 @@ import json
 import os
 import secrets
 import signal
-import sys
 from typing import Any
 
 import pytest
 from cluster_helpers import pods_of, wait_for
+from podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def test_replicas_spread_scale_and_move_off_a_lost_node(cluster: Any) -> None:
         "cpu=50m,memory=32Mi",
         "--command",
         "--",
-        sys.executable,
+        POD_PYTHON,
         "-m",
         "http.server",
         "8080",

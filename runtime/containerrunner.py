@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.api.objects import Container, Probe
 from corral.api.store import now_iso
-from corral.runtime import containers, credentials, probes, security
+from corral.runtime import containers, corralfiles, credentials, probes, security
 from corral.runtime.podstate import ContainerSaved
 
 if TYPE_CHECKING:
@@ -161,7 +161,12 @@ class ContainerRunner:
         try:
             sec = security.for_container(w.pod, self.spec, hidden)
             mounts = credentials.mounts(w.pod, w.rt.ctx.paths.credentials_dir)
-        except (security.SecurityError, credentials.CredentialsError) as e:
+            code = corralfiles.mounts(w.pod, sec, hidden, image=bool(self.spec.image))
+        except (
+            security.SecurityError,
+            credentials.CredentialsError,
+            corralfiles.CorralFilesError,
+        ) as e:
             raise containers.StartError(str(e)) from None
         if mounts:  # its address may reach etcd before its first process runs
             await w.rt.sync_etcd_guard()
@@ -183,6 +188,7 @@ class ContainerRunner:
             image=self.spec.image or None,
             security=sec,
             mounts=mounts,
+            exec_mounts=code,
         )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:

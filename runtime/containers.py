@@ -78,8 +78,8 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         argv += Security.from_dict(spec["security"]).shim_flags()
     for src, dst in spec["binds"]:
         argv += ["-b", src, dst]
-    for src, dst in spec.get("mounts", []):
-        argv += ["-m", src, dst]
+    for src, dst, executable in spec.get("mounts", []):
+        argv += ["-M" if executable else "-m", src, dst]
     if spec.get("image"):
         argv += ["-i", spec["image"], spec["upper"], spec["work"], spec["rootfs"]]
     for k, v in spec["env"].items():
@@ -154,6 +154,7 @@ async def launch(
     image: str | None = None,
     security: Security | None = None,
     mounts: list[tuple[str, str]] | None = None,
+    exec_mounts: list[tuple[str, str]] | None = None,
     ready_timeout: float = 30.0,
 ) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     """Start one container instance and wait until its PID 1 exists.
@@ -161,12 +162,15 @@ async def launch(
     `security` defaults to an ordinary container's (containerd's capabilities, nothing
     of the node's hidden beyond /tmp, /run and /dev); `Security(privileged=True)` runs
     it on the node's own filesystem with every capability, as corral did before.
+    `mounts` (node directory, container path) are bound read-only, nosuid, nodev,
+    noexec (a system pod's credentials); `exec_mounts` the same but executable
+    (corral's installation for its system pods). Sandboxed containers only.
     """
     if not argv:
         raise StartError("no command: set command (or args) for the container")
     if image is not None and not os.path.isdir(image):
         raise StartError(f"image {image!r} is not a root filesystem directory on this node")
-    if mounts and security is not None and security.privileged:
+    if (mounts or exec_mounts) and security is not None and security.privileged:
         # Only a sandbox's private /run is a safe place to mount into (never the node's).
         raise StartError("read-only directory mounts are for sandboxed containers only")
     cdir = container_dir(pod_dir, name)
@@ -184,7 +188,10 @@ async def launch(
         "netns": netns,
         "hostname": hostname,
         "binds": binds,
-        "mounts": list(mounts or []),
+        # (source, destination, executable): read-only, nosuid, nodev, and noexec
+        # unless executable (corral's own files for its system pods: runtime/corralfiles.py)
+        "mounts": [(src, dst, False) for src, dst in mounts or []]
+        + [(src, dst, True) for src, dst in exec_mounts or []],
         "cgroups": cgroups,
         "pid_file": pid_file,
         "status_file": status_file,

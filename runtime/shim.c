@@ -2,7 +2,7 @@
  * an interpreter start per container (~1 ms of CPU instead of ~20 ms).
  *
  *   corral-container-shim -p PIDFILE -s STATUSFILE -n NETNS [-h HOSTNAME] [-w DIR]
- *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m SRC_DIR DST_DIR]...
+ *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m|-M SRC_DIR DST_DIR]...
  *       [-i IMAGE UPPER WORK ROOTFS]
  *       [-e NAME=VALUE]... [SECURITY] -- ARGV...
  *   corral-container-shim -X PID [-c CGROUP_PROCS]... [SECURITY] -- ARGV...
@@ -54,6 +54,7 @@
 #endif
 #define MOUNT_ATTR_RDONLY_ 1ULL
 #define MOUNT_ATTR_RO_ALL_ 15ULL /* RDONLY NOSUID NODEV NOEXEC */
+#define MOUNT_ATTR_NOEXEC_ 8ULL
 #ifndef SYS_open_tree
 #define SYS_open_tree 428
 #endif
@@ -74,7 +75,8 @@ struct spec {
     int ncgroups;
     const char *binds[MAXN][2];
     int nbinds;
-    const char *mounts[MAXN][2]; /* read-only directory mounts (-m SRC DST) */
+    const char *mounts[MAXN][2]; /* read-only directory mounts (-m SRC DST, -M: executable) */
+    int mount_exec[MAXN];
     int nmounts;
     char *env[4096];
     int nenv;
@@ -327,7 +329,9 @@ static void clone_mounts(struct spec *s, int *fds) {
         fds[i] = syscall(SYS_open_tree, AT_FDCWD, s->mounts[i][0], OPEN_TREE_CLONE_ | O_CLOEXEC);
         if (fds[i] < 0)
             die_setup("open_tree ", s->mounts[i][0], NULL);
-        unsigned long long attr[4] = {MOUNT_ATTR_RO_ALL_, 0, 0, 0};
+        unsigned long long attr[4] = {
+            s->mount_exec[i] ? MOUNT_ATTR_RO_ALL_ & ~MOUNT_ATTR_NOEXEC_ : MOUNT_ATTR_RO_ALL_, 0,
+            0, 0};
         if (syscall(SYS_mount_setattr, fds[i], "", AT_EMPTY_PATH, attr, sizeof attr) != 0)
             die_setup("mount_setattr(read-only) ", s->mounts[i][0], NULL);
     }
@@ -377,8 +381,22 @@ static void setup_sandboxed(struct spec *s) {
              * /run/netns): gone from this namespace, not just covered. */
             for (int k = 0; k < 8 && umount2(p, MNT_DETACH) == 0; k++)
                 ;
-            must_mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                       "mode=755,size=4k");
+            /* Mount points for the -m/-M mounts inside it are made before it turns
+             * read-only (corral's files in a checkout under /root: runtime/corralfiles.py). */
+            size_t plen = strlen(p);
+            int inside = 0;
+            for (int m = 0; m < s->nmounts; m++)
+                if (strncmp(s->mounts[m][1], p, plen) == 0 && s->mounts[m][1][plen] == '/')
+                    inside = 1;
+            unsigned long fl = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+            must_mount("tmpfs", p, "tmpfs", inside ? fl : fl | MS_RDONLY, "mode=755,size=4k");
+            if (inside) {
+                for (int m = 0; m < s->nmounts; m++)
+                    if (strncmp(s->mounts[m][1], p, plen) == 0 && s->mounts[m][1][plen] == '/' &&
+                        mkdir_p(s->mounts[m][1]) != 0)
+                        die_setup("mkdir ", s->mounts[m][1], NULL);
+                must_mount(NULL, p, NULL, MS_REMOUNT | MS_RDONLY | fl, NULL);
+            }
         } else if (access(p, F_OK) == 0) {
             must_mount("/dev/null", p, NULL, MS_BIND, NULL);
         }
@@ -714,8 +732,10 @@ int main(int argc, char **argv) {
             s.binds[s.nbinds++][1] = argv[++i];
             break;
         case 'm':
+        case 'M':
             if (left < 2 || s.nmounts == MAXN)
                 return usage();
+            s.mount_exec[s.nmounts] = a[1] == 'M';
             s.mounts[s.nmounts][0] = argv[++i];
             s.mounts[s.nmounts++][1] = argv[++i];
             break;

@@ -6,13 +6,13 @@ the records it writes are `marshal`-encoded dicts.
 
 It joins the container's cgroups, enters the pod's network namespace, unshares
 UTS/IPC/PID namespaces and forks the container's PID 1, which unshares a mount
-namespace, mounts its root (overlayfs over the image dir, when there is one),
-binds the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
-system pod's credentials), mounts /proc and execs the command. The wrapper stays
-outside the PID namespace: it forwards SIGTERM/SIGINT/SIGHUP, records the
-child's PID (`pid_file`) and its exit (`status_file`), and exits with its code.
-If the wrapper is killed, the child gets SIGKILL (PR_SET_PDEATHSIG), and with
-it every process of the PID namespace.
+namespace, mounts its root (overlayfs over the image dir, when there is one), binds
+the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
+system pod's credentials, noexec, and corral's own files, executable), mounts /proc
+and execs the command. The wrapper stays outside the PID namespace: it forwards
+SIGTERM/SIGINT/SIGHUP, records the child's PID (`pid_file`) and its exit
+(`status_file`), and exits with its code. If the wrapper is killed, the child gets
+SIGKILL (PR_SET_PDEATHSIG), and with it every process of the PID namespace.
 
 Unless the spec's `security` says privileged, PID 1's mount namespace hides the
 node: the host's mounts read-only, empty read-only tmpfs over the `hidden` paths,
@@ -161,11 +161,11 @@ def clone_mounts(spec: dict) -> list[tuple[int, str]]:
     """Detached read-only copies of the spec's `mounts` sources, taken before the node's
     state is hidden (a source may live under it), attached by attach_mounts() at the end."""
     out = []
-    for src, dst in spec.get("mounts", []):
+    for src, dst, executable in spec.get("mounts", []):
         fd = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(), OPEN_TREE_CLONE | O_CLOEXEC)
         check(fd if fd < 0 else 0, f"open_tree {src}")
-        ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
-        attr = MountAttr(ro, 0, 0, 0)
+        ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        attr = MountAttr(ro if executable else ro | MOUNT_ATTR_NOEXEC, 0, 0, 0)
         rc = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), 32)
         check(rc, f"mount_setattr({src}, read-only)")
         out.append((fd, dst))
@@ -209,8 +209,15 @@ def setup_sandboxed(spec: dict, sec: dict) -> None:
             for _ in range(8):
                 if libc.umount2(path.encode(), MNT_DETACH) != 0:
                     break
-            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
-            mount("tmpfs", path, "tmpfs", flags, "mode=755,size=4k")
+            flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+            # Mount points for the spec's mounts inside it are made before it turns
+            # read-only (corral's files in a checkout under /root: runtime/corralfiles.py).
+            inside = [d for _, d, _ in spec.get("mounts", []) if d.startswith(path + "/")]
+            mount("tmpfs", path, "tmpfs", flags | (0 if inside else MS_RDONLY), "mode=755,size=4k")
+            if inside:
+                for d in inside:
+                    os.makedirs(d, mode=0o755, exist_ok=True)
+                mount(None, path, None, MS_REMOUNT | MS_RDONLY | flags, None)
         elif os.path.exists(path):
             mount("/dev/null", path, None, MS_BIND)
     read_only = not image or sec.get("read_only_root")

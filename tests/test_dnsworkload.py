@@ -6,11 +6,14 @@ integration/test_dns_cluster.py.
 
 from __future__ import annotations
 
-import pytest
+import os
+import sys
 
-from corral.api.objects import Deployment, NetworkConfig, NetworkSpec, Service
+from corral.api.objects import Deployment, NetworkConfig, NetworkSpec, Pod, Service
 from corral.api.store import Store
 from corral.cluster import dnsworkload
+from corral.runtime import corralfiles
+from corral.runtime.security import Security
 
 NS, NAME = dnsworkload.NAMESPACE, dnsworkload.NAME
 CMD = ["/opt/venv/bin/python", "-m", "corral", "dns"]
@@ -27,7 +30,10 @@ async def test_created_then_kept_as_the_user_scaled_it(store: Store) -> None:
     assert "created (2 replicas)" in said and "10.96.0.10 created" in said, said
     d = await dep(store)
     pod = d.spec.template
-    assert pod.metadata.annotations == {"corral.dev/credentials": "etcd-dns"}
+    assert pod.metadata.annotations == {
+        "corral.dev/credentials": "etcd-dns",
+        "corral.dev/mount-corral": "true",
+    }
     c = pod.spec.containers[0]
     assert c.command == CMD and pod.spec.dns_policy == "Default"
     assert {(p.name, p.container_port, p.protocol) for p in c.ports} >= {
@@ -90,14 +96,21 @@ async def test_the_vip_follows_network_config(store: Store) -> None:
     assert svc is not None and svc.spec.cluster_ip == "10.96.0.53"
 
 
-def test_the_interpreter_must_be_visible_to_pods(monkeypatch: pytest.MonkeyPatch) -> None:
-    dnsworkload.check_visible_to_pods(dnsworkload.corral_argv())  # this test's own venv
-    for path in ("/root/venv/bin/python", "/home/me/.venv/bin/python"):
-        with pytest.raises(dnsworkload.DNSSetupError, match="--dns-replicas 0"):
-            dnsworkload.check_visible_to_pods([path, "-m", "corral"])
-    monkeypatch.setenv("CORRAL_STATE_DIR", "/srv/corral-state")
-    with pytest.raises(dnsworkload.DNSSetupError, match="hidden from every pod"):
-        dnsworkload.check_visible_to_pods(["/srv/corral-state/venv/bin/python"])
+def test_the_pods_get_this_interpreter_wherever_it_is_installed() -> None:
+    # `up` no longer refuses a venv under /root, /home or /tmp: the DNS pods ask the
+    # node runtime for corral's files (runtime/corralfiles.py), which covers the venv.
+    argv = dnsworkload.corral_argv()
+    assert argv == [sys.executable, "-m", "corral"]
+    tmpl = dnsworkload.deployment(1, argv).spec.template
+    pod = Pod.model_validate(
+        {
+            "metadata": {**tmpl.metadata.dump(), "name": "dns-x", "namespace": NS},
+            "spec": tmpl.spec.dump(),
+        }
+    )
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+    got = corralfiles.mounts(pod, Security(), [os.path.dirname(venv)])  # as if under /root
+    assert any(dst == venv for _, dst in got), got
 
 
 def test_the_command_carries_the_credential_paths() -> None:

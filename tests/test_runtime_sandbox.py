@@ -214,6 +214,7 @@ async def run(
     image: str | None = None,
     exec_script: str | None = None,
     mounts: list[tuple[str, str]] | None = None,
+    exec_mounts: list[tuple[str, str]] | None = None,
 ) -> tuple[int, str, str]:
     """Run `sh -c script` as a container; with `exec_script`, also exec that into it while
     it runs. (exit code, its output, the exec's output)."""
@@ -237,6 +238,7 @@ async def run(
         image=image,
         security=sec,
         mounts=mounts,
+        exec_mounts=exec_mounts,
     )
     exec_out = ""
     if exec_script is not None:
@@ -343,6 +345,44 @@ async def test_credentials_mount_is_read_only_and_the_rest_stays_hidden(
     with pytest.raises(containers.StartError, match="sandboxed containers only"):
         priv = Security(privileged=True, caps=security.ALL_CAPS_MASK, no_new_privs=False)
         await run(pod_dir, "true", priv, mounts=[(creds, dst)])
+
+
+async def test_executable_mounts_show_that_directory_alone(
+    shim: str, pod_dir: str, node_dir: str
+) -> None:
+    # corral's files for its system pods (runtime/corralfiles.py): one inside a hidden
+    # directory (a checkout under /root) and one under the private /tmp.
+    venv = os.path.join(node_dir, "checkout", "venv")
+    tmpdir = tempfile.mkdtemp(prefix="corral-test-files-", dir="/tmp")
+    try:
+        for d, word in ((venv, "RAN-HIDDEN"), (tmpdir, "RAN-TMP")):
+            os.makedirs(os.path.join(d, "bin"), exist_ok=True)
+            with open(os.path.join(d, "bin", "tool"), "w") as f:
+                f.write(f"#!/bin/sh\necho {word}\n")
+            os.chmod(os.path.join(d, "bin", "tool"), 0o755)
+        script = (
+            f"{venv}/bin/tool; {tmpdir}/bin/tool; echo x > {venv}/new && echo WROTE; "
+            f"echo x > {node_dir}/new && echo WROTE-HIDDEN; mkdir {node_dir}/d && echo MKDIR; "
+            f"grep ' {venv} ' /proc/self/mountinfo; ls -A {node_dir} | sed s/^/LS:/; "
+            f"ls -A {node_dir}/checkout | sed s/^/IN:/; cat {node_dir}/secret; echo END"
+        )
+        sec = Security(hidden=[node_dir])
+        mounts = [(venv, venv), (tmpdir, tmpdir)]
+        _, out, _ = await run(pod_dir, script, sec, exec_mounts=mounts)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    assert "END" in out and "RAN-HIDDEN" in out and "RAN-TMP" in out, out
+    assert "WROTE" not in out and "MKDIR" not in out and "Read-only file system" in out
+    mountinfo = next(ln for ln in out.splitlines() if f" {venv} " in ln)
+    opts = set(mountinfo.split()[5].split(","))
+    assert {"ro", "nosuid", "nodev"} <= opts and "noexec" not in opts, mountinfo
+    # Of the hidden directory, only the mount point's path: no file, no sibling.
+    assert [ln for ln in out.splitlines() if ln.startswith(("LS:", "IN:"))] == [
+        "LS:checkout",
+        "IN:venv",
+    ], out
+    assert "node state" not in out
+    assert not os.path.exists(os.path.join(node_dir, "checkout", "venv", "new"))
 
 
 async def test_seccomp_filter_unless_unconfined(shim: str, pod_dir: str) -> None:
