@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from corral.api.objects import NetworkSpec
+from corral.apiserver.kubernetes_service import service_ip
 from corral.cluster import pki
 from corral.cluster.state import ClusterState
 from corral.common.files import write_atomic
@@ -22,7 +24,7 @@ from corral.common.files import write_atomic
 PORT = 6443
 ADMIN = "apiserver-admin"  # the admin certificate's file name in <state>/pki
 SERVER = "apiserver"
-# The names in-cluster clients use (the `kubernetes` Service comes later).
+# The names in-cluster clients use (the `kubernetes` Service).
 DNS_NAMES = (
     "localhost",
     "kubernetes",
@@ -44,7 +46,9 @@ def ensure(s: ClusterState) -> str:
     """The API server's certificate (for node-1's address and loopback), the admin's,
     and the kubeconfig; made when missing or when node-1's address changed."""
     paths = pki.ensure_ca(s.pki_dir)  # an external etcd without TLS made no CA yet
-    ips = ["127.0.0.1", s.nodes[0].ip]
+    # and the `kubernetes` Service's address (the default service CIDR's first), which
+    # in-cluster clients dial
+    ips = ["127.0.0.1", s.nodes[0].ip, service_ip(NetworkSpec())]
     if pki.cert_ips(paths, SERVER) != set(ips):
         pki.issue_server(s.pki_dir, SERVER, "kube-apiserver", ips, DNS_NAMES)
     if not os.path.exists(paths.key(ADMIN)):
