@@ -208,6 +208,23 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
             break
         time.sleep(0.5)
     assert k.returncode == 0 and names[2] in k.stdout, k.stderr
+    # The API server keeps the `kubernetes` Service and puts itself into its endpoints.
+    jp = "{.spec.clusterIP} {.spec.ports[0].port}"
+    for _ in range(60):
+        k = subprocess.run(
+            ["kubectl", "get", "svc", "kubernetes", "-o", f"jsonpath={jp}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if k.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert k.stdout == "10.96.0.1 443", k.stdout + k.stderr
+    jp = "{.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}"
+    k = subprocess.run(
+        ["kubectl", "get", "endpoints", "kubernetes", "-o", f"jsonpath={jp}"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert k.stdout == f"{s.nodes[0].ip}:6443", k.stdout + k.stderr
 
     st = corral("status", "--name", cluster_name)
     assert f"etcd {s.etcd_urls[0]} ok" in st.stdout
