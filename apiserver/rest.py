@@ -232,7 +232,9 @@ class Storage:
 
     # ------------------------------------------------------------ writing
 
-    async def create(self, res: Resource, ns: str | None, body: Any) -> Obj:
+    async def create(
+        self, res: Resource, ns: str | None, body: Any, *, dry_run: bool = False
+    ) -> Obj:
         doc = self.check_body(res, body, ns, None)
         md = doc["metadata"]
         if md.get("resourceVersion"):
@@ -248,6 +250,10 @@ class Storage:
         key = self.store.prepare_create(obj)
         value = self.store.encode(obj)
         self._check_size(value)
+        if dry_run:
+            if await self.store.get_raw(key) is not None:
+                raise errors.already_exists(res.plural, res.group, obj.name)
+            return _unwritten(value)
         try:
             rev = await self.store.create_raw(key, value)
         except AlreadyExists:
@@ -266,11 +272,15 @@ class Storage:
         name: str,
         body: Any,
         subresource: str = "",
+        *,
+        dry_run: bool = False,
     ) -> Obj:
         """PUT: replace the object (its status kept), or only its status (`status`)."""
         doc = self.check_body(res, body, ns, name)
         precondition = doc["metadata"].get("resourceVersion") or None
-        return await self._write(res, ns, name, lambda _cur: doc, precondition, subresource)
+        return await self._write(
+            res, ns, name, lambda _cur: doc, precondition, subresource, dry_run=dry_run
+        )
 
     async def patch(
         self,
@@ -280,7 +290,23 @@ class Storage:
         content_type: str,
         body: bytes,
         subresource: str = "",
+        *,
+        dry_run: bool = False,
     ) -> Obj:
+        patch, apply = self._patcher(res, content_type, body)
+
+        def change(cur: Obj) -> Obj:
+            return self.check_body(res, apply(cur), ns, name)
+
+        precondition = None
+        if isinstance(patch, dict):
+            precondition = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
+        return await self._write(res, ns, name, change, precondition, subresource, dry_run=dry_run)
+
+    def _patcher(
+        self, res: Resource, content_type: str, body: bytes
+    ) -> tuple[Any, Callable[[Obj], Obj]]:
+        """The decoded patch and a function applying it to an object (a dict)."""
         kind = PATCH_TYPES.get(content_type)
         if kind is None:
             raise errors.unsupported_media_type(content_type)
@@ -310,12 +336,9 @@ class Storage:
                 raise errors.APIError(422, "Invalid", str(e)) from None
             if not isinstance(out, dict):
                 raise errors.bad_request("the patch does not leave an object")
-            return self.check_body(res, out, ns, name)
+            return out
 
-        precondition = None
-        if isinstance(patch, dict):
-            precondition = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
-        return await self._write(res, ns, name, apply, precondition, subresource)
+        return patch, apply
 
     async def _write(
         self,
@@ -325,8 +348,11 @@ class Storage:
         change: Callable[[Obj], Obj],
         precondition: str | None,
         subresource: str,
+        *,
+        dry_run: bool = False,
     ) -> Obj:
-        """Read, change, validate, CAS; retried when nobody asked for a precondition."""
+        """Read, change, validate, CAS; retried when nobody asked for a precondition.
+        A dry run stops before the CAS and answers what would have been written."""
         key = res.key(name, ns)
         for _ in range(20):
             kv = await self.store.get_raw(key)
@@ -345,6 +371,8 @@ class Storage:
             if value == kv.value:
                 return cur  # nothing changed: no write, the same resourceVersion
             self._check_size(value)
+            if dry_run:
+                return wire(value, kv.mod_revision)
             try:
                 rev = await self.store.cas_raw(key, value, kv.mod_revision)
             except Conflict:
@@ -386,6 +414,94 @@ class Storage:
         md.pop("resourceVersion", None)
         return new
 
+    # ------------------------------------------------------------ scale
+
+    @staticmethod
+    def to_scale(res: Resource, obj: Obj) -> Obj:
+        """An object's autoscaling/v1 Scale (what `kubectl scale` reads and patches)."""
+        md = obj["metadata"]
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        sel = spec.get("selector") or {}
+        if res.kind == "Deployment":
+            sel = selector_string(sel)
+        else:
+            sel = ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
+        return {
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                k: md[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in md
+            },
+            "spec": {"replicas": spec.get("replicas", 1)},
+            "status": {"replicas": status.get("replicas", 0), "selector": sel},
+        }
+
+    async def get_scale(self, res: Resource, ns: str | None, name: str) -> Obj:
+        return self.to_scale(res, await self.get(res, ns, name))
+
+    def _replicas(self, res: Resource, name: str, scale: Any) -> int:
+        if not isinstance(scale, dict) or scale.get("kind", "Scale") != "Scale":
+            raise errors.bad_request("the body of a scale request is an autoscaling/v1 Scale")
+        n = (scale.get("spec") or {}).get("replicas", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise errors.invalid(
+                "Scale",
+                "autoscaling",
+                name,
+                [
+                    (
+                        "spec.replicas",
+                        f"Invalid value: {json.dumps(n)}: must be greater than or equal to 0",
+                    )
+                ],
+            )
+        return n
+
+    async def _write_scale(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        replicas_of: Callable[[Obj], int],
+        precondition: str | None,
+        dry_run: bool,
+    ) -> Obj:
+        def change(cur: Obj) -> Obj:
+            cur.setdefault("spec", {})["replicas"] = replicas_of(cur)
+            return cur
+
+        obj = await self._write(res, ns, name, change, precondition, "", dry_run=dry_run)
+        return self.to_scale(res, obj)
+
+    async def update_scale(
+        self, res: Resource, ns: str | None, name: str, body: Any, *, dry_run: bool = False
+    ) -> Obj:
+        n = self._replicas(res, name, body)
+        pre = ((body.get("metadata") or {}) or {}).get("resourceVersion") or None
+        return await self._write_scale(res, ns, name, lambda _cur: n, pre, dry_run)
+
+    async def patch_scale(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        content_type: str,
+        body: bytes,
+        *,
+        dry_run: bool = False,
+    ) -> Obj:
+        patch, apply = self._patcher(res, content_type, body)
+
+        def replicas(cur: Obj) -> int:
+            return self._replicas(res, name, apply(self.to_scale(res, cur)))
+
+        pre = None
+        if isinstance(patch, dict):
+            pre = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
+        return await self._write_scale(res, ns, name, replicas, pre, dry_run)
+
     # ------------------------------------------------------------ deleting
 
     async def delete(
@@ -394,6 +510,8 @@ class Storage:
         ns: str | None,
         name: str,
         options: Obj,
+        *,
+        dry_run: bool = False,
     ) -> Obj:
         """DELETE: the object's last state. A pod on a node is marked (its node stops
         it within the grace period, then removes it), a namespace turns Terminating (the
@@ -412,6 +530,14 @@ class Storage:
             md = cur["metadata"]
             if pre.get("uid") and pre["uid"] != md.get("uid"):
                 raise errors.conflict(res.plural, res.group, name)
+            if dry_run:
+                if res.kind == "Namespace" and name in BUILTIN:
+                    raise errors.APIError(
+                        403,
+                        "Forbidden",
+                        f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                    )
+                return cur
             if res.kind == "Namespace":
                 if name in BUILTIN:
                     raise errors.APIError(
@@ -524,6 +650,26 @@ class Storage:
         if old_ok:
             return {"type": "DELETED", "object": old}
         return None
+
+
+def _unwritten(value: bytes) -> Obj:
+    """A dry run's answer to a create: the object, with no resourceVersion yet."""
+    obj = json.loads(value)
+    obj.get("metadata", {}).pop("resourceVersion", None)
+    return obj
+
+
+def selector_string(sel: Obj) -> str:
+    """A LabelSelector in its string form (`a=b,c in (d,e)`), as Scale.status shows it."""
+    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        op, key, vals = e.get("operator"), e.get("key"), ",".join(e.get("values") or [])
+        parts.append(
+            {"In": f"{key} in ({vals})", "NotIn": f"{key} notin ({vals})", "Exists": key}.get(
+                op, f"!{key}"
+            )
+        )
+    return ",".join(parts)
 
 
 def bookmark(res: Resource, revision: int) -> Obj:
