@@ -29,13 +29,15 @@ from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merg
 from corral.api.store import (
     KV,
     AlreadyExists,
+    ChangeEvent,
     Compacted,
     Conflict,
     Store,
     now_iso,
 )
 from corral.apiserver import errors
-from corral.apiserver.registry import BY_KIND, Resource
+from corral.apiserver.registry import BY_KIND, RESOURCES, Resource
+from corral.apiserver.watchcache import CAPACITY, TooOld, WatchCache
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,16 @@ class WatchState:
 class Storage:
     """The verbs of every registered resource over one Store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, watch_cache_capacity: int = CAPACITY) -> None:
         self.store = store
+        self.cache = WatchCache(store, watch_cache_capacity)
+
+    async def start(self) -> None:
+        """Start the watch cache of every kind (one etcd watch each)."""
+        await self.cache.start(sorted({r.prefix() for r in RESOURCES}))
+
+    async def stop(self) -> None:
+        await self.cache.stop()
 
     # ------------------------------------------------------------ reading
 
@@ -605,39 +615,78 @@ class Storage:
         match: Match,
         state: WatchState,
     ) -> AsyncIterator[Obj]:
-        """Watch events as dicts ({"type", "object"}). Without a resourceVersion (or "0"),
-        ADDED for every current object first. An object that starts matching the
-        selectors comes as ADDED, one that stops as DELETED (its last matching state),
-        a deletion as DELETED with the last state. A compacted resourceVersion ends the
+        """Watch events as dicts ({"type", "object"}), from the kind's watch cache.
+        Without a resourceVersion (or "0"), ADDED for every current object first. An
+        object that starts matching the selectors comes as ADDED, one that stops as
+        DELETED (its last matching state), a deletion as DELETED with the last state.
+        A resourceVersion older than the cache's ring or compacted in etcd ends the
         watch with an ERROR event carrying a 410 Expired Status."""
+        cache = self.cache.kind(res.prefix())
+        await cache.started.wait()
         prefix = res.prefix(ns)
-        if not resource_version or resource_version == "0":
-            listed = await self.list(res, ns, match)
-            state.revision = listed.revision
-            for obj in listed.items:
-                yield {"type": "ADDED", "object": obj}
-        else:
-            try:
-                state.revision = int(resource_version)
-            except ValueError:
-                raise errors.bad_request(
-                    f"resourceVersion {resource_version!r} is not valid: use one a list or "
-                    "watch returned"
-                ) from None
+        sub = None
         try:
-            async for ev in self.store.changes(prefix, state.revision + 1):
-                state.revision = ev.revision
-                out = self._event(ev.value, ev.prev_value, ev.revision, match)
+            if not resource_version or resource_version == "0":
+                # Subscribed before the list: every event after its revision is kept.
+                sub, backlog = cache.subscribe(cache.oldest)
+                listed = await self.list(res, ns, match)
+                state.revision = listed.revision
+                for obj in listed.items:
+                    yield {"type": "ADDED", "object": obj}
+            else:
+                try:
+                    state.revision = int(resource_version)
+                except ValueError:
+                    raise errors.bad_request(
+                        f"resourceVersion {resource_version!r} is not valid: use one a list "
+                        "or watch returned"
+                    ) from None
+                await self._check_compacted(prefix, state.revision, cache.revision)
+                sub, backlog = cache.subscribe(state.revision)
+            start = state.revision
+            for ev in backlog:
+                out = self._cached_event(ev, prefix, start, match, state)
                 if out is not None:
-                    state.events += 1
                     yield out
-        except Compacted as e:
-            yield {
-                "type": "ERROR",
-                "object": errors.expired(
-                    f"too old resource version: {state.revision} ({e.compacted})"
-                ).status(),
-            }
+            while True:
+                item = await sub.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                out = self._cached_event(item, prefix, start, match, state)
+                if out is not None:
+                    yield out
+        except (TooOld, Compacted) as e:
+            why = (
+                f"too old resource version: {e.revision} ({e.compacted})"
+                if isinstance(e, Compacted)
+                else str(e)
+            )
+            yield {"type": "ERROR", "object": errors.expired(why).status()}
+        finally:
+            if sub is not None:
+                cache.unsubscribe(sub)
+
+    async def _check_compacted(self, prefix: str, revision: int, seen: int) -> None:
+        """Compacted if etcd no longer has `revision` (one small read, no watch)."""
+        if 0 < revision <= seen:
+            end = aetcd.utils.prefix_range_end(prefix.encode()).decode()
+            try:
+                await self.store.range_raw(prefix, end, 1, revision)
+            except Compacted as e:
+                raise Compacted(revision, e.compacted) from None
+
+    def _cached_event(
+        self, ev: ChangeEvent, prefix: str, start: int, match: Match, state: WatchState
+    ) -> Obj | None:
+        if ev.revision <= start:
+            return None
+        state.revision = ev.revision
+        if not ev.key.startswith(prefix):
+            return None
+        out = self._event(ev.value, ev.prev_value, ev.revision, match)
+        if out is not None:
+            state.events += 1
+        return out
 
     @staticmethod
     def _event(value: bytes | None, prev: bytes | None, rev: int, match: Match) -> Obj | None:

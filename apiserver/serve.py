@@ -13,6 +13,7 @@ from corral.api.store import Store
 from corral.apiserver.kubernetes_service import KubernetesService
 from corral.apiserver.rest import Storage
 from corral.apiserver.server import APIServer, tls_context
+from corral.apiserver.watchcache import CAPACITY
 from corral.daemon.core import Daemon
 
 
@@ -25,12 +26,13 @@ def build(
     tls_private_key_file: str,
     client_ca_file: str | None,
     bookmark_interval: float = 60.0,
+    watch_cache_capacity: int = CAPACITY,
 ) -> APIServer:
     """The API server component (not started): HTTPS with client-certificate
     authentication when `client_ca_file` is given."""
     ctx = tls_context(tls_cert_file, tls_private_key_file, client_ca_file)
     return APIServer(
-        Storage(store),
+        Storage(store, watch_cache_capacity),
         bind_address,
         secure_port,
         ctx,

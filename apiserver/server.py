@@ -183,6 +183,7 @@ class APIServer:
     async def start(self) -> None:
         # kube-apiserver's system namespaces: default, kube-system, kube-public (+ corral's)
         await ensure_builtin(self.storage.store)
+        await self.storage.start()  # the watch cache: one etcd watch per kind
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -203,6 +204,7 @@ class APIServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.storage.stop()
         self._started = False
 
     def ready(self) -> bool:
@@ -213,6 +215,7 @@ class APIServer:
             "address": f"{self.host}:{self.port}",
             "requests": self.requests,
             "watches": self.watches,
+            "watchCache": self.storage.cache.stats(),
         }
 
     @property
