@@ -112,6 +112,12 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Protocol = Literal["TCP", "UDP", "SCTP"]
 
 
+# A Kubernetes field corral does not act on: any JSON value, kept as given, so what a
+# real API server or client sends round-trips instead of being refused or dropped.
+# Fields Kubernetes does not have are still refused ("unknown field").
+Kept = Any
+
+
 class Model(BaseModel):
     """Strict base: unknown fields are errors; camelCase on the wire."""
 
@@ -139,6 +145,18 @@ class OwnerReference(Model):
     block_owner_deletion: bool | None = None
 
 
+class ManagedFieldsEntry(Model):
+    """Who set which fields (server-side apply's bookkeeping), kept as written."""
+
+    manager: str | None = None
+    operation: Literal["Apply", "Update"] | None = None
+    api_version: str | None = None
+    time: str | None = None
+    fields_type: str | None = None
+    fields_v1: dict[str, Any] | None = Field(default=None, alias="fieldsV1")
+    subresource: str | None = None
+
+
 class ObjectMeta(Model):
     name: str | None = None
     generate_name: str | None = None
@@ -153,6 +171,8 @@ class ObjectMeta(Model):
     annotations: dict[str, str] = Field(default_factory=dict)
     owner_references: list[OwnerReference] = Field(default_factory=list)
     finalizers: list[str] = Field(default_factory=list)
+    managed_fields: list[ManagedFieldsEntry] | None = None
+    self_link: str | None = None
 
     @field_validator("namespace")
     @classmethod
@@ -217,6 +237,7 @@ class TypedObject(Model):
 class EnvVar(Model):
     name: str
     value: str = ""
+    value_from: Kept = None
 
 
 class ContainerPort(Model):
@@ -234,6 +255,8 @@ class ResourceRequirements(Model):
     limits: dict[Literal["cpu", "memory", "pods", "ephemeral-storage"], Quantity] = Field(
         default_factory=dict
     )
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    claims: Kept = None
 
 
 def _check_requests_within_limits(r: ResourceRequirements) -> ResourceRequirements:
@@ -398,6 +421,17 @@ class Container(Model):
     startup_probe: Probe | None = None
     security_context: SecurityContext | None = None
     lifecycle: Lifecycle | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    env_from: Kept = None
+    resize_policy: Kept = None
+    restart_policy: Kept = None
+    volume_mounts: Kept = None  # not mounted: corral has no volumes yet
+    volume_devices: Kept = None
+    termination_message_path: Kept = None
+    termination_message_policy: Kept = None
+    stdin: Kept = None
+    stdin_once: Kept = None
+    tty: Kept = None
 
     @model_validator(mode="after")
     def _has_command(self) -> Container:
@@ -444,6 +478,33 @@ class PodSpec(Model):
     scheduler_name: str | None = None
     priority: int | None = None
     security_context: PodSecurityContext | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    volumes: Kept = None  # not mounted: corral has no volumes yet
+    ephemeral_containers: Kept = None
+    active_deadline_seconds: Kept = None
+    service_account_name: Kept = None
+    service_account: Kept = None
+    automount_service_account_token: Kept = None
+    host_pid: Kept = Field(default=None, alias="hostPID")
+    host_ipc: Kept = Field(default=None, alias="hostIPC")
+    share_process_namespace: Kept = None
+    image_pull_secrets: Kept = None
+    affinity: Kept = None
+    host_aliases: Kept = None
+    priority_class_name: Kept = None
+    dns_config: Kept = None
+    readiness_gates: Kept = None
+    runtime_class_name: Kept = None
+    enable_service_links: Kept = None
+    preemption_policy: Kept = None
+    overhead: Kept = None
+    topology_spread_constraints: Kept = None
+    set_hostname_as_fqdn: Kept = Field(default=None, alias="setHostnameAsFQDN")
+    os: Kept = None
+    host_users: Kept = None
+    scheduling_gates: Kept = None
+    resource_claims: Kept = None
+    resources: Kept = None
 
     @field_validator("containers")
     @classmethod
@@ -484,6 +545,9 @@ class PodCondition(Model):
     reason: str | None = None
     message: str | None = None
     last_transition_time: str | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    last_probe_time: Kept = None
+    observed_generation: Kept = None
 
 
 class ContainerStatus(Model):
@@ -493,6 +557,16 @@ class ContainerStatus(Model):
     restart_count: int = 0
     state: dict[str, Any] = Field(default_factory=dict)
     last_state: dict[str, Any] = Field(default_factory=dict)
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    image: Kept = None
+    image_id: Kept = Field(default=None, alias="imageID")
+    container_id: Kept = Field(default=None, alias="containerID")
+    allocated_resources: Kept = None
+    allocated_resources_status: Kept = None
+    resources: Kept = None
+    volume_mounts: Kept = None
+    user: Kept = None
+    stop_signal: Kept = None
 
 
 class PodIP(Model):
@@ -510,6 +584,14 @@ class PodStatus(Model):
     conditions: list[PodCondition] = Field(default_factory=list)
     init_container_statuses: list[ContainerStatus] = Field(default_factory=list)
     container_statuses: list[ContainerStatus] = Field(default_factory=list)
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    nominated_node_name: Kept = None
+    host_ips: Kept = Field(default=None, alias="hostIPs")
+    qos_class: Kept = None
+    ephemeral_container_statuses: Kept = None
+    resize: Kept = None
+    resource_claim_statuses: Kept = None
+    observed_generation: Kept = None
 
     def condition(self, type_: str) -> PodCondition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -576,6 +658,13 @@ class ServiceSpec(Model):
     internal_traffic_policy: Literal["Cluster", "Local"] | None = None
     ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list)
     ip_family_policy: Literal["SingleStack", "PreferDualStack", "RequireDualStack"] | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    load_balancer_ip: Kept = Field(default=None, alias="loadBalancerIP")
+    load_balancer_source_ranges: Kept = None
+    load_balancer_class: Kept = None
+    allocate_load_balancer_node_ports: Kept = None
+    health_check_node_port: Kept = None
+    traffic_distribution: Kept = None
 
     @field_validator("cluster_ip")
     @classmethod
@@ -623,11 +712,12 @@ class ServiceSpec(Model):
 
 
 class LoadBalancerStatus(Model):
-    ingress: list[dict[str, str]] = Field(default_factory=list)
+    ingress: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ServiceStatus(Model):
     load_balancer: LoadBalancerStatus = Field(default_factory=LoadBalancerStatus)
+    conditions: Kept = None
 
 
 class Service(TypedObject):
@@ -648,6 +738,9 @@ class ObjectReference(Model):
     namespace: str | None = None
     name: str | None = None
     uid: str | None = None
+    api_version: str | None = None
+    resource_version: str | None = None
+    field_path: str | None = None
 
 
 class EndpointAddress(Model):
@@ -692,6 +785,9 @@ class Endpoint(Model):
     hostname: DNSLabel | None = None
     node_name: str | None = None
     target_ref: ObjectReference | None = None
+    zone: str | None = None
+    hints: Kept = None  # topology-aware routing's: the proxy ignores them
+    deprecated_topology: dict[str, str] | None = None
 
 
 class EndpointSlice(TypedObject):
@@ -715,6 +811,7 @@ class Taint(Model):
     key: str
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+    time_added: str | None = None
 
 
 class NodeSpec(Model):
@@ -723,6 +820,9 @@ class NodeSpec(Model):
     taints: list[Taint] = Field(default_factory=list)
     unschedulable: bool = False
     provider_id: str | None = Field(default=None, alias="providerID")
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    config_source: Kept = None
+    external_id: Kept = Field(default=None, alias="externalID")
 
 
 class NodeAddress(Model):
@@ -744,6 +844,16 @@ class NodeStatus(Model):
     capacity: dict[str, Quantity] = Field(default_factory=dict)
     allocatable: dict[str, Quantity] = Field(default_factory=dict)
     conditions: list[NodeCondition] = Field(default_factory=list)
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    phase: Kept = None
+    daemon_endpoints: Kept = None
+    node_info: Kept = None
+    images: Kept = None
+    volumes_in_use: Kept = None
+    volumes_attached: Kept = None
+    config: Kept = None
+    runtime_handlers: Kept = None
+    features: Kept = None
 
     def address(self, type_: str = "InternalIP") -> str | None:
         return next((a.address for a in self.addresses if a.type == type_), None)
@@ -854,6 +964,13 @@ class ReplicationControllerStatus(Model):
     ready_replicas: int = 0
     available_replicas: int = 0
     observed_generation: int | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    fully_labeled_replicas: Kept = None
+    updated_replicas: Kept = None
+    unavailable_replicas: Kept = None
+    terminating_replicas: Kept = None
+    collision_count: Kept = None
+    conditions: Kept = None
 
 
 class ReplicationController(TypedObject):
@@ -883,6 +1000,9 @@ class DeploymentSpec(Model):
     min_ready_seconds: int = Field(default=0, ge=0)
     strategy: dict[str, Any] | None = None
     revision_history_limit: int | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    paused: Kept = None
+    progress_deadline_seconds: Kept = None
 
     @model_validator(mode="after")
     def _selector(self) -> DeploymentSpec:

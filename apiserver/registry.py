@@ -97,10 +97,10 @@ RESOURCES: tuple[Resource, ...] = (
         "",
         objects.ReplicationController,
         categories=("all",),
-        subresources=("status",),
+        subresources=("status", "scale"),
     ),
     _r("discovery.k8s.io", objects.EndpointSlice),
-    _r("apps", objects.Deployment, categories=("all",), subresources=("status",)),
+    _r("apps", objects.Deployment, categories=("all",), subresources=("status", "scale")),
     _r("corral.dev", objects.NetworkConfig),
 )
 

@@ -29,13 +29,15 @@ from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merg
 from corral.api.store import (
     KV,
     AlreadyExists,
+    ChangeEvent,
     Compacted,
     Conflict,
     Store,
     now_iso,
 )
 from corral.apiserver import errors
-from corral.apiserver.registry import BY_KIND, Resource
+from corral.apiserver.registry import BY_KIND, RESOURCES, Resource
+from corral.apiserver.watchcache import CAPACITY, TooOld, WatchCache
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,16 @@ class WatchState:
 class Storage:
     """The verbs of every registered resource over one Store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, watch_cache_capacity: int = CAPACITY) -> None:
         self.store = store
+        self.cache = WatchCache(store, watch_cache_capacity)
+
+    async def start(self) -> None:
+        """Start the watch cache of every kind (one etcd watch each)."""
+        await self.cache.start(sorted({r.prefix() for r in RESOURCES}))
+
+    async def stop(self) -> None:
+        await self.cache.stop()
 
     # ------------------------------------------------------------ reading
 
@@ -232,7 +242,9 @@ class Storage:
 
     # ------------------------------------------------------------ writing
 
-    async def create(self, res: Resource, ns: str | None, body: Any) -> Obj:
+    async def create(
+        self, res: Resource, ns: str | None, body: Any, *, dry_run: bool = False
+    ) -> Obj:
         doc = self.check_body(res, body, ns, None)
         md = doc["metadata"]
         if md.get("resourceVersion"):
@@ -248,6 +260,10 @@ class Storage:
         key = self.store.prepare_create(obj)
         value = self.store.encode(obj)
         self._check_size(value)
+        if dry_run:
+            if await self.store.get_raw(key) is not None:
+                raise errors.already_exists(res.plural, res.group, obj.name)
+            return _unwritten(value)
         try:
             rev = await self.store.create_raw(key, value)
         except AlreadyExists:
@@ -266,11 +282,15 @@ class Storage:
         name: str,
         body: Any,
         subresource: str = "",
+        *,
+        dry_run: bool = False,
     ) -> Obj:
         """PUT: replace the object (its status kept), or only its status (`status`)."""
         doc = self.check_body(res, body, ns, name)
         precondition = doc["metadata"].get("resourceVersion") or None
-        return await self._write(res, ns, name, lambda _cur: doc, precondition, subresource)
+        return await self._write(
+            res, ns, name, lambda _cur: doc, precondition, subresource, dry_run=dry_run
+        )
 
     async def patch(
         self,
@@ -280,7 +300,23 @@ class Storage:
         content_type: str,
         body: bytes,
         subresource: str = "",
+        *,
+        dry_run: bool = False,
     ) -> Obj:
+        patch, apply = self._patcher(res, content_type, body)
+
+        def change(cur: Obj) -> Obj:
+            return self.check_body(res, apply(cur), ns, name)
+
+        precondition = None
+        if isinstance(patch, dict):
+            precondition = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
+        return await self._write(res, ns, name, change, precondition, subresource, dry_run=dry_run)
+
+    def _patcher(
+        self, res: Resource, content_type: str, body: bytes
+    ) -> tuple[Any, Callable[[Obj], Obj]]:
+        """The decoded patch and a function applying it to an object (a dict)."""
         kind = PATCH_TYPES.get(content_type)
         if kind is None:
             raise errors.unsupported_media_type(content_type)
@@ -310,12 +346,9 @@ class Storage:
                 raise errors.APIError(422, "Invalid", str(e)) from None
             if not isinstance(out, dict):
                 raise errors.bad_request("the patch does not leave an object")
-            return self.check_body(res, out, ns, name)
+            return out
 
-        precondition = None
-        if isinstance(patch, dict):
-            precondition = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
-        return await self._write(res, ns, name, apply, precondition, subresource)
+        return patch, apply
 
     async def _write(
         self,
@@ -325,8 +358,11 @@ class Storage:
         change: Callable[[Obj], Obj],
         precondition: str | None,
         subresource: str,
+        *,
+        dry_run: bool = False,
     ) -> Obj:
-        """Read, change, validate, CAS; retried when nobody asked for a precondition."""
+        """Read, change, validate, CAS; retried when nobody asked for a precondition.
+        A dry run stops before the CAS and answers what would have been written."""
         key = res.key(name, ns)
         for _ in range(20):
             kv = await self.store.get_raw(key)
@@ -345,6 +381,8 @@ class Storage:
             if value == kv.value:
                 return cur  # nothing changed: no write, the same resourceVersion
             self._check_size(value)
+            if dry_run:
+                return wire(value, kv.mod_revision)
             try:
                 rev = await self.store.cas_raw(key, value, kv.mod_revision)
             except Conflict:
@@ -386,6 +424,94 @@ class Storage:
         md.pop("resourceVersion", None)
         return new
 
+    # ------------------------------------------------------------ scale
+
+    @staticmethod
+    def to_scale(res: Resource, obj: Obj) -> Obj:
+        """An object's autoscaling/v1 Scale (what `kubectl scale` reads and patches)."""
+        md = obj["metadata"]
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        sel = spec.get("selector") or {}
+        if res.kind == "Deployment":
+            sel = selector_string(sel)
+        else:
+            sel = ",".join(f"{k}={v}" for k, v in sorted(sel.items()))
+        return {
+            "kind": "Scale",
+            "apiVersion": "autoscaling/v1",
+            "metadata": {
+                k: md[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in md
+            },
+            "spec": {"replicas": spec.get("replicas", 1)},
+            "status": {"replicas": status.get("replicas", 0), "selector": sel},
+        }
+
+    async def get_scale(self, res: Resource, ns: str | None, name: str) -> Obj:
+        return self.to_scale(res, await self.get(res, ns, name))
+
+    def _replicas(self, res: Resource, name: str, scale: Any) -> int:
+        if not isinstance(scale, dict) or scale.get("kind", "Scale") != "Scale":
+            raise errors.bad_request("the body of a scale request is an autoscaling/v1 Scale")
+        n = (scale.get("spec") or {}).get("replicas", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise errors.invalid(
+                "Scale",
+                "autoscaling",
+                name,
+                [
+                    (
+                        "spec.replicas",
+                        f"Invalid value: {json.dumps(n)}: must be greater than or equal to 0",
+                    )
+                ],
+            )
+        return n
+
+    async def _write_scale(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        replicas_of: Callable[[Obj], int],
+        precondition: str | None,
+        dry_run: bool,
+    ) -> Obj:
+        def change(cur: Obj) -> Obj:
+            cur.setdefault("spec", {})["replicas"] = replicas_of(cur)
+            return cur
+
+        obj = await self._write(res, ns, name, change, precondition, "", dry_run=dry_run)
+        return self.to_scale(res, obj)
+
+    async def update_scale(
+        self, res: Resource, ns: str | None, name: str, body: Any, *, dry_run: bool = False
+    ) -> Obj:
+        n = self._replicas(res, name, body)
+        pre = ((body.get("metadata") or {}) or {}).get("resourceVersion") or None
+        return await self._write_scale(res, ns, name, lambda _cur: n, pre, dry_run)
+
+    async def patch_scale(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        content_type: str,
+        body: bytes,
+        *,
+        dry_run: bool = False,
+    ) -> Obj:
+        patch, apply = self._patcher(res, content_type, body)
+
+        def replicas(cur: Obj) -> int:
+            return self._replicas(res, name, apply(self.to_scale(res, cur)))
+
+        pre = None
+        if isinstance(patch, dict):
+            pre = ((patch.get("metadata") or {}) or {}).get("resourceVersion")
+        return await self._write_scale(res, ns, name, replicas, pre, dry_run)
+
     # ------------------------------------------------------------ deleting
 
     async def delete(
@@ -394,6 +520,8 @@ class Storage:
         ns: str | None,
         name: str,
         options: Obj,
+        *,
+        dry_run: bool = False,
     ) -> Obj:
         """DELETE: the object's last state. A pod on a node is marked (its node stops
         it within the grace period, then removes it), a namespace turns Terminating (the
@@ -412,6 +540,14 @@ class Storage:
             md = cur["metadata"]
             if pre.get("uid") and pre["uid"] != md.get("uid"):
                 raise errors.conflict(res.plural, res.group, name)
+            if dry_run:
+                if res.kind == "Namespace" and name in BUILTIN:
+                    raise errors.APIError(
+                        403,
+                        "Forbidden",
+                        f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                    )
+                return cur
             if res.kind == "Namespace":
                 if name in BUILTIN:
                     raise errors.APIError(
@@ -479,39 +615,78 @@ class Storage:
         match: Match,
         state: WatchState,
     ) -> AsyncIterator[Obj]:
-        """Watch events as dicts ({"type", "object"}). Without a resourceVersion (or "0"),
-        ADDED for every current object first. An object that starts matching the
-        selectors comes as ADDED, one that stops as DELETED (its last matching state),
-        a deletion as DELETED with the last state. A compacted resourceVersion ends the
+        """Watch events as dicts ({"type", "object"}), from the kind's watch cache.
+        Without a resourceVersion (or "0"), ADDED for every current object first. An
+        object that starts matching the selectors comes as ADDED, one that stops as
+        DELETED (its last matching state), a deletion as DELETED with the last state.
+        A resourceVersion older than the cache's ring or compacted in etcd ends the
         watch with an ERROR event carrying a 410 Expired Status."""
+        cache = self.cache.kind(res.prefix())
+        await cache.started.wait()
         prefix = res.prefix(ns)
-        if not resource_version or resource_version == "0":
-            listed = await self.list(res, ns, match)
-            state.revision = listed.revision
-            for obj in listed.items:
-                yield {"type": "ADDED", "object": obj}
-        else:
-            try:
-                state.revision = int(resource_version)
-            except ValueError:
-                raise errors.bad_request(
-                    f"resourceVersion {resource_version!r} is not valid: use one a list or "
-                    "watch returned"
-                ) from None
+        sub = None
         try:
-            async for ev in self.store.changes(prefix, state.revision + 1):
-                state.revision = ev.revision
-                out = self._event(ev.value, ev.prev_value, ev.revision, match)
+            if not resource_version or resource_version == "0":
+                # Subscribed before the list: every event after its revision is kept.
+                sub, backlog = cache.subscribe(cache.oldest)
+                listed = await self.list(res, ns, match)
+                state.revision = listed.revision
+                for obj in listed.items:
+                    yield {"type": "ADDED", "object": obj}
+            else:
+                try:
+                    state.revision = int(resource_version)
+                except ValueError:
+                    raise errors.bad_request(
+                        f"resourceVersion {resource_version!r} is not valid: use one a list "
+                        "or watch returned"
+                    ) from None
+                await self._check_compacted(prefix, state.revision, cache.revision)
+                sub, backlog = cache.subscribe(state.revision)
+            start = state.revision
+            for ev in backlog:
+                out = self._cached_event(ev, prefix, start, match, state)
                 if out is not None:
-                    state.events += 1
                     yield out
-        except Compacted as e:
-            yield {
-                "type": "ERROR",
-                "object": errors.expired(
-                    f"too old resource version: {state.revision} ({e.compacted})"
-                ).status(),
-            }
+            while True:
+                item = await sub.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                out = self._cached_event(item, prefix, start, match, state)
+                if out is not None:
+                    yield out
+        except (TooOld, Compacted) as e:
+            why = (
+                f"too old resource version: {e.revision} ({e.compacted})"
+                if isinstance(e, Compacted)
+                else str(e)
+            )
+            yield {"type": "ERROR", "object": errors.expired(why).status()}
+        finally:
+            if sub is not None:
+                cache.unsubscribe(sub)
+
+    async def _check_compacted(self, prefix: str, revision: int, seen: int) -> None:
+        """Compacted if etcd no longer has `revision` (one small read, no watch)."""
+        if 0 < revision <= seen:
+            end = aetcd.utils.prefix_range_end(prefix.encode()).decode()
+            try:
+                await self.store.range_raw(prefix, end, 1, revision)
+            except Compacted as e:
+                raise Compacted(revision, e.compacted) from None
+
+    def _cached_event(
+        self, ev: ChangeEvent, prefix: str, start: int, match: Match, state: WatchState
+    ) -> Obj | None:
+        if ev.revision <= start:
+            return None
+        state.revision = ev.revision
+        if not ev.key.startswith(prefix):
+            return None
+        out = self._event(ev.value, ev.prev_value, ev.revision, match)
+        if out is not None:
+            state.events += 1
+        return out
 
     @staticmethod
     def _event(value: bytes | None, prev: bytes | None, rev: int, match: Match) -> Obj | None:
@@ -524,6 +699,26 @@ class Storage:
         if old_ok:
             return {"type": "DELETED", "object": old}
         return None
+
+
+def _unwritten(value: bytes) -> Obj:
+    """A dry run's answer to a create: the object, with no resourceVersion yet."""
+    obj = json.loads(value)
+    obj.get("metadata", {}).pop("resourceVersion", None)
+    return obj
+
+
+def selector_string(sel: Obj) -> str:
+    """A LabelSelector in its string form (`a=b,c in (d,e)`), as Scale.status shows it."""
+    parts = [f"{k}={v}" for k, v in sorted((sel.get("matchLabels") or {}).items())]
+    for e in sel.get("matchExpressions") or []:
+        op, key, vals = e.get("operator"), e.get("key"), ",".join(e.get("values") or [])
+        parts.append(
+            {"In": f"{key} in ({vals})", "NotIn": f"{key} notin ({vals})", "Exists": key}.get(
+                op, f"!{key}"
+            )
+        )
+    return ",".join(parts)
 
 
 def bookmark(res: Resource, revision: int) -> Obj:

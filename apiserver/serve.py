@@ -6,11 +6,14 @@ await `serve` (or build `APIServer` themselves) in-process.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 from corral.api.store import Store
+from corral.apiserver.kubernetes_service import KubernetesService
 from corral.apiserver.rest import Storage
 from corral.apiserver.server import APIServer, tls_context
+from corral.apiserver.watchcache import CAPACITY
 from corral.daemon.core import Daemon
 
 
@@ -23,12 +26,13 @@ def build(
     tls_private_key_file: str,
     client_ca_file: str | None,
     bookmark_interval: float = 60.0,
+    watch_cache_capacity: int = CAPACITY,
 ) -> APIServer:
     """The API server component (not started): HTTPS with client-certificate
     authentication when `client_ca_file` is given."""
     ctx = tls_context(tls_cert_file, tls_private_key_file, client_ca_file)
     return APIServer(
-        Storage(store),
+        Storage(store, watch_cache_capacity),
         bind_address,
         secure_port,
         ctx,
@@ -47,10 +51,15 @@ async def serve(
     http_addr: tuple[str, int] | None,
     debug_socket: str | None,
     node: str | None = None,
+    advertise_address: str | None = None,
+    endpoint_reconciler: str = "lease",
 ) -> None:
     """Serve the Kubernetes API on https://`bind_address`:`secure_port` until SIGTERM;
     /healthz, /readyz and /livez on that port report the skeleton's checks (etcd
-    answering, the server started), and /metrics lives on `http_addr`."""
+    answering, the server started), and /metrics lives on `http_addr`. With the `lease`
+    endpoint reconciler the server keeps the `kubernetes` Service and puts
+    `advertise_address` (default: `bind_address` unless that is a wildcard) into its
+    endpoints (apiserver/kubernetes_service.py)."""
     api = build(
         store,
         bind_address=bind_address,
@@ -69,4 +78,9 @@ async def serve(
     )
     api.health, api.readiness = d.health, d.readiness
     d.add("apiserver", api)
+    advertise = advertise_address or (
+        None if ipaddress.ip_address(bind_address).is_unspecified else bind_address
+    )
+    if endpoint_reconciler == "lease" and advertise:
+        d.add("kubernetes-service", KubernetesService(store, advertise, api.port))
     await d.run()

@@ -141,6 +141,15 @@ def _int(request: web.Request, name: str, default: int = 0) -> int:
         raise errors.bad_request(f"{name}={raw!r} is not a number") from None
 
 
+def _dry_run(request: web.Request) -> bool:
+    """`dryRun=All`: validate and answer as if written, write nothing."""
+    values = request.query.getall("dryRun", [])
+    for v in values:
+        if v != "All":
+            raise errors.bad_request(f'Invalid dryRun value: "{v}": supported values: "All"')
+    return bool(values)
+
+
 def _bool(request: web.Request, name: str) -> bool:
     return request.query.get(name, "").lower() in ("1", "true")
 
@@ -174,6 +183,7 @@ class APIServer:
     async def start(self) -> None:
         # kube-apiserver's system namespaces: default, kube-system, kube-public (+ corral's)
         await ensure_builtin(self.storage.store)
+        await self.storage.start()  # the watch cache: one etcd watch per kind
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -194,6 +204,7 @@ class APIServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.storage.stop()
         self._started = False
 
     def ready(self) -> bool:
@@ -204,6 +215,7 @@ class APIServer:
             "address": f"{self.host}:{self.port}",
             "requests": self.requests,
             "watches": self.watches,
+            "watchCache": self.storage.cache.stats(),
         }
 
     @property
@@ -296,6 +308,9 @@ class APIServer:
 
     async def _resource(self, request: web.Request, t: Target) -> web.StreamResponse:
         res, m = t.resource, request.method
+        dry = _dry_run(request)
+        if t.subresource == "scale" and t.name is not None:
+            return await self._scale(request, t, dry)
         if t.name is None:
             if m == "GET":
                 if _bool(request, "watch"):
@@ -308,7 +323,9 @@ class APIServer:
                         f"/{'apis/' + res.group if res.group else 'api'}/{res.version}"
                         f"/namespaces/<namespace>/{res.plural}"
                     )
-                obj = await self.storage.create(res, t.namespace, await self._body(request))
+                obj = await self.storage.create(
+                    res, t.namespace, await self._body(request), dry_run=dry
+                )
                 return self._object(request, res, obj, 201)
             raise errors.method_not_allowed(f"{m} is not supported on a collection of {res.plural}")
         if m == "GET":
@@ -316,12 +333,14 @@ class APIServer:
             return self._object(request, res, obj)
         if m == "PUT":
             body = await self._body(request)
-            obj = await self.storage.update(res, t.namespace, t.name, body, t.subresource)
+            obj = await self.storage.update(
+                res, t.namespace, t.name, body, t.subresource, dry_run=dry
+            )
             return self._object(request, res, obj)
         if m == "PATCH":
             raw = await request.read()
             obj = await self.storage.patch(
-                res, t.namespace, t.name, request.content_type, raw, t.subresource
+                res, t.namespace, t.name, request.content_type, raw, t.subresource, dry_run=dry
             )
             return self._object(request, res, obj)
         if m == "DELETE" and not t.subresource:
@@ -333,9 +352,27 @@ class APIServer:
                     body[q] = _int(request, q)
             if "propagationPolicy" in request.query:
                 body["propagationPolicy"] = request.query["propagationPolicy"]
-            obj = await self.storage.delete(res, t.namespace, t.name, body)
+            obj = await self.storage.delete(res, t.namespace, t.name, body, dry_run=dry)
             return self._object(request, res, obj)
         raise errors.method_not_allowed(f"{m} is not supported here")
+
+    async def _scale(self, request: web.Request, t: Target, dry: bool) -> web.Response:
+        """The `scale` subresource: an autoscaling/v1 Scale of the object's replicas."""
+        res, m = t.resource, request.method
+        assert t.name is not None
+        if m == "GET":
+            return respond(await self.storage.get_scale(res, t.namespace, t.name))
+        if m == "PUT":
+            body = await self._body(request)
+            out = await self.storage.update_scale(res, t.namespace, t.name, body, dry_run=dry)
+            return respond(out)
+        if m == "PATCH":
+            raw = await request.read()
+            out = await self.storage.patch_scale(
+                res, t.namespace, t.name, request.content_type, raw, dry_run=dry
+            )
+            return respond(out)
+        raise errors.method_not_allowed(f"{m} is not supported on {res.plural}/scale")
 
     def _object(
         self, request: web.Request, res: Resource, obj: dict[str, Any], status: int = 200

@@ -43,6 +43,19 @@ def register(sub: Any) -> None:
         default="0.0.0.0",
         help="the address to serve HTTPS on (default 0.0.0.0, as kube-apiserver)",
     )
+    p.add_argument(
+        "--advertise-address",
+        metavar="IP",
+        help="the address in the `kubernetes` Service's endpoints (default: --bind-address "
+        "unless that is 0.0.0.0; then the Service gets no endpoints from this server)",
+    )
+    p.add_argument(
+        "--endpoint-reconciler-type",
+        choices=("lease", "none"),
+        default="lease",
+        help="lease (default): keep the `kubernetes` Service in `default` and this server "
+        "in its endpoints while it runs; none: leave both alone",
+    )
     p.add_argument("--secure-port", type=_port, default=6443, help="the HTTPS port (default 6443)")
     p.add_argument("--tls-cert-file", metavar="FILE", help="the server's certificate (required)")
     p.add_argument("--tls-private-key-file", metavar="FILE", help="its private key (required)")
@@ -69,6 +82,13 @@ def cmd_apiserver(args: argparse.Namespace) -> int:
         ipaddress.ip_address(args.bind_address)
     except ValueError:
         raise CLIError(f"--bind-address {args.bind_address!r} is not an IP address") from None
+    if args.advertise_address:
+        try:
+            ipaddress.ip_address(args.advertise_address)
+        except ValueError:
+            raise CLIError(
+                f"--advertise-address {args.advertise_address!r} is not an IP address"
+            ) from None
     try:
         addr = options.http_addr(args, "apiserver", "127.0.0.1")
     except ValueError as e:
@@ -87,6 +107,8 @@ def cmd_apiserver(args: argparse.Namespace) -> int:
                 client_ca_file=args.client_ca_file,
                 http_addr=addr,
                 debug_socket=debug,
+                advertise_address=args.advertise_address,
+                endpoint_reconciler=args.endpoint_reconciler_type,
             )
         )
     except OSError as e:  # the port taken, a certificate unreadable

@@ -20,6 +20,12 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "down": ["corral down", "corral down --name dev"],
     "status": ["corral status", "corral status --name dev"],
+    "apiserver": [
+        "corral apiserver --etcd https://10.0.0.1:2379 --bind-address 10.0.0.1 "
+        "--tls-cert-file apiserver.crt --tls-private-key-file apiserver.key "
+        "--client-ca-file ca.crt",
+    ],
+    "kubeconfig": ["corral kubeconfig", "corral kubeconfig --name dev > dev.kubeconfig"],
     "node-exec": [
         "corral node-exec node-1 -- ip route",
         "corral node-exec 2 -- ss -tlnp",

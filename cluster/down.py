@@ -14,9 +14,11 @@ import os
 import re
 import shutil
 
+import yaml
+
 from corral.api.objects import Node
 from corral.api.store import Store, StoreError
-from corral.cluster import local, nodes, orphans, underlay
+from corral.cluster import kubeconfig, local, nodes, orphans, underlay
 from corral.cluster import state as st
 from corral.cluster.local import ClusterError, Progress, on_stderr
 from corral.cluster.state import ClusterState
@@ -117,10 +119,20 @@ def _down_locked(name: str, sdir: str, say: Progress) -> bool:
         if netns.remove(ns):
             found = True
             say(f"✓ removed netns {ns}")
+    _unmerge_kubeconfig(name, say)
     if os.path.isdir(sdir):
         shutil.rmtree(sdir, ignore_errors=True)
         say(f"✓ removed {sdir}")
     return found
+
+
+def _unmerge_kubeconfig(name: str, say: Progress) -> None:
+    """Take context `corral-<name>` out of the user's kubeconfig again (as kind does)."""
+    try:
+        if kubeconfig.unmerge(name):
+            say(f"✓ removed context corral-{name} from {kubeconfig.user_path()}")
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        say(f"  (context corral-{name} not removed from {kubeconfig.user_path()}: {e})")
 
 
 def _forget_nodes(s: ClusterState) -> None:

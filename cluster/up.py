@@ -14,6 +14,8 @@ import os
 import subprocess
 import time
 
+import yaml
+
 from corral.api.namespaces import ensure_builtin
 from corral.api.store import Store, StoreError, parse_endpoints
 from corral.cluster import (
@@ -96,6 +98,7 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     _register_nodes(s, say)
     say(f"✓ kubeconfig {kubeconfig.ensure(s)} (API server {kubeconfig.server_url(s)})")
     _ensure_daemons(s, say)
+    _merge_kubeconfig(s, say)
     waiting = opts.wait > 0 and any(d.available() for d in daemons.NODE_DAEMONS)
     if waiting:
         _wait_ready(s, opts.wait, say)
@@ -105,6 +108,17 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     if waiting:
         _wait_dns(s, opts.wait, say)
     return s
+
+
+def _merge_kubeconfig(s: ClusterState, say: Progress) -> None:
+    """Context `corral-<name>` in $KUBECONFIG or ~/.kube/config, made current (as kind
+    does); a file that is not a kubeconfig is left alone with a warning."""
+    try:
+        target = kubeconfig.merge(kubeconfig.render(s))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        say(f"  (kubeconfig context not merged: {e}; use `corral kubeconfig --name {s.name}`)")
+        return
+    say(f"✓ context corral-{s.name} in {target} (current)")
 
 
 def _register_nodes(s: ClusterState, say: Progress) -> None:
@@ -245,7 +259,7 @@ def summary(s: ClusterState) -> str:
         f"Cluster {s.name!r} is up: {len(s.nodes)} nodes ({names}), etcd "
         f"{','.join(s.etcd_urls)}.\n"
         f"  {env}corral get nodes              # list the nodes\n"
-        f"  kubectl --kubeconfig {kubeconfig.path(s)} get nodes   # the Kubernetes API\n"
+        f"  kubectl get nodes                # the Kubernetes API (context corral-{s.name})\n"
         f"  corral status{flag}               # health of etcd, nodes and daemons\n"
         f"  corral node-exec{flag} {s.nodes[0].name} -- ip addr   # run a command on a node\n"
         f"  corral down{flag}                 # remove everything\n"

@@ -8,7 +8,8 @@ controller and `corral expose`) never hand out the same address:
 
 ClusterIPs come from the NetworkConfig `cluster` spec.serviceCIDR (default
 10.96.0.0/12), never its network or broadcast address nor the cluster DNS
-address (10.96.0.10), which only a Service asking for it by name gets. Node
+address (10.96.0.10) or the first address (10.96.0.1, the API servers' `kubernetes`
+Service), which only a Service asking for them by name gets. Node
 ports come from 30000-32767. Addresses a user wrote into the Service are
 reserved as they are. The controller fills in Services that lack them (e.g.
 from `corral apply`) by compare-and-swap and frees what deleted Services held.
@@ -46,6 +47,11 @@ log = logging.getLogger(__name__)
 CLUSTER_IPS_PREFIX = f"{PREFIX}/serviceips/"
 NODE_PORTS_PREFIX = f"{PREFIX}/nodeports/"
 NODE_PORT_RANGE = (30000, 32767)
+
+
+def first_ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    """The `kubernetes` Service's address (the API servers put it there by name)."""
+    return str(net.network_address + 1)
 
 
 class AllocationError(Exception):
@@ -109,7 +115,7 @@ class Allocator:
         if mine:
             return mine[0]  # an earlier attempt for this Service got this far
         size = net.num_addresses
-        reserved = {spec.cluster_dns}
+        reserved = {spec.cluster_dns, first_ip(net)}
         start = self.rng.randrange(1, size - 1)
         for i in range(size - 2):
             ip = str(net.network_address + 1 + (start - 1 + i) % (size - 2))
@@ -351,11 +357,11 @@ class ServiceIPController:
             plan.ops.append(("delete", book.prefix + addr))
 
     def _pick_ip(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network, dns: str) -> str:
-        size = net.num_addresses
+        size, first = net.num_addresses, first_ip(net)
         start = self.rng.randrange(1, size - 1)
         for i in range(size - 2):
             ip = str(net.network_address + 1 + (start - 1 + i) % (size - 2))
-            if ip != dns and self.ips.holder(ip) is None:
+            if ip != dns and ip != first and self.ips.holder(ip) is None:
                 return ip
         raise AllocationError(f"the service CIDR {net} has no free address left")
 

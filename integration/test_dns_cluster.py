@@ -180,6 +180,23 @@ def test_a_pod_resolves_services_through_its_search_path(
     assert rc == 0 and out.strip() == web["vip"], out
 
 
+def test_a_pod_reaches_the_api_at_kubernetes_default_svc(
+    dns_cluster: LocalCluster, web: dict
+) -> None:
+    """The API servers' `kubernetes` Service: its name from the cluster DNS, its VIP
+    (the service CIDR's first address) through the proxy to node-1:6443."""
+    c = dns_cluster
+    rc, out = _exec(c, "client", "getent", "ahostsv4", "kubernetes.default.svc")
+    assert rc == 0 and out.split()[0] == "10.96.0.1", out
+    rc, out = _exec(
+        c, "client", "curl", "-sk", "--max-time", "10", "https://kubernetes.default.svc/version"
+    )
+    assert rc == 0 and json.loads(out)["major"] == "1", out
+    eps = _json(c, "get", "endpoints", "kubernetes")
+    addrs = [a["ip"] for s in eps.get("subsets", []) for a in s["addresses"]]
+    assert addrs == [c.state().nodes[0].ip], eps
+
+
 # Two clients in the client pod until /tmp/stop appears: glibc's resolver (a new
 # socket per lookup) must keep answering; a client sending from one fixed UDP port (one
 # conntrack entry) must get answers again after its replica is gone (the proxy

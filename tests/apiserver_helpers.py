@@ -146,7 +146,9 @@ def write_kubeconfig(path: str, server: str, paths: pki.Paths, user: str = "admi
 
 
 @asynccontextmanager
-async def served(store: Store, dir: str, bookmark_interval: float = 60.0) -> AsyncIterator[Served]:
+async def served(
+    store: Store, dir: str, bookmark_interval: float = 60.0, watch_cache_capacity: int = 1024
+) -> AsyncIterator[Served]:
     """The API server on 127.0.0.1:<free port> with certificates in `dir`/pki."""
     paths = pki.ensure(os.path.join(dir, "pki"), [])
     pki.issue_server(paths.dir, "apiserver", "kube-apiserver", ["127.0.0.1"], ("localhost",))
@@ -159,6 +161,7 @@ async def served(store: Store, dir: str, bookmark_interval: float = 60.0) -> Asy
         tls_private_key_file=paths.key("apiserver"),
         client_ca_file=paths.ca,
         bookmark_interval=bookmark_interval,
+        watch_cache_capacity=watch_cache_capacity,
     )
     await api.start()
     s = Served(api, dir, paths)

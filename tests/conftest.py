@@ -6,6 +6,8 @@ integration/ each have one, and both are collected as the module `conftest`.)"""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,6 +18,24 @@ from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.node import netns
 from corral.runtime import containers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_kubeconfig() -> Iterator[str]:
+    """`corral up` merges a context into $KUBECONFIG (else ~/.kube/config): point it at
+    a file of this session's, in os.environ so every `corral` subprocess inherits it."""
+    d = tempfile.mkdtemp(prefix="corral-test-kubeconfig-")
+    path = os.path.join(d, "config")
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = path
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from corral.api.objects import Node
 from corral.api.store import Store, TLSFiles
@@ -114,6 +115,12 @@ def _nodes_in_etcd(url: str, tls: TLSFiles | None = None) -> dict[str, Node]:
 
 def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     cidr = unused_underlay_cidr()
+    # The user's kubeconfig (here the test's own) already has a context of its own.
+    kube = corral.root.parent / "kube" / "config"
+    kube.parent.mkdir()
+    theirs = {"name": "theirs", "context": {"cluster": "theirs", "user": "theirs"}}
+    kube.write_text(json.dumps({"contexts": [theirs], "current-context": "theirs"}))
+    corral.env["KUBECONFIG"] = str(kube)
     r = corral("up", "--name", cluster_name, "--nodes", "3", "--underlay-cidr", cidr, "--wait", "0")
     assert r.returncode == 0, r.stderr
     assert "✓ etcd https://127.0.0.1:" in r.stderr and "mutual TLS" in r.stderr
@@ -187,6 +194,38 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     g = corral("get", "nodes")
     assert g.returncode == 0 and names[2] in g.stdout, g.stderr
 
+    # kubectl with no flags talks to the new cluster (as after `kind create cluster`).
+    ctx = f"corral-{cluster_name}"
+    cfg = yaml.safe_load(kube.read_text())
+    assert cfg["current-context"] == ctx and os.stat(kube).st_mode & 0o777 == 0o600
+    assert [c["name"] for c in cfg["contexts"]] == ["theirs", ctx]
+    env = {"PATH": os.environ["PATH"], "HOME": str(kube.parent), "KUBECONFIG": str(kube)}
+    for _ in range(60):  # the API server may still be starting (--wait 0)
+        k = subprocess.run(
+            ["kubectl", "get", "nodes"], env=env, capture_output=True, text=True, timeout=60
+        )
+        if k.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert k.returncode == 0 and names[2] in k.stdout, k.stderr
+    # The API server keeps the `kubernetes` Service and puts itself into its endpoints.
+    jp = "{.spec.clusterIP} {.spec.ports[0].port}"
+    for _ in range(60):
+        k = subprocess.run(
+            ["kubectl", "get", "svc", "kubernetes", "-o", f"jsonpath={jp}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if k.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert k.stdout == "10.96.0.1 443", k.stdout + k.stderr
+    jp = "{.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}"
+    k = subprocess.run(
+        ["kubectl", "get", "endpoints", "kubernetes", "-o", f"jsonpath={jp}"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert k.stdout == f"{s.nodes[0].ip}:6443", k.stdout + k.stderr
+
     st = corral("status", "--name", cluster_name)
     assert f"etcd {s.etcd_urls[0]} ok" in st.stdout
     for n in s.nodes:
@@ -196,6 +235,9 @@ def test_up_three_nodes_then_down(corral: Corral, cluster_name: str) -> None:
     r = corral("down", "--name", cluster_name)
     assert r.returncode == 0 and "removed" in r.stdout, r.stderr
     _assert_gone(corral, s)
+    cfg = yaml.safe_load(kube.read_text())  # exactly its own entries are gone again
+    assert cfg["contexts"] == [theirs] and cfg["current-context"] == ""
+    assert cfg["clusters"] == [] and cfg["users"] == []
     r = corral("down", "--name", cluster_name)
     assert r.returncode == 0 and "No cluster" in r.stdout
     st = corral("status", "--name", cluster_name)
