@@ -1,0 +1,54 @@
+"""Suite-wide pytest hooks: how `pytest -n N` (pytest-xdist, `--dist loadgroup`) spreads
+the tests over workers.
+
+Each worker is its own process with its own session fixtures, so a test that shares an
+expensive fixture must run on the worker that already has it. Every test gets an
+`xdist_group` here, so no test file has to carry markers:
+
+- tests that use the session's shared `corral up` cluster (`cluster`) form one group,
+  so one worker starts one cluster for all of them;
+- tests that use a module- or class-scoped fixture (a module's own cluster, a compiled
+  BPF object, a testbed) are grouped by module, and by the fixture's parameter where
+  the module fixture is parametrized (each proxy mode's cluster can start on its own
+  worker);
+- everything else is a group of one, sent to whichever worker is free.
+
+Without `-n` (or with `-n 0`) the markers are inert and the suite runs serially.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+# Session fixtures too costly to build once per worker: their users share one worker.
+SHARED_SESSION = ("cluster",)
+
+
+def _group(item: pytest.Item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    for name in SHARED_SESSION:
+        if name in names:
+            return f"session-{name}"
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    scoped = sorted(
+        name
+        for name, defs in info.name2fixturedefs.items()
+        if defs and defs[-1].scope in ("module", "class", "package")
+    )
+    if not scoped:
+        return None
+    module = item.nodeid.split("::", 1)[0]
+    callspec: Any = getattr(item, "callspec", None)
+    params = [f"{n}={callspec.params[n]}" for n in scoped if callspec and n in callspec.params]
+    return module + ("[" + ",".join(params) + "]" if params else "")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _group(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
