@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 from cluster_helpers import wait_for
-from conftest import LocalCluster, local_cluster
+from clusters import LocalCluster, local_cluster
 
 from corral.api.objects import EndpointSlice, Pod, Service
 from corral.api.store import Store
