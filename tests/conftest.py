@@ -16,6 +16,7 @@ from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.node import netns
 from corral.runtime import containers
+from tests.kit import scratch_netns
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,13 @@ def shim(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     else:
         monkeypatch.setattr(containers, "_native_shim", [None])
     return str(request.param)
+
+
+@pytest.fixture
+def scratch_ns() -> Iterator[str]:
+    """A named network namespace of the test's own (`ip netns` name), removed after."""
+    with scratch_netns() as name:
+        yield name
 
 
 @pytest.fixture
