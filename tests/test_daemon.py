@@ -25,6 +25,7 @@ from corral.daemon.core import Daemon, Timings
 from corral.daemon.nodecontext import NodeContext
 from corral.daemon.options import PORTS, parse_addr
 from corral.node.context import NodePaths
+from tests import kit
 
 FAST = Timings(
     restart_initial=0.05,
@@ -74,12 +75,7 @@ async def get(d: Daemon, path: str) -> tuple[int, str]:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await kit.eventually(check, what, timeout)
 
 
 async def status_is(d: Daemon, path: str, code: int, text: str = "") -> bool:
