@@ -13,6 +13,9 @@ expensive fixture must run on the worker that already has it. Every test gets an
   worker);
 - everything else is a group of one, sent to whichever worker is free.
 
+The items are also sorted so the long groups (whole clusters) are handed out first
+and the short tests fill in around them.
+
 Without `-n` (or with `-n 0`) the markers are inert and the suite runs serially.
 """
 
@@ -47,8 +50,21 @@ def _group(item: pytest.Item) -> str | None:
     return module + ("[" + ",".join(params) + "]" if params else "")
 
 
+def _rank(item: pytest.Item, group: str | None) -> int:
+    """Longest work first: the groups that start clusters, then other groups, then the
+    single tests that fill the gaps (run-tests.sh keeps this order: --no-loadscope-reorder,
+    else xdist would hand out the groups with the most tests first)."""
+    if group is None:
+        return 2
+    return 0 if item.nodeid.startswith("integration/") else 1
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {}
     for item in items:
         group = _group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
+        rank[item.nodeid] = _rank(item, group)
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: groups keep their order

@@ -17,7 +17,7 @@ fi
 # the kernel, so more workers than cores pay off. CORRAL_TEST_WORKERS=0 runs it
 # serially; a later `-n` in the arguments wins over this one. How tests are grouped
 # onto workers: conftest.py.
-"$VENV/bin/python" -m pytest -n "${CORRAL_TEST_WORKERS:-4}" --dist loadgroup "$@"
+"$VENV/bin/python" -m pytest -n "${CORRAL_TEST_WORKERS:-4}" --dist loadgroup --no-loadscope-reorder "$@"
 rc=$?
 if [[ $rc -eq 5 ]]; then
   echo "run-tests: pytest collected no tests (exit 5); treating that as a failure" >&2
