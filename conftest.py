@@ -61,10 +61,14 @@ def _rank(item: pytest.Item, group: str | None) -> int:
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {}
-    for item in items:
+    rank: dict[str, tuple[int, int]] = {}
+    first: dict[str, int] = {}  # a group's place: where its first test is
+    for i, item in enumerate(items):
         group = _group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
-        rank[item.nodeid] = _rank(item, group)
-    items.sort(key=lambda item: rank[item.nodeid])  # stable: groups keep their order
+        place = first.setdefault(group, i) if group is not None else i
+        rank[item.nodeid] = (_rank(item, group), place)
+    # stable: a group's tests stay in their order, and stay together (also when run
+    # serially, so a module's or the shared cluster's tests do not interleave)
+    items.sort(key=lambda item: rank[item.nodeid])
