@@ -21,6 +21,7 @@ Without `-n` (or with `-n 0`) the markers are inert and the suite runs serially.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -59,16 +60,29 @@ def _rank(item: pytest.Item, group: str | None) -> int:
     return 0 if item.nodeid.startswith("integration/") else 1
 
 
-@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank: dict[str, tuple[int, int]] = {}
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Iterator[None]:
+    # Before every other implementation: xdist's own (in each worker) turns the markers
+    # into the "@group" suffix of the node id that its scheduler reads.
+    rank: dict[int, tuple[int, int]] = {}
     first: dict[str, int] = {}  # a group's place: where its first test is
     for i, item in enumerate(items):
         group = _group(item)
         if group is not None and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(group))
         place = first.setdefault(group, i) if group is not None else i
-        rank[item.nodeid] = (_rank(item, group), place)
-    # stable: a group's tests stay in their order, and stay together (also when run
-    # serially, so a module's or the shared cluster's tests do not interleave)
-    items.sort(key=lambda item: rank[item.nodeid])
+        rank[id(item)] = (_rank(item, group), place)
+    yield
+    if getattr(config.option, "loadgroup", False):  # set in pytest-xdist workers
+        grouped = [i.nodeid for i in items if i.get_closest_marker("xdist_group")]
+        if grouped and not all("@" in n for n in grouped):
+            raise pytest.UsageError(
+                "pytest-xdist did not group the tests (pytest 9.2 with xdist 3.8, xdist "
+                "issue #1386): install the pytest that pyproject.toml pins"
+            )
+    # After every other (pytest's reordering by fixture scope among them). Stable: a
+    # group's tests stay in their order, and together (also when run serially, so a
+    # module's or the shared cluster's tests do not interleave).
+    items.sort(key=lambda item: rank.get(id(item), (2, len(items))))
