@@ -188,8 +188,9 @@ class Testbed:
             )
         return "overlay ready" in self.agent_log(n.index)
 
-    def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 60.0) -> None:
-        """Wait until node i's agent has loaded the eBPF fast path `runs` times in all."""
+    def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 180.0) -> None:
+        """Wait until node i's agent has loaded the eBPF fast path `runs` times in all
+        (a BCC compile: slow on a machine busy with the other workers' clusters)."""
         wait_for(
             lambda: self.agent_log(i).count("eBPF fast path on") >= runs,
             timeout,
