@@ -18,18 +18,13 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cni_helpers import REF_PLUGINS, CNINode, build_libcni_client, wait_until  # noqa: E402
-
-from corral.cluster.etcd import LocalEtcd  # noqa: E402
-from corral.cni.install import build_native_shim  # noqa: E402
-from corral.node import netns  # noqa: E402
+from corral.cluster.etcd import LocalEtcd
+from corral.cni.install import build_native_shim
+from corral.node import netns
+from tests.cni_helpers import REF_PLUGINS, CNINode, build_libcni_client, wait_until
 
 REFERENCE = {
     "cniVersion": "1.0.0",

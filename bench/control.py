@@ -20,22 +20,16 @@ import asyncio
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from control_helpers import make_node, make_pod  # noqa: E402
-
-from corral.api.objects import Pod, ReplicationController  # noqa: E402
-from corral.api.store import Store  # noqa: E402
-from corral.cluster.etcd import LocalEtcd  # noqa: E402
-from corral.control.replication import ReplicationManager  # noqa: E402
-from corral.control.scheduler import Scheduler  # noqa: E402
+from corral.api.objects import Pod, ReplicationController
+from corral.api.store import Store
+from corral.cluster.etcd import LocalEtcd
+from corral.control.replication import ReplicationManager
+from corral.control.scheduler import Scheduler
+from tests.control_helpers import make_node, make_pod
 
 
 def pct(xs: list[float], p: float) -> float:

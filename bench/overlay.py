@@ -31,12 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from overlay_testbed import Testbed, wait_for
 
 from corral.api.objects import SubnetLease
 from corral.api.store import Store, subnet_key
@@ -45,6 +40,7 @@ from corral.ebpf import loader
 from corral.node import netns
 from corral.overlay import lease as leases
 from corral.overlay.vxlan import VxlanNetlink
+from tests.overlay_testbed import Testbed, wait_for
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -24,16 +24,11 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from runtime_harness import destroy_node, make_node  # noqa: E402
-
-from corral.api.objects import Pod  # noqa: E402
-from corral.api.store import Store  # noqa: E402
-from corral.cluster.etcd import LocalEtcd  # noqa: E402
+from corral.api.objects import Pod
+from corral.api.store import Store
+from corral.cluster.etcd import LocalEtcd
+from tests.runtime_harness import destroy_node, make_node
 
 SLO_P99 = 5.0
 TARGET_P99 = 1.0

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
+
+from tests import kit
 
 
 def wait_for(
     cond: Callable[[], Any], what: str, timeout: float = 120.0, interval: float = 0.3
 ) -> Any:
     """Poll `cond` until it returns something truthy (returned); fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return kit.wait_for(cond, what, timeout, interval)
 
 
 def pods_of(cluster: Any, app: str) -> list[dict]:

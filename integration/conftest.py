@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import contextlib
 from collections.abc import Iterator
 
 import pytest
-from clusters import NODES, LocalCluster, local_cluster
 
+from integration.clusters import NODES, LocalCluster, local_cluster
 
-@pytest.fixture(scope="session", autouse=True)
-def private_kubeconfig() -> Iterator[str]:
-    """`corral up` merges a context into $KUBECONFIG (else ~/.kube/config): point it at
-    a file of this session's, in os.environ so every `corral` subprocess inherits it."""
-    d = tempfile.mkdtemp(prefix="corral-test-kubeconfig-")
-    path = os.path.join(d, "config")
-    old = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = path
-    try:
-        yield path
-    finally:
-        if old is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = old
-        shutil.rmtree(d, ignore_errors=True)
+# The shared cluster of this process (one per pytest-xdist worker), while it is up.
+_shared: list[contextlib.ExitStack] = []
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    """A 3-node `corral up` cluster for the whole session, torn down at the end."""
-    with local_cluster(NODES) as c:
-        yield c
+    """A 3-node `corral up` cluster shared by the tests that use it, torn down after the
+    last of them (the root conftest.py runs them one after another on one worker), so
+    its daemons do not idle beside the rest of the suite."""
+    stack = contextlib.ExitStack()
+    _shared.append(stack)
+    try:
+        yield stack.enter_context(local_cluster(NODES))
+    finally:
+        stack.close()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _shared and "cluster" in getattr(item, "fixturenames", ()):
+        if nextitem is not None and "cluster" in getattr(nextitem, "fixturenames", ()):
+            return
+        _shared.pop().close()  # `corral down` now; the fixture's own teardown is a no-op

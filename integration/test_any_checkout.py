@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import wait_for
 
 from corral.cluster import dnsworkload, down, local
+from integration.cluster_helpers import wait_for
 
 pytestmark = pytest.mark.slow
 

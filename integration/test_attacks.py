@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster_helpers import wait_for
-from clusters import LocalCluster
+
+from integration.cluster_helpers import wait_for
+from integration.clusters import LocalCluster
 
 pytestmark = pytest.mark.slow
 

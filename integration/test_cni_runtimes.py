@@ -21,13 +21,13 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-import cni_runtimes
 import pytest
-from cluster_helpers import wait_for
-from clusters import LocalCluster, local_cluster
-from podcmd import POD_PYTHON
 
 from corral.api.objects import IPAllocation, Pod, Service
+from integration import cni_runtimes
+from integration.cluster_helpers import wait_for
+from integration.clusters import LocalCluster, local_cluster
+from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.objects import Node
 from corral.cluster import daemons
+from tests import kit
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -34,13 +34,7 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def _wait(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return kit.wait_for(check, what, timeout, interval=0.5)
 
 
 def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

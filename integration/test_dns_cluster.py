@@ -22,11 +22,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster_helpers import wait_for
-from clusters import LocalCluster, local_cluster
-from podcmd import POD_PYTHON
 
 from corral.cluster import dnsworkload
+from integration.cluster_helpers import wait_for
+from integration.clusters import LocalCluster, local_cluster
+from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 

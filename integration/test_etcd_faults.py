@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from cluster_helpers import pods_of, wait_for
-from clusters import LocalCluster, local_cluster
 
 from corral.runtime.containers import nsenter_argv
 from corral.runtime.podstatus import ANN_CONTAINERS
+from integration.cluster_helpers import pods_of, wait_for
+from integration.clusters import LocalCluster, local_cluster
 
 pytestmark = pytest.mark.slow
 

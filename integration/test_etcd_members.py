@@ -12,12 +12,12 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from cluster_helpers import pods_of, wait_for
-from clusters import LocalCluster, local_cluster
 
 from corral.api.objects import Node
 from corral.runtime.containers import nsenter_argv
 from corral.runtime.podstatus import ANN_CONTAINERS
+from integration.cluster_helpers import pods_of, wait_for
+from integration.clusters import LocalCluster, local_cluster
 
 pytestmark = pytest.mark.slow
 

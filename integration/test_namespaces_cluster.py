@@ -8,7 +8,8 @@ import secrets
 from typing import Any
 
 import pytest
-from cluster_helpers import wait_for
+
+from integration.cluster_helpers import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cluster_helpers import pods_of, wait_for
-from clusters import LocalCluster, local_cluster
 
 from corral.api.store import PREFIX, SUBNETS_PREFIX
+from integration.cluster_helpers import pods_of, wait_for
+from integration.clusters import LocalCluster, local_cluster
 
 pytestmark = pytest.mark.slow
 

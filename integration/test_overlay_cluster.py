@@ -13,12 +13,12 @@ import sys
 from typing import Any
 
 import pytest
-from cluster_helpers import wait_for
-from podcmd import POD_PYTHON
 
 from corral.api.objects import Node, Pod
 from corral.api.store import SUBNETS_PREFIX
 from corral.ebpf import loader
+from integration.cluster_helpers import wait_for
+from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from cluster_helpers import wait_for
-from conftest import LocalCluster, local_cluster
-from podcmd import POD_PYTHON
 
 from corral.api.objects import EndpointSlice, Pod, Service
 from corral.api.store import Store
+from integration.cluster_helpers import wait_for
+from integration.clusters import LocalCluster, local_cluster
+from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import secrets
 from typing import Any
 
 import pytest
-from cluster_helpers import wait_for
-from podcmd import POD_PYTHON
 
 from corral.api.objects import Pod
+from integration.cluster_helpers import wait_for
+from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 

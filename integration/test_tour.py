@@ -8,8 +8,9 @@ import secrets
 from typing import Any
 
 import pytest
-from cluster_helpers import pods_of, wait_for
-from podcmd import POD_PYTHON
+
+from integration.cluster_helpers import pods_of, wait_for
+from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 
 from corral.common.files import write_atomic
 from corral.node import netlink, netns
+from tests import kit
 
 REF_PLUGINS = "/usr/lib/cni"
 CLIENT_SRC = Path(__file__).parent / "libcni_client"
@@ -42,14 +42,7 @@ def in_thread(fn: Any, *args: Any) -> Any:
 
 
 def wait_until(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return kit.wait_for(pred, what, timeout)
 
 
 @pytest.fixture(scope="session")

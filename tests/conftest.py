@@ -1,41 +1,22 @@
 """Shared fixtures: a throwaway etcd per test session, a clean key space per test.
 
-(Test modules import helpers from etcd_helpers.py, never from a conftest: tests/ and
-integration/ each have one, and both are collected as the module `conftest`.)"""
+(Test modules import helpers as `tests.<module>` (tests.etcd_helpers, tests.kit, ...),
+never from a conftest.)"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from etcd_helpers import on_store, running_etcd
 
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.node import netns
 from corral.runtime import containers
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_kubeconfig() -> Iterator[str]:
-    """`corral up` merges a context into $KUBECONFIG (else ~/.kube/config): point it at
-    a file of this session's, in os.environ so every `corral` subprocess inherits it."""
-    d = tempfile.mkdtemp(prefix="corral-test-kubeconfig-")
-    path = os.path.join(d, "config")
-    old = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = path
-    try:
-        yield path
-    finally:
-        if old is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = old
-        shutil.rmtree(d, ignore_errors=True)
+from tests.etcd_helpers import on_store, running_etcd
+from tests.kit import scratch_netns
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +64,13 @@ def shim(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     else:
         monkeypatch.setattr(containers, "_native_shim", [None])
     return str(request.param)
+
+
+@pytest.fixture
+def scratch_ns() -> Iterator[str]:
+    """A named network namespace of the test's own (`ip netns` name), removed after."""
+    with scratch_netns() as name:
+        yield name
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -16,6 +15,7 @@ from corral.api.objects import Node, Pod, PodIP
 from corral.api.store import Store, now_iso
 from corral.common.supervisor import cancel_and_wait
 from corral.control.conditions import set_pod_condition
+from tests import kit
 
 T = TypeVar("T")
 
@@ -81,15 +81,8 @@ def make_pod(
 async def eventually(
     check: Callable[[], Awaitable[T]], timeout: float = 30.0, what: str = "condition"
 ) -> T:
-    """Poll `check` until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout}s; last value: {last!r}")
+    """Poll `check` until it returns something truthy (tests.kit.eventually)."""
+    return await kit.eventually(check, what, timeout)
 
 
 @contextlib.asynccontextmanager

@@ -24,6 +24,7 @@ from corral.api.informer import InformerFactory
 from corral.api.objects import EndpointSlice, Pod, Service
 from corral.api.store import Store
 from corral.clusterdns.server import Config, DNSServer
+from tests import kit
 
 ZONE = "cluster.local"
 
@@ -140,12 +141,7 @@ async def dns_server(store: Store, *, sync: bool = True, **config: Any) -> Async
 
 
 async def wait_for(cond: Any, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {cond}")
-        await asyncio.sleep(0.01)
+    await kit.eventually(cond, str(cond), timeout, interval=0.01)
 
 
 async def settled(server: DNSServer) -> None:

@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from overlay_testbed import Pod, Testbed
 
 from corral.api.store import Store
 from corral.ebpf import loader
+from tests.overlay_testbed import Pod, Testbed
 
 # For modules that load BPF programs: root (namespaces, cgroups, bpffs) and BCC.
 NEEDS_ROOT_AND_BCC = [

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from corral.ebpf import loader
 from corral.node import netlink, netns
 from corral.node.podveth import pod_alias
 from corral.overlay.vxlan import VxlanNetlink
+from tests import kit
 
 CORRAL = [sys.executable, "-m", "corral"]
 UNDERLAY = ipaddress.ip_network("172.30.0.0/24")
@@ -41,23 +41,9 @@ SWITCH_IP = "172.30.0.254"
 def wait_for(
     cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.05
 ) -> Any:
-    """Poll `cond` until it returns something truthy; AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last_exc: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            v = cond()
-            if v:
-                return v
-        except AssertionError:
-            raise
-        except Exception as e:
-            last_exc = e
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout:.0f}s waiting for {what}"
-        + (f" (last error: {last_exc!r})" if last_exc else "")
-    )
+    """Poll `cond` until it returns something truthy; errors other than a failed assert
+    count as "not yet" (tests.kit.wait_for)."""
+    return kit.wait_for(cond, what, timeout, interval, errors=(Exception,))
 
 
 @dataclass
@@ -202,8 +188,9 @@ class Testbed:
             )
         return "overlay ready" in self.agent_log(n.index)
 
-    def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 60.0) -> None:
-        """Wait until node i's agent has loaded the eBPF fast path `runs` times in all."""
+    def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 180.0) -> None:
+        """Wait until node i's agent has loaded the eBPF fast path `runs` times in all
+        (a BCC compile: slow on a machine busy with the other workers' clusters)."""
         wait_for(
             lambda: self.agent_log(i).count("eBPF fast path on") >= runs,
             timeout,

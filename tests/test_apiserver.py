@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from apiserver_helpers import Served, kubectl_path, served
 
 from corral.api.store import Store
+from tests.apiserver_helpers import Served, kubectl_path, served
 
 MINORS = [pytest.param(m, id=f"kubectl-1.{m}") for m in (27, 33)]
 

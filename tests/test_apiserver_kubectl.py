@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apiserver_helpers import Served, kubectl_path, served
 
 from corral.api.store import Store
+from tests.apiserver_helpers import Served, kubectl_path, served
 
 ALL_MINORS = [pytest.param(m, id=f"kubectl-1.{m}") for m in range(27, 34)]
 MINORS = [pytest.param(m, id=f"kubectl-1.{m}") for m in (27, 33)]

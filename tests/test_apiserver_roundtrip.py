@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from apiserver_helpers import Served, served
 
 from corral.api.objects import EndpointSlice, Pod, Service
 from corral.api.store import Store
+from tests.apiserver_helpers import Served, served
 
 MANAGED = [
     {

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from apiserver_helpers import Served, served
 
 from corral.api.objects import NetworkConfig, NetworkSpec, Service
 from corral.api.store import Store
 from corral.apiserver.kubernetes_service import LEASES_PREFIX, KubernetesService
 from corral.control.serviceips import AllocationError, Allocator
+from tests.apiserver_helpers import Served, served
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from apiserver_helpers import Served, served
 
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
+from tests.apiserver_helpers import Served, served
 
 BASE = "/api/v1/namespaces/default/pods"
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 import yaml
-from control_helpers import make_pod
-from etcd_helpers import on_store
 
 from corral.api.objects import Pod, Service
 from corral.api.store import Store
 from corral.cli.main import build_parser, main, parse
 from corral.node.procs import start_time
 from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
+from tests.control_helpers import make_pod
+from tests.etcd_helpers import on_store
 
 NS = "shop"
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from etcd_helpers import on_store
 
 from corral.api.objects import ContainerStatus, Namespace, Pod, ReplicationController
+from tests.etcd_helpers import on_store
 
 RC = textwrap.dedent("""
     apiVersion: v1
@@ -552,10 +552,9 @@ def test_every_help_has_examples_that_parse() -> None:
 def test_logs_follow_prints_new_output_until_the_pod_goes(
     corral, watcher, etcd_url, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    from control_helpers import make_pod
-
     from corral.node.procs import start_time
     from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
+    from tests.control_helpers import make_pod
 
     proc = subprocess.Popen(["sleep", "300"])
     try:

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import cni_helpers
 import pytest
-from cni_helpers import CNINode, wait_until
 
 from corral.api.store import Store, ipam_ip_key, ipam_owner_key
 from corral.node import netns, podguard
+from tests import cni_helpers
+from tests.cni_helpers import CNINode, wait_until
 
 POOL = "10.244.1.0-24"
 cni_node = cni_helpers.cni_node

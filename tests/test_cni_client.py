@@ -257,7 +257,7 @@ async def test_missing_plugin_binary(env: Env) -> None:
 
 async def test_cache_interoperates_with_libcni(env: Env) -> None:
     """What corral ADDs, libcni (containerd's client library) CHECKs and DELs, and back."""
-    from cni_helpers import build_libcni_client  # the Go libcni test client
+    from tests.cni_helpers import build_libcni_client  # the Go libcni test client
 
     client = build_libcni_client()
     write_conf(env, "10-ref.conflist", ref_conflist("refnet", "10.244.11.0/24", env.data_dir))

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import cni_helpers
-from cni_helpers import CNINode, wait_until
-
 from corral.api.store import Store
 from corral.node import netns
+from tests import cni_helpers
+from tests.cni_helpers import CNINode, wait_until
 
 cni_node = cni_helpers.cni_node
 libcni_client = cni_helpers.libcni_client

@@ -8,12 +8,11 @@ import os
 import signal
 from typing import Any
 
-import cni_helpers
-from cni_helpers import CNINode, wait_until
-from etcd_helpers import running_etcd
-
 from corral.api.store import Store
 from corral.cni.bridge import host_veth_name
+from tests import cni_helpers
+from tests.cni_helpers import CNINode, wait_until
+from tests.etcd_helpers import running_etcd
 
 cni_node = cni_helpers.cni_node
 libcni_client = cni_helpers.libcni_client

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 
 import pytest
-from control_helpers import eventually, make_node, make_pod, running, set_pod_running
 
 from corral.api.manifest import ManifestError, load_manifests
 from corral.api.objects import (
@@ -37,6 +36,7 @@ from corral.control.serviceips import (
     NODE_PORTS_PREFIX,
     ServiceIPController,
 )
+from tests.control_helpers import eventually, make_node, make_pod, running, set_pod_running
 
 
 def rc(name: str, replicas: int, labels: dict[str, str] | None = None) -> ReplicationController:

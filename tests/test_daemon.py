@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from etcd_helpers import running_etcd
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.api.objects import Node
@@ -25,6 +24,8 @@ from corral.daemon.core import Daemon, Timings
 from corral.daemon.nodecontext import NodeContext
 from corral.daemon.options import PORTS, parse_addr
 from corral.node.context import NodePaths
+from tests import kit
+from tests.etcd_helpers import running_etcd
 
 FAST = Timings(
     restart_initial=0.05,
@@ -74,12 +75,7 @@ async def get(d: Daemon, path: str) -> tuple[int, str]:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await kit.eventually(check, what, timeout)
 
 
 async def status_is(d: Daemon, path: str, code: int, text: str = "") -> bool:

@@ -12,10 +12,10 @@ import dns.flags
 import dns.message
 import dns.rcode
 import pytest
-from dns_helpers import caught_up, dns_server, endpoint_slice, malformed, service
 
 from corral.api.store import Store
 from corral.clusterdns import native, wire
+from tests.dns_helpers import caught_up, dns_server, endpoint_slice, malformed, service
 
 
 def queries() -> list[bytes]:

@@ -4,9 +4,9 @@ truncation, cache, failures), and ExternalName services resolved through it."""
 from __future__ import annotations
 
 import dns.flags
-from dns_helpers import StubUpstream, ask, dns_server, free_port, rcode, service, values
 
 from corral.api.store import Store
+from tests.dns_helpers import StubUpstream, ask, dns_server, free_port, rcode, service, values
 
 BIG = [("TXT", f'"{"x" * 40} {i}"') for i in range(30)]  # ~1.4 kB: truncated over UDP
 

@@ -3,11 +3,10 @@ nothing behind (no name, empty non-terminal, fast-path entry or PTR candidate)."
 
 from __future__ import annotations
 
-from dns_helpers import endpoint_slice, service
-
 from corral.clusterdns import wire
 from corral.clusterdns.records import ZoneIndex
 from corral.clusterdns.views import ServiceInfo, SliceInfo
+from tests.dns_helpers import endpoint_slice, service
 
 
 def snapshot(ix: ZoneIndex) -> tuple:

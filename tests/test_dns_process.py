@@ -19,12 +19,12 @@ from pathlib import Path
 
 import dns.message
 import dns.query
-from dns_helpers import endpoint_slice, free_port, malformed, service
-from etcd_helpers import on_store
 
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.daemon.privileges import KEEP, mask
+from tests.dns_helpers import endpoint_slice, free_port, malformed, service
+from tests.etcd_helpers import on_store
 
 ROOT = Path(__file__).resolve().parent.parent
 SVC = "web.default.svc.cluster.local"

@@ -10,7 +10,12 @@ import dns.asyncquery
 import dns.flags
 import dns.message
 import dns.rdatatype
-from dns_helpers import (
+
+from corral.api.objects import Endpoints, EndpointSlice, NetworkConfig, PodCondition, Service
+from corral.api.store import Store
+from corral.clusterdns.server import DNSServer
+from corral.control.endpoints import EndpointsController
+from tests.dns_helpers import (
     ask,
     caught_up,
     dns_server,
@@ -21,11 +26,6 @@ from dns_helpers import (
     soa_ttl,
     values,
 )
-
-from corral.api.objects import Endpoints, EndpointSlice, NetworkConfig, PodCondition, Service
-from corral.api.store import Store
-from corral.clusterdns.server import DNSServer
-from corral.control.endpoints import EndpointsController
 
 SVC = "web.default.svc.cluster.local."
 

@@ -18,8 +18,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from answer_helpers import answering_netns
-from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader
 from corral.ebpf.pinned_map import (
@@ -32,6 +30,8 @@ from corral.ebpf.pinned_map import (
     ip_key,
 )
 from corral.node import netns
+from tests.answer_helpers import answering_netns
+from tests.overlay_helpers import NEEDS_ROOT_AND_BCC
 
 pytestmark = NEEDS_ROOT_AND_BCC
 

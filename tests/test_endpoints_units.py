@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from control_helpers import make_pod
-
 from corral.api.objects import Pod, Service, ServicePort
 from corral.common.labels import ENDPOINTSLICE_MANAGED_BY_LABEL, SERVICE_NAME_LABEL
 from corral.control.conditions import set_pod_condition
@@ -24,6 +22,7 @@ from corral.control.endpoints import (
     selected_pods,
     slice_name,
 )
+from tests.control_helpers import make_pod
 
 
 def svc(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,13 +15,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 
 
 @pytest.fixture
-def ns() -> Iterator[str]:
-    name = f"etcdguard-{secrets.token_hex(3)}"
-    netns.add(name)
-    try:
-        yield name
-    finally:
-        netns.remove(name)
+def ns(scratch_ns: str) -> str:
+    return scratch_ns
 
 
 def saved(ns: str) -> list[str]:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
-from etcd_helpers import running_etcd
 
 from corral.api.informer import (
     BY_NAMESPACE,
@@ -29,6 +28,8 @@ from corral.api.store import SUBNETS_PREFIX, Store, Unavailable, subnet_key
 from corral.api.tracker import ChangeTracker
 from corral.cluster.etcd import LocalEtcd
 from corral.overlay import lease
+from tests import kit
+from tests.etcd_helpers import running_etcd
 
 DEADLINE = 20.0
 
@@ -50,12 +51,7 @@ def node(name: str) -> Node:
 
 async def until(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
     """Wait for `cond` (a deadline for a hung test, not a timing assertion)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    await kit.eventually(cond, what, timeout, interval=0.01)
 
 
 @contextlib.asynccontextmanager

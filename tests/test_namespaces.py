@@ -5,13 +5,13 @@ exist, and deletion that takes the contents along (pods gracefully)."""
 from __future__ import annotations
 
 import pytest
-from control_helpers import eventually, make_node, make_pod, running
 
 from corral.api.namespaces import BUILTIN, NamespaceError, check_namespaces, new_namespace
 from corral.api.objects import Namespace, Pod, ReplicationController, Service
 from corral.api.store import Store, now_iso
 from corral.cli.apply_objects import apply_objects
 from corral.control.namespaces import NamespaceController
+from tests.control_helpers import eventually, make_node, make_pod, running
 
 
 def service(name: str, ns: str) -> Service:

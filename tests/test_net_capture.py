@@ -19,12 +19,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cni_helpers import wait_until
-from etcd_helpers import on_store
 
 from corral.api.objects import Node, ObjectMeta
 from corral.netdebug.render import JsonStream, dump_json
 from corral.node import netns
+from tests.cni_helpers import wait_until
+from tests.etcd_helpers import on_store
 
 NODE = "cap-node"
 NODE_IP, PEER_IP = "10.77.31.1", "10.77.31.2"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -213,16 +211,6 @@ def test_cli_network_set_and_show(
 
 
 # ------------------------------------------------------------ masquerade rules
-
-
-@pytest.fixture
-def scratch_ns() -> Iterator[str]:
-    name = f"ovmasq-{secrets.token_hex(3)}"
-    netns.add(name)
-    try:
-        yield name
-    finally:
-        netns.remove(name)
 
 
 def test_sysctl_names_map_to_proc_sys_paths() -> None:

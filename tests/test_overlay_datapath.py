@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from overlay_helpers import CONNECT, etcd_do, peer_seen_by_server, pod
-from overlay_testbed import SWITCH_IP, Testbed, wait_for
 
 from corral.api.objects import NetworkConfig, Node, SubnetLease
 from corral.api.store import Store, subnet_key
@@ -27,6 +25,8 @@ from corral.cli.cmd_network import cmd_node_remove
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
 from corral.overlay import lease as leases
+from tests.overlay_helpers import CONNECT, etcd_do, peer_seen_by_server, pod
+from tests.overlay_testbed import SWITCH_IP, Testbed, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 

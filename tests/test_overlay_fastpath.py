@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, peer_seen_by_server, pod
-from overlay_testbed import Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
 from corral.ebpf import loader
 from corral.ebpf import overlay_fastpath as fastpath
 from corral.node import netlink, netns
+from tests.overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, peer_seen_by_server, pod
+from tests.overlay_testbed import Testbed, wait_for
 
 pytestmark = NEEDS_ROOT_AND_BCC
 

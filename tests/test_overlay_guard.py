@@ -22,13 +22,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, pod
-from overlay_testbed import Pod, SimNode, Testbed, wait_for
 
 from corral.cluster.etcd import LocalEtcd
 from corral.node import iptables, netlink, netns, podguard
 from corral.node.podveth import pod_alias
 from corral.overlay import guard
+from tests.overlay_helpers import NEEDS_ROOT_AND_BCC, etcd_do, pod
+from tests.overlay_testbed import Pod, SimNode, Testbed, wait_for
 
 pytestmark = NEEDS_ROOT_AND_BCC
 

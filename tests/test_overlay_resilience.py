@@ -12,12 +12,12 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from overlay_testbed import Testbed, wait_for
 
 from corral.api.store import Store, subnet_key
 from corral.cluster.etcd import LocalEtcd
 from corral.node import netlink
 from corral.overlay import lease as leases
+from tests.overlay_testbed import Testbed, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 

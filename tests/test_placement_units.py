@@ -11,7 +11,6 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from control_helpers import make_node, make_pod
 from pydantic import ValidationError
 
 from corral.api.objects import Node, OwnerReference, Pod, Taint, Toleration
@@ -27,6 +26,7 @@ from corral.control.placement import (
     untolerated_taint,
 )
 from corral.control.resources import NONZERO_CPU_MILLIS, NONZERO_MEMORY, pod_requests
+from tests.control_helpers import make_node, make_pod
 
 
 def tol(**kw: Any) -> Toleration:

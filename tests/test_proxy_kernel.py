@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -29,13 +27,8 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 
 
 @pytest.fixture
-def ns() -> Iterator[str]:
-    name = f"prxtest-{secrets.token_hex(3)}"
-    netns.add(name)
-    try:
-        yield name
-    finally:
-        netns.remove(name)
+def ns(scratch_ns: str) -> str:
+    return scratch_ns
 
 
 def sh(ns: str, *argv: str) -> str:

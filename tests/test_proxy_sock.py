@@ -21,14 +21,14 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from answer_helpers import answering_netns
-from overlay_helpers import NEEDS_ROOT_AND_BCC
 
 from corral.ebpf import loader, pod_cgroups, proxy_sock
 from corral.ebpf.pinned_map import LRU_HASH, BpfMap, MapSpec, ip_key
 from corral.ebpf.proxy_sock import Entry, SockLB
 from corral.node import netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
+from tests.answer_helpers import answering_netns
+from tests.overlay_helpers import NEEDS_ROOT_AND_BCC
 
 pytestmark = NEEDS_ROOT_AND_BCC
 

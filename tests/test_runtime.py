@@ -18,7 +18,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from runtime_harness import (
+
+from corral.api.objects import ContainerStatus, Pod
+from corral.api.store import Store
+from corral.cluster.etcd import LocalEtcd
+from corral.runtime import cgroups as cg
+from tests.runtime_harness import (
     REF_BIN,
     Node,
     container_pids,
@@ -30,11 +35,6 @@ from runtime_harness import (
     ready,
     tiny_rootfs,
 )
-
-from corral.api.objects import ContainerStatus, Pod
-from corral.api.store import Store
-from corral.cluster.etcd import LocalEtcd
-from corral.runtime import cgroups as cg
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(f"{REF_BIN}/bridge"), reason="reference CNI plugins not installed"

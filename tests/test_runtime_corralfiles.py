@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run
 
 import corral
 import corral.clusterdns
@@ -22,6 +21,7 @@ from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.runtime import corralfiles
 from corral.runtime.security import Security
+from tests.runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(corral.__file__)))
 

@@ -15,7 +15,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from runtime_harness import (
+
+from corral.api.objects import Pod
+from corral.api.store import Store
+from corral.cli.output import pod_status
+from corral.cluster.etcd import LocalEtcd
+from tests.runtime_harness import (
     REF_BIN,
     Node,
     container_pids,
@@ -25,11 +30,6 @@ from runtime_harness import (
     pod_exec,
     ready,
 )
-
-from corral.api.objects import Pod
-from corral.api.store import Store
-from corral.cli.output import pod_status
-from corral.cluster.etcd import LocalEtcd
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(f"{REF_BIN}/bridge"), reason="reference CNI plugins not installed"

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_run, ready, tiny_rootfs
 
 from corral.api.objects import Pod
 from corral.api.store import Store, TLSFiles
@@ -31,6 +30,15 @@ from corral.node.context import NodePaths
 from corral.runtime import containers, credentials, security
 from corral.runtime import shim as shim_py
 from corral.runtime.security import DEFAULT_CAPS, Security, cap_mask
+from tests.runtime_harness import (
+    REF_BIN,
+    Node,
+    destroy_node,
+    make_node,
+    pod_run,
+    ready,
+    tiny_rootfs,
+)
 
 # containerd's default set as /proc/<pid>/status prints it (CapEff, CapBnd).
 CONTAINERD_CAPS = "00000000a80425fb"

@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from control_helpers import eventually, make_node, make_pod, running
-
 from corral.api.objects import Node, Pod
 from corral.api.store import Store
 from corral.control.placement import NodeInfo, choose_node, filter_node
 from corral.control.scheduler import Scheduler
+from tests.control_helpers import eventually, make_node, make_pod, running
 
 
 async def _pods(store: Store) -> list[Pod]:

@@ -8,18 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from control_helpers import make_node, make_pod, set_pod_running
-from etcd_helpers import on_store
 
 from corral.api.objects import Endpoints, Node, Pod, ReplicationController, Service
 from corral.api.store import Store
 from corral.cli.main import main
 from corral.control.conditions import set_pod_condition
+from tests import kit
+from tests.control_helpers import make_node, make_pod, set_pod_running
+from tests.etcd_helpers import on_store
 
 
 @pytest.fixture
@@ -214,13 +214,7 @@ def _start(argv: list[str], log: str) -> subprocess.Popen:
 
 
 def _wait(check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not reached within {timeout}s: {check}")
+    return kit.wait_for(check, str(check), timeout, interval=0.1)
 
 
 def test_scheduler_and_controllers_daemons(corral, etcd_url, tmp_path) -> None:  # type: ignore[no-untyped-def]

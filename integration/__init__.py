@@ -1,0 +1,1 @@
+"""Whole-cluster tests (helpers imported as `integration.<module>`)."""

@@ -1,0 +1,1 @@
+"""corral's unit and component tests (helpers imported as `tests.<module>`)."""
