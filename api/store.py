@@ -294,6 +294,7 @@ def _unavailable(e: Exception) -> bool:
 # (--max-request-bytes). Batches stay under both, with room for keys and framing.
 MAX_TXN_OPS = 128
 MAX_TXN_BYTES = 1024 * 1024
+WATCH_CANCEL_TIMEOUT = 2.0  # seconds to wait for etcd to confirm a watch cancel
 
 X = TypeVar("X")
 
@@ -652,8 +653,7 @@ class Store:
         except _WATCH_ERRORS as e:
             raise Unavailable(f"etcd watch on {prefix}: {e}") from e
         finally:
-            with contextlib.suppress(Exception):
-                await w.cancel()
+            await self._cancel_watch(w)
 
     # ------------------------------------------------------------ leases
 
@@ -757,8 +757,14 @@ class Store:
             err.corral_gen = gen  # type: ignore[attr-defined]
             raise err
         finally:
-            with contextlib.suppress(Exception):
-                await w.cancel()
+            await self._cancel_watch(w)
+
+    @staticmethod
+    async def _cancel_watch(w: Any) -> None:
+        """Tell etcd the watch is over, bounded: grpc may never answer a cancel on a
+        stream that is going away (a stopping API server's watch cache hung in it)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(w.cancel(), WATCH_CANCEL_TIMEOUT)
 
     @staticmethod
     async def _events(w: Any, gen: int) -> AsyncIterator[Any]:

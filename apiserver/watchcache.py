@@ -49,17 +49,23 @@ class KindCache:
         self.etcd_watches = 0  # etcd watches opened so far (one per (re)start)
         self.started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"watchcache {self.prefix}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Cancel the watch; again until it ends (grpc's watch stream has been seen to
+        swallow a cancellation, and an API server's stop must not hang on it)."""
+        self._stopping = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        if task is not None and not task.cancelled():
             with contextlib.suppress(BaseException):
-                await self._task
-            self._task = None
+                task.result()
 
     def subscribe(self, after: int) -> tuple[Subscription, list[ChangeEvent]]:
         """A subscription and the ring's events after revision `after`, taken together
@@ -90,7 +96,7 @@ class KindCache:
         sub.queue.put_nowait(why)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 start = await self.store.revision()
                 self.ring.clear()

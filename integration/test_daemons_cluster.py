@@ -70,7 +70,8 @@ def test_every_daemon_answers_metrics_and_healthz(cluster) -> None:  # type: ign
             pools = _samples(text, "corral_ipam_pool_size_addresses")
             assert len(pools) == 1 and pools[0][1] > 0
         seen.add((d.name, rec.node))
-    assert {n for n, _ in seen} == {"node", "proxy", "scheduler", "controllers"}
+    assert {n for n, _ in seen} == {"apiserver", "node", "proxy", "scheduler", "controllers"}
+    assert sum(n == "apiserver" for n, _ in seen) == 1  # on node-1, as `corral up` starts it
     assert sum(n == "node" for n, _ in seen) == len(cluster.nodes)
     assert sum(n == "proxy" for n, _ in seen) == len(cluster.nodes)
     # nothing listens on every address: the node daemon is bound to its own

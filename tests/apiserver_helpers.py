@@ -169,4 +169,4 @@ async def served(
     try:
         yield s
     finally:
-        await api.stop()
+        await asyncio.wait_for(api.stop(), 60)  # a hung stop fails here, not at the timeout

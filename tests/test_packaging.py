@@ -53,6 +53,7 @@ def test_wheel_holds_only_corral_packages(tmp_path: Path) -> None:
         "cli",
         "netdebug",
         "nodeagent",
+        "apiserver",
     ):
         assert f"corral/{folder}/__init__.py" in names
     assert "corral/clusterdns/fastpath.c" in names  # built on first use

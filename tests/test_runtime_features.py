@@ -50,8 +50,9 @@ async def node(etcd: LocalEtcd, store: Store) -> AsyncIterator[Node]:
 @pytest.fixture
 def gate() -> Iterator[str]:
     """A directory the test writes and containers read: the node's root is theirs,
-    read-only, but not its /tmp (each container has its own)."""
-    d = tempfile.mkdtemp(prefix=".gate-", dir=os.path.dirname(os.path.abspath(__file__)))
+    read-only, but not its /tmp, /var/tmp or /run (each container has its own), nor
+    /root or /home; the checkout may be under any of them, so not beside this file."""
+    d = tempfile.mkdtemp(prefix="corral-test-gate-", dir="/var/lib")
     os.chmod(d, 0o755)
     try:
         yield d
