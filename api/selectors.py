@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from corral.api.objects import LabelSelector, LabelSelectorRequirement
@@ -33,28 +34,65 @@ def matches_label_selector(selector: LabelSelector, labels: Mapping[str, str]) -
     return True
 
 
-def parse_selector(text: str | None) -> LabelSelector | None:
-    """kubectl's `-l` form, `a=b,c!=d,e`, as a LabelSelector; None when `text` is empty.
+_SET = re.compile(r"^\s*(!?)\s*([^\s!=(),]+)\s*(?:(in|notin)\s*\(([^)]*)\))?\s*$")
 
-    `k=v` (or `k==v`) is matchLabels, `k!=v` is NotIn (an absent key matches) and a bare
-    `k` is Exists.
+
+def split_requirements(text: str) -> list[str]:
+    """A selector's parts: split on commas outside parentheses (`k in (a,b),c`)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_selector(text: str | None) -> LabelSelector | None:
+    """kubectl's `-l` form (also an API `labelSelector`) as a LabelSelector; None when
+    `text` is empty. Every operator of k8s.io/apimachinery/pkg/labels: `k=v` (or
+    `k==v`) is matchLabels, `k!=v` is NotIn (an absent key matches), `k in (a,b)`,
+    `k notin (a,b)`, a bare `k` is Exists and `!k` DoesNotExist. ValueError names the
+    part it cannot read.
     """
-    if not text:
-        return None
     sel = LabelSelector()
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
+    for part in split_requirements(text or ""):
         if "!=" in part:
             k, v = part.split("!=", 1)
             sel.match_expressions.append(
                 LabelSelectorRequirement(key=k.strip(), operator="NotIn", values=[v.strip()])
             )
-        elif "=" in part:
-            k, v = part.replace("==", "=").split("=", 1)
-            sel.match_labels[k.strip()] = v.strip()
+            continue
+        if "=" in part:
+            k, v = (x.strip() for x in part.replace("==", "=", 1).split("=", 1))
+            if k in sel.match_labels:  # `a=1,a=2`: both must hold
+                sel.match_expressions.append(
+                    LabelSelectorRequirement(key=k, operator="In", values=[v])
+                )
+            else:
+                sel.match_labels[k] = v
+            continue
+        m = _SET.match(part)
+        if not m:
+            raise ValueError(f"unable to parse requirement: {part!r} is not a label selector")
+        neg, key, op, values = m.groups()
+        if op and neg:
+            raise ValueError(f"unable to parse requirement: {part!r}")
+        if op:
+            vals = [v.strip() for v in values.split(",") if v.strip()]
+            operator = "In" if op == "in" else "NotIn"
+            sel.match_expressions.append(
+                LabelSelectorRequirement(key=key, operator=operator, values=vals)
+            )
         else:
-            sel.match_expressions.append(LabelSelectorRequirement(key=part, operator="Exists"))
+            operator = "DoesNotExist" if neg else "Exists"
+            sel.match_expressions.append(LabelSelectorRequirement(key=key, operator=operator))
     if not sel.match_labels and not sel.match_expressions:
         return None
     return sel

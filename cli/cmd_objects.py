@@ -241,7 +241,10 @@ async def fetch_named(
 def cmd_get(args: argparse.Namespace) -> int:
     kind = _kind(args.kind)
     ns = None if args.all_namespaces else (args.namespace or "default")
-    sel = parse_selector(args.selector)
+    try:
+        sel = parse_selector(args.selector)
+    except ValueError as e:
+        raise CLIError(f"-l {args.selector}: {e}") from None
     if args.watch or args.watch_only:
         return watch(args, kind, ns, sel)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from corral.api.objects import KINDS
+from corral.api.selectors import matches_label_selector, parse_selector
 from corral.apiserver import errors, registry
-from corral.apiserver.selectors import labels_match, matcher, parse_labels
+from corral.apiserver.selectors import matcher
 from corral.apiserver.server import parse_path
 
 
@@ -43,14 +44,21 @@ def test_paths_that_name_nothing(path: str) -> None:
 
 
 def test_label_selectors() -> None:
-    reqs = parse_labels("app in (a,b), tier notin (x), !gone, env, k!=v")
-    assert labels_match(reqs, {"app": "a", "env": "p", "k": "w"})
-    assert not labels_match(reqs, {"app": "c", "env": "p"})
-    assert not labels_match(reqs, {"app": "a", "env": "p", "gone": "1"})
-    assert not labels_match(reqs, {"app": "a"})
-    assert not labels_match(reqs, {"app": "a", "env": "p", "tier": "x"})
+    reqs = parse_selector("app in (a,b), tier notin (x), !gone, env, k!=v")
+    assert reqs is not None
+
+    def labels_match(labels: dict[str, str]) -> bool:
+        return matches_label_selector(reqs, labels)
+
+    assert labels_match({"app": "a", "env": "p", "k": "w"})
+    assert not labels_match({"app": "c", "env": "p"})
+    assert not labels_match({"app": "a", "env": "p", "gone": "1"})
+    assert not labels_match({"app": "a"})
+    assert not labels_match({"app": "a", "env": "p", "tier": "x"})
+    twice = parse_selector("a=1,a=2")  # both must hold: nothing matches
+    assert twice is not None and not matches_label_selector(twice, {"a": "1"})
     with pytest.raises(errors.APIError) as e:
-        parse_labels("a in b")
+        matcher("a in b", None, (), "pods")
     assert e.value.code == 400
 
 
