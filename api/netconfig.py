@@ -27,6 +27,15 @@ class ConfigError(ValueError):
     """A network config that cannot be used; the message says why and what to do."""
 
 
+def kubernetes_service_ip(
+    service_cidr: str | ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> str:
+    """The `kubernetes` Service's address: the service CIDR's first (kube-apiserver's
+    rule). The API servers put the Service there; the ClusterIP allocators never hand
+    it out."""
+    return str(ipaddress.ip_network(service_cidr).network_address + 1)
+
+
 def device_name(vni: int) -> str:
     return f"corral.{vni}"
 

@@ -20,6 +20,7 @@ import json
 import logging
 from typing import Any
 
+from corral.api.netconfig import kubernetes_service_ip
 from corral.api.objects import (
     Endpoint,
     EndpointAddress,
@@ -46,14 +47,8 @@ LEASES_PREFIX = f"{PREFIX}/apiserverleases/"
 LABELS = {"component": "apiserver", "provider": "kubernetes"}
 
 
-def service_ip(spec: NetworkSpec) -> str:
-    """The `kubernetes` Service's address: the service CIDR's first (kube-apiserver's
-    rule); the ClusterIP allocators never hand it out."""
-    return str(ipaddress.ip_network(spec.service_cidr).network_address + 1)
-
-
 def want_service(spec: NetworkSpec, port: int) -> Service:
-    ip = service_ip(spec)
+    ip = kubernetes_service_ip(spec.service_cidr)
     return Service(
         metadata=ObjectMeta(name=NAME, namespace=NAMESPACE, labels=dict(LABELS)),
         spec=ServiceSpec(

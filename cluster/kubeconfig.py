@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from corral.api.netconfig import kubernetes_service_ip
 from corral.api.objects import NetworkSpec
-from corral.apiserver.kubernetes_service import service_ip
 from corral.cluster import pki
 from corral.cluster.state import ClusterState
 from corral.common.files import write_atomic
@@ -48,7 +48,7 @@ def ensure(s: ClusterState) -> str:
     paths = pki.ensure_ca(s.pki_dir)  # an external etcd without TLS made no CA yet
     # and the `kubernetes` Service's address (the default service CIDR's first), which
     # in-cluster clients dial
-    ips = ["127.0.0.1", s.nodes[0].ip, service_ip(NetworkSpec())]
+    ips = ["127.0.0.1", s.nodes[0].ip, kubernetes_service_ip(NetworkSpec().service_cidr)]
     if pki.cert_ips(paths, SERVER) != set(ips):
         pki.issue_server(s.pki_dir, SERVER, "kube-apiserver", ips, DNS_NAMES)
     if not os.path.exists(paths.key(ADMIN)):

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.api.informer import Informer, InformerFactory, started
+from corral.api.netconfig import kubernetes_service_ip
 from corral.api.objects import NetworkConfig, NetworkSpec, Service
 from corral.api.store import PREFIX, AlreadyExists, Store, batched, object_key
 from corral.common.supervisor import Supervisor
@@ -47,11 +48,6 @@ log = logging.getLogger(__name__)
 CLUSTER_IPS_PREFIX = f"{PREFIX}/serviceips/"
 NODE_PORTS_PREFIX = f"{PREFIX}/nodeports/"
 NODE_PORT_RANGE = (30000, 32767)
-
-
-def first_ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
-    """The `kubernetes` Service's address (the API servers put it there by name)."""
-    return str(net.network_address + 1)
 
 
 class AllocationError(Exception):
@@ -115,7 +111,7 @@ class Allocator:
         if mine:
             return mine[0]  # an earlier attempt for this Service got this far
         size = net.num_addresses
-        reserved = {spec.cluster_dns, first_ip(net)}
+        reserved = {spec.cluster_dns, kubernetes_service_ip(net)}
         start = self.rng.randrange(1, size - 1)
         for i in range(size - 2):
             ip = str(net.network_address + 1 + (start - 1 + i) % (size - 2))
@@ -357,7 +353,7 @@ class ServiceIPController:
             plan.ops.append(("delete", book.prefix + addr))
 
     def _pick_ip(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network, dns: str) -> str:
-        size, first = net.num_addresses, first_ip(net)
+        size, first = net.num_addresses, kubernetes_service_ip(net)
         start = self.rng.randrange(1, size - 1)
         for i in range(size - 2):
             ip = str(net.network_address + 1 + (start - 1 + i) % (size - 2))
