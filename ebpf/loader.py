@@ -46,7 +46,9 @@ HANDLE = 1
 INGRESS = 0xFFFFFFF2  # clsact's ingress hook
 
 BPFFS = "/sys/fs/bpf"
-PIN_ROOT = os.path.join(BPFFS, "corral")
+# Every node's pins live under one folder of bpffs. Several simulated nodes of one name on
+# one machine (the overlay test bed, run by parallel test workers) each set their own.
+PIN_ROOT = os.environ.get("CORRAL_BPF_ROOT") or os.path.join(BPFFS, "corral")
 CGROUP2_ROOT = "/sys/fs/cgroup/unified"  # this machine's cgroup2 mount (hybrid hierarchy)
 CGROUP_PREFIX = "corral_"  # every corral cgroup program's name starts with it
 NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1: the kernel keeps this much of a program's name

@@ -90,6 +90,9 @@ class Testbed:
         self.resync = resync
         self.lease_ttl = lease_ttl
         self.tmp = tempfile.mkdtemp(prefix=f"corral-overlay-{self.sfx}-")
+        # Every test bed names its nodes node-1, node-2...: pins of its own, apart from
+        # the beds other test workers run at the same time.
+        self.pin_root = os.path.join(loader.BPFFS, f"corral-testbed-{self.sfx}")
         self.nodes: list[SimNode] = []
         self._namespaces: list[str] = []
         try:
@@ -169,7 +172,11 @@ class Testbed:
         logf = open(n.log_path, "ab")  # noqa: SIM115 - the child keeps it
         try:
             n.proc = subprocess.Popen(
-                argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "CORRAL_BPF_ROOT": self.pin_root},
             )
         finally:
             logf.close()
@@ -191,11 +198,17 @@ class Testbed:
     def wait_fastpath(self, i: int, runs: int = 1, timeout: float = 180.0) -> None:
         """Wait until node i's agent has loaded the eBPF fast path `runs` times in all
         (a BCC compile: slow on a machine busy with the other workers' clusters)."""
-        wait_for(
-            lambda: self.agent_log(i).count("eBPF fast path on") >= runs,
-            timeout,
-            f"the eBPF fast path on node-{i}",
-        )
+        n = self.node(i)
+
+        def loaded() -> bool:
+            if n.proc is not None and n.proc.poll() is not None:
+                raise AssertionError(f"agent on {n.name} exited {n.proc.returncode}")
+            return self.agent_log(i).count("eBPF fast path on") >= runs
+
+        try:
+            wait_for(loaded, timeout, f"the eBPF fast path on node-{i}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nits log ends:\n{self.agent_log(i)[-3000:]}") from None
 
     def agent_log(self, i: int) -> str:
         try:
@@ -293,7 +306,5 @@ class Testbed:
         for ns in reversed(self._namespaces):
             with contextlib.suppress(Exception):
                 netns.remove(ns)
-        for n in self.nodes:  # the fast path pins maps per node name (ebpf/loader.py)
-            with contextlib.suppress(Exception):
-                loader.remove_pins(n.name)
+        shutil.rmtree(self.pin_root, ignore_errors=True)  # bpffs: unlink drops each pin
         shutil.rmtree(self.tmp, ignore_errors=True)

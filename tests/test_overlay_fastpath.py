@@ -310,7 +310,12 @@ def test_programs_removed_by_hand_come_back(bed: Testbed) -> None:
 
 
 def test_a_deleted_pod_leaves_the_map(bed: Testbed) -> None:
-    extra = bed.node(FAST).pods[-1]
+    extra = bed.add_pod(FAST)
+    wait_for(
+        lambda: programs(bed, FAST).get(f"v{extra.name}") == ["from_pod"],
+        DEADLINE,
+        "the new pod's veth to get the fast path",
+    )
     netns.remove(extra.ns)  # the pod's veth pair goes with its namespace
     wait_for(
         lambda: f"fast path: pod {extra.ip} removed" in bed.agent_log(FAST),
