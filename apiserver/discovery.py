@@ -63,6 +63,12 @@ def api_group(name: str) -> dict[str, Any] | None:
     return {"kind": "APIGroup", "apiVersion": "v1", **_group(name, versions)}
 
 
+SUBRESOURCE_VERBS: dict[str, dict[str, Any]] = {
+    "log": {"kind": "Pod", "verbs": ["get"]},
+    "exec": {"kind": "PodExecOptions", "verbs": ["create", "get"]},
+}
+
+
 def resource_list(group: str, version: str) -> dict[str, Any] | None:
     resources = registry.in_group_version(group, version)
     if not resources:
@@ -91,6 +97,8 @@ def resource_list(group: str, version: str) -> dict[str, Any] | None:
             }
             if sub == "scale":
                 entry.update(group="autoscaling", version="v1", kind="Scale")
+            elif sub in SUBRESOURCE_VERBS:  # kube-apiserver's pods/log and pods/exec
+                entry.update(SUBRESOURCE_VERBS[sub])
             out.append(entry)
     return {
         "kind": "APIResourceList",

@@ -88,7 +88,7 @@ RESOURCES: tuple[Resource, ...] = (
         "",
         objects.Pod,
         categories=("all",),
-        subresources=("status",),
+        subresources=("status", "log", "exec"),  # log, exec: on the node (nodeproxy.py)
         field_labels=("spec.nodeName", "status.phase", "status.podIP", "spec.restartPolicy"),
     ),
     _r("", objects.Service, categories=("all",), subresources=("status",)),

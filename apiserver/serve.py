@@ -11,6 +11,7 @@ import os
 
 from corral.api.store import Store
 from corral.apiserver.kubernetes_service import KubernetesService
+from corral.apiserver.nodeproxy import NodeProxy
 from corral.apiserver.rest import Storage
 from corral.apiserver.server import APIServer, tls_context
 from corral.apiserver.watchcache import CAPACITY
@@ -25,11 +26,13 @@ def build(
     tls_cert_file: str,
     tls_private_key_file: str,
     client_ca_file: str | None,
+    kubelet_tls: tuple[str, str, str] | None = None,
     bookmark_interval: float = 60.0,
     watch_cache_capacity: int = CAPACITY,
 ) -> APIServer:
     """The API server component (not started): HTTPS with client-certificate
-    authentication when `client_ca_file` is given."""
+    authentication when `client_ca_file` is given; pods' log and exec relayed to their
+    nodes with `kubelet_tls` (CA, client certificate, key)."""
     ctx = tls_context(tls_cert_file, tls_private_key_file, client_ca_file)
     return APIServer(
         Storage(store, watch_cache_capacity),
@@ -37,6 +40,7 @@ def build(
         secure_port,
         ctx,
         bookmark_interval=bookmark_interval,
+        nodes=NodeProxy(store, *kubelet_tls) if kubelet_tls else None,
     )
 
 
@@ -49,6 +53,7 @@ async def serve(
     tls_private_key_file: str,
     client_ca_file: str | None,
     http_addr: tuple[str, int] | None,
+    kubelet_tls: tuple[str, str, str] | None = None,
     debug_socket: str | None,
     node: str | None = None,
     advertise_address: str | None = None,
@@ -67,6 +72,7 @@ async def serve(
         tls_cert_file=tls_cert_file,
         tls_private_key_file=tls_private_key_file,
         client_ca_file=client_ca_file,
+        kubelet_tls=kubelet_tls,
     )
     d = Daemon(
         "apiserver",

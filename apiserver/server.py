@@ -24,15 +24,18 @@ from aiohttp import web
 from corral.api.namespaces import ensure_builtin
 from corral.api.store import StoreError, Unavailable
 from corral.apiserver import discovery, errors, openapi, registry, table
+from corral.apiserver.nodeproxy import NodeProxy
 from corral.apiserver.registry import Resource
 from corral.apiserver.rest import Storage, WatchState, bookmark
 from corral.apiserver.selectors import matcher
+from corral.common import tls
 
 log = logging.getLogger(__name__)
 
 PUBLIC = ("/healthz", "/readyz", "/livez", "/version")
 MAX_BODY = 3 * 1024 * 1024  # kube-apiserver's request body limit
 JSON = "application/json"
+NODE_SUBRESOURCES = ("log", "exec")
 WATCH_TIMEOUT = 1800.0  # --min-request-timeout's default
 
 
@@ -46,31 +49,15 @@ USER = web.RequestKey("user", User)
 
 
 def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
-    """The server side: our certificate; client certificates verified against
-    `client_ca` when given (optional, so anonymous requests reach the 401)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if client_ca:
-        ctx.load_verify_locations(client_ca)
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    return ctx
+    """The server side: client certificates optional, so anonymous requests reach the 401."""
+    return tls.server_context(cert, key, client_ca)
 
 
 def user_of(request: web.Request) -> User | None:
-    transport = request.transport
-    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
-    cert = sslobj.getpeercert() if sslobj is not None else None
-    if not cert:
+    who = tls.peer_identity(request.transport)
+    if who is None:
         return None
-    cn, groups = "", []
-    for rdn in cert.get("subject", ()):
-        for k, v in rdn:
-            if k == "commonName":
-                cn = v
-            elif k == "organizationName":
-                groups.append(v)
-    return User(cn, (*groups, "system:authenticated"))
+    return User(who[0], (*who[1], "system:authenticated"))
 
 
 def _dumps(obj: Any) -> bytes:
@@ -167,8 +154,10 @@ class APIServer:
         bookmark_interval: float = 60.0,
         health: Callable[[], Any] | None = None,
         readiness: Callable[[], Any] | None = None,
+        nodes: NodeProxy | None = None,
     ) -> None:
         self.storage = storage
+        self.nodes = nodes  # pods' log and exec, on their nodes; None: not configured
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.bookmark_interval = bookmark_interval
@@ -306,11 +295,30 @@ class APIServer:
 
     # ------------------------------------------------------------ resources
 
+    async def _on_node(self, request: web.Request, t: Target) -> web.StreamResponse:
+        """`log` and `exec` of a pod: relayed to its node's API."""
+        assert t.namespace is not None and t.name is not None
+        sub, m = t.subresource, request.method
+        if (sub == "log" and m != "GET") or (sub == "exec" and m not in ("GET", "POST")):
+            raise errors.method_not_allowed(f"{m} is not supported on pods/{sub}")
+        if self.nodes is None:
+            raise errors.APIError(
+                503,
+                "ServiceUnavailable",
+                f"pods/{sub} needs --kubelet-client-certificate, --kubelet-client-key and "
+                "--kubelet-certificate-authority",
+            )
+        if sub == "log":
+            return await self.nodes.logs(request, t.namespace, t.name)
+        return await self.nodes.exec(request, t.namespace, t.name)
+
     async def _resource(self, request: web.Request, t: Target) -> web.StreamResponse:
         res, m = t.resource, request.method
         dry = _dry_run(request)
         if t.subresource == "scale" and t.name is not None:
             return await self._scale(request, t, dry)
+        if t.subresource in NODE_SUBRESOURCES and res.plural == "pods" and t.name is not None:
+            return await self._on_node(request, t)
         if t.name is None:
             if m == "GET":
                 if _bool(request, "watch"):

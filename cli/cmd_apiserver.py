@@ -65,6 +65,18 @@ def register(sub: Any) -> None:
         help="clients must present a certificate this CA signed (CN: user, O: groups); "
         "without it no client can authenticate",
     )
+    p.add_argument(
+        "--kubelet-client-certificate",
+        metavar="FILE",
+        help="the client certificate for the nodes' API (pods' log and exec); with "
+        "--kubelet-client-key and --kubelet-certificate-authority",
+    )
+    p.add_argument("--kubelet-client-key", metavar="FILE", help="its private key")
+    p.add_argument(
+        "--kubelet-certificate-authority",
+        metavar="FILE",
+        help="the CA that signed the nodes' serving certificates",
+    )
     options.add_daemon_options(p, "apiserver")
     p.set_defaults(func=cmd_apiserver, daemon=True)
 
@@ -72,12 +84,19 @@ def register(sub: Any) -> None:
 def cmd_apiserver(args: argparse.Namespace) -> int:
     from corral.apiserver.serve import serve
 
-    for flag in ("tls_cert_file", "tls_private_key_file", "client_ca_file"):
+    kubelet = ("kubelet_client_certificate", "kubelet_client_key", "kubelet_certificate_authority")
+    for flag in ("tls_cert_file", "tls_private_key_file", "client_ca_file", *kubelet):
         path = getattr(args, flag)
-        if flag != "client_ca_file" and not path:
+        if flag in ("tls_cert_file", "tls_private_key_file") and not path:
             raise CLIError(f"--{flag.replace('_', '-')} is required (a PEM file)")
         if path and not os.path.isfile(path):
             raise CLIError(f"--{flag.replace('_', '-')} {path}: no such file")
+    given = [f for f in kubelet if getattr(args, f)]
+    if given and len(given) != len(kubelet):
+        raise CLIError(
+            "--kubelet-client-certificate, --kubelet-client-key and "
+            "--kubelet-certificate-authority go together (pods' log and exec need all three)"
+        )
     try:
         ipaddress.ip_address(args.bind_address)
     except ValueError:
@@ -105,6 +124,15 @@ def cmd_apiserver(args: argparse.Namespace) -> int:
                 tls_cert_file=args.tls_cert_file,
                 tls_private_key_file=args.tls_private_key_file,
                 client_ca_file=args.client_ca_file,
+                kubelet_tls=(
+                    (
+                        args.kubelet_certificate_authority,
+                        args.kubelet_client_certificate,
+                        args.kubelet_client_key,
+                    )
+                    if given
+                    else None
+                ),
                 http_addr=addr,
                 debug_socket=debug,
                 advertise_address=args.advertise_address,

@@ -102,6 +102,28 @@ def register(sub: Any) -> None:
         "to etcd from this one (tests, debugging)",
     )
     p.add_argument("--lease-ttl", type=int, default=30, metavar="SECONDS", help="subnet lease TTL")
+    # kubelet's flag names: the node API the API server reaches for logs and exec
+    p.add_argument(
+        "--tls-cert-file",
+        metavar="FILE",
+        help="the node API's serving certificate (with --tls-private-key-file and "
+        "--client-ca-file; without them the node API is off and `kubectl logs`/`exec` "
+        "cannot reach this node's pods)",
+    )
+    p.add_argument("--tls-private-key-file", metavar="FILE", help="its private key")
+    p.add_argument(
+        "--client-ca-file",
+        metavar="FILE",
+        help="the CA that signed the API server's client certificate",
+    )
+    p.add_argument(
+        "--port",
+        dest="node_api_port",
+        type=int,
+        default=10250,
+        metavar="PORT",
+        help="the node API's port on the node's address (default 10250, kubelet's)",
+    )
     options.add_daemon_options(p, "node")
     p.set_defaults(func=cmd_node, daemon=True)
     from corral.cli.cmd_network import add_node_remove  # `corral node remove NAME`

@@ -12,7 +12,6 @@ the per-container log file; both through the runtime's view of the filesystem
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,10 +19,10 @@ import time
 from typing import Any
 
 from corral.api.objects import Pod
+from corral.api.podcontainers import PodAccessError, container_name, instance_changed
 from corral.cli.common import CLIError, add_command_argument, run, store_from_args
 from corral.node.procs import start_time
-from corral.runtime.containers import DEFAULT_PATH, exec_argv
-from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
+from corral.runtime import podaccess
 
 
 def register(sub: Any) -> None:
@@ -75,35 +74,17 @@ async def _get_pod(args: argparse.Namespace) -> Pod:
 
 
 def _container(pod: Pod, name: str | None) -> str:
-    names = [c.name for c in pod.spec.containers]
-    if name is None:
-        if len(names) > 1:
-            raise CLIError(
-                f"pod {pod.name} has several containers ({', '.join(names)}); choose one with -c"
-            )
-        return names[0]
-    inits = [c.name for c in pod.spec.init_containers]  # `-c INIT` shows an init container's
-    if name not in names + inits:
-        raise CLIError(
-            f"pod {pod.name} has no container {name!r} (it has: {', '.join(names + inits)})"
-        )
-    return name
-
-
-def _status_of(pod: Pod, container: str) -> Any:
-    sts = [*pod.status.container_statuses, *pod.status.init_container_statuses]
-    return next((c for c in sts if c.name == container), None)
+    try:
+        return container_name(pod, name)
+    except PodAccessError as e:
+        raise CLIError(f"{e}; choose one with -c") from None
 
 
 def _runtime_info(pod: Pod) -> dict[str, Any]:
-    raw = pod.metadata.annotations.get(ANN_RUNTIME)
-    if not raw:
-        node = pod.spec.node_name
-        raise CLIError(
-            f"pod {pod.name} has not been started by a node yet "
-            f"({'not scheduled' if not node else 'node ' + node + ' has not run it'})"
-        )
-    return json.loads(raw)
+    try:
+        return podaccess.runtime_info(pod)
+    except PodAccessError as e:
+        raise CLIError(str(e)) from None
 
 
 def _pod_dir(pod: Pod) -> str:
@@ -118,25 +99,18 @@ def _pod_dir(pod: Pod) -> str:
 
 
 def _log_file(pod: Pod, container: str, previous: bool) -> str:
-    info = _runtime_info(pod)
-    status = _status_of(pod, container)
-    restarts = status.restart_count if status else 0
-    instance = restarts - 1 if previous else restarts
-    if instance < 0:
-        raise CLIError(
-            f"container {container} of pod {pod.name} has not restarted: there are no previous logs"
-        )
-    rel = os.path.join(info["podDir"], "logs", container, f"{instance}.log")
-    candidates = [rel]
-    pid = info.get("pid")
-    if isinstance(pid, int) and start_time(pid) is not None:
-        candidates.insert(0, f"/proc/{pid}/root{rel}")
-    for path in candidates:
-        if os.path.exists(path):
-            return path
+    """The log file, through the runtime's root when it runs (its mount namespace)."""
+    try:
+        path = podaccess.log_path(pod, container, previous)
+        via = podaccess.log_path(pod, container, previous, _pod_dir(pod))
+    except PodAccessError as e:
+        raise CLIError(str(e)) from None
+    for p in (via, path):
+        if os.path.exists(p):
+            return p
     raise CLIError(
         f"no logs for container {container} of pod {pod.name} on this machine "
-        f"(node {info.get('node')}; run `corral logs` where that node runs)"
+        f"(node {pod.spec.node_name}; run `corral logs` where that node runs)"
     )
 
 
@@ -165,25 +139,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
                     cur = run(lambda: _maybe_pod(args))
-                    if cur is None or cur.metadata.uid != pod.metadata.uid:
-                        return 0
-                    st = _status_of(cur, container)
-                    if (
-                        st is None
-                        or "running" not in st.state
-                        or st.restart_count != _restarts(pod, container)
-                    ):
+                    if instance_changed(pod, cur, container):
                         out.write(f.read())
                         out.flush()
                         return 0
                 time.sleep(0.2)
         except KeyboardInterrupt:
             return 0
-
-
-def _restarts(pod: Pod, container: str) -> int:
-    st = _status_of(pod, container)
-    return st.restart_count if st else 0
 
 
 async def _maybe_pod(args: argparse.Namespace) -> Pod | None:
@@ -197,36 +159,12 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CLIError("no command given: corral exec POD -- CMD [ARGS...]")
     pod = run(lambda: _get_pod(args))
     container = _container(pod, args.container)
-    raw = pod.metadata.annotations.get(ANN_CONTAINERS)
-    procs = json.loads(raw) if raw else {}
-    entry = procs.get(container)
-    if entry is None:
-        _runtime_info(pod)
-        raise CLIError(
-            f"container {container} of pod {pod.name} is not running "
-            f"(phase {pod.status.phase}); see `corral describe pod {pod.name}`"
-        )
-    if start_time(int(entry["pid"])) != int(entry["started"]):
-        raise CLIError(
-            f"container {container} of pod {pod.name} is not running on this "
-            f"machine (node {pod.spec.node_name}); it may have just restarted, "
-            "try again"
-        )
-    spec = next(c for c in pod.spec.containers if c.name == container)
-    env = {
-        "PATH": DEFAULT_PATH,
-        "HOSTNAME": pod.spec.hostname or pod.name,
-        **{e.name: e.value for e in spec.env},
-    }
     try:
-        cmd = exec_argv(_pod_dir(pod), container, int(entry["pid"]), argv)
-    except OSError as e:
-        raise CLIError(
-            f"cannot read the spec of container {container} of pod {pod.name} ({e}); "
-            "run `corral exec` as root where its node runs"
-        ) from None
+        cmd = podaccess.exec_command(pod, container, argv, _pod_dir(pod))
+    except PodAccessError as e:
+        raise CLIError(f"{e}; see `corral describe pod {pod.name}`") from None
     try:
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd.argv, env=cmd.env)
     except FileNotFoundError:
         raise CLIError("nsenter is not installed (Debian package util-linux)") from None
     except KeyboardInterrupt:

@@ -24,6 +24,15 @@ from corral.common.files import write_atomic
 PORT = 6443
 ADMIN = "apiserver-admin"  # the admin certificate's file name in <state>/pki
 SERVER = "apiserver"
+# The API server's client certificate for the nodes' API (logs, exec), as kubeadm's
+# apiserver-kubelet-client; each node's serving certificate is node-api-<node>.
+KUBELET_CLIENT = "apiserver-kubelet-client"
+
+
+def node_api_cert(node: str) -> str:
+    return f"node-api-{node}"
+
+
 # The names in-cluster clients use (the `kubernetes` Service).
 DNS_NAMES = (
     "localhost",
@@ -53,6 +62,14 @@ def ensure(s: ClusterState) -> str:
         pki.issue_server(s.pki_dir, SERVER, "kube-apiserver", ips, DNS_NAMES)
     if not os.path.exists(paths.key(ADMIN)):
         pki.issue_client(s.pki_dir, ADMIN, "kubernetes-admin", ("system:masters",))
+    if not os.path.exists(paths.key(KUBELET_CLIENT)):
+        pki.issue_client(
+            s.pki_dir, KUBELET_CLIENT, "kube-apiserver-kubelet-client", ("system:masters",)
+        )
+    for n in s.nodes:
+        name = node_api_cert(n.name)
+        if pki.cert_ips(paths, name) != {n.ip}:
+            pki.issue_server(s.pki_dir, name, f"system:node:{n.name}", [n.ip], (n.name,))
     write_atomic(path(s), render(s).encode(), 0o600)
     return path(s)
 

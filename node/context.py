@@ -49,6 +49,11 @@ class NodeOptions:
     ip_forward: bool = True  # turn on IPv4 forwarding in the node namespace
     kernel_events: bool = True  # a full overlay pass as soon as netlink reports damage
     restart_backoff: float = 10.0  # first container restart delay, doubling to 5 minutes
+    # The node API (runtime/nodeapi.py, kubelet's :10250): off without all three files.
+    tls_cert_file: str | None = None
+    tls_private_key_file: str | None = None
+    client_ca_file: str | None = None
+    node_api_port: int = 10250
 
     def __post_init__(self) -> None:
         if self.datapath not in DATAPATHS:

@@ -37,6 +37,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "overlay": ("corral.overlay.agent", "OverlayAgent"),
     "cni": ("corral.cni.server", "CNIServer"),
     "pods": ("corral.runtime.pods", "PodRuntime"),
+    "api": ("corral.runtime.nodeapi", "NodeAPI"),  # logs and exec for the API server
 }
 
 
@@ -133,6 +134,9 @@ class NodeAgent:
                 NodeAddress(type="InternalIP", address=self.ctx.underlay_ip),
                 NodeAddress(type="Hostname", address=self.ctx.node_name),
             ]
+        o = self.ctx.options
+        if "api" in self.names and o.tls_cert_file and o.tls_private_key_file:
+            status.daemon_endpoints = {"kubeletEndpoint": {"Port": o.node_api_port}}
         cap = node_capacity()
         status.capacity = {**cap, **status.capacity} if status.capacity else cap
         status.allocatable = status.allocatable or dict(status.capacity)

@@ -435,9 +435,9 @@ async def test_logs_and_exec_cli(node: Node) -> None:
     r = corral(node, "exec", "nope", "--", "true")
     assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
     r = corral(node, "logs", "talker", "-c", "other")
-    assert r.returncode == 1 and "no container 'other'" in r.stderr
+    assert r.returncode == 1 and "container other is not valid for pod talker" in r.stderr
     r = corral(node, "logs", "talker", "--previous")
-    assert r.returncode == 1 and "has not restarted" in r.stderr
+    assert r.returncode == 1 and "previous terminated container" in r.stderr
     # -f follows the output until the container ends.
     await node.create(
         node.pod(
