@@ -29,7 +29,12 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from corral.api.objects import Pod
-from corral.api.podcontainers import PodAccessError, container_name, instance_changed
+from corral.api.podcontainers import (
+    PodAccessError,
+    container_name,
+    container_status,
+    instance_changed,
+)
 from corral.common import tls
 from corral.daemon.nodecontext import NodeContext
 from corral.runtime import podaccess
@@ -143,9 +148,14 @@ class NodeAPI:
         try:
             f = open(path, "rb")  # noqa: SIM115 (held open while following)
         except FileNotFoundError:
-            raise PodAccessError(
-                f'container "{container}" in pod "{pod.name}" has no log yet', 400
-            ) from None
+            st = container_status(pod, container)
+            waiting = st.state.get("waiting") if st is not None else {}
+            if st is None or waiting is not None:
+                reason = (waiting or {}).get("reason", "ContainerCreating")
+                raise PodAccessError(
+                    f'container "{container}" in pod "{pod.name}" is waiting to start: {reason}'
+                ) from None
+            return web.Response(text="")  # it ran and wrote nothing: kubelet's empty log
         with f:
             data = f.read()
             tail = request.query.get("tailLines")
