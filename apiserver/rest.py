@@ -35,7 +35,7 @@ from corral.api.store import (
     Store,
     now_iso,
 )
-from corral.apiserver import errors
+from corral.apiserver import errors, fieldvalidation
 from corral.apiserver.registry import BY_KIND, RESOURCES, Resource
 from corral.apiserver.watchcache import CAPACITY, TooOld, WatchCache
 
@@ -172,15 +172,19 @@ class Storage:
     # ------------------------------------------------------------ validation
 
     def validate(self, res: Resource, doc: Obj, name: str = "") -> TypedObject:
-        try:
-            return res.model.model_validate(doc)
-        except ValidationError as e:
+        """The typed object; unknown fields as the request's `fieldValidation` says
+        (apiserver/fieldvalidation.py), wrong values `422 Invalid` naming the field."""
+
+        def invalid(e: ValidationError) -> None:
             raise errors.invalid(
                 res.kind,
                 res.group,
                 name or (doc.get("metadata") or {}).get("name") or "",
                 errors.causes_of(e),
             ) from None
+
+        obj: TypedObject = fieldvalidation.validate(res.model, doc, invalid)
+        return obj
 
     def check_body(self, res: Resource, doc: Any, ns: str | None, name: str | None) -> Obj:
         """The body's type, kind, apiVersion, namespace and name against the request's."""

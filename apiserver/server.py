@@ -23,7 +23,7 @@ from aiohttp import web
 
 from corral.api.namespaces import ensure_builtin
 from corral.api.store import StoreError, Unavailable
-from corral.apiserver import discovery, errors, openapi, registry, table
+from corral.apiserver import discovery, errors, fieldvalidation, openapi, registry, table
 from corral.apiserver.nodeproxy import NodeProxy
 from corral.apiserver.registry import Resource
 from corral.apiserver.rest import Storage, WatchState, bookmark
@@ -226,7 +226,12 @@ class APIServer:
                 return error_response(errors.unauthorized())
             request[USER] = user
         try:
-            return await handler(request)
+            scope = fieldvalidation.begin(request.query.get("fieldValidation"))
+            response = await handler(request)
+            if scope.warnings and not response.prepared:
+                for value in fieldvalidation.header_values(scope):
+                    response.headers.add("Warning", value)
+            return response
         except errors.APIError as e:
             return error_response(e)
         except Unavailable as e:

@@ -48,6 +48,21 @@ class Served:
             ctx.load_cert_chain(self.paths.cert(cert), self.paths.key(cert))
         return ctx
 
+    async def warnings(self, method: str, path: str, body: Any = None) -> list[str]:
+        """The `Warning` headers of a request that must succeed."""
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                method,
+                self.url + path,
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+                ssl=self.client_ssl("admin"),
+            ) as r,
+        ):
+            assert r.status < 300, await r.text()
+            return r.headers.getall("Warning", [])
+
     async def request(
         self,
         method: str,
