@@ -7,6 +7,11 @@ model's definitions stay short; a new field is best documented where it is defin
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
+from pydantic import BaseModel
+
 DOCS: dict[tuple[str, str], str] = {
     # every object
     ("TypedObject", "apiVersion"): "The versioned schema of this object: v1, apps/v1, "
@@ -139,3 +144,20 @@ def doc_for(model_name: str, field: str, bases: tuple[str, ...] = ()) -> str | N
         if text:
             return text
     return None
+
+
+def _bases(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(c.__name__ for c in model.__mro__[1:] if issubclass(c, BaseModel))
+
+
+def describe_field(model: type[BaseModel], wire: str, info: Any) -> str:
+    """A field's documentation: its own description, else this table's (bases too)."""
+    return info.description or doc_for(model.__name__, wire, _bases(model)) or ""
+
+
+def describe_model(model: type[BaseModel] | None) -> str:
+    """A model's documentation: its docstring, else this table's entry for it."""
+    if model is None:
+        return ""
+    doc = model.__dict__.get("__doc__")
+    return inspect.cleandoc(doc) if doc else (doc_for(model.__name__, "") or "")

@@ -23,7 +23,15 @@ from aiohttp import web
 
 from corral.api.namespaces import ensure_builtin
 from corral.api.store import StoreError, Unavailable
-from corral.apiserver import discovery, errors, fieldvalidation, openapi, registry, table
+from corral.apiserver import (
+    discovery,
+    errors,
+    fieldvalidation,
+    openapi,
+    openapi_v3,
+    registry,
+    table,
+)
 from corral.apiserver.nodeproxy import NodeProxy
 from corral.apiserver.registry import Resource
 from corral.apiserver.rest import Storage, WatchState, bookmark
@@ -252,12 +260,22 @@ class APIServer:
                 body = openapi.document_protobuf(version)
                 return web.Response(body=body, headers={"Content-Type": openapi.PROTOBUF_SERVED})
             return respond(openapi.document(version))
+        if path.startswith("/openapi/v3") and request.method == "GET":
+            return self._openapi_v3(path)
         target = parse_path(path)
         if target is None:
             if request.method != "GET":
                 raise errors.not_found_path(path)
             return self._discovery(path)
         return await self._resource(request, target)
+
+    def _openapi_v3(self, path: str) -> web.Response:
+        if path == "/openapi/v3":
+            return respond(openapi_v3.root())
+        body = openapi_v3.document(path.removeprefix("/openapi/v3/"))
+        if body is None:
+            raise errors.not_found_path(path)
+        return web.Response(body=body, content_type="application/json")
 
     def _health(self, request: web.Request, path: str) -> web.Response:
         fn = self.readiness if path.startswith("/readyz") else self.health

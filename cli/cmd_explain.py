@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import textwrap
 from typing import Any
 
 from pydantic import BaseModel
 
-from corral.api.field_docs import doc_for
+from corral.api.field_docs import describe_field, describe_model
 from corral.api.fields import choices, field_named, fields, model_of, type_name
 from corral.api.manifest import resolve_kind
 from corral.cli.common import CLIError
@@ -24,21 +23,6 @@ def register(sub: Any) -> None:
     p.add_argument("path", metavar="KIND[.FIELD...]")
     p.add_argument("--recursive", action="store_true", help="every field below, as a tree")
     p.set_defaults(func=cmd_explain)
-
-
-def _bases(model: type[BaseModel]) -> tuple[str, ...]:
-    return tuple(c.__name__ for c in model.__mro__[1:] if issubclass(c, BaseModel))
-
-
-def _describe_field(model: type[BaseModel], wire: str, info: Any) -> str:
-    return info.description or doc_for(model.__name__, wire, _bases(model)) or ""
-
-
-def _model_doc(model: type[BaseModel] | None) -> str:
-    if model is None:
-        return ""
-    doc = model.__dict__.get("__doc__")
-    return inspect.cleandoc(doc) if doc else (doc_for(model.__name__, "") or "")
 
 
 def _wrap(text: str, indent: int) -> str:
@@ -58,7 +42,7 @@ def _fields_block(model: type[BaseModel]) -> list[str]:
     width = max((len(w) for w, _, _ in fields(model)), default=0) + 2
     for wire, _attr, info in fields(model):
         lines.append(f"  {wire.ljust(width)}<{type_name(info.annotation)}>{_flags(info)}")
-        text = _describe_field(model, wire, info)
+        text = describe_field(model, wire, info)
         if text:
             lines.append(_wrap(text, 4))
         lines.append("")
@@ -83,7 +67,7 @@ def explain(path: str, recursive: bool = False) -> str:
         raise CLIError(str(e)) from None
     model: type[BaseModel] = kind
     field_line = ""
-    description = _model_doc(kind)
+    description = describe_model(kind)
     walked = kind.KIND
     for part in parts:
         found = field_named(model, part)
@@ -92,7 +76,7 @@ def explain(path: str, recursive: bool = False) -> str:
             raise CLIError(f"field {part!r} does not exist in {walked} (its fields: {names})")
         _attr, info = found
         field_line = f"FIELD:    {part} <{type_name(info.annotation)}>{_flags(info)}"
-        description = _describe_field(model, part, info)
+        description = describe_field(model, part, info)
         sub = model_of(info.annotation)
         walked += f".{part}"
         if sub is None:
@@ -101,7 +85,7 @@ def explain(path: str, recursive: bool = False) -> str:
             model = None  # type: ignore[assignment]
             break
         model = sub
-        description = description or _model_doc(sub)
+        description = description or describe_model(sub)
     out = [f"KIND:     {kind.KIND}", f"VERSION:  {kind.API_VERSIONS[0]}", ""]
     if field_line:
         out += [field_line, ""]

@@ -328,3 +328,38 @@ async def test_dry_run_writes_nothing(api: Served) -> None:
     code, got = await api.request("DELETE", f"{base}/dry?dryRun=All")
     assert code == 200
     assert await _get(api, f"{base}/dry") == made
+
+
+@pytest.mark.parametrize("minor", MINORS)
+async def test_explain_reads_the_models_schemas(api: Served, minor: int) -> None:
+    """kubectl explain reads /openapi/v3: the kind, a nested field, its type and doc."""
+    _need(minor)
+    rc, out = await api.kubectl(minor, "explain", "pods")
+    assert rc == 0, out
+    assert "KIND:" in out and "Pod" in out and "spec" in out
+    rc, out = await api.kubectl(minor, "explain", "pod.spec.containers.ports.containerPort")
+    assert rc == 0, out
+    assert "FIELD: containerPort <integer>" in out or "containerPort <integer>" in out, out
+    rc, out = await api.kubectl(minor, "explain", "deployment.spec.replicas")
+    assert rc == 0 and "replicas" in out, out
+    rc, out = await api.kubectl(minor, "explain", "pod.spec.nosuchfield", check=False)
+    assert rc != 0 and "nosuchfield" in out, out
+
+
+@pytest.mark.parametrize("minor", MINORS)
+async def test_apply_with_an_unknown_field_is_refused_by_the_server(
+    api: Served, tmp_path: Path, minor: int
+) -> None:
+    """kubectl finds fieldValidation in /openapi/v3 and sends Strict: the server's
+    refusal names the field; --validate=false drops it with nothing refused."""
+    _need(minor)
+    doc = pod(f"typo-{minor}")
+    doc["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    path = _write(tmp_path / "typo.json", doc)
+    rc, out = await api.kubectl(minor, "apply", "-f", path, check=False)
+    assert rc != 0, out
+    assert 'unknown field "spec.containers[0].imagePullPolicyy"' in out, out
+    rc, out = await api.kubectl(minor, "get", "pod", f"typo-{minor}", check=False)
+    assert rc != 0 and "NotFound" in out
+    rc, out = await api.kubectl(minor, "apply", "--validate=false", "-f", path)
+    assert rc == 0 and "created" in out, out
