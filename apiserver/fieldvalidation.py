@@ -26,17 +26,29 @@ MODES = ("Strict", "Warn", "Ignore")
 class Scope:
     mode: str = "Warn"
     warnings: list[str] = field(default_factory=list)
+    manager: str = "unknown"  # who writes (managedFields): fieldManager, else the client
+    explicit_manager: bool = False  # fieldManager given (server-side apply needs it)
+
+
+def manager() -> str:
+    scope = SCOPE.get(None)
+    return scope.manager if scope is not None else "unknown"
 
 
 SCOPE: contextvars.ContextVar[Scope] = contextvars.ContextVar("field_validation")
 
 
-def begin(mode: str | None) -> Scope:
-    """The scope of one request; a bad `fieldValidation` value is 400."""
+def begin(mode: str | None, field_manager: str | None = None, user_agent: str = "") -> Scope:
+    """The scope of one request; a bad `fieldValidation` value is 400. The field manager
+    is `fieldManager`, else the client program of the User-Agent (kube's default)."""
     mode = mode or "Warn"
     if mode not in MODES:
         raise errors.bad_request(f"fieldValidation={mode!r}: use one of {', '.join(MODES)}")
-    scope = Scope(mode)
+    if field_manager is not None and not 0 < len(field_manager) <= 128:
+        raise errors.bad_request("fieldManager must be 1 to 128 characters")
+    agent = user_agent.split("/", 1)[0].strip()
+    scope = Scope(mode, manager=field_manager or agent or "unknown")
+    scope.explicit_manager = bool(field_manager)
     SCOPE.set(scope)
     return scope
 

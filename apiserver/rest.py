@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import aetcd.utils
+import yaml
 from pydantic import ValidationError
 
 from corral.api.namespaces import BUILTIN, new_namespace
-from corral.api.objects import TypedObject
+from corral.api.objects import ManagedFieldsEntry, TypedObject
 from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merge
 from corral.api.store import (
     KV,
@@ -35,7 +36,7 @@ from corral.api.store import (
     Store,
     now_iso,
 )
-from corral.apiserver import errors, fieldvalidation
+from corral.apiserver import errors, fieldvalidation, managedfields
 from corral.apiserver.registry import BY_KIND, RESOURCES, Resource
 from corral.apiserver.watchcache import CAPACITY, TooOld, WatchCache
 
@@ -52,6 +53,23 @@ PATCH_TYPES = {
     "application/strategic-merge-patch+json": "strategic",
     "application/apply-patch+yaml": "apply",
 }
+
+
+CREATED = "__created__"  # marks what an apply created (the server answers 201)
+
+
+def _managed(obj: Obj) -> Any:
+    return (obj.get("metadata") or {}).get("managedFields")
+
+
+def res_manager() -> str:
+    return fieldvalidation.manager()
+
+
+def _set_managed(obj: TypedObject, doc: Obj) -> None:
+    """obj's managedFields from `doc`'s (what record_update computed)."""
+    entries = _managed(doc) or []
+    obj.metadata.managed_fields = [ManagedFieldsEntry.model_validate(e) for e in entries]
 
 
 def wire(kv: KV | bytes, revision: int | None = None) -> Obj:
@@ -259,7 +277,10 @@ class Storage:
             )
         for k in ("uid", "creationTimestamp", "deletionTimestamp", "generation"):
             md.pop(k, None)
-        obj = self.validate(res, doc)
+        track = not md.get("managedFields")  # given ones are kept, as kube-apiserver does
+        obj = self.validate(res, doc)  # drops unknown fields from doc as fieldValidation says
+        if track:
+            _set_managed(obj, managedfields.record_update(None, doc, res_manager(), res))
         await self._check_namespace(res, obj.namespace)
         key = self.store.prepare_create(obj)
         value = self.store.encode(obj)
@@ -306,7 +327,10 @@ class Storage:
         subresource: str = "",
         *,
         dry_run: bool = False,
+        force: bool = False,
     ) -> Obj:
+        if PATCH_TYPES.get(content_type) == "apply":
+            return await self._apply(res, ns, name, body, subresource, dry_run, force)
         patch, apply = self._patcher(res, content_type, body)
 
         def change(cur: Obj) -> Obj:
@@ -324,11 +348,6 @@ class Storage:
         kind = PATCH_TYPES.get(content_type)
         if kind is None:
             raise errors.unsupported_media_type(content_type)
-        if kind == "apply":
-            raise errors.unsupported_media_type(
-                f"{content_type} (server-side apply is not served yet; use client-side "
-                "kubectl apply)"
-            )
         try:
             patch = json.loads(body)
         except ValueError as e:
@@ -354,6 +373,56 @@ class Storage:
 
         return patch, apply
 
+    async def _apply(
+        self,
+        res: Resource,
+        ns: str | None,
+        name: str,
+        body: bytes,
+        subresource: str,
+        dry_run: bool,
+        force: bool,
+    ) -> Obj:
+        """Server-side apply (apiserver/managedfields.py): create, or merge with
+        ownership and conflicts. The answer of a create carries CREATED (popped by the
+        server, which then answers 201)."""
+        if subresource:
+            raise errors.method_not_allowed(f"server-side apply to {res.plural}/{subresource}")
+        scope = fieldvalidation.SCOPE.get(None)
+        if scope is None or not scope.explicit_manager:
+            raise errors.invalid(
+                "PatchOptions",
+                "meta.k8s.io",
+                "",
+                [("fieldManager", "Required value: is required for apply patch")],
+            )
+        try:
+            applied = yaml.safe_load(body)
+        except yaml.YAMLError as e:
+            raise errors.bad_request(f"the applied configuration is not valid YAML: {e}") from None
+        applied = self.check_body(res, applied, ns, name)
+        manager = fieldvalidation.manager()
+
+        def change(cur: Obj | None) -> Obj:
+            out = managedfields.apply(
+                cur, applied, manager, force, res.model, res.group_version, res.plural, name
+            )
+            return self.check_body(res, out, ns, name)
+
+        if await self.store.get_raw(res.key(name, ns)) is None:
+            doc = change(None)
+            doc["metadata"].pop("resourceVersion", None)
+            try:
+                created = await self.create(res, ns, doc, dry_run=dry_run)
+            except errors.APIError as e:
+                if e.reason != "AlreadyExists":
+                    raise
+            else:
+                return {**created, CREATED: True}
+        return await self._write(
+            res, ns, name, change, None, subresource, dry_run=dry_run, track=False
+        )
+
     async def _write(
         self,
         res: Resource,
@@ -364,8 +433,11 @@ class Storage:
         subresource: str,
         *,
         dry_run: bool = False,
+        track: bool = True,
     ) -> Obj:
         """Read, change, validate, CAS; retried when nobody asked for a precondition.
+        `track`: record the change in managedFields as an Update (unless the request
+        sets managedFields itself).
         A dry run stops before the CAS and answers what would have been written."""
         key = res.key(name, ns)
         for _ in range(20):
@@ -377,7 +449,10 @@ class Storage:
             cur = wire(kv)
             new = change(copy.deepcopy(cur))
             new = self._carry(res, cur, new, subresource)
-            obj = self.validate(res, new, name)
+            obj = self.validate(res, new, name)  # unknown fields dropped from new first
+            if track and _managed(new) in (None, [], _managed(cur)):
+                tracked = managedfields.record_update(cur, new, res_manager(), res, subresource)
+                _set_managed(obj, tracked)
             old_obj = res.model.model_validate_json(kv.value)
             if getattr(old_obj, "spec", None) != getattr(obj, "spec", None):
                 obj.metadata.generation = (old_obj.metadata.generation or 1) + 1
@@ -506,6 +581,8 @@ class Storage:
         *,
         dry_run: bool = False,
     ) -> Obj:
+        if PATCH_TYPES.get(content_type) == "apply":
+            raise errors.unsupported_media_type(f"{content_type} on the scale subresource")
         patch, apply = self._patcher(res, content_type, body)
 
         def replicas(cur: Obj) -> int:

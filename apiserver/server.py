@@ -34,7 +34,7 @@ from corral.apiserver import (
 )
 from corral.apiserver.nodeproxy import NodeProxy
 from corral.apiserver.registry import Resource
-from corral.apiserver.rest import Storage, WatchState, bookmark
+from corral.apiserver.rest import CREATED, Storage, WatchState, bookmark
 from corral.apiserver.selectors import matcher
 from corral.common import tls
 
@@ -234,7 +234,11 @@ class APIServer:
                 return error_response(errors.unauthorized())
             request[USER] = user
         try:
-            scope = fieldvalidation.begin(request.query.get("fieldValidation"))
+            scope = fieldvalidation.begin(
+                request.query.get("fieldValidation"),
+                request.query.get("fieldManager"),
+                request.headers.get("User-Agent", ""),
+            )
             response = await handler(request)
             if scope.warnings and not response.prepared:
                 for value in fieldvalidation.header_values(scope):
@@ -371,8 +375,17 @@ class APIServer:
         if m == "PATCH":
             raw = await request.read()
             obj = await self.storage.patch(
-                res, t.namespace, t.name, request.content_type, raw, t.subresource, dry_run=dry
+                res,
+                t.namespace,
+                t.name,
+                request.content_type,
+                raw,
+                t.subresource,
+                dry_run=dry,
+                force=_bool(request, "force"),
             )
+            if obj.pop(CREATED, False):
+                return self._object(request, res, obj, 201)
             return self._object(request, res, obj)
         if m == "DELETE" and not t.subresource:
             body = await self._body(request) or {}

@@ -363,3 +363,56 @@ async def test_apply_with_an_unknown_field_is_refused_by_the_server(
     assert rc != 0 and "NotFound" in out
     rc, out = await api.kubectl(minor, "apply", "--validate=false", "-f", path)
     assert rc == 0 and "created" in out, out
+
+
+def _managers(obj: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    return {(e["manager"], e["operation"]): e["fieldsV1"] for e in obj["metadata"]["managedFields"]}
+
+
+@pytest.mark.parametrize("minor", MINORS)
+async def test_server_side_apply_owns_fields_and_reports_conflicts(
+    api: Served, tmp_path: Path, minor: int
+) -> None:
+    _need(minor)
+    name = f"ssa-{minor}"
+    doc = deployment(name, replicas=2)
+    doc["metadata"]["labels"] = {"tier": "web"}
+    path = _write(tmp_path / "d.json", doc)
+    rc, out = await api.kubectl(minor, "apply", "--server-side", "-f", path)
+    assert rc == 0 and "serverside-applied" in out, out
+    rc, out = await api.kubectl(minor, "apply", "--server-side", "-f", path)  # again: no change
+    assert rc == 0 and "serverside-applied" in out, out
+    rc, out = await api.kubectl(minor, "get", "deploy", name, "-o", "json", "--show-managed-fields")
+    live = json.loads(out)
+    owned = _managers(live)[("kubectl", "Apply")]
+    assert "f:replicas" in owned["f:spec"] and "f:tier" in owned["f:metadata"]["f:labels"]
+
+    # another manager wants another value of a field kubectl owns: refused, field named
+    other = deployment(name, replicas=5)
+    other_path = _write(tmp_path / "o.json", other)
+    args = ("apply", "--server-side", "--field-manager=autoscaler", "-f", other_path)
+    rc, out = await api.kubectl(minor, *args, check=False)
+    assert rc != 0, out
+    assert 'conflict with "kubectl"' in out and ".spec.replicas" in out, out
+    rc, out = await api.kubectl(minor, "get", "deploy", name, "-o", "jsonpath={.spec.replicas}")
+    assert out.strip() == "2"
+    # --force-conflicts takes the field over
+    rc, out = await api.kubectl(minor, *args, "--force-conflicts")
+    assert rc == 0, out
+    rc, out = await api.kubectl(minor, "get", "deploy", name, "-o", "json", "--show-managed-fields")
+    live = json.loads(out)
+    assert live["spec"]["replicas"] == 5
+    m = _managers(live)
+    assert "f:replicas" in m[("autoscaler", "Apply")]["f:spec"]
+    assert "f:replicas" not in m[("kubectl", "Apply")]["f:spec"]
+
+    # a field kubectl no longer applies, and nobody else owns, leaves the object
+    del doc["metadata"]["labels"]
+    del doc["spec"]["replicas"]
+    _write(tmp_path / "d.json", doc)
+    rc, out = await api.kubectl(minor, "apply", "--server-side", "-f", path)
+    assert rc == 0, out
+    rc, out = await api.kubectl(minor, "get", "deploy", name, "-o", "json")
+    live = json.loads(out)
+    assert "tier" not in (live["metadata"].get("labels") or {})
+    assert live["spec"]["replicas"] == 5  # the autoscaler's, kept
