@@ -12,7 +12,16 @@ from corral.api.store import kind_prefix
 
 # What kube-apiserver lists for a full-featured resource; `deletecollection` is not
 # served yet (kubectl `delete --all` lists and deletes one by one).
-VERBS: tuple[str, ...] = ("create", "delete", "get", "list", "patch", "update", "watch")
+VERBS: tuple[str, ...] = (
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+)
 
 
 @dataclass(frozen=True)

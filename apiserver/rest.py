@@ -24,6 +24,7 @@ import aetcd.utils
 import yaml
 from pydantic import ValidationError
 
+from corral.api.finalizers import FOREGROUND, ORPHAN, POLICY_FINALIZERS, removable
 from corral.api.namespaces import BUILTIN, new_namespace
 from corral.api.objects import ManagedFieldsEntry, TypedObject
 from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merge
@@ -459,6 +460,12 @@ class Storage:
             value = self.store.encode(obj)
             if value == kv.value:
                 return cur  # nothing changed: no write, the same resourceVersion
+            if removable(new) and not dry_run:  # the last finalizer went: so does it
+                try:
+                    await self.store.delete_raw(key, kv.mod_revision)
+                except Conflict:
+                    continue
+                return wire(value, kv.mod_revision)
             self._check_size(value)
             if dry_run:
                 return wire(value, kv.mod_revision)
@@ -604,10 +611,12 @@ class Storage:
         *,
         dry_run: bool = False,
     ) -> Obj:
-        """DELETE: the object's last state. A pod on a node is marked (its node stops
-        it within the grace period, then removes it), a namespace turns Terminating (the
-        namespace controller empties it), a controller takes its pods along unless the
-        propagation policy is Orphan, a Service its Endpoints and EndpointSlice."""
+        """DELETE: the object's last state. An object with finalizers is marked
+        (deletionTimestamp) and stays until they are removed; `propagationPolicy`
+        Orphan/Foreground add the garbage collector's. A pod on a node is marked (its
+        node stops it within the grace period, then removes it), a namespace turns
+        Terminating (the namespace controller empties it). Dependents (ownerReferences)
+        go in the background: the garbage collector's work."""
         key = res.key(name, ns)
         pre = options.get("preconditions") or {}
         grace = options.get("gracePeriodSeconds")
@@ -639,6 +648,25 @@ class Storage:
                 if md.get("deletionTimestamp"):
                     return cur
                 return await self._mark(res, kv, cur, {"status": {"phase": "Terminating"}})
+            policy = options.get("propagationPolicy")
+            if policy is None and options.get("orphanDependents") is True:
+                policy = "Orphan"  # the older spelling
+            if policy not in (None, "Orphan", "Foreground", "Background"):
+                raise errors.bad_request(
+                    f"propagationPolicy {policy!r}: use Orphan, Foreground or Background"
+                )
+            finalizers = list(md.get("finalizers") or [])
+            wanted = POLICY_FINALIZERS.get(policy or "")
+            if wanted and wanted not in finalizers:
+                finalizers = [f for f in finalizers if f not in (ORPHAN, FOREGROUND)]
+                finalizers.append(wanted)
+            if finalizers:  # the object stays until its finalizers are done
+                if md.get("deletionTimestamp") and finalizers == md.get("finalizers"):
+                    return cur
+                more: Obj = {"metadata": {"finalizers": finalizers}}
+                if not md.get("deletionTimestamp"):
+                    more["metadata"]["deletionGracePeriodSeconds"] = self._grace(res, cur, grace)
+                return await self._mark(res, kv, cur, more)
             graceful = res.kind == "Pod" and (cur.get("spec") or {}).get("nodeName")
             if graceful and grace != 0:
                 if md.get("deletionTimestamp"):
@@ -655,9 +683,18 @@ class Storage:
                 await self.store.delete_raw(key, kv.mod_revision)
             except Conflict:
                 continue
-            await self._cascade(res, ns, cur, options.get("propagationPolicy"))
-            return cur
+            return cur  # dependents: the garbage collector's (control/garbagecollector.py)
         raise errors.conflict(res.plural, res.group, name)
+
+    @staticmethod
+    def _grace(res: Resource, cur: Obj, grace: Any) -> int:
+        """The grace period of a deletion the finalizers hold up: a pod on a node still
+        gets its own; anything else none."""
+        if res.kind == "Pod" and (cur.get("spec") or {}).get("nodeName"):
+            return int(
+                grace if grace is not None else cur["spec"].get("terminationGracePeriodSeconds", 30)
+            )
+        return 0
 
     async def _mark(self, res: Resource, kv: KV, cur: Obj, more: Obj) -> Obj:
         new = merge_patch(copy.deepcopy(cur), more)
@@ -670,21 +707,6 @@ class Storage:
         except Conflict:
             raise errors.conflict(res.plural, res.group, obj.name) from None
         return wire(value, rev)
-
-    async def _cascade(self, res: Resource, ns: str | None, cur: Obj, policy: str | None) -> None:
-        """The garbage collector's part, until there is one: what the CLI's delete does."""
-        if res.kind == "Service":
-            for kind in ("Endpoints", "EndpointSlice"):
-                await self.store.delete_raw(BY_KIND[kind].key(cur["metadata"]["name"], ns))
-        if res.kind in ("ReplicationController", "Deployment") and policy != "Orphan":
-            uid = cur["metadata"].get("uid")
-            pods = BY_KIND["Pod"]
-            listed = await self.list(pods, ns)
-            for p in listed.items:
-                refs = p["metadata"].get("ownerReferences") or []
-                if any(r.get("uid") == uid for r in refs):
-                    with contextlib.suppress(errors.APIError):
-                        await self.delete(pods, ns, p["metadata"]["name"], {})
 
     # ------------------------------------------------------------ watching
 

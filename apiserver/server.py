@@ -362,6 +362,8 @@ class APIServer:
                     res, t.namespace, await self._body(request), dry_run=dry
                 )
                 return self._object(request, res, obj, 201)
+            if m == "DELETE":
+                return await self._delete_collection(request, t, dry)
             raise errors.method_not_allowed(f"{m} is not supported on a collection of {res.plural}")
         if m == "GET":
             obj = await self.storage.get(res, t.namespace, t.name)
@@ -388,17 +390,48 @@ class APIServer:
                 return self._object(request, res, obj, 201)
             return self._object(request, res, obj)
         if m == "DELETE" and not t.subresource:
-            body = await self._body(request) or {}
-            if not isinstance(body, dict):
-                raise errors.bad_request("the body of a DELETE is a DeleteOptions object")
-            for q in ("gracePeriodSeconds",):
-                if q in request.query:
-                    body[q] = _int(request, q)
-            if "propagationPolicy" in request.query:
-                body["propagationPolicy"] = request.query["propagationPolicy"]
+            body = await self._delete_options(request)
             obj = await self.storage.delete(res, t.namespace, t.name, body, dry_run=dry)
             return self._object(request, res, obj)
         raise errors.method_not_allowed(f"{m} is not supported here")
+
+    async def _delete_options(self, request: web.Request) -> dict[str, Any]:
+        """DeleteOptions from the body and the query (kubectl sends either)."""
+        body = await self._body(request) or {}
+        if not isinstance(body, dict):
+            raise errors.bad_request("the body of a DELETE is a DeleteOptions object")
+        if "gracePeriodSeconds" in request.query:
+            body["gracePeriodSeconds"] = _int(request, "gracePeriodSeconds")
+        if "propagationPolicy" in request.query:
+            body["propagationPolicy"] = request.query["propagationPolicy"]
+        if "orphanDependents" in request.query:
+            body["orphanDependents"] = _bool(request, "orphanDependents")
+        return body
+
+    async def _delete_collection(self, request: web.Request, t: Target, dry: bool) -> web.Response:
+        """deletecollection: every object the selectors match, each as its own delete;
+        the answer lists their last states."""
+        res = t.resource
+        options = await self._delete_options(request)
+        listed = await self.storage.list(res, t.namespace, self._matcher(request, res))
+        items = []
+        for obj in listed.items:
+            md = obj["metadata"]
+            with contextlib.suppress(errors.APIError):  # gone meanwhile, or held: next one
+                items.append(
+                    await self.storage.delete(
+                        res, md.get("namespace"), md["name"], dict(options), dry_run=dry
+                    )
+                )
+        meta = {"resourceVersion": str(listed.revision)}
+        return respond(
+            {
+                "kind": res.list_kind,
+                "apiVersion": res.group_version,
+                "metadata": meta,
+                "items": items,
+            }
+        )
 
     async def _scale(self, request: web.Request, t: Target, dry: bool) -> web.Response:
         """The `scale` subresource: an autoscaling/v1 Scale of the object's replicas."""

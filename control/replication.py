@@ -151,28 +151,22 @@ class ReplicationManager:
         ns, _, name = rest.partition("/")
         cls = OWNER_KINDS[kind]
         owner = await self.store.get(cls, name, ns)
+        if owner is None or owner.metadata.deletion_timestamp:
+            return None  # its pods: the garbage collector's (control/garbagecollector.py)
         pods, _ = await self.store.list(Pod, ns)
         mine: list[Pod] = []
-        orphans: list[Pod] = []
         released: list[Pod] = []
         for p in pods:
             ref = controller_ref(p)
             if ref is None or ref.kind != kind or ref.name != name:
                 continue
-            if owner is not None and ref.uid == owner.metadata.uid:
+            if ref.uid == owner.metadata.uid:
                 if selects(owner, p.metadata.labels):
                     mine.append(p)
                 else:
                     released.append(p)  # relabelled out of the set, as for debugging
-            elif not terminating(p):
-                orphans.append(p)  # their owner was deleted (maybe recreated since)
-        if orphans:
-            log.info("%s: deleting %d pods of a deleted owner", key, len(orphans))
-            await self._bounded(delete_pod(self.store, p) for p in orphans)
         for p in released:
             await self._release(p)
-        if owner is None:
-            return None
         active = [p for p in mine if not terminating(p) and not finished(p)]
         if isinstance(owner, Deployment):
             step = self._rollout(key, owner, mine, active)

@@ -352,6 +352,14 @@ class PodWorker:
             if cur is None or cur.metadata.uid != s.uid:
                 return
             try:
+                if cur.metadata.finalizers:  # kubelet's grace-0 delete: the last finalizer's
+                    if cur.metadata.deletion_grace_period_seconds != 0:  # remover ends it
+                        cur.metadata.deletion_grace_period_seconds = 0
+                        cur.metadata.deletion_timestamp = (
+                            cur.metadata.deletion_timestamp or now_iso()
+                        )
+                        await store.update(cur)
+                    return
                 await store.delete(Pod, s.name, s.namespace, cur.metadata.resource_version)
                 return
             except Conflict:

@@ -27,6 +27,7 @@ from corral.api.objects import (
 from corral.api.store import Store
 from corral.control.conditions import set_pod_condition
 from corral.control.endpoints import EndpointsController
+from corral.control.garbagecollector import GarbageCollector
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
 from corral.control.rollout import Strategy, rollout_step, strategy
@@ -197,7 +198,7 @@ async def test_deployment_alias_and_owner_deletion(store: Store) -> None:
         }
     )
     await store.create(dep)
-    async with running(ReplicationManager(store).run()):
+    async with running(ReplicationManager(store).run(), GarbageCollector(store).run()):
         pods = await eventually(lambda: _count(store, "api", 2), what="2 pods")
         assert all(p.metadata.owner_references[0].kind == "Deployment" for p in pods)
 
@@ -222,7 +223,7 @@ async def test_deployment_alias_and_owner_deletion(store: Store) -> None:
         new = await eventually(lambda: _count(store, "api", 2), what="replacement")
         assert pods[0].name not in {p.name for p in new}
 
-        # Deleting the owner takes its pods along.
+        # Deleting the owner takes its pods along (the garbage collector's part).
         await store.delete(Deployment, "api", "default")
         await eventually(lambda: _count(store, "api", 0), what="pods gone with owner")
 
