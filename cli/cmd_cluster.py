@@ -93,6 +93,14 @@ def register(sub: Any) -> None:
         help="cluster DNS pods (`corral dns` behind the Service corral-system/dns at the "
         "cluster DNS address; default 2, or the running count; 0: none)",
     )
+    p.add_argument(
+        "--apiservers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="API servers, one on each of nodes 1..N behind the `kubernetes` Service "
+        "(default 1, or the running count); the kubeconfig names node-1's",
+    )
     _name_options(p)
     p.set_defaults(func=cmd_up)
 
@@ -146,6 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         wait=args.wait,
         dns_replicas=args.dns_replicas,
         etcd_auth=args.etcd_auth,
+        apiservers=args.apiservers,
     )
     s = _cluster_call(up.up, opts)
     print(up.summary(s))

@@ -118,11 +118,16 @@ def by_name(name: str) -> Daemon | None:
 
 
 def wanted(state: ClusterState) -> list[tuple[Daemon, NodeState]]:
-    """Every (daemon, node) pair that should be running, the API server first."""
+    """Every (daemon, node) pair that should be running, the API servers first (one on
+    each of nodes 1..`state.apiservers`), the other cluster daemons on node-1."""
     out = [(d, n) for n in state.nodes for d in NODE_DAEMONS if d.available()]
     if state.nodes:
-        first = [(d, state.nodes[0]) for d in CLUSTER_DAEMONS if d.available()]
-        out = first[:1] + out + first[1:]
+        api = [d for d in CLUSTER_DAEMONS if d.name == "apiserver" and d.available()]
+        servers = [(d, n) for d in api for n in state.nodes[: max(1, state.apiservers)]]
+        rest = [
+            (d, state.nodes[0]) for d in CLUSTER_DAEMONS if d.name != "apiserver" and d.available()
+        ]
+        out = servers + out + rest
     return out
 
 

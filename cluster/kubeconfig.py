@@ -57,7 +57,8 @@ def ensure(s: ClusterState) -> str:
     paths = pki.ensure_ca(s.pki_dir)  # an external etcd without TLS made no CA yet
     # and the `kubernetes` Service's address (the default service CIDR's first), which
     # in-cluster clients dial
-    ips = ["127.0.0.1", s.nodes[0].ip, kubernetes_service_ip(NetworkSpec().service_cidr)]
+    servers = [n.ip for n in s.nodes[: max(1, s.apiservers)]]
+    ips = ["127.0.0.1", *servers, kubernetes_service_ip(NetworkSpec().service_cidr)]
     if pki.cert_ips(paths, SERVER) != set(ips):
         pki.issue_server(s.pki_dir, SERVER, "kube-apiserver", ips, DNS_NAMES)
     if not os.path.exists(paths.key(ADMIN)):

@@ -36,6 +36,7 @@ class UpOptions:
     state_dir: str | None = None
     wait: float = 0.0  # seconds to wait for every Node to become Ready
     dns_replicas: int | None = None  # cluster DNS pods; None: keep the running count, else 2
+    apiservers: int | None = None  # API servers on nodes 1..N; None: keep the count, else 1
     etcd_auth: bool = False  # turn on the local etcd's auth: the dns certificate only reads
     progress: Progress = field(default=on_stderr)
 
@@ -60,6 +61,10 @@ def plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         raise ClusterError(
             f"cluster {name!r} has {len(old.nodes)} nodes; `corral up` only adds nodes. "
             f"Run `corral down --name {name}` first to make a smaller one"
+        )
+    if opts.apiservers is not None and not 1 <= opts.apiservers <= count:
+        raise ClusterError(
+            f"--apiservers {opts.apiservers}: give 1 to {count} (one per node at most)"
         )
     cidr = opts.underlay_cidr or (old.underlay_cidr if old else DEFAULT_UNDERLAY)
     if old is not None and cidr != old.underlay_cidr and opts.underlay_cidr:

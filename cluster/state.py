@@ -152,6 +152,8 @@ class ClusterState:
     etcd_auth: bool = False
     # Cluster DNS replicas as last asked for (`corral up --dns-replicas`; None: the default).
     dns_replicas: int | None = None
+    # API servers, on nodes 1..N behind the `kubernetes` Service (`corral up --apiservers`).
+    apiservers: int = 1
     # How pods start corral (the cluster DNS's command): `corral up`'s own interpreter.
     corral_argv: list[str] = field(default_factory=list)
 

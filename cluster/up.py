@@ -93,6 +93,8 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
             s.save()
         say(f"✓ {n.name} {n.ip} (netns {n.netns})")
 
+    if opts.apiservers is not None:  # checked by plan.plan
+        s.apiservers = opts.apiservers
     etcdsetup.ensure_relay(s, say)
     _ensure_pod_credentials(s)
     _register_nodes(s, say)
