@@ -117,6 +117,22 @@ class ListResult:
         return m
 
 
+class WatchEvent(dict[str, Any]):
+    """A watch event ({"type", "object"}). `line()` is its JSON line, made once per
+    cache event and type however many watchers send it (`memo` is the cache event's)."""
+
+    memo: dict[str, Any] | None = None
+
+    def line(self) -> bytes:
+        if self.memo is None:
+            return json.dumps(self, separators=(",", ":")).encode() + b"\n"
+        key = "line:" + self["type"]
+        line = self.memo.get(key)
+        if line is None:
+            line = self.memo[key] = json.dumps(self, separators=(",", ":")).encode() + b"\n"
+        return line
+
+
 @dataclass
 class WatchState:
     """What a watch has processed so far: a BOOKMARK may carry `revision`."""
@@ -786,21 +802,25 @@ class Storage:
         state.revision = ev.revision
         if not ev.key.startswith(prefix):
             return None
-        out = self._event(ev.value, ev.prev_value, ev.revision, match)
+        memo: dict[str, Any] = ev.__dict__.setdefault("_apiserver_memo", {})
+        if "new" not in memo:  # decoded once for every watcher of this event
+            memo["new"] = wire(ev.value, ev.revision) if ev.value is not None else None
+            memo["old"] = wire(ev.prev_value, ev.revision) if ev.prev_value is not None else None
+        out = self._event(memo["new"], memo["old"], match)
         if out is not None:
+            out.memo = memo
             state.events += 1
         return out
 
     @staticmethod
-    def _event(value: bytes | None, prev: bytes | None, rev: int, match: Match) -> Obj | None:
-        new = wire(value, rev) if value is not None else None
-        old = wire(prev, rev) if prev is not None else None
+    def _event(new: Obj | None, old: Obj | None, match: Match) -> WatchEvent | None:
+        """The event a watcher with `match` sees (objects shared: never changed after)."""
         new_ok = new is not None and (match is None or match(new))
         old_ok = old is not None and (match is None or match(old))
         if new_ok:
-            return {"type": "MODIFIED" if old_ok else "ADDED", "object": new}
+            return WatchEvent(type="MODIFIED" if old_ok else "ADDED", object=new)
         if old_ok:
-            return {"type": "DELETED", "object": old}
+            return WatchEvent(type="DELETED", object=old)
         return None
 
 

@@ -34,7 +34,7 @@ from corral.apiserver import (
 )
 from corral.apiserver.nodeproxy import NodeProxy
 from corral.apiserver.registry import Resource
-from corral.apiserver.rest import CREATED, Storage, WatchState, bookmark
+from corral.apiserver.rest import CREATED, Storage, WatchEvent, WatchState, bookmark
 from corral.apiserver.selectors import matcher
 from corral.common import tls
 
@@ -573,7 +573,10 @@ class APIServer:
                         "type": item["type"],
                         "object": table.table(res.kind, [item["object"]], meta, include),
                     }
-                await resp.write(_dumps(item) + b"\n")
+                if isinstance(item, WatchEvent):
+                    await resp.write(item.line())  # encoded once for every watcher
+                else:
+                    await resp.write(_dumps(item) + b"\n")
         except ConnectionResetError:
             pass
         finally:

@@ -201,7 +201,7 @@ async def test_status_errors(api: Served) -> None:
     assert (status, body["reason"]) == (404, "NotFound")
     assert body["message"] == 'namespaces "nowhere" not found'
 
-    status, body = await api.request("DELETE", base)
+    status, body = await api.request("PUT", base, pod("f"))
     assert (status, body["reason"]) == (405, "MethodNotAllowed")
     status, body = await api.request("GET", "/api/v1/gizmos")
     assert status == 404
