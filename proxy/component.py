@@ -38,7 +38,8 @@ from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.node import netlink, sysctl
 from corral.proxy import mode as modes
-from corral.proxy.core import ServiceTracker, ServiceView, usable
+from corral.proxy.core import ServiceTracker, ServiceView, cluster_endpoints, external_endpoints
+from corral.proxy.healthcheck import HealthServers
 from corral.proxy.mode import ModeContext, ProxyMode, SyncResult
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Proxy:
         self.mode_name = mode_name
         self.fallback = fallback  # --mode auto (ModeContext.fallback)
         self.mode_note = mode_note
-        self.tracker = ServiceTracker(informers, self._changed)
+        self.tracker = ServiceTracker(informers, self._changed, node)
         self.runner = BoundedFrequencyRunner(
             "proxy", self._sync, min_interval, max_interval, retry_initial=0.5, run_at_start=True
         )
@@ -88,6 +89,7 @@ class Proxy:
         self.synced_once = False
         self._route_ok = False
         self._forget_kernel = False
+        self.health = HealthServers()  # healthCheckNodePorts (LoadBalancer, policy Local)
 
     def _changed(self) -> None:
         metrics.PROXY_PENDING.set(len(self.tracker))
@@ -125,6 +127,7 @@ class Proxy:
     async def stop(self) -> None:
         # like every corral daemon: leave the kernel state; a restart converges on it
         self.tracker.remove()
+        self.health.close()
         if self.mode is not None:
             self.mode.close()
 
@@ -162,6 +165,7 @@ class Proxy:
         except Exception:
             metrics.PROXY_SYNC_ERRORS.inc()
             raise
+        await self.health.sync(views)
         self._record(result, views, taken.since.values())
 
     def _record(
@@ -225,6 +229,7 @@ class Proxy:
             "services": len(self.tracker.views()),
             "pending": len(self.tracker),
             "serviceCIDR": self.service_cidr,
+            "healthCheckNodePorts": self.health.debug(),
             "runs": self.runner.runs,
             "fullRuns": self.runner.full_runs,
             "failures": self.runner.failures,
@@ -254,7 +259,15 @@ def _programmed(written: Mapping[str, ServiceView]) -> list[dict[str, Any]]:
                     "servicePort": sp.port,
                     "nodePort": sp.node_port,
                     "affinityTimeout": sp.affinity_timeout,
-                    "endpoints": [f"{e.ip}:{e.port}" for e in usable(v.endpoints_of(sp))],
+                    "endpoints": [
+                        f"{e.ip}:{e.port}" for e in cluster_endpoints(sp, v.endpoints_of(sp))
+                    ],
+                    "externalIPs": list(sp.external_ips),
+                    "externalEndpoints": [
+                        f"{e.ip}:{e.port}" for e in external_endpoints(sp, v.endpoints_of(sp))
+                    ]
+                    if sp.external
+                    else [],
                 }
             )
     return out

@@ -4,6 +4,7 @@ processes, real etcd). Fields it does implement are accepted."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import subprocess
@@ -153,3 +154,94 @@ async def test_the_api_server_answers_422_naming_the_field(api: Served, store: S
     kept = await store.get(Service, "kept", "default")
     assert kept is not None and kept.spec.ip_families != ["IPv6"]
     await store.delete(Service, "kept", "default")
+
+
+# ------------------------------------------------------------ healthCheckNodePort
+
+
+async def test_health_check_node_port_is_allocated_for_loadbalancer_local(store: Store) -> None:
+    from corral.control.serviceips import NODE_PORTS_PREFIX, ServiceIPController
+    from tests.control_helpers import eventually, running
+
+    local = Service.model_validate(svc("lb-local", type="LoadBalancer",
+                                       externalTrafficPolicy="Local"))  # fmt: skip
+    cluster = Service.model_validate(svc("lb-cluster", type="LoadBalancer"))
+    asked = Service.model_validate(
+        svc(
+            "lb-asked",
+            type="LoadBalancer",
+            externalTrafficPolicy="Local",
+            healthCheckNodePort=31777,
+        )
+    )
+    for s in (local, cluster, asked):
+        await store.create(s)
+    try:
+        async with running(ServiceIPController(store, seed=5).run()):
+
+            async def done() -> dict[str, Service] | None:
+                got = {n: await store.get(Service, n, "default") for n in
+                       ("lb-local", "lb-cluster", "lb-asked")}  # fmt: skip
+                if all(s and s.spec.ports[0].node_port for s in got.values()):
+                    return got  # type: ignore[return-value]
+                return None
+
+            got = await eventually(done, what="node ports")
+            hc = got["lb-local"].spec.health_check_node_port
+            assert hc is not None and 30000 <= hc <= 32767
+            assert hc != got["lb-local"].spec.ports[0].node_port
+            assert got["lb-cluster"].spec.health_check_node_port is None
+            assert got["lb-asked"].spec.health_check_node_port == 31777
+            held = {kv.key for kv in (await store.list_raw(NODE_PORTS_PREFIX))[0]}
+            assert {f"{NODE_PORTS_PREFIX}{hc}", f"{NODE_PORTS_PREFIX}31777"} <= held
+    finally:
+        for n in ("lb-local", "lb-cluster", "lb-asked"):
+            await store.delete(Service, n, "default")
+
+
+async def test_health_servers_answer_like_kube_proxy() -> None:
+    """200 with the count where the node has local endpoints, 503 with 0 where not."""
+    import json
+    import socket
+
+    from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
+    from corral.proxy.healthcheck import HealthServers
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    p1, p2 = free_port(), free_port()
+    sp1 = ServicePort("default/a", "", "TCP", "10.96.0.1", 80, 30001, external_local=True,
+                      health_check_node_port=p1)  # fmt: skip
+    sp2 = ServicePort("default/b", "", "TCP", "10.96.0.2", 80, 30002, external_local=True,
+                      health_check_node_port=p2)  # fmt: skip
+    eps1 = (EndpointInfo("10.244.1.2", 80, local=True), EndpointInfo("10.244.1.3", 80, local=True),
+            EndpointInfo("10.244.2.2", 80))  # fmt: skip
+    eps2 = (EndpointInfo("10.244.2.3", 80),)
+    views = {
+        "default/a": ServiceView((sp1,), ((sp1.key, eps1),)),
+        "default/b": ServiceView((sp2,), ((sp2.key, eps2),)),
+    }
+    hs = HealthServers("127.0.0.1")
+
+    async def get(port: int) -> tuple[int, dict[str, Any]]:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await r.read()
+        w.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), json.loads(body)
+
+    try:
+        await hs.sync(views)
+        want = {"service": {"namespace": "default", "name": "a"}, "localEndpoints": 2}
+        assert await get(p1) == (200, {**want, "serviceProxyHealthy": True})
+        status, body = await get(p2)
+        assert (status, body["localEndpoints"]) == (503, 0)
+        await hs.sync({"default/a": views["default/a"]})  # b gone: its listener closes
+        with pytest.raises(OSError):
+            await get(p2)
+    finally:
+        hs.close()
