@@ -1176,6 +1176,42 @@ class NetworkConfig(TypedObject):
     spec: NetworkSpec = Field(default_factory=NetworkSpec)
 
 
+class LoadBalancerPoolSpec(Model):
+    cidrs: list[CIDR] = Field(
+        min_length=1,
+        description="Where LoadBalancer Services' addresses come from (IPv4 networks on "
+        "the nodes' own layer-2 network: one node answers ARP for each address).",
+    )
+    node_selector: Labels | None = Field(
+        default=None,
+        description="Only nodes with these labels announce this pool's addresses "
+        "(default: every Ready node).",
+    )
+
+    @field_validator("cidrs")
+    @classmethod
+    def _ipv4(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if ":" in c:
+                raise ValueError(f"{c}: this cluster is IPv4-only")
+        return v
+
+
+class LoadBalancerPool(TypedObject):
+    """Addresses for type: LoadBalancer Services on bare metal (MetalLB's L2 mode):
+    one is allocated to each Service (status.loadBalancer.ingress) and announced
+    with ARP by exactly one Ready node at a time."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("corral.dev/v1",)
+    KIND: ClassVar[str] = "LoadBalancerPool"
+    PLURAL: ClassVar[str] = "loadbalancerpools"
+    NAMESPACED: ClassVar[bool] = False
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("lbpool", "loadbalancerpool")
+
+    api_version: str = "corral.dev/v1"
+    spec: LoadBalancerPoolSpec
+
+
 class SubnetLease(Model):
     """A node's claim on one subnet; its etcd key carries an etcd lease (TTL)."""
 
@@ -1214,4 +1250,5 @@ KINDS: tuple[type[TypedObject], ...] = (
     ReplicationController,
     Deployment,
     NetworkConfig,
+    LoadBalancerPool,
 )

@@ -37,6 +37,7 @@ class UpOptions:
     wait: float = 0.0  # seconds to wait for every Node to become Ready
     dns_replicas: int | None = None  # cluster DNS pods; None: keep the running count, else 2
     etcd_auth: bool = False  # turn on the local etcd's auth: the dns certificate only reads
+    lb_pool: str | None = None  # a LoadBalancerPool's CIDR, inside the underlay network
     progress: Progress = field(default=on_stderr)
 
 
@@ -101,6 +102,8 @@ def plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         raise ClusterError(
             f"--dns-replicas {opts.dns_replicas}: give 0 (no cluster DNS) to {MAX_DNS_REPLICAS}"
         )
+    if opts.lb_pool is not None:
+        check_lb_pool(opts.lb_pool, s.underlay_cidr, [str(h) for h in hosts[:count]], s.host_ip)
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -162,3 +165,26 @@ def _check_etcd(urls: list[str], tls: TLSFiles | None) -> list[str]:
         )
     scheme = "https" if secure or tls is not None else "http"
     return [f"{scheme}://{h}:{p}" for h, p in eps]
+
+
+def check_lb_pool(cidr: str, underlay: str, node_ips: list[str], host_ip: str) -> None:
+    """--lb-pool: an IPv4 network inside the underlay, holding no node's or the host's
+    address (one node answers ARP for each of its addresses on the underlay)."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as e:
+        raise ClusterError(
+            f"--lb-pool {cidr!r} is not a CIDR ({e}); e.g. 10.250.7.192/28"
+        ) from None
+    ul = ipaddress.ip_network(underlay)
+    if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(ul):  # type: ignore[arg-type]
+        raise ClusterError(
+            f"--lb-pool {cidr}: must be inside the underlay network {underlay}, where the "
+            "nodes announce its addresses with ARP"
+        )
+    taken = [ip for ip in [*node_ips, host_ip] if ipaddress.ip_address(ip) in net]
+    if taken:
+        raise ClusterError(
+            f"--lb-pool {cidr} holds {', '.join(taken)} (a node's or the host's address); "
+            "pick a range of the underlay no node uses, e.g. its top addresses"
+        )

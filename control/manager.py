@@ -12,6 +12,7 @@ from corral.api.informer import InformerFactory, started
 from corral.api.store import Store
 from corral.common.supervisor import Supervisor
 from corral.control.endpoints import EndpointsController
+from corral.control.lbips import LoadBalancerIPController
 from corral.control.namespaces import NamespaceController
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
@@ -42,6 +43,7 @@ CONTROLLERS: dict[str, Callable[[Store, ControllerOptions, InformerFactory], Any
         informers=i,
     ),
     "namespaces": lambda s, o, i: NamespaceController(s, informers=i),
+    "lbips": lambda s, o, i: LoadBalancerIPController(s, informers=i),
 }
 
 

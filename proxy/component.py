@@ -38,6 +38,7 @@ from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.node import netlink, sysctl
 from corral.proxy import mode as modes
+from corral.proxy.announce import Announcer
 from corral.proxy.core import ServiceTracker, ServiceView, cluster_endpoints, external_endpoints
 from corral.proxy.healthcheck import HealthServers
 from corral.proxy.mode import ModeContext, ProxyMode, SyncResult
@@ -90,6 +91,8 @@ class Proxy:
         self._route_ok = False
         self._forget_kernel = False
         self.health = HealthServers()  # healthCheckNodePorts (LoadBalancer, policy Local)
+        # LoadBalancer addresses this node wins, on its lo (a real node's set-up only)
+        self.announcer = Announcer(informers, node) if node_setup else None
 
     def _changed(self) -> None:
         metrics.PROXY_PENDING.set(len(self.tracker))
@@ -122,12 +125,16 @@ class Proxy:
             sv.start(self.mode.run(self._ask_full_sync), f"proxy-{self.mode.name}")
             sv.start(self.runner.run(), "proxy-runner")
             sv.start(self._canary_loop(), "proxy-canary")
+            if self.announcer is not None:
+                sv.start(self.announcer.run(), "proxy-announce")
             await sv.wait()
 
     async def stop(self) -> None:
         # like every corral daemon: leave the kernel state; a restart converges on it
         self.tracker.remove()
         self.health.close()
+        if self.announcer is not None:
+            self.announcer.remove()
         if self.mode is not None:
             self.mode.close()
 
@@ -230,6 +237,7 @@ class Proxy:
             "pending": len(self.tracker),
             "serviceCIDR": self.service_cidr,
             "healthCheckNodePorts": self.health.debug(),
+            "loadBalancer": None if self.announcer is None else self.announcer.debug(),
             "runs": self.runner.runs,
             "fullRuns": self.runner.full_runs,
             "failures": self.runner.failures,
@@ -276,7 +284,9 @@ def _programmed(written: Mapping[str, ServiceView]) -> list[dict[str, Any]]:
 def cleanup(node: str, service_cidr: str | None = None) -> list[str]:
     """Remove everything the proxy made in this namespace, whichever mode made it
     (blocking): every registered mode's state, then the service CIDR's route."""
-    done = modes.cleanup_node(node)
+    from corral.proxy import announce
+
+    done = modes.cleanup_node(node) + announce.cleanup()
     if service_cidr:
         from pyroute2.netlink.exceptions import NetlinkError
 

@@ -245,3 +245,59 @@ async def test_health_servers_answer_like_kube_proxy() -> None:
             await get(p2)
     finally:
         hs.close()
+
+
+# ------------------------------------------------------------ LoadBalancer: allocation, election
+
+
+def _lb(name: str, created: str, ingress: list[str] | None = None, **spec: Any) -> Service:
+    s = Service.model_validate(svc(name, type="LoadBalancer", **spec))
+    s.metadata.namespace = "default"
+    s.metadata.creation_timestamp = created
+    s.status.load_balancer.ingress = [{"ip": ip} for ip in ingress or []]
+    return s
+
+
+def test_lb_addresses_from_the_pool_honouring_ip_and_class() -> None:
+    from corral.api.objects import LoadBalancerPool
+    from corral.control.lbips import plan
+
+    pool = LoadBalancerPool(metadata={"name": "p"}, spec={"cidrs": ["10.235.0.200/30"]})
+    a = _lb("a", "2026-01-01T00:00:01Z")
+    b = _lb("b", "2026-01-01T00:00:02Z", loadBalancerIP="10.235.0.201")
+    other = _lb("c", "2026-01-01T00:00:03Z", loadBalancerClass="example.com/other")
+    far = _lb("d", "2026-01-01T00:00:04Z", loadBalancerIP="10.9.9.9")
+    got = plan([a, b, other, far], [pool])
+    # /30: .201 and .202 usable; b asked for .201, so a gets .202; c is not ours; d waits
+    assert got == {"default/a": ["10.235.0.202"], "default/b": ["10.235.0.201"]}
+    # held addresses are kept; a clash goes to the older holder, the younger one moves
+    a2 = _lb("a", "2026-01-01T00:00:01Z", ["10.235.0.202"])
+    e = _lb("e", "2026-01-01T00:00:05Z", ["10.235.0.202"])
+    assert plan([a2, e], [pool]) == {"default/e": ["10.235.0.201"]}
+    # a pool shrinks away from an address: given another; a type change: address gone
+    moved = _lb("a", "2026-01-01T00:00:01Z", ["10.1.1.1"])
+    assert plan([moved], [pool]) == {"default/a": ["10.235.0.201"]}
+    np = Service.model_validate(svc("n", type="NodePort"))
+    np.status.load_balancer.ingress = [{"ip": "10.235.0.201"}]
+    assert plan([np], [pool]) == {"default/n": []}
+    # the pool runs out: the rest wait
+    many = [_lb(f"m{i}", f"2026-01-01T00:00:0{i}Z") for i in range(3)]
+    assert len(plan(many, [pool])) == 2
+
+
+def test_election_picks_one_node_and_moves_only_the_lost_nodes_addresses() -> None:
+    from corral.proxy.announce import elect, garp_frames
+
+    nodes = ["n1", "n2", "n3"]
+    ips = [f"10.235.0.{i}" for i in range(200, 240)]
+    first = {ip: elect(ip, nodes) for ip in ips}
+    assert set(first.values()) == set(nodes)  # spread over the nodes
+    lost = "n2"
+    after = {ip: elect(ip, [n for n in nodes if n != lost]) for ip in ips}
+    assert all(after[ip] == first[ip] for ip in ips if first[ip] != lost)
+    assert all(after[ip] != lost for ip in ips)
+    assert elect("10.235.0.200", []) is None
+    req, rep = garp_frames("10.235.0.200", bytes.fromhex("020000000001"))
+    assert len(req) == 42 and req[12:14] == b"\x08\x06" and req[:6] == b"\xff" * 6
+    # sender and target protocol address are both the announced one
+    assert req[28:32] == req[38:42] == bytes([10, 235, 0, 200]) and rep[21] == 2
