@@ -48,7 +48,8 @@ NODEPORT = 30480
 AFFINITY_NET = "172.31.12"  # extra client addresses on a node's lo (outside every corral range)
 EXTERNAL_IP = "172.31.13.10"  # spec.externalIPs (outside every corral range, routed by the test)
 LOCAL_NODEPORT = 30481
-POLICY_SERVICES = ["prx-local", "prx-itp", "prx-ext", "prx-lb"]
+POLICY_SERVICES = ["prx-local", "prx-itp", "prx-ext", "prx-lb", "prx-lb-local"]
+LB_LABEL = "corral.dev/prx-lb"
 
 SERVER = r"""
 import os, socket, threading
@@ -884,6 +885,132 @@ def test_external_ips_from_outside_and_from_pods(env: Env, policy: str) -> None:
         assert _ok(got) and len(set(env.names(got))) >= 2, got
     finally:
         _delete_service(env, "prx-ext")
+
+
+def _lb_ip(env: Env, name: str) -> str:
+    def get() -> str | None:
+        svc = env.run(lambda s: s.get(Service, name, "default"))
+        ing = svc.status.load_balancer.ingress if svc else []
+        return ing[0].get("ip") if ing else None
+
+    return wait_for(get, f"a LoadBalancer address for {name}")
+
+
+def _holders(env: Env, ip: str) -> list[str]:
+    """Nodes whose lo holds `ip` (the announcer's mechanism)."""
+    lo = {n: env.c.exec(n, "ip", "-4", "-o", "addr", "show", "dev", "lo").stdout
+          for n in env.c.nodes}  # fmt: skip
+    return [n for n in env.c.nodes if f" {ip}/32 " in lo[n]]
+
+
+def _set_node_label(env: Env, node: str, value: str | None) -> None:
+    from corral.api.objects import Node
+
+    def change(n: Node) -> Node:
+        n = n.model_copy(deep=True)
+        if value is None:
+            n.metadata.labels.pop(LB_LABEL, None)
+        else:
+            n.metadata.labels[LB_LABEL] = value
+        return n
+
+    env.run(lambda s: s.modify(Node, node, None, change))
+
+
+def _node_ready(env: Env, node: str) -> bool:
+    from corral.api.objects import Node
+
+    n = env.run(lambda s: s.get(Node, node))
+    return n is not None and n.ready
+
+
+def test_loadbalancer_from_outside_local_policy_and_failover(env: Env) -> None:
+    """A LoadBalancer Service gets an address from the pool, one node (of those the pool
+    selects) answers ARP for it, the host reaches it; with Local only a node with an
+    endpoint announces; the announcer unplugged, another takes over (gratuitous ARP)."""
+    import ipaddress
+
+    from corral.api.objects import LoadBalancerPool
+
+    if env.datapath == "kernel":
+        pytest.skip("the overlay datapath does not change this; iptables+bpf covers it")
+    st = env.c.state()
+    net = ipaddress.ip_network(st.underlay_cidr)
+    cidr = str(ipaddress.ip_network(f"{net.network_address + net.num_addresses - 48}/28"))
+    pool = LoadBalancerPool(metadata={"name": "prx-pool"},
+                            spec={"cidrs": [cidr], "nodeSelector": {LB_LABEL: "yes"}})  # fmt: skip
+    _n1, n2, n3 = env.c.nodes
+    for n in (n2, n3):
+        _set_node_label(env, n, "yes")
+    env.run(lambda s: s.create(pool))
+    unplugged = None
+    try:
+        http = [{"name": "http", "port": 80, "targetPort": "web"}]
+        _create_service(env, _service("prx-lb", {"self": "prx-srv-0"}, type="LoadBalancer",
+                                      ports=http))  # fmt: skip
+        _create_service(env, _service("prx-lb-local", {"self": "prx-srv-2"}, type="LoadBalancer",
+                                      externalTrafficPolicy="Local", ports=http))  # fmt: skip
+        ip, ip_local = _lb_ip(env, "prx-lb"), _lb_ip(env, "prx-lb-local")
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(cidr) and ip != ip_local
+        r = env.c.corral("get", "svc", "prx-lb")
+        assert ip in r.stdout, r.stdout  # EXTERNAL-IP
+        # exactly one announcer, among the nodes the pool selects
+        holders = wait_for(lambda: (h := _holders(env, ip)) and h, "an announcer")
+        assert len(holders) == 1 and holders[0] in (n2, n3), holders
+        # Local: only node-3, the one with prx-lb-local's endpoint, may announce
+        assert wait_for(lambda: _holders(env, ip_local), "the Local announcer") == [n3]
+        host = st.host_ip
+        wait_for(lambda: _ok(env.from_host(ip, "80", "1")), "the LoadBalancer from the host")
+        got = env.from_host(ip, "80", "10")
+        assert set(env.names(got)) == {"prx-srv-0"}, got
+        local = env.from_host(ip_local, "80", "5")
+        assert {tuple(a.split()[:2]) for a in local} == {("prx-srv-2", host)}, local
+        # failover: the announcer leaves the network (its link on the underlay goes down)
+        announcer = holders[0]
+        survivor = n3 if announcer == n2 else n2
+        peer = f"n{env.c.nodes.index(announcer) + 1}"
+        cap = subprocess.Popen(
+            ["ip", "netns", "exec", st.underlay_netns, "tcpdump", "-l", "-n", "-e", "-i", "br0",
+             "arp", "and", "host", ip],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            subprocess.run(["ip", "netns", "exec", st.underlay_netns, "ip", "link", "set", peer,
+                            "down"], check=True)  # fmt: skip
+            unplugged = peer
+            wait_for(lambda: not _node_ready(env, announcer), "the announcer NotReady",
+                     timeout=120)  # fmt: skip
+            # (the unplugged one keeps its own: its proxy cannot hear of anything)
+            wait_for(lambda: survivor in _holders(env, ip), "the survivor to take the address",
+                     timeout=30)  # fmt: skip
+            got = wait_for(lambda: (a := env.from_host(ip, "80", "5")) and _ok(a) and a,
+                           "the LoadBalancer through the new announcer", timeout=30)  # fmt: skip
+            assert set(env.names(got)) == {"prx-srv-0"}
+        finally:
+            time.sleep(1)
+            cap.terminate()
+            arp, _ = cap.communicate(timeout=10)
+        link = env.c.exec(survivor, "ip", "-o", "link", "show", "eth0").stdout.split()
+        mac = link[link.index("link/ether") + 1]
+        garp = [ln for ln in arp.splitlines() if f" {mac} > " in ln and
+                (f"who-has {ip} tell {ip}" in ln or f"Reply {ip} is-at {mac}" in ln)]  # fmt: skip
+        assert garp, arp
+        # the host's neighbour entry follows (read only)
+        neigh = subprocess.run(["ip", "neigh", "show", ip], capture_output=True, text=True)
+        assert mac in neigh.stdout, neigh.stdout
+    finally:
+        if unplugged:
+            subprocess.run(["ip", "netns", "exec", st.underlay_netns, "ip", "link", "set",
+                            unplugged, "up"], check=False)  # fmt: skip
+        for name in ("prx-lb", "prx-lb-local"):
+            _delete_service(env, name)
+        with contextlib.suppress(Exception):
+            env.run(lambda s: s.delete(LoadBalancerPool, "prx-pool"))
+        for n in env.c.nodes:
+            with contextlib.suppress(Exception):
+                _set_node_label(env, n, None)
+        for n in env.c.nodes:
+            wait_for(lambda n=n: _node_ready(env, n), f"{n} Ready again", timeout=120)
 
 
 # ---------------------------------------------------------------- eBPF mode only
