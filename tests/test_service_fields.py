@@ -301,3 +301,30 @@ def test_election_picks_one_node_and_moves_only_the_lost_nodes_addresses() -> No
     assert len(req) == 42 and req[12:14] == b"\x08\x06" and req[:6] == b"\xff" * 6
     # sender and target protocol address are both the announced one
     assert req[28:32] == req[38:42] == bytes([10, 235, 0, 200]) and rep[21] == 2
+
+
+def test_expose_type_loadbalancer_and_external_ip_column(corral: Any) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "lbpod", "labels": {"app": "lbpod"}},
+           "spec": {"containers": [{"name": "c", "command": ["sleep", "9"],
+                                    "ports": [{"containerPort": 8080}]}]}}  # fmt: skip
+    assert corral("apply", "-f", "-", stdin=yaml.safe_dump(pod)).returncode == 0
+    r = corral("expose", "pod/lbpod", "--port", "80", "--type", "LoadBalancer")
+    assert r.returncode == 0 and "nodePort" in r.stdout, r.stderr
+    rows = corral("get", "svc", "lbpod").stdout.splitlines()
+    assert rows[0].split()[:4] == ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP"]
+    assert rows[1].split()[1] == "LoadBalancer" and rows[1].split()[3] == "<pending>", rows
+    corral("delete", "svc", "lbpod")
+    corral("delete", "pod", "lbpod")
+
+
+def test_lb_pool_flag_is_checked_against_the_underlay() -> None:
+    from corral.cluster.local import ClusterError
+    from corral.cluster.plan import check_lb_pool
+
+    nodes = ["10.235.0.1", "10.235.0.2"]
+    check_lb_pool("10.235.0.224/28", "10.235.0.0/24", nodes, "10.235.0.254")
+    for bad, words in (("10.9.0.0/28", "inside the underlay"), ("10.235.0.0/28", "10.235.0.1"),
+                       ("10.235.0.240/28", "10.235.0.254"), ("nope", "not a CIDR")):  # fmt: skip
+        with pytest.raises(ClusterError, match=words):
+            check_lb_pool(bad, "10.235.0.0/24", nodes, "10.235.0.254")
