@@ -10,6 +10,15 @@ winner is the candidate with the smallest sha256(node + "#" + address)
 its own). A node that stops being Ready (or whose proxy sees itself NotReady)
 drops out, and the next one takes over.
 
+Liveness faster than Node readiness (whose grace is 40 s): every proxy keeps a
+key `/corral/v1/lbspeakers/<node>` on an etcd lease of SPEAKER_TTL seconds,
+refreshed every SPEAKER_REFRESH; only nodes whose key exists are candidates. A
+node that stops (or leaves the network) loses its key when the lease runs
+out, and the others see the delete on their watch: failover in about
+SPEAKER_TTL seconds, as MetalLB's memberlist notices a dead speaker. A
+restarted proxy writes its key again under a new lease (the old one is not
+revoked, so a restart moves nothing).
+
 The kernel mechanism: the winner holds the address as a /32 on `lo` (labelled
 `lo:corrallb`, how a restarted proxy finds its own). It is then a local address:
 the kernel answers ARP requests for it on the underlay interface (arp_ignore 0)
@@ -34,6 +43,7 @@ from collections.abc import Iterable
 from corral.api.informer import Informer, InformerFactory
 from corral.api.loadbalancer import ingress_ips, ours, pool_of
 from corral.api.objects import EndpointSlice, LoadBalancerPool, Node, Service
+from corral.api.store import PREFIX, Store
 from corral.common.labels import SERVICE_NAME_LABEL
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.node import netlink
@@ -41,6 +51,9 @@ from corral.node import netlink
 log = logging.getLogger(__name__)
 
 LABEL = "lo:corrallb"
+SPEAKERS_PREFIX = f"{PREFIX}/lbspeakers/"
+SPEAKER_TTL = 5  # seconds
+SPEAKER_REFRESH = 1.5
 GARP_ROUNDS = (0.0, 0.3, 0.7)  # seconds after a takeover
 
 
@@ -71,8 +84,10 @@ def garp_frames(ip: str, mac: bytes) -> list[bytes]:
 class Announcer:
     """The node's part of L2 announcement (a task of the proxy component)."""
 
-    def __init__(self, informers: InformerFactory, node: str) -> None:
+    def __init__(self, informers: InformerFactory, node: str, store: Store | None = None) -> None:
         self.node = node
+        self.store = store  # None: no speaker key (tests), readiness alone decides
+        self.speakers: Informer[str] = informers.raw(SPEAKERS_PREFIX, _speaker)
         self.nodes: Informer[Node] = informers.informer(Node)
         self.pools: Informer[LoadBalancerPool] = informers.informer(LoadBalancerPool)
         self.services: Informer[Service] = informers.informer(Service)
@@ -86,7 +101,7 @@ class Announcer:
         self._tasks: set[asyncio.Future[None]] = set()
         self._regs = [
             inf.on_change(lambda old, new: self.runner.run_soon())
-            for inf in (self.nodes, self.pools, self.services, self.slices)
+            for inf in (self.nodes, self.pools, self.services, self.slices, self.speakers)
         ]
 
     def _local_nodes(self, svc: Service) -> set[str]:
@@ -107,6 +122,9 @@ class Announcer:
         """address -> the node that announces it."""
         pools = list(self.pools.values())
         nodes = [n for n in self.nodes.values() if n.ready]
+        if self.store is not None:
+            alive = set(self.speakers.values())
+            nodes = [n for n in nodes if n.name in alive]
         out: dict[str, str] = {}
         for svc in self.services.values():
             if not ours(svc):
@@ -194,9 +212,29 @@ class Announcer:
                     s.send(frame)
 
     async def run(self) -> None:
-        for inf in (self.nodes, self.pools, self.services, self.slices):
+        for inf in (self.nodes, self.pools, self.services, self.slices, self.speakers):
             await inf.wait_synced()
-        await self.runner.run()
+        if self.store is None:
+            await self.runner.run()
+            return
+        beat = asyncio.create_task(self._speak(self.store), name="announce-speaker")
+        try:
+            await self.runner.run()
+        finally:
+            beat.cancel()
+
+    async def _speak(self, store: Store) -> None:
+        """Keep this node's speaker key alive (see the top)."""
+        key, lease = SPEAKERS_PREFIX + self.node, None
+        while True:
+            try:
+                if lease is None or await store.refresh_lease(lease) <= 0:
+                    lease = await store.grant_lease(SPEAKER_TTL)
+                    await store.put_raw(key, self.node.encode(), lease=lease)
+            except Exception as e:  # StoreError, aetcd's own: try again, never stop
+                log.warning("LoadBalancer speaker key: %s", e)
+                lease = None
+            await asyncio.sleep(SPEAKER_REFRESH)
 
     def remove(self) -> None:
         for r in self._regs:
@@ -204,6 +242,13 @@ class Announcer:
 
     def debug(self) -> dict[str, object]:
         return {"announcing": sorted(self.held or ()), "takeovers": self.takeovers}
+
+
+def _speaker(value: bytes) -> str | None:
+    try:
+        return value.decode() or None
+    except UnicodeDecodeError:
+        return None
 
 
 def cleanup() -> list[str]:

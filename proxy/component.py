@@ -92,7 +92,7 @@ class Proxy:
         self._forget_kernel = False
         self.health = HealthServers()  # healthCheckNodePorts (LoadBalancer, policy Local)
         # LoadBalancer addresses this node wins, on its lo (a real node's set-up only)
-        self.announcer = Announcer(informers, node) if node_setup else None
+        self.announcer = Announcer(informers, node, store) if node_setup else None
 
     def _changed(self) -> None:
         metrics.PROXY_PENDING.set(len(self.tracker))
