@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 
 from corral.api.informer import Informer, InformerFactory, started
-from corral.api.loadbalancer import LB_CLASS, ingress_ips, ours, pool_of
+from corral.api.loadbalancer import ingress_ips, ours, pool_of
 from corral.api.objects import LoadBalancerPool, Service
 from corral.api.store import Conflict, NotFound, Store
 from corral.common.supervisor import Supervisor
@@ -40,9 +40,6 @@ def pool_addresses(pool: LoadBalancerPool) -> Iterator[str]:
 
 def in_pools(ip: str, pools: list[LoadBalancerPool]) -> bool:
     return pool_of(ip, pools) is not None
-
-
-__all__ = ["LB_CLASS", "LoadBalancerIPController", "plan"]
 
 
 def plan(services: list[Service], pools: list[LoadBalancerPool]) -> dict[str, list[str]]:
