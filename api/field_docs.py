@@ -92,7 +92,25 @@ DOCS: dict[tuple[str, str], str] = {
     # services
     ("Service", "spec"): "How the Service is reached and which pods serve it.",
     ("ServiceSpec", "type"): "ClusterIP (a virtual IP), NodePort (also a port on every "
-    "node), LoadBalancer (as NodePort here) or ExternalName (a DNS alias).",
+    "node), LoadBalancer (a NodePort plus an address from a LoadBalancerPool, announced "
+    "with ARP by one node) or ExternalName (a DNS alias).",
+    ("ServiceSpec", "externalTrafficPolicy"): "For NodePort, LoadBalancer and externalIPs "
+    "traffic: Cluster (any endpoint, client address masqueraded) or Local (only the "
+    "receiving node's endpoints, client address kept; dropped on a node without one).",
+    ("ServiceSpec", "internalTrafficPolicy"): "For in-cluster traffic to the clusterIP: "
+    "Cluster (any endpoint) or Local (only endpoints on the client's node; else dropped).",
+    ("ServiceSpec", "externalIPs"): "Addresses routed to the nodes by you: traffic to "
+    "them on a service port reaches the endpoints.",
+    ("ServiceSpec", "healthCheckNodePort"): "LoadBalancer with externalTrafficPolicy "
+    "Local: every node answers HTTP on it, 200 with its local endpoint count, else 503 "
+    "(allocated unless given).",
+    ("ServiceSpec", "loadBalancerIP"): "The address to take from a LoadBalancerPool.",
+    ("ServiceSpec", "loadBalancerClass"): "Unset or corral.dev/l2: corral allocates and "
+    "announces; another class is left to its implementation.",
+    ("ServiceSpec", "ipFamilies"): "[IPv4] only: the cluster is IPv4-only.",
+    ("ServiceSpec", "loadBalancerSourceRanges"): "Not implemented: refused unless empty.",
+    ("ServiceSpec", "allocateLoadBalancerNodePorts"): "Only true (the default): corral's "
+    "LoadBalancer delivers through node ports.",
     ("ServiceSpec", "selector"): "The labels of the pods that serve it; without one, "
     "its Endpoints are yours to write.",
     ("ServiceSpec", "ports"): "The ports it serves (merged by port in a patch).",

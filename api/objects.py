@@ -658,12 +658,15 @@ class ServiceSpec(Model):
     internal_traffic_policy: Literal["Cluster", "Local"] | None = None
     ip_families: list[Literal["IPv4", "IPv6"]] = Field(default_factory=list)
     ip_family_policy: Literal["SingleStack", "PreferDualStack", "RequireDualStack"] | None = None
-    # Kubernetes fields corral does not act on, kept round trip (see Kept)
-    load_balancer_ip: Kept = Field(default=None, alias="loadBalancerIP")
-    load_balancer_source_ranges: Kept = None
-    load_balancer_class: Kept = None
-    allocate_load_balancer_node_ports: Kept = None
-    health_check_node_port: Kept = None
+    load_balancer_ip: IPAddress | None = Field(default=None, alias="loadBalancerIP")
+    load_balancer_class: str | None = None
+    health_check_node_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    # refused unless empty/true: corral has no source filtering, and its
+    # LoadBalancer delivers through node ports (see _not_implemented)
+    load_balancer_source_ranges: list[str] | None = None
+    allocate_load_balancer_node_ports: bool | None = None
+    # a topology hint (PreferClose): with no zones every endpoint is as close as any,
+    # so kube-proxy's answer without hints (all endpoints) is the one corral gives
     traffic_distribution: Kept = None
 
     @field_validator("cluster_ip")
@@ -672,6 +675,67 @@ class ServiceSpec(Model):
         if v in (None, "", "None"):
             return v
         return _ip(v)
+
+    # Fields Kubernetes has and corral does not implement are refused here, with the
+    # reason, rather than accepted and ignored (every writer validates this model:
+    # the API server, `corral apply`/`expose`, manifests).
+
+    @field_validator("ip_families")
+    @classmethod
+    def _ipv4_only(cls, v: list[str]) -> list[str]:
+        if "IPv6" in v or len(v) > 1:
+            raise ValueError(
+                f"{v}: this cluster is IPv4-only (no dual-stack): use [IPv4] or leave it out"
+            )
+        return v
+
+    @field_validator("ip_family_policy")
+    @classmethod
+    def _single_stack(cls, v: str | None) -> str | None:
+        if v == "RequireDualStack":
+            raise ValueError(
+                "RequireDualStack needs a dual-stack cluster and this one is IPv4-only: "
+                "use SingleStack or PreferDualStack (which gets IPv4 only)"
+            )
+        return v
+
+    @field_validator("cluster_ips")
+    @classmethod
+    def _one_cluster_ip(cls, v: list[str]) -> list[str]:
+        if len(v) > 1:
+            raise ValueError(f"{v}: one address only (this cluster is IPv4-only)")
+        for ip in v:
+            if ip not in ("", "None") and ":" in _ip(ip):
+                raise ValueError(f"{ip}: this cluster is IPv4-only")
+        return v
+
+    @field_validator("external_ips", "load_balancer_ip")
+    @classmethod
+    def _ipv4(cls, v: Any) -> Any:
+        for ip in v if isinstance(v, list) else [v] if v else []:
+            if ":" in ip:
+                raise ValueError(f"{ip}: this cluster is IPv4-only")
+        return v
+
+    @field_validator("load_balancer_source_ranges")
+    @classmethod
+    def _no_source_ranges(cls, v: list[str] | None) -> list[str] | None:
+        if v:
+            raise ValueError(
+                "not implemented: corral's proxy does not filter LoadBalancer clients by "
+                "source; leave it out"
+            )
+        return v
+
+    @field_validator("allocate_load_balancer_node_ports")
+    @classmethod
+    def _node_ports_kept(cls, v: bool | None) -> bool | None:
+        if v is False:
+            raise ValueError(
+                "false is not implemented: corral's LoadBalancer services always get "
+                "node ports; leave it out or set true"
+            )
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceSpec:
@@ -700,6 +764,23 @@ class ServiceSpec(Model):
             seen.add((p.port, p.protocol))
             if p.node_port is not None and self.type not in ("NodePort", "LoadBalancer"):
                 raise ValueError("nodePort may only be set when type is NodePort or LoadBalancer")
+        external = self.type in ("NodePort", "LoadBalancer") or bool(self.external_ips)
+        if self.external_traffic_policy is not None and not external:
+            raise ValueError(
+                "spec.externalTrafficPolicy may only be set for NodePort or LoadBalancer "
+                "services or ones with spec.externalIPs"
+            )
+        if self.type != "LoadBalancer":
+            for attr, wire in (
+                ("health_check_node_port", "healthCheckNodePort"),
+                ("load_balancer_class", "loadBalancerClass"),
+                ("load_balancer_ip", "loadBalancerIP"),
+            ):
+                if getattr(self, attr) is not None:
+                    raise ValueError(f"spec.{wire} may only be set when type is LoadBalancer")
+        elif self.external_traffic_policy != "Local":
+            # kube's rule on update: the health check port goes with the Local policy
+            self.health_check_node_port = None
         if self.session_affinity == "ClientIP" and self.session_affinity_config is None:
             self.session_affinity_config = SessionAffinityConfig()
         if self.session_affinity == "None" and self.session_affinity_config is not None:
@@ -1095,6 +1176,42 @@ class NetworkConfig(TypedObject):
     spec: NetworkSpec = Field(default_factory=NetworkSpec)
 
 
+class LoadBalancerPoolSpec(Model):
+    cidrs: list[CIDR] = Field(
+        min_length=1,
+        description="Where LoadBalancer Services' addresses come from (IPv4 networks on "
+        "the nodes' own layer-2 network: one node answers ARP for each address).",
+    )
+    node_selector: Labels | None = Field(
+        default=None,
+        description="Only nodes with these labels announce this pool's addresses "
+        "(default: every Ready node).",
+    )
+
+    @field_validator("cidrs")
+    @classmethod
+    def _ipv4(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if ":" in c:
+                raise ValueError(f"{c}: this cluster is IPv4-only")
+        return v
+
+
+class LoadBalancerPool(TypedObject):
+    """Addresses for type: LoadBalancer Services on bare metal (MetalLB's L2 mode):
+    one is allocated to each Service (status.loadBalancer.ingress) and announced
+    with ARP by exactly one Ready node at a time."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("corral.dev/v1",)
+    KIND: ClassVar[str] = "LoadBalancerPool"
+    PLURAL: ClassVar[str] = "loadbalancerpools"
+    NAMESPACED: ClassVar[bool] = False
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("lbpool", "loadbalancerpool")
+
+    api_version: str = "corral.dev/v1"
+    spec: LoadBalancerPoolSpec
+
+
 class SubnetLease(Model):
     """A node's claim on one subnet; its etcd key carries an etcd lease (TTL)."""
 
@@ -1133,4 +1250,5 @@ KINDS: tuple[type[TypedObject], ...] = (
     ReplicationController,
     Deployment,
     NetworkConfig,
+    LoadBalancerPool,
 )

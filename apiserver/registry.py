@@ -111,6 +111,7 @@ RESOURCES: tuple[Resource, ...] = (
     _r("discovery.k8s.io", objects.EndpointSlice),
     _r("apps", objects.Deployment, categories=("all",), subresources=("status", "scale")),
     _r("corral.dev", objects.NetworkConfig),
+    _r("corral.dev", objects.LoadBalancerPool),
 )
 
 # Every kind in corral.api.objects.KINDS is served (tests/test_apiserver_units.py).

@@ -33,6 +33,32 @@ def age(ts: str | None, now: float | None = None) -> str:
     return f"{s // 86400}d"
 
 
+def external_ip(
+    type_: str, external_ips: list[str], ingress: list[dict[str, Any]], external_name: str | None
+) -> str:
+    """kubectl's EXTERNAL-IP: externalIPs and LoadBalancer ingress, `<pending>` for a
+    LoadBalancer without one yet, the name of an ExternalName."""
+    if type_ == "ExternalName":
+        return external_name or "<none>"
+    ips = [*external_ips]
+    if type_ == "LoadBalancer":
+        ips += [
+            i.get("ip") or i.get("hostname") for i in ingress if i.get("ip") or i.get("hostname")
+        ]
+        if not ips:
+            return "<pending>"
+    return ",".join(ips) or "<none>"
+
+
+def _external_ip(o: Obj) -> str:
+    return external_ip(
+        _get(o, "spec", "type", default="ClusterIP"),
+        _get(o, "spec", "externalIPs", default=[]) or [],
+        _get(o, "status", "loadBalancer", "ingress", default=[]) or [],
+        _get(o, "spec", "externalName"),
+    )
+
+
 def _get(obj: Obj, *path: str, default: Any = None) -> Any:
     cur: Any = obj
     for p in path:
@@ -135,7 +161,7 @@ COLUMNS: dict[str, list[Column]] = {
         _NAME,
         ("Type", "string", 0, lambda o: _get(o, "spec", "type", default="ClusterIP")),
         ("Cluster-IP", "string", 0, lambda o: _get(o, "spec", "clusterIP", default="<none>")),
-        ("External-IP", "string", 0, lambda o: "<none>"),
+        ("External-IP", "string", 0, _external_ip),
         ("Port(s)", "string", 0, _ports),
         _AGE,
         ("Selector", "string", 1, lambda o: _selector(_get(o, "spec", "selector"))),

@@ -80,6 +80,13 @@ def register(sub: Any) -> None:
         "iptables); passed on to the nodes as CORRAL_PROXY_MODE",
     )
     p.add_argument(
+        "--lb-pool",
+        default=None,
+        metavar="CIDR",
+        help="addresses for type LoadBalancer Services, inside the underlay network (e.g. "
+        "its top /28): a LoadBalancerPool; one node answers ARP for each address",
+    )
+    p.add_argument(
         "--etcd-auth",
         action="store_true",
         help="turn on the local etcd's users and roles, so the cluster DNS pods' "
@@ -155,6 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         dns_replicas=args.dns_replicas,
         etcd_auth=args.etcd_auth,
         apiservers=args.apiservers,
+        lb_pool=args.lb_pool,
     )
     s = _cluster_call(up.up, opts)
     print(up.summary(s))

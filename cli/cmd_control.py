@@ -39,8 +39,8 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "controllers",
-        help="run the replication, endpoints, service-IP, node-lifecycle and namespace "
-        "controllers (a daemon)",
+        help="run the replication, endpoints, service-IP, node-lifecycle, namespace and "
+        "LoadBalancer-address controllers (a daemon)",
     )
     p.add_argument(
         "--controllers",

@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
         help="the pods' port, number or name (default: their container port, else --port)",
     )
     p.add_argument("--protocol", choices=["TCP", "UDP", "SCTP"], default="TCP")
-    p.add_argument("--type", choices=["ClusterIP", "NodePort"], default="ClusterIP")
+    p.add_argument("--type", choices=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP")
     p.add_argument("--session-affinity", choices=["None", "ClientIP"], default="None")
     p.add_argument("--name", default=None, help="service name (default: NAME)")
     p.add_argument("-n", "--namespace", default="default")

@@ -119,11 +119,16 @@ def _svc_ports(s: Service) -> str:
 
 def _svc_row(s: Service, wide: bool) -> list[str]:
     cip = s.spec.cluster_ip or ("<none>" if s.spec.type == "ExternalName" else "<pending>")
-    ext = (
-        s.spec.external_name
-        if s.spec.type == "ExternalName"
-        else (",".join(s.spec.external_ips) or "<none>")
-    )
+    ext = ""
+    if s.spec.type == "ExternalName":
+        ext = s.spec.external_name or ""
+    else:
+        ips = [*s.spec.external_ips]
+        if s.spec.type == "LoadBalancer":
+            ips += [i["ip"] for i in s.status.load_balancer.ingress if i.get("ip")]
+            ext = ",".join(ips) or "<pending>"
+        else:
+            ext = ",".join(ips)
     row = [
         s.name,
         s.spec.type,

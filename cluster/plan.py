@@ -38,6 +38,7 @@ class UpOptions:
     dns_replicas: int | None = None  # cluster DNS pods; None: keep the running count, else 2
     apiservers: int | None = None  # API servers on nodes 1..N; None: keep the count, else 1
     etcd_auth: bool = False  # turn on the local etcd's auth: the dns certificate only reads
+    lb_pool: str | None = None  # a LoadBalancerPool's CIDR, inside the underlay network
     progress: Progress = field(default=on_stderr)
 
 
@@ -106,6 +107,8 @@ def plan(opts: UpOptions, sdir: str, old: ClusterState | None) -> ClusterState:
         raise ClusterError(
             f"--dns-replicas {opts.dns_replicas}: give 0 (no cluster DNS) to {MAX_DNS_REPLICAS}"
         )
+    if opts.lb_pool is not None:
+        check_lb_pool(opts.lb_pool, s.underlay_cidr, [str(h) for h in hosts[:count]], s.host_ip)
     for i in range(len(s.nodes) + 1, count + 1):
         s.nodes.append(
             NodeState(
@@ -167,3 +170,26 @@ def _check_etcd(urls: list[str], tls: TLSFiles | None) -> list[str]:
         )
     scheme = "https" if secure or tls is not None else "http"
     return [f"{scheme}://{h}:{p}" for h, p in eps]
+
+
+def check_lb_pool(cidr: str, underlay: str, node_ips: list[str], host_ip: str) -> None:
+    """--lb-pool: an IPv4 network inside the underlay, holding no node's or the host's
+    address (one node answers ARP for each of its addresses on the underlay)."""
+    try:
+        net = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as e:
+        raise ClusterError(
+            f"--lb-pool {cidr!r} is not a CIDR ({e}); e.g. 10.250.7.192/28"
+        ) from None
+    ul = ipaddress.ip_network(underlay)
+    if not isinstance(net, ipaddress.IPv4Network) or not net.subnet_of(ul):  # type: ignore[arg-type]
+        raise ClusterError(
+            f"--lb-pool {cidr}: must be inside the underlay network {underlay}, where the "
+            "nodes announce its addresses with ARP"
+        )
+    taken = [ip for ip in [*node_ips, host_ip] if ipaddress.ip_address(ip) in net]
+    if taken:
+        raise ClusterError(
+            f"--lb-pool {cidr} holds {', '.join(taken)} (a node's or the host's address); "
+            "pick a range of the underlay no node uses, e.g. its top addresses"
+        )

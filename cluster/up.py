@@ -107,6 +107,8 @@ def _up_locked(opts: UpOptions, sdir: str) -> ClusterState:
     # After the nodes are Ready: pods scheduled while only some were would all land
     # there, and nothing moves them later.
     _ensure_dns(s, opts, say)
+    if opts.lb_pool:
+        _ensure_lb_pool(s, opts.lb_pool, say)
     if waiting:
         _wait_dns(s, opts.wait, say)
     return s
@@ -200,6 +202,32 @@ def _ensure_pod_credentials(s: ClusterState) -> None:
             if f.read() == data:
                 continue
         write_atomic(dst, data, mode)
+
+
+LB_POOL_NAME = "underlay"
+
+
+def _ensure_lb_pool(s: ClusterState, cidr: str, say: Progress) -> None:
+    """--lb-pool: the LoadBalancerPool `underlay` with that CIDR (replaced if it differs)."""
+    from corral.api.objects import LoadBalancerPool
+
+    async def go() -> None:
+        async with Store(s.etcd_urls, tls=s.tls("cli")) as store:
+            have = await store.get(LoadBalancerPool, LB_POOL_NAME)
+            if have is not None and have.spec.cidrs == [cidr]:
+                return
+            pool = LoadBalancerPool(metadata={"name": LB_POOL_NAME}, spec={"cidrs": [cidr]})
+            if have is None:
+                await store.create(pool)
+            else:
+                have.spec.cidrs = [cidr]
+                await store.update(have)
+
+    try:
+        asyncio.run(go())
+    except StoreError as e:
+        raise ClusterError(f"could not write the LoadBalancerPool: {e}") from None
+    say(f"✓ LoadBalancerPool {LB_POOL_NAME} {cidr} (announced with ARP on the underlay)")
 
 
 def _ensure_dns(s: ClusterState, opts: UpOptions, say: Progress) -> None:

@@ -13,6 +13,7 @@ from corral.api.store import Store
 from corral.common.supervisor import Supervisor
 from corral.control.endpoints import EndpointsController
 from corral.control.garbagecollector import GarbageCollector
+from corral.control.lbips import LoadBalancerIPController
 from corral.control.namespaces import NamespaceController
 from corral.control.nodelifecycle import NodeLifecycleController
 from corral.control.replication import ReplicationManager
@@ -44,6 +45,7 @@ CONTROLLERS: dict[str, Callable[[Store, ControllerOptions, InformerFactory], Any
     ),
     "namespaces": lambda s, o, i: NamespaceController(s, informers=i),
     "garbagecollector": lambda s, o, i: GarbageCollector(s, informers=i),
+    "lbips": lambda s, o, i: LoadBalancerIPController(s, informers=i),
 }
 
 

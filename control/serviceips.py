@@ -10,9 +10,11 @@ ClusterIPs come from the NetworkConfig `cluster` spec.serviceCIDR (default
 10.96.0.0/12), never its network or broadcast address nor the cluster DNS
 address (10.96.0.10) or the first address (10.96.0.1, the API servers' `kubernetes`
 Service), which only a Service asking for them by name gets. Node
-ports come from 30000-32767. Addresses a user wrote into the Service are
-reserved as they are. The controller fills in Services that lack them (e.g.
-from `corral apply`) by compare-and-swap and frees what deleted Services held.
+ports come from 30000-32767, and so does a LoadBalancer Service's
+healthCheckNodePort when its externalTrafficPolicy is Local (kube's rule).
+Addresses a user wrote into the Service are reserved as they are. The
+controller fills in Services that lack them (e.g. from `corral apply`) by
+compare-and-swap and frees what deleted Services held.
 
 Two allocators, one bookkeeping rule. `Allocator` (what `corral expose` uses,
 once per command) reads the keys and claims one by one. The controller keeps
@@ -165,10 +167,32 @@ class Allocator:
             elif not svc.spec.cluster_ips:
                 svc.spec.cluster_ips, changed = [ip], True
         if svc.spec.type in ("NodePort", "LoadBalancer"):
-            for sp, port in zip(svc.spec.ports, await self.node_ports(svc, holder), strict=True):
+            ports = await self.node_ports(svc, holder)
+            for sp, port in zip(svc.spec.ports, ports, strict=True):
                 if sp.node_port != port:
                     sp.node_port, changed = port, True
+            if needs_health_port(svc):
+                hc = await self.health_port(svc, holder, {p for p in ports if p})
+                if svc.spec.health_check_node_port != hc:
+                    svc.spec.health_check_node_port, changed = hc, True
         return changed
+
+    async def health_port(self, svc: Service, holder: Holder, used: set[int]) -> int:
+        want = svc.spec.health_check_node_port
+        if want is not None:
+            if want in used or not await self._claim(f"{NODE_PORTS_PREFIX}{want}", holder):
+                raise AllocationError(f"healthCheckNodePort {want} is already allocated")
+            return want
+        held = await self._holders(NODE_PORTS_PREFIX)
+        lo, hi = NODE_PORT_RANGE
+        start = self.rng.randrange(lo, hi + 1)
+        for i in range(hi - lo + 1):
+            port = lo + (start - lo + i) % (hi - lo + 1)
+            if str(port) in held or port in used:
+                continue
+            if await self._claim(f"{NODE_PORTS_PREFIX}{port}", holder):
+                return port
+        raise AllocationError(f"no node port is free in {lo}-{hi}")
 
     async def release(self, service_key: str, keep_uid: str | None = None) -> int:
         """Free everything held for `service_key` (except by the Service with `keep_uid`)."""
@@ -181,6 +205,10 @@ class Allocator:
                     await self.store.delete_raw(kv.key, kv.mod_revision)
                     n += 1
         return n
+
+
+def needs_health_port(svc: Service) -> bool:
+    return svc.spec.type == "LoadBalancer" and svc.spec.external_traffic_policy == "Local"
 
 
 def holder_record(raw: bytes) -> Holder:
@@ -415,6 +443,8 @@ class ServiceIPController:
         plan.summary = f"clusterIP {svc.spec.cluster_ip}" + "".join(
             f", nodePort {p.node_port}" for p in svc.spec.ports if p.node_port
         )
+        if svc.spec.health_check_node_port:
+            plan.summary += f", healthCheckNodePort {svc.spec.health_check_node_port}"
         return plan
 
     def _plan_ip(self, plan: Plan, svc: Service, holder: Holder) -> bool:
@@ -445,12 +475,14 @@ class ServiceIPController:
     def _plan_ports(self, plan: Plan, svc: Service, holder: Holder) -> bool:
         changed = False
         asked = {p.node_port for p in svc.spec.ports if p.node_port is not None}
+        if svc.spec.health_check_node_port is not None:
+            asked.add(svc.spec.health_check_node_port)
         mine = sorted(
             int(a)
             for a, h in self.ports.held_by(holder.service).items()
             if h == holder and int(a) not in asked
         )
-        used: set[int] = set(asked)
+        used = set(asked)  # the health check port asked for too: no nodePort takes it
         for sp in svc.spec.ports:
             if sp.node_port is not None:
                 h = self.ports.holder(str(sp.node_port))
@@ -466,6 +498,22 @@ class ServiceIPController:
                 self._claim(plan, self.ports, str(port), holder)
             used.add(port)
             sp.node_port, changed = port, True
+        if needs_health_port(svc):
+            want = svc.spec.health_check_node_port
+            if want is not None:
+                h = self.ports.holder(str(want))
+                clash = any(p.node_port == want for p in svc.spec.ports)
+                if clash or (h is not None and h != holder):
+                    raise AllocationError(f"healthCheckNodePort {want} is already allocated")
+                if h is None:
+                    self._claim(plan, self.ports, str(want), holder)
+            else:
+                if mine:
+                    port = mine.pop(0)
+                else:
+                    port = self._pick_port(used)
+                    self._claim(plan, self.ports, str(port), holder)
+                svc.spec.health_check_node_port, changed = port, True
         return changed
 
     # ---------------------------------------------------------------- writing

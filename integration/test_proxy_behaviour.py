@@ -46,6 +46,10 @@ MODES = ("iptables", "ebpf")
 DATAPATHS = ("bpf", "kernel")
 NODEPORT = 30480
 AFFINITY_NET = "172.31.12"  # extra client addresses on a node's lo (outside every corral range)
+EXTERNAL_IP = "172.31.13.10"  # spec.externalIPs (outside every corral range, routed by the test)
+LOCAL_NODEPORT = 30481
+POLICY_SERVICES = ["prx-local", "prx-itp", "prx-ext", "prx-lb", "prx-lb-local"]
+LB_LABEL = "corral.dev/prx-lb"
 
 SERVER = r"""
 import os, socket, threading
@@ -183,6 +187,19 @@ class Env:
         assert r.returncode == 0, r.stderr + r.stdout
         return json.loads(r.stdout.strip().splitlines()[-1])
 
+    def from_host(self, *args: str) -> list[str]:
+        """The CLIENT from the host's own underlay address: outside the cluster."""
+        r = subprocess.run([sys.executable, "-c", CLIENT, *args], capture_output=True,
+                           text=True, timeout=180)  # fmt: skip
+        assert r.returncode == 0, r.stderr + r.stdout
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def from_ns(self, ns: str, *args: str) -> list[str]:
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, *args],
+                           capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert r.returncode == 0, r.stderr + r.stdout
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     def from_node(self, node: str, *args: str) -> list[str]:
         r = self.c.exec(node, sys.executable, "-c", CLIENT, *args, timeout=180)
         assert r.returncode == 0, r.stderr + r.stdout
@@ -309,7 +326,7 @@ def _reused(state_dir: str) -> Iterator[LocalCluster]:
         async def clean(st: Store) -> None:
             for kind, names in (
                 (Pod, [f"prx-srv-{i}" for i in range(3)] + ["prx-client"]),
-                (Service, ["prx-web", "prx-none", "prx-self", "prx-again"]),
+                (Service, ["prx-web", "prx-none", "prx-self", "prx-again", *POLICY_SERVICES]),
             ):
                 for n in names:
                     with contextlib.suppress(Exception):
@@ -698,6 +715,304 @@ def test_restart_of_the_proxy_under_a_request_loop(env: Env) -> None:
         if loop.poll() is None:
             loop.kill()
             loop.wait()
+
+
+# ---------------------------------------------------------------- traffic policies, externalIPs
+
+
+def _http_get(host: str, port: int) -> tuple[int, dict[str, Any]] | None:
+    """(status, JSON body) of GET / from the host, None when nothing answers."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=3) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _create_service(env: Env, svc: Service) -> Service:
+    env.run(lambda s: s.create(svc))
+    return wait_for(
+        lambda: (
+            (got := env.run(lambda s: s.get(Service, svc.name, "default")))
+            and got.spec.cluster_ip
+            and (got.spec.type == "ClusterIP" or all(p.node_port for p in got.spec.ports))
+            and got
+        ),
+        f"addresses for {svc.name}",
+    )
+
+
+def _delete_service(env: Env, name: str) -> None:
+    with contextlib.suppress(Exception):
+        env.run(lambda s: s.delete(Service, name, "default"))
+
+
+def _ok(answers: list[str]) -> bool:
+    return bool(answers) and not any(a.startswith("ERR") for a in answers)
+
+
+def test_external_traffic_policy_local_and_health_check_from_outside(env: Env) -> None:
+    """NodePort from the host (an outside client): Local keeps the client's address and
+    only the node with an endpoint answers; its healthCheckNodePort says 200 (count)
+    there and 503 elsewhere; Cluster works from every node, masqueraded."""
+    if env.datapath == "kernel":
+        pytest.skip("the overlay datapath does not change this; iptables+bpf covers it")
+    host = env.c.state().host_ip
+    n1, n2, n3 = (env.c.ips[n] for n in env.c.nodes)
+    port = {"name": "http", "port": 80, "targetPort": "web", "nodePort": LOCAL_NODEPORT}
+    svc = _create_service(env, _service("prx-local", {"self": "prx-srv-1"}, type="LoadBalancer",
+                                        externalTrafficPolicy="Local", ports=[port]))  # fmt: skip
+    try:
+        hc = svc.spec.health_check_node_port
+        assert hc and hc != LOCAL_NODEPORT
+        wait_for(lambda: _ok(env.from_host(n2, str(LOCAL_NODEPORT), "1")), "Local NodePort")
+        answers = env.from_host(n2, str(LOCAL_NODEPORT), "10")
+        # the server on node-2 saw the host's own address: no SNAT on the way
+        assert {tuple(a.split()[:2]) for a in answers} == {("prx-srv-1", host)}, answers
+        # node-1 and node-3 have no local endpoint: dropped (a timeout, not a refusal)
+        assert env.from_host(n1, str(LOCAL_NODEPORT), "1") == ["ERR:TimeoutError"]
+        assert env.from_host(n3, str(LOCAL_NODEPORT), "1") == ["ERR:TimeoutError"]
+        want = {"service": {"namespace": "default", "name": "prx-local"}, "localEndpoints": 1,
+                "serviceProxyHealthy": True}  # fmt: skip
+        assert wait_for(lambda: _http_get(n2, hc), "the health check on node-2") == (200, want)
+        for n in (n1, n3):
+            got = wait_for(lambda n=n: _http_get(n, hc), "the health check elsewhere")
+            assert got[0] == 503 and got[1]["localEndpoints"] == 0, got
+        # pods reach a Local NodePort on any node (kube-proxy sends them cluster-wide)
+        assert _ok(env.from_pod(env.client, n1, str(LOCAL_NODEPORT), "3"))
+        # Cluster (prx-web): every node answers from outside; the server sees a node address
+        for n in (n1, n2, n3):
+            got = env.from_host(n, str(NODEPORT), "6")
+            assert _ok(got), got
+            assert host not in {a.split()[1] for a in got}, got
+    finally:
+        _delete_service(env, "prx-local")
+
+
+def test_internal_traffic_policy_local(env: Env) -> None:
+    """In-cluster traffic to the ClusterIP stays on the client's node; none there: dropped."""
+    if env.datapath == "kernel":
+        pytest.skip("the overlay datapath does not change this; iptables+bpf covers it")
+    svc = _create_service(env, _service("prx-itp", {"app": "prx-web"},
+                                        internalTrafficPolicy="Local"))  # fmt: skip
+    vip = svc.spec.cluster_ip
+    try:
+        wait_for(lambda: _ok(env.from_pod(env.client, vip, "80", "1")), "prx-itp to answer")
+        # the client on node-1: only node-1's server, however many tries
+        assert set(env.names(env.from_pod(env.client, vip, "80", "20"))) == {"prx-srv-0"}
+        assert set(env.names(env.from_pod("prx-srv-2", vip, "80", "10"))) == {"prx-srv-2"}
+        if env.mode == "ebpf":  # translated in the socket: no flow to the VIP in conntrack
+            env.c.exec("node-1", "conntrack", "-F")
+            assert _ok(env.from_pod(env.client, vip, "80", "3"))
+            ct = env.c.exec("node-1", "conntrack", "-L", "-p", "tcp", "--orig-dst", vip).stdout
+            assert f"src={env.client_ip} " not in ct, ct
+        # node-1's server NotReady: node-1 has no local endpoint, the client is dropped
+        # while node-2's pods still reach theirs
+        env.tell("prx-srv-0", "notready")
+        wait_for(lambda: env.endpoint_state("prx-itp").get(env.servers["prx-srv-0"]) is False,
+                 "NotReady")  # fmt: skip
+        wait_for(lambda: env.from_pod(env.client, vip, "80", "1") == ["ERR:TimeoutError"],
+                 "the client without a local endpoint to be dropped", timeout=60)  # fmt: skip
+        assert set(env.names(env.from_pod("prx-srv-1", vip, "80", "5"))) == {"prx-srv-1"}
+    finally:
+        env.tell("prx-srv-0", "ready")
+        _delete_service(env, "prx-itp")
+        wait_for(lambda: sum(env.endpoint_state().values()) == 3, "ready again")
+
+
+@contextlib.contextmanager
+def _outside_client(env: Env, via: str) -> Iterator[tuple[str, str]]:
+    """A namespace on the underlay bridge (not a node, not a pod, not the host), its
+    address in the underlay network and a route for EXTERNAL_IP via the node `via`:
+    the router an operator points at the node for spec.externalIPs. (ns, address)."""
+    import ipaddress
+    import secrets
+
+    st = env.c.state()
+    ns = f"{st.name}-oc{secrets.token_hex(2)}"
+    net = ipaddress.ip_network(st.underlay_cidr)
+    addr = str(net.network_address + net.num_addresses - 10)
+    ul = st.underlay_netns
+    sh = [
+        ["ip", "netns", "add", ns],
+        ["ip", "netns", "exec", ul, "ip", "link", "add", f"{ns[-6:]}u", "type", "veth", "peer",
+         "name", "eth0", "netns", ns],
+        ["ip", "netns", "exec", ul, "ip", "link", "set", f"{ns[-6:]}u", "master", "br0", "up"],
+        ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{addr}/{net.prefixlen}", "dev", "eth0"],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up"],
+        ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"],
+        ["ip", "netns", "exec", ns, "ip", "route", "add", f"{EXTERNAL_IP}/32", "via", via],
+    ]  # fmt: skip
+    try:
+        for argv in sh:
+            subprocess.run(argv, check=True, capture_output=True, text=True)
+        yield ns, addr
+    finally:
+        subprocess.run(["ip", "netns", "exec", ul, "ip", "link", "del", f"{ns[-6:]}u"],
+                       capture_output=True)  # fmt: skip
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_external_ips_from_outside_and_from_pods(env: Env, policy: str) -> None:
+    if env.datapath == "kernel":
+        pytest.skip("the overlay datapath does not change this; iptables+bpf covers it")
+    n2 = env.c.ips[env.c.nodes[1]]
+    _create_service(env, _service("prx-ext", {"app": "prx-web"}, externalIPs=[EXTERNAL_IP],
+                                  externalTrafficPolicy=policy))  # fmt: skip
+    try:
+        with _outside_client(env, via=n2) as (ns, addr):
+            wait_for(lambda: _ok(env.from_ns(ns, EXTERNAL_IP, "80", "1")), "the external IP")
+            got = env.from_ns(ns, EXTERNAL_IP, "80", "30")
+            assert _ok(got), got
+            names, sources = set(env.names(got)), {a.split()[1] for a in got}
+            if policy == "Local":  # node-2's endpoint only, the client's address kept
+                assert (names, sources) == ({"prx-srv-1"}, {addr}), got
+            else:  # spread over the cluster, masqueraded
+                assert len(names) >= 2 and addr not in sources, got
+            # UDP too, on the service port
+            udp = env.from_ns(ns, EXTERNAL_IP, "53", "3", "udp")
+            assert _ok(udp), udp
+        # from a pod (its node DNATs the external IP): every endpoint, both policies
+        got = env.from_pod(env.client, EXTERNAL_IP, "80", "20")
+        assert _ok(got) and len(set(env.names(got))) >= 2, got
+    finally:
+        _delete_service(env, "prx-ext")
+
+
+def _lb_ip(env: Env, name: str) -> str:
+    def get() -> str | None:
+        svc = env.run(lambda s: s.get(Service, name, "default"))
+        ing = svc.status.load_balancer.ingress if svc else []
+        return ing[0].get("ip") if ing else None
+
+    return wait_for(get, f"a LoadBalancer address for {name}")
+
+
+def _holders(env: Env, ip: str) -> list[str]:
+    """Nodes whose lo holds `ip` (the announcer's mechanism)."""
+    lo = {n: env.c.exec(n, "ip", "-4", "-o", "addr", "show", "dev", "lo").stdout
+          for n in env.c.nodes}  # fmt: skip
+    return [n for n in env.c.nodes if f" {ip}/32 " in lo[n]]
+
+
+def _set_node_label(env: Env, node: str, value: str | None) -> None:
+    from corral.api.objects import Node
+
+    def change(n: Node) -> Node:
+        n = n.model_copy(deep=True)
+        if value is None:
+            n.metadata.labels.pop(LB_LABEL, None)
+        else:
+            n.metadata.labels[LB_LABEL] = value
+        return n
+
+    env.run(lambda s: s.modify(Node, node, None, change))
+
+
+def _node_ready(env: Env, node: str) -> bool:
+    from corral.api.objects import Node
+
+    n = env.run(lambda s: s.get(Node, node))
+    return n is not None and n.ready
+
+
+def test_loadbalancer_from_outside_local_policy_and_failover(env: Env) -> None:
+    """A LoadBalancer Service gets an address from the pool, one node (of those the pool
+    selects) answers ARP for it, the host reaches it; with Local only a node with an
+    endpoint announces; the announcer unplugged, another takes over (gratuitous ARP)."""
+    import ipaddress
+
+    from corral.api.objects import LoadBalancerPool
+
+    if env.datapath == "kernel":
+        pytest.skip("the overlay datapath does not change this; iptables+bpf covers it")
+    st = env.c.state()
+    net = ipaddress.ip_network(st.underlay_cidr)
+    cidr = str(ipaddress.ip_network(f"{net.network_address + net.num_addresses - 48}/28"))
+    pool = LoadBalancerPool(metadata={"name": "prx-pool"},
+                            spec={"cidrs": [cidr], "nodeSelector": {LB_LABEL: "yes"}})  # fmt: skip
+    _n1, n2, n3 = env.c.nodes
+    for n in (n2, n3):
+        _set_node_label(env, n, "yes")
+    env.run(lambda s: s.create(pool))
+    unplugged = None
+    try:
+        http = [{"name": "http", "port": 80, "targetPort": "web"}]
+        _create_service(env, _service("prx-lb", {"self": "prx-srv-0"}, type="LoadBalancer",
+                                      ports=http))  # fmt: skip
+        _create_service(env, _service("prx-lb-local", {"self": "prx-srv-2"}, type="LoadBalancer",
+                                      externalTrafficPolicy="Local", ports=http))  # fmt: skip
+        ip, ip_local = _lb_ip(env, "prx-lb"), _lb_ip(env, "prx-lb-local")
+        assert ipaddress.ip_address(ip) in ipaddress.ip_network(cidr) and ip != ip_local
+        r = env.c.corral("get", "svc", "prx-lb")
+        assert ip in r.stdout, r.stdout  # EXTERNAL-IP
+        # exactly one announcer, among the nodes the pool selects
+        holders = wait_for(lambda: (h := _holders(env, ip)) and h, "an announcer")
+        assert len(holders) == 1 and holders[0] in (n2, n3), holders
+        # Local: only node-3, the one with prx-lb-local's endpoint, may announce
+        assert wait_for(lambda: _holders(env, ip_local), "the Local announcer") == [n3]
+        host = st.host_ip
+        wait_for(lambda: _ok(env.from_host(ip, "80", "1")), "the LoadBalancer from the host")
+        got = env.from_host(ip, "80", "10")
+        assert set(env.names(got)) == {"prx-srv-0"}, got
+        local = env.from_host(ip_local, "80", "5")
+        assert {tuple(a.split()[:2]) for a in local} == {("prx-srv-2", host)}, local
+        # failover: the announcer leaves the network (its link on the underlay goes down)
+        announcer = holders[0]
+        survivor = n3 if announcer == n2 else n2
+        peer = f"n{env.c.nodes.index(announcer) + 1}"
+        cap = subprocess.Popen(
+            ["ip", "netns", "exec", st.underlay_netns, "tcpdump", "-l", "-n", "-e", "-i", "br0",
+             "arp", "and", "host", ip],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        try:
+            subprocess.run(["ip", "netns", "exec", st.underlay_netns, "ip", "link", "set", peer,
+                            "down"], check=True)  # fmt: skip
+            unplugged = peer
+            t0 = time.monotonic()
+            # its speaker key's lease runs out (seconds; long before the node is NotReady);
+            # the unplugged one keeps its own address: its proxy cannot hear of anything
+            wait_for(lambda: survivor in _holders(env, ip), "the survivor to take the address",
+                     timeout=60)  # fmt: skip
+            took = time.monotonic() - t0
+            got = wait_for(lambda: (a := env.from_host(ip, "80", "5")) and _ok(a) and a,
+                           "the LoadBalancer through the new announcer", timeout=30)  # fmt: skip
+            assert set(env.names(got)) == {"prx-srv-0"}
+        finally:
+            time.sleep(1)
+            cap.terminate()
+            arp, _ = cap.communicate(timeout=10)
+        link = env.c.exec(survivor, "ip", "-o", "link", "show", "eth0").stdout.split()
+        mac = link[link.index("link/ether") + 1]
+        garp = [ln for ln in arp.splitlines() if f" {mac} > " in ln and
+                (f"who-has {ip} tell {ip}" in ln or f"Reply {ip} is-at {mac}" in ln)]  # fmt: skip
+        assert garp, arp
+        print(f"LoadBalancer failover: the survivor held the address {took:.1f}s after the unplug")
+        # the host's neighbour entry follows (read only)
+        neigh = subprocess.run(["ip", "neigh", "show", ip], capture_output=True, text=True)
+        assert mac in neigh.stdout, neigh.stdout
+    finally:
+        if unplugged:
+            subprocess.run(["ip", "netns", "exec", st.underlay_netns, "ip", "link", "set",
+                            unplugged, "up"], check=False)  # fmt: skip
+        for name in ("prx-lb", "prx-lb-local"):
+            _delete_service(env, name)
+        with contextlib.suppress(Exception):
+            env.run(lambda s: s.delete(LoadBalancerPool, "prx-pool"))
+        for n in env.c.nodes:
+            with contextlib.suppress(Exception):
+                _set_node_label(env, n, None)
+        for n in env.c.nodes:
+            wait_for(lambda n=n: _node_ready(env, n), f"{n} Ready again", timeout=120)
 
 
 # ---------------------------------------------------------------- eBPF mode only

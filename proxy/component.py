@@ -38,7 +38,9 @@ from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.node import netlink, sysctl
 from corral.proxy import mode as modes
-from corral.proxy.core import ServiceTracker, ServiceView, usable
+from corral.proxy.announce import Announcer
+from corral.proxy.core import ServiceTracker, ServiceView, cluster_endpoints, external_endpoints
+from corral.proxy.healthcheck import HealthServers
 from corral.proxy.mode import ModeContext, ProxyMode, SyncResult
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class Proxy:
         self.mode_name = mode_name
         self.fallback = fallback  # --mode auto (ModeContext.fallback)
         self.mode_note = mode_note
-        self.tracker = ServiceTracker(informers, self._changed)
+        self.tracker = ServiceTracker(informers, self._changed, node)
         self.runner = BoundedFrequencyRunner(
             "proxy", self._sync, min_interval, max_interval, retry_initial=0.5, run_at_start=True
         )
@@ -88,6 +90,9 @@ class Proxy:
         self.synced_once = False
         self._route_ok = False
         self._forget_kernel = False
+        self.health = HealthServers()  # healthCheckNodePorts (LoadBalancer, policy Local)
+        # LoadBalancer addresses this node wins, on its lo (a real node's set-up only)
+        self.announcer = Announcer(informers, node, store) if node_setup else None
 
     def _changed(self) -> None:
         metrics.PROXY_PENDING.set(len(self.tracker))
@@ -120,11 +125,16 @@ class Proxy:
             sv.start(self.mode.run(self._ask_full_sync), f"proxy-{self.mode.name}")
             sv.start(self.runner.run(), "proxy-runner")
             sv.start(self._canary_loop(), "proxy-canary")
+            if self.announcer is not None:
+                sv.start(self.announcer.run(), "proxy-announce")
             await sv.wait()
 
     async def stop(self) -> None:
         # like every corral daemon: leave the kernel state; a restart converges on it
         self.tracker.remove()
+        self.health.close()
+        if self.announcer is not None:
+            self.announcer.remove()
         if self.mode is not None:
             self.mode.close()
 
@@ -162,6 +172,7 @@ class Proxy:
         except Exception:
             metrics.PROXY_SYNC_ERRORS.inc()
             raise
+        await self.health.sync(views)
         self._record(result, views, taken.since.values())
 
     def _record(
@@ -225,6 +236,8 @@ class Proxy:
             "services": len(self.tracker.views()),
             "pending": len(self.tracker),
             "serviceCIDR": self.service_cidr,
+            "healthCheckNodePorts": self.health.debug(),
+            "loadBalancer": None if self.announcer is None else self.announcer.debug(),
             "runs": self.runner.runs,
             "fullRuns": self.runner.full_runs,
             "failures": self.runner.failures,
@@ -254,7 +267,15 @@ def _programmed(written: Mapping[str, ServiceView]) -> list[dict[str, Any]]:
                     "servicePort": sp.port,
                     "nodePort": sp.node_port,
                     "affinityTimeout": sp.affinity_timeout,
-                    "endpoints": [f"{e.ip}:{e.port}" for e in usable(v.endpoints_of(sp))],
+                    "endpoints": [
+                        f"{e.ip}:{e.port}" for e in cluster_endpoints(sp, v.endpoints_of(sp))
+                    ],
+                    "externalIPs": list(sp.external_ips),
+                    "externalEndpoints": [
+                        f"{e.ip}:{e.port}" for e in external_endpoints(sp, v.endpoints_of(sp))
+                    ]
+                    if sp.external
+                    else [],
                 }
             )
     return out
@@ -263,7 +284,9 @@ def _programmed(written: Mapping[str, ServiceView]) -> list[dict[str, Any]]:
 def cleanup(node: str, service_cidr: str | None = None) -> list[str]:
     """Remove everything the proxy made in this namespace, whichever mode made it
     (blocking): every registered mode's state, then the service CIDR's route."""
-    done = modes.cleanup_node(node)
+    from corral.proxy import announce
+
+    done = modes.cleanup_node(node) + announce.cleanup()
     if service_cidr:
         from pyroute2.netlink.exceptions import NetlinkError
 

@@ -16,6 +16,15 @@ pod in the slice's ports, which are named after the service port.
 Which endpoints a service port uses (`usable`): the ready ones; when none is
 ready, the ones both serving and terminating (KEP-1669: a rolling update's last
 pods keep answering); else none, and the mode rejects.
+
+Traffic policies, here so every mode gets them alike (kube-proxy's
+CategorizeEndpoints): the tracker is built for one node and marks the endpoints
+on it `local`. `cluster_endpoints` is what in-cluster traffic to the ClusterIP
+may use (internalTrafficPolicy Local: the local ones only), `external_endpoints`
+what NodePort, externalIPs and LoadBalancer traffic may use (externalTrafficPolicy
+Local: the local ones only, and the client's address is kept); `refusal` says
+whether an empty set is a REJECT (the service has no endpoint at all) or a DROP
+(it has some, none usable under the policy), as kube-proxy answers.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ class EndpointInfo:
     ready: bool = True
     serving: bool = True
     terminating: bool = False
+    local: bool = False  # on the proxy's own node (spec.nodeName of the endpoint)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,15 @@ class ServicePort:
     port: int
     node_port: int | None = None
     affinity_timeout: int | None = None  # seconds; None: no ClientIP affinity
+    external_ips: tuple[str, ...] = ()  # spec.externalIPs, then status.loadBalancer IPs
+    internal_local: bool = False  # internalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local
+    health_check_node_port: int | None = None  # LoadBalancer + Local
+
+    @property
+    def external(self) -> bool:
+        """Reachable from outside the cluster (nodePort, externalIPs, LoadBalancer)."""
+        return bool(self.node_port or self.external_ips)
 
     @property
     def id(self) -> str:
@@ -86,6 +105,9 @@ def service_ports(svc: Service) -> tuple[ServicePort, ...]:
     if spec.session_affinity == "ClientIP":
         cfg = spec.session_affinity_config
         timeout = cfg.client_ip.timeout_seconds if cfg is not None else 10800
+    external_ips = list(spec.external_ips)
+    if spec.type == "LoadBalancer":
+        external_ips += [i["ip"] for i in svc.status.load_balancer.ingress if i.get("ip")]
     return tuple(
         ServicePort(
             service=svc.key_name,
@@ -95,13 +117,22 @@ def service_ports(svc: Service) -> tuple[ServicePort, ...]:
             port=p.port,
             node_port=p.node_port if spec.type in ("NodePort", "LoadBalancer") else None,
             affinity_timeout=timeout,
+            external_ips=tuple(dict.fromkeys(external_ips)),
+            internal_local=spec.internal_traffic_policy == "Local",
+            external_local=spec.external_traffic_policy == "Local",
+            health_check_node_port=spec.health_check_node_port
+            if spec.type == "LoadBalancer" and spec.external_traffic_policy == "Local"
+            else None,
         )
         for p in spec.ports
     )
 
 
-def slice_endpoints(slices: list[EndpointSlice]) -> dict[PortKey, tuple[EndpointInfo, ...]]:
-    """Endpoints per service port over all of a service's slices (IPv4), deduplicated."""
+def slice_endpoints(
+    slices: list[EndpointSlice], node: str | None = None
+) -> dict[PortKey, tuple[EndpointInfo, ...]]:
+    """Endpoints per service port over all of a service's slices (IPv4), deduplicated;
+    those on `node` are marked local."""
     out: dict[PortKey, set[EndpointInfo]] = {}
     for s in slices:
         if s.address_type != "IPv4":
@@ -113,8 +144,11 @@ def slice_endpoints(slices: list[EndpointSlice]) -> dict[PortKey, tuple[Endpoint
                 c = ep.conditions
                 ready = c.ready is not False  # unset means ready (the API's rule)
                 serving = ready if c.serving is None else c.serving
+                local = node is not None and ep.node_name == node
                 for ip in ep.addresses:
-                    bucket.add(EndpointInfo(ip, port.port, ready, serving, bool(c.terminating)))
+                    bucket.add(
+                        EndpointInfo(ip, port.port, ready, serving, bool(c.terminating), local)
+                    )
     # one entry per (ip, port): a pod listed twice (two slices mid-update) counts once,
     # as ready if either says so
     result: dict[PortKey, tuple[EndpointInfo, ...]] = {}
@@ -134,6 +168,34 @@ def usable(eps: tuple[EndpointInfo, ...]) -> tuple[EndpointInfo, ...]:
     if ready:
         return ready
     return tuple(e for e in eps if e.serving and e.terminating)
+
+
+def cluster_endpoints(sp: ServicePort, eps: tuple[EndpointInfo, ...]) -> tuple[EndpointInfo, ...]:
+    """What in-cluster traffic to the ClusterIP uses (internalTrafficPolicy applied)."""
+    if sp.internal_local:
+        return usable(tuple(e for e in eps if e.local))
+    return usable(eps)
+
+
+def external_endpoints(sp: ServicePort, eps: tuple[EndpointInfo, ...]) -> tuple[EndpointInfo, ...]:
+    """What NodePort/externalIP/LoadBalancer traffic uses (externalTrafficPolicy applied)."""
+    if sp.external_local:
+        return usable(tuple(e for e in eps if e.local))
+    return usable(eps)
+
+
+def dnat_targets(sp: ServicePort, eps: tuple[EndpointInfo, ...]) -> set[EndpointInfo]:
+    """Every endpoint some path of the port may send to."""
+    out = set(cluster_endpoints(sp, eps))
+    if sp.external:
+        out |= set(external_endpoints(sp, eps))
+    return out
+
+
+def refusal(eps: tuple[EndpointInfo, ...]) -> str:
+    """How a path with no endpoint under its policy answers: "REJECT" when the service
+    has no usable endpoint at all, "DROP" when it has some elsewhere (kube-proxy)."""
+    return "DROP" if usable(eps) else "REJECT"
 
 
 def _slice_service(s: EndpointSlice) -> list[str]:
@@ -156,7 +218,13 @@ class ServiceTracker:
     mode's runner can `run_soon()`.
     """
 
-    def __init__(self, informers: InformerFactory, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        informers: InformerFactory,
+        on_change: Callable[[], None],
+        node: str | None = None,
+    ) -> None:
+        self.node = node  # endpoints on it are `local` (traffic policies)
         self.services: Informer[Service] = informers.informer(Service)
         self.slices: Informer[EndpointSlice] = informers.informer(EndpointSlice)
         self.slices.add_index(BY_SERVICE, _slice_service)
@@ -225,7 +293,7 @@ class ServiceTracker:
         keys = set(_slice_service(old) if old else []) | set(_slice_service(new) if new else [])
         for key in keys:
             before = self.view(key)
-            eps = slice_endpoints(self.slices.by_index(BY_SERVICE, key))
+            eps = slice_endpoints(self.slices.by_index(BY_SERVICE, key), self.node)
             if eps:
                 self._endpoints[key] = eps
             else:

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from corral.daemon import metrics
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.ebpf import loader, proxy_sock
-from corral.proxy.core import ServiceView, usable
+from corral.proxy.core import ServiceView, cluster_endpoints, usable
 from corral.proxy.fastpath_endpoints import FastPathEndpoints
 from corral.proxy.iptables import IptablesMode, Netfilter
 from corral.proxy.mode import ModeContext, SyncResult
@@ -81,7 +81,13 @@ def sock_entries(
         view, got = views.get(name), out.setdefault(name, {})
         for sp in view.ports if view is not None else ():
             if sp.protocol in proxy_sock.PROTOCOLS:
-                eps = usable(view.endpoints_of(sp))  # type: ignore[union-attr]
+                all_eps = view.endpoints_of(sp)  # type: ignore[union-attr]
+                eps = cluster_endpoints(sp, all_eps)  # internalTrafficPolicy applied
+                if not eps and usable(all_eps):
+                    # Local with none on this node: no entry, so the connection goes on
+                    # untranslated to the iptables half's DROP (kube-proxy drops it;
+                    # the programs could only refuse)
+                    continue
                 backends = tuple(sorted({(e.ip, e.port) for e in eps}))
                 entry = proxy_sock.Entry(backends[: proxy_sock.MAX_BACKENDS], sp.affinity_timeout)
                 got[(sp.cluster_ip, sp.port, sp.protocol)] = entry

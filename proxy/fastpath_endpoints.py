@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from corral.proxy.core import ServiceView, usable
+from corral.proxy.core import ServiceView, dnat_targets
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def endpoints_of(views: Mapping[str, ServiceView]) -> set[Endpoint]:
     out = set()
     for v in views.values():
         for sp in v.ports:
-            out.update((e.ip, e.port, sp.protocol) for e in usable(v.endpoints_of(sp)))
+            out.update((e.ip, e.port, sp.protocol) for e in dnat_targets(sp, v.endpoints_of(sp)))
     return out
 
 

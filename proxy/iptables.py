@@ -363,6 +363,11 @@ class IptablesMode:
                             ["-p", "udp", "--orig-port-dst", str(sp.node_port), "--dst-nat", ip]
                         )
                         n += 1
+                    for eip in sp.external_ips:
+                        self.netfilter.conntrack_delete(
+                            ["-p", "udp", "--orig-dst", eip, "--dst-nat", ip]
+                        )
+                        n += 1
             # ports (or the whole service) gone: their flows go with them
             after_ids = {sp.id for sp in after.ports} if after else set()
             for sid, sp in ports_before.items():

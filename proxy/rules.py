@@ -11,7 +11,18 @@ nat table
   CORRAL-BUCKET-<B>                        one rule per service port with endpoints whose
                                            VIP is in the bucket: `-d VIP -p P --dport N
                                            -j CORRAL-SVC-<h>`
-  CORRAL-NODEPORTS                         per nodePort: mark for masquerade, -> SVC
+  CORRAL-EXTERNALS                         per externalIP/LoadBalancer IP and port:
+                                           -> EXT
+  CORRAL-NODEPORTS                         per nodePort: -> EXT
+  CORRAL-EXT-<h>                           external traffic (kube-proxy's EXT chain):
+                                           policy Cluster: mark for masquerade, -> SVC;
+                                           policy Local: pods -> SVC, the node's own
+                                           processes -> mark, SVC; the rest -> SVL
+                                           unmasqueraded (the client's address kept)
+                                           or, with no local endpoint, on to filter's DROP
+  CORRAL-SVL-<h>                           as SVC over the node's own endpoints only
+                                           (internalTrafficPolicy or externalTrafficPolicy
+                                           Local)
   CORRAL-SVC-<h>                           clients outside the pod network -> mark
                                            (node-local and other nodes' clients);
                                            affinity: a client in an endpoint's set
@@ -26,10 +37,12 @@ nat table
   CORRAL-PROXY-CANARY                      one rule; gone = someone flushed the table
 filter table
   INPUT, FORWARD, OUTPUT (ctstate NEW)     -> CORRAL-SERVICES: REJECT for service
-                                           ports without endpoints (VIP and nodePort):
-                                           a TCP reset for TCP (ICMP errors are rate
-                                           limited per client), ICMP port unreachable
-                                           for UDP and SCTP
+                                           ports without endpoints (VIP, nodePort,
+                                           externalIPs): a TCP reset for TCP (ICMP errors
+                                           are rate limited per client), ICMP port
+                                           unreachable for UDP and SCTP; DROP where the
+                                           service has endpoints but none the path's
+                                           traffic policy allows (kube-proxy's answer)
   CORRAL-PROXY-CANARY
 
 ClientIP affinity uses one ipset `hash:ip` with timeouts per (service port,
@@ -56,14 +69,25 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from corral.proxy.core import EndpointInfo, ServicePort, ServiceView, usable
+from corral.proxy.core import (
+    EndpointInfo,
+    ServicePort,
+    ServiceView,
+    cluster_endpoints,
+    external_endpoints,
+    refusal,
+    usable,
+)
 
 SERVICES = "CORRAL-SERVICES"
 NODEPORTS = "CORRAL-NODEPORTS"
+EXTERNALS = "CORRAL-EXTERNALS"
 MARK_MASQ = "CORRAL-MARK-MASQ"
 POSTROUTING = "CORRAL-PROXY-POST"
 CANARY = "CORRAL-PROXY-CANARY"
 SVC_PREFIX = "CORRAL-SVC-"
+SVL_PREFIX = "CORRAL-SVL-"
+EXT_PREFIX = "CORRAL-EXT-"
 SEP_PREFIX = "CORRAL-SEP-"
 BUCKET_PREFIX = "CORRAL-BUCKET-"
 SET_PREFIX = "CORRAL-AFF-"
@@ -78,7 +102,7 @@ NAT_HOOKS: dict[str, list[str]] = {
 _NEW = ["-m", "conntrack", "--ctstate", "NEW"]
 _REJECTS = ["-m", "comment", "--comment", "corral: services without endpoints", "-j", SERVICES]
 FILTER_HOOKS: dict[str, list[str]] = {h: _NEW + _REJECTS for h in ("INPUT", "FORWARD", "OUTPUT")}
-FIXED_NAT = (SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING, CANARY)
+FIXED_NAT = (SERVICES, NODEPORTS, EXTERNALS, MARK_MASQ, POSTROUTING, CANARY)
 FIXED_FILTER = (SERVICES, CANARY)
 
 
@@ -88,6 +112,14 @@ def _hash(text: str) -> str:
 
 def svc_chain(sp: ServicePort) -> str:
     return SVC_PREFIX + _hash(sp.id)
+
+
+def svl_chain(sp: ServicePort) -> str:
+    return SVL_PREFIX + _hash(sp.id)
+
+
+def ext_chain(sp: ServicePort) -> str:
+    return EXT_PREFIX + _hash(sp.id)
 
 
 def sep_chain(sp: ServicePort, ep: EndpointInfo) -> str:
@@ -109,7 +141,7 @@ def bucket_chain(bucket: int) -> str:
 
 def owned_chain(name: str) -> bool:
     """A chain this proxy makes per service or bucket (the fixed ones are listed apart)."""
-    return name.startswith((SVC_PREFIX, SEP_PREFIX, BUCKET_PREFIX))
+    return name.startswith((SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, SEP_PREFIX, BUCKET_PREFIX))
 
 
 def _q(text: str) -> str:
@@ -130,6 +162,7 @@ class ServiceRules:
     bucket: int | None = None  # the VIP's bucket (None: no portals)
     portals: list[str] = field(default_factory=list)  # nat CORRAL-BUCKET-<bucket> lines
     nodeports: list[str] = field(default_factory=list)  # nat CORRAL-NODEPORTS lines
+    externals: list[str] = field(default_factory=list)  # nat CORRAL-EXTERNALS lines
     rejects: list[str] = field(default_factory=list)  # filter CORRAL-SERVICES lines
 
 
@@ -138,62 +171,116 @@ def probability(i: int, n: int) -> str:
     return f"{1.0 / (n - i):.10f}"
 
 
+def _reject(sp: ServicePort, match: str, comment: str, target: str) -> str:
+    if target == "DROP":
+        how = "-j DROP"
+    else:  # TCP: a reset (not ICMP, which the kernel rate-limits per client)
+        how = "-j REJECT --reject-with " + (
+            "tcp-reset" if sp.protocol == "TCP" else "icmp-port-unreachable"
+        )
+    return f"-A {SERVICES} {match} -m comment --comment {_q(comment)} {how}"
+
+
+def _balance(
+    out: ServiceRules, sp: ServicePort, chain: str, eps: tuple[EndpointInfo, ...], dst: str,
+    cluster_cidr: str,
+) -> None:  # fmt: skip
+    """`chain`: masquerade off-cluster clients of the VIP, affinity, the random cascade."""
+    rules = [f"-A {chain} ! -s {cluster_cidr} {dst} -j {MARK_MASQ}"]
+    seps = [(ep, sep_chain(sp, ep)) for ep in eps]
+    if sp.affinity_timeout:
+        for ep, sep in seps:
+            s = affinity_set(sp, ep)
+            out.sets[s] = sp.affinity_timeout
+            rules.append(f"-A {chain} -m set --match-set {s} src -j {sep}")
+    n = len(seps)
+    for i, (ep, sep) in enumerate(seps):
+        stat = (
+            "" if i == n - 1 else f"-m statistic --mode random --probability {probability(i, n)} "
+        )
+        rules.append(f"-A {chain} {stat}-j {sep}".replace("  ", " "))
+        sep_rules = [f"-A {sep} -s {ep.ip}/32 -j {MARK_MASQ}"]
+        if sp.affinity_timeout:
+            s = affinity_set(sp, ep)
+            sep_rules.append(
+                f"-A {sep} -j SET --add-set {s} src --exist --timeout {sp.affinity_timeout}"
+            )
+        sep_rules.append(f"-A {sep} {_proto(sp)} -j DNAT --to-destination {ep.ip}:{ep.port}")
+        out.chains[sep] = sep_rules
+    out.chains[chain] = rules
+
+
 def service_rules(view: ServiceView, cluster_cidr: str) -> ServiceRules:
     out = ServiceRules()
     for sp in view.ports:
-        eps = usable(view.endpoints_of(sp))
+        all_eps = view.endpoints_of(sp)
+        everywhere = usable(all_eps)  # the cluster policy's endpoints
+        local = usable(tuple(e for e in all_eps if e.local))
+        internal = cluster_endpoints(sp, all_eps)
+        external = external_endpoints(sp, all_eps) if sp.external else ()
         comment = f"{sp.service}:{sp.name}" if sp.name else sp.service
         dst = f"-d {sp.cluster_ip}/32 {_proto(sp)} --dport {sp.port}"
-        if not eps:
-            # TCP: a reset (not ICMP, which the kernel rate-limits per client)
-            reject = "tcp-reset" if sp.protocol == "TCP" else "icmp-port-unreachable"
-            out.rejects.append(
-                f"-A {SERVICES} {dst} -m comment --comment {_q(comment + ' has no endpoints')} "
-                f"-j REJECT --reject-with {reject}"
+        # which chains the port needs
+        ext = sp.external and bool(external or (sp.external_local and everywhere))
+        # SVC: the ClusterIP under Cluster, and every external path (Local sends pods
+        # and the node's own processes there); SVL: whichever path is Local
+        want_svc = bool(everywhere) and ((bool(internal) and not sp.internal_local) or ext)
+        want_svl = bool(local) and ((internal and sp.internal_local) or (ext and sp.external_local))
+        svc, svl = svc_chain(sp), svl_chain(sp)
+        if want_svc:
+            _balance(out, sp, svc, everywhere, dst, cluster_cidr)
+        if want_svl:
+            _balance(out, sp, svl, local, dst, cluster_cidr)
+        # the cluster IP
+        if internal:
+            out.bucket = bucket_of(sp.cluster_ip)  # one VIP per service: one bucket
+            out.portals.append(
+                f"-A {bucket_chain(out.bucket)} {dst} -m comment "
+                f"--comment {_q(comment + ' cluster IP')} -j {svl if sp.internal_local else svc}"
             )
+        else:
+            why = " has no endpoints" if not everywhere else " has no local endpoints"
+            out.rejects.append(_reject(sp, dst, comment + why, refusal(all_eps)))
+        if not sp.external:
+            continue
+        # external traffic: nodePort, externalIPs, LoadBalancer IPs
+        if ext:
+            e = ext_chain(sp)
+            if sp.external_local:
+                rules = [
+                    f"-A {e} -s {cluster_cidr} -m comment --comment "
+                    f"{_q('pods to external destinations: cluster-wide')} -j {svc}",
+                    f"-A {e} -m addrtype --src-type LOCAL -j {MARK_MASQ}",
+                    f"-A {e} -m addrtype --src-type LOCAL -j {svc}",
+                ]
+                if external:
+                    rules.append(f"-A {e} -j {svl}")
+            else:
+                rules = [f"-A {e} -j {MARK_MASQ}", f"-A {e} -j {svc}"]
+            out.chains[e] = rules
+            if sp.node_port:
+                out.nodeports.append(
+                    f"-A {NODEPORTS} {_proto(sp)} --dport {sp.node_port} "
+                    f"-m comment --comment {_q(comment)} -j {e}"
+                )
+            for ip in sp.external_ips:
+                out.externals.append(
+                    f"-A {EXTERNALS} -d {ip}/32 {_proto(sp)} --dport {sp.port} "
+                    f"-m comment --comment {_q(comment + ' external IP')} -j {e}"
+                )
+        if not external:
+            why = " has no endpoints" if not everywhere else " has no local endpoints"
+            target = refusal(all_eps)
             if sp.node_port:
                 out.rejects.append(
-                    f"-A {SERVICES} -m addrtype --dst-type LOCAL {_proto(sp)} "
-                    f"--dport {sp.node_port} -m comment "
-                    f"--comment {_q(comment + ' has no endpoints')} "
-                    f"-j REJECT --reject-with {reject}"
-                )
-            continue
-        svc = svc_chain(sp)
-        out.bucket = bucket_of(sp.cluster_ip)  # one VIP per service: one bucket
-        out.portals.append(
-            f"-A {bucket_chain(out.bucket)} {dst} -m comment "
-            f"--comment {_q(comment + ' cluster IP')} -j {svc}"
-        )
-        if sp.node_port:
-            np = f"-A {NODEPORTS} {_proto(sp)} --dport {sp.node_port} -m comment --comment " + _q(
-                comment
-            )
-            out.nodeports += [f"{np} -j {MARK_MASQ}", f"{np} -j {svc}"]
-        rules = [f"-A {svc} ! -s {cluster_cidr} {dst} -j {MARK_MASQ}"]
-        seps = [(ep, sep_chain(sp, ep)) for ep in eps]
-        if sp.affinity_timeout:
-            for ep, sep in seps:
-                s = affinity_set(sp, ep)
-                out.sets[s] = sp.affinity_timeout
-                rules.append(f"-A {svc} -m set --match-set {s} src -j {sep}")
-        n = len(seps)
-        for i, (ep, sep) in enumerate(seps):
-            stat = (
-                ""
-                if i == n - 1
-                else f"-m statistic --mode random --probability {probability(i, n)} "
-            )
-            rules.append(f"-A {svc} {stat}-j {sep}".replace("  ", " "))
-            sep_rules = [f"-A {sep} -s {ep.ip}/32 -j {MARK_MASQ}"]
-            if sp.affinity_timeout:
-                s = affinity_set(sp, ep)
-                sep_rules.append(
-                    f"-A {sep} -j SET --add-set {s} src --exist --timeout {sp.affinity_timeout}"
-                )
-            sep_rules.append(f"-A {sep} {_proto(sp)} -j DNAT --to-destination {ep.ip}:{ep.port}")
-            out.chains[sep] = sep_rules
-        out.chains[svc] = rules
+                    _reject(sp, f"-m addrtype --dst-type LOCAL {_proto(sp)} --dport "
+                            f"{sp.node_port}", comment + why, target)
+                )  # fmt: skip
+            for ip in sp.external_ips:
+                out.rejects.append(
+                    _reject(sp, f"-d {ip}/32 {_proto(sp)} --dport {sp.port}", comment + why,
+                            target)
+                )  # fmt: skip
     return out
 
 
@@ -213,14 +300,20 @@ def fixed_nat_rules() -> dict[str, list[str]]:
 Chain = tuple[str, str]  # (table, chain)
 NAT_SERVICES: Chain = ("nat", SERVICES)
 NAT_NODEPORTS: Chain = ("nat", NODEPORTS)
+NAT_EXTERNALS: Chain = ("nat", EXTERNALS)
 FILTER_SERVICES: Chain = ("filter", SERVICES)
 
 
-def top_rules(buckets: Iterable[int]) -> list[str]:
-    """nat CORRAL-SERVICES: a jump per bucket in use, then local destinations -> nodePorts."""
+def top_rules(buckets: Iterable[int], externals: bool = False) -> list[str]:
+    """nat CORRAL-SERVICES: a jump per bucket in use, to the external IPs when a service
+    has some, then local destinations -> nodePorts."""
     out = [
         f"-A {SERVICES} -d 0.0.0.{b}/0.0.0.255 -j {bucket_chain(b)}" for b in sorted(set(buckets))
     ]
+    if externals:
+        out.append(
+            f"-A {SERVICES} -m comment --comment {_q('corral: external IPs')} -j {EXTERNALS}"
+        )
     out.append(
         f"-A {SERVICES} -m comment --comment {_q('corral: service nodeports')} "
         f"-m addrtype --dst-type LOCAL -j {NODEPORTS}"
@@ -234,6 +327,7 @@ class Index:
 
     members: dict[int, set[str]] = field(default_factory=dict)  # bucket -> keys with portals
     nodeports: set[str] = field(default_factory=set)  # keys with nodePort lines
+    externals: set[str] = field(default_factory=set)  # keys with external IP lines
     rejects: set[str] = field(default_factory=set)  # keys with REJECT lines
     sets: set[str] = field(default_factory=set)  # keys with affinity sets
 
@@ -241,14 +335,14 @@ class Index:
         if r.portals and r.bucket is not None:
             self.members.setdefault(r.bucket, set()).add(key)
         for flag, where in ((r.nodeports, self.nodeports), (r.rejects, self.rejects),
-                            (r.sets, self.sets)):  # fmt: skip
+                            (r.sets, self.sets), (r.externals, self.externals)):  # fmt: skip
             if flag:
                 where.add(key)
 
     def discard(self, key: str, r: ServiceRules) -> None:
         if r.bucket is not None and r.bucket in self.members:
             self.members[r.bucket].discard(key)
-        for where in (self.nodeports, self.rejects, self.sets):
+        for where in (self.nodeports, self.rejects, self.sets, self.externals):
             where.discard(key)
 
     @classmethod
@@ -271,13 +365,14 @@ def dispatch_rules(
     """
     ix = index if index is not None else Index.of(per_service)
     in_use = [b for b, ks in ix.members.items() if ks]
-    out: dict[Chain, list[str]] = {NAT_SERVICES: top_rules(in_use)}
+    out: dict[Chain, list[str]] = {NAT_SERVICES: top_rules(in_use, bool(ix.externals))}
     for b in sorted(set(in_use if buckets is None else buckets)):
         lines: list[str] = []
         for k in sorted(ix.members.get(b, ())):
             lines += per_service[k].portals
         out[("nat", bucket_chain(b))] = lines
     out[NAT_NODEPORTS] = [ln for k in sorted(ix.nodeports) for ln in per_service[k].nodeports]
+    out[NAT_EXTERNALS] = [ln for k in sorted(ix.externals) for ln in per_service[k].externals]
     out[FILTER_SERVICES] = [ln for k in sorted(ix.rejects) for ln in per_service[k].rejects]
     return out
 

@@ -372,3 +372,102 @@ def test_conntrack_dnat_replies_parse_the_reply_tuple() -> None:
         "src=10.244.3.4 dst=10.244.1.5 sport=5353 dport=5000 mark=0 use=1\n"
     )
     assert parse_dnat_replies(text) == {("10.244.2.3", 8080, "TCP"), ("10.244.3.4", 5353, "UDP")}
+
+
+# ------------------------------------------------------------ traffic policies, external IPs
+
+
+def _mixed() -> tuple[EndpointInfo, ...]:
+    """Two endpoints elsewhere, one on the proxy's node."""
+    return (
+        EndpointInfo("10.244.1.2", 8080),
+        EndpointInfo("10.244.2.2", 8080),
+        EndpointInfo("10.244.3.2", 8080, local=True),
+    )
+
+
+def _lines(r: R.ServiceRules) -> list[str]:
+    return [ln for c in r.chains.values() for ln in c] + r.portals + r.nodeports + r.externals
+
+
+def _dnat(r: R.ServiceRules, chain: str) -> set[str]:
+    """The endpoints `chain` balances over."""
+    seps = [ln.split()[-1] for ln in r.chains.get(chain, []) if "-j CORRAL-SEP-" in ln]
+    return {r.chains[s][-1].split()[-1].split(":")[0] for s in seps}
+
+
+def test_service_ports_carry_policies_external_ips_and_lb_ingress() -> None:
+    s = svc(type="LoadBalancer", externalTrafficPolicy="Local", internalTrafficPolicy="Local",
+            healthCheckNodePort=31999, externalIPs=["10.235.0.77"],
+            ports=[{"port": 80, "nodePort": 30080}])  # fmt: skip
+    s.status.load_balancer.ingress = [{"ip": "10.235.0.200"}]
+    (p,) = service_ports(s)
+    assert (p.internal_local, p.external_local, p.health_check_node_port) == (True, True, 31999)
+    assert p.external_ips == ("10.235.0.77", "10.235.0.200") and p.external
+
+
+def test_slice_endpoints_mark_the_nodes_own() -> None:
+    sl = EndpointSlice(
+        metadata={"name": "web-1", "namespace": "default",
+                  "labels": {"kubernetes.io/service-name": "web"}},
+        endpoints=[{"addresses": ["10.244.1.2"], "nodeName": "n1"},
+                   {"addresses": ["10.244.2.2"], "nodeName": "n2"}],
+        ports=[{"port": 8080}],
+    )  # fmt: skip
+    got = slice_endpoints([sl], "n2")[("", "TCP")]
+    assert [(e.ip, e.local) for e in got] == [("10.244.1.2", False), ("10.244.2.2", True)]
+    assert not any(e.local for e in slice_endpoints([sl])[("", "TCP")])
+
+
+def test_internal_local_uses_the_nodes_endpoints_and_drops_without() -> None:
+    sp = ServicePort("default/web", "", "TCP", "10.96.0.20", 80, internal_local=True)
+    r = R.service_rules(view(sp, _mixed()), CIDR)
+    assert r.portals[0].endswith(f"-j {R.svl_chain(sp)}")
+    assert _dnat(r, R.svl_chain(sp)) == {"10.244.3.2"}
+    assert R.svc_chain(sp) not in r.chains and not r.rejects
+    # none on this node: dropped (the service has endpoints elsewhere), not rejected
+    r = R.service_rules(view(sp, _mixed()[:2]), CIDR)
+    assert not r.portals and len(r.rejects) == 1 and r.rejects[0].endswith("-j DROP")
+    # none anywhere: rejected
+    r = R.service_rules(view(sp, ()), CIDR)
+    assert "REJECT --reject-with tcp-reset" in r.rejects[0]
+
+
+def test_external_local_keeps_the_client_and_uses_local_endpoints() -> None:
+    sp = ServicePort("default/web", "", "TCP", "10.96.0.20", 80, node_port=30080,
+                     external_ips=("10.235.0.77",), external_local=True)  # fmt: skip
+    r = R.service_rules(view(sp, _mixed()), CIDR)
+    ext, svc_, svl = R.ext_chain(sp), R.svc_chain(sp), R.svl_chain(sp)
+    assert r.nodeports == [
+        f'-A {R.NODEPORTS} -p tcp -m tcp --dport 30080 -m comment --comment "default/web" -j {ext}'
+    ]
+    assert len(r.externals) == 1 and "-d 10.235.0.77/32" in r.externals[0]
+    rules = r.chains[ext]
+    # pods and the node's own processes go cluster-wide; outside clients to local ones,
+    # with no masquerade mark on their way
+    assert rules[0].startswith(f"-A {ext} -s {CIDR}") and rules[0].endswith(svc_)
+    assert rules[-1] == f"-A {ext} -j {svl}"
+    assert not any(R.MARK_MASQ in ln and "LOCAL" not in ln for ln in rules)
+    assert _dnat(r, svl) == {"10.244.3.2"} and len(_dnat(r, svc_)) == 3
+    # the ClusterIP keeps the cluster policy
+    assert r.portals[0].endswith(svc_)
+    # no local endpoint: outside clients fall through to filter's DROP
+    r = R.service_rules(view(sp, _mixed()[:2]), CIDR)
+    assert r.chains[ext][-1].endswith(svc_)  # only the pod/LOCAL short-cuts remain
+    drops = [ln for ln in r.rejects if ln.endswith("-j DROP")]
+    assert len(drops) == 2  # the nodePort and the external IP
+
+
+def test_external_cluster_masquerades_and_spreads() -> None:
+    sp = ServicePort("default/web", "", "UDP", "10.96.0.20", 53, node_port=30053,
+                     external_ips=("10.235.0.77",))  # fmt: skip
+    r = R.service_rules(view(sp, _mixed()), CIDR)
+    assert r.chains[R.ext_chain(sp)] == [
+        f"-A {R.ext_chain(sp)} -j {R.MARK_MASQ}",
+        f"-A {R.ext_chain(sp)} -j {R.svc_chain(sp)}",
+    ]
+    r = R.service_rules(view(sp, ()), CIDR)
+    assert len(r.rejects) == 3 and all("icmp-port-unreachable" in ln for ln in r.rejects)
+    top = R.dispatch_rules({"default/web": R.service_rules(view(sp, _mixed()), CIDR)})
+    assert any(R.EXTERNALS in ln for ln in top[R.NAT_SERVICES])
+    assert top[R.NAT_EXTERNALS]
