@@ -85,12 +85,12 @@ class NodeProxy:
             raise _unreachable(pod, e) from None
 
     async def exec(self, request: web.Request, ns: str, name: str) -> web.StreamResponse:
+        base, pod, c = await self._target(ns, name, request.query.get("container"))
         if request.headers.get("Upgrade", "").lower() != "websocket":
             raise errors.bad_request(
                 "exec needs a WebSocket upgrade (v5.channel.k8s.io, kubectl 1.30 or newer); "
                 "this server does not speak SPDY"
             )
-        base, pod, c = await self._target(ns, name, request.query.get("container"))
         query: list[tuple[str, str]] = [("command", a) for a in request.query.getall("command", [])]
         for k in ("stdin", "stdout", "stderr", "tty"):
             if k in request.query:

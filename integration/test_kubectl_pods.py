@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -191,3 +192,25 @@ def test_the_node_api_answers_only_the_api_server(cluster: Any) -> None:
         assert r.stdout == "ok", (r.stdout, r.stderr)
     finally:
         subprocess.run(["rm", "-rf", d], check=False)
+
+
+def test_corral_logs_and_exec_reach_a_pod_on_another_machine(cluster: Any, kubectl: Any) -> None:
+    """From a process that cannot see the node's processes (its own PID namespace, as
+    on another machine), `corral exec` and `corral logs` go through the API server."""
+    name = f"remote-{secrets.token_hex(3)}"
+    apply_pod(kubectl, name, "echo remote-hello; sleep 300")
+    try:
+        wait_for(lambda: phase(kubectl, name) == "Running", f"{name} to run")
+        away = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "corral"]
+        r = subprocess.run(
+            [*away, "exec", name, "--", "sh", "-c", "cat; echo $HOSTNAME; exit 5"],
+            input="piped\n", capture_output=True, text=True, env=cluster.env, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 5, r.stderr
+        assert r.stdout.split() == ["piped", name]
+        r = subprocess.run(
+            [*away, "logs", name], capture_output=True, text=True, env=cluster.env, timeout=60
+        )
+        assert r.returncode == 0 and r.stdout.strip() == "remote-hello", r.stderr
+    finally:
+        kubectl("delete", "pod", name, "--wait=false")

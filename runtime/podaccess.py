@@ -46,6 +46,16 @@ def log_path(pod: Pod, container: str, previous: bool, pod_dir: str | None = Non
     return os.path.join(pod_dir or info["podDir"], "logs", container, f"{instance}.log")
 
 
+def runs_here(pod: Pod, container: str) -> bool:
+    """Whether the container's PID 1 is a process of this machine (the pod's node is
+    here): its recorded pid runs, with the recorded start time."""
+    raw = pod.metadata.annotations.get(ANN_CONTAINERS)
+    entry = (json.loads(raw) if raw else {}).get(container)
+    if entry is None:
+        return False
+    return start_time(int(entry["pid"])) == int(entry["started"])
+
+
 @dataclass(frozen=True)
 class ExecCommand:
     argv: list[str]
