@@ -238,6 +238,51 @@ def test_default_deny_ingress_then_allow_by_namespace_and_pod(clean: Model) -> N
     clean.expect(lambda s, d, p: not d.startswith("x/") or (d, s, p) == ("x/a", "y/b", 80))
 
 
+def test_net_policy_and_trace_name_the_deciding_policy(clean: Model) -> None:
+    clean.apply(
+        policy("x", "deny-all", {"podSelector": {}}),
+        policy(
+            "x",
+            "from-y",
+            {
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [
+                    {
+                        "from": [{"namespaceSelector": {"matchLabels": {"ns-name": "none"}}}],
+                    },
+                    {
+                        "from": [
+                            {
+                                "namespaceSelector": {
+                                    "matchLabels": {"kubernetes.io/metadata.name": "y"}
+                                }
+                            }
+                        ],
+                        "ports": [{"port": 80}],
+                    },
+                ],
+            },
+        ),
+    )
+    clean.expect(lambda s, d, p: not d.startswith("x/") or (d == "x/a" and s[0] == "y" and p == 80))
+
+    r = clean.c.corral("net", "policy", "x/a", "-o", "json")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads(r.stdout)
+    assert doc["ingress"]["policies"] == ["x/deny-all", "x/from-y"]
+    assert doc["node_agrees"] is True and not doc["egress"]["isolated"]
+
+    xa = clean.ips["x/a"]
+    r = clean.c.corral("net", "trace", "y/b", f"{xa}:80/tcp", "-o", "json", timeout=300)
+    hop = next(h for h in json.loads(r.stdout)["hops"] if h["step"] == "network policy")
+    assert "x/from-y rule 1" in hop["decision"] and hop["status"] == "confirmed", hop
+    r = clean.c.corral("net", "trace", "y/b", f"{xa}:81/tcp", "-o", "json", timeout=300)
+    assert r.returncode == 1, r.stdout
+    hop = next(h for h in json.loads(r.stdout)["hops"] if h["step"] == "network policy")
+    assert "default deny" in hop["decision"] and "x/deny-all" in hop["decision"], hop
+    assert "did not reach" in hop["seen"], hop
+
+
 def test_egress_ip_block_except_and_end_port(clean: Model) -> None:
     zb = clean.ips["z/b"]
     clean.apply(
