@@ -332,3 +332,47 @@ def test_effective_policy_lists_the_rules():
     assert allow.peers == (f"{ip('x/b')}/32",)
     assert allow.describe() == f"x/p rule 0: {ip('x/b')}/32 on TCP/80"
     assert not m.policy_of(m.by_key["x/b"]).ingress.isolated
+
+
+def test_net_policy_view_and_trace_verdict_from_the_cluster_view():
+    from corral.api.objects import Namespace, NetworkSpec, Pod
+    from corral.netdebug import policy as netdebug_policy
+    from corral.netdebug.model import ClusterView
+
+    def pod(key: str) -> Pod:
+        ns, name = key.split("/")
+        return Pod.model_validate(
+            {
+                "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "command": ["x"]}]},
+                "status": {"phase": "Running", "podIP": ip(key)},
+            }
+        )
+
+    spec = {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [
+            {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}]}
+        ],
+    }
+    cv = ClusterView(
+        spec=NetworkSpec(),
+        nodes={},
+        leases={},
+        pods=[pod(k) for k in ALL],
+        services={},
+        slices={},
+        namespaces=[Namespace.model_validate({"metadata": {"name": n}}) for n in NS],
+        policies=[policy("x", "from-y", spec)],
+    )
+    doc = netdebug_policy.effective(cv, "x/a")
+    assert doc["ingress"]["policies"] == ["x/from-y"] and not doc["egress"]["isolated"]
+    assert doc["ingress"]["allow"][0].startswith("x/from-y rule 0: 10.244.2.")
+    programmed = {k: doc[k] for k in ("ip", "ingress", "egress")}
+    assert netdebug_policy.effective(cv, "x/a", {"pods": {"x/a": programmed}})["node_agrees"]
+    assert not netdebug_policy.effective(cv, "x/a", {"pods": {}})["node_agrees"]
+    assert netdebug_policy.verdict(cv, ip("y/c"), ip("x/a"), "tcp", 80).allowed
+    v = netdebug_policy.verdict(cv, ip("z/c"), ip("x/a"), "tcp", 80)
+    assert not v.allowed and "x/from-y" in v.deciding.reason
+    with pytest.raises(netdebug_policy.PolicyError):
+        netdebug_policy.effective(cv, "x/nope")
