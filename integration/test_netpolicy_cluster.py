@@ -23,6 +23,7 @@ import yaml
 
 from corral.api.objects import Namespace, NetworkPolicy, Pod
 from corral.api.store import Store
+from corral.ebpf import loader
 from integration.cluster_helpers import wait_for
 from integration.clusters import LocalCluster, local_cluster
 from integration.podcmd import POD_PYTHON
@@ -271,6 +272,8 @@ def test_net_policy_and_trace_name_the_deciding_policy(clean: Model) -> None:
     doc = json.loads(r.stdout)
     assert doc["ingress"]["policies"] == ["x/deny-all", "x/from-y"]
     assert doc["node_agrees"] is True and not doc["egress"]["isolated"]
+    if loader.unavailable() is None:  # the fast path is on: isolated pods leave it
+        assert doc["node_fast_path_map"] is True
 
     xa = clean.ips["x/a"]
     r = clean.c.corral("net", "trace", "y/b", f"{xa}:80/tcp", "-o", "json", timeout=300)

@@ -39,6 +39,7 @@ def effective(cv: ClusterView, pod: str, node_dump: dict[str, Any] | None = None
     if node_dump is not None:
         programmed = (node_dump.get("pods") or {}).get(key)
         out["node_programmed"] = programmed
+        out["node_fast_path_map"] = bool(node_dump.get("fast_path_map"))
         mine = {k: out[k] for k in ("ip", "ingress", "egress")}
         out["node_agrees"] = programmed == mine
     return out

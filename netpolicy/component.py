@@ -68,6 +68,8 @@ class NetworkPolicyAgent:
         self._unregister: Any = None
         self._fast: netpol_pods.PolicedMap | None = None
         self._bridge_nf = False
+        # what the last sync wrote: a partial sync that wants the same touches nothing
+        self._applied: tuple[dict[str, list[str]], set[str]] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -158,12 +160,18 @@ class NetworkPolicyAgent:
             m = self.model()
             local = self.local_policies(m)
             want = rules.render(list(local.values()))
+            policed = {pp.pod.ip for pp in local.values() if _isolated(pp)}
+            if not full and self._applied == (want.chains, policed):
+                self.local = local
+                return
             loop = asyncio.get_running_loop()
             try:
-                changed = await loop.run_in_executor(None, self._apply, want, local, full)
+                changed = await loop.run_in_executor(None, self._apply, want, policed, full)
             except Exception as e:
+                self._applied = None
                 self.last_error = f"{type(e).__name__}: {e}"
                 raise
+            self._applied = (want.chains, policed)
             self.last_error = ""
             self.local = local
             self.syncs += 1
@@ -171,7 +179,7 @@ class NetworkPolicyAgent:
                 self.changes += 1
                 log.info("network policy: %s", "; ".join(changed[:5]))
 
-    def _apply(self, want: rules.Wanted, local: dict[str, PodPolicy], full: bool) -> list[str]:
+    def _apply(self, want: rules.Wanted, policed: set[str], full: bool) -> list[str]:
         if full or not self._bridge_nf:
             with contextlib.suppress(OSError):
                 sysctl.ensure(BRIDGE_NF, "1", self.netns)
@@ -183,7 +191,7 @@ class NetworkPolicyAgent:
             for k, v in rules.counts(gone).items():
                 self.retired[k] = self.retired.get(k, 0) + v
         rules.apply(self.netns, lines)
-        self._sync_fastpath({pp.pod.ip for pp in local.values() if _isolated(pp)})
+        self._sync_fastpath(policed)
         return [f"{c} rewritten" if c in want.chains else f"{c} removed" for c in touched]
 
     def _sync_fastpath(self, ips: set[str]) -> None:
