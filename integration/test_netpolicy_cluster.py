@@ -267,6 +267,11 @@ def test_net_policy_and_trace_name_the_deciding_policy(clean: Model) -> None:
     )
     clean.expect(lambda s, d, p: not d.startswith("x/") or (d == "x/a" and s[0] == "y" and p == 80))
 
+    r = clean.c.corral("get", "netpol", "-n", "x")
+    assert r.returncode == 0 and "from-y" in r.stdout and "pod=a" in r.stdout, r.stderr + r.stdout
+    r = clean.c.corral("describe", "networkpolicy", "from-y", "-n", "x")
+    assert r.returncode == 0 and "policyTypes" in r.stdout, r.stderr + r.stdout
+
     r = clean.c.corral("net", "policy", "x/a", "-o", "json")
     assert r.returncode == 0, r.stderr + r.stdout
     doc = json.loads(r.stdout)

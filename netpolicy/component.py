@@ -113,6 +113,8 @@ class NetworkPolicyAgent:
     async def on_address(self, namespace: str, name: str, ip: str) -> None:
         """CNI ADD gave pod namespace/name the address `ip`: its rules, now."""
         self.pending[f"{namespace}/{name}"] = (ip, time.monotonic())
+        for inf in (self.pods, self.namespaces, self.policies):
+            await inf.wait_synced()  # a half-listed cluster could miss the pod's policy
         await self.sync(full=False)
 
     # ------------------------------------------------------------ sync

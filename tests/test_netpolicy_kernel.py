@@ -218,6 +218,13 @@ async def test_ingress_truth_table_updates_and_counters(bed: Bed, agent, store: 
     counted = agent.counters()
     assert counted.get(("x/b-to-a", "ingress", "allow"), 0) > 0
     assert counted.get(("x/b-to-a", "ingress", "deny"), 0) > 0
+    samples = {
+        (s.labels["policy"], s.labels["verdict"]): s.value
+        for fam in agent.collect()
+        for s in fam.samples
+        if s.name == "corral_netpol_packets_total"
+    }
+    assert samples[("x/b-to-a", "allow")] > 0 and samples[("x/b-to-a", "deny")] > 0
 
     # a namespace selector by the label Kubernetes sets: y/c may now reach x/a on 81
     spec2 = {
