@@ -41,21 +41,37 @@ SERVER = textwrap.dedent(
     sel = selectors.DefaultSelector()
     for port in (80, 81):
         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port)); s.listen(256); sel.register(s, selectors.EVENT_READ)
+        s.bind(("0.0.0.0", port)); s.listen(256); sel.register(s, selectors.EVENT_READ, "tcp")
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
+        sel.register(u, selectors.EVENT_READ, "udp")
     while True:
         for key, _ in sel.select():
-            c, _ = key.fileobj.accept()
-            try: c.sendall(b"ok")
-            except OSError: pass
-            c.close()
+            try:
+                if key.data == "udp":
+                    _, peer = key.fileobj.recvfrom(64); key.fileobj.sendto(b"ok", peer)
+                    continue
+                c, _ = key.fileobj.accept()
+                c.sendall(b"ok"); c.close()
+            except OSError:
+                pass
     """
 )
-# argv: JSON list of [ip, port]; prints a JSON list of booleans (answered "ok")
+# argv: JSON list of [ip, port] (TCP) or [ip, port, "udp"]; prints a JSON list of
+# booleans (answered "ok")
 PROBER = textwrap.dedent(
     """
     import json, socket, sys, threading
     targets = json.loads(sys.argv[1]); out = [False] * len(targets)
-    def one(i, ip, port):
+    def udp(i, ip, port):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+        for _ in range(3):
+            try:
+                s.sendto(b"hi", (ip, port)); out[i] = s.recv(2) == b"ok"; return
+            except OSError:
+                pass
+    def one(i, ip, port, proto="tcp"):
+        if proto == "udp":
+            return udp(i, ip, port)
         for _ in range(2):
             s = socket.socket(); s.settimeout(1.5)
             try:
@@ -64,7 +80,7 @@ PROBER = textwrap.dedent(
                 pass
             finally:
                 s.close()
-    ts = [threading.Thread(target=one, args=(i, ip, p)) for i, (ip, p) in enumerate(targets)]
+    ts = [threading.Thread(target=one, args=(i, *t)) for i, t in enumerate(targets)]
     [t.start() for t in ts]; [t.join() for t in ts]
     print(json.dumps(out))
     """
@@ -129,9 +145,9 @@ class Model:
 
         self.run(go)
 
-    def probe_from(self, src: str, targets: list[tuple[str, int]]) -> list[bool]:
+    def probe_from(self, src: str, targets: list[tuple]) -> list[bool]:
         ns, name = src.split("/")
-        arg = json.dumps([[self.ips[d] if "/" in d else d, p] for d, p in targets])
+        arg = json.dumps([[self.ips[d] if "/" in d else d, *rest] for d, *rest in targets])
         r = self.c.corral("exec", name, "-n", ns, "--", POD_PYTHON, "-c", PROBER, arg, timeout=180)
         assert r.returncode == 0, r.stderr + r.stdout
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -289,6 +305,83 @@ def test_net_policy_and_trace_name_the_deciding_policy(clean: Model) -> None:
     hop = next(h for h in json.loads(r.stdout)["hops"] if h["step"] == "network policy")
     assert "default deny" in hop["decision"] and "x/deny-all" in hop["decision"], hop
     assert "did not reach" in hop["seen"], hop
+
+
+def test_service_traffic_is_judged_on_its_backend_after_translation(clean: Model) -> None:
+    """The VIP's port is 8080, the pod's 80: a policy on port 80 allows the service flow
+    only if it is judged after DNAT, on the backend pod and its port."""
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "np-web", "namespace": "x"},
+        "spec": {"selector": {"pod": "a"}, "ports": [{"port": 8080, "targetPort": 80}]},
+    }
+    clean.apply(svc)
+    try:
+        clean.apply(
+            policy(
+                "x",
+                "yb-80",
+                {
+                    "podSelector": {"matchLabels": {"pod": "a"}},
+                    "ingress": [
+                        {
+                            "from": [
+                                {
+                                    "namespaceSelector": {"matchLabels": {"ns-x": "absent"}},
+                                },
+                                {
+                                    "namespaceSelector": {},
+                                    "podSelector": {"matchLabels": {"pod": "b"}},
+                                },
+                            ],
+                            "ports": [{"port": 80}],
+                        }
+                    ],
+                },
+            )
+        )
+
+        async def vip(s: Store) -> str | None:
+            from corral.api.objects import Service
+
+            got = await s.get(Service, "np-web", "x")
+            return got.spec.cluster_ip if got else None
+
+        ip = str(clean.run(vip))
+        want = {"y/b": True, "z/b": True, "y/c": False, "x/c": False}
+        got: dict[str, bool] = {}
+
+        def as_wanted() -> bool:
+            for src in want:
+                got[src] = clean.probe_from(src, [(ip, 8080)])[0]
+            return got == want
+
+        wait_for(as_wanted, f"the service VIP to answer exactly {want} (last {got})", 180)
+    finally:
+        clean.c.corral("delete", "service", "np-web", "-n", "x")
+
+
+def test_udp_is_its_own_protocol(clean: Model) -> None:
+    clean.apply(
+        policy(
+            "z",
+            "udp-81",
+            {
+                "podSelector": {"matchLabels": {"pod": "c"}},
+                "ingress": [{"ports": [{"port": 81, "protocol": "UDP"}]}],
+            },
+        )
+    )
+    targets = [("z/c", 80, "udp"), ("z/c", 81, "udp"), ("z/c", 81, "tcp"), ("z/b", 80, "udp")]
+    want = [False, True, False, True]
+    got: list[bool] = []
+
+    def as_wanted() -> bool:
+        got[:] = clean.probe_from("x/b", targets)
+        return got == want
+
+    wait_for(as_wanted, f"UDP and TCP probes of z/c to be {want}", 120)
 
 
 def test_egress_ip_block_except_and_end_port(clean: Model) -> None:

@@ -22,8 +22,10 @@ kernel, where these chains judge them (docs/netpolicy.md).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -36,7 +38,7 @@ from corral.common.metrics import register_collector
 from corral.daemon.nodecontext import NodeContext
 from corral.daemon.runner import BoundedFrequencyRunner
 from corral.ebpf import netpol_pods
-from corral.netpolicy import rules
+from corral.netpolicy import droplog, rules
 from corral.netpolicy.model import Model, PodInfo, PodPolicy
 from corral.node import sysctl
 
@@ -68,6 +70,9 @@ class NetworkPolicyAgent:
         self._unregister: Any = None
         self._fast: netpol_pods.PolicedMap | None = None
         self._bridge_nf = False
+        self._nflog: socket.socket | None = None
+        self.drops: collections.deque[str] = collections.deque(maxlen=100)
+        self.log_error = ""
         # what the last sync wrote: a partial sync that wants the same touches nothing
         self._applied: tuple[dict[str, list[str]], set[str]] | None = None
 
@@ -84,6 +89,7 @@ class NetworkPolicyAgent:
         self.ctx.informers.start()
         for inf in (self.pods, self.namespaces, self.policies):
             await inf.wait_synced()
+        self._listen()
         await self.sync(full=True)
 
     async def run(self) -> None:
@@ -101,6 +107,50 @@ class NetworkPolicyAgent:
         if self._fast is not None:
             self._fast.close()
             self._fast = None
+        if self._nflog is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._nflog.fileno())
+            self._nflog.close()
+            self._nflog = None
+
+    # ------------------------------------------------------------ dropped flows
+
+    def _listen(self) -> None:
+        """Read the NFLOG group dropped flows are logged to (droplog.py)."""
+        if self._nflog is not None:
+            return
+        try:
+            self._nflog = droplog.open_listener(self.netns)
+        except OSError as e:
+            self.log_error = f"cannot read NFLOG group {droplog.GROUP}: {e}"
+            log.warning("network policy: %s; dropped flows are not logged", self.log_error)
+            return
+        asyncio.get_running_loop().add_reader(self._nflog.fileno(), self._read_drops)
+
+    def _read_drops(self) -> None:
+        assert self._nflog is not None
+        while True:
+            try:
+                data = self._nflog.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ENOBUFS: lines were lost, the socket goes on
+                self.log_error = str(e)
+                return
+            for d in droplog.parse(data):
+                self._log_drop(d)
+
+    def _log_drop(self, d: droplog.Dropped) -> None:
+        pp = next((p for p in self.local.values() if p.pod.ip == d.pod_ip), None)
+        who = pp.pod.key if pp else d.pod_ip
+        policies = ", ".join(pp.direction(d.direction).policies) if pp else "?"
+        port = f":{d.dport}" if d.dport is not None else ""
+        line = (
+            f"dropped {d.protocol} {d.src} -> {d.dst}{port}: {d.direction.lower()} of {who}, "
+            f"default deny (isolated by {policies})"
+        )
+        self.drops.append(line)
+        log.info("network policy: %s", line)
 
     def ready(self) -> bool:
         return self.syncs > 0
@@ -161,7 +211,10 @@ class NetworkPolicyAgent:
         async with self.lock:
             m = self.model()
             local = self.local_policies(m)
-            want = rules.render(list(local.values()))
+            logged = {
+                n.name for n in self.namespaces.values() if droplog.enabled(n.metadata.annotations)
+            }
+            want = rules.render(list(local.values()), logged)
             policed = {pp.pod.ip for pp in local.values() if _isolated(pp)}
             if not full and self._applied == (want.chains, policed):
                 self.local = local
@@ -244,6 +297,8 @@ class NetworkPolicyAgent:
             "changes": self.changes,
             "last_error": self.last_error,
             "pending": {k: v[0] for k, v in self.pending.items()},
+            "dropped_flows": list(self.drops)[-20:],
+            "drop_log_error": self.log_error,
             "fast_path_map": self._fast is not None,
             "pods": {k: describe(pp) for k, pp in sorted(self.local.items())},
         }

@@ -31,8 +31,10 @@ their counters), which is also how drift is repaired.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from corral.netpolicy import droplog
 from corral.netpolicy.model import EGRESS, INGRESS, Allow, PodPolicy, PortRange
 from corral.node import iptables
 
@@ -78,13 +80,17 @@ def allow_rules(direction: str, a: Allow) -> list[str]:
     return out
 
 
-def pod_chain(direction: str, pp: PodPolicy) -> list[str]:
+def pod_chain(direction: str, pp: PodPolicy, log: bool = False) -> list[str]:
+    """A pod's chain: its allow rules, then (`log`: an NFLOG line per dropped flow,
+    netpolicy/droplog.py) the default deny."""
     d = pp.direction(direction)
     out: list[str] = []
     for a in d.allows or []:
         for r in allow_rules(direction, a):
             if r not in out:
                 out.append(r)
+    if log:
+        out.append(droplog.log_rule(direction[0], pp.pod.ip))
     deny = f"deny:{direction.lower()}:{','.join(d.policies)}"[:250]
     return [*out, f'-m comment --comment "{deny}" -j DROP']
 
@@ -96,20 +102,21 @@ class Wanted:
     chains: dict[str, list[str]] = field(default_factory=dict)
 
 
-def render(local: list[PodPolicy]) -> Wanted:
-    """The chains for this node's pods (their effective policies)."""
+def render(local: list[PodPolicy], logged: Collection[str] = ()) -> Wanted:
+    """The chains for this node's pods (their effective policies); pods of the
+    namespaces in `logged` log their dropped flows."""
     w = Wanted()
     dispatch = [ESTABLISHED]
     for pp in sorted(local, key=lambda p: p.pod.ip):
         if pp.egress.isolated:
             c = chain_of(EGRESS, pp.pod.ip)
             dispatch.append(f"-s {pp.pod.ip}/32 -j {c}")
-            w.chains[c] = pod_chain(EGRESS, pp)
+            w.chains[c] = pod_chain(EGRESS, pp, pp.pod.namespace in logged)
     for pp in sorted(local, key=lambda p: p.pod.ip):
         if pp.ingress.isolated:
             c = chain_of(INGRESS, pp.pod.ip)
             dispatch.append(f"-d {pp.pod.ip}/32 -j {c}")
-            w.chains[c] = pod_chain(INGRESS, pp)
+            w.chains[c] = pod_chain(INGRESS, pp, pp.pod.namespace in logged)
     w.chains[CHAIN] = dispatch
     return w
 

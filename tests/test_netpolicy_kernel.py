@@ -320,3 +320,36 @@ async def test_address_hook_programs_a_new_pod_before_its_pod_shows_the_ip(bed: 
     finally:
         await a.stop()
         await ctx.informers.stop()
+
+
+async def test_dropped_flows_are_logged_once_per_flow_when_the_namespace_asks(
+    bed: Bed, agent: NetworkPolicyAgent, store: Store
+):
+    await store.create(policy("x", "deny-all", {"podSelector": {}}))
+    await until(bed, {("y/c", "x/a", 80): False, ("y/c", "x/b", 81): False})
+    assert not agent.drops  # the namespace did not ask
+
+    def ask(ns: Namespace) -> Namespace:
+        ns.metadata.annotations["corral.dev/log-dropped-flows"] = "true"
+        return ns
+
+    await store.modify(Namespace, "x", None, ask)
+    chain = rules.chain_of("Ingress", ip_of("x/a"))
+
+    async def logging_rule() -> bool:
+        return any("NFLOG" in r for r in rules.read(bed.node).rules.get(chain, []))
+
+    await eventually(logging_rule, "the NFLOG rule before the default deny", timeout=60)
+    loop = asyncio.get_running_loop()
+    for _ in range(3):  # one flow, three connection attempts: one line
+        assert not await loop.run_in_executor(None, bed.probe, "y/c", "x/a", 80)
+
+    want = f"TCP {ip_of('y/c')} -> {ip_of('x/a')}:80: ingress of x/a, default deny"
+    await eventually(
+        lambda: any(line.startswith(f"dropped {want}") for line in agent.drops),
+        "the dropped flow's log line",
+        timeout=30,
+    )
+    assert "x/deny-all" in agent.drops[-1]
+    assert len([d for d in agent.drops if f"-> {ip_of('x/a')}:80" in d]) == 1
+    assert agent.debug_state()["dropped_flows"]
