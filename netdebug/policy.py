@@ -40,6 +40,9 @@ def effective(cv: ClusterView, pod: str, node_dump: dict[str, Any] | None = None
         programmed = (node_dump.get("pods") or {}).get(key)
         out["node_programmed"] = programmed
         out["node_fast_path_map"] = bool(node_dump.get("fast_path_map"))
+        out["recent_drops"] = [
+            line for line in node_dump.get("dropped_flows") or [] if f" of {key}," in line
+        ]
         mine = {k: out[k] for k in ("ip", "ingress", "egress")}
         out["node_agrees"] = programmed == mine
     return out
@@ -56,6 +59,8 @@ def print_effective(d: dict[str, Any], out: Out) -> None:
         for a in e["allow"]:
             out.line(f"    allow {a}")
         out.line("    everything else: default deny")
+    for line in d.get("recent_drops") or []:
+        out.line(f"  logged: {line}")
     if "node_agrees" in d:
         out.line(
             "  node: programmed as shown"
