@@ -14,6 +14,10 @@ ADD answers, and that call programs the node's chains with the pod included
 (its labels from the informer, its IP from ADD, since the Pod object gets its
 IP only later). If that fails, ADD fails and the runtime retries.
 
+Dropped flows of pods in namespaces annotated `corral.dev/log-dropped-flows: "true"`
+are logged one line per flow (netpolicy/droplog.py: NFLOG read on a netlink
+socket in the node's namespace).
+
 The eBPF fast path skips netfilter; every local pod a policy isolates is put
 in its pinned `netpol_pods` map, and the fast path leaves their packets to the
 kernel, where these chains judge them (docs/netpolicy.md).
