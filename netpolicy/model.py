@@ -217,6 +217,8 @@ class Model:
         self.policies = sorted(policies, key=lambda p: (p.namespace or "", p.name))
         self.by_ip = {p.ip: p for p in self.pods}
         self.by_key = {p.key: p for p in self.pods}
+        # a peer's pods are the same for every pod its policy selects: computed once
+        self._peers: dict[int, list[PodInfo]] = {}
 
     @classmethod
     def of(
@@ -240,6 +242,12 @@ class Model:
         ]
 
     def peer_pods(self, pol: NetworkPolicy, peer: NetworkPolicyPeer) -> list[PodInfo]:
+        got = self._peers.get(id(peer))
+        if got is None:
+            got = self._peers[id(peer)] = self._peer_pods(pol, peer)
+        return got
+
+    def _peer_pods(self, pol: NetworkPolicy, peer: NetworkPolicyPeer) -> list[PodInfo]:
         if peer.ip_block is not None:
             nets = [
                 ipaddress.ip_network(c) for c in _except(peer.ip_block.cidr, peer.ip_block.except_)
