@@ -198,11 +198,23 @@ class NetworkPolicyAgent:
                 infos[key] = info
         for key in [k for k in self.pending if k not in infos and now - self.pending[k][1] > 30]:
             del self.pending[key]  # ADD for a pod that never showed up (or is gone)
+        # One owner per address: the pod ADD just gave it to, else one not being deleted
+        # (a terminating pod's object can still show an address a new pod now has).
+        owner: dict[str, str] = {}
+        for key, info in infos.items():
+            other = owner.get(info.ip)
+            if other is None or key in self.pending or self._deleting(other):
+                owner[info.ip] = key
         return Model(
-            infos.values(),
+            (infos[k] for k in owner.values()),
             {n.name: dict(n.metadata.labels) for n in self.namespaces.values()},
             self.policies.values(),
         )
+
+    def _deleting(self, key: str) -> bool:
+        ns, _, name = key.partition("/")
+        pod = self.pods.get(name, ns)
+        return pod is None or pod.metadata.deletion_timestamp is not None
 
     def local_policies(self, m: Model) -> dict[str, PodPolicy]:
         mine = [p for p in m.pods if p.node == self.ctx.node_name]
