@@ -69,9 +69,12 @@ def allow_rules(direction: str, a: Allow) -> list[str]:
     """One allow entry as rules: peer CIDRs x port ranges."""
     flag = "-s" if direction == INGRESS else "-d"
     comment = f'-m comment --comment "{a.policy}:{direction.lower()}:{a.rule}"'
-    peers = (
-        [f"{flag} {c if '/' in c else c + '/32'}" for c in a.peers] if a.peers is not None else [""]
-    )
+    if a.peers is None:
+        peers = [""]
+    else:  # pods and this table are IPv4: an IPv6 ipBlock can match nothing here
+        peers = [f"{flag} {c if '/' in c else c + '/32'}" for c in a.peers if ":" not in c]
+        if not peers:
+            return []
     ports = [_port_match(p) for p in a.ports] if a.ports is not None else [""]
     out = []
     for peer in peers:

@@ -376,3 +376,15 @@ def test_net_policy_view_and_trace_verdict_from_the_cluster_view():
     assert not v.allowed and "x/from-y" in v.deciding.reason
     with pytest.raises(netdebug_policy.PolicyError):
         netdebug_policy.effective(cv, "x/nope")
+
+
+def test_an_ipv6_block_becomes_no_rule_not_an_open_one():
+    from corral.netpolicy import rules
+
+    spec = {
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "ingress": [{"from": [{"ipBlock": {"cidr": "2001:db8::/32"}}]}],
+    }
+    m = check([policy("x", "v6", spec)], lambda s, d: d != "x/a")
+    chain = rules.pod_chain("Ingress", m.policy_of(m.by_key["x/a"]))
+    assert len(chain) == 1 and chain[0].endswith("-j DROP")
