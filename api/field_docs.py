@@ -15,7 +15,7 @@ from pydantic import BaseModel
 DOCS: dict[tuple[str, str], str] = {
     # every object
     ("TypedObject", "apiVersion"): "The versioned schema of this object: v1, apps/v1, "
-    "discovery.k8s.io/v1 or corral.dev/v1 depending on the kind.",
+    "discovery.k8s.io/v1, networking.k8s.io/v1 or corral.dev/v1 depending on the kind.",
     ("TypedObject", "kind"): "The kind of object (Pod, Service, ...).",
     ("TypedObject", "metadata"): "Name, namespace, labels and the bookkeeping the store "
     "keeps (uid, resourceVersion, creationTimestamp).",
@@ -40,6 +40,33 @@ DOCS: dict[tuple[str, str], str] = {
     ("ObjectMeta", "ownerReferences"): "The objects this one belongs to; a controller "
     "deletes what it owns with it.",
     ("ObjectMeta", "finalizers"): "Accepted for Kubernetes compatibility.",
+    # network policy (docs/netpolicy.md)
+    ("NetworkPolicy", "spec"): "Which pods of the namespace it selects, and what they may "
+    "receive (ingress) and send (egress).",
+    ("NetworkPolicySpec", "podSelector"): "The pods of the policy's namespace it applies "
+    "to; empty selects them all.",
+    ("NetworkPolicySpec", "policyTypes"): "Ingress, Egress or both: the directions the "
+    "selected pods are isolated in (default: Ingress, plus Egress when there are egress "
+    "rules).",
+    ("NetworkPolicySpec", "ingress"): "What the selected pods may receive: each rule allows "
+    "its peers on its ports; the rules of every policy selecting a pod add up.",
+    ("NetworkPolicySpec", "egress"): "What the selected pods may send.",
+    ("NetworkPolicyIngressRule", "from"): "The peers allowed; empty allows every source.",
+    ("NetworkPolicyIngressRule", "ports"): "The ports allowed on the selected pod; empty "
+    "allows every port.",
+    ("NetworkPolicyEgressRule", "to"): "The peers allowed; empty allows every destination.",
+    ("NetworkPolicyEgressRule", "ports"): "The destination ports allowed; a name is resolved "
+    "on each destination pod.",
+    ("NetworkPolicyPeer", "podSelector"): "Pods of the policy's namespace (with "
+    "namespaceSelector: of the namespaces it selects).",
+    ("NetworkPolicyPeer", "namespaceSelector"): "Every pod of the namespaces it selects "
+    "(by their labels, kubernetes.io/metadata.name among them); empty selects all.",
+    ("NetworkPolicyPeer", "ipBlock"): "Addresses: cidr minus except, pods included.",
+    ("IPBlock", "cidr"): "The addresses allowed, e.g. 10.0.0.0/8.",
+    ("IPBlock", "except"): "CIDRs inside cidr that are not allowed.",
+    ("NetworkPolicyPort", "protocol"): "TCP (default), UDP or SCTP.",
+    ("NetworkPolicyPort", "port"): "A number or a named container port; absent: every port.",
+    ("NetworkPolicyPort", "endPort"): "With a numeric port: the last port of the range.",
     # pods
     ("Pod", "spec"): "What the pod runs.",
     ("Pod", "status"): "What the node reports about the pod.",

@@ -991,6 +991,9 @@ class NamespaceStatus(Model):
         return next((c for c in self.conditions if c.type == type_), None)
 
 
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
 class Namespace(TypedObject):
     """A scope for names: namespaced objects can only be created in one that exists.
 
@@ -1005,6 +1008,13 @@ class Namespace(TypedObject):
 
     spec: NamespaceSpec = Field(default_factory=NamespaceSpec)
     status: NamespaceStatus = Field(default_factory=NamespaceStatus)
+
+    @model_validator(mode="after")
+    def _name_label(self) -> Namespace:
+        # What Kubernetes sets on every namespace (and NetworkPolicy selects by).
+        if self.metadata.name and self.metadata.labels.get(NAMESPACE_NAME_LABEL) != self.name:
+            self.metadata.labels[NAMESPACE_NAME_LABEL] = self.name
+        return self
 
     @property
     def terminating(self) -> bool:
@@ -1110,6 +1120,123 @@ class Deployment(TypedObject):
     api_version: str = "apps/v1"
     spec: DeploymentSpec
     status: ReplicationControllerStatus = Field(default_factory=ReplicationControllerStatus)
+
+
+# ---------------------------------------------------------------- network policy
+
+
+class IPBlock(Model):
+    cidr: str
+    except_: list[str] = Field(default_factory=list, alias="except")
+
+    @model_validator(mode="after")
+    def _within(self) -> IPBlock:
+        try:
+            net = ipaddress.ip_network(self.cidr, strict=False)
+        except ValueError as e:
+            raise ValueError(f"ipBlock.cidr: {self.cidr!r} is not a CIDR ({e})") from None
+        for x in self.except_:
+            try:
+                sub = ipaddress.ip_network(x, strict=False)
+            except ValueError as e:
+                raise ValueError(f"ipBlock.except: {x!r} is not a CIDR ({e})") from None
+            if (
+                sub.version != net.version
+                or not sub.subnet_of(net)  # type: ignore[arg-type]
+                or sub.prefixlen <= net.prefixlen
+            ):
+                raise ValueError(
+                    f"ipBlock.except: {x} must be a strict subset of ipBlock.cidr {self.cidr}"
+                )
+        return self
+
+
+class NetworkPolicyPeer(Model):
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> NetworkPolicyPeer:
+        selectors = self.pod_selector is not None or self.namespace_selector is not None
+        if self.ip_block is not None and selectors:
+            raise ValueError("a peer may have ipBlock or podSelector/namespaceSelector, not both")
+        if self.ip_block is None and not selectors:
+            raise ValueError("a peer must have podSelector, namespaceSelector or ipBlock")
+        for sel in (self.pod_selector, self.namespace_selector):
+            for req in sel.match_expressions if sel else ():
+                _check_requirement(req)
+        return self
+
+
+class NetworkPolicyPort(Model):
+    protocol: Protocol = "TCP"
+    port: int | str | None = None
+    end_port: int | None = None
+
+    @model_validator(mode="after")
+    def _port(self) -> NetworkPolicyPort:
+        if isinstance(self.port, int) and not 1 <= self.port <= 65535:
+            raise ValueError(f"port: {self.port} must be between 1 and 65535")
+        if isinstance(self.port, str) and (
+            len(self.port) > 15 or not _IANA_SVC_NAME.match(self.port)
+        ):
+            raise ValueError(f"port: {self.port!r} is neither a port number nor a port name")
+        if self.end_port is not None:
+            if not isinstance(self.port, int):
+                raise ValueError("endPort: may only be set with a numeric port")
+            if not self.port <= self.end_port <= 65535:
+                raise ValueError(
+                    f"endPort: {self.end_port} must be >= port {self.port} and <= 65535"
+                )
+        return self
+
+
+class NetworkPolicyIngressRule(Model):
+    ports: list[NetworkPolicyPort] = Field(default_factory=list)
+    from_: list[NetworkPolicyPeer] = Field(default_factory=list, alias="from")
+
+
+class NetworkPolicyEgressRule(Model):
+    ports: list[NetworkPolicyPort] = Field(default_factory=list)
+    to: list[NetworkPolicyPeer] = Field(default_factory=list)
+
+
+class NetworkPolicySpec(Model):
+    pod_selector: LabelSelector = Field(default_factory=LabelSelector)
+    ingress: list[NetworkPolicyIngressRule] = Field(default_factory=list)
+    egress: list[NetworkPolicyEgressRule] = Field(default_factory=list)
+    policy_types: list[Literal["Ingress", "Egress"]] | None = None
+
+    @model_validator(mode="after")
+    def _types(self) -> NetworkPolicySpec:
+        # Kubernetes' defaulting: Ingress always, Egress when there are egress rules.
+        if not self.policy_types:
+            self.policy_types = ["Ingress", *(["Egress"] if self.egress else [])]
+        elif len(set(self.policy_types)) != len(self.policy_types):
+            raise ValueError("policyTypes: each of Ingress and Egress at most once")
+        for req in self.pod_selector.match_expressions:
+            _check_requirement(req)
+        return self
+
+
+def _check_requirement(req: LabelSelectorRequirement) -> None:
+    if req.operator in ("In", "NotIn") and not req.values:
+        raise ValueError(f"matchExpressions {req.key}: {req.operator} needs values")
+    if req.operator in ("Exists", "DoesNotExist") and req.values:
+        raise ValueError(f"matchExpressions {req.key}: {req.operator} takes no values")
+
+
+class NetworkPolicy(TypedObject):
+    """networking.k8s.io/v1: which traffic the selected pods may receive and send."""
+
+    API_VERSIONS: ClassVar[tuple[str, ...]] = ("networking.k8s.io/v1",)
+    KIND: ClassVar[str] = "NetworkPolicy"
+    PLURAL: ClassVar[str] = "networkpolicies"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("netpol", "networkpolicy")
+
+    api_version: str = "networking.k8s.io/v1"
+    spec: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
 
 
 # ---------------------------------------------------------------- network records
@@ -1249,6 +1376,7 @@ KINDS: tuple[type[TypedObject], ...] = (
     EndpointSlice,
     ReplicationController,
     Deployment,
+    NetworkPolicy,
     NetworkConfig,
     LoadBalancerPool,
 )

@@ -110,6 +110,7 @@ RESOURCES: tuple[Resource, ...] = (
     ),
     _r("discovery.k8s.io", objects.EndpointSlice),
     _r("apps", objects.Deployment, categories=("all",), subresources=("status", "scale")),
+    _r("networking.k8s.io", objects.NetworkPolicy),
     _r("corral.dev", objects.NetworkConfig),
     _r("corral.dev", objects.LoadBalancerPool),
 )

@@ -180,6 +180,11 @@ COLUMNS: dict[str, list[Column]] = {
         _AGE,
     ],
     "Endpoints": [_NAME, ("Endpoints", "string", 0, _endpoints), _AGE],
+    "NetworkPolicy": [
+        _NAME,
+        ("Pod-Selector", "string", 0, lambda o: _selector(_get(o, "spec", "podSelector"))),
+        _AGE,
+    ],
     "Deployment": [
         _NAME,
         (

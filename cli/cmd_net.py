@@ -1,6 +1,6 @@
 """`corral net`: debug pod networking from etcd and each node's own view.
 
-Verbs: check, trace, ipam, services, capture, resync. The logic lives in
+Verbs: check, trace, policy, ipam, services, capture, resync. The logic lives in
 `corral.netdebug`; this module parses flags, finds the nodes (the local
 cluster's, this machine, or `--via`) and prints. See docs/net.md.
 """
@@ -47,7 +47,9 @@ def _common(p: argparse.ArgumentParser, node: bool = True) -> None:
 
 
 def register(sub: Any) -> None:
-    net = sub.add_parser("net", help="debug pod networking: check, trace, ipam, services, capture")
+    net = sub.add_parser(
+        "net", help="debug pod networking: check, trace, policy, ipam, services, capture"
+    )
     verbs = net.add_subparsers(dest="net_verb", metavar="VERB")
 
     p = verbs.add_parser("check", help="compare etcd with every node's kernel; exit 1 on drift")
@@ -81,6 +83,16 @@ def register(sub: Any) -> None:
     p = verbs.add_parser("services", help="the service table as each node's proxy programmed it")
     _common(p)
     p.set_defaults(func=cmd_services)
+
+    p = verbs.add_parser(
+        "policy",
+        help="a pod's effective NetworkPolicy: ingress and egress, and what its node programmed",
+        usage="corral net policy [NAMESPACE/]POD [-n NAMESPACE]",
+    )
+    _common(p, node=False)
+    p.add_argument("pod", metavar="POD", help="a pod ([NAMESPACE/]NAME)")
+    p.add_argument("-n", "--namespace", default=None, help="the pod's namespace (default: default)")
+    p.set_defaults(func=cmd_policy)
 
     p = verbs.add_parser(
         "capture",
@@ -546,6 +558,30 @@ def cmd_services(args: argparse.Namespace) -> int:
         "error" in d or any(r.get("disagrees") for r in d.get("services", [])) for d in doc.values()
     )
     return 1 if bad else 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from corral.netdebug import policy
+
+    cv = _read_cluster(args)
+    target = args.pod if "/" in args.pod else f"{args.namespace or 'default'}/{args.pod}"
+    pod = cv.pod(target)
+    node_dump = None
+    if pod is not None and pod.spec.node_name:
+        nodes = node_accesses(args, cv)
+        if pod.spec.node_name in nodes:
+            dumps = collect({pod.spec.node_name: nodes[pod.spec.node_name]}, ("node",))
+            d = dumps[pod.spec.node_name]
+            node_dump = check._component(d.node, "netpolicy") if d.node else None
+    try:
+        doc = policy.effective(cv, target, node_dump or None)
+    except policy.PolicyError as e:
+        raise CLIError(str(e)) from None
+    if args.output == "json":
+        render.dump_json(doc)
+    else:
+        policy.print_effective(doc, render.Out())
+    return 0 if doc.get("node_agrees", True) else 1
 
 
 # ------------------------------------------------------------ trace and capture

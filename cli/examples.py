@@ -62,6 +62,10 @@ EXAMPLES: dict[str, list[str]] = {
         "corral net trace default/client-1 10.96.0.10:53/udp",
         "corral net trace client-1 shop/db-0:5432",
     ],
+    "net policy": [
+        "corral net policy shop/web-7x2k",
+        "corral net policy web-7x2k -n shop -o json",
+    ],
     "net ipam": ["corral net ipam", "corral net ipam --node node-1 --release 10.244.1.7"],
     "net services": ["corral net services", "corral net services --node node-2 -o json"],
     "net capture": [

@@ -13,12 +13,14 @@ from corral.api.objects import (
     Endpoints,
     EndpointSlice,
     Namespace,
+    NetworkPolicy,
     Node,
     Pod,
     ReplicationController,
     Service,
     TypedObject,
 )
+from corral.api.selectors import format_selector
 
 
 def age(ts: str | None, now: datetime | None = None) -> str:
@@ -183,6 +185,10 @@ def _ns_row(n: Namespace, wide: bool) -> list[str]:
     ]
 
 
+def _netpol_row(p: NetworkPolicy, wide: bool) -> list[str]:
+    return [p.name, format_selector(p.spec.pod_selector), age(p.metadata.creation_timestamp)]
+
+
 def _generic_row(o: TypedObject, wide: bool) -> list[str]:
     return [o.name, age(o.metadata.creation_timestamp)]
 
@@ -200,6 +206,7 @@ COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], li
     EndpointSlice: (["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _slice_row),  # type: ignore[dict-item]
     ReplicationController: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
     Deployment: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
+    NetworkPolicy: (["NAME", "POD-SELECTOR", "AGE"], [], _netpol_row),  # type: ignore[dict-item]
 }
 
 

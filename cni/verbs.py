@@ -70,7 +70,9 @@ class Verbs:
         # One verb at a time per attachment (a runtime's DEL racing its own ADD).
         async with self.attachment(req.container_id, req.ifname):
             if req.command == "ADD":
-                return await self._add(req)
+                result = await self._add(req)
+                await self._address_hooks(req, result)
+                return result
             if req.command == "DEL":
                 await self._del(req)
                 return None
@@ -192,6 +194,27 @@ class Verbs:
             await self.ipam.release([r.pool for _, r in got], req.container_id, req.ifname)
             raise
         return got
+
+    async def _address_hooks(self, req: Request, result: dict[str, Any]) -> None:
+        """Tell the node's hooks (NodeContext.address_hooks) the pod's new address before
+        ADD answers; a hook's failure undoes nothing here but fails the ADD."""
+        hooks = getattr(self.ctx, "address_hooks", None)
+        ns, name = req.cni_args.get("K8S_POD_NAMESPACE"), req.cni_args.get("K8S_POD_NAME")
+        if not hooks or not ns or not name:
+            return
+        for entry in result.get("ips") or []:
+            ip = str(entry.get("address", "")).split("/")[0]
+            if not ip:
+                continue
+            for hook in hooks:
+                try:
+                    await hook(ns, name, ip)
+                except Exception as e:
+                    raise CNIError(
+                        E.TRY_AGAIN_LATER,
+                        f"the pod's network policy could not be put in place for {ip}",
+                        str(e),
+                    ) from None
 
     async def _add(self, req: Request) -> dict[str, Any]:
         ipc = parse_ipam(req.conf, req.cni_args)

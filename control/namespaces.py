@@ -22,17 +22,20 @@ before namespaces were objects).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 
 from corral.api.informer import Informer, InformerFactory, started
 from corral.api.namespaces import ensure_builtin, new_namespace
 from corral.api.objects import (
     KINDS,
+    NAMESPACE_NAME_LABEL,
     Deployment,
     Endpoints,
     EndpointSlice,
     Namespace,
     NamespaceCondition,
+    NetworkPolicy,
     Pod,
     ReplicationController,
     Service,
@@ -53,6 +56,7 @@ DELETE_ORDER: tuple[type[TypedObject], ...] = (
     Pod,
     Endpoints,
     EndpointSlice,
+    NetworkPolicy,
 )
 NAMESPACED = tuple(k for k in KINDS if k.NAMESPACED)
 assert set(NAMESPACED) == set(DELETE_ORDER), "a new namespaced kind needs a place in DELETE_ORDER"
@@ -174,6 +178,27 @@ async def adopt(store: Store) -> list[str]:
     return made
 
 
+async def label_names(store: Store) -> list[str]:
+    """Give namespaces stored before the `kubernetes.io/metadata.name` label existed the
+    label (decoding adds it, so writing each back once stores it); the names labelled."""
+    kvs, _ = await store.list_raw(kind_prefix(Namespace))
+    done = []
+    for kv in kvs:
+        try:
+            labels = json.loads(kv.value).get("metadata", {}).get("labels") or {}
+        except ValueError:
+            continue
+        name = kv.key.removeprefix(kind_prefix(Namespace))
+        if labels.get(NAMESPACE_NAME_LABEL) == name:
+            continue
+        with contextlib.suppress(NotFound, Conflict, ValueError):
+            await store.modify(Namespace, name, None, lambda cur: cur)
+            done.append(name)
+    if done:
+        log.info("labelled namespaces %s with %s", ", ".join(done), NAMESPACE_NAME_LABEL)
+    return done
+
+
 class NamespaceController:
     def __init__(
         self, store: Store, period: float = 1.0, informers: InformerFactory | None = None
@@ -208,5 +233,9 @@ class NamespaceController:
             if made:
                 log.info("created the built-in namespaces %s", ", ".join(made))
             await adopt(self.store)
+            try:
+                await label_names(self.store)
+            except Exception as e:  # etcd hiccup: the next start labels them
+                log.warning("labelling namespaces failed: %s: %s", type(e).__name__, e)
             await self.namespaces.wait_synced()
             await self.runner.run()

@@ -7,6 +7,7 @@ know about. The node-only parts (`NodePaths`, `NodeOptions`) stay in `node/conte
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from corral.api.informer import InformerFactory
@@ -25,6 +26,11 @@ class NodeContext:
     # The process's one informer per kind, shared by its components. Components
     # start it; whoever made the context stops it (before closing the store).
     informers: InformerFactory = field(default=None)  # type: ignore[assignment]
+    # Called by the CNI server when ADD gave a pod an address, before ADD answers:
+    # (pod namespace, pod name, IP). The NetworkPolicy component puts the pod's
+    # rules in place here, so a pod never passes traffic before its policy does.
+    # A hook that raises fails the ADD (the runtime retries).
+    address_hooks: list[Callable[[str, str, str], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.informers is None:

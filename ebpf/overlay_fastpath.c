@@ -140,6 +140,18 @@ static __always_inline int from_endpoint(struct iphdr *ip, void *end) {
 }
 /* ---- end service proxy ------------------------------------------------------ */
 
+/* ---- NetworkPolicy: isolated pods' packets meet netfilter --------------------
+ * The node agent's NetworkPolicy component judges new flows in FORWARD
+ * (netpolicy/rules.py) and puts every local pod a policy isolates into this
+ * pinned map (ebpf/netpol_pods.py): a packet from or to one of them is left to
+ * the kernel. Shared through the pin /sys/fs/bpf/corral/<node>/netpol_pods. */
+CORRAL_PINNED("hash", u32, u8, netpol_pods, 65536);
+
+static __always_inline int policed(u32 a, u32 b) {
+    return netpol_pods.lookup(&a) != NULL || netpol_pods.lookup(&b) != NULL;
+}
+/* ---- end NetworkPolicy ------------------------------------------------------- */
+
 static __always_inline void count(int what) {
     u64 *n = stats.lookup(&what);
     if (n)
@@ -239,6 +251,8 @@ int from_pod(struct __sk_buff *skb) {
     u32 dst = ip->daddr;
     if ((dst & c->cluster_mask) != c->cluster_net)
         return TC_ACT_OK;
+    if (policed(ip->saddr, dst))
+        goto kernel;
     u8 ttl = ip->ttl, proto = ip->protocol, tos = ip->tos;
 
     if ((dst & c->subnet_mask) == c->subnet) {
@@ -325,7 +339,7 @@ int from_uplink(struct __sk_buff *skb) {
     u32 dst = in->daddr;
     u8 ttl = in->ttl, proto = in->protocol;
     struct pod *p = pods.lookup(&dst);
-    if (!p || ttl <= 1 || from_endpoint(in, end)) {  /* service proxy: replies to the kernel */
+    if (!p || ttl <= 1 || from_endpoint(in, end) || policed(in->saddr, dst)) {
         count(3);
         return TC_ACT_OK;
     }
@@ -346,7 +360,7 @@ int from_overlay(struct __sk_buff *skb) {
     u32 dst = ip->daddr;
     u8 ttl = ip->ttl, proto = ip->protocol;
     struct pod *p = pods.lookup(&dst);
-    if (!p || ttl <= 1 || from_endpoint(ip, end) ||  /* service proxy: replies to the kernel */
+    if (!p || ttl <= 1 || from_endpoint(ip, end) || policed(ip->saddr, dst) ||
         dec_ttl(skb, sizeof(*eth), ttl, proto)) {
         count(3);
         return TC_ACT_OK;

@@ -9,7 +9,9 @@ from corral.api import netconfig
 from corral.api.objects import (
     EndpointSlice,
     IPAllocation,
+    Namespace,
     NetworkConfig,
+    NetworkPolicy,
     NetworkSpec,
     Node,
     Pod,
@@ -47,6 +49,8 @@ class ClusterView:
     slices: dict[str, list[EndpointSlice]]  # ns/name of the service -> its slices
     allocations: list[Allocation] = field(default_factory=list)
     owners: dict[str, str] = field(default_factory=dict)  # owner key -> IP
+    namespaces: list[Namespace] = field(default_factory=list)
+    policies: list[NetworkPolicy] = field(default_factory=list)
 
     @property
     def device(self) -> str:
@@ -120,7 +124,11 @@ async def read(store: Store) -> ClusterView:
         name = s.metadata.labels.get(SERVICE_NAME_LABEL)
         if name:
             by_svc.setdefault(f"{s.namespace}/{name}", []).append(s)
+    namespaces, _ = await store.list(Namespace)
+    policies, _ = await store.list(NetworkPolicy, None)
     view = ClusterView(
+        namespaces=list(namespaces),
+        policies=list(policies),
         spec=spec,
         nodes={n.name: n for n in nodes},
         leases=leases,

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from corral.api.objects import SubnetLease
-from corral.netdebug import check, decode, explain
+from corral.netdebug import check, decode, explain, policy
 from corral.netdebug.access import NodeAccess, NodeUnreachable
 from corral.netdebug.model import ClusterView
 from corral.netdebug.render import Out, Progress
@@ -201,13 +201,51 @@ def trace(
     if probe:
         result.probe = {k: v for k, v in probed.items() if k != "sniffed"}
     dest = _destination(t, tgt, result, probed, candidates, probe)
+    hops.append(_policy_hop(t, tgt, result, dest))
     hops += _path(t, dest, via_vip=tgt.vip is not None)
     if probe:
         _confirm(hops, probed.get("sniffed", {}), dest)
+        _confirm_policy(hops)
         result.departure = _first(hops, ("refuted", "broken"))
     else:
         result.departure = _first(hops, ("broken",))
     return result
+
+
+def _policy_hop(t: Tracer, tgt: Target, result: Result, dest: str) -> Hop:
+    """NetworkPolicy's verdict on the flow as it reaches FORWARD (after any DNAT): the
+    source's egress on its node, the destination's ingress on its node."""
+    port = tgt.port
+    if tgt.vip and result.backend:
+        port = int(result.backend.rsplit(":", 1)[1])
+    proto = tgt.proto or ("tcp" if port else "icmp")
+    v = policy.verdict(t.cv, t.src.ip, dest, proto, port)
+    d = v.deciding
+    lease = t.cv.lease_for_ip(dest)
+    where = t.src.node if d.direction == "Egress" or lease is None else lease.node_name
+    state = {"egress": str(v.egress), "ingress": str(v.ingress), "allowed": v.allowed}
+    if v.allowed:
+        return Hop("network policy", where, f"allowed: {v.egress}; {v.ingress}", state)
+    whose = dest if d.direction == "Ingress" else t.src.key
+    text = f"DROPPED by the {d.direction.lower()} of {whose}: {d.reason}"
+    return Hop("network policy", where, text, state, status="broken")
+
+
+def _confirm_policy(hops: list[Hop]) -> None:
+    """The probe confirms the policy hop: an allowed flow reached the pod, a dropped one
+    did not."""
+    pol = next((h for h in hops if h.step == "network policy"), None)
+    pod = next((h for h in hops if h.step == "destination pod"), None)
+    if pol is None or pod is None or pod.status not in ("confirmed", "refuted"):
+        return
+    reached = pod.status == "confirmed"
+    if pol.status == "broken":
+        if reached:
+            pol.status, pol.seen = "refuted", "the probe reached the pod although policy drops it"
+        else:
+            pol.seen = "the probe did not reach the pod, as the policy says"
+    elif reached:
+        pol.status, pol.seen = "confirmed", "the probe reached the pod"
 
 
 def _first(hops: list[Hop], statuses: tuple[str, ...]) -> int | None:

@@ -35,6 +35,8 @@ HEARTBEAT_CHECK_SECONDS = 1.0  # how often a change of health is looked for
 # name -> (module, class); started in this order.
 COMPONENTS: dict[str, tuple[str, str]] = {
     "overlay": ("corral.overlay.agent", "OverlayAgent"),
+    # before CNI: its ADD hook puts a new pod's policy in place before ADD answers
+    "netpolicy": ("corral.netpolicy.component", "NetworkPolicyAgent"),
     "cni": ("corral.cni.server", "CNIServer"),
     "pods": ("corral.runtime.pods", "PodRuntime"),
     "api": ("corral.runtime.nodeapi", "NodeAPI"),  # logs and exec for the API server

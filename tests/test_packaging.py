@@ -79,6 +79,7 @@ LAYERS: dict[str, int] = {
     "clusterdns": 5,
     "control": 5,
     "apiserver": 5,
+    "netpolicy": 5,  # NetworkPolicy: the engine and the node agent's enforcement
     "nodeagent": 6,  # `corral node`: overlay, CNI server and pods composed into one daemon
     "netdebug": 6,  # `corral net`: reads every component
     "cluster": 7,  # `corral up`'s local cluster
