@@ -31,7 +31,13 @@ from corral.api.kubeclient import (
 )
 from corral.api.objects import Pod
 from corral.api.podcontainers import PodAccessError, container_name, instance_changed
-from corral.cli.common import CLIError, add_command_argument, run, store_from_args
+from corral.cli.common import (
+    CLIError,
+    add_command_argument,
+    local_kubeconfig,
+    run,
+    store_from_args,
+)
 from corral.node.procs import start_time
 from corral.runtime import podaccess
 
@@ -138,12 +144,7 @@ def _api(args: argparse.Namespace, pod: Pod, what: str) -> KubeConfig:
     ~/.kube/config."""
     path = getattr(args, "kubeconfig", None)
     if not path and not (getattr(args, "etcd", None) or os.environ.get("CORRAL_ETCD")):
-        from corral.cluster import kubeconfig
-        from corral.cluster.local import load_state
-
-        s = load_state(getattr(args, "cluster", None) or os.environ.get("CORRAL_CLUSTER", "corral"))
-        if s is not None and os.path.exists(kubeconfig.path(s)):
-            path = kubeconfig.path(s)
+        path = local_kubeconfig(getattr(args, "cluster", None))
     path = path or default_path()
     if not os.path.exists(path):
         raise CLIError(

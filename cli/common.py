@@ -40,6 +40,19 @@ def local_cluster(name: str | None = None) -> tuple[list[str], TLSFiles | None] 
         return None
 
 
+def local_kubeconfig(name: str | None = None) -> str | None:
+    """The kubeconfig `corral up` wrote for the local cluster `name`, if there is one."""
+    try:
+        from corral.cluster import kubeconfig
+        from corral.cluster.local import load_state
+    except ImportError:  # pragma: no cover - only while the cluster module is absent
+        return None
+    s = load_state(name or os.environ.get("CORRAL_CLUSTER", "corral"))
+    if s is None or not os.path.exists(kubeconfig.path(s)):
+        return None
+    return kubeconfig.path(s)
+
+
 def _explicit_etcd(args: argparse.Namespace) -> str | None:
     return getattr(args, "etcd", None) or os.environ.get("CORRAL_ETCD")
 
