@@ -1,0 +1,403 @@
+"""The nftables mode: service views -> one nf_tables table of corral's own, in-process.
+
+A `ProxyMode` (proxy/mode.py) on the same core as the iptables mode, with
+kube-proxy's nftables layout (proxy/nftrules.py): verdict maps dispatch a VIP
+or nodePort to its service chain in one lookup, and a sync is exactly one
+libnftables transaction (`import nftables`, Debian's python3-nftables over
+libnftables.so: no process per sync). A partial sync carries only the changed
+services' chains, sets and map elements; a full one (the first, every sync
+period, after a failure) rewrites every chain and map of the table in the
+same one transaction, so packets never see a half-written table and a
+restarted proxy replaces its predecessor's rules without a gap. Affinity sets
+that stay are never recreated: their clients stay remembered.
+
+What the iptables mode does around its restore is reused as is: the fast
+path's endpoint map is fed before and after each transaction
+(proxy/fastpath_endpoints.py) and UDP flows whose endpoint went away are
+deleted with conntrack (IptablesMode._clear_udp).
+
+Blocking: the proxy component calls these methods in an executor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+from corral.node import netns
+from corral.proxy import nftrules as N
+from corral.proxy import rules as R
+from corral.proxy.core import ServiceView
+from corral.proxy.fastpath_endpoints import FastPathEndpoints
+from corral.proxy.iptables import IptablesMode, Netfilter
+from corral.proxy.mode import ModeContext, SyncResult
+
+log = logging.getLogger(__name__)
+
+
+class NftError(RuntimeError):
+    """libnftables refused a command (the message is nft's own)."""
+
+
+# what --mode auto and `unavailable` try (never committed: libnftables' dry run)
+PROBE = """add table ip corral-probe
+add map ip corral-probe m { type ipv4_addr . inet_proto . inet_service : verdict; }
+add set ip corral-probe s { type ipv4_addr; flags dynamic,timeout; }
+add chain ip corral-probe c
+add chain ip corral-probe pre { type nat hook prerouting priority dstnat; }
+add chain ip corral-probe in { type filter hook input priority filter - 10; }
+add rule ip corral-probe pre ip daddr . meta l4proto . th dport vmap @m
+add rule ip corral-probe pre fib daddr type local ip daddr != 127.0.0.0/8 jump c
+add rule ip corral-probe c update @s { ip saddr timeout 10s }
+add rule ip corral-probe c numgen random mod 2 vmap { 0 : goto c, 1 : goto c }
+add rule ip corral-probe c meta l4proto tcp dnat to 10.0.0.1:80
+add rule ip corral-probe in meta l4proto tcp reject with tcp reset
+"""
+
+
+class Nft:
+    """One libnftables context in the proxy's network namespace (None: this one).
+
+    A context's netlink socket belongs to the namespace it was made in, so a
+    test's proxy is made inside the test's namespace and used from any thread."""
+
+    def __init__(self, namespace: str | None = None) -> None:
+        import nftables
+
+        self.namespace = namespace
+        self._lock = threading.Lock()  # a context is not thread-safe (canary vs sync)
+        if namespace:
+            with netns.entered(namespace):
+                self.ctx = nftables.Nftables()
+        else:
+            self.ctx = nftables.Nftables()
+        self.ctx.set_json_output(True)
+        self.ctx.set_handle_output(False)
+        self.transactions = 0
+
+    def cmd(self, text: str) -> str:
+        with self._lock:
+            rc, out, err = self.ctx.cmd(text)
+        if rc != 0:
+            raise NftError(err.strip() or f"nft: exit {rc}")
+        return out
+
+    def apply(self, text: str) -> None:
+        """One transaction: every command in `text` takes effect, or none does."""
+        if text:
+            self.cmd(text)
+            self.transactions += 1
+
+    def dry_run(self, text: str) -> str | None:
+        """The kernel's verdict on `text` without committing it: None, or the error."""
+        with self._lock:
+            self.ctx.set_dry_run(True)
+            try:
+                rc, _out, err = self.ctx.cmd(text)
+            finally:
+                self.ctx.set_dry_run(False)
+        return None if rc == 0 else (err.strip() or f"exit {rc}")
+
+    def items(self, what: str) -> list[dict[str, Any]]:
+        """The objects `list <what>` returns (JSON), without the metainfo."""
+        out = self.cmd(f"list {what}")
+        return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
+
+    def has_table(self, table: str) -> bool:
+        return any(o["table"]["name"] == table for o in self.items(f"tables {N.FAMILY}"))
+
+    def names(self, table: str, kind: str) -> set[str]:
+        """Names of the chains ("chain") or sets ("set"; maps are "map") in `table`."""
+        out = set()
+        for o in self.items(f"{kind}s {N.FAMILY}"):
+            v = o.get(kind)
+            if v and v["table"] == table:
+                out.add(v["name"])
+        return out
+
+    def chain_rules(self, table: str, chain: str) -> int | None:
+        """How many rules `chain` holds (None: no such chain or table)."""
+        try:
+            return sum(1 for o in self.items(f"chain {N.FAMILY} {table} {chain}") if "rule" in o)
+        except NftError:
+            return None
+
+    def delete_table(self, table: str) -> bool:
+        if not self.has_table(table):
+            return False
+        self.apply(f"delete table {N.FAMILY} {table}")
+        return True
+
+    def table(self, table: str) -> list[dict[str, Any]]:
+        """The whole table as JSON objects (chains, rules, sets, maps with elements)."""
+        try:
+            return self.items(f"table {N.FAMILY} {table}")
+        except NftError:
+            return []
+
+
+class _Conntrack:
+    """What IptablesMode._clear_udp reads of its mode: the netfilter commands."""
+
+    def __init__(self, netfilter: Netfilter) -> None:
+        self.netfilter = netfilter
+
+
+class NftablesMode:
+    """Programs services into the node's `ip corral-<node>` table; keeps what it wrote
+    so partial syncs carry only differences."""
+
+    name: ClassVar[str] = "nftables"
+    privileges: ClassVar[str] = "proxy"
+    auto_rank: ClassVar[int] = 15  # over iptables; the eBPF mode (20) adds socket LB
+    includes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        cluster_cidr: str,
+        node: str,
+        nft: Nft | None = None,
+        netfilter: Netfilter | None = None,
+        fast_path: FastPathEndpoints | None = None,
+    ) -> None:
+        self.cluster_cidr = cluster_cidr
+        self.node = node
+        self.table = N.table_name(node)
+        self.nft = nft or Nft()
+        self.netfilter = netfilter or Netfilter(self.nft.namespace)
+        self.fast_path = fast_path
+        self.rules: dict[str, N.ServiceRules] = {}  # what the kernel holds, per service
+        self.written: dict[str, ServiceView] = {}
+        self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
+        self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
+        self.synced = False
+        self.last_text = ""  # the last transaction (debugging, tests)
+
+    # ------------------------------------------------------------ the registry's side
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import nftables  # noqa: F401
+        except ImportError:
+            return (
+                "no libnftables Python bindings (Debian python3-nftables); "
+                "run scripts/bootstrap.sh"
+            )
+        try:
+            why = Nft().dry_run(PROBE)
+        except (OSError, NftError) as e:
+            why = str(e)
+        if why:
+            return f"libnftables cannot program this kernel: {why.splitlines()[0]}"
+        return None
+
+    @classmethod
+    def for_node(cls, ctx: ModeContext) -> NftablesMode:
+        nf = Netfilter()
+        return cls(ctx.cluster_cidr, ctx.node, Nft(), nf, FastPathEndpoints(ctx.node,
+                   nf.dnat_replies))  # fmt: skip
+
+    @classmethod
+    def cleanup_node(cls, node: str, namespace: str | None = None) -> list[str]:
+        table = N.table_name(node)
+        try:
+            nft = Nft(namespace)
+            if nft.delete_table(table):
+                return [f"nftables table {N.FAMILY} {table}"]
+        except ImportError:
+            pass  # no bindings: this mode never ran here
+        except NftError as e:
+            log.warning("cannot remove nftables table %s: %s", table, e)
+        return []
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, ask_full_sync: Callable[[], None]) -> None:
+        return None
+
+    def sync(
+        self, full: bool, views: Mapping[str, ServiceView], changed: Iterable[str]
+    ) -> SyncResult:
+        t0 = time.monotonic()
+        changed = set(changed)
+        if self.chains is None or self.sets is None:
+            full = True
+        keys = set(views) | set(self.written) if full else changed
+        new = {
+            k: N.service_rules(views[k], self.cluster_cidr) if k in views else None for k in keys
+        }
+        if not full:
+            try:
+                tx = N.partial(self.table, {k: self.rules.get(k) for k in keys}, new)
+            except N.VerdictChanged:
+                full = True
+                keys = set(views) | set(self.written)
+                new = {k: N.service_rules(views[k], self.cluster_cidr) for k in views}
+        if self.fast_path is not None:
+            self.fast_path.before(views, changed, full)
+        old_views = {k: self.written.get(k) for k in keys}
+        if full:
+            if self.chains is None or self.sets is None:
+                self.chains, self.sets = self._read_kernel()
+            per = {k: r for k, r in new.items() if r is not None}
+            tx = N.full(self.table, per, self.cluster_cidr, self.chains, self.sets)
+        before_chains = set(self.chains or ())
+        text = tx.text()
+        self.last_text = text
+        try:
+            self.nft.apply(text)
+        except NftError:
+            self.chains = self.sets = None  # re-read on the (full) retry
+            raise
+        if full:
+            self.rules = {k: r for k, r in new.items() if r is not None}
+            self.chains = {c for r in self.rules.values() for c in r.chains}
+            self.sets = {s for r in self.rules.values() for s in r.sets}
+        else:
+            assert self.chains is not None and self.sets is not None
+            for k, r in new.items():
+                old = self.rules.pop(k, None)
+                if old is not None:
+                    self.chains -= set(old.chains)
+                    self.sets -= old.sets
+                if r is not None:
+                    self.rules[k] = r
+                    self.chains |= set(r.chains)
+                    self.sets |= r.sets
+        flushes = self._clear_udp(old_views, views, before_chains)
+        for k in keys:
+            if k in views:
+                self.written[k] = views[k]
+            else:
+                self.written.pop(k, None)
+        if self.fast_path is not None:
+            self.fast_path.after(full)
+        self.synced = True
+        return SyncResult(
+            full=full,
+            services=len(keys),
+            lines=tx.rule_count,
+            seconds=time.monotonic() - t0,
+            conntrack_flushes=flushes,
+        )
+
+    def _read_kernel(self) -> tuple[set[str], set[str]]:
+        """Owned chains and sets the table holds (a restarted proxy's predecessor's)."""
+        if not self.nft.has_table(self.table):
+            return set(), set()
+        chains = {c for c in self.nft.names(self.table, "chain") if N.owned_chain(c)}
+        sets = {s for s in self.nft.names(self.table, "set") if N.owned_set(s)}
+        return chains, sets
+
+    def _clear_udp(
+        self,
+        old: Mapping[str, ServiceView | None],
+        views: Mapping[str, ServiceView],
+        kernel_chains: set[str],
+    ) -> int:
+        """The iptables mode's UDP clean-up; it asks whether the kernel held a service
+        port's chain under the iptables mode's name, so translate ours."""
+        held = set()
+        for v in [*old.values(), *(views.get(k) for k in old)]:
+            for sp in v.ports if v is not None else ():
+                if N.svc_chain(sp) in kernel_chains:
+                    held.add(R.svc_chain(sp))
+        return IptablesMode._clear_udp(_Conntrack(self.netfilter), old, views, held)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ the rest of ProxyMode
+
+    def ready(self) -> bool:
+        return self.synced
+
+    def wants_sync(self) -> bool:
+        return self.fast_path is not None and self.fast_path.draining
+
+    def canary_ok(self) -> bool:
+        """The fixed chains hold their rules: a deleted table or a flushed table or chain
+        shows here (a hand-deleted map element is put back by the next full sync)."""
+        if not self.synced:
+            return True
+        want = {c: 1 for c in N.BASE} | {c: len(r) for c, r in N.FIXED.items()}
+        for chain, n in want.items():
+            if self.nft.chain_rules(self.table, chain) != n:
+                return False
+        return True
+
+    def forget_kernel(self) -> None:
+        self.chains = self.sets = None
+
+    def close(self) -> None:
+        if self.fast_path is not None:
+            self.fast_path.close()
+
+    def cleanup(self) -> list[str]:
+        """Remove the table (everything this mode made); what was removed."""
+        done = []
+        if self.nft.delete_table(self.table):
+            done.append(f"nftables table {N.FAMILY} {self.table}")
+        self.rules.clear()
+        self.written.clear()
+        self.chains = self.sets = None
+        return done
+
+    def debug(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kernel": {"nftables": describe(self.nft.table(self.table), self.table)},
+            "nftables": {
+                "table": f"{N.FAMILY} {self.table}",
+                "transactions": self.nft.transactions,
+                "chains": len(self.chains or ()),
+                "sets": len(self.sets or ()),
+            },
+        }
+        if self.fast_path is not None:
+            out.update(self.fast_path.debug())
+        return out
+
+
+def describe(objs: list[dict[str, Any]], table: str) -> dict[str, Any]:
+    """The table as `corral net` reads it: chain -> rules (nft's text of each), map ->
+    {key: verdict}, affinity set -> {client: seconds left}."""
+    chains: dict[str, list[str]] = {}
+    maps: dict[str, dict[str, str]] = {}
+    sets: dict[str, dict[str, Any]] = {}
+    for o in objs:
+        if "chain" in o:
+            chains.setdefault(o["chain"]["name"], [])
+        elif "rule" in o:
+            r = o["rule"]
+            chains.setdefault(r["chain"], []).append(json.dumps(r["expr"], sort_keys=True))
+        elif "map" in o:
+            m = o["map"]
+            maps[m["name"]] = {_key(e[0]): _verdict(e[1]) for e in m.get("elem", [])}
+        elif "set" in o:
+            s = o["set"]
+            entries: dict[str, Any] = {}
+            for e in s.get("elem", []):
+                el = e.get("elem", e) if isinstance(e, dict) else e
+                if isinstance(el, dict):
+                    entries[str(el.get("val"))] = el.get("expires")
+                else:
+                    entries[str(el)] = None
+            sets[s["name"]] = {"timeout": s.get("timeout"), "entries": entries}
+    return {"table": f"{N.FAMILY} {table}", "chains": chains, "maps": maps, "sets": sets}
+
+
+def _key(k: Any) -> str:
+    if isinstance(k, dict) and "concat" in k:
+        return " . ".join(str(x) for x in k["concat"])
+    return str(k)
+
+
+def _verdict(v: Any) -> str:
+    if isinstance(v, dict):
+        for verb in ("goto", "jump"):
+            if verb in v:
+                return f"{verb} {v[verb]['target']}"
+        return next(iter(v), "")
+    return str(v)
