@@ -102,9 +102,20 @@ class Nft:
                 self.ctx.set_dry_run(False)
         return None if rc == 0 else (err.strip() or f"exit {rc}")
 
-    def items(self, what: str) -> list[dict[str, Any]]:
-        """The objects `list <what>` returns (JSON), without the metainfo."""
-        out = self.cmd(f"list {what}")
+    def items(self, what: str, terse: bool = False) -> list[dict[str, Any]]:
+        """The objects `list <what>` returns (JSON), without the metainfo; `terse`: sets
+        without their elements."""
+        if terse:
+            with self._lock:
+                self.ctx.set_terse_output(True)
+                try:
+                    rc, out, err = self.ctx.cmd(f"list {what}")
+                finally:
+                    self.ctx.set_terse_output(False)
+            if rc != 0:
+                raise NftError(err.strip() or f"nft: exit {rc}")
+        else:
+            out = self.cmd(f"list {what}")
         return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
 
     def has_table(self, table: str) -> bool:
@@ -113,7 +124,7 @@ class Nft:
     def names(self, table: str, kind: str) -> set[str]:
         """Names of the chains ("chain") or sets ("set"; maps are "map") in `table`."""
         out = set()
-        for o in self.items(f"{kind}s {N.FAMILY}"):
+        for o in self.items(f"{kind}s {N.FAMILY}", terse=True):
             v = o.get(kind)
             if v and v["table"] == table:
                 out.add(v["name"])
@@ -185,8 +196,7 @@ class NftablesMode:
             import nftables  # noqa: F401
         except ImportError:
             return (
-                "no libnftables Python bindings (Debian python3-nftables); "
-                "run scripts/bootstrap.sh"
+                "no libnftables Python bindings (Debian python3-nftables); run scripts/bootstrap.sh"
             )
         try:
             why = Nft().dry_run(PROBE)
@@ -323,10 +333,7 @@ class NftablesMode:
         if not self.synced:
             return True
         want = {c: 1 for c in N.BASE} | {c: len(r) for c, r in N.FIXED.items()}
-        for chain, n in want.items():
-            if self.nft.chain_rules(self.table, chain) != n:
-                return False
-        return True
+        return all(self.nft.chain_rules(self.table, c) == n for c, n in want.items())
 
     def forget_kernel(self) -> None:
         self.chains = self.sets = None
