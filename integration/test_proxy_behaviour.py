@@ -856,8 +856,9 @@ def test_nftables_mode_switch_and_cleanup_leave_nothing_behind(env: Env) -> None
         wait_for(lambda: f"table ip {table}" in tables(), "the nftables table back")
         wait_for(lambda: _reaches(env), "the service through the nftables mode again")
         nat = env.c.exec("node-1", "iptables-save", "-t", "nat").stdout
-        assert "CORRAL-" not in nat, nat
-        assert "CORRAL-" not in env.c.exec("node-1", "ipset", "list", "-n").stdout
+        for proxy_chain in ("CORRAL-SERVICES", "CORRAL-SVC-", "CORRAL-SEP-", "CORRAL-PROXY-"):
+            assert proxy_chain not in nat, nat  # (CORRAL-POSTROUTING is the node agent's)
+        assert "CORRAL-AFF-" not in env.c.exec("node-1", "ipset", "list", "-n").stdout
         _stop_proxy(env, "node-1")
         r = env.c.exec("node-1", sys.executable, "-m", "corral", "proxy", "--cleanup",
                        "--node", env.c.node("node-1"))  # fmt: skip
