@@ -55,7 +55,7 @@ def test_an_endpoint_change_touches_only_its_service() -> None:
     new_ep = N.ep_chain(A, EndpointInfo("10.244.1.5", 8080))
     assert f"delete chain ip corral-n {gone_ep}" in text
     assert kept_ep not in text.replace(f"goto {kept_ep}", "")  # only referred to, not rewritten
-    assert f"add chain ip corral-n {new_ep}" in text and "numgen random mod 2" in text
+    assert f"add chain ip corral-n {new_ep}" in text and "numgen random mod 2 0 goto" in text
     # the gone endpoint's affinity set goes with it (its clients are forgotten at once)
     assert f"delete set ip corral-n {N.affinity_set(A, EndpointInfo('10.244.1.2', 8080))}" in text
     # a service losing every endpoint moves from service-ips to no-endpoint-services
