@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -185,6 +186,7 @@ class NftablesMode:
         self.written: dict[str, ServiceView] = {}
         self.chains: set[str] | None = None  # owned chains in the kernel (None: unknown)
         self.sets: set[str] | None = None  # affinity sets in the kernel (None: unknown)
+        self.hairpin: Counter[str] = Counter()  # endpoint address -> service ports using it
         self.synced = False
         self.last_text = ""  # the last transaction (debugging, tests)
 
@@ -243,7 +245,7 @@ class NftablesMode:
         }
         if not full:
             try:
-                tx = N.partial(self.table, {k: self.rules.get(k) for k in keys}, new)
+                tx = N.partial(self.table, {k: self.rules.get(k) for k in keys}, new, self.hairpin)
             except N.VerdictChanged:
                 full = True
                 keys = set(views) | set(self.written)
@@ -262,10 +264,11 @@ class NftablesMode:
         try:
             self.nft.apply(text)
         except NftError:
-            self.chains = self.sets = None  # re-read on the (full) retry
+            self.chains = self.sets = None  # re-read on the (full) retry (hairpin too)
             raise
         if full:
             self.rules = {k: r for k, r in new.items() if r is not None}
+            self.hairpin = N.hairpin_counts(self.rules)
             self.chains = {c for r in self.rules.values() for c in r.chains}
             self.sets = {s for r in self.rules.values() for s in r.sets}
         else:

@@ -14,17 +14,20 @@ proxy:
                                        -> goto svc-<h>-<ns>/<name>/<proto>/<port>
   svc-...                              nodePort traffic (destination not the VIP)
                                        and clients outside the pod network ->
-                                       mark-for-masquerade; affinity: `ip saddr
-                                       @aff-<ep>` -> that endpoint; then endpoint
-                                       i of n: `numgen random mod (n-i) 0 goto
-                                       ep-...` (the last: `goto`), see below
-  ep-...__<ip>/<port>                  hairpin (source = the endpoint) -> mark;
-                                       affinity: `update @aff-<ep> { ip saddr
-                                       timeout T }`; `dnat to ip:port`
+                                       mark-for-masquerade; then endpoint i of n:
+                                       `numgen random mod (n-i) 0 dnat to ip:port`
+                                       (the last: plain `dnat`), see below
+  with ClientIP affinity, per endpoint a chain: the service chain sends a client
+  in `@aff-<ep>` to its endpoint first, the cascade ends in `goto ep-...`, and
+  ep-...__<ip>/<port>                  `update @aff-<ep> { ip saddr timeout T }`;
+                                       `dnat to ip:port`
   aff-...                              one set per (service port, endpoint), flags
                                        dynamic,timeout: a client stays with the
                                        endpoint while it keeps coming back within T
-  nat-postrouting (srcnat)             -> masquerading: marked -> clear the bit,
+  nat-postrouting (srcnat)             -> masquerading: hairpin (`ip saddr . ip
+                                       daddr @hairpin`, a pair `ip . ip` per
+                                       endpoint address: a pod reaching itself)
+                                       -> mark; marked -> clear the bit,
                                        `masquerade fully-random`
   filter-input/-forward/-output        `ct state new` -> no-endpoints: the maps
   (filter - 10)                        no-endpoint-services / -nodeports -> goto
@@ -40,6 +43,14 @@ it in __nft_set_trans_bind and nf_tables_newset); the cascade draws the same
 uniform choice (endpoint i takes 1/(n-i) of what is left) with named objects
 only.
 
+Why no per-endpoint chain without affinity (kube-proxy has one per endpoint for
+its hairpin mark and DNAT): libnftables 1.0.6 dumps every chain of the family
+into its cache before any transaction that adds a rule or an element, so a
+sync's cost grows with the number of chains; at 10,000 services x 3 endpoints
+that dump was ~110 of a partial sync's ~140 ms. The hairpin check moved to one
+set in postrouting (after DNAT a hairpinned packet's source equals its
+destination), which leaves one chain per service port.
+
 Dispatch is one hash lookup in a map whatever the number of services, and a
 change touches only the elements and chains of the services that changed
 (`partial`); `full` rewrites every chain and map in the same one transaction.
@@ -52,6 +63,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -67,6 +79,7 @@ MAPS = {
     "no-endpoint-nodeports": "inet_proto . inet_service",
 }
 REJECT = "reject-chain"
+HAIRPIN = "hairpin"  # set of `ip . ip`: one pair per endpoint address
 MARK = "mark-for-masquerade"
 SERVICES = "services"
 NO_ENDPOINTS = "no-endpoints"
@@ -95,6 +108,7 @@ FIXED: dict[str, list[str]] = {
     REJECT: ["meta l4proto tcp reject with tcp reset", "reject"],
     MARK: [f"meta mark set meta mark | {MASQ_MARK}"],
     MASQUERADING: [
+        f"ct status dnat ip saddr . ip daddr @{HAIRPIN} jump {MARK}",
         f"meta mark & {MASQ_MARK} == 0 return",
         f"meta mark set meta mark ^ {MASQ_MARK}",
         "masquerade fully-random",
@@ -152,6 +166,7 @@ class ServiceRules:
     chains: dict[str, list[str]] = field(default_factory=dict)  # chain -> rules
     sets: set[str] = field(default_factory=set)  # affinity sets
     elements: dict[str, dict[str, str]] = field(default_factory=dict)  # map -> key -> verdict
+    hairpin: set[str] = field(default_factory=set)  # endpoint addresses
 
     def element(self, m: str, key: str, verdict: str) -> None:
         self.elements.setdefault(m, {})[key] = verdict
@@ -176,20 +191,25 @@ def service_rules(view: ServiceView, cluster_cidr: str) -> ServiceRules:
             out.element("service-nodeports", np_key, f"goto {svc}")
             rules.append(f"ip daddr != {sp.cluster_ip} jump {MARK}")  # arrived on a nodePort
         rules.append(f"ip saddr != {cluster_cidr} jump {MARK}")
-        eps_chains = [(ep, ep_chain(sp, ep)) for ep in eps]
-        for ep, chain in eps_chains:
-            ep_rules = [f"ip saddr {ep.ip} jump {MARK}"]
-            if sp.affinity_timeout:
+        out.hairpin |= {ep.ip for ep in eps}
+        n = len(eps)
+        picks = [f"numgen random mod {n - i} 0 " if i < n - 1 else "" for i in range(n)]
+        if sp.affinity_timeout:
+            eps_chains = [(ep, ep_chain(sp, ep)) for ep in eps]
+            for ep, chain in eps_chains:
                 s = affinity_set(sp, ep)
                 out.sets.add(s)
                 rules.append(f"ip saddr @{s} goto {chain}")
-                ep_rules.append(f"update @{s} {{ ip saddr timeout {sp.affinity_timeout}s }}")
-            ep_rules.append(f"meta l4proto {p} dnat to {ep.ip}:{ep.port}")
-            out.chains[chain] = ep_rules
-        n = len(eps_chains)
-        for i, (_e, c) in enumerate(eps_chains):
-            pick = f"numgen random mod {n - i} 0 " if i < n - 1 else ""
-            rules.append(f"{pick}goto {c}")
+                out.chains[chain] = [
+                    f"update @{s} {{ ip saddr timeout {sp.affinity_timeout}s }}",
+                    f"meta l4proto {p} dnat to {ep.ip}:{ep.port}",
+                ]
+            rules += [f"{pick}goto {c}" for pick, (_e, c) in zip(picks, eps_chains, strict=True)]
+        else:
+            rules += [
+                f"meta l4proto {p} {pick}dnat to {ep.ip}:{ep.port}"
+                for pick, ep in zip(picks, eps, strict=True)
+            ]
         out.chains[svc] = rules
     return out
 
@@ -229,6 +249,17 @@ class Tx:
         if body:
             self.elements.append(f"add element {self.t} {m} {{ {body} }}")
 
+    def add_keys(self, s: str, keys: Iterable[str]) -> None:
+        body = ", ".join(keys)
+        if body:
+            self.elements.append(f"add element {self.t} {s} {{ {body} }}")
+
+    def delete_keys(self, s: str, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if keys:
+            self.add_keys(s, keys)
+            self.tail.append(f"delete element {self.t} {s} {{ {', '.join(keys)} }}")
+
     def delete_elements(self, m: str, items: Iterable[tuple[str, str]]) -> None:
         """Delete elements whether or not the kernel still holds them (kube-proxy's
         trick: add, then delete, in one transaction)."""
@@ -256,6 +287,8 @@ def skeleton(tx: Tx, cluster_cidr: str) -> None:
     for m, keytype in MAPS.items():
         tx.head.append(f"add map {tx.t} {m} {{ type {keytype} : verdict; }}")
         tx.head.append(f"flush map {tx.t} {m}")
+    tx.head.append(f"add set {tx.t} {HAIRPIN} {{ type ipv4_addr . ipv4_addr; }}")
+    tx.head.append(f"flush set {tx.t} {HAIRPIN}")
     for name, (kind, hook, prio, rule) in BASE.items():
         tx.head.append(
             f"add chain {tx.t} {name} {{ type {kind} hook {hook} priority {prio}; policy accept; }}"
@@ -294,6 +327,8 @@ def full(
             tx.chain(chain, rules, flush=chain in have)
     for m in MAPS:
         tx.add_elements(m, elements.get(m, ()))
+    ips = sorted({ip for r in per_service.values() for ip in r.hairpin})
+    tx.add_keys(HAIRPIN, (f"{ip} . {ip}" for ip in ips))
     for c in sorted(have - want_chains):
         if owned_chain(c):
             tx.delete_chain(c)
@@ -303,15 +338,45 @@ def full(
     return tx
 
 
+def hairpin_counts(per_service: Mapping[str, ServiceRules]) -> Counter[str]:
+    """How many service ports DNAT to each endpoint address (a pair leaves `hairpin`
+    with the last one)."""
+    c: Counter[str] = Counter()
+    for r in per_service.values():
+        c.update(r.hairpin)
+    return c
+
+
 def partial(
     table: str,
     old: Mapping[str, ServiceRules | None],
     new: Mapping[str, ServiceRules | None],
+    counts: Counter[str] | None = None,
 ) -> Tx:
     """The changes from `old` to `new` rules of the changed services only: chains whose
     rules changed are rewritten, gone ones deleted; map elements of these services
-    added (again: a hand-deleted one comes back) or deleted."""
+    added (again: a hand-deleted one comes back) or deleted. `counts` (the caller's
+    `hairpin_counts`, updated here) decides which hairpin pairs come and go."""
     tx = Tx(table)
+    if counts is not None:
+        # verdict changes raise below before anything else: count on a copy
+        counts_after = Counter(counts)
+        came: set[str] = set()
+        went: set[str] = set()
+        for key in set(old) | set(new):
+            before = (old.get(key) or ServiceRules()).hairpin
+            after = (new.get(key) or ServiceRules()).hairpin
+            for ip in after - before:
+                counts_after[ip] += 1
+                if counts_after[ip] == 1:
+                    came.add(ip)
+            for ip in before - after:
+                counts_after[ip] -= 1
+                if counts_after[ip] <= 0:
+                    del counts_after[ip]
+                    went.add(ip)
+        tx.add_keys(HAIRPIN, (f"{ip} . {ip}" for ip in sorted(came - went)))
+        tx.delete_keys(HAIRPIN, (f"{ip} . {ip}" for ip in sorted(went - came)))
     empty = ServiceRules()
     old_chains: dict[str, list[str]] = {}
     new_chains: dict[str, list[str]] = {}
@@ -350,6 +415,9 @@ def partial(
         tx.delete_chain(chain)
     for s in sorted(old_sets - new_sets):
         tx.delete_set(s)
+    if counts is not None:
+        counts.clear()
+        counts.update(counts_after)
     return tx
 
 

@@ -293,6 +293,9 @@ def test_data_path(scratch_ns: str) -> None:
         assert connect(client[0], "10.96.0.3", 80, 2) == ["ERR:ECONNREFUSED"] * 2
         # hairpin: pod1 reaches itself through its service (masqueraded to the node)
         assert connect(pod1, "10.96.0.4", 80, 3) == [f"pod1 {GW}"] * 3
+        # ... and only then: reaching the other endpoint, pod2 sees pod1's own address
+        seen = {tuple(g.split()) for g in connect(pod1, "10.96.0.1", 80, 30)}
+        assert seen == {("pod1", GW), ("pod2", ip1)}, seen
         # NodePort on the node's address, from a pod: masqueraded, load-balanced
         got = connect(client[0], GW, 30001, 30)
         assert {g.split()[1] for g in got} == {GW} and len({g.split()[0] for g in got}) == 2
