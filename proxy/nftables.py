@@ -371,9 +371,9 @@ class NftablesMode:
 
 
 def describe(objs: list[dict[str, Any]], table: str) -> dict[str, Any]:
-    """The table as `corral net` reads it: chain -> rules (nft's text of each), map ->
-    {key: verdict}, affinity set -> {client: seconds left}."""
-    chains: dict[str, list[str]] = {}
+    """The table as `corral net` reads it (netdebug/explain.py): chain -> rules (each
+    nft's JSON expression list), map -> {key: verdict}, set -> {client: seconds left}."""
+    chains: dict[str, list[Any]] = {}
     maps: dict[str, dict[str, str]] = {}
     sets: dict[str, dict[str, Any]] = {}
     for o in objs:
@@ -381,7 +381,7 @@ def describe(objs: list[dict[str, Any]], table: str) -> dict[str, Any]:
             chains.setdefault(o["chain"]["name"], [])
         elif "rule" in o:
             r = o["rule"]
-            chains.setdefault(r["chain"], []).append(json.dumps(r["expr"], sort_keys=True))
+            chains.setdefault(r["chain"], []).append(r["expr"])
         elif "map" in o:
             m = o["map"]
             maps[m["name"]] = {_key(e[0]): _verdict(e[1]) for e in m.get("elem", [])}

@@ -102,6 +102,10 @@ def test_sync_partial_repair_and_cleanup(scratch_ns: str) -> None:
     assert elements(nft, t, "service-nodeports") == {"tcp . 30001": f"goto {N.svc_chain(A)}"}
     assert elements(nft, t, "no-endpoint-services") == {"10.96.0.2 . udp . 53": "goto reject-chain"}
     assert mode.canary_ok()
+    from corral.netdebug.explain import EXPLAINERS
+
+    d = EXPLAINERS["nftables"].decide(mode.debug(), "10.96.0.2", 53, "UDP", "10.0.0.8")
+    assert d.found and "has no endpoints" in d.why and "ICMP" in d.why
     # b gets an endpoint: one transaction about b only
     views["default/b"] = view(B, ["10.244.1.4"], 5353)
     before = nft.transactions
@@ -132,6 +136,22 @@ def test_sync_partial_repair_and_cleanup(scratch_ns: str) -> None:
     # affinity sets' clients and deletes what nobody wants any more
     aff = N.affinity_set(A, EndpointInfo("10.244.1.2", 8080))
     nft.apply(f"add element ip {t} {aff} {{ 10.0.0.7 timeout 60s }}")
+    # `corral net services/trace` read the same state from the debug dump
+    from corral.netdebug.explain import EXPLAINERS
+
+    ex = EXPLAINERS["nftables"]
+    dump = mode.debug()
+    entries = {(e.vip, e.port, e.protocol): e for e in ex.table(dump)}
+    a_entry = entries[("10.96.0.1", 80, "TCP")]
+    assert a_entry.backends == ["10.244.1.2:8080", "10.244.1.3:8080"], a_entry
+    assert a_entry.name == "default/a:80" and a_entry.affinity_timeout == 9
+    assert [(x.client, x.backend) for x in a_entry.affinity] == [("10.0.0.7", "10.244.1.2:8080")]
+    assert entries[("10.96.0.2", 53, "UDP")].backends == ["10.244.1.4:5353"]
+    d = ex.decide(dump, "10.96.0.1", 80, "TCP", "10.0.0.7")
+    assert d.backend == "10.244.1.2:8080" and "affinity hit" in d.why
+    d = ex.decide(dump, "10.96.0.1", 80, "TCP", "10.0.0.8")
+    assert d.backend is None and "numgen cascade" in d.why
+    assert not ex.decide(dump, "10.96.0.9", 80, "TCP", "10.0.0.8").found
     del views["default/b"]
     again = NftablesMode(CIDR, ns, Nft(ns), Netfilter(ns))
     again.sync(False, views, set())
