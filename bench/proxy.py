@@ -120,6 +120,13 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - t0
 
 
+def maxrss_mb() -> float:
+    """The bench process's peak resident memory (the mode runs in it, as in the proxy)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def nft_file(ns: str, text: str) -> None:
     """The peer of the nftables mode: `nft -f` (a process, the text parsed by nft)."""
     import tempfile
@@ -169,6 +176,7 @@ def run_nftables(n: int, rounds: int) -> dict[str, float]:
             "full": statistics.median(ours),
             "peer": statistics.median(peer),
             "partial": statistics.median(partial),
+            "maxrss": maxrss_mb(),
         }
     finally:
         for ns in (ns_c, ns_p):
@@ -215,6 +223,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
             "full": statistics.median(ours),
             "peer": statistics.median(peer),
             "partial": statistics.median(partial),
+            "maxrss": maxrss_mb(),
         }
     finally:
         for ns in (ns_c, ns_p):
@@ -382,14 +391,14 @@ def main() -> None:
         return
     print(
         f"{'services':>8} {'rules':>7} {'first':>7} {'peer 1st':>8} {'full':>7} "
-        f"{'peer':>7} {'ratio':>6} {'partial':>8}"
+        f"{'peer':>7} {'ratio':>6} {'partial':>8} {'maxrss':>7}"
     )
     for n in (int(x) for x in args.services.split(",")):
         r = run_nftables(n, args.rounds) if args.mode == "nftables" else run(n, args.rounds)
         print(
             f"{r['services']:>8} {r['rules']:>7} {r['first']:>6.3f}s {r['peer_first']:>7.3f}s "
             f"{r['full']:>6.3f}s {r['peer']:>6.3f}s {r['full'] / r['peer']:>6.2f} "
-            f"{r['partial'] * 1000:>6.1f}ms"
+            f"{r['partial'] * 1000:>6.1f}ms {r['maxrss']:>5.0f}MB"
         )
 
 
