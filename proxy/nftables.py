@@ -79,6 +79,38 @@ class Nft:
         self.ctx.set_json_output(True)
         self.ctx.set_handle_output(False)
         self.transactions = 0
+        self._nl: Any = None  # a raw nfnetlink socket for cheap reads (`_dump`)
+
+    def _dump(self, kind: str, **attrs: str) -> list[Any]:
+        """A kernel dump of tables or rules filtered by `attrs`, straight over nfnetlink.
+
+        libnftables fills its whole cache before a `list` (every chain, and for `list
+        chain` every set's elements: seconds at 10k services), so the canary and the
+        existence checks ask the kernel directly (pyroute2's nftables messages)."""
+        from pyroute2.netlink.nfnetlink import nftsocket as S
+
+        msg_class, msg_type = {
+            "table": (S.nft_table_msg, S.NFT_MSG_GETTABLE),
+            "rule": (S.nft_rule_msg, S.NFT_MSG_GETRULE),
+        }[kind]
+        with self._lock:
+            if self._nl is None:
+                if self.namespace:
+                    with netns.entered(self.namespace):
+                        self._nl = S.NFTSocket()
+                else:
+                    self._nl = S.NFTSocket()
+            msg = msg_class()
+            msg["nfgen_family"] = 2  # NFPROTO_IPV4
+            msg["attrs"] = [(f"NFTA_{kind.upper()}_{k.upper()}", v) for k, v in attrs.items()]
+            try:
+                return list(self._nl.request_get(msg, msg_type))
+            except Exception as e:  # pyroute2 raises NetlinkError and others
+                if getattr(e, "code", None) == 2:  # ENOENT: no such table or chain
+                    return []
+                self._nl.close()
+                self._nl = None
+                raise NftError(f"nfnetlink dump of {kind}s: {e}") from e
 
     def cmd(self, text: str) -> str:
         with self._lock:
@@ -120,7 +152,7 @@ class Nft:
         return [o for o in json.loads(out).get("nftables", []) if "metainfo" not in o]
 
     def has_table(self, table: str) -> bool:
-        return any(o["table"]["name"] == table for o in self.items(f"tables {N.FAMILY}"))
+        return any(m.get_attr("NFTA_TABLE_NAME") == table for m in self._dump("table"))
 
     def names(self, table: str, kind: str) -> set[str]:
         """Names of the chains ("chain") or sets ("set"; maps are "map") in `table`."""
@@ -131,18 +163,22 @@ class Nft:
                 out.add(v["name"])
         return out
 
-    def chain_rules(self, table: str, chain: str) -> int | None:
-        """How many rules `chain` holds (None: no such chain or table)."""
-        try:
-            return sum(1 for o in self.items(f"chain {N.FAMILY} {table} {chain}") if "rule" in o)
-        except NftError:
-            return None
+    def chain_rules(self, table: str, chain: str) -> int:
+        """How many rules `chain` holds (0: none, or no such chain or table)."""
+        got = self._dump("rule", table=table, chain=chain)
+        return sum(1 for m in got if m.get_attr("NFTA_RULE_CHAIN") == chain)
 
     def delete_table(self, table: str) -> bool:
         if not self.has_table(table):
             return False
         self.apply(f"delete table {N.FAMILY} {table}")
         return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._nl is not None:
+                self._nl.close()
+                self._nl = None
 
     def table(self, table: str) -> list[dict[str, Any]]:
         """The whole table as JSON objects (chains, rules, sets, maps with elements)."""
@@ -342,6 +378,7 @@ class NftablesMode:
         self.chains = self.sets = None
 
     def close(self) -> None:
+        self.nft.close()
         if self.fast_path is not None:
             self.fast_path.close()
 
