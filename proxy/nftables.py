@@ -79,38 +79,39 @@ class Nft:
         self.ctx.set_json_output(True)
         self.ctx.set_handle_output(False)
         self.transactions = 0
-        self._nl: Any = None  # a raw nfnetlink socket for cheap reads (`_dump`)
 
     def _dump(self, kind: str, **attrs: str) -> list[Any]:
         """A kernel dump of tables or rules filtered by `attrs`, straight over nfnetlink.
 
         libnftables fills its whole cache before a `list` (every chain, and for `list
         chain` every set's elements: seconds at 10k services), so the canary and the
-        existence checks ask the kernel directly (pyroute2's nftables messages)."""
+        existence checks ask the kernel directly (pyroute2's nftables messages). A
+        socket per call: pyroute2's synchronous sockets answer only the thread that
+        made them (from another one a dump comes back empty), and the executor's
+        threads vary."""
         from pyroute2.netlink.nfnetlink import nftsocket as S
 
         msg_class, msg_type = {
             "table": (S.nft_table_msg, S.NFT_MSG_GETTABLE),
             "rule": (S.nft_rule_msg, S.NFT_MSG_GETRULE),
         }[kind]
-        with self._lock:
-            if self._nl is None:
-                if self.namespace:
-                    with netns.entered(self.namespace):
-                        self._nl = S.NFTSocket()
-                else:
-                    self._nl = S.NFTSocket()
-            msg = msg_class()
-            msg["nfgen_family"] = 2  # NFPROTO_IPV4
-            msg["attrs"] = [(f"NFTA_{kind.upper()}_{k.upper()}", v) for k, v in attrs.items()]
-            try:
-                return list(self._nl.request_get(msg, msg_type))
-            except Exception as e:  # pyroute2 raises NetlinkError and others
-                if getattr(e, "code", None) == 2:  # ENOENT: no such table or chain
-                    return []
-                self._nl.close()
-                self._nl = None
-                raise NftError(f"nfnetlink dump of {kind}s: {e}") from e
+        if self.namespace:
+            with netns.entered(self.namespace):
+                sock = S.NFTSocket()
+        else:
+            sock = S.NFTSocket()
+        msg = msg_class()
+        msg["nfgen_family"] = 2  # NFPROTO_IPV4
+        msg["attrs"] = [(f"NFTA_{kind.upper()}_{k.upper()}", v) for k, v in attrs.items()]
+        try:
+            with self._lock:  # not in the middle of our own transaction
+                return list(sock.request_get(msg, msg_type))
+        except Exception as e:  # pyroute2 raises NetlinkError and others
+            if getattr(e, "code", None) == 2:  # ENOENT: no such table or chain
+                return []
+            raise NftError(f"nfnetlink dump of {kind}s: {e}") from e
+        finally:
+            sock.close()
 
     def cmd(self, text: str) -> str:
         with self._lock:
@@ -173,12 +174,6 @@ class Nft:
             return False
         self.apply(f"delete table {N.FAMILY} {table}")
         return True
-
-    def close(self) -> None:
-        with self._lock:
-            if self._nl is not None:
-                self._nl.close()
-                self._nl = None
 
     def table(self, table: str) -> list[dict[str, Any]]:
         """The whole table as JSON objects (chains, rules, sets, maps with elements)."""
@@ -372,13 +367,16 @@ class NftablesMode:
         if not self.synced:
             return True
         want = {c: 1 for c in N.BASE} | {c: len(r) for c, r in N.FIXED.items()}
-        return all(self.nft.chain_rules(self.table, c) == n for c, n in want.items())
+        try:
+            return all(self.nft.chain_rules(self.table, c) == n for c, n in want.items())
+        except NftError as e:
+            log.warning("proxy canary could not read the table: %s", e)
+            return True  # cannot judge: the next check will
 
     def forget_kernel(self) -> None:
         self.chains = self.sets = None
 
     def close(self) -> None:
-        self.nft.close()
         if self.fast_path is not None:
             self.fast_path.close()
 

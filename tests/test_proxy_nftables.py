@@ -102,6 +102,11 @@ def test_sync_partial_repair_and_cleanup(scratch_ns: str) -> None:
     assert elements(nft, t, "service-nodeports") == {"tcp . 30001": f"goto {N.svc_chain(A)}"}
     assert elements(nft, t, "no-endpoint-services") == {"10.96.0.2 . udp . 53": "goto reject-chain"}
     assert mode.canary_ok()
+    # the component asks from whichever executor thread is free: every one sees the table
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as ex:
+        assert all(ex.map(lambda _: mode.canary_ok(), range(6)))
     from corral.netdebug.explain import EXPLAINERS
 
     d = EXPLAINERS["nftables"].decide(mode.debug(), "10.96.0.2", 53, "UDP", "10.0.0.8")
