@@ -271,16 +271,14 @@ class NftablesMode:
         if self.chains is None or self.sets is None:
             full = True
         keys = set(views) | set(self.written) if full else changed
-        new = {
-            k: N.service_rules(views[k], self.cluster_cidr) if k in views else None for k in keys
-        }
+        new = {k: self._rules_of(k, views.get(k), full) for k in keys}
         if not full:
             try:
                 tx = N.partial(self.table, {k: self.rules.get(k) for k in keys}, new, self.hairpin)
             except N.VerdictChanged:
                 full = True
                 keys = set(views) | set(self.written)
-                new = {k: N.service_rules(views[k], self.cluster_cidr) for k in views}
+                new = {k: self._rules_of(k, views.get(k), True) for k in keys}
         if self.fast_path is not None:
             self.fast_path.before(views, changed, full)
         old_views = {k: self.written.get(k) for k in keys}
@@ -329,6 +327,19 @@ class NftablesMode:
             seconds=time.monotonic() - t0,
             conntrack_flushes=flushes,
         )
+
+    def _rules_of(self, key: str, view: ServiceView | None, full: bool) -> N.ServiceRules | None:
+        """A service's rules; a full sync reuses those of a view it wrote unchanged (the
+        tracker keeps unchanged views as they were: the periodic full sync at 10k
+        services skips ~0.4 s of rule generation)."""
+        if view is None:
+            return None
+        have = self.rules.get(key)
+        if full and have is not None:
+            was = self.written.get(key)
+            if was is view or was == view:
+                return have
+        return N.service_rules(view, self.cluster_cidr)
 
     def _read_kernel(self) -> tuple[set[str], set[str]]:
         """Owned chains and sets the table holds (a restarted proxy's predecessor's)."""
