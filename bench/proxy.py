@@ -127,6 +127,15 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    """The bench process's resident memory now (after the syncs: what a proxy keeps)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def nft_file(ns: str, text: str) -> None:
     """The peer of the nftables mode: `nft -f` (a process, the text parsed by nft)."""
     import tempfile
@@ -177,6 +186,7 @@ def run_nftables(n: int, rounds: int) -> dict[str, float]:
             "peer": statistics.median(peer),
             "partial": statistics.median(partial),
             "maxrss": maxrss_mb(),
+            "rss": rss_mb(),
         }
     finally:
         for ns in (ns_c, ns_p):
@@ -224,6 +234,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
             "peer": statistics.median(peer),
             "partial": statistics.median(partial),
             "maxrss": maxrss_mb(),
+            "rss": rss_mb(),
         }
     finally:
         for ns in (ns_c, ns_p):
@@ -391,14 +402,14 @@ def main() -> None:
         return
     print(
         f"{'services':>8} {'rules':>7} {'first':>7} {'peer 1st':>8} {'full':>7} "
-        f"{'peer':>7} {'ratio':>6} {'partial':>8} {'maxrss':>7}"
+        f"{'peer':>7} {'ratio':>6} {'partial':>8} {'maxrss':>7} {'rss':>7}"
     )
     for n in (int(x) for x in args.services.split(",")):
         r = run_nftables(n, args.rounds) if args.mode == "nftables" else run(n, args.rounds)
         print(
             f"{r['services']:>8} {r['rules']:>7} {r['first']:>6.3f}s {r['peer_first']:>7.3f}s "
             f"{r['full']:>6.3f}s {r['peer']:>6.3f}s {r['full'] / r['peer']:>6.2f} "
-            f"{r['partial'] * 1000:>6.1f}ms {r['maxrss']:>5.0f}MB"
+            f"{r['partial'] * 1000:>6.1f}ms {r['maxrss']:>5.0f}MB {r['rss']:>5.0f}MB"
         )
 
 

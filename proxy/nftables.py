@@ -21,6 +21,7 @@ Blocking: the proxy component calls these methods in an executor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -67,18 +68,29 @@ class Nft:
     test's proxy is made inside the test's namespace and used from any thread."""
 
     def __init__(self, namespace: str | None = None) -> None:
-        import nftables
-
         self.namespace = namespace
         self._lock = threading.Lock()  # a context is not thread-safe (canary vs sync)
-        if namespace:
-            with netns.entered(namespace):
-                self.ctx = nftables.Nftables()
-        else:
-            self.ctx = nftables.Nftables()
-        self.ctx.set_json_output(True)
-        self.ctx.set_handle_output(False)
+        self.ctx = self._new_ctx()
         self.transactions = 0
+
+    def _new_ctx(self) -> Any:
+        import nftables
+
+        if self.namespace:
+            with netns.entered(self.namespace):
+                ctx = nftables.Nftables()
+        else:
+            ctx = nftables.Nftables()
+        ctx.set_json_output(True)
+        ctx.set_handle_output(False)
+        return ctx
+
+    def forget_cache(self) -> None:
+        """A fresh context: libnftables keeps the objects of its last transaction in its
+        cache (a full sync's whole ruleset: hundreds of MB at 10k services)."""
+        with self._lock:
+            self.ctx = self._new_ctx()
+            _malloc_trim()
 
     def _dump(self, kind: str, **attrs: str) -> list[Any]:
         """A kernel dump of tables or rules filtered by `attrs`, straight over nfnetlink.
@@ -181,6 +193,14 @@ class Nft:
             return self.items(f"table {N.FAMILY} {table}")
         except NftError:
             return []
+
+
+def _malloc_trim() -> None:
+    """Give the freed cache back to the system (glibc keeps it in its arenas)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _Conntrack:
@@ -295,6 +315,9 @@ class NftablesMode:
         except NftError:
             self.chains = self.sets = None  # re-read on the (full) retry (hairpin too)
             raise
+        finally:
+            if full:
+                self.nft.forget_cache()
         if full:
             self.rules = {k: r for k, r in new.items() if r is not None}
             self.hairpin = N.hairpin_counts(self.rules)
