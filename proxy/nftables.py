@@ -188,11 +188,15 @@ class Nft:
         return True
 
     def table(self, table: str) -> list[dict[str, Any]]:
-        """The whole table as JSON objects (chains, rules, sets, maps with elements)."""
+        """The whole table as JSON objects (chains, rules, sets, maps with elements): the
+        debug dump's, on demand (seconds at 10k services). The listing's cache goes
+        with it."""
         try:
             return self.items(f"table {N.FAMILY} {table}")
         except NftError:
             return []
+        finally:
+            self.forget_cache()
 
 
 def _malloc_trim() -> None:
