@@ -157,6 +157,24 @@ def test_sync_partial_repair_and_cleanup(scratch_ns: str) -> None:
     d = ex.decide(dump, "10.96.0.1", 80, "TCP", "10.0.0.8")
     assert d.backend is None and "numgen cascade" in d.why
     assert not ex.decide(dump, "10.96.0.9", 80, "TCP", "10.0.0.8").found
+    # `corral net check` compares the table with what etcd asks, and names what differs
+    from corral.api.objects import NetworkSpec
+    from corral.netdebug import check
+    from corral.netdebug.model import ClusterView
+
+    cv = ClusterView(NetworkSpec(network=CIDR), {}, {}, [], {}, {})
+    cv.views = lambda: dict(views)  # type: ignore[method-assign]
+    node_dump = {"components": {"proxy": {"debug": {"mode": "nftables", **dump}}}}
+    assert check.check_proxy(cv, "n1", node_dump) == []
+    nft.apply(f"delete element ip {t} service-nodeports {{ tcp . 30001 }}")
+    nft.apply(f"flush chain ip {t} {N.svc_chain(B)}")
+    node_dump["components"]["proxy"]["debug"].update(mode.debug())
+    found = sorted(f.what for f in check.check_proxy(cv, "n1", node_dump))
+    assert found == [
+        "default/a: service-nodeports has no element tcp . 30001",
+        f"default/b: chain {N.svc_chain(B)} has 0 rule(s), etcd asks 2 (flushed?)",
+    ], found
+    mode.sync(True, views, set())
     del views["default/b"]
     again = NftablesMode(CIDR, ns, Nft(ns), Netfilter(ns))
     again.sync(False, views, set())
