@@ -1,4 +1,4 @@
-"""Service proxy, iptables mode: full and partial sync cost vs a plain iptables-restore.
+"""Service proxy, iptables or nftables mode: full and partial sync cost vs its plain peer.
 
 In two scratch network namespaces (made and removed here), N services x 3
 endpoints are programmed:
@@ -13,10 +13,16 @@ endpoints are programmed:
   already holds it. Chain names are hashed as kube-proxy's are: iptables-nft
   restores sequential names markedly faster than hashed ones at this scale.
 
+With `--mode nftables`: corral is `NftablesMode.sync(full=True)` (rule
+generation + one in-process libnftables transaction), the peer one `nft -f`
+of the very ruleset that full sync sends (kube-proxy's nftables layout, see
+proxy/nftrules.py), each on a namespace already holding it; "first" is the
+same on empty namespaces.
+
 Rounds alternate between the two; the ratio is of the medians. Also printed:
 the partial sync after one service's endpoint changed, at the same size.
 
-    python -m bench.proxy [--services 1000,10000] [--rounds 3]
+    python -m bench.proxy [--services 1000,10000] [--rounds 3] [--mode nftables]
     python -m bench.proxy --incremental 50 --services 1000,10000
         # an EndpointSlice written to etcd -> a connection through the VIP answered
         # by the new endpoint (client and listener in their own namespaces)
@@ -33,6 +39,7 @@ import secrets
 import statistics
 import subprocess
 import time
+from typing import Any
 
 from corral.node import iptables, netns
 from corral.proxy.core import EndpointInfo, ServicePort, ServiceView
@@ -113,6 +120,79 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - t0
 
 
+def maxrss_mb() -> float:
+    """The bench process's peak resident memory (the mode runs in it, as in the proxy)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """The bench process's resident memory now (after the syncs: what a proxy keeps)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def nft_file(ns: str, text: str) -> None:
+    """The peer of the nftables mode: `nft -f` (a process, the text parsed by nft)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".nft") as f:
+        f.write(text)
+        f.flush()
+        subprocess.run(netns.command(ns, ["nft", "-f", f.name]), check=True, timeout=3600)
+
+
+def run_nftables(n: int, rounds: int) -> dict[str, float]:
+    from corral.proxy import nftrules as N
+    from corral.proxy.nftables import Nft, NftablesMode
+
+    tag = secrets.token_hex(3)
+    ns_c, ns_p = f"benchpx-c-{tag}", f"benchpx-p-{tag}"
+    for ns in (ns_c, ns_p):
+        netns.add(ns)
+    try:
+        vs = views(n)
+        mode = NftablesMode(CIDR, "bench", Nft(ns_c), Netfilter(ns_c))
+        first = timed(lambda: mode.sync(True, vs, set()))
+        per = {k: N.service_rules(v, CIDR) for k, v in vs.items()}
+        empty = N.full(mode.table, per, CIDR, (), ()).text()
+        peer_first = timed(lambda: nft_file(ns_p, empty))
+        chains = {c for r in per.values() for c in r.chains}
+        sets = {s for r in per.values() for s in r.sets}
+        again = N.full(mode.table, per, CIDR, chains, sets).text()
+        ours, peer = [], []
+        for _ in range(rounds):
+            ours.append(timed(lambda: mode.sync(True, vs, set())))
+            peer.append(timed(lambda: nft_file(ns_p, again)))
+        key = next(iter(vs))
+        v = vs[key]
+        sp = v.ports[0]
+        partial = []
+        for r in range(rounds):
+            eps = (*v.endpoints_of(sp)[:2], EndpointInfo(f"10.244.254.{r + 2}", 8080))
+            vs[key] = ServiceView((sp,), ((sp.key, eps),))
+            partial.append(timed(lambda: mode.sync(False, vs, {key})))
+        rules = sum(len(r) for p in per.values() for r in p.chains.values())
+        return {
+            "services": n,
+            "rules": rules,
+            "first": first,
+            "peer_first": peer_first,
+            "full": statistics.median(ours),
+            "peer": statistics.median(peer),
+            "partial": statistics.median(partial),
+            "maxrss": maxrss_mb(),
+            "rss": rss_mb(),
+        }
+    finally:
+        for ns in (ns_c, ns_p):
+            netns.remove(ns)
+
+
 def run(n: int, rounds: int) -> dict[str, float]:
     tag = secrets.token_hex(3)
     ns_c, ns_p = f"benchpx-c-{tag}", f"benchpx-p-{tag}"
@@ -153,6 +233,8 @@ def run(n: int, rounds: int) -> dict[str, float]:
             "full": statistics.median(ours),
             "peer": statistics.median(peer),
             "partial": statistics.median(partial),
+            "maxrss": maxrss_mb(),
+            "rss": rss_mb(),
         }
     finally:
         for ns in (ns_c, ns_p):
@@ -179,7 +261,9 @@ for line in sys.stdin:
 """
 
 
-async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[float], list[float]]:
+async def incremental(
+    n: int, changes: int, gap: float = 0.3, mode_name: str = "iptables"
+) -> tuple[list[float], list[float]]:
     """EndpointSlice written to etcd -> a connection to the VIP answered by a new endpoint.
 
     A real etcd; the proxy component in this process on the shared informers,
@@ -235,11 +319,19 @@ async def incremental(n: int, changes: int, gap: float = 0.3) -> tuple[list[floa
 
                 await asyncio.gather(*(put(i) for i in range(n)))
                 informers = InformerFactory(store)
+                if mode_name == "nftables":
+                    from corral.proxy.nftables import Nft, NftablesMode
+
+                    mode: Any = NftablesMode(
+                        pc.CLUSTER_CIDR, "bench", Nft(topo.node), Netfilter(topo.node)
+                    )
+                else:
+                    mode = IptablesMode(pc.CLUSTER_CIDR, Netfilter(topo.node))
                 proxy = Proxy(
                     store,
                     informers,
                     "bench",
-                    mode=IptablesMode(pc.CLUSTER_CIDR, Netfilter(topo.node)),
+                    mode=mode,
                     node_setup=False,
                     max_interval=3600,
                 )
@@ -281,6 +373,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--services", default="1000,10000")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
     ap.add_argument(
         "--incremental",
         type=int,
@@ -299,7 +392,7 @@ def main() -> None:
 
         print(f"{'services':>8} {'changes':>7} {'p50':>8} {'p99':>8} {'sync p50':>8}")
         for n in (int(x) for x in args.services.split(",")):
-            xs, syncs = asyncio.run(incremental(n, args.incremental))
+            xs, syncs = asyncio.run(incremental(n, args.incremental, mode_name=args.mode))
             sync50 = f"{pct(syncs, 0.5) * 1000:>6.1f}ms" if syncs else "-"
             print(
                 f"{n:>8} {len(xs):>7} {pct(xs, 0.5) * 1000:>6.1f}ms "
@@ -309,14 +402,14 @@ def main() -> None:
         return
     print(
         f"{'services':>8} {'rules':>7} {'first':>7} {'peer 1st':>8} {'full':>7} "
-        f"{'peer':>7} {'ratio':>6} {'partial':>8}"
+        f"{'peer':>7} {'ratio':>6} {'partial':>8} {'maxrss':>7} {'rss':>7}"
     )
     for n in (int(x) for x in args.services.split(",")):
-        r = run(n, args.rounds)
+        r = run_nftables(n, args.rounds) if args.mode == "nftables" else run(n, args.rounds)
         print(
             f"{r['services']:>8} {r['rules']:>7} {r['first']:>6.3f}s {r['peer_first']:>7.3f}s "
             f"{r['full']:>6.3f}s {r['peer']:>6.3f}s {r['full'] / r['peer']:>6.2f} "
-            f"{r['partial'] * 1000:>6.1f}ms"
+            f"{r['partial'] * 1000:>6.1f}ms {r['maxrss']:>5.0f}MB {r['rss']:>5.0f}MB"
         )
 
 

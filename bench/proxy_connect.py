@@ -175,8 +175,19 @@ def program_iptables(t: Topology, vs: dict[str, ServiceView]) -> Callable[[], No
     return lambda: None  # the namespace goes with the topology
 
 
+def program_nftables(t: Topology, vs: dict[str, ServiceView]) -> Callable[[], None]:
+    """One full sync of the nftables mode (its own table) in the node namespace."""
+    from corral.proxy.iptables import Netfilter
+    from corral.proxy.nftables import Nft, NftablesMode
+
+    mode = NftablesMode(CLUSTER_CIDR, "bench", Nft(t.node), Netfilter(t.node))
+    mode.sync(True, vs, set())
+    return lambda: None
+
+
 PROGRAMMERS: dict[str, Callable[[Topology, dict[str, ServiceView]], Callable[[], None]]] = {
     "iptables": program_iptables,
+    "nftables": program_nftables,
 }
 
 

@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--proxy-mode",
-        choices=("iptables", "ebpf", "auto"),
+        choices=("iptables", "ebpf", "nftables", "auto"),
         default=None,
         help="the service proxy's mode on every node (default: $CORRAL_PROXY_MODE, else "
         "iptables); passed on to the nodes as CORRAL_PROXY_MODE",

@@ -34,9 +34,10 @@ def register(sub: Any) -> None:
         default=os.environ.get(DEFAULT_MODE_ENV) or "iptables",
         help="how services are programmed: iptables (default), ebpf (pods' connections "
         "translated at connect() by BPF programs on the node's cgroup; NodePort and the "
-        "node's own traffic keep iptables rules), auto (ebpf when it can load here, else "
-        f"iptables, saying why). Default from ${DEFAULT_MODE_ENV}, which `corral up "
-        "--proxy-mode` sets for its nodes",
+        "node's own traffic keep iptables rules), nftables (one table of the node's own, "
+        "verdict maps, one libnftables transaction per sync), auto (ebpf when it can load "
+        f"here, else nftables, else iptables, saying why). Default from ${DEFAULT_MODE_ENV}, "
+        "which `corral up --proxy-mode` sets for its nodes",
     )
     p.add_argument(
         "--node", default=None, help="this node's name (default: $CORRAL_NODE, else the hostname)"

@@ -10,10 +10,12 @@ server closes when told to over UDP (no shared files), so a case can make an
 endpoint NotReady and ready again in place.
 
 The mode is parametrized through `corral up`'s CORRAL_PROXY_MODE (iptables,
-ebpf): one cluster per (mode, datapath). In the eBPF mode pods' connections
+ebpf, nftables): one cluster per (mode, datapath). In the eBPF mode pods' connections
 are translated by the socket programs and host-network clients, NodePort and
 connected UDP keep the iptables rules (docs/proxy.md), so the shared cases pass
-unchanged; the `ebpf`-only cases at the end check what is specific to it. No
+unchanged; the `ebpf`-only cases at the end check what is specific to it. The
+nftables mode keeps its state in the node's `ip corral-<node>` table; the few
+cases that look at kernel state read it through the `Env` helpers below. No
 timing asserts: cases wait for the state they need and count outcomes.
 """
 
@@ -42,7 +44,7 @@ from integration.podcmd import POD_PYTHON
 
 pytestmark = pytest.mark.slow
 
-MODES = ("iptables", "ebpf")
+MODES = ("iptables", "ebpf", "nftables")
 DATAPATHS = ("bpf", "kernel")
 NODEPORT = 30480
 AFFINITY_NET = "172.31.12"  # extra client addresses on a node's lo (outside every corral range)
@@ -252,12 +254,68 @@ class Env:
         self.run(lambda s: s.modify(Service, name, "default", change))
 
     def ipset_entries(self, node: str) -> int:
+        if self.mode == "nftables":
+            return sum(len(v) for v in self.nft_affinity(node).values())
         r = self.c.exec(node, "ipset", "list", "-t")
         return sum(
             int(ln.split(":")[1])
             for ln in r.stdout.splitlines()
             if ln.startswith("Number of entries")
         )
+
+    # ------------------------------------------- the proxy's kernel state, per mode
+
+    def nft_table(self, node: str) -> str:
+        from corral.proxy.nftrules import table_name
+
+        return table_name(self.c.node(node))
+
+    def nat_rules(self, node: str) -> str:
+        """The proxy's NAT rules as text (iptables-save, or the nftables mode's table)."""
+        if self.mode == "nftables":
+            return self.c.exec(node, "nft", "list", "table", "ip", self.nft_table(node)).stdout
+        return self.c.exec(node, "iptables-save", "-t", "nat").stdout
+
+    def dnat_to(self, ip: str, port: int) -> str:
+        if self.mode == "nftables":
+            return f"dnat to {ip}:{port}"
+        return f"--to-destination {ip}:{port}"
+
+    def has_affinity_sets(self, node: str) -> bool:
+        if self.mode == "nftables":
+            return "set aff-" in self.nat_rules(node)
+        return "CORRAL-AFF-" in self.c.exec(node, "ipset", "list", "-n").stdout
+
+    def nft_affinity(self, node: str) -> dict[str, dict[str, int]]:
+        """set -> client -> seconds left, from the nftables mode's table."""
+        r = self.c.exec(node, "nft", "-j", "list", "table", "ip", self.nft_table(node))
+        out: dict[str, dict[str, int]] = {}
+        for o in json.loads(r.stdout or "{}").get("nftables", []):
+            st = o.get("set")
+            if st and st["name"].startswith("aff-"):
+                out[st["name"]] = {
+                    e["elem"]["val"]: int(e["elem"]["expires"]) for e in st.get("elem", [])
+                }
+        return out
+
+    def affinity_left(self, node: str, client: str) -> list[int]:
+        """Seconds left (iptables: the entry's timeout) of `client`'s affinity entries."""
+        if self.mode == "nftables":
+            return [v[client] for v in self.nft_affinity(node).values() if client in v]
+        r = self.c.exec(node, "ipset", "list")
+        return [
+            int(ln.split()[2])
+            for ln in r.stdout.splitlines()
+            if ln.startswith(f"{client} timeout ")
+        ]
+
+    def flush_by_hand(self, node: str) -> None:
+        if self.mode == "nftables":
+            self.c.exec(node, "nft", "flush", "table", "ip", self.nft_table(node), check=True)
+            assert "dnat to" not in self.nat_rules(node)
+        else:
+            self.c.exec(node, "iptables", "-t", "nat", "-F", check=True)
+            assert "-A CORRAL-SVC-" not in self.nat_rules(node)
 
 
 def _server(name: str, node: str) -> Pod:
@@ -343,7 +401,7 @@ def _reused(state_dir: str) -> Iterator[LocalCluster]:
 # path); ebpf on the default fast path only: its pods reach backends by their own IPs,
 # and the rules it keeps for NodePort and host traffic are the iptables mode's, which
 # the kernel-datapath run covers (one cluster less in `make test`'s budget)
-COMBOS = [("iptables", "bpf"), ("iptables", "kernel"), ("ebpf", "bpf")]
+COMBOS = [("iptables", "bpf"), ("iptables", "kernel"), ("ebpf", "bpf"), ("nftables", "bpf")]
 
 
 @pytest.fixture(scope="module", params=COMBOS, ids=str)
@@ -535,8 +593,7 @@ def test_established_connection_outlives_its_endpoint_going_notready(env: Env) -
         ip = env.servers[victim]
         wait_for(lambda: env.endpoint_state().get(ip) is False, "NotReady", timeout=10)
         wait_for(
-            lambda: f"--to-destination {ip}:7070" not in env.c.exec(
-                "node-1", "iptables-save", "-t", "nat").stdout,
+            lambda: env.dnat_to(ip, 7070) not in env.nat_rules("node-1"),
             "the proxy to stop sending new connections to it", timeout=10,
         )  # fmt: skip
         out, err = proc.communicate(timeout=60)
@@ -562,7 +619,7 @@ def test_client_ip_affinity_200_clients_timeout_notready_and_switching(env: Env)
             sessionAffinityConfig={"clientIP": {"timeoutSeconds": 3600}},
         )
         wait_for(
-            lambda: "CORRAL-AFF-" in env.c.exec(node, "ipset", "list", "-n").stdout,
+            lambda: env.has_affinity_sets(node),
             "affinity sets on node-2",
             timeout=30,
         )
@@ -603,23 +660,18 @@ def test_client_ip_affinity_200_clients_timeout_notready_and_switching(env: Env)
         one = srcs[0]
 
         def remembered() -> bool:
-            r = env.c.exec(node, "ipset", "list")
-            return f"{one} timeout" in r.stdout
+            return bool(env.affinity_left(node, one))
 
         def fresh_entry() -> bool:
             env.from_node(node, env.vip, "80", "1", "tcp", one)
-            r = env.c.exec(node, "ipset", "list")
-            return any(
-                ln.startswith(f"{one} timeout ") and int(ln.split()[2]) <= 2
-                for ln in r.stdout.splitlines()
-            )
+            return any(left <= 2 for left in env.affinity_left(node, one))
 
         wait_for(fresh_entry, "an entry with the short timeout", timeout=30)
         wait_for(lambda: not remembered(), "the idle client's entry to expire", timeout=30)
         # affinity off: one client spreads again, and the sets are gone
         env.patch_service("prx-web", sessionAffinity="None", sessionAffinityConfig=None)
         wait_for(
-            lambda: "CORRAL-AFF-" not in env.c.exec(node, "ipset", "list", "-n").stdout,
+            lambda: not env.has_affinity_sets(node),
             "the affinity sets to go",
             timeout=30,
         )
@@ -648,7 +700,7 @@ def test_service_deleted_and_recreated(env: Env) -> None:
         )
         env.run(lambda s: s.delete(Service, "prx-again", "default"))
         wait_for(
-            lambda: vip not in env.c.exec("node-1", "iptables-save", "-t", "nat").stdout,
+            lambda: vip not in env.nat_rules("node-1"),
             "prx-again's rules to go",
             timeout=30,
         )
@@ -664,9 +716,7 @@ def test_service_deleted_and_recreated(env: Env) -> None:
 
 
 def test_repair_after_a_flush_by_hand(env: Env) -> None:
-    r = env.c.exec("node-1", "iptables", "-t", "nat", "-F", check=True)
-    assert r.returncode == 0
-    assert "-A CORRAL-SVC-" not in env.c.exec("node-1", "iptables-save", "-t", "nat").stdout
+    env.flush_by_hand("node-1")
     wait_for(
         lambda: (
             len(env.names(a := env.from_pod(env.client, env.vip, "80", "10"))) == 10
@@ -1095,3 +1145,41 @@ def test_ebpf_mode_switch_and_cleanup_leave_nothing_behind(env: Env) -> None:
         _up_with_mode(env, "ebpf")
     wait_for(lambda: len(_ebpf_left(env, "node-1")[0]) == 4, "the eBPF programs back")
     wait_for(lambda: _reaches(env), "the service through the eBPF mode again")
+
+
+# ---------------------------------------------------------------- nftables mode only
+
+
+def test_nftables_mode_switch_and_cleanup_leave_nothing_behind(env: Env) -> None:
+    """Last: node-1's proxy to the iptables mode (no nftables table left), back to
+    nftables (no CORRAL- chain left), then --cleanup removes the table."""
+    if env.mode != "nftables":
+        pytest.skip("nftables mode only")
+    table = env.nft_table("node-1")
+
+    def tables() -> str:
+        return env.c.exec("node-1", "nft", "list", "tables").stdout
+
+    assert f"table ip {table}" in tables()
+    try:
+        _stop_proxy(env, "node-1")
+        _up_with_mode(env, "iptables")
+        wait_for(lambda: f"table ip {table}" not in tables(), "no nftables table left")
+        wait_for(lambda: _reaches(env), "the service through the iptables mode")
+        _stop_proxy(env, "node-1")
+        _up_with_mode(env, "nftables")
+        wait_for(lambda: f"table ip {table}" in tables(), "the nftables table back")
+        wait_for(lambda: _reaches(env), "the service through the nftables mode again")
+        nat = env.c.exec("node-1", "iptables-save", "-t", "nat").stdout
+        for proxy_chain in ("CORRAL-SERVICES", "CORRAL-SVC-", "CORRAL-SEP-", "CORRAL-PROXY-"):
+            assert proxy_chain not in nat, nat  # (CORRAL-POSTROUTING is the node agent's)
+        assert "CORRAL-AFF-" not in env.c.exec("node-1", "ipset", "list", "-n").stdout
+        _stop_proxy(env, "node-1")
+        r = env.c.exec("node-1", sys.executable, "-m", "corral", "proxy", "--cleanup",
+                       "--node", env.c.node("node-1"))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"removed nftables table ip {table}" in r.stdout
+        assert f"table ip {table}" not in tables()
+    finally:
+        _up_with_mode(env, "nftables")
+    wait_for(lambda: _reaches(env), "the service through the nftables mode at the end")

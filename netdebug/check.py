@@ -735,10 +735,92 @@ PROXY: tuple[Compared[NodeSide], ...] = (
 )
 
 
+# the nftables mode: its table as the dump's `kernel.nftables` (proxy/nftables.py describe)
+
+
+def _nft(s: NodeSide) -> dict[str, Any]:
+    return (s.px.get("kernel") or {}).get("nftables") or {}
+
+
+def _nft_expected(s: NodeSide) -> dict[str, Any]:
+    from corral.proxy import nftrules as NR
+
+    cidr = str(s.cv.spec.network)
+    return {k: NR.service_rules(v, cidr) for k, v in sorted(s.cv.views().items())}
+
+
+def _nft_element(k: Any, w: Any, h: Any) -> Diff | None:
+    svc, m, key = k
+    if h == w:
+        return None
+    if h is None:
+        return Diff(f"{svc}: {m} has no element {key}", want=w, have="none")
+    return Diff(f"{svc}: {m} element {key} dispatches elsewhere", want=w, have=h)
+
+
+def _nft_chain(k: Any, w: Any, h: Any) -> Diff | None:
+    svc, chain = k
+    if h is None:
+        return Diff(f"{svc}: chain {chain} is missing", want=f"{w} rule(s)", have="none")
+    if len(h) != w:
+        return Diff(f"{svc}: chain {chain} has {len(h)} rule(s), etcd asks {w}"
+                    + (" (flushed?)" if not h else ""), want=str(w), have=str(len(h)))  # fmt: skip
+    return None
+
+
+PROXY_NFT: tuple[Compared[NodeSide], ...] = (
+    Compared(
+        "nftables map elements",
+        "proxy",
+        lambda s: {
+            (svc, m, key): v
+            for svc, r in _nft_expected(s).items()
+            for m, els in r.elements.items()
+            for key, v in els.items()
+        },
+        lambda s: {
+            (m, key): v for m, els in _nft(s).get("maps", {}).items() for key, v in els.items()
+        },
+        _nft_element,
+        _resync_proxy,
+        match=lambda k: (k[1], k[2]),
+        pending=True,
+    ),
+    Compared(
+        "nftables service chains",
+        "proxy",
+        lambda s: {
+            (svc, chain): len(rules)
+            for svc, r in _nft_expected(s).items()
+            for chain, rules in r.chains.items()
+        },
+        lambda s: _nft(s).get("chains", {}),
+        _nft_chain,
+        _resync_proxy,
+        match=lambda k: k[1],
+        pending=True,
+    ),
+    Compared(
+        "nftables stale chains",
+        "proxy",
+        lambda s: {c: svc for svc, r in _nft_expected(s).items() for c in r.chains},
+        lambda s: {
+            c: r for c, r in _nft(s).get("chains", {}).items() if c.startswith(("svc-", "ep-"))
+        },
+        _stale(lambda chain, h: f"stale chain {chain} (no service in etcd needs it)"),
+        _resync_proxy,
+        walk="have",
+        pending=True,
+    ),
+)
+
+
 def check_proxy(cv: ClusterView, node: str, dump: dict[str, Any]) -> list[Finding]:
     side = NodeSide(cv, node, dump)
     if not side.px:
         return [Finding(node, "proxy", "the proxy reports no state")]
+    if side.px.get("mode") == "nftables":
+        return run_table(PROXY_NFT, side)
     if side.px.get("mode") not in (None, "iptables"):
         return []  # another mode's state is its own to compare (docs/net.md, Explainers)
     return run_table(PROXY, side)

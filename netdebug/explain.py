@@ -3,7 +3,8 @@
 A proxy mode's explainer answers two questions from the dump (`corral proxy`'s
 debug socket): the service table as the node programmed it (`table`), and what
 the node does with one connection (`decide`: which rule or map entry, which
-backend, and why). The iptables mode reads its nat chains and affinity ipsets;
+backend, and why). The iptables mode reads its nat chains and affinity ipsets,
+the nftables mode its table's maps, chains and sets (`kernel.nftables`);
 another mode (the eBPF proxy, whose dump holds its maps) registers its own
 explainer in `EXPLAINERS` under its mode name, and `trace` and `services` use it
 unchanged.
@@ -201,7 +202,89 @@ class UnknownExplainer:
         )
 
 
-EXPLAINERS: dict[str, ServiceExplainer] = {"iptables": IptablesExplainer()}
+def _find(obj: Any, key: str) -> list[Any]:
+    """Every value under `key` anywhere in nft's JSON."""
+    out: list[Any] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key:
+                out.append(v)
+            out += _find(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _find(v, key)
+    return out
+
+
+class NftablesExplainer:
+    """The nftables mode's table (proxy/nftrules.py): the service-ips map, each service
+    chain's cascade (DNAT, or goto an endpoint chain with affinity), the affinity sets
+    and the no-endpoint-services map."""
+
+    mode = "nftables"
+
+    def table(self, dump: dict[str, Any]) -> list[ServiceEntry]:
+        nft = (dump.get("kernel") or {}).get("nftables") or {}
+        maps, chains, sets = nft.get("maps", {}), nft.get("chains", {}), nft.get("sets", {})
+        out: list[ServiceEntry] = []
+
+        def dnat(rule: Any) -> str | None:
+            d = _find(rule, "dnat")
+            return f"{d[0].get('addr')}:{d[0].get('port')}" if d else None
+
+        def ep_backend(chain: str) -> tuple[str, int | None]:
+            backend, timeout = "?", None
+            for rule in chains.get(chain, []):
+                backend = dnat(rule) or backend
+                t = [x for x in _find(rule, "timeout") if isinstance(x, int)]
+                timeout = t[0] if t else timeout
+            return backend, timeout
+
+        def name_of(chain: str) -> str:
+            parts = chain.split("-", 2)[-1].split("/")
+            return f"{parts[0]}/{parts[1]}:{parts[3]}" if len(parts) >= 4 else chain
+
+        for key, verdict in sorted((maps.get("service-ips") or {}).items()):
+            vip, proto, port = [x.strip() for x in key.split(" . ")]
+            chain = verdict.split()[-1]
+            e = ServiceEntry(vip, int(port), proto.upper(), name_of(chain), [],
+                             f"map service-ips -> {chain}")  # fmt: skip
+            aff: dict[str, str] = {}  # set -> backend
+            for rule in chains.get(chain, []):
+                gotos = [g.get("target") for g in _find(rule, "goto")]
+                sets_used = [r for r in _find(rule, "right") if str(r).startswith("@")]
+                if dnat(rule):
+                    e.backends.append(dnat(rule) or "?")
+                elif gotos and sets_used:
+                    backend, e.affinity_timeout = ep_backend(gotos[0])
+                    aff[str(sets_used[0])[1:]] = backend
+                elif gotos:
+                    e.backends.append(ep_backend(gotos[0])[0])
+            for s, backend in aff.items():
+                for client, left in sorted((sets.get(s) or {}).get("entries", {}).items()):
+                    t = e.affinity_timeout
+                    age = t - left if t is not None and isinstance(left, int) else None
+                    e.affinity.append(Affinity(client, backend, age, left))
+            out.append(e)
+        for key in sorted(maps.get("no-endpoint-services") or {}):
+            vip, proto, port = [x.strip() for x in key.split(" . ")]
+            out.append(ServiceEntry(vip, int(port), proto.upper(), "", [],
+                                    "map no-endpoint-services -> reject-chain",
+                                    reject=True))  # fmt: skip
+        return out
+
+    def decide(
+        self, dump: dict[str, Any], vip: str, port: int, protocol: str, client: str
+    ) -> Decision:
+        d = IptablesExplainer.decide(self, dump, vip, port, protocol, client)  # type: ignore[arg-type]
+        d.why = d.why.replace("statistic cascade", "numgen cascade")
+        return d
+
+
+EXPLAINERS: dict[str, ServiceExplainer] = {
+    "iptables": IptablesExplainer(),
+    "nftables": NftablesExplainer(),
+}
 
 
 def explainer(proxy_dump: dict[str, Any]) -> ServiceExplainer:

@@ -6,7 +6,7 @@ runner, the canary loop, node set-up and the metrics; it talks to its mode
 through `ProxyMode` only and never asks which mode it has (kube-proxy's
 `Provider`, pkg/proxy/types.go, plays the same part).
 
-Adding a mode (nftables is next): write one module with a class that
+Adding a mode (as nftables was): write one module with a class that
 implements `ProxyMode` and add it to `_BUILTIN` below (or `register()` it).
 `--mode NAME` then selects it, `--mode auto` considers it by `auto_rank`,
 `unavailable()` refuses it up front with what is missing, `cleanup_node()`
@@ -120,6 +120,7 @@ ModeClass = type[ProxyMode]
 _BUILTIN: dict[str, str] = {
     "iptables": "corral.proxy.iptables:IptablesMode",
     "ebpf": "corral.proxy.ebpf:EbpfMode",
+    "nftables": "corral.proxy.nftables:NftablesMode",
 }
 _registry: dict[str, ModeClass | str] = dict(_BUILTIN)
 

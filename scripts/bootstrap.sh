@@ -23,8 +23,9 @@ PKGS=(
   python3-bpfcc linux-headers-amd64
   # overlay benchmarks
   iperf3
-  # service proxy: ClientIP affinity sets (ip_set is built into the kernel)
-  ipset
+  # service proxy: ClientIP affinity sets (ip_set is built into the kernel); the
+  # nftables mode drives libnftables in-process through Debian's Python bindings
+  ipset nftables python3-nftables
   # real CNI runtimes in the tests (tests/test_cni_runtimes.py): podman (CNI backend)
   # and containerd's ctr on runc; a static busybox is the containers' root filesystem
   podman containerd runc busybox-static
@@ -91,10 +92,18 @@ fi
 # BCC's Python bindings are Debian's (pure Python over libbcc): expose just that
 # package to the venv, not all of Debian's dist-packages.
 bcc_src=/usr/lib/python3/dist-packages/bcc
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 if [[ -d $bcc_src ]]; then
-  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   mkdir -p "$VENV/debian-bcc"
   ln -sfn "$bcc_src" "$VENV/debian-bcc/bcc"
   [[ -f $site/corral-bcc.pth ]] || echo "$VENV/debian-bcc" >"$site/corral-bcc.pth"
+fi
+# The same for libnftables' bindings (pure Python over libnftables.so.1, ctypes),
+# which the proxy's nftables mode uses in-process.
+nft_src=/usr/lib/python3/dist-packages/nftables
+if [[ -d $nft_src ]]; then
+  mkdir -p "$VENV/debian-nftables"
+  ln -sfn "$nft_src" "$VENV/debian-nftables/nftables"
+  [[ -f $site/corral-nftables.pth ]] || echo "$VENV/debian-nftables" >"$site/corral-nftables.pth"
 fi
 log "ready ($VENV)"

@@ -30,11 +30,25 @@ def test_ebpf_refused_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_auto_prefers_ebpf_and_falls_back_saying_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    nft = modes.mode_class("nftables")
     monkeypatch.setattr(ebpf, "preflight", lambda: None)
     assert modes.resolve("auto")[0].name == "ebpf"
     monkeypatch.setattr(ebpf, "preflight", lambda: "no cgroup2 hierarchy at /sys/fs/cgroup/unified")
+    monkeypatch.setattr(nft, "unavailable", classmethod(lambda c: None))
     cls, why = modes.resolve("auto")
-    assert cls.name == "iptables" and "no cgroup2 hierarchy" in why
+    assert cls.name == "nftables" and "no cgroup2 hierarchy" in why
+    monkeypatch.setattr(nft, "unavailable", classmethod(lambda c: "no libnftables bindings"))
+    cls, why = modes.resolve("auto")
+    assert cls.name == "iptables" and "the nftables mode cannot run here (no libnftables" in why
+
+
+def test_nftables_probe_is_a_dry_run() -> None:
+    """The real check on this machine: libnftables loads and the kernel takes the probe
+    ruleset (dry run: nothing is committed, the host keeps no table)."""
+    from corral.proxy.nftables import Nft, NftablesMode
+
+    assert NftablesMode.unavailable() is None
+    assert not Nft().has_table("corral-probe")
 
 
 def test_unknown_mode_and_permission_hint() -> None:
@@ -102,7 +116,7 @@ class NullMode:
 @pytest.fixture
 def null_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[NullMode]]:
     # the other modes' own clean-ups must not touch this machine
-    for name in ("iptables", "ebpf"):
+    for name in ("iptables", "ebpf", "nftables"):
         monkeypatch.setattr(modes.mode_class(name), "cleanup_node", classmethod(lambda c, n: []))
     NullMode.why, NullMode.cleaned = None, []
     modes.register("null", NullMode)
