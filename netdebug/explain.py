@@ -266,11 +266,12 @@ class NftablesExplainer:
                     age = t - left if t is not None and isinstance(left, int) else None
                     e.affinity.append(Affinity(client, backend, age, left))
             out.append(e)
-        for key in sorted(maps.get("no-endpoint-services") or {}):
+        for key, verdict in sorted((maps.get("no-endpoint-services") or {}).items()):
             vip, proto, port = [x.strip() for x in key.split(" . ")]
+            target = str(verdict).split()[-1]  # reject-chain, or drop (endpoints elsewhere)
             out.append(ServiceEntry(vip, int(port), proto.upper(), "", [],
-                                    "map no-endpoint-services -> reject-chain",
-                                    reject=True))  # fmt: skip
+                                    f"map no-endpoint-services -> {target}",
+                                    reject=target != "drop"))  # fmt: skip
         return out
 
     def decide(

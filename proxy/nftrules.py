@@ -67,7 +67,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from corral.proxy.core import EndpointInfo, ServicePort, ServiceView, usable
+from corral.proxy.core import (
+    EndpointInfo,
+    ServicePort,
+    ServiceView,
+    cluster_endpoints,
+    external_endpoints,
+    refusal,
+)
 
 FAMILY = "ip"
 MASQ_MARK = "0x4000"
@@ -115,7 +122,7 @@ FIXED: dict[str, list[str]] = {
     ],
 }
 FIXED_CHAINS = (*BASE, *FIXED)
-SVC_PREFIX, EP_PREFIX, AFF_PREFIX = "svc-", "ep-", "aff-"
+SVC_PREFIX, EXT_PREFIX, EP_PREFIX, AFF_PREFIX = "svc-", "ext-", "ep-", "aff-"
 AFFINITY_SET_SIZE = 1 << 20  # clients per endpoint (nft's default for a dynamic set: 65535)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -139,6 +146,10 @@ def svc_chain(sp: ServicePort) -> str:
     return f"{SVC_PREFIX}{_hash(sp.id)}-{_port_name(sp)}"
 
 
+def ext_chain(sp: ServicePort) -> str:
+    return f"{EXT_PREFIX}{_hash(sp.id)}-{_port_name(sp)}"
+
+
 def ep_chain(sp: ServicePort, ep: EndpointInfo) -> str:
     return f"{EP_PREFIX}{_hash(f'{sp.id}>{ep.ip}:{ep.port}')}-{_port_name(sp)}__{ep.ip}/{ep.port}"
 
@@ -148,7 +159,7 @@ def affinity_set(sp: ServicePort, ep: EndpointInfo) -> str:
 
 
 def owned_chain(name: str) -> bool:
-    return name.startswith((SVC_PREFIX, EP_PREFIX))
+    return name.startswith((SVC_PREFIX, EXT_PREFIX, EP_PREFIX))
 
 
 def owned_set(name: str) -> bool:
@@ -172,45 +183,91 @@ class ServiceRules:
         self.elements.setdefault(m, {})[key] = verdict
 
 
+def _dispatch(
+    sp: ServicePort, eps: tuple[EndpointInfo, ...], p: str, out: ServiceRules
+) -> list[str]:
+    """Rules choosing one of `eps` (evenly; with ClientIP affinity, a client's endpoint
+    first); the per-endpoint chains and sets affinity needs go into `out`."""
+    n = len(eps)
+    picks = [f"numgen random mod {n - i} 0 " if i < n - 1 else "" for i in range(n)]
+    if not sp.affinity_timeout:
+        return [
+            f"meta l4proto {p} {pick}dnat to {ep.ip}:{ep.port}"
+            for pick, ep in zip(picks, eps, strict=True)
+        ]
+    rules = []
+    chains = [(ep, ep_chain(sp, ep)) for ep in eps]
+    for ep, chain in chains:
+        s = affinity_set(sp, ep)
+        out.sets.add(s)
+        rules.append(f"ip saddr @{s} goto {chain}")
+        out.chains[chain] = [
+            f"update @{s} {{ ip saddr timeout {sp.affinity_timeout}s }}",
+            f"meta l4proto {p} dnat to {ep.ip}:{ep.port}",
+        ]
+    return rules + [f"{pick}goto {c}" for pick, (_e, c) in zip(picks, chains, strict=True)]
+
+
+NO_ENDPOINT_MAP = {
+    "service-ips": "no-endpoint-services",
+    "service-nodeports": "no-endpoint-nodeports",
+}
+
+
+def _refuse(all_eps: tuple[EndpointInfo, ...]) -> str:
+    """A path with no endpoint under its policy: rejected when the service has none at
+    all, dropped when it has some elsewhere (kube-proxy's answers)."""
+    return f"goto {REJECT}" if refusal(all_eps) == "REJECT" else "drop"
+
+
 def service_rules(view: ServiceView, cluster_cidr: str) -> ServiceRules:
+    """One service's chains and map elements. In-cluster traffic to the ClusterIP uses
+    `cluster_endpoints` (internalTrafficPolicy); NodePort, externalIP and LoadBalancer
+    traffic goes through an ext chain over `external_endpoints`: with Cluster every
+    such packet is masqueraded, with Local only the node's own processes' (pods use the
+    cluster path) and the rest reach a local endpoint with the client's address."""
     out = ServiceRules()
     for sp in view.ports:
-        eps = usable(view.endpoints_of(sp))
+        all_eps = view.endpoints_of(sp)
+        ceps = cluster_endpoints(sp, all_eps)
         p = _proto(sp)
         vip_key = f"{sp.cluster_ip} . {p} . {sp.port}"
-        np_key = f"{p} . {sp.node_port}" if sp.node_port else None
-        if not eps:
-            out.element("no-endpoint-services", vip_key, f"goto {REJECT}")
-            if np_key:
-                out.element("no-endpoint-nodeports", np_key, f"goto {REJECT}")
-            continue
         svc = svc_chain(sp)
-        out.element("service-ips", vip_key, f"goto {svc}")
-        rules = []
-        if np_key:
-            out.element("service-nodeports", np_key, f"goto {svc}")
-            rules.append(f"ip daddr != {sp.cluster_ip} jump {MARK}")  # arrived on a nodePort
-        rules.append(f"ip saddr != {cluster_cidr} jump {MARK}")
-        out.hairpin |= {ep.ip for ep in eps}
-        n = len(eps)
-        picks = [f"numgen random mod {n - i} 0 " if i < n - 1 else "" for i in range(n)]
-        if sp.affinity_timeout:
-            eps_chains = [(ep, ep_chain(sp, ep)) for ep in eps]
-            for ep, chain in eps_chains:
-                s = affinity_set(sp, ep)
-                out.sets.add(s)
-                rules.append(f"ip saddr @{s} goto {chain}")
-                out.chains[chain] = [
-                    f"update @{s} {{ ip saddr timeout {sp.affinity_timeout}s }}",
-                    f"meta l4proto {p} dnat to {ep.ip}:{ep.port}",
-                ]
-            rules += [f"{pick}goto {c}" for pick, (_e, c) in zip(picks, eps_chains, strict=True)]
-        else:
-            rules += [
-                f"meta l4proto {p} {pick}dnat to {ep.ip}:{ep.port}"
-                for pick, ep in zip(picks, eps, strict=True)
+        if ceps:
+            out.element("service-ips", vip_key, f"goto {svc}")
+            out.chains[svc] = [
+                f"ip saddr != {cluster_cidr} jump {MARK}",
+                *_dispatch(sp, ceps, p, out),
             ]
-        out.chains[svc] = rules
+            out.hairpin |= {ep.ip for ep in ceps}
+        else:
+            out.element("no-endpoint-services", vip_key, _refuse(all_eps))
+        if not sp.external:
+            continue
+        ext_keys = [("service-ips", f"{ip} . {p} . {sp.port}") for ip in sp.external_ips]
+        if sp.node_port:
+            ext_keys.append(("service-nodeports", f"{p} . {sp.node_port}"))
+        xeps = external_endpoints(sp, all_eps)
+        if not xeps:
+            for m, key in ext_keys:
+                none = (
+                    "no-endpoint-nodeports" if m == "service-nodeports" else "no-endpoint-services"
+                )
+                out.element(none, key, _refuse(all_eps))
+            continue
+        ext = ext_chain(sp)
+        for m, key in ext_keys:
+            out.element(m, key, f"goto {ext}")
+        if sp.external_local:
+            rules = [f"ip saddr {cluster_cidr} goto {svc}"] if ceps else []
+            if ceps:
+                rules.append(f"fib saddr type local jump {MARK}")
+                rules.append(f"fib saddr type local goto {svc}")
+            rules += _dispatch(sp, xeps, p, out)  # the client's address kept
+        else:
+            rules = [f"jump {MARK}", *_dispatch(sp, xeps, p, out)]
+        out.chains[ext] = rules
+        out.hairpin |= {ep.ip for ep in xeps}
     return out
 
 

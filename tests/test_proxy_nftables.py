@@ -99,7 +99,7 @@ def test_sync_partial_repair_and_cleanup(scratch_ns: str) -> None:
     views = {"default/a": view(A, ["10.244.1.2", "10.244.1.3"]), "default/b": view(B, [])}
     assert mode.sync(False, views, set()).full  # the first sync is full whatever was asked
     assert elements(nft, t, "service-ips") == {"10.96.0.1 . tcp . 80": f"goto {N.svc_chain(A)}"}
-    assert elements(nft, t, "service-nodeports") == {"tcp . 30001": f"goto {N.svc_chain(A)}"}
+    assert elements(nft, t, "service-nodeports") == {"tcp . 30001": f"goto {N.ext_chain(A)}"}
     assert elements(nft, t, "no-endpoint-services") == {"10.96.0.2 . udp . 53": "goto reject-chain"}
     assert mode.canary_ok()
     # the component asks from whichever executor thread is free: every one sees the table
