@@ -74,6 +74,7 @@ from corral.proxy.core import (
     cluster_endpoints,
     external_endpoints,
     refusal,
+    usable,
 )
 
 FAMILY = "ip"
@@ -122,7 +123,8 @@ FIXED: dict[str, list[str]] = {
     ],
 }
 FIXED_CHAINS = (*BASE, *FIXED)
-SVC_PREFIX, EXT_PREFIX, EP_PREFIX, AFF_PREFIX = "svc-", "ext-", "ep-", "aff-"
+SVC_PREFIX, SVL_PREFIX, EXT_PREFIX = "svc-", "svl-", "ext-"
+EP_PREFIX, AFF_PREFIX = "ep-", "aff-"
 AFFINITY_SET_SIZE = 1 << 20  # clients per endpoint (nft's default for a dynamic set: 65535)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -146,6 +148,10 @@ def svc_chain(sp: ServicePort) -> str:
     return f"{SVC_PREFIX}{_hash(sp.id)}-{_port_name(sp)}"
 
 
+def svl_chain(sp: ServicePort) -> str:
+    return f"{SVL_PREFIX}{_hash(sp.id)}-{_port_name(sp)}"
+
+
 def ext_chain(sp: ServicePort) -> str:
     return f"{EXT_PREFIX}{_hash(sp.id)}-{_port_name(sp)}"
 
@@ -159,7 +165,7 @@ def affinity_set(sp: ServicePort, ep: EndpointInfo) -> str:
 
 
 def owned_chain(name: str) -> bool:
-    return name.startswith((SVC_PREFIX, EXT_PREFIX, EP_PREFIX))
+    return name.startswith((SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, EP_PREFIX))
 
 
 def owned_set(name: str) -> bool:
@@ -221,25 +227,37 @@ def _refuse(all_eps: tuple[EndpointInfo, ...]) -> str:
 
 
 def service_rules(view: ServiceView, cluster_cidr: str) -> ServiceRules:
-    """One service's chains and map elements. In-cluster traffic to the ClusterIP uses
-    `cluster_endpoints` (internalTrafficPolicy); NodePort, externalIP and LoadBalancer
-    traffic goes through an ext chain over `external_endpoints`: with Cluster every
-    such packet is masqueraded, with Local only the node's own processes' (pods use the
-    cluster path) and the rest reach a local endpoint with the client's address."""
+    """One service's chains and map elements, with the iptables mode's structure
+    (proxy/rules.py): svc- over every usable endpoint, svl- over the node's own (for a
+    Local policy), ext- for NodePort, externalIP and LoadBalancer traffic. External
+    traffic under Cluster is masqueraded and goes to svc-; under Local, pods and the
+    node's own processes go cluster-wide (svc-, the processes masqueraded) and the rest
+    reaches a local endpoint with the client's address kept, or is dropped when there
+    is none (the no-endpoint maps, which the filter hooks read)."""
     out = ServiceRules()
     for sp in view.ports:
         all_eps = view.endpoints_of(sp)
-        ceps = cluster_endpoints(sp, all_eps)
+        everywhere = usable(all_eps)
+        local = usable(tuple(e for e in all_eps if e.local))
+        internal = cluster_endpoints(sp, all_eps)
+        external = external_endpoints(sp, all_eps) if sp.external else ()
+        ext = sp.external and bool(external or (sp.external_local and everywhere))
+        want_svc = bool(everywhere) and ((bool(internal) and not sp.internal_local) or ext)
+        want_svl = bool(local) and (
+            (bool(internal) and sp.internal_local) or (ext and sp.external_local)
+        )
         p = _proto(sp)
+        svc, svl = svc_chain(sp), svl_chain(sp)
+        for wanted, chain, eps in ((want_svc, svc, everywhere), (want_svl, svl, local)):
+            if wanted:
+                out.chains[chain] = [  # off-cluster clients of the VIP (the node's own too)
+                    f"ip daddr {sp.cluster_ip} ip saddr != {cluster_cidr} jump {MARK}",
+                    *_dispatch(sp, eps, p, out),
+                ]
+                out.hairpin |= {ep.ip for ep in eps}
         vip_key = f"{sp.cluster_ip} . {p} . {sp.port}"
-        svc = svc_chain(sp)
-        if ceps:
-            out.element("service-ips", vip_key, f"goto {svc}")
-            out.chains[svc] = [
-                f"ip saddr != {cluster_cidr} jump {MARK}",
-                *_dispatch(sp, ceps, p, out),
-            ]
-            out.hairpin |= {ep.ip for ep in ceps}
+        if internal:
+            out.element("service-ips", vip_key, f"goto {svl if sp.internal_local else svc}")
         else:
             out.element("no-endpoint-services", vip_key, _refuse(all_eps))
         if not sp.external:
@@ -247,27 +265,24 @@ def service_rules(view: ServiceView, cluster_cidr: str) -> ServiceRules:
         ext_keys = [("service-ips", f"{ip} . {p} . {sp.port}") for ip in sp.external_ips]
         if sp.node_port:
             ext_keys.append(("service-nodeports", f"{p} . {sp.node_port}"))
-        xeps = external_endpoints(sp, all_eps)
-        if not xeps:
+        if ext:
+            e = ext_chain(sp)
+            if sp.external_local:
+                rules = [
+                    f"ip saddr {cluster_cidr} goto {svc}",  # pods: cluster-wide
+                    f"fib saddr type local jump {MARK}",  # the node's own processes
+                    f"fib saddr type local goto {svc}",
+                ]
+                if external:
+                    rules.append(f"goto {svl}")  # the client's address kept
+            else:
+                rules = [f"jump {MARK}", f"goto {svc}"]
+            out.chains[e] = rules
             for m, key in ext_keys:
-                none = (
-                    "no-endpoint-nodeports" if m == "service-nodeports" else "no-endpoint-services"
-                )
-                out.element(none, key, _refuse(all_eps))
-            continue
-        ext = ext_chain(sp)
-        for m, key in ext_keys:
-            out.element(m, key, f"goto {ext}")
-        if sp.external_local:
-            rules = [f"ip saddr {cluster_cidr} goto {svc}"] if ceps else []
-            if ceps:
-                rules.append(f"fib saddr type local jump {MARK}")
-                rules.append(f"fib saddr type local goto {svc}")
-            rules += _dispatch(sp, xeps, p, out)  # the client's address kept
-        else:
-            rules = [f"jump {MARK}", *_dispatch(sp, xeps, p, out)]
-        out.chains[ext] = rules
-        out.hairpin |= {ep.ip for ep in xeps}
+                out.element(m, key, f"goto {e}")
+        if not external:  # what no chain translated: dropped or rejected in filter
+            for m, key in ext_keys:
+                out.element(NO_ENDPOINT_MAP[m], key, _refuse(all_eps))
     return out
 
 
