@@ -24,7 +24,7 @@ import aetcd.utils
 from pydantic import ValidationError
 
 from corral.api.namespaces import BUILTIN, new_namespace
-from corral.api.objects import TypedObject
+from corral.api.objects import TypedObject, update_forbidden
 from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merge
 from corral.api.store import (
     KV,
@@ -375,6 +375,9 @@ class Storage:
             new = self._carry(res, cur, new, subresource)
             obj = self.validate(res, new, name)
             old_obj = res.model.model_validate_json(kv.value)
+            refused = update_forbidden(old_obj, obj)
+            if refused:
+                raise errors.invalid(res.kind, res.group, name, refused)
             if getattr(old_obj, "spec", None) != getattr(obj, "spec", None):
                 obj.metadata.generation = (old_obj.metadata.generation or 1) + 1
             value = self.store.encode(obj)

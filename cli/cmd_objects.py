@@ -26,7 +26,7 @@ from corral.api.objects import (
 )
 from corral.api.selectors import matches_label_selector, parse_selector
 from corral.api.store import Store, now_iso, object_key
-from corral.cli.apply_objects import Planned, apply_objects, read_existing
+from corral.cli.apply_objects import ImmutableError, Planned, apply_objects, read_existing
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import WatchPrinter, render
 from corral.control.podlifecycle import delete_pod
@@ -151,6 +151,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 return await apply_objects(store, objs)
             except NamespaceError as e:
                 raise CLIError(f"{e}; nothing was applied") from None
+            except ImmutableError as e:
+                raise CLIError(str(e)) from None
 
     planned = run(go)
     sys.stdout.write(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import yaml
 
 from corral.api.objects import (
+    ConfigMap,
     Deployment,
     Endpoints,
     EndpointSlice,
@@ -16,6 +17,7 @@ from corral.api.objects import (
     Node,
     Pod,
     ReplicationController,
+    Secret,
     Service,
     TypedObject,
 )
@@ -178,6 +180,14 @@ def _ns_row(n: Namespace, wide: bool) -> list[str]:
     ]
 
 
+def _cm_row(c: ConfigMap, wide: bool) -> list[str]:
+    return [c.name, str(len(c.data) + len(c.binary_data)), age(c.metadata.creation_timestamp)]
+
+
+def _secret_row(s: Secret, wide: bool) -> list[str]:
+    return [s.name, s.type, str(len(s.data)), age(s.metadata.creation_timestamp)]
+
+
 def _generic_row(o: TypedObject, wide: bool) -> list[str]:
     return [o.name, age(o.metadata.creation_timestamp)]
 
@@ -195,6 +205,8 @@ COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], li
     EndpointSlice: (["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _slice_row),  # type: ignore[dict-item]
     ReplicationController: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
     Deployment: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
+    ConfigMap: (["NAME", "DATA", "AGE"], [], _cm_row),  # type: ignore[dict-item]
+    Secret: (["NAME", "TYPE", "DATA", "AGE"], [], _secret_row),  # type: ignore[dict-item]
 }
 
 

@@ -28,6 +28,7 @@ from corral.api.informer import Informer, InformerFactory, started
 from corral.api.namespaces import ensure_builtin, new_namespace
 from corral.api.objects import (
     KINDS,
+    ConfigMap,
     Deployment,
     Endpoints,
     EndpointSlice,
@@ -35,6 +36,7 @@ from corral.api.objects import (
     NamespaceCondition,
     Pod,
     ReplicationController,
+    Secret,
     Service,
     TypedObject,
 )
@@ -53,6 +55,8 @@ DELETE_ORDER: tuple[type[TypedObject], ...] = (
     Pod,
     Endpoints,
     EndpointSlice,
+    ConfigMap,  # after the pods that mount them, as their volumes go with the pods
+    Secret,
 )
 NAMESPACED = tuple(k for k in KINDS if k.NAMESPACED)
 assert set(NAMESPACED) == set(DELETE_ORDER), "a new namespaced kind needs a place in DELETE_ORDER"

@@ -78,8 +78,8 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         argv += Security.from_dict(spec["security"]).shim_flags()
     for src, dst in spec["binds"]:
         argv += ["-b", src, dst]
-    for src, dst, executable in spec.get("mounts", []):
-        argv += ["-M" if executable else "-m", src, dst]
+    for src, dst, kind in spec.get("mounts", []):
+        argv += [f"-{kind}", src, dst]
     if spec.get("image"):
         argv += ["-i", spec["image"], spec["upper"], spec["work"], spec["rootfs"]]
     for k, v in spec["env"].items():
@@ -155,6 +155,7 @@ async def launch(
     security: Security | None = None,
     mounts: list[tuple[str, str]] | None = None,
     exec_mounts: list[tuple[str, str]] | None = None,
+    volumes: list[tuple[str, str, bool]] | None = None,
     ready_timeout: float = 30.0,
 ) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     """Start one container instance and wait until its PID 1 exists.
@@ -165,6 +166,8 @@ async def launch(
     `mounts` (node directory, container path) are bound read-only, nosuid, nodev,
     noexec (a system pod's credentials); `exec_mounts` the same but executable
     (corral's installation for its system pods). Sandboxed containers only.
+    `volumes` (node path, container path, read-only) are the pod's volume mounts
+    (runtime/volumes.py): nosuid, nodev; a file source gets a file mount point.
     """
     if not argv:
         raise StartError("no command: set command (or args) for the container")
@@ -173,6 +176,11 @@ async def launch(
     if (mounts or exec_mounts) and security is not None and security.privileged:
         # Only a sandbox's private /run is a safe place to mount into (never the node's).
         raise StartError("read-only directory mounts are for sandboxed containers only")
+    if volumes and security is not None and security.privileged:
+        raise StartError(
+            "volumeMounts: a privileged container runs on the node's own filesystem and "
+            "cannot mount volumes; drop securityContext.privileged"
+        )
     cdir = container_dir(pod_dir, name)
     os.makedirs(cdir, mode=0o700, exist_ok=True)
     os.chmod(pod_dir, 0o700)  # specs hold env, logs whatever the container prints
@@ -188,10 +196,12 @@ async def launch(
         "netns": netns,
         "hostname": hostname,
         "binds": binds,
-        # (source, destination, executable): read-only, nosuid, nodev, and noexec
-        # unless executable (corral's own files for its system pods: runtime/corralfiles.py)
-        "mounts": [(src, dst, False) for src, dst in mounts or []]
-        + [(src, dst, True) for src, dst in exec_mounts or []],
+        # (source, destination, kind): "m" read-only noexec, "M" read-only (corral's own
+        # files for its system pods: runtime/corralfiles.py), "v"/"V" a volume read-write
+        # or read-only; all nosuid, nodev (shim.py's clone_mounts)
+        "mounts": [(src, dst, "m") for src, dst in mounts or []]
+        + [(src, dst, "M") for src, dst in exec_mounts or []]
+        + [(src, dst, "V" if ro else "v") for src, dst, ro in volumes or []],
         "cgroups": cgroups,
         "pid_file": pid_file,
         "status_file": status_file,

@@ -2,10 +2,14 @@
  * an interpreter start per container (~1 ms of CPU instead of ~20 ms).
  *
  *   corral-container-shim -p PIDFILE -s STATUSFILE -n NETNS [-h HOSTNAME] [-w DIR]
- *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m|-M SRC_DIR DST_DIR]...
+ *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m|-M|-v|-V SRC DST]...
  *       [-i IMAGE UPPER WORK ROOTFS]
  *       [-e NAME=VALUE]... [SECURITY] -- ARGV...
  *   corral-container-shim -X PID [-c CGROUP_PROCS]... [SECURITY] -- ARGV...
+ *
+ * Mounts (sandboxed containers only): -m read-only noexec (credentials), -M read-only
+ * (corral's files), -v a writable volume, -V a read-only volume; all nosuid, nodev.
+ * SRC may be a file (a subPath): the mount point is then a file.
  *
  * SECURITY: -P (privileged: the node's filesystem as it is, every capability) or
  * -C CAPS_HEX (sandboxed: the node hidden, see shim.py), and [-u UID] [-g GID]
@@ -75,8 +79,8 @@ struct spec {
     int ncgroups;
     const char *binds[MAXN][2];
     int nbinds;
-    const char *mounts[MAXN][2]; /* read-only directory mounts (-m SRC DST, -M: executable) */
-    int mount_exec[MAXN];
+    const char *mounts[MAXN][2]; /* directory/file mounts (-m SRC DST, -M -v -V: see usage) */
+    char mount_kind[MAXN];
     int nmounts;
     char *env[4096];
     int nenv;
@@ -329,18 +333,48 @@ static void clone_mounts(struct spec *s, int *fds) {
         fds[i] = syscall(SYS_open_tree, AT_FDCWD, s->mounts[i][0], OPEN_TREE_CLONE_ | O_CLOEXEC);
         if (fds[i] < 0)
             die_setup("open_tree ", s->mounts[i][0], NULL);
-        unsigned long long attr[4] = {
-            s->mount_exec[i] ? MOUNT_ATTR_RO_ALL_ & ~MOUNT_ATTR_NOEXEC_ : MOUNT_ATTR_RO_ALL_, 0,
-            0, 0};
+        char k = s->mount_kind[i];
+        unsigned long long set = MOUNT_ATTR_RO_ALL_;
+        if (k == 'M' || k == 'V') /* executable (corral's files; read-only volumes) */
+            set &= ~MOUNT_ATTR_NOEXEC_;
+        else if (k == 'v') /* a writable volume: nosuid, nodev */
+            set &= ~(MOUNT_ATTR_NOEXEC_ | MOUNT_ATTR_RDONLY_);
+        unsigned long long attr[4] = {set, k == 'v' ? MOUNT_ATTR_RDONLY_ : 0, 0, 0};
         if (syscall(SYS_mount_setattr, fds[i], "", AT_EMPTY_PATH, attr, sizeof attr) != 0)
-            die_setup("mount_setattr(read-only) ", s->mounts[i][0], NULL);
+            die_setup("mount_setattr ", s->mounts[i][0], NULL);
     }
+}
+
+/* The mount point of mount i: a directory, or an empty file for a file (a subPath). */
+static void mount_point(struct spec *s, int *fds, int i) {
+    struct stat st;
+    const char *dst = s->mounts[i][1];
+    if (fstat(fds[i], &st) != 0)
+        die_setup("stat ", s->mounts[i][0], NULL);
+    if (S_ISDIR(st.st_mode)) {
+        if (mkdir_p(dst) != 0)
+            die_setup("mkdir ", dst, NULL);
+        return;
+    }
+    if (access(dst, F_OK) == 0)
+        return;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", dst);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = 0;
+        if (mkdir_p(dir) != 0)
+            die_setup("mkdir ", dir, NULL);
+    }
+    int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        die_setup("create ", dst, NULL);
+    close(fd);
 }
 
 static void attach_mounts(struct spec *s, int *fds) {
     for (int i = 0; i < s->nmounts; i++) {
-        if (mkdir_p(s->mounts[i][1]) != 0)
-            die_setup("mkdir ", s->mounts[i][1], NULL);
+        mount_point(s, fds, i);
         if (syscall(SYS_move_mount, fds[i], "", AT_FDCWD, s->mounts[i][1],
                     MOVE_MOUNT_F_EMPTY_PATH_) != 0)
             die_setup("move_mount onto ", s->mounts[i][1], NULL);
@@ -371,6 +405,9 @@ static void setup_sandboxed(struct spec *s) {
             die_setup("umount the old root", NULL, NULL);
         if (chdir("/") != 0)
             die_setup("chdir ", "/", NULL);
+        /* Mount points in the image's layer while it is still writable. */
+        for (int i = 0; i < s->nmounts; i++)
+            mount_point(s, mount_fds, i);
     } else {
         bind_files(s, "/", 0); /* never create files on the node */
     }
@@ -733,9 +770,11 @@ int main(int argc, char **argv) {
             break;
         case 'm':
         case 'M':
+        case 'v':
+        case 'V':
             if (left < 2 || s.nmounts == MAXN)
                 return usage();
-            s.mount_exec[s.nmounts] = a[1] == 'M';
+            s.mount_kind[s.nmounts] = a[1];
             s.mounts[s.nmounts][0] = argv[++i];
             s.mounts[s.nmounts++][1] = argv[++i];
             break;

@@ -158,23 +158,40 @@ def make_dev() -> None:
 
 
 def clone_mounts(spec: dict) -> list[tuple[int, str]]:
-    """Detached read-only copies of the spec's `mounts` sources, taken before the node's
-    state is hidden (a source may live under it), attached by attach_mounts() at the end."""
+    """Detached copies of the spec's `mounts` sources, taken before the node's state is
+    hidden (a source may live under it), attached by attach_mounts() at the end.
+
+    Each mount is (source, destination, kind), kind as shim.c's flag: "m" read-only
+    noexec (credentials), "M" read-only (corral's files), "v" a writable volume, "V" a
+    read-only volume; all nosuid, nodev. A source may be a file (a volume's subPath)."""
     out = []
-    for src, dst, executable in spec.get("mounts", []):
+    for src, dst, kind in spec.get("mounts", []):
         fd = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(), OPEN_TREE_CLONE | O_CLOEXEC)
         check(fd if fd < 0 else 0, f"open_tree {src}")
-        ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-        attr = MountAttr(ro if executable else ro | MOUNT_ATTR_NOEXEC, 0, 0, 0)
+        flags = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        if kind == "m":
+            flags |= MOUNT_ATTR_NOEXEC
+        elif kind == "v":
+            flags &= ~MOUNT_ATTR_RDONLY
+        attr = MountAttr(flags, MOUNT_ATTR_RDONLY if kind == "v" else 0, 0, 0)
         rc = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), 32)
-        check(rc, f"mount_setattr({src}, read-only)")
+        check(rc, f"mount_setattr({src})")
         out.append((fd, dst))
     return out
 
 
+def mount_point(fd: int, dst: str) -> None:
+    """A directory for a directory's mount, an empty file for a file's."""
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
+        os.makedirs(dst, mode=0o755, exist_ok=True)
+    elif not os.path.exists(dst):
+        os.makedirs(os.path.dirname(dst) or "/", mode=0o755, exist_ok=True)
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
 def attach_mounts(clones: list[tuple[int, str]]) -> None:
     for fd, dst in clones:
-        os.makedirs(dst, mode=0o755, exist_ok=True)
+        mount_point(fd, dst)
         rc = libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, dst.encode(), MOVE_MOUNT_F_EMPTY_PATH)
         check(rc, f"move_mount onto {dst}")
         os.close(fd)
@@ -196,6 +213,8 @@ def setup_sandboxed(spec: dict, sec: dict) -> None:
         check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
         check(libc.umount2(b".", MNT_DETACH), "umount the old root")
         os.chdir("/")
+        for fd, dst in clones:  # mount points in the image's layer while it is writable
+            mount_point(fd, dst)
     else:
         bind_files(spec, "/", False)  # never create files on the node
     for path in sec.get("hidden", []):
