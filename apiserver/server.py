@@ -297,6 +297,15 @@ class APIServer:
         if not raw:
             return None
         ctype = request.content_type
+        if ctype == "application/vnd.kubernetes.protobuf":
+            # kubectl's typed clients (create configmap/secret/namespace) send protobuf;
+            # 415 makes client-go (1.32+) send the request again as JSON.
+            raise errors.APIError(
+                415,
+                "UnsupportedMediaType",
+                f'the body of the request was in an unknown format - accepted media types '
+                f'include: application/json, application/yaml (not "{ctype}")',
+            )
         try:
             if ctype in ("application/yaml", "application/x-yaml", "text/yaml"):
                 return yaml.safe_load(raw)
