@@ -412,7 +412,7 @@ async def test_kubectl_creates_configmaps_and_secrets(api: Served, tmp_path: Pat
         "secret",
         "pw",
         "-p",
-        '{"type": "kubernetes.io/tls"}',
+        '{"type": "example.com/other"}',
         check=False,
     )
     assert rc != 0 and "type: Invalid value" in out, out
