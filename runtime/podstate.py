@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from corral.common.files import write_atomic
+from corral.node import mounts
 
 
 @dataclass
@@ -90,4 +91,6 @@ def load_all(state_dir: str) -> dict[str, PodSaved]:
 
 
 def forget(state_dir: str, uid: str) -> None:
+    # A pod's tmpfs volumes (secrets) are unmounted first: rmtree stops at nothing.
+    mounts.unmount_under(pod_dir(state_dir, uid))
     shutil.rmtree(pod_dir(state_dir, uid), ignore_errors=True)

@@ -26,8 +26,10 @@ from corral.node import netns
 from corral.runtime import podstate, sandbox
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.containerrunner import MAX_BACKOFF, ContainerRunner
+from corral.runtime.downward import PodFacts
 from corral.runtime.podstate import ContainerSaved, PodSaved
 from corral.runtime.podstatus import PodStatusWriter
+from corral.runtime.volumes import PodVolumes, VolumeError, references
 
 if TYPE_CHECKING:
     from corral.runtime.pods import PodRuntime
@@ -47,6 +49,10 @@ class PodWorker:
             self.saved.containers.setdefault(c.name, ContainerSaved())
         self.dir = podstate.pod_dir(rt.ctx.paths.state_dir, uid)
         self.cgroups = PodCgroups(rt.ctx.node_name, uid)
+        self.volumes = PodVolumes(self.dir, pod)
+        # Set when a ConfigMap or Secret the pod uses changes (runtime/pods.py).
+        self.config_event = asyncio.Event()
+        self._refresher: asyncio.Task | None = None
         self.host_network = pod.spec.host_network
         self.init_runners = [
             ContainerRunner(self, c, self.saved.containers[c.name], init=True)
@@ -95,10 +101,75 @@ class PodWorker:
         return float(self.pod.spec.termination_grace_period_seconds)
 
     def update(self, pod: Pod) -> None:
-        self.pod = pod
+        meta_changed = (pod.metadata.labels, pod.metadata.annotations) != (
+            self.pod.metadata.labels,
+            self.pod.metadata.annotations,
+        )
+        self.pod = self.volumes.pod = pod
+        if meta_changed:  # downwardAPI files of labels and annotations
+            self.config_changed()
         self.status.seen(pod)
         if pod.metadata.deletion_timestamp:
             self.deleting.set()
+
+    # ------------------------------------------------------------ configuration
+
+    def facts(self) -> PodFacts:
+        return PodFacts(self.pod, self.rt.ctx.node_name, self.saved.pod_ip, self.rt.host_ip)
+
+    def uses(self, kind: str, name: str) -> bool:
+        """Whether a volume or a container's env refers to this ConfigMap or Secret."""
+        return (kind, name) in references(self.pod)
+
+    def config_changed(self) -> None:
+        """Refresh the volumes soon; wake containers waiting for their config."""
+        self.config_event.set()
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh_volumes())
+
+    async def _refresh_volumes(self) -> None:
+        if self.torn_down or self.terminating or not self.pod.spec.volumes:
+            return
+        rt = self.rt
+        await rt.config_synced()
+        changed = await asyncio.get_running_loop().run_in_executor(
+            None, self.volumes.refresh, self.facts(), rt.config_map, rt.secret
+        )
+        if changed:
+            log.info(
+                "pod %s/%s: volumes %s updated", self.saved.namespace, self.saved.name, changed
+            )
+
+    async def _ensure_volumes(self) -> None:
+        """Every volume set up, retried while a ConfigMap or Secret it needs is missing
+        (the pod stays Pending with the reason, as FailedMount)."""
+        if not self.pod.spec.volumes:
+            return
+        await self.rt.config_synced()
+        loop = asyncio.get_running_loop()
+        backoff = 0.5
+        while not self.deleting.is_set():
+            self.config_event.clear()
+            try:
+                await loop.run_in_executor(
+                    None, self.volumes.setup, self.facts(), self.rt.config_map, self.rt.secret
+                )
+                if self.sandbox_error is not None:
+                    self.sandbox_error = None
+                    self.changed()
+                return
+            except (VolumeError, OSError) as e:
+                self.sandbox_error = ("FailedMount", str(e))
+                log.warning("pod %s/%s: %s", self.saved.namespace, self.saved.name, e)
+                self.changed()
+            waits = {
+                asyncio.ensure_future(self.deleting.wait()),
+                asyncio.ensure_future(self.config_event.wait()),
+            }
+            await asyncio.wait(waits, timeout=backoff, return_when=asyncio.FIRST_COMPLETED)
+            for t in waits:
+                t.cancel()
+            backoff = min(backoff * 2, 30.0)
 
     def object_gone(self) -> None:
         self.gone = True
@@ -124,6 +195,8 @@ class PodWorker:
         try:
             # Adopted after it completed (or after an init container failed for good).
             finished = all(r.saved.done for r in self.runners) or self.init_failed()
+            if not self.deleting.is_set() and not finished:
+                await self._ensure_volumes()  # before the sandbox, as the kubelet's order
             if not self.deleting.is_set() and not finished:
                 await self._ensure_sandbox()
             started = not self.deleting.is_set() and not finished and self.sandbox_error is None
@@ -336,6 +409,8 @@ class PodWorker:
                     await asyncio.wait_for(r.task, 15)
         await self._network_down()
         await asyncio.get_running_loop().run_in_executor(None, self.cgroups.remove)
+        # Secrets' tmpfs unmounted, emptyDirs removed: with the pod, as the kubelet does.
+        await asyncio.get_running_loop().run_in_executor(None, self.volumes.teardown)
         if self.writer is not None:
             self.writer.cancel()
         # Everything on the node is gone before the object is: whoever waits for the
