@@ -303,7 +303,7 @@ class APIServer:
             raise errors.APIError(
                 415,
                 "UnsupportedMediaType",
-                f'the body of the request was in an unknown format - accepted media types '
+                f"the body of the request was in an unknown format - accepted media types "
                 f'include: application/json, application/yaml (not "{ctype}")',
             )
         try:

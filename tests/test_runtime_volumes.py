@@ -1,0 +1,322 @@
+"""Pod volumes and configuration on a real node runtime (tests/runtime_harness.py):
+a Secret on tmpfs whose plaintext reaches no disk under the node's state directory,
+a ConfigMap change reaching the mounted file, an emptyDir two containers share,
+downwardAPI files, env.valueFrom from each source, and the kubelet's
+CreateContainerConfigError / FailedMount while something referenced is missing.
+Both container shims (native and Python) mount volumes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from corral.api.objects import ConfigMap, Pod, Secret
+from corral.api.store import Store
+from corral.cluster.etcd import LocalEtcd
+from corral.node import mounts
+from tests.runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_exec, pod_run, ready
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(f"{REF_BIN}/bridge"), reason="reference CNI plugins not installed"
+)
+SLEEP = ["sleep", "3600"]
+
+
+@pytest.fixture(params=["native", "python"])
+async def node(
+    request: Any, etcd: LocalEtcd, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Node]:
+    # The runtime runs in its own process: the shim is chosen by its environment.
+    monkeypatch.setenv("CORRAL_CONTAINER_SHIM", request.param)
+    n = await make_node(etcd.url, etcd.client_port, store, prefix="vol")
+    try:
+        yield n
+    finally:
+        await destroy_node(n)
+
+
+async def _configmap(store: Store, name: str, data: dict[str, str]) -> None:
+    cm = ConfigMap.model_validate(
+        {"metadata": {"name": name, "namespace": "default"}, "data": data}
+    )
+    await store.put(cm)
+
+
+async def _secret(store: Store, name: str, data: dict[str, str]) -> None:
+    s = Secret.model_validate(
+        {"metadata": {"name": name, "namespace": "default"}, "stringData": data}
+    )
+    await store.put(s)
+
+
+async def _eventually(fn: Any, what: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out: {what} (last: {last!r})")
+
+
+def _volume_dir(n: Node, p: Pod, plugin: str, name: str) -> str:
+    return os.path.join(
+        n.state_dir, "pods", p.metadata.uid or "", "volumes", f"kubernetes.io~{plugin}", name
+    )
+
+
+def _on_disk(state_dir: str, needle: str) -> list[str]:
+    """Files under `state_dir` that hold `needle` on the disk itself: in a mount namespace
+    of its own, every mount below it is detached first, so a tmpfs hides nothing."""
+    script = (
+        'for m in $(findmnt -rn -o TARGET | grep "^$1"); do umount -l "$m" 2>/dev/null; done; '
+        'grep -rlF -- "$2" "$1" || true'
+    )
+    r = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", state_dir, needle],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return r.stdout.split()
+
+
+async def test_secret_on_tmpfs_configmap_updates_and_a_shared_empty_dir(
+    node: Node, store: Store
+) -> None:
+    plaintext = "pw-" + secrets.token_hex(12)
+    await _configmap(store, "app", {"conf": "v1", "other": "x"})
+    await _secret(store, "creds", {"password": plaintext})
+    p = node.pod(
+        "vols",
+        [
+            {
+                "name": "writer",
+                "command": ["sh", "-c", "echo shared > /run/scratch/x; exec sleep 3600"],
+                "volumeMounts": [{"name": "scratch", "mountPath": "/run/scratch"}],
+            },
+            {
+                "name": "reader",
+                "command": SLEEP,
+                "volumeMounts": [
+                    {"name": "scratch", "mountPath": "/run/scratch", "readOnly": True},
+                    {"name": "cfg", "mountPath": "/run/cfg"},
+                    {"name": "one", "mountPath": "/run/one/conf", "subPath": "conf"},
+                    {"name": "creds", "mountPath": "/run/creds"},
+                    {"name": "info", "mountPath": "/run/info"},
+                    {"name": "mem", "mountPath": "/run/mem"},
+                ],
+            },
+        ],
+        volumes=[
+            {"name": "scratch", "emptyDir": {}},
+            {
+                "name": "cfg",
+                "configMap": {"name": "app", "items": [{"key": "conf", "path": "conf"}]},
+            },
+            {"name": "one", "configMap": {"name": "app"}},
+            {"name": "creds", "secret": {"secretName": "creds", "defaultMode": 0o400}},
+            {
+                "name": "info",
+                "downwardAPI": {
+                    "items": [
+                        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                    ]
+                },
+            },
+            {"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        ],
+    )
+    await node.create(p)
+    p = await node.wait_pod("vols", ready, "running")
+    assert p is not None
+
+    # the emptyDir: one container's write is the other's read; read-only where asked
+    out = await _eventually(
+        lambda: pod_run(p, ["cat", "/run/scratch/x"], "reader").stdout, "shared file"
+    )
+    assert out == "shared\n"
+    r = pod_run(p, ["sh", "-c", "echo no > /run/scratch/y"], "reader")
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    # configMap: only the listed key, read-only; subPath a single file
+    assert pod_exec(p, ["ls", "/run/cfg"], "reader").split() == ["conf"]
+    assert pod_exec(p, ["cat", "/run/cfg/conf"], "reader") == "v1"
+    assert pod_exec(p, ["cat", "/run/one/conf"], "reader") == "v1"
+    assert pod_run(p, ["sh", "-c", "echo x > /run/cfg/conf"], "reader").returncode != 0
+    # secret: the plaintext, mode 0400, on a tmpfs in the container and on the node
+    assert pod_exec(p, ["cat", "/run/creds/password"], "reader") == plaintext
+    assert pod_exec(p, ["stat", "-L", "-c", "%a", "/run/creds/password"], "reader") == "400\n"
+    assert pod_exec(p, ["stat", "-f", "-c", "%T", "/run/creds"], "reader") == "tmpfs\n"
+    secret_dir = _volume_dir(node, p, "secret", "creds")
+    assert mounts.fstype(secret_dir) == "tmpfs" and mounts.is_mount(secret_dir)
+    assert _on_disk(node.state_dir, plaintext) == []
+    assert _on_disk(node.state_dir, "v1") != []  # the search can find what is on disk
+    # downwardAPI and the memory emptyDir (capped at its sizeLimit)
+    assert pod_exec(p, ["cat", "/run/info/name"], "reader") == "vols"
+    assert pod_exec(p, ["cat", "/run/info/labels"], "reader") == 'app="vols"\n'
+    assert pod_exec(p, ["stat", "-f", "-c", "%T", "/run/mem"], "reader") == "tmpfs\n"
+    r = pod_run(p, ["dd", "if=/dev/zero", "of=/run/mem/big", "bs=1M", "count=2"], "reader")
+    assert r.returncode != 0 and "No space left" in r.stderr
+
+    # a ConfigMap change reaches the mounted file (the ..data swap); subPath keeps its copy
+    await _configmap(store, "app", {"conf": "v2", "other": "x"})
+    await _eventually(
+        lambda: pod_run(p, ["cat", "/run/cfg/conf"], "reader").stdout == "v2", "ConfigMap update"
+    )
+    assert pod_exec(p, ["cat", "/run/one/conf"], "reader") == "v1"
+
+    await node.delete("vols")
+    await node.wait_pod("vols", lambda q: q is None, "deleted")
+    assert not mounts.is_mount(secret_dir)
+    assert not os.path.exists(os.path.dirname(os.path.dirname(secret_dir)))
+
+
+async def test_env_value_from_each_source(node: Node, store: Store) -> None:
+    await _configmap(store, "env-cm", {"color": "blue", "size": "L", "dotted.key": "d"})
+    await _secret(store, "env-secret", {"token": "t0k3n"})
+    p = node.pod(
+        "envs",
+        [
+            {
+                "name": "c",
+                "command": SLEEP,
+                "resources": {"limits": {"memory": "64Mi"}, "requests": {"cpu": "250m"}},
+                "envFrom": [{"prefix": "CM_", "configMapRef": {"name": "env-cm"}}],
+                "env": [
+                    {
+                        "name": "COLOR",
+                        "valueFrom": {"configMapKeyRef": {"name": "env-cm", "key": "color"}},
+                    },
+                    {
+                        "name": "TOKEN",
+                        "valueFrom": {"secretKeyRef": {"name": "env-secret", "key": "token"}},
+                    },
+                    {
+                        "name": "ABSENT",
+                        "valueFrom": {
+                            "secretKeyRef": {"name": "env-secret", "key": "nope", "optional": True}
+                        },
+                    },
+                    {"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                    {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                    {"name": "UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+                    {
+                        "name": "APP",
+                        "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}},
+                    },
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                    {
+                        "name": "SA",
+                        "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}},
+                    },
+                    {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                    {"name": "HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                    {
+                        "name": "MEM",
+                        "valueFrom": {
+                            "resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}
+                        },
+                    },
+                    {
+                        "name": "CPU",
+                        "valueFrom": {
+                            "resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}
+                        },
+                    },
+                    {"name": "GREETING", "value": "hi $(NAME) $$(NAME)"},
+                ],
+            }
+        ],
+    )
+    created = await node.create(p)
+    p = await node.wait_pod("envs", ready, "running")
+    assert p is not None
+    # the container's own environment: its PID 1's (an exec does not inherit it)
+    raw = pod_exec(p, ["cat", "/proc/1/environ"])
+    env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+    want = {
+        "CM_color": "blue",
+        "CM_size": "L",
+        "COLOR": "blue",
+        "TOKEN": "t0k3n",
+        "NAME": "envs",
+        "NS": "default",
+        "UID": created.metadata.uid,
+        "APP": "envs",
+        "NODE": node.name,
+        "SA": "default",
+        "IP": p.status.pod_ip,
+        "MEM": "64",
+        "CPU": "250",
+        "GREETING": "hi envs $(NAME)",
+    }
+    assert {k: env.get(k) for k in want} == want
+    assert "ABSENT" not in env and env.get("CM_dotted.key") == "d"
+    assert env["HOST"] == (p.status.host_ip or "")
+
+
+async def test_missing_config_waits_with_the_kubelets_reason(node: Node, store: Store) -> None:
+    p = node.pod(
+        "waits",
+        [
+            {
+                "name": "c",
+                "command": SLEEP,
+                "env": [
+                    {"name": "K", "valueFrom": {"secretKeyRef": {"name": "later", "key": "k"}}}
+                ],
+            }
+        ],
+    )
+    await node.create(p)
+
+    def waiting(reason: str, message: str) -> Any:
+        def pred(q: Pod | None) -> bool:
+            cs = q.status.container_statuses if q else []
+            w = cs[0].state.get("waiting", {}) if cs else {}
+            return w.get("reason") == reason and message in w.get("message", "")
+
+        return pred
+
+    await node.wait_pod(
+        "waits", waiting("CreateContainerConfigError", 'secret "later" not found'), "no secret"
+    )
+    await _secret(store, "later", {"other": "x"})
+    await node.wait_pod(
+        "waits",
+        waiting("CreateContainerConfigError", "couldn't find key k in Secret default/later"),
+        "no key",
+    )
+    await _secret(store, "later", {"k": "v"})
+    p = await node.wait_pod("waits", ready, "running once the key exists")
+    assert p is not None and p.status.container_statuses[0].restart_count == 0
+
+    # a volume's ConfigMap missing: the pod waits (FailedMount), then runs
+    q = node.pod(
+        "mounts",
+        [{"name": "c", "command": SLEEP, "volumeMounts": [{"name": "v", "mountPath": "/run/v"}]}],
+        volumes=[{"name": "v", "configMap": {"name": "absent"}}],
+    )
+    await node.create(q)
+    await node.wait_pod(
+        "mounts",
+        lambda x: (
+            x is not None
+            and x.status.reason == "FailedMount"
+            and 'configmap "absent" not found' in (x.status.message or "")
+        ),
+        "FailedMount",
+    )
+    await _configmap(store, "absent", {"a": "1"})
+    q = await node.wait_pod("mounts", ready, "running once the ConfigMap exists")
+    assert q is not None and pod_exec(q, ["cat", "/run/v/a"]) == "1"
