@@ -84,6 +84,8 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         argv += ["-i", spec["image"], spec["upper"], spec["work"], spec["rootfs"]]
     for k, v in spec["env"].items():
         argv += ["-e", f"{k}={v}"]
+    if spec.get("env_fd") is not None:
+        argv += ["-E", str(spec["env_fd"])]
     return [*argv, "--", *spec["argv"]]
 
 
@@ -219,7 +221,34 @@ async def launch(
             work=os.path.join(layer, "work"),
             rootfs=os.path.join(layer, "rootfs"),
         )
-    write_atomic(spec_path, marshal.dumps(spec), 0o600)
+    # The environment (it may hold secrets) goes to the shim through a memfd: never in
+    # the spec file on disk, nor in the shim's argv (/proc/PID/cmdline is world-readable).
+    env_fd = os.memfd_create("corral-env", 0)
+    try:
+        data = b"\0".join(f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(env_fd, view) :]
+        os.lseek(env_fd, 0, os.SEEK_SET)
+        spec["env"], spec["env_fd"] = {}, env_fd
+        write_atomic(spec_path, marshal.dumps(spec), 0o600)
+        return await _spawn(
+            spec, spec_path, pid_file, name, pod_dir, instance, ready_timeout, env_fd
+        )
+    finally:
+        os.close(env_fd)
+
+
+async def _spawn(
+    spec: dict,
+    spec_path: str,
+    pid_file: str,
+    name: str,
+    pod_dir: str,
+    instance: int,
+    ready_timeout: float,
+    env_fd: int,
+) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     log = log_path(pod_dir, name, instance)
     os.makedirs(os.path.dirname(log), mode=0o700, exist_ok=True)
     with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
@@ -230,6 +259,7 @@ async def launch(
             stderr=out,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(env_fd,),
         )
     deadline = time.monotonic() + ready_timeout
     while True:

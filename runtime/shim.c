@@ -4,7 +4,7 @@
  *   corral-container-shim -p PIDFILE -s STATUSFILE -n NETNS [-h HOSTNAME] [-w DIR]
  *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m|-M|-v|-V SRC DST]...
  *       [-i IMAGE UPPER WORK ROOTFS]
- *       [-e NAME=VALUE]... [SECURITY] -- ARGV...
+ *       [-e NAME=VALUE]... [-E ENV_FD] [SECURITY] -- ARGV...
  *   corral-container-shim -X PID [-c CGROUP_PROCS]... [SECURITY] -- ARGV...
  *
  * Mounts (sandboxed containers only): -m read-only noexec (credentials), -M read-only
@@ -708,6 +708,43 @@ fail:
     return 125;
 }
 
+/* -E FD: NAME=VALUE entries separated by NULs, read from FD (a memfd the runtime
+ * filled), so the environment (secrets among it) is neither in argv, which any user
+ * of the node can read in /proc, nor on disk. */
+static int read_env_fd(struct spec *s, int fd) {
+    size_t cap = 65536, len = 0;
+    char *buf = malloc(cap + 1);
+    if (!buf)
+        return -1;
+    for (;;) {
+        if (len == cap) {
+            char *more = realloc(buf, 2 * cap + 1);
+            if (!more)
+                return -1;
+            buf = more;
+            cap *= 2;
+        }
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    close(fd);
+    buf[len] = 0;
+    for (size_t off = 0; off < len; off += strlen(buf + off) + 1) {
+        if (!buf[off])
+            continue;
+        if (s->nenv == (int)(sizeof s->env / sizeof s->env[0]) - 1)
+            return -1;
+        s->env[s->nenv++] = buf + off;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     static struct spec s;
     s.uid = s.gid = -1;
@@ -761,6 +798,10 @@ int main(int argc, char **argv) {
             if (s.nenv == (int)(sizeof s.env / sizeof s.env[0]) - 1)
                 return usage();
             s.env[s.nenv++] = argv[++i];
+            break;
+        case 'E':
+            if (read_env_fd(&s, atoi(argv[++i])) != 0)
+                return usage();
             break;
         case 'b':
             if (left < 2 || s.nbinds == MAXN)

@@ -453,9 +453,29 @@ def exec_main(pid: str, spec_path: str, argv: list) -> int:
             continue
 
 
+def read_env_fd(fd: int) -> dict:
+    """The environment from the memfd the runtime filled (NAME=VALUE, NUL-separated):
+    not in the spec file on disk (it may hold secrets)."""
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(fd)
+    env = {}
+    for item in b"".join(chunks).split(b"\0"):
+        if item:
+            k, _, v = item.decode("utf-8", "surrogateescape").partition("=")
+            env[k] = v
+    return env
+
+
 def main() -> int:
     with open(sys.argv[1], "rb") as f:
         spec = marshal.load(f)
+    if spec.get("env_fd") is not None:
+        spec["env"] = read_env_fd(spec["env_fd"])
     started = time.time()
     if not join_cgroups(spec):
         return 125

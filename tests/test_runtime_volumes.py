@@ -21,7 +21,16 @@ from corral.api.objects import ConfigMap, Pod, Secret
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.node import mounts
-from tests.runtime_harness import REF_BIN, Node, destroy_node, make_node, pod_exec, pod_run, ready
+from tests.runtime_harness import (
+    REF_BIN,
+    Node,
+    container_pids,
+    destroy_node,
+    make_node,
+    pod_exec,
+    pod_run,
+    ready,
+)
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(f"{REF_BIN}/bridge"), reason="reference CNI plugins not installed"
@@ -183,7 +192,8 @@ async def test_secret_on_tmpfs_configmap_updates_and_a_shared_empty_dir(
 
 async def test_env_value_from_each_source(node: Node, store: Store) -> None:
     await _configmap(store, "env-cm", {"color": "blue", "size": "L", "dotted.key": "d"})
-    await _secret(store, "env-secret", {"token": "t0k3n"})
+    token = "t0k3n-" + secrets.token_hex(8)
+    await _secret(store, "env-secret", {"token": token})
     p = node.pod(
         "envs",
         [
@@ -248,7 +258,7 @@ async def test_env_value_from_each_source(node: Node, store: Store) -> None:
         "CM_color": "blue",
         "CM_size": "L",
         "COLOR": "blue",
-        "TOKEN": "t0k3n",
+        "TOKEN": token,
         "NAME": "envs",
         "NS": "default",
         "UID": created.metadata.uid,
@@ -263,6 +273,15 @@ async def test_env_value_from_each_source(node: Node, store: Store) -> None:
     assert {k: env.get(k) for k in want} == want
     assert "ABSENT" not in env and env.get("CM_dotted.key") == "d"
     assert env["HOST"] == (p.status.host_ip or "")
+    # the environment reached the shim through a memfd: not in the container spec on the
+    # node's disk, nor in any process's argv (world-readable in /proc)
+    assert _on_disk(node.state_dir, token) == []
+    init = container_pids(p)["c"]
+    with open(f"/proc/{init}/stat") as f:
+        shim_pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    for pid in (init, shim_pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert token.encode() not in f.read()
 
 
 async def test_missing_config_waits_with_the_kubelets_reason(node: Node, store: Store) -> None:
