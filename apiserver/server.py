@@ -23,7 +23,7 @@ from aiohttp import web
 
 from corral.api.namespaces import ensure_builtin
 from corral.api.store import StoreError, Unavailable
-from corral.apiserver import discovery, errors, openapi, registry, table
+from corral.apiserver import discovery, errors, openapi, protobuf, registry, table
 from corral.apiserver.registry import Resource
 from corral.apiserver.rest import Storage, WatchState, bookmark
 from corral.apiserver.selectors import matcher
@@ -298,8 +298,10 @@ class APIServer:
             return None
         ctype = request.content_type
         if ctype == "application/vnd.kubernetes.protobuf":
-            # kubectl's typed clients (create configmap/secret/namespace) send protobuf;
-            # 415 makes client-go (1.32+) send the request again as JSON.
+            # kubectl's typed clients (create configmap/secret/namespace) send protobuf:
+            # those kinds are decoded (apiserver/protobuf.py), others answered 415.
+            with contextlib.suppress(protobuf.Unsupported):
+                return protobuf.decode(raw)
             raise errors.APIError(
                 415,
                 "UnsupportedMediaType",

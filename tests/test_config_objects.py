@@ -361,25 +361,25 @@ async def test_kubectl_creates_configmaps_and_secrets(api: Served, tmp_path: Pat
     if kubectl_path(MINOR) is None:
         pytest.skip(f"kubectl 1.{MINOR} is not installed here")
     (tmp_path / "app.conf").write_text("port=80\n")
-    # kubectl's `create configmap|secret` generators; the typed client's protobuf body
-    # is not decoded (the server answers 415), so the objects go through apply as JSON
-    code, _ = await api.request("POST", "/api/v1/namespaces", {"metadata": {"name": "cfg"}})
-    assert code == 201
-
-    async def create(*args: str) -> None:
-        _, doc = await api.kubectl(
-            MINOR, "-n", "cfg", "create", *args, "--dry-run=client", "-o", "json"
-        )
-        await api.kubectl(MINOR, "-n", "cfg", "apply", "-f", "-", stdin=doc)
-
-    await create(
-        "configmap", "app", "--from-literal=mode=fast", f"--from-file={tmp_path / 'app.conf'}"
-    )
-    await create("secret", "generic", "pw", "--from-literal=password=hunter2")
-    await create(
-        "secret", "docker-registry", "reg", "--docker-server=registry.example:5000",
-        "--docker-username=u", "--docker-password=p",
+    # kubectl's typed clients send these as protobuf (apiserver/protobuf.py decodes them)
+    await api.kubectl(MINOR, "create", "namespace", "cfg")
+    await api.kubectl(
+        MINOR, "-n", "cfg", "create", "configmap", "app", "--from-literal=mode=fast",
+        f"--from-file={tmp_path / 'app.conf'}",
     )  # fmt: skip
+    await api.kubectl(
+        MINOR, "-n", "cfg", "create", "secret", "generic", "pw", "--from-literal=password=hunter2"
+    )  # fmt: skip
+    await api.kubectl(
+        MINOR, "-n", "cfg", "create", "secret", "docker-registry", "reg",
+        "--docker-server=registry.example:5000", "--docker-username=u", "--docker-password=p",
+    )  # fmt: skip
+    (tmp_path / "bin").write_bytes(bytes(range(256)))
+    await api.kubectl(
+        MINOR, "-n", "cfg", "create", "configmap", "bin", f"--from-file=blob={tmp_path / 'bin'}"
+    )  # fmt: skip
+    _, out = await api.kubectl(MINOR, "-n", "cfg", "get", "configmap", "bin", "-o", "json")
+    assert base64.b64decode(json.loads(out)["binaryData"]["blob"]) == bytes(range(256))
     _, out = await api.kubectl(MINOR, "-n", "cfg", "get", "configmap", "app", "-o", "json")
     assert json.loads(out)["data"] == {"mode": "fast", "app.conf": "port=80\n"}
     _, out = await api.kubectl(MINOR, "-n", "cfg", "get", "secret", "pw", "-o", "json")
@@ -388,7 +388,7 @@ async def test_kubectl_creates_configmaps_and_secrets(api: Served, tmp_path: Pat
     rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines()[1:]}
     assert rows == {"pw": ["Opaque", "1"], "reg": ["kubernetes.io/dockerconfigjson", "1"]}, out
     _, out = await api.kubectl(MINOR, "-n", "cfg", "get", "cm")
-    assert out.splitlines()[1].split()[:2] == ["app", "2"], out
+    assert [r.split()[:2] for r in out.splitlines()[1:]] == [["app", "2"], ["bin", "1"]], out
 
     # immutable: the server refuses changes to data (kubectl shows the field)
     await api.kubectl(MINOR, "-n", "cfg", "patch", "configmap", "app", "-p", '{"immutable": true}')
