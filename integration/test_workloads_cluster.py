@@ -188,10 +188,18 @@ def test_configmap_and_secret_volumes_on_a_node(cluster: Any) -> None:
             return p if ok else None
 
         p = wait_for(pod, "the pod running with its volumes")
+        node = p["spec"]["nodeName"]
 
         def in_pod(*cmd: str) -> str:
             r = cluster.corral("exec", "cfg", "-n", ns, "--", *cmd, timeout=60)
-            assert r.returncode == 0, r.stderr
+            d = cluster.corral("describe", "pod", "cfg", "-n", ns).stdout
+            logs = "\n".join(
+                line
+                for n in cluster.nodes
+                for line in cluster.log("node", n).splitlines()
+                if "cfg" in line or "rror" in line
+            )
+            assert r.returncode == 0, r.stderr + d + logs
             return r.stdout
 
         assert in_pod("cat", "/run/creds/password") == plaintext
@@ -211,7 +219,10 @@ def test_configmap_and_secret_volumes_on_a_node(cluster: Any) -> None:
         r = cluster.exec(node, "unshare", "-m", "sh", "-c", script, "sh", state, plaintext)
         assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
 
-        r = cluster.corral("apply", "-f", "-", input=_manifest(ns, plaintext, "v2"))
+        # only the ConfigMap: re-applying the Pod would replace it (corral apply has no
+        # three-way merge, so the scheduler's spec.nodeName would be dropped)
+        cm = json.loads(_manifest(ns, plaintext, "v2"))["items"][0]
+        r = cluster.corral("apply", "-f", "-", input=json.dumps(cm))
         assert r.returncode == 0, r.stderr
         wait_for(lambda: in_pod("cat", "/run/cfg/conf") == "v2", "the ConfigMap change")
 
