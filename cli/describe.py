@@ -96,6 +96,12 @@ def describe_pod(p: Pod) -> str:
         head.append(("Reason", f"{p.status.reason or ''} {p.status.message or ''}".strip()))
     parts = [_kv(head), "Containers:"]
     statuses = {cs.name: cs for cs in p.status.container_statuses}
+    # configMap, secret, downwardAPI and projected volumes are always mounted read-only
+    read_only = {
+        v.name
+        for v in p.spec.volumes
+        if v.kind in ("configMap", "secret", "downwardAPI", "projected")
+    }
     for c in p.spec.containers:
         cs = statuses.get(c.name)
         rows: list[tuple[str, object]] = [
@@ -116,7 +122,7 @@ def describe_pod(p: Pod) -> str:
                 ", ".join(
                     f"{m.mount_path} from {m.name}"
                     + (f" ({m.sub_path})" if m.sub_path else "")
-                    + (" (ro)" if m.read_only else " (rw)")
+                    + (" (ro)" if m.read_only or m.name in read_only else " (rw)")
                     for m in c.volume_mounts
                 )
                 or "<none>",
