@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -429,3 +432,53 @@ async def test_kubectl_creates_configmaps_and_secrets(api: Served, tmp_path: Pat
     code, _ = await api.request("GET", "/api/v1/namespaces/cfg/secrets/big")
     assert code == 404
     await api.kubectl(MINOR, "delete", "namespace", "cfg", "--wait=false")
+
+
+# ------------------------------------------------------------ the corral CLI
+
+
+def test_corral_apply_get_describe_and_immutable(etcd: Any, store: Store, tmp_path: Path) -> None:
+    env = dict(os.environ, CORRAL_ETCD=etcd.url, CORRAL_STATE_DIR=str(tmp_path / "state"))
+
+    def corral(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=env, input=stdin, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    docs = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "frozen"},
+            "data": {"a": "1"},
+            "immutable": True,
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "tls"},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": "CERT", "tls.key": "very-secret-key"},
+        },
+    ]
+    r = corral("apply", "-f", "-", stdin=json.dumps({"kind": "List", "items": docs}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["configmap/frozen created", "secret/tls created"]
+    r = corral("get", "secrets")
+    assert r.stdout.splitlines()[1].split()[:3] == ["tls", "kubernetes.io/tls", "2"], r.stdout
+    r = corral("describe", "secret", "tls")
+    assert "tls.key:  15 bytes" in r.stdout and "very-secret-key" not in r.stdout, r.stdout
+    docs[0]["data"] = {"a": "2"}
+    r = corral("apply", "-f", "-", stdin=json.dumps(docs[0]))
+    assert r.returncode != 0
+    assert "data: Forbidden: field is immutable when `immutable` is set" in r.stderr
+    assert "nothing was changed" in r.stderr
+    r = corral("get", "configmap", "frozen", "-o", "json")
+    assert json.loads(r.stdout)["data"] == {"a": "1"}
+    # a tls secret without its key: refused naming the field, nothing stored
+    bad = {**docs[1], "metadata": {"name": "half"}, "stringData": {"tls.crt": "CERT"}}
+    r = corral("apply", "-f", "-", stdin=json.dumps(bad))
+    assert r.returncode != 0 and "data[tls.key]: Required value" in r.stderr, r.stderr
+    assert corral("get", "secret", "half").returncode != 0
+    assert corral("delete", "configmap", "frozen").returncode == 0
