@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -339,3 +341,97 @@ async def test_missing_config_waits_with_the_kubelets_reason(node: Node, store: 
     await _configmap(store, "absent", {"a": "1"})
     q = await node.wait_pod("mounts", ready, "running once the ConfigMap exists")
     assert q is not None and pod_exec(q, ["cat", "/run/v/a"]) == "1"
+
+
+async def test_projected_optional_and_host_path(node: Node, store: Store) -> None:
+    plaintext = "pj-" + secrets.token_hex(8)
+    await _configmap(store, "pj-cm", {"conf": "c1"})
+    await _secret(store, "pj-secret", {"key": plaintext})
+    host = tempfile.mkdtemp(prefix="corral-test-hostpath-", dir="/var/lib")
+    os.chmod(host, 0o755)
+    try:
+        with open(os.path.join(host, "from-node"), "w") as f:
+            f.write("node file\n")
+        p = node.pod(
+            "proj",
+            [
+                {
+                    "name": "c",
+                    "command": SLEEP,
+                    "volumeMounts": [
+                        {"name": "all", "mountPath": "/run/all"},
+                        {"name": "maybe", "mountPath": "/run/maybe"},
+                        {"name": "host", "mountPath": "/run/host", "readOnly": True},
+                    ],
+                }
+            ],
+            volumes=[
+                {
+                    "name": "all",
+                    "projected": {
+                        "defaultMode": 0o440,
+                        "sources": [
+                            {
+                                "configMap": {
+                                    "name": "pj-cm",
+                                    "items": [{"key": "conf", "path": "cm/conf"}],
+                                }
+                            },
+                            {"secret": {"name": "pj-secret"}},
+                            {"secret": {"name": "pj-absent", "optional": True}},
+                            {
+                                "downwardAPI": {
+                                    "items": [
+                                        {
+                                            "path": "ns",
+                                            "fieldRef": {"fieldPath": "metadata.namespace"},
+                                        }
+                                    ]
+                                }
+                            },
+                        ],
+                    },
+                },
+                {"name": "maybe", "configMap": {"name": "pj-absent", "optional": True}},
+                {"name": "host", "hostPath": {"path": host, "type": "Directory"}},
+            ],
+        )
+        await node.create(p)
+        p = await node.wait_pod("proj", ready, "running")
+        assert p is not None
+        assert pod_exec(p, ["cat", "/run/all/cm/conf"]) == "c1"
+        assert pod_exec(p, ["cat", "/run/all/key"]) == plaintext
+        assert pod_exec(p, ["cat", "/run/all/ns"]) == "default"
+        assert pod_exec(p, ["stat", "-L", "-c", "%a", "/run/all/key"]) == "440\n"
+        assert pod_exec(p, ["stat", "-f", "-c", "%T", "/run/all"]) == "tmpfs\n"
+        # optional and missing: no keys (only the writer's ..data, as the kubelet's)
+        assert pod_exec(p, ["ls", "/run/maybe"]) == ""
+        assert pod_exec(p, ["cat", "/run/host/from-node"]) == "node file\n"
+        r = pod_run(p, ["sh", "-c", "echo x > /run/host/y"])
+        assert r.returncode != 0 and "Read-only file system" in r.stderr
+        assert _on_disk(node.state_dir, plaintext) == []
+
+        # hostPath whose type does not match: the pod waits with the kubelet's reason
+        q = node.pod(
+            "wrongtype",
+            [
+                {
+                    "name": "c",
+                    "command": SLEEP,
+                    "volumeMounts": [{"name": "h", "mountPath": "/run/h"}],
+                }
+            ],
+            volumes=[{"name": "h", "hostPath": {"path": host, "type": "File"}}],
+        )
+        await node.create(q)
+        await node.wait_pod(
+            "wrongtype",
+            lambda x: (
+                x is not None
+                and x.status.reason == "FailedMount"
+                and f"hostPath type check failed: {host} is not a File" in (x.status.message or "")
+            ),
+            "FailedMount for the hostPath type",
+        )
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
