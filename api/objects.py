@@ -485,14 +485,22 @@ class VolumeProjection(Model):
 
     @model_validator(mode="after")
     def _one(self) -> VolumeProjection:
-        if self.service_account_token is not None or self.cluster_trust_bundle is not None:
-            raise ValueError(
-                "sources: serviceAccountToken and clusterTrustBundle projections are not "
-                "served by corral (it issues no service-account tokens); use a secret"
+        # serviceAccountToken and clusterTrustBundle are accepted (a real cluster's pods
+        # round-trip); the node refuses to mount them (runtime/volumes.py).
+        n = sum(
+            x is not None
+            for x in (
+                self.config_map,
+                self.secret,
+                self.downward_api,
+                self.service_account_token,
+                self.cluster_trust_bundle,
             )
-        if sum(x is not None for x in (self.config_map, self.secret, self.downward_api)) != 1:
+        )
+        if n != 1:
             raise ValueError(
-                "sources: each source needs exactly one of configMap, secret or downwardAPI"
+                "sources: each source needs exactly one of configMap, secret, downwardAPI, "
+                "serviceAccountToken or clusterTrustBundle"
             )
         return self
 

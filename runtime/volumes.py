@@ -145,6 +145,11 @@ def payload(vol: Volume, facts: PodFacts, config_maps: Lookup, secrets: Lookup) 
             )
         elif src.downward_api is not None:
             out.update(_downward(facts, src.downward_api.items, mode))
+        else:
+            raise VolumeError(
+                "projected serviceAccountToken and clusterTrustBundle sources are not served "
+                "by corral (it issues no service-account tokens); use a secret"
+            )
     return out
 
 
