@@ -40,6 +40,8 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountInfo]:
     with open(path) as f:
         for line in f:
             fields = line.split()
+            if "-" not in fields or len(fields) < 5:
+                continue  # not a mount line
             sep = fields.index("-")
             out.append(
                 MountInfo(

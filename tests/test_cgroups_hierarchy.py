@@ -88,7 +88,7 @@ def test_the_three_layouts_are_told_apart(
 
 
 # ruff: noqa: E501  (mountinfo lines as the kernel writes them)
-MOUNTINFO_UNIFIED = """\\
+MOUNTINFO_UNIFIED = """\
 24 1 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
 35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
 """
