@@ -20,7 +20,16 @@ from typing import Any
 
 from corral.api import netconfig
 from corral.api.informer import BY_NODE, Informer, Registration, by_node
-from corral.api.objects import ConfigMap, NetworkConfig, NetworkSpec, Node, Pod, Secret, TypedObject
+from corral.api.objects import (
+    ConfigMap,
+    Namespace,
+    NetworkConfig,
+    NetworkSpec,
+    Node,
+    Pod,
+    Secret,
+    TypedObject,
+)
 from corral.cni.client import CNIClient, CNIError, is_pod_sandbox
 from corral.daemon.nodecontext import NodeContext
 from corral.node import netns
@@ -62,6 +71,7 @@ class PodRuntime:
         # What pods' volumes and env take from (runtime/volumes.py, runtime/envvars.py).
         self.config_maps: Informer[ConfigMap] = informers.informer(ConfigMap)
         self.secrets: Informer[Secret] = informers.informer(Secret)
+        self.namespaces: Informer[Namespace] = informers.informer(Namespace)  # their labels
         self._object_regs: list[Registration] = []
         self._pods_reg: Registration | None = None
         self._config_reg: Registration | None = None
@@ -99,6 +109,7 @@ class PodRuntime:
             self._object_regs = [
                 self.config_maps.on_change(self._object_changed),
                 self.secrets.on_change(self._object_changed),
+                self.namespaces.on_change(self._object_changed),
             ]
         self.ctx.informers.start()
         await self.pods.wait_synced()
@@ -168,15 +179,20 @@ class PodRuntime:
             self._handle(new)
 
     async def config_synced(self) -> None:
-        """ConfigMaps and Secrets are known (a lookup before would miss existing ones)."""
+        """ConfigMaps, Secrets and Namespaces are known (a lookup before would miss them)."""
         await self.config_maps.wait_synced()
         await self.secrets.wait_synced()
+        await self.namespaces.wait_synced()
 
     def config_map(self, ns: str, name: str) -> ConfigMap | None:
         return self.config_maps.get(name, ns)
 
     def secret(self, ns: str, name: str) -> Secret | None:
         return self.secrets.get(name, ns)
+
+    def namespace_labels(self, ns: str) -> dict[str, str]:
+        n = self.namespaces.get(ns)
+        return dict(n.metadata.labels) if n is not None else {}
 
     def _object_changed(self, old: TypedObject | None, new: TypedObject | None) -> None:
         """A ConfigMap or Secret changed: the pods that use it refresh their volumes
@@ -185,7 +201,10 @@ class PodRuntime:
         if o is None:
             return
         for w in list(self.workers.values()):
-            if w.saved.namespace == o.namespace and w.uses(type(o).KIND, o.name):
+            if isinstance(o, Namespace):  # its labels (hostPath volumes)
+                if w.saved.namespace == o.name and w.pod.spec.volumes:
+                    w.config_changed()
+            elif w.saved.namespace == o.namespace and w.uses(type(o).KIND, o.name):
                 w.config_changed()
 
     def _config_changed(self, old: NetworkConfig | None, new: NetworkConfig | None) -> None:

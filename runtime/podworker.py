@@ -23,13 +23,13 @@ from corral.api.objects import Pod
 from corral.api.store import Conflict, now_iso
 from corral.cni.client import CNIError, RuntimeConf, load_conflist, pod_args, result_ips
 from corral.node import netns
-from corral.runtime import podstate, sandbox
+from corral.runtime import podstate, sandbox, security
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.containerrunner import MAX_BACKOFF, ContainerRunner
 from corral.runtime.downward import PodFacts
 from corral.runtime.podstate import ContainerSaved, PodSaved
 from corral.runtime.podstatus import PodStatusWriter
-from corral.runtime.volumes import PodVolumes, VolumeError, references
+from corral.runtime.volumes import PodVolumes, VolumeError, host_path_refusal, references
 
 if TYPE_CHECKING:
     from corral.runtime.pods import PodRuntime
@@ -148,9 +148,15 @@ class PodWorker:
         await self.rt.config_synced()
         loop = asyncio.get_running_loop()
         backoff = 0.5
+        hidden = security.hidden_paths(self.rt.ctx.paths, getattr(self.rt.ctx.store, "tls", None))
         while not self.deleting.is_set():
             self.config_event.clear()
             try:
+                why = host_path_refusal(
+                    self.pod, self.rt.namespace_labels(self.saved.namespace), hidden
+                )
+                if why is not None:
+                    raise VolumeError(why)
                 await loop.run_in_executor(
                     None, self.volumes.setup, self.facts(), self.rt.config_map, self.rt.secret
                 )

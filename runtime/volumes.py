@@ -268,6 +268,36 @@ def _host_path(vol: Volume) -> str:
     return path
 
 
+# Kubernetes' Pod Security admission label: only a namespace enforcing "privileged"
+# admits hostPath volumes (the baseline and restricted levels forbid them).
+POD_SECURITY_LABEL = "pod-security.kubernetes.io/enforce"
+
+
+def host_path_refusal(pod: Pod, namespace_labels: dict[str, str], hidden: list[str]) -> str | None:
+    """Why the pod may not have its hostPath volumes (None: it may). A pod is not
+    trusted: hostPath needs a namespace labelled privileged, and never reaches the
+    node's own state (security.hidden_paths: corral's state, etcd credentials, homes)."""
+    hp = [v for v in pod.spec.volumes if v.host_path is not None]
+    if not hp:
+        return None
+    if namespace_labels.get(POD_SECURITY_LABEL) != "privileged":
+        names = ", ".join(f'"{v.name}"' for v in hp)
+        return (
+            f'violates PodSecurity "baseline:latest": hostPath volumes ({names}); label the '
+            f"namespace {POD_SECURITY_LABEL}=privileged to allow them"
+        )
+    for v in hp:
+        assert v.host_path is not None
+        real = os.path.realpath(v.host_path.path).rstrip("/")
+        for h in hidden:
+            if real == h or h.startswith(real + "/") or real.startswith(h + "/"):
+                return (
+                    f'hostPath volume "{v.name}": {v.host_path.path} is or holds the node\'s '
+                    f"own state ({h}), which no pod may mount"
+                )
+    return None
+
+
 class PodVolumes:
     """The volumes of one pod under `pod_dir`."""
 

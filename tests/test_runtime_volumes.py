@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from corral.api.objects import ConfigMap, Pod, Secret
+from corral.api.objects import ConfigMap, Namespace, Pod, Secret
 from corral.api.store import Store
 from corral.cluster.etcd import LocalEtcd
 from corral.node import mounts
+from corral.runtime.volumes import POD_SECURITY_LABEL
 from tests.runtime_harness import (
     REF_BIN,
     Node,
@@ -396,8 +397,24 @@ async def test_projected_optional_and_host_path(node: Node, store: Store) -> Non
                 {"name": "host", "hostPath": {"path": host, "type": "Directory"}},
             ],
         )
+        # hostPath needs a namespace that admits it (Pod Security's privileged level)
         await node.create(p)
-        p = await node.wait_pod("proj", ready, "running")
+        await node.wait_pod(
+            "proj",
+            lambda x: (
+                x is not None
+                and x.status.reason == "FailedMount"
+                and 'violates PodSecurity "baseline:latest": hostPath volumes ("host")'
+                in (x.status.message or "")
+            ),
+            "hostPath refused in an unlabelled namespace",
+        )
+        await store.put(
+            Namespace.model_validate(
+                {"metadata": {"name": "default", "labels": {POD_SECURITY_LABEL: "privileged"}}}
+            )
+        )
+        p = await node.wait_pod("proj", ready, "running once the namespace admits hostPath")
         assert p is not None
         assert pod_exec(p, ["cat", "/run/all/cm/conf"]) == "c1"
         assert pod_exec(p, ["cat", "/run/all/key"]) == plaintext
@@ -432,6 +449,28 @@ async def test_projected_optional_and_host_path(node: Node, store: Store) -> Non
                 and f"hostPath type check failed: {host} is not a File" in (x.status.message or "")
             ),
             "FailedMount for the hostPath type",
+        )
+        # never the node's own state, whatever the namespace says
+        r2 = node.pod(
+            "nodestate",
+            [
+                {
+                    "name": "c",
+                    "command": SLEEP,
+                    "volumeMounts": [{"name": "h", "mountPath": "/run/h"}],
+                }
+            ],
+            volumes=[{"name": "h", "hostPath": {"path": "/"}}],
+        )
+        await node.create(r2)
+        await node.wait_pod(
+            "nodestate",
+            lambda x: (
+                x is not None
+                and x.status.reason == "FailedMount"
+                and "which no pod may mount" in (x.status.message or "")
+            ),
+            "hostPath / refused",
         )
     finally:
         shutil.rmtree(host, ignore_errors=True)
