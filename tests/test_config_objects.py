@@ -482,3 +482,41 @@ def test_corral_apply_get_describe_and_immutable(etcd: Any, store: Store, tmp_pa
     assert r.returncode != 0 and "data[tls.key]: Required value" in r.stderr, r.stderr
     assert corral("get", "secret", "half").returncode != 0
     assert corral("delete", "configmap", "frozen").returncode == 0
+
+
+def test_corral_create_configmap_and_secrets(etcd: Any, store: Store, tmp_path: Path) -> None:
+    env = dict(os.environ, CORRAL_ETCD=etcd.url, CORRAL_STATE_DIR=str(tmp_path / "state"))
+
+    def corral(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "corral", *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    (tmp_path / "app.conf").write_text("port=80\n")
+    (tmp_path / "blob").write_bytes(b"\xff\x00")
+    assert corral("create", "namespace", "gen").returncode == 0
+    r = corral(
+        "create", "configmap", "app", "-n", "gen", "--from-literal=mode=fast",
+        f"--from-file={tmp_path / 'app.conf'}", f"--from-file=raw={tmp_path / 'blob'}",
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout == "configmap/app created\n", r.stderr
+    cm = json.loads(corral("get", "cm", "app", "-n", "gen", "-o", "json").stdout)
+    assert cm["data"] == {"mode": "fast", "app.conf": "port=80\n"}
+    assert base64.b64decode(cm["binaryData"]["raw"]) == b"\xff\x00"
+    r = corral("create", "secret", "generic", "pw", "-n", "gen", "--from-literal=password=s3")
+    assert r.returncode == 0, r.stderr
+    r = corral(
+        "create", "secret", "docker-registry", "reg", "-n", "gen", "--docker-server=r.example",
+        "--docker-username=u", "--docker-password=p",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    reg = json.loads(corral("get", "secret", "reg", "-n", "gen", "-o", "json").stdout)
+    auths = json.loads(base64.b64decode(reg["data"][".dockerconfigjson"]))["auths"]
+    assert auths["r.example"]["auth"] == base64.b64encode(b"u:p").decode()
+    r = corral("create", "secret", "tls", "t", "-n", "gen", "--cert", str(tmp_path / "app.conf"))
+    assert r.returncode != 0 and "needs --cert FILE and --key FILE" in r.stderr
+    r = corral("create", "configmap", "bad", "-n", "gen", "--from-literal=a b=1")
+    assert r.returncode != 0 and "a valid config key" in r.stderr, r.stderr
+    r = corral("create", "configmap", "app", "-n", "gen", "--from-literal=x=1")
+    assert r.returncode != 0 and "already exists" in r.stderr
