@@ -53,6 +53,8 @@ class PodWorker:
         # Set when a ConfigMap or Secret the pod uses changes (runtime/pods.py).
         self.config_event = asyncio.Event()
         self._refresher: asyncio.Task | None = None
+        self._refresh_wanted = False
+        self.volumes_ready = False  # set up (refreshes may rewrite them from then on)
         self.host_network = pod.spec.host_network
         self.init_runners = [
             ContainerRunner(self, c, self.saved.containers[c.name], init=True)
@@ -124,26 +126,38 @@ class PodWorker:
     def config_changed(self) -> None:
         """Refresh the volumes soon; wake containers waiting for their config."""
         self.config_event.set()
+        self._refresh_wanted = True
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.create_task(self._refresh_volumes())
 
     async def _refresh_volumes(self) -> None:
-        if self.torn_down or self.terminating or not self.pod.spec.volumes:
-            return
+        """Rewrite the volumes until no change came in meanwhile (one writer at a time;
+        only once _ensure_volumes has set them up)."""
         rt = self.rt
-        await rt.config_synced()
-        changed = await asyncio.get_running_loop().run_in_executor(
-            None, self.volumes.refresh, self.facts(), rt.config_map, rt.secret
-        )
-        if changed:
-            log.info(
-                "pod %s/%s: volumes %s updated", self.saved.namespace, self.saved.name, changed
-            )
+        while self._refresh_wanted and self.volumes_ready:
+            self._refresh_wanted = False
+            if self.torn_down or self.terminating:
+                return
+            await rt.config_synced()
+            try:
+                changed = await asyncio.get_running_loop().run_in_executor(
+                    None, self.volumes.refresh, self.facts(), rt.config_map, rt.secret
+                )
+            except OSError as e:  # e.g. torn down meanwhile
+                log.debug(
+                    "pod %s/%s: volumes not refreshed: %s", self.saved.namespace, self.saved.name, e
+                )
+                return
+            if changed:
+                log.info(
+                    "pod %s/%s: volumes %s updated", self.saved.namespace, self.saved.name, changed
+                )
 
     async def _ensure_volumes(self) -> None:
         """Every volume set up, retried while a ConfigMap or Secret it needs is missing
         (the pod stays Pending with the reason, as FailedMount)."""
         if not self.pod.spec.volumes:
+            self.volumes_ready = True
             return
         await self.rt.config_synced()
         loop = asyncio.get_running_loop()
@@ -160,6 +174,9 @@ class PodWorker:
                 await loop.run_in_executor(
                     None, self.volumes.setup, self.facts(), self.rt.config_map, self.rt.secret
                 )
+                self.volumes_ready = True
+                if self._refresh_wanted:  # a change came while they were being set up
+                    self.config_changed()
                 if self.sandbox_error is not None:
                     self.sandbox_error = None
                     self.changed()
