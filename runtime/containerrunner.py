@@ -208,6 +208,8 @@ class ContainerRunner:
             raise containers.StartError(str(e)) from None
         if mounts:  # its address may reach etcd before its first process runs
             await w.rt.sync_etcd_guard()
+        if w.ipc_ready and not sec.privileged:  # the pod's shared /dev/shm
+            volumes = [*volumes, (w.shm_path, "/dev/shm", False)]
         return await containers.launch(
             w.dir,
             self.name,
@@ -228,6 +230,7 @@ class ContainerRunner:
             mounts=mounts,
             exec_mounts=code,
             volumes=volumes,
+            ipcns=w.ipc_path if w.ipc_ready else None,
         )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:

@@ -67,6 +67,7 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         spec["status_file"],
         "-n",
         spec["netns"],
+        *(["-I", spec["ipcns"]] if spec.get("ipcns") else []),
         "-h",
         spec["hostname"] or "",
         "-w",
@@ -158,6 +159,7 @@ async def launch(
     mounts: list[tuple[str, str]] | None = None,
     exec_mounts: list[tuple[str, str]] | None = None,
     volumes: list[tuple[str, str, bool]] | None = None,
+    ipcns: str | None = None,
     ready_timeout: float = 30.0,
 ) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     """Start one container instance and wait until its PID 1 exists.
@@ -196,6 +198,7 @@ async def launch(
         "env": env,
         "workingDir": working_dir,
         "netns": netns,
+        "ipcns": ipcns,  # the pod's pinned IPC namespace (None: one of the container's own)
         "hostname": hostname,
         "binds": binds,
         # (source, destination, kind): "m" read-only noexec, "M" read-only (corral's own

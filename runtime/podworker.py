@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from corral.api.objects import Pod
 from corral.api.store import Conflict, now_iso
 from corral.cni.client import CNIError, RuntimeConf, load_conflist, pod_args, result_ips
-from corral.node import netns
+from corral.node import mounts, netns
 from corral.runtime import podstate, sandbox, security
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.containerrunner import MAX_BACKOFF, ContainerRunner
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from corral.runtime.pods import PodRuntime
 
 log = logging.getLogger(__name__)
+
+SHM_BYTES = 64 << 20  # a pod's /dev/shm, as containerd's default
 
 
 class PodWorker:
@@ -55,6 +57,7 @@ class PodWorker:
         self._refresher: asyncio.Task | None = None
         self._refresh_wanted = False
         self.volumes_ready = False  # set up (refreshes may rewrite them from then on)
+        self.ipc_ready = False  # the pod's IPC namespace and /dev/shm exist
         self.host_network = pod.spec.host_network
         self.init_runners = [
             ContainerRunner(self, c, self.saved.containers[c.name], init=True)
@@ -194,6 +197,36 @@ class PodWorker:
                 t.cancel()
             backoff = min(backoff * 2, 30.0)
 
+    @property
+    def ipc_path(self) -> str:
+        return os.path.join(self.dir, "ipc")
+
+    @property
+    def shm_path(self) -> str:
+        return os.path.join(self.dir, "shm")
+
+    def _ensure_ipc(self) -> None:
+        """The pod's IPC namespace and /dev/shm, shared by its containers (the pause
+        container's in Kubernetes): a pinned namespace and a 64 MiB tmpfs. Idempotent;
+        without them (an error, logged) each container keeps IPC of its own."""
+        try:
+            if not mounts.is_mount(self.ipc_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.ipc_path)
+                netns.create_pinned_ipc(self.ipc_path)
+            os.makedirs(self.shm_path, exist_ok=True)
+            if not mounts.is_mount(self.shm_path):
+                mounts.mount_tmpfs(self.shm_path, SHM_BYTES, 0o1777)
+            self.ipc_ready = True
+        except OSError as e:
+            log.warning("pod %s/%s: no shared IPC: %s", self.saved.namespace, self.saved.name, e)
+
+    def _remove_ipc(self) -> None:
+        netns.remove_pinned(self.ipc_path)
+        mounts.unmount_under(self.shm_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.shm_path)
+
     def object_gone(self) -> None:
         self.gone = True
         self.deleting.set()
@@ -219,6 +252,7 @@ class PodWorker:
             # Adopted after it completed (or after an init container failed for good).
             finished = all(r.saved.done for r in self.runners) or self.init_failed()
             if not self.deleting.is_set() and not finished:
+                await asyncio.get_running_loop().run_in_executor(None, self._ensure_ipc)
                 await self._ensure_volumes()  # before the sandbox, as the kubelet's order
             if not self.deleting.is_set() and not finished:
                 await self._ensure_sandbox()
@@ -434,6 +468,7 @@ class PodWorker:
         await asyncio.get_running_loop().run_in_executor(None, self.cgroups.remove)
         # Secrets' tmpfs unmounted, emptyDirs removed: with the pod, as the kubelet does.
         await asyncio.get_running_loop().run_in_executor(None, self.volumes.teardown)
+        await asyncio.get_running_loop().run_in_executor(None, self._remove_ipc)
         if self.writer is not None:
             self.writer.cancel()
         # Everything on the node is gone before the object is: whoever waits for the

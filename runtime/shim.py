@@ -4,15 +4,16 @@ It starts once per container, so it imports only builtins and ctypes (json, sign
 and contextlib would double its start-up cost through re and enum): the spec and
 the records it writes are `marshal`-encoded dicts.
 
-It joins the container's cgroups, enters the pod's network namespace, unshares
-UTS/IPC/PID namespaces and forks the container's PID 1, which unshares a mount
-namespace, mounts its root (overlayfs over the image dir, when there is one), binds
-the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
-system pod's credentials, noexec, and corral's own files, executable), mounts /proc
-and execs the command. The wrapper stays outside the PID namespace: it forwards
-SIGTERM/SIGINT/SIGHUP, records the child's PID (`pid_file`) and its exit
-(`status_file`), and exits with its code. If the wrapper is killed, the child gets
-SIGKILL (PR_SET_PDEATHSIG), and with it every process of the PID namespace.
+It joins the container's cgroups, enters the pod's network namespace (and its IPC
+namespace, `ipcns`, shared by the pod's containers), unshares UTS/IPC/PID namespaces
+and forks the container's PID 1, which unshares a mount namespace, mounts its root
+(overlayfs over the image dir, when there is one), binds the pod's resolv.conf and
+hosts (and the `mounts`: a system pod's credentials, corral's own files, the pod's
+volumes), mounts /proc and execs the command. The wrapper stays outside the PID
+namespace: it forwards SIGTERM/SIGINT/SIGHUP, records the child's PID (`pid_file`)
+and its exit (`status_file`), and exits with its code. If the wrapper is killed, the
+child gets SIGKILL (PR_SET_PDEATHSIG), and with it every process of the PID
+namespace.
 
 Unless the spec's `security` says privileged, PID 1's mount namespace hides the
 node: the host's mounts read-only, empty read-only tmpfs over the `hidden` paths,
@@ -484,6 +485,11 @@ def main() -> int:
         check(libc.setns(fd, CLONE_NEWNET), f"setns {spec['netns']}")
         os.close(fd)
         flags = CLONE_NEWUTS | CLONE_NEWIPC
+        if spec.get("ipcns"):  # the pod's IPC namespace, shared by its containers
+            fd = os.open(spec["ipcns"], os.O_RDONLY)
+            check(libc.setns(fd, CLONE_NEWIPC), f"setns {spec['ipcns']}")
+            os.close(fd)
+            flags = CLONE_NEWUTS
         sec = spec.get("security")
         if libc.unshare(flags | CLONE_NEWPID) == 0:
             spec["pidns"] = True

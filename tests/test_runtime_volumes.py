@@ -1,6 +1,7 @@
 """Pod volumes and configuration on a real node runtime (tests/runtime_harness.py):
 a Secret on tmpfs whose plaintext reaches no disk under the node's state directory,
-a ConfigMap change reaching the mounted file, an emptyDir two containers share,
+a ConfigMap change reaching the mounted file, an emptyDir, IPC and /dev/shm two
+containers share,
 downwardAPI files, env.valueFrom from each source, and the kubelet's
 CreateContainerConfigError / FailedMount while something referenced is missing.
 Both container shims (native and Python) mount volumes."""
@@ -113,7 +114,12 @@ async def test_secret_on_tmpfs_configmap_updates_and_a_shared_empty_dir(
         [
             {
                 "name": "writer",
-                "command": ["sh", "-c", "echo shared > /run/scratch/x; exec sleep 3600"],
+                "command": [
+                    "sh",
+                    "-c",
+                    "echo shm > /dev/shm/f; ipcmk -M 4096 > /run/scratch/ipc; "
+                    "echo shared > /run/scratch/x; exec sleep 3600",
+                ],
                 "volumeMounts": [{"name": "scratch", "mountPath": "/run/scratch"}],
             },
             {
@@ -158,6 +164,10 @@ async def test_secret_on_tmpfs_configmap_updates_and_a_shared_empty_dir(
         lambda: pod_run(p, ["cat", "/run/scratch/x"], "reader").stdout, "shared file"
     )
     assert out == "shared\n"
+    # one IPC namespace and one /dev/shm for the pod's containers
+    shm_id = pod_exec(p, ["cat", "/run/scratch/ipc"], "reader").split()[-1]
+    assert shm_id in pod_exec(p, ["ipcs", "-m"], "reader").split()
+    assert pod_exec(p, ["cat", "/dev/shm/f"], "reader") == "shm\n"
     r = pod_run(p, ["sh", "-c", "echo no > /run/scratch/y"], "reader")
     assert r.returncode != 0 and "Read-only file system" in r.stderr
     # configMap: only the listed key, read-only; subPath a single file
@@ -191,6 +201,8 @@ async def test_secret_on_tmpfs_configmap_updates_and_a_shared_empty_dir(
     await node.wait_pod("vols", lambda q: q is None, "deleted")
     assert not mounts.is_mount(secret_dir)
     assert not os.path.exists(os.path.dirname(os.path.dirname(secret_dir)))
+    pod_dir = os.path.dirname(os.path.dirname(os.path.dirname(secret_dir)))
+    assert not any(m.mount_point.startswith(pod_dir) for m in mounts.mountinfo())
 
 
 async def test_env_value_from_each_source(node: Node, store: Store) -> None:
