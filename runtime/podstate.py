@@ -68,11 +68,17 @@ def pod_dir(state_dir: str, uid: str) -> str:
     return os.path.join(pods_dir(state_dir), uid)
 
 
-def save(state_dir: str, s: PodSaved) -> None:
-    d = pod_dir(state_dir, s.uid)
+def ensure_dir(state_dir: str, uid: str) -> str:
+    """The pod's directory, made 0700 (as `pods/`) when missing: it holds env and logs."""
+    d = pod_dir(state_dir, uid)
     if not os.path.isdir(d):
         os.makedirs(pods_dir(state_dir), mode=0o700, exist_ok=True)
         os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def save(state_dir: str, s: PodSaved) -> None:
+    d = ensure_dir(state_dir, s.uid)
     write_atomic(os.path.join(d, "state.json"), s.dumps(), 0o600)
 
 

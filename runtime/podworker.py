@@ -163,6 +163,7 @@ class PodWorker:
             self.volumes_ready = True
             return
         await self.rt.config_synced()
+        podstate.ensure_dir(self.rt.ctx.paths.state_dir, self.saved.uid)
         loop = asyncio.get_running_loop()
         backoff = 0.5
         hidden = security.hidden_paths(self.rt.ctx.paths, getattr(self.rt.ctx.store, "tls", None))
@@ -210,6 +211,7 @@ class PodWorker:
         container's in Kubernetes): a pinned namespace and a 64 MiB tmpfs. Idempotent;
         without them (an error, logged) each container keeps IPC of its own."""
         try:
+            podstate.ensure_dir(self.rt.ctx.paths.state_dir, self.saved.uid)
             if not mounts.is_mount(self.ipc_path):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.ipc_path)
