@@ -8,8 +8,11 @@ snake_case attribute names.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import ipaddress
+import json
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -234,10 +237,368 @@ class TypedObject(Model):
 # ---------------------------------------------------------------- pods
 
 
-class EnvVar(Model):
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def config_key(v: str) -> str:
+    """A ConfigMap or Secret key (also an env name taken from envFrom)."""
+    if not v or len(v) > 253 or not _CONFIG_KEY.match(v) or v in (".", ".."):
+        raise ValueError(
+            f"{v!r}: a valid config key must consist of alphanumeric characters, '-', '_' "
+            "or '.' (at most 253), and not be '.' or '..'"
+        )
+    return v
+
+
+ConfigKey = Annotated[str, AfterValidator(config_key)]
+
+# fieldRef paths (pkg/apis/core/validation): env takes single labels/annotations,
+# a downwardAPI volume whole maps, and only env the spec/status ones.
+ENV_FIELD_PATHS = (
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "spec.nodeName",
+    "spec.serviceAccountName",
+    "status.hostIP",
+    "status.hostIPs",
+    "status.podIP",
+    "status.podIPs",
+)
+VOLUME_FIELD_PATHS = (
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "metadata.labels",
+    "metadata.annotations",
+)
+RESOURCE_FIELDS = (
+    "limits.cpu",
+    "limits.memory",
+    "limits.ephemeral-storage",
+    "requests.cpu",
+    "requests.memory",
+    "requests.ephemeral-storage",
+)
+_SUBSCRIPTED = re.compile(r"^metadata\.(labels|annotations)\['([^']+)'\]$")
+
+
+def check_field_path(path: str, allowed: tuple[str, ...]) -> str:
+    m = _SUBSCRIPTED.match(path)
+    if m:
+        (_labels if m[1] == "labels" else lambda d: d)({m[2]: ""})
+        return path
+    if path not in allowed:
+        raise ValueError(
+            f"fieldPath: Unsupported value: {path!r}: supported values: "
+            + ", ".join(f'"{p}"' for p in allowed)
+            + ", \"metadata.labels['<KEY>']\", \"metadata.annotations['<KEY>']\""
+        )
+    return path
+
+
+class ObjectFieldSelector(Model):
+    api_version: str | None = None
+    field_path: str
+
+
+class ResourceFieldSelector(Model):
+    container_name: str | None = None
+    resource: Literal[RESOURCE_FIELDS]  # type: ignore[valid-type]
+    divisor: Quantity | None = None
+
+    @field_validator("divisor")
+    @classmethod
+    def _divisor(cls, v: Quantity | None) -> Quantity | None:
+        if v is not None and parse_quantity(v) <= 0:
+            raise ValueError("divisor must be more than 0")
+        return v
+
+
+class ConfigMapKeySelector(Model):
     name: str
+    key: ConfigKey
+    optional: bool | None = None
+
+
+class SecretKeySelector(Model):
+    name: str
+    key: ConfigKey
+    optional: bool | None = None
+
+
+class EnvVarSource(Model):
+    field_ref: ObjectFieldSelector | None = None
+    resource_field_ref: ResourceFieldSelector | None = None
+    config_map_key_ref: ConfigMapKeySelector | None = None
+    secret_key_ref: SecretKeySelector | None = None
+    file_key_ref: Kept = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvVarSource:
+        n = sum(
+            x is not None
+            for x in (
+                self.field_ref,
+                self.resource_field_ref,
+                self.config_map_key_ref,
+                self.secret_key_ref,
+                self.file_key_ref,
+            )
+        )
+        if n != 1:
+            raise ValueError(
+                "valueFrom: may not have more than one field specified at a time (one of "
+                "fieldRef, resourceFieldRef, configMapKeyRef or secretKeyRef)"
+            )
+        if self.file_key_ref is not None:
+            raise ValueError("valueFrom.fileKeyRef: not supported by corral")
+        if self.field_ref is not None:
+            check_field_path(self.field_ref.field_path, ENV_FIELD_PATHS)
+        return self
+
+
+class EnvVar(Model):
+    name: str = Field(min_length=1)
     value: str = ""
-    value_from: Kept = None
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _value_or_source(self) -> EnvVar:
+        if self.value and self.value_from is not None:
+            raise ValueError(
+                f"env[{self.name}].valueFrom: may not be specified when `value` is not empty"
+            )
+        return self
+
+
+class ConfigMapEnvSource(Model):
+    name: str
+    optional: bool | None = None
+
+
+class SecretEnvSource(Model):
+    name: str
+    optional: bool | None = None
+
+
+class EnvFromSource(Model):
+    prefix: str | None = None
+    config_map_ref: ConfigMapEnvSource | None = None
+    secret_ref: SecretEnvSource | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> EnvFromSource:
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("envFrom: exactly one of configMapRef or secretRef is required")
+        return self
+
+
+# ---------------------------------------------------------------- volumes
+
+
+def _relative_path(v: str) -> str:
+    """A path inside a volume: relative, no '..' element (validateLocalDescendingPath)."""
+    if not v:
+        raise ValueError("path: must not be empty")
+    if v.startswith("/"):
+        raise ValueError(f"path {v!r}: must be a relative path")
+    if ".." in v.split("/"):
+        raise ValueError(f"path {v!r}: must not contain '..'")
+    return v
+
+
+def _mode(v: int | None) -> int | None:
+    if v is not None and not 0 <= v <= 0o777:
+        raise ValueError(f"{v}: must be a number between 0 and 0777 (octal), both inclusive")
+    return v
+
+
+RelativePath = Annotated[str, AfterValidator(_relative_path)]
+FileMode = Annotated[int | None, AfterValidator(_mode)]
+
+
+class KeyToPath(Model):
+    key: ConfigKey
+    path: RelativePath
+    mode: FileMode = None
+
+
+class ConfigMapVolumeSource(Model):
+    name: str
+    items: list[KeyToPath] = Field(default_factory=list)
+    default_mode: FileMode = None
+    optional: bool | None = None
+
+
+class SecretVolumeSource(Model):
+    secret_name: str
+    items: list[KeyToPath] = Field(default_factory=list)
+    default_mode: FileMode = None
+    optional: bool | None = None
+
+
+class DownwardAPIVolumeFile(Model):
+    path: RelativePath
+    field_ref: ObjectFieldSelector | None = None
+    resource_field_ref: ResourceFieldSelector | None = None
+    mode: FileMode = None
+
+    @model_validator(mode="after")
+    def _one(self) -> DownwardAPIVolumeFile:
+        if (self.field_ref is None) == (self.resource_field_ref is None):
+            raise ValueError(f"items[{self.path}]: exactly one of fieldRef or resourceFieldRef")
+        if self.field_ref is not None:
+            check_field_path(self.field_ref.field_path, VOLUME_FIELD_PATHS)
+        if self.resource_field_ref is not None and not self.resource_field_ref.container_name:
+            raise ValueError(f"items[{self.path}].resourceFieldRef.containerName: Required value")
+        return self
+
+
+class DownwardAPIVolumeSource(Model):
+    items: list[DownwardAPIVolumeFile] = Field(default_factory=list)
+    default_mode: FileMode = None
+
+
+class ConfigMapProjection(Model):
+    name: str
+    items: list[KeyToPath] = Field(default_factory=list)
+    optional: bool | None = None
+
+
+class SecretProjection(Model):
+    name: str
+    items: list[KeyToPath] = Field(default_factory=list)
+    optional: bool | None = None
+
+
+class DownwardAPIProjection(Model):
+    items: list[DownwardAPIVolumeFile] = Field(default_factory=list)
+
+
+class VolumeProjection(Model):
+    config_map: ConfigMapProjection | None = None
+    secret: SecretProjection | None = None
+    downward_api: DownwardAPIProjection | None = Field(default=None, alias="downwardAPI")
+    service_account_token: Kept = None
+    cluster_trust_bundle: Kept = None
+
+    @model_validator(mode="after")
+    def _one(self) -> VolumeProjection:
+        # serviceAccountToken and clusterTrustBundle are accepted (a real cluster's pods
+        # round-trip); the node refuses to mount them (runtime/volumes.py).
+        n = sum(
+            x is not None
+            for x in (
+                self.config_map,
+                self.secret,
+                self.downward_api,
+                self.service_account_token,
+                self.cluster_trust_bundle,
+            )
+        )
+        if n != 1:
+            raise ValueError(
+                "sources: each source needs exactly one of configMap, secret, downwardAPI, "
+                "serviceAccountToken or clusterTrustBundle"
+            )
+        return self
+
+
+class ProjectedVolumeSource(Model):
+    sources: list[VolumeProjection] = Field(default_factory=list)
+    default_mode: FileMode = None
+
+
+class EmptyDirVolumeSource(Model):
+    medium: Literal["", "Memory"] = ""
+    size_limit: Quantity | None = None
+
+
+HOST_PATH_TYPES = (
+    "",
+    "DirectoryOrCreate",
+    "Directory",
+    "FileOrCreate",
+    "File",
+    "Socket",
+    "CharDevice",
+    "BlockDevice",
+)
+
+
+class HostPathVolumeSource(Model):
+    path: str
+    type: Literal[HOST_PATH_TYPES] = ""  # type: ignore[valid-type]
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r}: must be an absolute path")
+        if ".." in v.split("/"):
+            raise ValueError(f"{v!r}: must not contain '..'")
+        return v
+
+
+VOLUME_SOURCES = ("emptyDir", "configMap", "secret", "downwardAPI", "projected", "hostPath")
+
+
+class Volume(Model):
+    name: DNSLabel
+    empty_dir: EmptyDirVolumeSource | None = None
+    config_map: ConfigMapVolumeSource | None = None
+    secret: SecretVolumeSource | None = None
+    downward_api: DownwardAPIVolumeSource | None = Field(default=None, alias="downwardAPI")
+    projected: ProjectedVolumeSource | None = None
+    host_path: HostPathVolumeSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Volume:
+        n = sum(getattr(self, f) is not None for f in self.source_fields())
+        if n != 1:
+            raise ValueError(
+                f"volumes[{self.name}]: must specify exactly one volume source "
+                f"({', '.join(VOLUME_SOURCES)})"
+            )
+        return self
+
+    @staticmethod
+    def source_fields() -> tuple[str, ...]:
+        return ("empty_dir", "config_map", "secret", "downward_api", "projected", "host_path")
+
+    @property
+    def kind(self) -> str:
+        """The source's wire name (emptyDir, configMap, ...)."""
+        for f, wire in zip(self.source_fields(), VOLUME_SOURCES, strict=True):
+            if getattr(self, f) is not None:
+                return wire
+        return ""
+
+
+class VolumeMount(Model):
+    name: str
+    mount_path: str
+    read_only: bool | None = None
+    sub_path: str | None = None
+    # Kubernetes fields corral does not act on, kept round trip (see Kept)
+    mount_propagation: Kept = None
+    sub_path_expr: Kept = None
+    recursive_read_only: Kept = None
+
+    @field_validator("mount_path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"{v!r}: must be an absolute path")
+        if ".." in v.split("/"):
+            raise ValueError(f"{v!r}: must not contain '..'")
+        return v
+
+    @field_validator("sub_path")
+    @classmethod
+    def _sub(cls, v: str | None) -> str | None:
+        return None if not v else _relative_path(v)
 
 
 class ContainerPort(Model):
@@ -421,11 +782,11 @@ class Container(Model):
     startup_probe: Probe | None = None
     security_context: SecurityContext | None = None
     lifecycle: Lifecycle | None = None
+    env_from: list[EnvFromSource] = Field(default_factory=list)
+    volume_mounts: list[VolumeMount] = Field(default_factory=list)
     # Kubernetes fields corral does not act on, kept round trip (see Kept)
-    env_from: Kept = None
     resize_policy: Kept = None
     restart_policy: Kept = None
-    volume_mounts: Kept = None  # not mounted: corral has no volumes yet
     volume_devices: Kept = None
     termination_message_path: Kept = None
     termination_message_policy: Kept = None
@@ -478,11 +839,11 @@ class PodSpec(Model):
     scheduler_name: str | None = None
     priority: int | None = None
     security_context: PodSecurityContext | None = None
+    volumes: list[Volume] = Field(default_factory=list)
+    service_account_name: str | None = None
     # Kubernetes fields corral does not act on, kept round trip (see Kept)
-    volumes: Kept = None  # not mounted: corral has no volumes yet
     ephemeral_containers: Kept = None
     active_deadline_seconds: Kept = None
-    service_account_name: Kept = None
     service_account: Kept = None
     automount_service_account_token: Kept = None
     host_pid: Kept = Field(default=None, alias="hostPID")
@@ -515,6 +876,59 @@ class PodSpec(Model):
                 raise ValueError(f"container name {c.name!r} is used twice")
             seen.add(c.name)
         return v
+
+    @model_validator(mode="after")
+    def _volumes(self) -> PodSpec:
+        """Volume names unique; every mount names a volume, once per path (the messages
+        name the field as Kubernetes' validation does)."""
+        names: set[str] = set()
+        for i, v in enumerate(self.volumes):
+            if v.name in names:
+                raise ValueError(f"volumes[{i}].name: Duplicate value: {v.name!r}")
+            names.add(v.name)
+        for group, cs in (
+            ("containers", self.containers),
+            ("initContainers", self.init_containers),
+        ):
+            for ci, c in enumerate(cs):
+                paths: set[str] = set()
+                for mi, m in enumerate(c.volume_mounts):
+                    where = f"{group}[{ci}].volumeMounts[{mi}]"
+                    if m.name not in names:
+                        raise ValueError(
+                            f"{where}.name: Not found: {m.name!r} (no volume of that name in "
+                            "spec.volumes)"
+                        )
+                    if m.mount_path in paths:
+                        raise ValueError(
+                            f"{where}.mountPath: Invalid value: {m.mount_path!r}: must be unique"
+                        )
+                    paths.add(m.mount_path)
+                for r in c.env:
+                    ref = r.value_from.resource_field_ref if r.value_from else None
+                    if ref is not None and ref.container_name not in (None, "", c.name):
+                        raise ValueError(
+                            f"{group}[{ci}].env[{r.name}].valueFrom.resourceFieldRef."
+                            f"containerName: Invalid value: {ref.container_name!r}: must be "
+                            "the container's own name"
+                        )
+        every = {c.name for c in (*self.containers, *self.init_containers)}
+        for i, v in enumerate(self.volumes):
+            files = []
+            if v.downward_api is not None:
+                files = v.downward_api.items
+            elif v.projected is not None:
+                files = [
+                    f for s in v.projected.sources if s.downward_api for f in s.downward_api.items
+                ]
+            for f in files:
+                ref = f.resource_field_ref
+                if ref is not None and ref.container_name not in every:
+                    raise ValueError(
+                        f"volumes[{i}]: resourceFieldRef.containerName: Not found: "
+                        f"{ref.container_name!r}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _init_containers(self) -> PodSpec:
@@ -1021,6 +1435,137 @@ class Namespace(TypedObject):
         return self.metadata.deletion_timestamp is not None or self.status.phase == "Terminating"
 
 
+# ---------------------------------------------------------------- configuration
+
+# What Kubernetes allows a ConfigMap's data or a Secret's (decoded) data to hold.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def _b64(key: str, v: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{field}[{key}]: Invalid value: not valid base64") from None
+
+
+class ConfigMap(TypedObject):
+    """Configuration for pods: keys to UTF-8 strings (`data`) or bytes (`binaryData`,
+    base64 on the wire), at most 1 MiB in all; `immutable: true` freezes it."""
+
+    KIND: ClassVar[str] = "ConfigMap"
+    PLURAL: ClassVar[str] = "configmaps"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("cm", "configmap")
+
+    data: dict[ConfigKey, str] = Field(default_factory=dict)
+    binary_data: dict[ConfigKey, str] = Field(default_factory=dict)
+    immutable: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ConfigMap:
+        size = 0
+        for k, v in self.data.items():
+            size += len(k) + len(v.encode())
+        for k, v in self.binary_data.items():
+            if k in self.data:
+                raise ValueError(f"binaryData[{k}]: Invalid value: duplicate of key {k!r} in data")
+            size += len(k) + len(_b64(k, v, "binaryData"))
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(
+                f"[]: Too long: must have at most {MAX_CONFIG_BYTES} bytes (data and binaryData "
+                f"hold {size})"
+            )
+        return self
+
+    def items(self) -> dict[str, bytes]:
+        """Every key's value as bytes (data UTF-8 encoded, binaryData decoded)."""
+        out = {k: v.encode() for k, v in self.data.items()}
+        out.update({k: base64.b64decode(v) for k, v in self.binary_data.items()})
+        return out
+
+
+# Secret types and the keys each must have (pkg/apis/core/validation ValidateSecret).
+SECRET_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "kubernetes.io/dockerconfigjson": (".dockerconfigjson",),
+    "kubernetes.io/dockercfg": (".dockercfg",),
+    "kubernetes.io/tls": ("tls.crt", "tls.key"),
+    "kubernetes.io/ssh-auth": ("ssh-privatekey",),
+}
+
+
+class Secret(TypedObject):
+    """Credentials for pods: `data` is base64 on the wire; `stringData` (write-only)
+    is merged into it when written, as the API server does. At most 1 MiB decoded.
+    The node keeps mounted secrets on tmpfs only (docs/runtime.md)."""
+
+    KIND: ClassVar[str] = "Secret"
+    PLURAL: ClassVar[str] = "secrets"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("secret",)
+
+    type: str = "Opaque"
+    data: dict[ConfigKey, str] = Field(default_factory=dict)
+    string_data: dict[ConfigKey, str] | None = None
+    immutable: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Secret:
+        if self.string_data:
+            for k, v in self.string_data.items():
+                self.data[k] = base64.b64encode(v.encode()).decode()
+        self.string_data = None
+        size = 0
+        decoded = {}
+        for k, v in self.data.items():
+            decoded[k] = _b64(k, v, "data")
+            size += len(decoded[k])
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(
+                f"data: Too long: must have at most {MAX_CONFIG_BYTES} bytes (it holds {size})"
+            )
+        if not self.type:
+            self.type = "Opaque"
+        for key in SECRET_REQUIRED_KEYS.get(self.type, ()):
+            if key not in self.data:
+                raise ValueError(f"data[{key}]: Required value (a {self.type} secret needs it)")
+        if self.type == "kubernetes.io/dockerconfigjson":
+            try:
+                doc = json.loads(decoded[".dockerconfigjson"])
+            except ValueError as e:
+                raise ValueError(f"data[.dockerconfigjson]: Invalid value: not JSON: {e}") from None
+            if not isinstance(doc, dict):
+                raise ValueError("data[.dockerconfigjson]: Invalid value: not a JSON object")
+        if self.type == "kubernetes.io/basic-auth" and not (
+            {"username", "password"} & set(self.data)
+        ):
+            raise ValueError("data[username]: Required value (or data[password])")
+        if self.type == "kubernetes.io/service-account-token" and not self.metadata.annotations.get(
+            "kubernetes.io/service-account.name"
+        ):
+            raise ValueError(
+                "metadata.annotations[kubernetes.io/service-account.name]: Required value"
+            )
+        return self
+
+    def items(self) -> dict[str, bytes]:
+        return {k: base64.b64decode(v) for k, v in self.data.items()}
+
+
+def update_forbidden(old: TypedObject, new: TypedObject) -> list[tuple[str, str]]:
+    """What an update may not change, as (field, message) pairs (empty: allowed):
+    an immutable ConfigMap's or Secret's data, and a Secret's type."""
+    out: list[tuple[str, str]] = []
+    if isinstance(old, Secret) and isinstance(new, Secret) and old.type != new.type:
+        out.append(("type", f"Invalid value: {new.type!r}: field is immutable"))
+    if isinstance(old, ConfigMap | Secret) and old.immutable:
+        frozen = "Forbidden: field is immutable when `immutable` is set"
+        fields = ("data", "binary_data") if isinstance(old, ConfigMap) else ("data",)
+        for f in fields:
+            if getattr(old, f) != getattr(new, f):
+                out.append((to_camel(f), frozen))
+        if not new.immutable:  # type: ignore[union-attr]
+            out.append(("immutable", frozen))
+    return out
+
+
 # ---------------------------------------------------------------- controllers
 
 
@@ -1379,4 +1924,6 @@ KINDS: tuple[type[TypedObject], ...] = (
     NetworkPolicy,
     NetworkConfig,
     LoadBalancerPool,
+    ConfigMap,
+    Secret,
 )

@@ -25,6 +25,8 @@ MERGE_KEYS: dict[tuple[str, str], str] = {
     ("PodSpec", "initContainers"): "name",
     ("Container", "ports"): "containerPort",
     ("Container", "env"): "name",
+    ("Container", "volumeMounts"): "mountPath",
+    ("PodSpec", "volumes"): "name",
     ("ServiceSpec", "ports"): "port",
     ("NodeSpec", "taints"): "key",
     ("NodeStatus", "conditions"): "type",

@@ -102,6 +102,8 @@ RESOURCES: tuple[Resource, ...] = (
     ),
     _r("", objects.Service, categories=("all",), subresources=("status",)),
     _r("", objects.Endpoints),
+    _r("", objects.ConfigMap),
+    _r("", objects.Secret, field_labels=("type",)),
     _r(
         "",
         objects.ReplicationController,

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from corral.api.finalizers import FOREGROUND, ORPHAN, POLICY_FINALIZERS, removable
 from corral.api.namespaces import BUILTIN, new_namespace
-from corral.api.objects import ManagedFieldsEntry, TypedObject
+from corral.api.objects import ManagedFieldsEntry, TypedObject, update_forbidden
 from corral.api.patch import PatchError, json_patch, merge_patch, strategic_merge
 from corral.api.store import (
     KV,
@@ -471,6 +471,9 @@ class Storage:
                 tracked = managedfields.record_update(cur, new, res_manager(), res, subresource)
                 _set_managed(obj, tracked)
             old_obj = res.model.model_validate_json(kv.value)
+            refused = update_forbidden(old_obj, obj)
+            if refused:
+                raise errors.invalid(res.kind, res.group, name, refused)
             if getattr(old_obj, "spec", None) != getattr(obj, "spec", None):
                 obj.metadata.generation = (old_obj.metadata.generation or 1) + 1
             value = self.store.encode(obj)

@@ -29,6 +29,7 @@ from corral.apiserver import (
     fieldvalidation,
     openapi,
     openapi_v3,
+    protobuf,
     registry,
     table,
 )
@@ -313,6 +314,17 @@ class APIServer:
         if not raw:
             return None
         ctype = request.content_type
+        if ctype == "application/vnd.kubernetes.protobuf":
+            # kubectl's typed clients (create configmap/secret/namespace) send protobuf:
+            # those kinds are decoded (apiserver/protobuf.py), others answered 415.
+            with contextlib.suppress(protobuf.Unsupported):
+                return protobuf.decode(raw)
+            raise errors.APIError(
+                415,
+                "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types "
+                f'include: application/json, application/yaml (not "{ctype}")',
+            )
         try:
             if ctype in ("application/yaml", "application/x-yaml", "text/yaml"):
                 return yaml.safe_load(raw)

@@ -200,6 +200,22 @@ COLUMNS: dict[str, list[Column]] = {
         _AGE,
         ("Selector", "string", 1, lambda o: _selector(_get(o, "spec", "selector"))),
     ],
+    "ConfigMap": [
+        _NAME,
+        (
+            "Data",
+            "integer",
+            0,
+            lambda o: len(o.get("data") or {}) + len(o.get("binaryData") or {}),
+        ),
+        _AGE,
+    ],
+    "Secret": [
+        _NAME,
+        ("Type", "string", 0, lambda o: o.get("type") or "Opaque"),
+        ("Data", "integer", 0, lambda o: len(o.get("data") or {})),
+        _AGE,
+    ],
     "ReplicationController": [
         _NAME,
         ("Desired", "integer", 0, lambda o: _get(o, "spec", "replicas", default=1)),

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from corral.api.namespaces import check_namespaces
-from corral.api.objects import Namespace, Service, TypedObject
+from corral.api.objects import Namespace, Service, TypedObject, update_forbidden
 from corral.api.store import KV, Conflict, Store, batched, kind_prefix, object_key
 
 # Fewer objects of one kind and namespace than this are read by key, not by a list.
@@ -101,6 +101,10 @@ def carry_over(before: TypedObject, obj: TypedObject, revision: int) -> None:
     md.resource_version = str(revision)
 
 
+class ImmutableError(ValueError):
+    """An update changes what may not change (an immutable ConfigMap's data, ...)."""
+
+
 def plan(objs: Sequence[TypedObject], existing: dict[str, KV]) -> list[Planned]:
     out = []
     for obj in objs:
@@ -112,6 +116,14 @@ def plan(objs: Sequence[TypedObject], existing: dict[str, KV]) -> list[Planned]:
         if isinstance(before, Service):
             keep_allocated(before, obj)  # type: ignore[arg-type]
         carry_over(before, obj, kv.mod_revision)
+        refused = update_forbidden(before, obj)
+        if refused:
+            raise ImmutableError(
+                "\n".join(
+                    f"{obj.KIND} {obj.name!r} is invalid: {f}: {m}; nothing was changed"
+                    for f, m in refused
+                )
+            )
         out.append(Planned(obj, before, "unchanged" if same(before, obj) else "configured"))
     return out
 

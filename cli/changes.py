@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from corral.api.manifest import format_validation_error, resolve_kind
-from corral.api.objects import Pod, Service, TypedObject
+from corral.api.objects import Pod, Service, TypedObject, update_forbidden
 from corral.api.selectors import matches_label_selector, parse_selector
 from corral.api.store import Conflict, NotFound, Store
 from corral.cli.common import CLIError
@@ -140,6 +140,8 @@ def revise(old: TypedObject, doc: dict[str, Any]) -> TypedObject:
             raise CLIError(
                 f"{what}: spec.clusterIP: may not be changed (is {ip!r}); nothing was changed"
             )
+    for f, m in update_forbidden(old, new):
+        raise CLIError(f"{what}: {f}: {m}; nothing was changed")
     spec_changed = getattr(old, "spec", None) != getattr(new, "spec", None)
     new.metadata.generation = (old.metadata.generation or 1) + (1 if spec_changed else 0)
     return new

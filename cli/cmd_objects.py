@@ -26,7 +26,8 @@ from corral.api.objects import (
 )
 from corral.api.selectors import matches_label_selector, parse_selector
 from corral.api.store import Store, now_iso, object_key
-from corral.cli.apply_objects import Planned, apply_objects, read_existing
+from corral.cli import create_config
+from corral.cli.apply_objects import ImmutableError, Planned, apply_objects, read_existing
 from corral.cli.common import CLIError, run, store_from_args
 from corral.cli.output import WatchPrinter, render
 from corral.control.podlifecycle import delete_pod
@@ -48,9 +49,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "create",
         help="create objects from manifests (an error if one exists), or a namespace",
-        usage="corral create -f FILE [-n NS] | corral create namespace NAME",
+        usage="corral create -f FILE [-n NS] | corral create namespace NAME | "
+        + create_config.USAGE.replace("corral create ", "corral create [-n NS] "),
     )
     p.add_argument("what", nargs="*", metavar="namespace NAME")
+    create_config.add_arguments(p)
     p.add_argument("-f", "--filename", action="append", metavar="FILE")
     p.add_argument("-n", "--namespace", help="namespace for objects that name none")
     p.set_defaults(func=cmd_create)
@@ -151,6 +154,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 return await apply_objects(store, objs)
             except NamespaceError as e:
                 raise CLIError(f"{e}; nothing was applied") from None
+            except ImmutableError as e:
+                raise CLIError(str(e)) from None
 
     planned = run(go)
     sys.stdout.write(
@@ -161,7 +166,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     if args.filename and args.what:
-        raise CLIError("give either -f FILE or `namespace NAME`, not both")
+        raise CLIError("give either -f FILE or what to create (e.g. `namespace NAME`), not both")
     if args.filename:
         objs = _load_all(args.filename, args.namespace)
     elif len(args.what) == 2 and args.what[0].lower() in ("namespace", "namespaces", "ns"):
@@ -169,9 +174,18 @@ def cmd_create(args: argparse.Namespace) -> int:
             objs = [new_namespace(args.what[1])]
         except ValidationError as e:
             raise CLIError(format_validation_error(e, "namespace: metadata.name")) from None
+    elif args.what and args.what[0].lower() in (
+        "configmap",
+        "configmaps",
+        "cm",
+        "secret",
+        "secrets",
+    ):
+        objs = [create_config.build([args.what[0].lower(), *args.what[1:]], args)]
     else:
         raise CLIError(
-            "create needs -f FILE or `namespace NAME` (e.g. `corral create namespace shop`)"
+            "create needs -f FILE, `namespace NAME`, `configmap NAME ...` or `secret TYPE NAME "
+            "...` (e.g. `corral create namespace shop`)"
         )
 
     async def go() -> list[Planned]:

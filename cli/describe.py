@@ -11,12 +11,14 @@ from collections.abc import Iterable
 import yaml
 
 from corral.api.objects import (
+    ConfigMap,
     Deployment,
     Endpoints,
     Namespace,
     Node,
     Pod,
     ReplicationController,
+    Secret,
     Service,
     TypedObject,
 )
@@ -94,6 +96,12 @@ def describe_pod(p: Pod) -> str:
         head.append(("Reason", f"{p.status.reason or ''} {p.status.message or ''}".strip()))
     parts = [_kv(head), "Containers:"]
     statuses = {cs.name: cs for cs in p.status.container_statuses}
+    # configMap, secret, downwardAPI and projected volumes are always mounted read-only
+    read_only = {
+        v.name
+        for v in p.spec.volumes
+        if v.kind in ("configMap", "secret", "downwardAPI", "projected")
+    }
     for c in p.spec.containers:
         cs = statuses.get(c.name)
         rows: list[tuple[str, object]] = [
@@ -109,14 +117,38 @@ def describe_pod(p: Pod) -> str:
             ),
             ("Requests", _labels({k: str(v) for k, v in c.resources.requests.items()})),
             ("Limits", _labels({k: str(v) for k, v in c.resources.limits.items()})),
+            (
+                "Mounts",
+                ", ".join(
+                    f"{m.mount_path} from {m.name}"
+                    + (f" ({m.sub_path})" if m.sub_path else "")
+                    + (" (ro)" if m.read_only or m.name in read_only else " (rw)")
+                    for m in c.volume_mounts
+                )
+                or "<none>",
+            ),
             ("State", _state(cs.state) if cs else "Waiting"),
             ("Ready", cs.ready if cs else False),
             ("Restart Count", cs.restart_count if cs else 0),
         ]
         if cs and cs.last_state:
-            rows.insert(6, ("Last State", _state(cs.last_state)))
+            rows.insert(7, ("Last State", _state(cs.last_state)))
         parts.append(f"  {c.name}:\n" + _indent(_kv(rows), 4))
     parts += ["Conditions:", _conditions(p.status.conditions)]
+    if p.spec.volumes:
+        parts.append("Volumes:")
+        for v in p.spec.volumes:
+            src = getattr(
+                v,
+                {
+                    "emptyDir": "empty_dir",
+                    "downwardAPI": "downward_api",
+                    "configMap": "config_map",
+                    "hostPath": "host_path",
+                }.get(v.kind, v.kind),
+            )
+            detail = ", ".join(f"{k}={val}" for k, val in src.dump().items() if k != "items")
+            parts.append(f"  {v.name}: {v.kind}" + (f" ({detail})" if detail else ""))
     if p.spec.node_selector:
         parts.append(_kv([("Node-Selectors", _labels(p.spec.node_selector))]))
     if p.spec.tolerations:
@@ -276,7 +308,29 @@ def describe_namespace(ns: Namespace, counts: dict[str, int]) -> str:
     return "\n".join(parts)
 
 
+def describe_config(o: ConfigMap | Secret) -> str:
+    """kubectl's shape: a ConfigMap's values; a Secret's keys and sizes, never its values."""
+    head = _meta(o)
+    if isinstance(o, Secret):
+        head.append(("Type", o.type))
+    if o.immutable:
+        head.append(("Immutable", "true"))
+    parts = [_kv(head), "", "Data", "===="]
+    if isinstance(o, Secret):
+        parts += [f"{k}:  {len(v)} bytes" for k, v in sorted(o.items().items())]
+    else:
+        parts += [f"{k}:\n----\n{v}\n" for k, v in sorted(o.data.items())]
+        if o.binary_data:
+            parts += ["", "BinaryData", "===="]
+            parts += [
+                f"{k}: {len(v)} bytes" for k, v in sorted(o.items().items()) if k in o.binary_data
+            ]
+    return "\n".join(parts)
+
+
 async def describe(store: Store, obj: TypedObject) -> str:
+    if isinstance(obj, ConfigMap | Secret):
+        return describe_config(obj)
     if isinstance(obj, Pod):
         return describe_pod(obj)
     if isinstance(obj, ReplicationController | Deployment):

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import yaml
 
 from corral.api.objects import (
+    ConfigMap,
     Deployment,
     Endpoints,
     EndpointSlice,
@@ -17,6 +18,7 @@ from corral.api.objects import (
     Node,
     Pod,
     ReplicationController,
+    Secret,
     Service,
     TypedObject,
 )
@@ -189,6 +191,14 @@ def _netpol_row(p: NetworkPolicy, wide: bool) -> list[str]:
     return [p.name, format_selector(p.spec.pod_selector), age(p.metadata.creation_timestamp)]
 
 
+def _cm_row(c: ConfigMap, wide: bool) -> list[str]:
+    return [c.name, str(len(c.data) + len(c.binary_data)), age(c.metadata.creation_timestamp)]
+
+
+def _secret_row(s: Secret, wide: bool) -> list[str]:
+    return [s.name, s.type, str(len(s.data)), age(s.metadata.creation_timestamp)]
+
+
 def _generic_row(o: TypedObject, wide: bool) -> list[str]:
     return [o.name, age(o.metadata.creation_timestamp)]
 
@@ -207,6 +217,8 @@ COLUMNS: dict[type, tuple[list[str], list[str], Callable[[TypedObject, bool], li
     ReplicationController: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
     Deployment: (["NAME", "DESIRED", "CURRENT", "READY", "AGE"], [], _rc_row),  # type: ignore[dict-item]
     NetworkPolicy: (["NAME", "POD-SELECTOR", "AGE"], [], _netpol_row),  # type: ignore[dict-item]
+    ConfigMap: (["NAME", "DATA", "AGE"], [], _cm_row),  # type: ignore[dict-item]
+    Secret: (["NAME", "TYPE", "DATA", "AGE"], [], _secret_row),  # type: ignore[dict-item]
 }
 
 

@@ -30,6 +30,7 @@ from corral.api.namespaces import ensure_builtin, new_namespace
 from corral.api.objects import (
     KINDS,
     NAMESPACE_NAME_LABEL,
+    ConfigMap,
     Deployment,
     Endpoints,
     EndpointSlice,
@@ -38,6 +39,7 @@ from corral.api.objects import (
     NetworkPolicy,
     Pod,
     ReplicationController,
+    Secret,
     Service,
     TypedObject,
 )
@@ -57,6 +59,8 @@ DELETE_ORDER: tuple[type[TypedObject], ...] = (
     Endpoints,
     EndpointSlice,
     NetworkPolicy,
+    ConfigMap,  # after the pods that mount them, as their volumes go with the pods
+    Secret,
 )
 NAMESPACED = tuple(k for k in KINDS if k.NAMESPACED)
 assert set(NAMESPACED) == set(DELETE_ORDER), "a new namespaced kind needs a place in DELETE_ORDER"

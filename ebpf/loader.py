@@ -39,6 +39,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from corral.ebpf import libbpf, pinned_map
+from corral.node.cgroups import cgroup2_mount
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRIO = 0xC0DE
@@ -49,7 +50,9 @@ BPFFS = "/sys/fs/bpf"
 # Every node's pins live under one folder of bpffs. Several simulated nodes of one name on
 # one machine (the overlay test bed, run by parallel test workers) each set their own.
 PIN_ROOT = os.environ.get("CORRAL_BPF_ROOT") or os.path.join(BPFFS, "corral")
-CGROUP2_ROOT = "/sys/fs/cgroup/unified"  # this machine's cgroup2 mount (hybrid hierarchy)
+# The cgroup2 mount, from /proc/self/mountinfo: /sys/fs/cgroup/unified on a hybrid
+# hierarchy (this machine), /sys/fs/cgroup on a unified one (node/cgroups.py).
+CGROUP2_ROOT = cgroup2_mount() or "/sys/fs/cgroup"
 CGROUP_PREFIX = "corral_"  # every corral cgroup program's name starts with it
 NAME_MAX = 15  # BPF_OBJ_NAME_LEN - 1: the kernel keeps this much of a program's name
 

@@ -107,6 +107,32 @@ def create_pinned(path: str) -> None:
         os.close(back)
 
 
+CLONE_NEWIPC = 0x08000000
+
+
+def create_pinned_ipc(path: str) -> None:
+    """A new IPC namespace pinned at `path` (a pod's, shared by its containers, as the
+    pause container's is). Blocking; the calling thread returns to its own."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    os.close(fd)
+    back = os.open("/proc/thread-self/ns/ipc", os.O_RDONLY)
+    try:
+        if _libc.unshare(CLONE_NEWIPC) != 0:
+            raise _errno("unshare(CLONE_NEWIPC)")
+        try:
+            if _libc.mount(b"/proc/thread-self/ns/ipc", path.encode(), None, MS_BIND, None) != 0:
+                raise _errno(f"bind mount of the new IPC namespace onto {path}")
+        finally:
+            if _libc.setns(back, CLONE_NEWIPC) != 0:  # pragma: no cover
+                raise _errno("setns back to the node's IPC namespace")
+    except BaseException:
+        remove_pinned(path)
+        raise
+    finally:
+        os.close(back)
+
+
 def _loopback_up() -> None:
     """`lo` up in this thread's namespace: one SIOCSIFFLAGS ioctl on a socket made here.
 

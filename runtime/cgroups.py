@@ -1,15 +1,24 @@
 """Pod cgroups under a corral-owned subtree per node; never the root's own settings.
 
-Layout (hybrid hierarchy, as on this machine):
-    /sys/fs/cgroup/<memory|cpu|pids>/corral/<node>/<pod-uid>/<container>   v1 limits
-    /sys/fs/cgroup/unified/corral/<node>/pods/<pod-uid>                     cgroup2 dir
-Every process of the pod joins its cgroup2 directory (the container shim writes
-itself into each `cgroup.procs`), which is what the eBPF proxy's programs and
-its pod_cgroups map key on; no controller file is written there. Limits go to
-the v1 controllers only: memory.limit_in_bytes (and memsw, where swap is
-accounted), cpu.shares and the CFS quota; pids gets a directory but no limit.
-On a machine whose memory and cpu controllers are on cgroup2 (no v1
-hierarchy), pods run without limits (docs/runtime.md).
+Each resource controller is written where the machine has it (node/cgroups.py
+finds the hierarchy):
+
+- on cgroup2 (a unified hierarchy, e.g. stock Debian 12):
+      <cgroup2>/corral/<node>/pods/<pod-uid>/<container>
+  corral's directories enable memory, cpu and pids for their children
+  (cgroup.subtree_control, as the kernel's no-internal-processes rule needs leaves);
+  each container's leaf gets memory.max, cpu.max (the CFS quota), cpu.weight (from
+  its cpu request, the kubelet's shares-to-weight conversion) and pids.max; the pod's
+  directory the pod's memory.max and cpu.max. OOM kills are counted from the
+  leaf's memory.events. Every process of the container joins its leaf.
+- on v1 (this machine's hybrid hierarchy, or legacy):
+      /sys/fs/cgroup/<memory|cpu|pids>/corral/<node>/<pod-uid>/<container>
+  memory.limit_in_bytes (and memsw where swap is accounted), cpu.shares and the CFS
+  quota; OOM kills from memory.oom_control. On a hybrid hierarchy every process also
+  joins the pod's cgroup2 directory (no controller written there), which is what
+  the eBPF proxy's programs and its pod_cgroups map key on.
+On cgroup2 the proxy's map names the pod's leaves as well as the pod (the kernel
+reports the leaf's id).
 """
 
 from __future__ import annotations
@@ -23,7 +32,14 @@ from dataclasses import dataclass
 
 from corral.api.objects import Container
 from corral.api.quantity import cpu_millis, memory_bytes
-from corral.node.cgroups import CGROUP_ROOT, node_unified_dir, unified_root
+from corral.node.cgroups import (
+    CGROUP_ROOT,
+    RESOURCE_CONTROLLERS,
+    cgroup2_root,
+    node_unified_dir,
+    read_controllers,
+    unified_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +52,17 @@ class Limits:
     memory: int | None = None  # bytes
     cpu_quota_millis: int | None = None
     cpu_shares: int = 2
+
+    @property
+    def cpu_weight(self) -> int:
+        """cgroup2's cpu.weight for these shares (the kubelet's CpuSharesToCpuWeight)."""
+        return 1 + ((self.cpu_shares - 2) * 9999) // 262142
+
+    @property
+    def cpu_max(self) -> str:
+        if self.cpu_quota_millis is None:
+            return f"max {CFS_PERIOD_US}"
+        return f"{max(1000, self.cpu_quota_millis * CFS_PERIOD_US // 1000)} {CFS_PERIOD_US}"
 
     @classmethod
     def of(cls, c: Container) -> Limits:
@@ -53,8 +80,13 @@ def _write(path: str, value: str) -> None:
 
 
 class PodCgroups:
-    def __init__(self, node: str, pod_uid: str, root: str = CGROUP_ROOT) -> None:
+    def __init__(
+        self, node: str, pod_uid: str, root: str = CGROUP_ROOT, pids_limit: int | None = None
+    ) -> None:
         self.node, self.uid, self.root = node, pod_uid, root
+        # The kubelet's podPidsLimit: pids.max of each container on cgroup2 (None: max).
+        self.pids_limit = pids_limit
+        self._v2: set[str] | None = None
 
     def v1_dir(self, ctrl: str, container: str | None = None) -> str:
         d = os.path.join(self.root, ctrl, "corral", self.node, self.uid)
@@ -64,8 +96,71 @@ class PodCgroups:
     def v2_dir(self) -> str:
         return os.path.join(node_unified_dir(self.node, self.root), "pods", self.uid)
 
+    def v2_controllers(self) -> set[str]:
+        """The resource controllers this machine has on cgroup2 (all on a unified
+        hierarchy; none on this hybrid one, where cgroup2 holds only hugetlb)."""
+        if self._v2 is None:
+            cg2 = cgroup2_root(self.root)
+            have = read_controllers(os.path.join(cg2, "cgroup.controllers")) if cg2 else set()
+            self._v2 = have & set(RESOURCE_CONTROLLERS)
+        return self._v2
+
     def _controllers(self) -> list[str]:
-        return [c for c in V1_CONTROLLERS if os.path.isdir(os.path.join(self.root, c))]
+        """The v1 controllers to write (those not on cgroup2)."""
+        v2 = self.v2_controllers()
+        return [
+            c for c in V1_CONTROLLERS if c not in v2 and os.path.isdir(os.path.join(self.root, c))
+        ]
+
+    def _enable_v2(self, leaves: list[str]) -> None:
+        """Make the pod's directory and its containers' leaves, each level of corral's
+        subtree enabling the controllers its parent gives it (a child's
+        cgroup.controllers is its parent's cgroup.subtree_control)."""
+        cg2 = unified_root(self.root)
+        want = self.v2_controllers()
+        levels = [os.path.join(cg2, "corral"), node_unified_dir(self.node, self.root)]
+        levels += [os.path.dirname(self.v2_dir), self.v2_dir]
+        have = read_controllers(os.path.join(cg2, "cgroup.subtree_control"))
+        missing = want - have
+        if missing:
+            raise OSError(
+                f"cgroup2 at {cg2} does not delegate {', '.join(sorted(missing))} to its "
+                "children (cgroup.subtree_control); pod limits cannot be enforced"
+            )
+        for d in levels:
+            os.makedirs(d, exist_ok=True)
+            ctl = os.path.join(d, "cgroup.subtree_control")
+            if want - read_controllers(ctl):
+                _write(ctl, " ".join(f"+{c}" for c in sorted(want)))
+        for name in leaves:
+            os.makedirs(os.path.join(self.v2_dir, name), exist_ok=True)
+
+    def _write_v2(
+        self, app: dict[str, Limits], every: dict[str, Limits], pod_memory: int | None
+    ) -> None:
+        want = self.v2_controllers()
+        d = self.v2_dir
+        if "memory" in want:
+            _write(os.path.join(d, "memory.max"), str(pod_memory) if pod_memory else "max")
+        if "cpu" in want:
+            quotas = [lim.cpu_quota_millis for lim in app.values()]
+            every_quota = bool(quotas) and all(q is not None for q in quotas)
+            pod = Limits(cpu_quota_millis=sum(quotas) if every_quota else None)  # type: ignore[arg-type]
+            _write(os.path.join(d, "cpu.max"), pod.cpu_max)
+        for name, lim in every.items():
+            leaf = os.path.join(d, name)
+            if "memory" in want:
+                _write(os.path.join(leaf, "memory.max"), str(lim.memory) if lim.memory else "max")
+                with contextlib.suppress(OSError):  # no swap for a container, as v1's memsw
+                    _write(os.path.join(leaf, "memory.swap.max"), "0")
+            if "cpu" in want:
+                _write(os.path.join(leaf, "cpu.max"), lim.cpu_max)
+                _write(os.path.join(leaf, "cpu.weight"), str(lim.cpu_weight))
+            if "pids" in want:
+                _write(
+                    os.path.join(leaf, "pids.max"),
+                    str(self.pids_limit) if self.pids_limit else "max",
+                )
 
     def create(self, limits: dict[str, Limits], init: dict[str, Limits] | None = None) -> None:
         """Make the pod's dirs (idempotent) and apply each container's limits.
@@ -73,17 +168,23 @@ class PodCgroups:
         The pod's memory limit is the sum of its containers' (when each has one), or the
         largest init container's if that is more: init containers run one at a time,
         before the others (Kubernetes' effective pod limit)."""
-        os.makedirs(self.v2_dir, exist_ok=True)
         app = limits
         limits = {**(init or {}), **limits}
+        mems = [lim.memory for lim in app.values()]
+        init_mems = [lim.memory for lim in (init or {}).values()]
+        total = None
+        if mems and all(m is not None for m in [*mems, *init_mems]):
+            total = max([sum(m for m in mems if m is not None), *init_mems])  # type: ignore[type-var]
+        if self.v2_controllers():
+            self._enable_v2(list(limits))
+            self._write_v2(app, limits, total)
+        elif cgroup2_root(self.root) is not None:
+            os.makedirs(self.v2_dir, exist_ok=True)  # hybrid: the eBPF proxy's pod cgroup
         for ctrl in self._controllers():
             for name in limits:
                 os.makedirs(self.v1_dir(ctrl, name), exist_ok=True)
-        mems = [lim.memory for lim in app.values()]
-        init_mems = [lim.memory for lim in (init or {}).values()]
         if "memory" in self._controllers():
-            if mems and all(m is not None for m in [*mems, *init_mems]):
-                total = max([sum(m for m in mems if m is not None), *init_mems])  # type: ignore[type-var]
+            if total is not None:
                 _write(os.path.join(self.v1_dir("memory"), "memory.limit_in_bytes"), str(total))
             for name, lim in limits.items():
                 if lim.memory is not None:
@@ -111,7 +212,8 @@ class PodCgroups:
         from corral.ebpf import pod_cgroups
 
         try:
-            pod_cgroups.set_ip(self.node, self.v2_dir, ip)
+            for d in self._v2_dirs():
+                pod_cgroups.set_ip(self.node, d, ip)
         except (OSError, ValueError) as e:
             log.debug("pod %s: cgroup -> IP for the eBPF proxy not recorded: %s", self.uid, e)
 
@@ -121,19 +223,41 @@ class PodCgroups:
         from corral.ebpf import pod_cgroups
 
         try:
-            pod_cgroups.forget(self.node, self.v2_dir)
+            for d in self._v2_dirs():
+                pod_cgroups.forget(self.node, d)
         except (OSError, ValueError) as e:
             log.debug("pod %s: cgroup -> IP for the eBPF proxy not removed: %s", self.uid, e)
+
+    def _v2_dirs(self) -> list[str]:
+        """The pod's cgroup2 directory and its containers' leaves (when there are)."""
+        out = [self.v2_dir]
+        with contextlib.suppress(OSError):
+            out += [e.path for e in os.scandir(self.v2_dir) if e.is_dir(follow_symlinks=False)]
+        return out
 
     def procs_files(self, container: str) -> list[str]:
         """The cgroup.procs files a container's first process writes itself into."""
         files = [
             os.path.join(self.v1_dir(c, container), "cgroup.procs") for c in self._controllers()
         ]
+        if self.v2_controllers():  # cgroup2 limits: the container's own leaf
+            return [*files, os.path.join(self.v2_dir, container, "cgroup.procs")]
+        if cgroup2_root(self.root) is None:  # v1 only
+            return files
         return [*files, os.path.join(self.v2_dir, "cgroup.procs")]
 
     def oom_kills(self, container: str) -> int:
         """How many times the kernel's OOM killer struck in this container's memory cgroup."""
+        if "memory" in self.v2_controllers():
+            try:
+                with open(os.path.join(self.v2_dir, container, "memory.events")) as f:
+                    for line in f:
+                        k, _, v = line.partition(" ")
+                        if k == "oom_kill":
+                            return int(v)
+            except OSError:
+                pass
+            return 0
         try:
             with open(os.path.join(self.v1_dir("memory", container), "memory.oom_control")) as f:
                 for line in f:
@@ -146,7 +270,7 @@ class PodCgroups:
 
     def pids(self) -> set[int]:
         out: set[int] = set()
-        dirs = [self.v2_dir]
+        dirs = self._v2_dirs()
         for ctrl in self._controllers():
             base = self.v1_dir(ctrl)
             if os.path.isdir(base):
@@ -177,7 +301,8 @@ class PodCgroups:
                     if os.path.isdir(os.path.join(base, n)):
                         ok &= _rmdir(os.path.join(base, n))
                 ok &= _rmdir(base)
-            ok &= _rmdir(self.v2_dir)
+            for d in reversed(self._v2_dirs()):  # the leaves, then the pod
+                ok &= _rmdir(d)
             if ok or time.monotonic() > deadline:
                 return ok
             time.sleep(0.05)

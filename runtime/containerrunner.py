@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from corral.api.objects import Container, Probe
 from corral.api.store import now_iso
-from corral.runtime import containers, corralfiles, credentials, probes, security
+from corral.runtime import containers, corralfiles, credentials, envvars, probes, security
 from corral.runtime.podstate import ContainerSaved
+from corral.runtime.volumes import VolumeError
 
 if TYPE_CHECKING:
     from corral.runtime.podworker import PodWorker
@@ -49,6 +50,8 @@ class ContainerRunner:
         self.task: asyncio.Task | None = None
         self._probe_tasks: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
+        # The environment the container was last started with (exec probes get it too).
+        self.last_env: dict[str, str] = {e.name: e.value for e in spec.env if e.value_from is None}
 
     @property
     def name(self) -> str:
@@ -62,9 +65,6 @@ class ContainerRunner:
     def ready(self, value: bool) -> None:
         self.saved.ready = value
 
-    def env(self) -> dict[str, str]:
-        return {e.name: e.value for e in self.spec.env}
-
     def argv(self) -> list[str]:
         return [*self.spec.command, *self.spec.args]
 
@@ -72,12 +72,33 @@ class ContainerRunner:
         w, s = self.w, self.saved
         if s.done:
             return
-        backoff = w.rt.backoff_base
+        backoff, config_backoff = w.rt.backoff_base, 1.0
         while not (w.terminating or w.deleting.is_set()):
             if self.rec is None:
                 try:
+                    env, volumes = await self._config()
+                except envvars.ConfigError as e:
+                    # The kubelet's CreateContainerConfigError: no restart is counted;
+                    # retried when a ConfigMap or Secret changes, or after a while.
+                    s.state = {
+                        "waiting": {"reason": "CreateContainerConfigError", "message": str(e)}
+                    }
+                    w.changed()
+                    waits = {
+                        asyncio.ensure_future(w.deleting.wait()),
+                        asyncio.ensure_future(w.config_event.wait()),
+                    }
+                    await asyncio.wait(
+                        waits, timeout=config_backoff, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for t in waits:
+                        t.cancel()
+                    config_backoff = min(config_backoff * 2, 10.0)
+                    continue
+                try:
                     w.stages.setdefault("to-launch", time.monotonic())
-                    self.rec, self.proc = await self._launch()
+                    self.rec, self.proc = await self._launch(env, volumes)
+                    self.last_env = env
                     w.stages.setdefault("shim", time.monotonic())
                 except containers.StartError as e:
                     s.state = {"waiting": {"reason": "RunContainerError", "message": str(e)}}
@@ -150,9 +171,26 @@ class ContainerRunner:
         self.rec, self.proc, s.record = None, None, None
         return term, ex.exit_code, ex.finished_at - ex.started_at
 
-    async def _launch(self) -> tuple[containers.ContainerRecord, asyncio.subprocess.Process]:
+    async def _config(self) -> tuple[dict[str, str], list[tuple[str, str, bool]]]:
+        """The container's environment and volume mounts (envvars.ConfigError if a
+        ConfigMap, Secret or key it needs is missing, or a subPath is not usable)."""
         w = self.w
-        argv = self.argv()
+        if not (self.spec.env or self.spec.env_from or self.spec.volume_mounts):
+            return {}, []
+        await w.rt.config_synced()
+        w.config_event.clear()
+        env = envvars.environment(self.spec, w.facts(), w.rt.config_map, w.rt.secret)
+        try:
+            mounts = w.volumes.mounts(self.spec)
+        except (VolumeError, OSError) as e:
+            raise envvars.ConfigError(str(e)) from None
+        return env, mounts
+
+    async def _launch(
+        self, env: dict[str, str], volumes: list[tuple[str, str, bool]]
+    ) -> tuple[containers.ContainerRecord, asyncio.subprocess.Process]:
+        w = self.w
+        argv = [envvars.expand(a, env) for a in self.argv()]  # $(VAR) in command and args
         if not argv:
             raise containers.StartError(
                 "no command: corral has no image entrypoints; set command or args"
@@ -170,12 +208,14 @@ class ContainerRunner:
             raise containers.StartError(str(e)) from None
         if mounts:  # its address may reach etcd before its first process runs
             await w.rt.sync_etcd_guard()
+        if w.ipc_ready and not sec.privileged:  # the pod's shared /dev/shm
+            volumes = [*volumes, (w.shm_path, "/dev/shm", False)]
         return await containers.launch(
             w.dir,
             self.name,
             self.saved.restart_count,
             argv=argv,
-            env=self.env(),
+            env=env,
             working_dir=self.spec.working_dir,
             # hostNetwork: the shim "enters" its own namespace, the node's.
             netns=w.saved.netns or "/proc/self/ns/net",
@@ -189,6 +229,8 @@ class ContainerRunner:
             security=sec,
             mounts=mounts,
             exec_mounts=code,
+            volumes=volumes,
+            ipcns=w.ipc_path if w.ipc_ready else None,
         )
 
     def _start_probes(self, rec: containers.ContainerRecord) -> None:
@@ -215,7 +257,7 @@ class ContainerRunner:
                 self.spec,
                 self.w.saved.pod_ip or "127.0.0.1",
                 lambda cmd: containers.exec_argv(self.w.dir, self.name, rec.init_pid, cmd),
-                {"PATH": containers.DEFAULT_PATH, **self.env()},
+                {"PATH": containers.DEFAULT_PATH, **self.last_env},
             )
         except ValueError as e:  # e.g. a named port the container does not declare
             msg = str(e)

@@ -67,6 +67,7 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         spec["status_file"],
         "-n",
         spec["netns"],
+        *(["-I", spec["ipcns"]] if spec.get("ipcns") else []),
         "-h",
         spec["hostname"] or "",
         "-w",
@@ -78,12 +79,14 @@ def shim_argv(spec: dict, spec_path: str) -> list[str]:
         argv += Security.from_dict(spec["security"]).shim_flags()
     for src, dst in spec["binds"]:
         argv += ["-b", src, dst]
-    for src, dst, executable in spec.get("mounts", []):
-        argv += ["-M" if executable else "-m", src, dst]
+    for src, dst, kind in spec.get("mounts", []):
+        argv += [f"-{kind}", src, dst]
     if spec.get("image"):
         argv += ["-i", spec["image"], spec["upper"], spec["work"], spec["rootfs"]]
     for k, v in spec["env"].items():
         argv += ["-e", f"{k}={v}"]
+    if spec.get("env_fd") is not None:
+        argv += ["-E", str(spec["env_fd"])]
     return [*argv, "--", *spec["argv"]]
 
 
@@ -155,6 +158,8 @@ async def launch(
     security: Security | None = None,
     mounts: list[tuple[str, str]] | None = None,
     exec_mounts: list[tuple[str, str]] | None = None,
+    volumes: list[tuple[str, str, bool]] | None = None,
+    ipcns: str | None = None,
     ready_timeout: float = 30.0,
 ) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     """Start one container instance and wait until its PID 1 exists.
@@ -165,6 +170,8 @@ async def launch(
     `mounts` (node directory, container path) are bound read-only, nosuid, nodev,
     noexec (a system pod's credentials); `exec_mounts` the same but executable
     (corral's installation for its system pods). Sandboxed containers only.
+    `volumes` (node path, container path, read-only) are the pod's volume mounts
+    (runtime/volumes.py): nosuid, nodev; a file source gets a file mount point.
     """
     if not argv:
         raise StartError("no command: set command (or args) for the container")
@@ -173,6 +180,11 @@ async def launch(
     if (mounts or exec_mounts) and security is not None and security.privileged:
         # Only a sandbox's private /run is a safe place to mount into (never the node's).
         raise StartError("read-only directory mounts are for sandboxed containers only")
+    if volumes and security is not None and security.privileged:
+        raise StartError(
+            "volumeMounts: a privileged container runs on the node's own filesystem and "
+            "cannot mount volumes; drop securityContext.privileged"
+        )
     cdir = container_dir(pod_dir, name)
     os.makedirs(cdir, mode=0o700, exist_ok=True)
     os.chmod(pod_dir, 0o700)  # specs hold env, logs whatever the container prints
@@ -186,12 +198,15 @@ async def launch(
         "env": env,
         "workingDir": working_dir,
         "netns": netns,
+        "ipcns": ipcns,  # the pod's pinned IPC namespace (None: one of the container's own)
         "hostname": hostname,
         "binds": binds,
-        # (source, destination, executable): read-only, nosuid, nodev, and noexec
-        # unless executable (corral's own files for its system pods: runtime/corralfiles.py)
-        "mounts": [(src, dst, False) for src, dst in mounts or []]
-        + [(src, dst, True) for src, dst in exec_mounts or []],
+        # (source, destination, kind): "m" read-only noexec, "M" read-only (corral's own
+        # files for its system pods: runtime/corralfiles.py), "v"/"V" a volume read-write
+        # or read-only; all nosuid, nodev (shim.py's clone_mounts)
+        "mounts": [(src, dst, "m") for src, dst in mounts or []]
+        + [(src, dst, "M") for src, dst in exec_mounts or []]
+        + [(src, dst, "V" if ro else "v") for src, dst, ro in volumes or []],
         "cgroups": cgroups,
         "pid_file": pid_file,
         "status_file": status_file,
@@ -209,7 +224,34 @@ async def launch(
             work=os.path.join(layer, "work"),
             rootfs=os.path.join(layer, "rootfs"),
         )
-    write_atomic(spec_path, marshal.dumps(spec), 0o600)
+    # The environment (it may hold secrets) goes to the shim through a memfd: never in
+    # the spec file on disk, nor in the shim's argv (/proc/PID/cmdline is world-readable).
+    env_fd = os.memfd_create("corral-env", 0)
+    try:
+        data = b"\0".join(f"{k}={v}".encode("utf-8", "surrogateescape") for k, v in env.items())
+        view = memoryview(data)
+        while view:
+            view = view[os.write(env_fd, view) :]
+        os.lseek(env_fd, 0, os.SEEK_SET)
+        spec["env"], spec["env_fd"] = {}, env_fd
+        write_atomic(spec_path, marshal.dumps(spec), 0o600)
+        return await _spawn(
+            spec, spec_path, pid_file, name, pod_dir, instance, ready_timeout, env_fd
+        )
+    finally:
+        os.close(env_fd)
+
+
+async def _spawn(
+    spec: dict,
+    spec_path: str,
+    pid_file: str,
+    name: str,
+    pod_dir: str,
+    instance: int,
+    ready_timeout: float,
+    env_fd: int,
+) -> tuple[ContainerRecord, asyncio.subprocess.Process]:
     log = log_path(pod_dir, name, instance)
     os.makedirs(os.path.dirname(log), mode=0o700, exist_ok=True)
     with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
@@ -220,6 +262,7 @@ async def launch(
             stderr=out,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(env_fd,),
         )
     deadline = time.monotonic() + ready_timeout
     while True:

@@ -20,7 +20,16 @@ from typing import Any
 
 from corral.api import netconfig
 from corral.api.informer import BY_NODE, Informer, Registration, by_node
-from corral.api.objects import NetworkConfig, NetworkSpec, Node, Pod
+from corral.api.objects import (
+    ConfigMap,
+    Namespace,
+    NetworkConfig,
+    NetworkSpec,
+    Node,
+    Pod,
+    Secret,
+    TypedObject,
+)
 from corral.cni.client import CNIClient, CNIError, is_pod_sandbox
 from corral.daemon.nodecontext import NodeContext
 from corral.node import netns
@@ -59,6 +68,11 @@ class PodRuntime:
         self.pods: Informer[Pod] = informers.informer(Pod)
         self.pods.add_index(BY_NODE, by_node)
         self.configs: Informer[NetworkConfig] = informers.informer(NetworkConfig)
+        # What pods' volumes and env take from (runtime/volumes.py, runtime/envvars.py).
+        self.config_maps: Informer[ConfigMap] = informers.informer(ConfigMap)
+        self.secrets: Informer[Secret] = informers.informer(Secret)
+        self.namespaces: Informer[Namespace] = informers.informer(Namespace)  # their labels
+        self._object_regs: list[Registration] = []
         self._pods_reg: Registration | None = None
         self._config_reg: Registration | None = None
         # Pod events wait for run()'s start-up (orphans torn down, CNI garbage collected):
@@ -92,6 +106,11 @@ class PodRuntime:
     async def run(self) -> None:
         if self._pods_reg is None:  # once: run() is restarted after a failure
             self._pods_reg = self.pods.on_change(self._pod_changed)
+            self._object_regs = [
+                self.config_maps.on_change(self._object_changed),
+                self.secrets.on_change(self._object_changed),
+                self.namespaces.on_change(self._object_changed),
+            ]
         self.ctx.informers.start()
         await self.pods.wait_synced()
         if not self._adopting_done.is_set():
@@ -158,6 +177,35 @@ class PodRuntime:
                 self.workers[uid].object_gone()
         else:
             self._handle(new)
+
+    async def config_synced(self) -> None:
+        """ConfigMaps, Secrets and Namespaces are known (a lookup before would miss them)."""
+        await self.config_maps.wait_synced()
+        await self.secrets.wait_synced()
+        await self.namespaces.wait_synced()
+
+    def config_map(self, ns: str, name: str) -> ConfigMap | None:
+        return self.config_maps.get(name, ns)
+
+    def secret(self, ns: str, name: str) -> Secret | None:
+        return self.secrets.get(name, ns)
+
+    def namespace_labels(self, ns: str) -> dict[str, str]:
+        n = self.namespaces.get(ns)
+        return dict(n.metadata.labels) if n is not None else {}
+
+    def _object_changed(self, old: TypedObject | None, new: TypedObject | None) -> None:
+        """A ConfigMap or Secret changed: the pods that use it refresh their volumes
+        and retry containers waiting for it (CreateContainerConfigError)."""
+        o = new or old
+        if o is None:
+            return
+        for w in list(self.workers.values()):
+            if isinstance(o, Namespace):  # its labels (hostPath volumes)
+                if w.saved.namespace == o.name and w.pod.spec.volumes:
+                    w.config_changed()
+            elif w.saved.namespace == o.namespace and w.uses(type(o).KIND, o.name):
+                w.config_changed()
 
     def _config_changed(self, old: NetworkConfig | None, new: NetworkConfig | None) -> None:
         if new is not None and new.name == netconfig.CONFIG_NAME and new.spec != self.network:
@@ -252,10 +300,11 @@ class PodRuntime:
 
     async def stop(self) -> None:
         """Leave the pods running (a restarted runtime adopts them); just stop watching."""
-        for reg in (self._pods_reg, self._config_reg):
+        for reg in (self._pods_reg, self._config_reg, *self._object_regs):
             if reg is not None:
                 reg.remove()
         self._pods_reg = self._config_reg = None
+        self._object_regs = []
         tasks = [w.task for w in self.workers.values() if w.task is not None]
         for w in self.workers.values():
             for r in w.runners:

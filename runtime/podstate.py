@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from corral.common.files import write_atomic
+from corral.node import mounts
 
 
 @dataclass
@@ -67,11 +68,17 @@ def pod_dir(state_dir: str, uid: str) -> str:
     return os.path.join(pods_dir(state_dir), uid)
 
 
-def save(state_dir: str, s: PodSaved) -> None:
-    d = pod_dir(state_dir, s.uid)
+def ensure_dir(state_dir: str, uid: str) -> str:
+    """The pod's directory, made 0700 (as `pods/`) when missing: it holds env and logs."""
+    d = pod_dir(state_dir, uid)
     if not os.path.isdir(d):
         os.makedirs(pods_dir(state_dir), mode=0o700, exist_ok=True)
         os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def save(state_dir: str, s: PodSaved) -> None:
+    d = ensure_dir(state_dir, s.uid)
     write_atomic(os.path.join(d, "state.json"), s.dumps(), 0o600)
 
 
@@ -90,4 +97,6 @@ def load_all(state_dir: str) -> dict[str, PodSaved]:
 
 
 def forget(state_dir: str, uid: str) -> None:
+    # A pod's tmpfs volumes (secrets) are unmounted first: rmtree stops at nothing.
+    mounts.unmount_under(pod_dir(state_dir, uid))
     shutil.rmtree(pod_dir(state_dir, uid), ignore_errors=True)

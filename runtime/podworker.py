@@ -22,17 +22,21 @@ from typing import TYPE_CHECKING
 from corral.api.objects import Pod
 from corral.api.store import Conflict, now_iso
 from corral.cni.client import CNIError, RuntimeConf, load_conflist, pod_args, result_ips
-from corral.node import netns
-from corral.runtime import podstate, sandbox
+from corral.node import mounts, netns
+from corral.runtime import podstate, sandbox, security
 from corral.runtime.cgroups import Limits, PodCgroups
 from corral.runtime.containerrunner import MAX_BACKOFF, ContainerRunner
+from corral.runtime.downward import PodFacts
 from corral.runtime.podstate import ContainerSaved, PodSaved
 from corral.runtime.podstatus import PodStatusWriter
+from corral.runtime.volumes import PodVolumes, VolumeError, host_path_refusal, references
 
 if TYPE_CHECKING:
     from corral.runtime.pods import PodRuntime
 
 log = logging.getLogger(__name__)
+
+SHM_BYTES = 64 << 20  # a pod's /dev/shm, as containerd's default
 
 
 class PodWorker:
@@ -47,6 +51,13 @@ class PodWorker:
             self.saved.containers.setdefault(c.name, ContainerSaved())
         self.dir = podstate.pod_dir(rt.ctx.paths.state_dir, uid)
         self.cgroups = PodCgroups(rt.ctx.node_name, uid)
+        self.volumes = PodVolumes(self.dir, pod)
+        # Set when a ConfigMap or Secret the pod uses changes (runtime/pods.py).
+        self.config_event = asyncio.Event()
+        self._refresher: asyncio.Task | None = None
+        self._refresh_wanted = False
+        self.volumes_ready = False  # set up (refreshes may rewrite them from then on)
+        self.ipc_ready = False  # the pod's IPC namespace and /dev/shm exist
         self.host_network = pod.spec.host_network
         self.init_runners = [
             ContainerRunner(self, c, self.saved.containers[c.name], init=True)
@@ -95,10 +106,128 @@ class PodWorker:
         return float(self.pod.spec.termination_grace_period_seconds)
 
     def update(self, pod: Pod) -> None:
-        self.pod = pod
+        meta_changed = (pod.metadata.labels, pod.metadata.annotations) != (
+            self.pod.metadata.labels,
+            self.pod.metadata.annotations,
+        )
+        self.pod = self.volumes.pod = pod
+        if meta_changed:  # downwardAPI files of labels and annotations
+            self.config_changed()
         self.status.seen(pod)
         if pod.metadata.deletion_timestamp:
             self.deleting.set()
+
+    # ------------------------------------------------------------ configuration
+
+    def facts(self) -> PodFacts:
+        return PodFacts(self.pod, self.rt.ctx.node_name, self.saved.pod_ip, self.rt.host_ip)
+
+    def uses(self, kind: str, name: str) -> bool:
+        """Whether a volume or a container's env refers to this ConfigMap or Secret."""
+        return (kind, name) in references(self.pod)
+
+    def config_changed(self) -> None:
+        """Refresh the volumes soon; wake containers waiting for their config."""
+        self.config_event.set()
+        self._refresh_wanted = True
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.create_task(self._refresh_volumes())
+
+    async def _refresh_volumes(self) -> None:
+        """Rewrite the volumes until no change came in meanwhile (one writer at a time;
+        only once _ensure_volumes has set them up)."""
+        rt = self.rt
+        while self._refresh_wanted and self.volumes_ready:
+            self._refresh_wanted = False
+            if self.torn_down or self.terminating:
+                return
+            await rt.config_synced()
+            try:
+                changed = await asyncio.get_running_loop().run_in_executor(
+                    None, self.volumes.refresh, self.facts(), rt.config_map, rt.secret
+                )
+            except OSError as e:  # e.g. torn down meanwhile
+                log.debug(
+                    "pod %s/%s: volumes not refreshed: %s", self.saved.namespace, self.saved.name, e
+                )
+                return
+            if changed:
+                log.info(
+                    "pod %s/%s: volumes %s updated", self.saved.namespace, self.saved.name, changed
+                )
+
+    async def _ensure_volumes(self) -> None:
+        """Every volume set up, retried while a ConfigMap or Secret it needs is missing
+        (the pod stays Pending with the reason, as FailedMount)."""
+        if not self.pod.spec.volumes:
+            self.volumes_ready = True
+            return
+        await self.rt.config_synced()
+        podstate.ensure_dir(self.rt.ctx.paths.state_dir, self.saved.uid)
+        loop = asyncio.get_running_loop()
+        backoff = 0.5
+        hidden = security.hidden_paths(self.rt.ctx.paths, getattr(self.rt.ctx.store, "tls", None))
+        while not self.deleting.is_set():
+            self.config_event.clear()
+            try:
+                why = host_path_refusal(
+                    self.pod, self.rt.namespace_labels(self.saved.namespace), hidden
+                )
+                if why is not None:
+                    raise VolumeError(why)
+                await loop.run_in_executor(
+                    None, self.volumes.setup, self.facts(), self.rt.config_map, self.rt.secret
+                )
+                self.volumes_ready = True
+                if self._refresh_wanted:  # a change came while they were being set up
+                    self.config_changed()
+                if self.sandbox_error is not None:
+                    self.sandbox_error = None
+                    self.changed()
+                return
+            except (VolumeError, OSError) as e:
+                self.sandbox_error = ("FailedMount", str(e))
+                log.warning("pod %s/%s: %s", self.saved.namespace, self.saved.name, e)
+                self.changed()
+            waits = {
+                asyncio.ensure_future(self.deleting.wait()),
+                asyncio.ensure_future(self.config_event.wait()),
+            }
+            await asyncio.wait(waits, timeout=backoff, return_when=asyncio.FIRST_COMPLETED)
+            for t in waits:
+                t.cancel()
+            backoff = min(backoff * 2, 30.0)
+
+    @property
+    def ipc_path(self) -> str:
+        return os.path.join(self.dir, "ipc")
+
+    @property
+    def shm_path(self) -> str:
+        return os.path.join(self.dir, "shm")
+
+    def _ensure_ipc(self) -> None:
+        """The pod's IPC namespace and /dev/shm, shared by its containers (the pause
+        container's in Kubernetes): a pinned namespace and a 64 MiB tmpfs. Idempotent;
+        without them (an error, logged) each container keeps IPC of its own."""
+        try:
+            podstate.ensure_dir(self.rt.ctx.paths.state_dir, self.saved.uid)
+            if not mounts.is_mount(self.ipc_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.ipc_path)
+                netns.create_pinned_ipc(self.ipc_path)
+            os.makedirs(self.shm_path, exist_ok=True)
+            if not mounts.is_mount(self.shm_path):
+                mounts.mount_tmpfs(self.shm_path, SHM_BYTES, 0o1777)
+            self.ipc_ready = True
+        except OSError as e:
+            log.warning("pod %s/%s: no shared IPC: %s", self.saved.namespace, self.saved.name, e)
+
+    def _remove_ipc(self) -> None:
+        netns.remove_pinned(self.ipc_path)
+        mounts.unmount_under(self.shm_path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.shm_path)
 
     def object_gone(self) -> None:
         self.gone = True
@@ -124,6 +253,9 @@ class PodWorker:
         try:
             # Adopted after it completed (or after an init container failed for good).
             finished = all(r.saved.done for r in self.runners) or self.init_failed()
+            if not self.deleting.is_set() and not finished:
+                await asyncio.get_running_loop().run_in_executor(None, self._ensure_ipc)
+                await self._ensure_volumes()  # before the sandbox, as the kubelet's order
             if not self.deleting.is_set() and not finished:
                 await self._ensure_sandbox()
             started = not self.deleting.is_set() and not finished and self.sandbox_error is None
@@ -336,6 +468,9 @@ class PodWorker:
                     await asyncio.wait_for(r.task, 15)
         await self._network_down()
         await asyncio.get_running_loop().run_in_executor(None, self.cgroups.remove)
+        # Secrets' tmpfs unmounted, emptyDirs removed: with the pod, as the kubelet does.
+        await asyncio.get_running_loop().run_in_executor(None, self.volumes.teardown)
+        await asyncio.get_running_loop().run_in_executor(None, self._remove_ipc)
         if self.writer is not None:
             self.writer.cancel()
         # Everything on the node is gone before the object is: whoever waits for the

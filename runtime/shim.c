@@ -1,11 +1,15 @@
 /* The per-container init wrapper, native build: what runtime/shim.py does, without
  * an interpreter start per container (~1 ms of CPU instead of ~20 ms).
  *
- *   corral-container-shim -p PIDFILE -s STATUSFILE -n NETNS [-h HOSTNAME] [-w DIR]
- *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m|-M SRC_DIR DST_DIR]...
+ *   corral-container-shim -p PIDFILE -s STATUSFILE -n NETNS [-I IPCNS] [-h HOSTNAME] [-w DIR]
+ *       [-c CGROUP_PROCS]... [-b SRC DST]... [-m|-M|-v|-V SRC DST]...
  *       [-i IMAGE UPPER WORK ROOTFS]
- *       [-e NAME=VALUE]... [SECURITY] -- ARGV...
+ *       [-e NAME=VALUE]... [-E ENV_FD] [SECURITY] -- ARGV...
  *   corral-container-shim -X PID [-c CGROUP_PROCS]... [SECURITY] -- ARGV...
+ *
+ * Mounts (sandboxed containers only): -m read-only noexec (credentials), -M read-only
+ * (corral's files), -v a writable volume, -V a read-only volume; all nosuid, nodev.
+ * SRC may be a file (a subPath): the mount point is then a file.
  *
  * SECURITY: -P (privileged: the node's filesystem as it is, every capability) or
  * -C CAPS_HEX (sandboxed: the node hidden, see shim.py), and [-u UID] [-g GID]
@@ -69,14 +73,14 @@
 extern char **environ;
 
 struct spec {
-    const char *pid_file, *status_file, *netns, *hostname, *workdir;
+    const char *pid_file, *status_file, *netns, *ipcns, *hostname, *workdir;
     const char *image, *upper, *work, *rootfs;
     const char *cgroups[MAXN];
     int ncgroups;
     const char *binds[MAXN][2];
     int nbinds;
-    const char *mounts[MAXN][2]; /* read-only directory mounts (-m SRC DST, -M: executable) */
-    int mount_exec[MAXN];
+    const char *mounts[MAXN][2]; /* directory/file mounts (-m SRC DST, -M -v -V: see usage) */
+    char mount_kind[MAXN];
     int nmounts;
     char *env[4096];
     int nenv;
@@ -329,18 +333,48 @@ static void clone_mounts(struct spec *s, int *fds) {
         fds[i] = syscall(SYS_open_tree, AT_FDCWD, s->mounts[i][0], OPEN_TREE_CLONE_ | O_CLOEXEC);
         if (fds[i] < 0)
             die_setup("open_tree ", s->mounts[i][0], NULL);
-        unsigned long long attr[4] = {
-            s->mount_exec[i] ? MOUNT_ATTR_RO_ALL_ & ~MOUNT_ATTR_NOEXEC_ : MOUNT_ATTR_RO_ALL_, 0,
-            0, 0};
+        char k = s->mount_kind[i];
+        unsigned long long set = MOUNT_ATTR_RO_ALL_;
+        if (k == 'M' || k == 'V') /* executable (corral's files; read-only volumes) */
+            set &= ~MOUNT_ATTR_NOEXEC_;
+        else if (k == 'v') /* a writable volume: nosuid, nodev */
+            set &= ~(MOUNT_ATTR_NOEXEC_ | MOUNT_ATTR_RDONLY_);
+        unsigned long long attr[4] = {set, k == 'v' ? MOUNT_ATTR_RDONLY_ : 0, 0, 0};
         if (syscall(SYS_mount_setattr, fds[i], "", AT_EMPTY_PATH, attr, sizeof attr) != 0)
-            die_setup("mount_setattr(read-only) ", s->mounts[i][0], NULL);
+            die_setup("mount_setattr ", s->mounts[i][0], NULL);
     }
+}
+
+/* The mount point of mount i: a directory, or an empty file for a file (a subPath). */
+static void mount_point(struct spec *s, int *fds, int i) {
+    struct stat st;
+    const char *dst = s->mounts[i][1];
+    if (fstat(fds[i], &st) != 0)
+        die_setup("stat ", s->mounts[i][0], NULL);
+    if (S_ISDIR(st.st_mode)) {
+        if (mkdir_p(dst) != 0)
+            die_setup("mkdir ", dst, NULL);
+        return;
+    }
+    if (access(dst, F_OK) == 0)
+        return;
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", dst);
+    char *slash = strrchr(dir, '/');
+    if (slash && slash != dir) {
+        *slash = 0;
+        if (mkdir_p(dir) != 0)
+            die_setup("mkdir ", dir, NULL);
+    }
+    int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        die_setup("create ", dst, NULL);
+    close(fd);
 }
 
 static void attach_mounts(struct spec *s, int *fds) {
     for (int i = 0; i < s->nmounts; i++) {
-        if (mkdir_p(s->mounts[i][1]) != 0)
-            die_setup("mkdir ", s->mounts[i][1], NULL);
+        mount_point(s, fds, i);
         if (syscall(SYS_move_mount, fds[i], "", AT_FDCWD, s->mounts[i][1],
                     MOVE_MOUNT_F_EMPTY_PATH_) != 0)
             die_setup("move_mount onto ", s->mounts[i][1], NULL);
@@ -371,6 +405,9 @@ static void setup_sandboxed(struct spec *s) {
             die_setup("umount the old root", NULL, NULL);
         if (chdir("/") != 0)
             die_setup("chdir ", "/", NULL);
+        /* Mount points in the image's layer while it is still writable. */
+        for (int i = 0; i < s->nmounts; i++)
+            mount_point(s, mount_fds, i);
     } else {
         bind_files(s, "/", 0); /* never create files on the node */
     }
@@ -671,6 +708,43 @@ fail:
     return 125;
 }
 
+/* -E FD: NAME=VALUE entries separated by NULs, read from FD (a memfd the runtime
+ * filled), so the environment (secrets among it) is neither in argv, which any user
+ * of the node can read in /proc, nor on disk. */
+static int read_env_fd(struct spec *s, int fd) {
+    size_t cap = 65536, len = 0;
+    char *buf = malloc(cap + 1);
+    if (!buf)
+        return -1;
+    for (;;) {
+        if (len == cap) {
+            char *more = realloc(buf, 2 * cap + 1);
+            if (!more)
+                return -1;
+            buf = more;
+            cap *= 2;
+        }
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -1;
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    close(fd);
+    buf[len] = 0;
+    for (size_t off = 0; off < len; off += strlen(buf + off) + 1) {
+        if (!buf[off])
+            continue;
+        if (s->nenv == (int)(sizeof s->env / sizeof s->env[0]) - 1)
+            return -1;
+        s->env[s->nenv++] = buf + off;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     static struct spec s;
     s.uid = s.gid = -1;
@@ -701,6 +775,7 @@ int main(int argc, char **argv) {
         case 'p': s.pid_file = argv[++i]; break;
         case 's': s.status_file = argv[++i]; break;
         case 'n': s.netns = argv[++i]; break;
+        case 'I': s.ipcns = argv[++i]; break;
         case 'h': s.hostname = argv[++i]; break;
         case 'w': s.workdir = argv[++i]; break;
         case 'X': s.exec_pid = argv[++i]; break;
@@ -725,6 +800,10 @@ int main(int argc, char **argv) {
                 return usage();
             s.env[s.nenv++] = argv[++i];
             break;
+        case 'E':
+            if (read_env_fd(&s, atoi(argv[++i])) != 0)
+                return usage();
+            break;
         case 'b':
             if (left < 2 || s.nbinds == MAXN)
                 return usage();
@@ -733,9 +812,11 @@ int main(int argc, char **argv) {
             break;
         case 'm':
         case 'M':
+        case 'v':
+        case 'V':
             if (left < 2 || s.nmounts == MAXN)
                 return usage();
-            s.mount_exec[s.nmounts] = a[1] == 'M';
+            s.mount_kind[s.nmounts] = a[1];
             s.mounts[s.nmounts][0] = argv[++i];
             s.mounts[s.nmounts++][1] = argv[++i];
             break;
@@ -772,6 +853,16 @@ int main(int argc, char **argv) {
     }
     close(fd);
     int flags = CLONE_NEWUTS | CLONE_NEWIPC;
+    if (s.ipcns) { /* the pod's IPC namespace, shared by its containers */
+        int ifd = open(s.ipcns, O_RDONLY | O_CLOEXEC);
+        if (ifd < 0 || setns(ifd, CLONE_NEWIPC) != 0) {
+            fprintf(stderr, "corral: sandbox setup failed: setns %s: %s\n", s.ipcns,
+                    strerror(errno));
+            return 125;
+        }
+        close(ifd);
+        flags &= ~CLONE_NEWIPC;
+    }
     if (unshare(flags | CLONE_NEWPID) == 0) {
         s.pidns = 1;
     } else if (s.sandboxed) { /* without its own PID namespace it would see the node's /proc */

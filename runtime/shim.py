@@ -4,15 +4,16 @@ It starts once per container, so it imports only builtins and ctypes (json, sign
 and contextlib would double its start-up cost through re and enum): the spec and
 the records it writes are `marshal`-encoded dicts.
 
-It joins the container's cgroups, enters the pod's network namespace, unshares
-UTS/IPC/PID namespaces and forks the container's PID 1, which unshares a mount
-namespace, mounts its root (overlayfs over the image dir, when there is one), binds
-the pod's resolv.conf and hosts (and, read-only, the directories in `mounts`: a
-system pod's credentials, noexec, and corral's own files, executable), mounts /proc
-and execs the command. The wrapper stays outside the PID namespace: it forwards
-SIGTERM/SIGINT/SIGHUP, records the child's PID (`pid_file`) and its exit
-(`status_file`), and exits with its code. If the wrapper is killed, the child gets
-SIGKILL (PR_SET_PDEATHSIG), and with it every process of the PID namespace.
+It joins the container's cgroups, enters the pod's network namespace (and its IPC
+namespace, `ipcns`, shared by the pod's containers), unshares UTS/IPC/PID namespaces
+and forks the container's PID 1, which unshares a mount namespace, mounts its root
+(overlayfs over the image dir, when there is one), binds the pod's resolv.conf and
+hosts (and the `mounts`: a system pod's credentials, corral's own files, the pod's
+volumes), mounts /proc and execs the command. The wrapper stays outside the PID
+namespace: it forwards SIGTERM/SIGINT/SIGHUP, records the child's PID (`pid_file`)
+and its exit (`status_file`), and exits with its code. If the wrapper is killed, the
+child gets SIGKILL (PR_SET_PDEATHSIG), and with it every process of the PID
+namespace.
 
 Unless the spec's `security` says privileged, PID 1's mount namespace hides the
 node: the host's mounts read-only, empty read-only tmpfs over the `hidden` paths,
@@ -158,23 +159,40 @@ def make_dev() -> None:
 
 
 def clone_mounts(spec: dict) -> list[tuple[int, str]]:
-    """Detached read-only copies of the spec's `mounts` sources, taken before the node's
-    state is hidden (a source may live under it), attached by attach_mounts() at the end."""
+    """Detached copies of the spec's `mounts` sources, taken before the node's state is
+    hidden (a source may live under it), attached by attach_mounts() at the end.
+
+    Each mount is (source, destination, kind), kind as shim.c's flag: "m" read-only
+    noexec (credentials), "M" read-only (corral's files), "v" a writable volume, "V" a
+    read-only volume; all nosuid, nodev. A source may be a file (a volume's subPath)."""
     out = []
-    for src, dst, executable in spec.get("mounts", []):
+    for src, dst, kind in spec.get("mounts", []):
         fd = libc.syscall(SYS_OPEN_TREE, AT_FDCWD, src.encode(), OPEN_TREE_CLONE | O_CLOEXEC)
         check(fd if fd < 0 else 0, f"open_tree {src}")
-        ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-        attr = MountAttr(ro if executable else ro | MOUNT_ATTR_NOEXEC, 0, 0, 0)
+        flags = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+        if kind == "m":
+            flags |= MOUNT_ATTR_NOEXEC
+        elif kind == "v":
+            flags &= ~MOUNT_ATTR_RDONLY
+        attr = MountAttr(flags, MOUNT_ATTR_RDONLY if kind == "v" else 0, 0, 0)
         rc = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), 32)
-        check(rc, f"mount_setattr({src}, read-only)")
+        check(rc, f"mount_setattr({src})")
         out.append((fd, dst))
     return out
 
 
+def mount_point(fd: int, dst: str) -> None:
+    """A directory for a directory's mount, an empty file for a file's."""
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
+        os.makedirs(dst, mode=0o755, exist_ok=True)
+    elif not os.path.exists(dst):
+        os.makedirs(os.path.dirname(dst) or "/", mode=0o755, exist_ok=True)
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
 def attach_mounts(clones: list[tuple[int, str]]) -> None:
     for fd, dst in clones:
-        os.makedirs(dst, mode=0o755, exist_ok=True)
+        mount_point(fd, dst)
         rc = libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, dst.encode(), MOVE_MOUNT_F_EMPTY_PATH)
         check(rc, f"move_mount onto {dst}")
         os.close(fd)
@@ -196,6 +214,8 @@ def setup_sandboxed(spec: dict, sec: dict) -> None:
         check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
         check(libc.umount2(b".", MNT_DETACH), "umount the old root")
         os.chdir("/")
+        for fd, dst in clones:  # mount points in the image's layer while it is writable
+            mount_point(fd, dst)
     else:
         bind_files(spec, "/", False)  # never create files on the node
     for path in sec.get("hidden", []):
@@ -434,9 +454,29 @@ def exec_main(pid: str, spec_path: str, argv: list) -> int:
             continue
 
 
+def read_env_fd(fd: int) -> dict:
+    """The environment from the memfd the runtime filled (NAME=VALUE, NUL-separated):
+    not in the spec file on disk (it may hold secrets)."""
+    chunks = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(fd)
+    env = {}
+    for item in b"".join(chunks).split(b"\0"):
+        if item:
+            k, _, v = item.decode("utf-8", "surrogateescape").partition("=")
+            env[k] = v
+    return env
+
+
 def main() -> int:
     with open(sys.argv[1], "rb") as f:
         spec = marshal.load(f)
+    if spec.get("env_fd") is not None:
+        spec["env"] = read_env_fd(spec["env_fd"])
     started = time.time()
     if not join_cgroups(spec):
         return 125
@@ -445,6 +485,11 @@ def main() -> int:
         check(libc.setns(fd, CLONE_NEWNET), f"setns {spec['netns']}")
         os.close(fd)
         flags = CLONE_NEWUTS | CLONE_NEWIPC
+        if spec.get("ipcns"):  # the pod's IPC namespace, shared by its containers
+            fd = os.open(spec["ipcns"], os.O_RDONLY)
+            check(libc.setns(fd, CLONE_NEWIPC), f"setns {spec['ipcns']}")
+            os.close(fd)
+            flags = CLONE_NEWUTS
         sec = spec.get("security")
         if libc.unshare(flags | CLONE_NEWPID) == 0:
             spec["pidns"] = True

@@ -24,7 +24,7 @@ from typing import Any
 
 from corral.api.objects import Pod
 from corral.api.store import Store, now_iso
-from corral.node import netlink, netns
+from corral.node import mounts, netlink, netns
 from corral.runtime import cgroups as cg
 from corral.runtime import containers
 
@@ -226,6 +226,7 @@ def _sweep(n: Node) -> None:
         n.relay.terminate()
         n.relay.wait(30)
     netns.remove(n.ns)
+    mounts.unmount_under(n.tmp)  # pods' tmpfs volumes (secrets) of a stopped runtime
     shutil.rmtree(n.tmp, ignore_errors=True)
 
 
