@@ -92,6 +92,16 @@ def test_logs_of_a_finished_pod_with_tail(kubectl: Any) -> None:
         kubectl("delete", "pod", name, "--wait=false")
 
 
+def test_pods_find_the_api_through_kubelets_service_variables(kubectl: Any) -> None:
+    name = f"env-{secrets.token_hex(3)}"
+    apply_pod(kubectl, name, "echo $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT")
+    try:
+        wait_for(lambda: phase(kubectl, name) == "Succeeded", f"{name} to finish")
+        assert kubectl("logs", name).stdout.strip() == "10.96.0.1:443"
+    finally:
+        kubectl("delete", "pod", name, "--wait=false")
+
+
 def test_logs_follow_until_the_container_ends(kubectl: Any) -> None:
     name = f"follow-{secrets.token_hex(3)}"
     apply_pod(kubectl, name, "echo first; sleep 3; echo second")

@@ -175,11 +175,10 @@ class ContainerRunner:
         """The container's environment and volume mounts (envvars.ConfigError if a
         ConfigMap, Secret or key it needs is missing, or a subPath is not usable)."""
         w = self.w
-        if not (self.spec.env or self.spec.env_from or self.spec.volume_mounts):
-            return {}, []
         await w.rt.config_synced()
         w.config_event.clear()
-        env = envvars.environment(self.spec, w.facts(), w.rt.config_map, w.rt.secret)
+        links = w.rt.service_links(w.pod)
+        env = envvars.environment(self.spec, w.facts(), w.rt.config_map, w.rt.secret, links)
         try:
             mounts = w.volumes.mounts(self.spec)
         except (VolumeError, OSError) as e:

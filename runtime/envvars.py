@@ -1,11 +1,12 @@
 """A container's environment as the kubelet makes it (pkg/kubelet/kubelet_pods.go
 makeEnvironmentVariables): envFrom first, in order, then env, each later name
 overriding an earlier one; `$(VAR)` in a value expands to a variable defined before
-it (or the service's... corral has no service env links); `$$` is a literal `$`."""
+it or to a Service's link variable; `$$` is a literal `$`. Service link variables
+(`service_links`) come under everything the pod defines itself."""
 
 from __future__ import annotations
 
-from corral.api.objects import ConfigMap, Container, Secret, config_key
+from corral.api.objects import ConfigMap, Container, Secret, Service, config_key
 from corral.runtime.downward import PodFacts, field_value, resource_value
 from corral.runtime.volumes import Lookup
 
@@ -37,10 +38,16 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 
 def environment(
-    c: Container, facts: PodFacts, config_maps: Lookup, secrets: Lookup
+    c: Container,
+    facts: PodFacts,
+    config_maps: Lookup,
+    secrets: Lookup,
+    links: dict[str, str] | None = None,
 ) -> dict[str, str]:
+    """The variables of container `c`; `links` (service_links) are there for $(VAR) and
+    stay where the pod defines nothing of the same name."""
     ns = facts.pod.namespace or "default"
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(links or {})
     for src in c.env_from:
         if src.config_map_ref is not None:
             ref = src.config_map_ref
@@ -89,4 +96,31 @@ def environment(
                 kind = "ConfigMap" if is_cm else "Secret"
                 raise ConfigError(f"couldn't find key {kref.key} in {kind} {ns}/{kref.name}")
             env[e.name] = data[kref.key].decode(errors="replace")
+    return env
+
+
+def service_links(services: list[Service]) -> dict[str, str]:
+    """Docker-link style variables for each Service with a cluster IP, as kubelet makes
+    them (pkg/kubelet/envvars): FOO_SERVICE_HOST, FOO_SERVICE_PORT[_<NAME>], FOO_PORT,
+    FOO_PORT_<port>_<PROTO>[_PROTO|_PORT|_ADDR]. Later Services of a name win."""
+    env: dict[str, str] = {}
+    for svc in services:
+        ip = svc.spec.cluster_ip
+        if not ip or ip == "None" or not svc.spec.ports:
+            continue
+        name = svc.name.upper().replace("-", "_")
+        first = svc.spec.ports[0]
+        env[f"{name}_SERVICE_HOST"] = ip
+        env[f"{name}_SERVICE_PORT"] = str(first.port)
+        for p in svc.spec.ports:
+            if p.name:
+                env[f"{name}_SERVICE_PORT_{p.name.upper().replace('-', '_')}"] = str(p.port)
+        env[f"{name}_PORT"] = f"{first.protocol.lower()}://{ip}:{first.port}"
+        for p in svc.spec.ports:
+            proto = p.protocol.upper()
+            pre = f"{name}_PORT_{p.port}_{proto}"
+            env[pre] = f"{proto.lower()}://{ip}:{p.port}"
+            env[f"{pre}_PROTO"] = proto.lower()
+            env[f"{pre}_PORT"] = str(p.port)
+            env[f"{pre}_ADDR"] = ip
     return env

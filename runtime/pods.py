@@ -28,12 +28,13 @@ from corral.api.objects import (
     Node,
     Pod,
     Secret,
+    Service,
     TypedObject,
 )
 from corral.cni.client import CNIClient, CNIError, is_pod_sandbox
 from corral.daemon.nodecontext import NodeContext
 from corral.node import netns
-from corral.runtime import containers, credentials, etcdguard, podstate
+from corral.runtime import containers, credentials, envvars, etcdguard, podstate
 from corral.runtime.cgroups import PodCgroups
 from corral.runtime.podstate import PodSaved
 from corral.runtime.podworker import PodWorker
@@ -71,6 +72,8 @@ class PodRuntime:
         # What pods' volumes and env take from (runtime/volumes.py, runtime/envvars.py).
         self.config_maps: Informer[ConfigMap] = informers.informer(ConfigMap)
         self.secrets: Informer[Secret] = informers.informer(Secret)
+        # Services for the pods' link variables (KUBERNETES_SERVICE_HOST, ...), as kubelet's
+        self.services: Informer[Service] = informers.informer(Service)
         self.namespaces: Informer[Namespace] = informers.informer(Namespace)  # their labels
         self._object_regs: list[Registration] = []
         self._pods_reg: Registration | None = None
@@ -183,6 +186,20 @@ class PodRuntime:
         await self.config_maps.wait_synced()
         await self.secrets.wait_synced()
         await self.namespaces.wait_synced()
+        await self.services.wait_synced()
+
+    def service_links(self, pod: Pod) -> dict[str, str]:
+        """The Service variables kubelet gives a pod: the `kubernetes` Service's always,
+        its namespace's Services too unless `enableServiceLinks: false`."""
+        api = self.services.get("kubernetes", "default")
+        chosen = [api] if api is not None else []
+        if pod.spec.enable_service_links is not False:
+            mine = sorted(
+                (s for s in self.services.values() if s.namespace == pod.namespace),
+                key=lambda s: s.name,
+            )
+            chosen = [s for s in chosen if pod.namespace != "default"] + mine
+        return envvars.service_links(chosen)
 
     def config_map(self, ns: str, name: str) -> ConfigMap | None:
         return self.config_maps.get(name, ns)

@@ -115,3 +115,31 @@ def test_expansion_as_kubernetes_does() -> None:
     env = {"A": "x"}
     assert envvars.expand("$(A)-$(B)-$$(A)-$", env) == "x-$(B)-$(A)-$"
     assert envvars.expand("$(A", env) == "$(A"
+
+
+def test_service_links_are_kubelets_variables() -> None:
+    from corral.api.objects import Service
+    from corral.runtime.envvars import service_links
+
+    svc = Service.model_validate(
+        {
+            "metadata": {"name": "my-db"},
+            "spec": {
+                "clusterIP": "10.96.3.4",
+                "ports": [
+                    {"name": "sql", "port": 5432},
+                    {"name": "dns", "port": 53, "protocol": "UDP"},
+                ],
+            },
+        }
+    )
+    headless = Service.model_validate(
+        {"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [{"port": 1}]}}
+    )
+    env = service_links([svc, headless])
+    assert env["MY_DB_SERVICE_HOST"] == "10.96.3.4"
+    assert env["MY_DB_SERVICE_PORT"] == "5432" and env["MY_DB_SERVICE_PORT_SQL"] == "5432"
+    assert env["MY_DB_PORT"] == "tcp://10.96.3.4:5432"
+    assert env["MY_DB_PORT_53_UDP"] == "udp://10.96.3.4:53"
+    assert env["MY_DB_PORT_53_UDP_ADDR"] == "10.96.3.4"
+    assert not any(k.startswith("H_") for k in env)
