@@ -35,8 +35,9 @@ from typing import Any
 
 import aiohttp
 
+from bench.fill import fill
 from corral.api.objects import Pod, Service
-from corral.api.store import Store, batched
+from corral.api.store import Store
 from corral.cluster import pki
 from corral.cluster.etcd import LocalEtcd, free_port
 from tests.apiserver_helpers import write_kubeconfig
@@ -60,23 +61,6 @@ def service(i: int) -> dict[str, Any]:
         "metadata": {"name": f"s-{i}", "namespace": "default"},
         "spec": {"ports": [{"port": 80}]},
     }
-
-
-async def fill(url: str, objs: list[Any]) -> float:
-    store = Store(url)
-    await store.connect()
-    try:
-        gate = asyncio.Semaphore(8)
-
-        async def one(batch: list[Any]) -> None:
-            async with gate:
-                await store.commit(creates=batch)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(b) for b in batched(objs, size=lambda _: 800)))
-        return time.perf_counter() - t0
-    finally:
-        await store.close()
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> float:

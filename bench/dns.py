@@ -35,8 +35,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from bench.fill import fill
 from corral.api.objects import Service
-from corral.api.store import Store, batched
 from corral.cluster.etcd import LocalEtcd, free_port
 
 ZONE = "cluster.local"
@@ -63,18 +63,7 @@ def services(n: int) -> list[Service]:
 
 
 async def write(url: str, n: int) -> None:
-    store = Store(url)
-    await store.connect()
-    try:
-        gate = asyncio.Semaphore(8)
-
-        async def one(batch: list[Service]) -> None:
-            async with gate:
-                await store.commit(creates=batch)
-
-        await asyncio.gather(*(one(b) for b in batched(services(n), size=lambda s: 600)))
-    finally:
-        await store.close()
+    await fill(url, services(n), size=600)
 
 
 def query_file(path: str, n: int, seed: int = 53) -> int:

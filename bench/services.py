@@ -36,8 +36,9 @@ import urllib.request
 
 import yaml
 
+from bench.fill import commit_all
 from corral.api.objects import Pod, Service
-from corral.api.store import PREFIX, Store, batched, object_key
+from corral.api.store import PREFIX, Store, object_key
 from corral.cluster.etcd import LocalEtcd, free_port
 
 PEER_IN_FLIGHT = 50
@@ -92,13 +93,7 @@ async def plain_puts(store: Store, items: list[tuple[str, bytes]]) -> float:
 
 async def write_pods(store: Store, n_services: int, per: int) -> int:
     pods = [pod(i, j, i * per + j) for i in range(n_services) for j in range(per)]
-    gate = asyncio.Semaphore(8)
-
-    async def one(batch: list[Pod]) -> None:
-        async with gate:
-            await store.commit(creates=batch)
-
-    await asyncio.gather(*(one(b) for b in batched(pods, size=lambda p: 1500)))
+    await commit_all(store, pods, size=1500)
     return len(pods)
 
 

@@ -30,9 +30,9 @@ import errno
 import functools
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from corral.ebpf import libbpf
 
@@ -52,6 +52,9 @@ _ARRAYS = {ARRAY, PERCPU_ARRAY}
 BPF_F_NO_PREALLOC = 1
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 ENOTSUPP = 524  # the kernel's own "not supported" (no batch ops for this map type)
+
+
+T = TypeVar("T")
 
 
 class LayoutMismatch(OSError):
@@ -462,3 +465,30 @@ def unpin(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+class PinnedSet(Generic[T]):
+    """A pinned hash map used as a set of keys (value u8 1), opened by another process
+    than the one that pinned it: `encode`/`decode` turn a Python value into the map's
+    key and back. `sync(want)` makes it hold exactly `want`."""
+
+    def __init__(self, m: BpfMap, encode: Callable[[T], Any], decode: Callable[[Any], T]) -> None:
+        self.map, self.path, self.id = m, m.where, m.id
+        self._encode, self._decode = encode, decode
+
+    def entries(self) -> set[T]:
+        return {self._decode(k) for k in self.map}
+
+    def update(self, add: Iterable[T], remove: Iterable[T]) -> None:
+        self.map.update_batch([(self._encode(v), 1) for v in add])
+        self.map.delete_batch([self._encode(v) for v in remove])
+
+    def sync(self, want: set[T]) -> tuple[int, int]:
+        """Make the map hold exactly `want`; (added, removed)."""
+        have = self.entries()
+        add, remove = want - have, have - want
+        self.update(add, remove)
+        return len(add), len(remove)
+
+    def close(self) -> None:
+        self.map.close()

@@ -17,10 +17,9 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-from collections.abc import Iterable
 
 from corral.ebpf import loader
-from corral.ebpf.pinned_map import HASH, BpfMap, MapSpec, ip_key, ip_of
+from corral.ebpf.pinned_map import HASH, BpfMap, MapSpec, PinnedSet, ip_key, ip_of
 
 MAP = "proxy_endpoints"
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132}
@@ -56,30 +55,10 @@ def pin_path(node: str) -> str:
     return os.path.join(loader.pin_dir(node), MAP)
 
 
-class EndpointsMap:
+class EndpointsMap(PinnedSet[Endpoint]):
     """An open pinned proxy_endpoints map."""
-
-    def __init__(self, m: BpfMap) -> None:
-        self.map, self.path, self.id = m, m.where, m.id
 
     @classmethod
     def open(cls, node: str) -> EndpointsMap | None:
         m = BpfMap.open(pin_path(node), SPEC)
-        return None if m is None else cls(m)
-
-    def entries(self) -> set[Endpoint]:
-        return {decode(k) for k in self.map}
-
-    def update(self, add: Iterable[Endpoint], remove: Iterable[Endpoint]) -> None:
-        self.map.update_batch([(key(ep), 1) for ep in add])
-        self.map.delete_batch([key(ep) for ep in remove])
-
-    def sync(self, want: set[Endpoint]) -> tuple[int, int]:
-        """Make the map hold exactly `want`; (added, removed)."""
-        have = self.entries()
-        add, remove = want - have, have - want
-        self.update(add, remove)
-        return len(add), len(remove)
-
-    def close(self) -> None:
-        self.map.close()
+        return None if m is None else cls(m, key, decode)
