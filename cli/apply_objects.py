@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from corral.api.namespaces import check_namespaces
-from corral.api.objects import Namespace, Service, TypedObject, update_forbidden
+from corral.api.objects import Namespace, Pod, Service, TypedObject, update_forbidden
 from corral.api.store import KV, Conflict, Store, batched, kind_prefix, object_key
+from corral.runtime.podstatus import ANN_CONTAINERS, ANN_RUNTIME
 
 # Fewer objects of one kind and namespace than this are read by key, not by a list.
 GET_BY_KEY_BELOW = 32
@@ -80,6 +81,17 @@ def keep_allocated(before: Service, new: Service) -> None:
                 p.node_port = old_ports.get((p.port, p.protocol))
 
 
+def keep_bound(before: Pod, new: Pod) -> None:
+    """A re-applied manifest of a running pod keeps what the cluster gave it: the node
+    the scheduler bound it to and the runtime's annotations (where its files and
+    processes are), as kubectl apply's merge does. Dropping them would stop the pod."""
+    if not new.spec.node_name and before.spec.node_name:
+        new.spec.node_name = before.spec.node_name
+    for k in (ANN_RUNTIME, ANN_CONTAINERS):
+        if k in before.metadata.annotations and k not in new.metadata.annotations:
+            new.metadata.annotations[k] = before.metadata.annotations[k]
+
+
 def same(a: TypedObject, b: TypedObject) -> bool:
     """Equal but for resourceVersion and generation."""
     da, db = a.dump(), b.dump()
@@ -115,6 +127,8 @@ def plan(objs: Sequence[TypedObject], existing: dict[str, KV]) -> list[Planned]:
         before = Store.decode(type(obj), kv)
         if isinstance(before, Service):
             keep_allocated(before, obj)  # type: ignore[arg-type]
+        if isinstance(before, Pod):
+            keep_bound(before, obj)  # type: ignore[arg-type]
         carry_over(before, obj, kv.mod_revision)
         refused = update_forbidden(before, obj)
         if refused:
@@ -143,6 +157,8 @@ async def _write_batch(store: Store, batch: list[Planned], gate: asyncio.Semapho
             p.obj.metadata.resource_version = None
             if isinstance(cur, Service):
                 keep_allocated(cur, p.obj)  # type: ignore[arg-type]
+            if isinstance(cur, Pod):
+                keep_bound(cur, p.obj)  # type: ignore[arg-type]
             await store.put(p.obj)
             p.before = cur
             p.verb = (

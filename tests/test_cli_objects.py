@@ -330,3 +330,25 @@ async def test_a_batch_written_meanwhile_is_applied_object_by_object(store) -> N
     # the other writer set are gone, but only after its write was read, not blindly.
     c7 = next(s for s in svcs if s.name == "c7")
     assert c7.metadata.generation == 2 and c7.metadata.labels == {}
+
+
+def test_reapplying_a_bound_pods_manifest_keeps_it_where_it_runs() -> None:
+    """The scheduler's nodeName and the runtime's annotations stay (kubectl apply's
+    merge keeps them too); what the manifest says still wins where it says it."""
+    from corral.api.objects import Pod
+    from corral.api.store import KV
+    from corral.cli.apply_objects import plan
+
+    manifest = {
+        "metadata": {"name": "web", "namespace": "default", "labels": {"v": "1"}},
+        "spec": {"containers": [{"name": "c", "command": ["sleep", "9"]}]},
+    }
+    live = Pod.model_validate(manifest)
+    live.spec.node_name = "node-2"
+    live.metadata.annotations["corral.dev/runtime"] = '{"node": "node-2"}'
+    kv = KV("/corral/v1/pods/default/web", live.model_dump_json(by_alias=True).encode(), 7, 3)
+    again = Pod.model_validate(manifest)
+    (p,) = plan([again], {kv.key: kv})
+    assert p.obj.spec.node_name == "node-2"
+    assert p.obj.metadata.annotations["corral.dev/runtime"] == '{"node": "node-2"}'
+    assert p.verb == "unchanged"
