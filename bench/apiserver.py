@@ -1,6 +1,6 @@
 """The API server against etcd itself, in one run: list, watch fan-out, apply.
 
-- **list**: `kubectl get pods -A -o name` of N pods through `corral apiserver` vs
+- **list**: `kubectl get pods -A` (the Table) of N pods through `corral apiserver` vs
   `etcdctl get --prefix` of the same keys with their values (median of 3 each).
 - **watch fan-out**: W clients watch pods through the API server; C pods change one
   after another; for every change, the time from the etcd write to each watcher's
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing {args.pods} pods ...", flush=True)
         asyncio.run(fill(url, [pod(i) for i in range(args.pods)]))
         etcdctl = ["etcdctl", "--endpoints", url, "get", "--prefix", "/corral/v1/pods/"]
-        lists = [timed([KUBECTL, "get", "pods", "-A", "-o", "name"], env) for _ in range(3)]
+        lists = [timed([KUBECTL, "get", "pods", "-A"], env) for _ in range(3)]
         raw = [timed(etcdctl) for _ in range(3)]
         a, b = statistics.median(lists), statistics.median(raw)
         print(
