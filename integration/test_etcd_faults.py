@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -81,13 +82,19 @@ def _pinger(c: LocalCluster) -> subprocess.Popen:
     )
 
 
-def _stop_pinger(p: subprocess.Popen) -> tuple[int, int]:
-    """(sent, received) of the pinger."""
+def _stop_pinger(p: subprocess.Popen) -> tuple[int, int, int]:
+    """(sent, received, the longest run of unanswered pings) of the pinger. The last
+    one or two may be in flight when it stops, and do not count in the run."""
     os.killpg(p.pid, signal.SIGINT)  # nsenter forks ping (a PID namespace): signal both
     out, _ = p.communicate(timeout=30)
     line = next(ln for ln in out.splitlines() if "packets transmitted" in ln)
     sent, received = (int(x.split()[0]) for x in line.split(",")[:2])
-    return sent, received
+    answered = {int(m) for m in re.findall(r"icmp_seq=(\d+)", out)}
+    run = longest = 0
+    for seq in range(1, max(sent - 1, 1)):
+        run = 0 if seq in answered else run + 1
+        longest = max(longest, run)
+    return sent, received, longest
 
 
 def test_a_frozen_etcd_loses_nothing(fc: LocalCluster) -> None:
@@ -108,8 +115,11 @@ def test_a_frozen_etcd_loses_nothing(fc: LocalCluster) -> None:
     wait_for(lambda: _all_ready(fc), "every node Ready again")
     wait_for(lambda: _leases(fc) == leases, "every lease back, with the same subnet")
     wait_for(lambda: fc.corral("status").returncode == 0, "every daemon healthy again")
-    sent, received = _stop_pinger(pinger)
-    assert received >= sent - 2, f"pod traffic stopped: {received} of {sent} pings answered"
+    sent, received, gap = _stop_pinger(pinger)
+    # No outage: never more than two pings in a row unanswered (0.4 s; a reply later than
+    # 1 s on a loaded machine is one), and nearly all answered.
+    assert gap <= 2, f"pod traffic stopped: {gap} pings in a row unanswered"
+    assert received >= sent * 0.97, f"pod traffic lost: {received} of {sent} pings answered"
     assert _pods(fc) == pods, "a pod was deleted, moved or restarted"
     # The control plane works again: a new pod is scheduled and runs.
     assert fc.corral("scale", "rc", "steady", "--replicas", "4").returncode == 0
