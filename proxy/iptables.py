@@ -29,7 +29,7 @@ from corral.proxy import fastpath_endpoints
 from corral.proxy import rules as R
 from corral.proxy.core import ServiceView, usable
 from corral.proxy.fastpath_endpoints import FastPathEndpoints
-from corral.proxy.mode import ModeContext, SyncResult
+from corral.proxy.mode import ModeContext, SyncResult, record_written
 
 log = logging.getLogger(__name__)
 
@@ -301,14 +301,7 @@ class IptablesMode:
             k.ipset("".join(f"destroy {s}\n" for s in sorted(stale_sets)))
             self.sets -= stale_sets
         flushes = self._clear_udp(old, views, before_chains)
-        for key in keys:
-            if key in views:
-                self.written[key] = views[key]
-            else:
-                self.written.pop(key, None)
-        if self.fast_path is not None:
-            self.fast_path.after(full)
-        self.synced = True
+        record_written(self, keys, views, full)
         return SyncResult(
             full=full,
             services=len(keys),

@@ -125,6 +125,21 @@ _BUILTIN: dict[str, str] = {
 _registry: dict[str, ModeClass | str] = dict(_BUILTIN)
 
 
+def record_written(
+    mode: Any, keys: Iterable[str], views: Mapping[str, ServiceView], full: bool
+) -> None:
+    """What a rule-writing mode does once its transaction is in: remember the views it
+    wrote (`mode.written`), let the fast path's endpoint map follow, say it synced."""
+    for key in keys:
+        if key in views:
+            mode.written[key] = views[key]
+        else:
+            mode.written.pop(key, None)
+    if mode.fast_path is not None:
+        mode.fast_path.after(full)
+    mode.synced = True
+
+
 def register(name: str, cls: ModeClass | str) -> None:
     """Make `--mode name` select `cls` (a class, or "module:Class" imported when used)."""
     if name == AUTO:

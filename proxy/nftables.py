@@ -36,7 +36,7 @@ from corral.proxy import rules as R
 from corral.proxy.core import ServiceView
 from corral.proxy.fastpath_endpoints import FastPathEndpoints
 from corral.proxy.iptables import IptablesMode, Netfilter
-from corral.proxy.mode import ModeContext, SyncResult
+from corral.proxy.mode import ModeContext, SyncResult, record_written
 
 log = logging.getLogger(__name__)
 
@@ -339,14 +339,7 @@ class NftablesMode:
                     self.chains |= set(r.chains)
                     self.sets |= r.sets
         flushes = self._clear_udp(old_views, views, before_chains)
-        for k in keys:
-            if k in views:
-                self.written[k] = views[k]
-            else:
-                self.written.pop(k, None)
-        if self.fast_path is not None:
-            self.fast_path.after(full)
-        self.synced = True
+        record_written(self, keys, views, full)
         return SyncResult(
             full=full,
             services=len(keys),
