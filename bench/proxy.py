@@ -168,14 +168,7 @@ def run_nftables(n: int, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             ours.append(timed(lambda: mode.sync(True, vs, set())))
             peer.append(timed(lambda: nft_file(ns_p, again)))
-        key = next(iter(vs))
-        v = vs[key]
-        sp = v.ports[0]
-        partial = []
-        for r in range(rounds):
-            eps = (*v.endpoints_of(sp)[:2], EndpointInfo(f"10.244.254.{r + 2}", 8080))
-            vs[key] = ServiceView((sp,), ((sp.key, eps),))
-            partial.append(timed(lambda: mode.sync(False, vs, {key})))
+        partial = endpoint_changes(mode, vs, rounds)
         rules = sum(len(r) for p in per.values() for r in p.chains.values())
         return {
             "services": n,
@@ -191,6 +184,19 @@ def run_nftables(n: int, rounds: int) -> dict[str, float]:
     finally:
         for ns in (ns_c, ns_p):
             netns.remove(ns)
+
+
+def endpoint_changes(mode: Any, vs: dict[str, ServiceView], rounds: int) -> list[float]:
+    """Seconds of each partial sync after one endpoint of one service changed."""
+    key = next(iter(vs))
+    v = vs[key]
+    sp = v.ports[0]
+    out = []
+    for r in range(rounds):
+        eps = (*v.endpoints_of(sp)[:2], EndpointInfo(f"10.244.254.{r + 2}", 8080))
+        vs[key] = ServiceView((sp,), ((sp.key, eps),))
+        out.append(timed(lambda: mode.sync(False, vs, {key})))
+    return out
 
 
 def run(n: int, rounds: int) -> dict[str, float]:
@@ -209,14 +215,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
             ours.append(timed(lambda: mode.sync(True, vs, set())))
             peer.append(timed(lambda: iptables.restore(ns_p, text, timeout=3600)))
         # one endpoint of one service changes: a partial sync
-        key = next(iter(vs))
-        v = vs[key]
-        sp = v.ports[0]
-        partial = []
-        for r in range(rounds):
-            eps = (*v.endpoints_of(sp)[:2], EndpointInfo(f"10.244.254.{r + 2}", 8080))
-            vs[key] = ServiceView((sp,), ((sp.key, eps),))
-            partial.append(timed(lambda: mode.sync(False, vs, {key})))
+        partial = endpoint_changes(mode, vs, rounds)
         rules = int(
             subprocess.run(
                 netns.command(ns_c, ["sh", "-c", "iptables-save -t nat | grep -c '^-A'"]),
