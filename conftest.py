@@ -51,7 +51,9 @@ def _group(item: pytest.Item) -> str | None:
     module = item.nodeid.split("::", 1)[0]
     callspec: Any = getattr(item, "callspec", None)
     params = [f"{n}={callspec.params[n]}" for n in scoped if callspec and n in callspec.params]
-    return module + ("[" + ",".join(params) + "]" if params else "")
+    # No "]" in a group name: xdist reads the group after the last "@" only when that
+    # "@" comes after the node id's last "]" (else it falls back to module scopes).
+    return module + ("|" + ",".join(params) if params else "")
 
 
 def _rank(item: pytest.Item, group: str | None) -> int:
@@ -80,6 +82,8 @@ def pytest_collection_modifyitems(
     yield
     if getattr(config.option, "loadgroup", False):  # set in pytest-xdist workers
         grouped = [i.nodeid for i in items if i.get_closest_marker("xdist_group")]
+        if any(n.rfind("@") < n.rfind("]") for n in grouped):
+            raise pytest.UsageError("a test group's name has a ']': xdist would not group it")
         if grouped and not all("@" in n for n in grouped):
             raise pytest.UsageError(
                 "pytest-xdist did not group the tests (pytest 9.2 with xdist 3.8, xdist "
