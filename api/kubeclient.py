@@ -11,6 +11,7 @@ as `APIStatusError` carrying the server's `metav1.Status` message.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import ssl
 import tempfile
@@ -153,8 +154,6 @@ class KubeClient:
         body = await r.read()
         message, reason = body.decode(errors="replace").strip(), ""
         try:
-            import json
-
             st = json.loads(body)
             message, reason = st.get("message", message), st.get("reason", "")
         except ValueError:

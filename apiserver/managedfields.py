@@ -239,8 +239,9 @@ def record_update(old: Obj | None, new: Obj, manager: str, res: Any, sub: str = 
         return new
     entries = []
     mine: set[Path] = set()
+    present = field_set(new, model) | field_set(new, model, "status")  # anyone's fields
     for e in _entries(old):
-        paths = from_fields_v1(e.get("fieldsV1")) & _all_of(new, model)
+        paths = from_fields_v1(e.get("fieldsV1")) & present
         if _same(e, manager, "Update", sub):
             mine = paths
             continue
@@ -252,10 +253,6 @@ def record_update(old: Obj | None, new: Obj, manager: str, res: Any, sub: str = 
     if mine:
         entries.append(_entry(manager, "Update", api_version, mine, sub))
     return _store(new, entries)
-
-
-def _all_of(obj: Obj, model: type[BaseModel]) -> set[Path]:
-    return field_set(obj, model) | field_set(obj, model, "status")
 
 
 def apply(

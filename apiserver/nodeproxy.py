@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from typing import Any
 from urllib.parse import urlencode
@@ -146,7 +147,6 @@ async def _relay(client: web.WebSocketResponse, node: aiohttp.ClientWebSocketRes
 
 def _node_error(code: int, body: bytes) -> errors.APIError:
     """The node's Status (or text) as this server's error."""
-    import json
 
     message = body.decode(errors="replace")
     with contextlib.suppress(ValueError, AttributeError):

@@ -63,10 +63,6 @@ def _managed(obj: Obj) -> Any:
     return (obj.get("metadata") or {}).get("managedFields")
 
 
-def res_manager() -> str:
-    return fieldvalidation.manager()
-
-
 def _set_managed(obj: TypedObject, doc: Obj) -> None:
     """obj's managedFields from `doc`'s (what record_update computed)."""
     entries = _managed(doc) or []
@@ -297,7 +293,8 @@ class Storage:
         track = not md.get("managedFields")  # given ones are kept, as kube-apiserver does
         obj = self.validate(res, doc)  # drops unknown fields from doc as fieldValidation says
         if track:
-            _set_managed(obj, managedfields.record_update(None, doc, res_manager(), res))
+            who = fieldvalidation.manager()
+            _set_managed(obj, managedfields.record_update(None, doc, who, res))
         await self._check_namespace(res, obj.namespace)
         key = self.store.prepare_create(obj)
         value = self.store.encode(obj)
@@ -468,7 +465,8 @@ class Storage:
             new = self._carry(res, cur, new, subresource)
             obj = self.validate(res, new, name)  # unknown fields dropped from new first
             if track and _managed(new) in (None, [], _managed(cur)):
-                tracked = managedfields.record_update(cur, new, res_manager(), res, subresource)
+                who = fieldvalidation.manager()
+                tracked = managedfields.record_update(cur, new, who, res, subresource)
                 _set_managed(obj, tracked)
             old_obj = res.model.model_validate_json(kv.value)
             refused = update_forbidden(old_obj, obj)

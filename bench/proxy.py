@@ -170,20 +170,33 @@ def run_nftables(n: int, rounds: int) -> dict[str, float]:
             peer.append(timed(lambda: nft_file(ns_p, again)))
         partial = endpoint_changes(mode, vs, rounds)
         rules = sum(len(r) for p in per.values() for r in p.chains.values())
-        return {
-            "services": n,
-            "rules": rules,
-            "first": first,
-            "peer_first": peer_first,
-            "full": statistics.median(ours),
-            "peer": statistics.median(peer),
-            "partial": statistics.median(partial),
-            "maxrss": maxrss_mb(),
-            "rss": rss_mb(),
-        }
+        return figures(n, rules, first, peer_first, ours, peer, partial)
     finally:
         for ns in (ns_c, ns_p):
             netns.remove(ns)
+
+
+def figures(
+    n: int,
+    rules: int,
+    first: float,
+    peer_first: float,
+    ours: list[float],
+    peer: list[float],
+    partial: list[float],
+) -> dict[str, float]:
+    """One size's row: medians of the rounds, and the process's memory now."""
+    return {
+        "services": n,
+        "rules": rules,
+        "first": first,
+        "peer_first": peer_first,
+        "full": statistics.median(ours),
+        "peer": statistics.median(peer),
+        "partial": statistics.median(partial),
+        "maxrss": maxrss_mb(),
+        "rss": rss_mb(),
+    }
 
 
 def endpoint_changes(mode: Any, vs: dict[str, ServiceView], rounds: int) -> list[float]:
@@ -224,17 +237,7 @@ def run(n: int, rounds: int) -> dict[str, float]:
             ).stdout.strip()
             or 0
         )
-        return {
-            "services": n,
-            "rules": rules,
-            "first": first,
-            "peer_first": peer_first,
-            "full": statistics.median(ours),
-            "peer": statistics.median(peer),
-            "partial": statistics.median(partial),
-            "maxrss": maxrss_mb(),
-            "rss": rss_mb(),
-        }
+        return figures(n, rules, first, peer_first, ours, peer, partial)
     finally:
         for ns in (ns_c, ns_p):
             netns.remove(ns)
