@@ -192,8 +192,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     with open(path, "rb") as f:
         data = f.read()
         if args.tail >= 0:
-            lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-args.tail :]) if args.tail else b""
+            data = podaccess.tail_lines(data, args.tail)
         out.write(data)
         out.flush()
         if not args.follow or args.previous:

@@ -160,8 +160,7 @@ class NodeAPI:
             data = f.read()
             tail = request.query.get("tailLines")
             if tail is not None and tail.isdigit():
-                lines = data.splitlines(keepends=True)
-                data = b"".join(lines[-int(tail) :]) if int(tail) else b""
+                data = podaccess.tail_lines(data, int(tail))
             limit = request.query.get("limitBytes")
             budget = int(limit) if limit and limit.isdigit() else None
             resp = web.StreamResponse(headers={"Content-Type": "text/plain"})

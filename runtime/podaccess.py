@@ -46,14 +46,27 @@ def log_path(pod: Pod, container: str, previous: bool, pod_dir: str | None = Non
     return os.path.join(pod_dir or info["podDir"], "logs", container, f"{instance}.log")
 
 
+def _entry(pod: Pod, container: str) -> dict[str, Any] | None:
+    """The runtime's record of the container's PID 1 ({pid, started, log})."""
+    raw = pod.metadata.annotations.get(ANN_CONTAINERS)
+    entry: dict[str, Any] | None = (json.loads(raw) if raw else {}).get(container)
+    return entry
+
+
+def _running_here(entry: dict[str, Any]) -> bool:
+    return start_time(int(entry["pid"])) == int(entry["started"])
+
+
 def runs_here(pod: Pod, container: str) -> bool:
     """Whether the container's PID 1 is a process of this machine (the pod's node is
     here): its recorded pid runs, with the recorded start time."""
-    raw = pod.metadata.annotations.get(ANN_CONTAINERS)
-    entry = (json.loads(raw) if raw else {}).get(container)
-    if entry is None:
-        return False
-    return start_time(int(entry["pid"])) == int(entry["started"])
+    entry = _entry(pod, container)
+    return entry is not None and _running_here(entry)
+
+
+def tail_lines(data: bytes, n: int) -> bytes:
+    """The last `n` lines of `data` (kubectl's --tail; 0: none)."""
+    return b"".join(data.splitlines(keepends=True)[-n:]) if n else b""
 
 
 @dataclass(frozen=True)
@@ -70,14 +83,13 @@ def exec_command(
     container's spec)."""
     if not command:
         raise PodAccessError("you must specify at least one command for the container")
-    raw = pod.metadata.annotations.get(ANN_CONTAINERS)
-    entry = (json.loads(raw) if raw else {}).get(container)
+    entry = _entry(pod, container)
     if entry is None:
         runtime_info(pod)
         raise PodAccessError(
             f"container {container} is not running in pod {pod.name} (phase {pod.status.phase})"
         )
-    if start_time(int(entry["pid"])) != int(entry["started"]):
+    if not _running_here(entry):
         raise PodAccessError(
             f"container {container} of pod {pod.name} is not running on this machine "
             f"(node {pod.spec.node_name}); it may have just restarted, try again"
